@@ -1,0 +1,96 @@
+"""The audit log: one JSON object a line, for every change and every decision.
+
+Each event goes to the configured file (appended with O_APPEND, so the daemon
+and the command line tool can write to the same file) and to the Twisted log.
+Events name users, app passwords by id and name, addresses and reasons; never
+a secret, a hash or a lookup key. The daemon writes through its own
+one-thread pool (see :mod:`proxy.threads`); the command line tool writes
+directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+from proxy.apppasswords import adopt_parent_owner
+
+log = Logger(namespace="legacy_auth_proxy.audit")
+
+# Field names that must never be written, whatever a caller passes.
+_FORBIDDEN = frozenset({"secret", "password", "password_hash", "hash", "lookup_key"})
+
+
+def timestamp(seconds: float) -> str:
+    """RFC 3339 in UTC with milliseconds: ``2026-11-22T01:02:03.456Z``."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class AuditLog:
+    """Writes audit events. ``path`` None: the Twisted log only."""
+
+    def __init__(self, path: Path | None, clock: Callable[[], float]) -> None:
+        self.path = path
+        self._clock = clock
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Build one event; fields whose value is None are left out."""
+        leaked = _FORBIDDEN.intersection(fields)
+        if leaked:
+            raise ValueError(f"audit events never carry {sorted(leaked)}")
+        record: dict[str, Any] = {"time": timestamp(self._clock()), "event": event}
+        record.update((k, v) for k, v in fields.items() if v is not None)
+        return record
+
+    @staticmethod
+    def line(record: dict[str, Any]) -> str:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Send one event to the Twisted log (on the reactor thread, in the daemon)."""
+        log.info("audit {audit_line}", audit_line=self.line(record), audit=record)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one event to the file. Blocks: the daemon calls it on the audit pool."""
+        if self.path is None:
+            return
+        data = (self.line(record) + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                self._fd = self._open()
+            os.write(self._fd, data)
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Build, log and append one event, blocking: for the command line tool."""
+        record = self.event(event, **fields)
+        self.log(record)
+        self.append(record)
+        return record
+
+    def _open(self) -> int:
+        assert self.path is not None
+        existed = self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if not existed:
+            adopt_parent_owner(self.path)
+        return fd
+
+    def reopen(self) -> None:
+        """Close the file so that the next event opens it anew (after logrotate)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def close(self) -> None:
+        self.reopen()

@@ -1,0 +1,368 @@
+"""The command line: ``legacy-auth-proxy [--config PATH] COMMAND …``.
+
+Operators and the help desk manage app passwords and users' MFA state here;
+``serve`` runs the daemon and ``demo`` the embedded default. Exit codes:
+0 done, 1 refused (the message says why), 2 bad usage, 78 bad config
+(EX_CONFIG: systemd does not restart the daemon for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from proxy import __version__, apppasswords, config as configuration
+from proxy.admin import Admin, AdminError, Created
+from proxy.audit import AuditLog, timestamp
+from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, User
+
+EX_OK = 0
+EX_REFUSED = 1
+EX_USAGE = 2
+EX_CONFIG = 78
+
+
+class Failure(Exception):
+    """Ends the command with a message on standard error and an exit code."""
+
+    def __init__(self, message: str, code: int = EX_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- output ------------------------------------------------------------------
+
+
+def _when(seconds: float | None, never: str = "never") -> str:
+    if seconds is None:
+        return never
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+
+
+def _app_password_json(a: AppPassword) -> dict[str, Any]:
+    def at(seconds: float | None) -> str | None:
+        return None if seconds is None else timestamp(seconds)
+
+    return {
+        "id": a.id,
+        "user": a.username,
+        "name": a.name,
+        "created_at": at(a.created_at),
+        "created_by": a.created_by,
+        "expires_at": at(a.expires_at),
+        "protocols": sorted(a.protocols) if a.protocols is not None else None,
+        "last_used_at": at(a.last_used_at),
+        "last_used_address": a.last_used_address,
+        "last_used_protocol": a.last_used_protocol,
+        "use_count": a.use_count,
+    }
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    )
+
+
+def _app_password_table(records: list[AppPassword], now: float) -> str:
+    rows = [["ID", "NAME", "CREATED", "LAST USED", "EXPIRES", "PROTOCOLS", "USES"]]
+    for a in records:
+        used = _when(a.last_used_at)
+        if a.last_used_at is not None:
+            used += f" {a.last_used_protocol or ''} {a.last_used_address or ''}".rstrip()
+        expires = _when(a.expires_at) + (" (expired)" if a.expired(now) else "")
+        scope = ",".join(sorted(a.protocols)) if a.protocols is not None else "all"
+        rows.append([a.id, a.name, _when(a.created_at), used, expires, scope, str(a.use_count)])
+    return _table(rows)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _show_created(created: Created, as_json: bool) -> None:
+    record = created.record
+    if as_json:
+        _print_json({**_app_password_json(record), "secret": apppasswords.display(created.secret)})
+        return
+    print(f"App password for {record.username}, device {record.name!r}, id {record.id}:")
+    print()
+    print(f"    {apppasswords.display(created.secret)}")
+    print()
+    print("Enter it in the device now, in place of the password. It is shown only this once.")
+
+
+# -- commands ----------------------------------------------------------------
+
+
+@attrs.define
+class Context:
+    """What a command needs, opened lazily: the config, then the store."""
+
+    config_path: Path
+    _config: configuration.Config | None = None
+    _admin: Admin | None = None
+
+    @property
+    def config(self) -> configuration.Config:
+        if self._config is None:
+            self._config = configuration.load(self.config_path)
+        return self._config
+
+    def admin(self) -> Admin:
+        if self._admin is None:
+            from proxy.service import StartupError, open_state
+
+            try:
+                state = open_state(self.config)
+            except StartupError as e:
+                raise Failure(str(e), EX_CONFIG) from None
+            self._admin = Admin(
+                store=state.store,
+                hasher=apppasswords.Hasher(_hash_parameters(self.config)),
+                pepper=state.pepper,
+                audit=AuditLog(self.config.audit.file, time.time),
+                policy=self.config.policy,
+                clock=time.time,
+                actor=_actor(),
+            )
+        return self._admin
+
+
+def _hash_parameters(config: configuration.Config) -> apppasswords.HashParameters:
+    h = config.hashing
+    return apppasswords.HashParameters(h.time_cost, h.memory_kib, h.parallelism)
+
+
+def _actor() -> str:
+    """Who runs the command, for the audit log: the person behind sudo if any."""
+    who = os.environ.get("SUDO_USER")
+    if not who:
+        try:
+            who = getpass.getuser()
+        except (KeyError, OSError):
+            who = f"uid {os.getuid()}"
+    return f"cli:{who}"
+
+
+def _protocols(text: str | None) -> frozenset[str] | None:
+    if text is None:
+        return None
+    chosen = frozenset(p.strip().lower() for p in text.split(",") if p.strip())
+    unknown = chosen.difference(PROTOCOLS)
+    if unknown or not chosen:
+        raise Failure(
+            f"--protocols takes a comma-separated list of {', '.join(PROTOCOLS)}; got {text!r}",
+            EX_USAGE,
+        )
+    return chosen
+
+
+def cmd_app_password_create(ctx: Context, args: argparse.Namespace) -> int:
+    expires_at = None
+    if args.expires is not None:
+        try:
+            expires_at = configuration.parse_expiry(args.expires, time.time())
+        except ValueError as e:
+            raise Failure(f"--expires: {e}", EX_USAGE) from None
+    admin = ctx.admin()
+    try:
+        created = admin.create(
+            args.user, args.name, expires_at=expires_at, protocols=_protocols(args.protocols)
+        )
+    except LimitReached as e:
+        raise Failure(
+            f"{e.username} already has {e.count} app passwords, the most allowed "
+            f"(policy.max_app_passwords_per_user = {e.limit}).\n"
+            f"Delete one first: 'legacy-auth-proxy app-password list {e.username}' shows "
+            f"them, 'legacy-auth-proxy app-password delete {e.username} ID' deletes one."
+        ) from None
+    _show_created(created, args.json)
+    return EX_OK
+
+
+def cmd_app_password_list(ctx: Context, args: argparse.Namespace) -> int:
+    records = ctx.admin().list(args.user)
+    if args.json:
+        _print_json([_app_password_json(a) for a in records])
+    elif not records:
+        print(f"{Admin.username(args.user)} has no app passwords.")
+    else:
+        print(_app_password_table(records, time.time()))
+    return EX_OK
+
+
+def cmd_app_password_delete(ctx: Context, args: argparse.Namespace) -> int:
+    deleted = ctx.admin().delete(args.user, args.app_password)
+    print(f"Deleted app password {deleted.id} ({deleted.name!r}) of {deleted.username}.")
+    return EX_OK
+
+
+def cmd_app_password_revoke_all(ctx: Context, args: argparse.Namespace) -> int:
+    deleted = ctx.admin().revoke_all(args.user)
+    print(f"Deleted all {len(deleted)} app passwords of {Admin.username(args.user)}.")
+    return EX_OK
+
+
+def _user_json(user: User, records: list[AppPassword]) -> dict[str, Any]:
+    used = [a.last_used_at for a in records if a.last_used_at is not None]
+    return {
+        "user": user.username,
+        "mfa_state": user.mfa_state.value,
+        "mfa_registered_at": timestamp(user.mfa_registered_at) if user.mfa_registered_at else None,
+        "app_passwords": len(records),
+        "app_password_last_used_at": timestamp(max(used)) if used else None,
+    }
+
+
+def cmd_user_show(ctx: Context, args: argparse.Namespace) -> int:
+    admin = ctx.admin()
+    user = admin.user(args.user)
+    records = admin.list(args.user)
+    if args.json:
+        _print_json(_user_json(user, records))
+        return EX_OK
+    used = [a.last_used_at for a in records if a.last_used_at is not None]
+    limit = ctx.config.policy.max_app_passwords_per_user
+    print(f"user:           {user.username}")
+    print(f"MFA state:      {user.mfa_state.value}")
+    print(f"registered:     {_when(user.mfa_registered_at, 'no')}")
+    print(f"app passwords:  {len(records)} of {limit}")
+    print(f"last used:      {_when(max(used) if used else None)}")
+    return EX_OK
+
+
+def cmd_user_set_mfa(ctx: Context, args: argparse.Namespace) -> int:
+    user = ctx.admin().set_mfa(args.user, MfaState(args.state))
+    print(f"MFA state of {user.username}: {user.mfa_state.value}")
+    return EX_OK
+
+
+def cmd_user_enroll(ctx: Context, args: argparse.Namespace) -> int:
+    user, created = ctx.admin().enroll(args.user, args.name)
+    if not args.json:
+        print(f"{user.username} is registered for MFA (state {user.mfa_state.value}).")
+    _show_created(created, args.json)
+    return EX_OK
+
+
+def cmd_check_config(ctx: Context, args: argparse.Namespace) -> int:
+    config = ctx.config
+    print(f"{config.source}: the config is valid")
+    return EX_OK
+
+
+def cmd_serve(ctx: Context, args: argparse.Namespace) -> int:
+    from proxy.runner import run_daemon
+
+    return run_daemon(ctx.config_path, ctx.config)
+
+
+def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(Path(args.folder), serve=not args.no_serve)
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="legacy-auth-proxy",
+        description="App passwords for legacy IMAP, SMTP submission and LDAP clients.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"the config file (default: ${configuration.ENVIRONMENT_VARIABLE}, "
+        f"else {configuration.DEFAULT_PATH})",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        group: Any, name: str, handler: Callable[[Context, argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def with_json(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        return sub
+
+    ap = commands.add_parser(
+        "app-password", help="create, list and delete app passwords", description="App passwords."
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = with_json(command(ap, "create", cmd_app_password_create,
+                            "create an app password and show it once"))
+    sub.add_argument("user", metavar="USER")
+    sub.add_argument("--name", required=True, help="the device it is for, 1-64 characters")
+    sub.add_argument("--expires", metavar="DURATION|DATE",
+                     help="when it stops working: 90d, 12h, or a date such as 2027-01-31")
+    sub.add_argument("--protocols", metavar="LIST",
+                     help="where it may be used: a comma-separated list of imap, smtp, ldap")
+    sub = with_json(command(ap, "list", cmd_app_password_list,
+                            "list a user's app passwords (never the secrets)"))
+    sub.add_argument("user", metavar="USER")
+    sub = command(ap, "delete", cmd_app_password_delete, "delete one app password")
+    sub.add_argument("user", metavar="USER")
+    sub.add_argument("app_password", metavar="ID|NAME")
+    sub = command(ap, "revoke-all", cmd_app_password_revoke_all,
+                  "delete all of a user's app passwords")
+    sub.add_argument("user", metavar="USER")
+
+    us = commands.add_parser(
+        "user", help="show a user and set their MFA state", description="Users' cloud state."
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = with_json(command(us, "show", cmd_user_show, "show a user's MFA state and app passwords"))
+    sub.add_argument("user", metavar="USER")
+    sub = command(us, "set-mfa", cmd_user_set_mfa, "set a user's MFA state")
+    sub.add_argument("user", metavar="USER")
+    sub.add_argument("state", choices=[s.value for s in MfaState])
+    sub = with_json(command(us, "enroll", cmd_user_enroll,
+                            "register a user for MFA and issue their first app password"))
+    sub.add_argument("user", metavar="USER")
+    sub.add_argument("--name", default="first device",
+                     help="the device the first app password is for (default: %(default)s)")
+
+    command(commands, "check-config", cmd_check_config, "validate the config file and exit")
+    command(commands, "serve", cmd_serve, "run the proxy in the foreground")
+    sub = command(commands, "demo", cmd_demo,
+                  "run the proxy on its embedded default config, in a local folder")
+    sub.add_argument("--folder", default="legacy-auth-proxy-demo",
+                     help="where the demo keeps its config and state (default: %(default)s)")
+    sub.add_argument("--no-serve", action="store_true",
+                     help="set the demo up, print how to use it, and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ctx = Context(args.config or configuration.default_path())
+    try:
+        return args.handler(ctx, args)
+    except configuration.ConfigError as e:
+        print(f"legacy-auth-proxy: bad config: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except Failure as e:
+        print(f"legacy-auth-proxy: {e}", file=sys.stderr)
+        return e.code
+    except (AdminError, StoreError) as e:
+        print(f"legacy-auth-proxy: {e}", file=sys.stderr)
+        return EX_REFUSED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,378 @@
+"""The YAML config: parsed into frozen, validated objects.
+
+The file is composed into PyYAML nodes first, so that every error can name
+the file, the line and the dotted key, then walked against the schema below.
+Each section is an attrs class whose fields carry their parser and their
+documentation; docs/configuration.md describes the same keys, and a test keeps
+the two in step. Nothing here starts, opens or creates anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+import yaml.constructor
+import yaml.nodes
+
+DEFAULT_PATH = Path("/etc/legacy-auth-proxy/config.yaml")
+ENVIRONMENT_VARIABLE = "LEGACY_AUTH_PROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. The text names the file, line and key."""
+
+    def __init__(self, source: Path | str, line: int | None, key: str, problem: str) -> None:
+        self.source = str(source)
+        self.line = line
+        self.key = key
+        self.problem = problem
+        where = f"{self.source}:{line}" if line is not None else self.source
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+# -- parsers -----------------------------------------------------------------
+
+_constructor = yaml.constructor.SafeConstructor()
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+
+
+@attrs.frozen
+class _Context:
+    source: Path
+    key: str
+    node: yaml.nodes.Node
+
+    def error(self, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.node.start_mark.line + 1, self.key, problem)
+
+    def child(self, key: str, node: yaml.nodes.Node) -> _Context:
+        return _Context(self.source, f"{self.key}.{key}" if self.key else key, node)
+
+
+def _describe(node: yaml.nodes.Node) -> str:
+    if isinstance(node, yaml.nodes.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.nodes.SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing"
+    text = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+    return repr(text)
+
+
+def _scalar(ctx: _Context, tags: tuple[str, ...], expected: str) -> Any:
+    node = ctx.node
+    if not isinstance(node, yaml.nodes.ScalarNode) or node.tag not in tags:
+        raise ctx.error(f"expected {expected}, got {_describe(node)}")
+    return _constructor.construct_object(node)
+
+
+class Bool:
+    doc = "true or false"
+
+    def __call__(self, ctx: _Context) -> bool:
+        return _scalar(ctx, (_BOOL,), "true or false")
+
+
+@attrs.frozen
+class Int:
+    low: int
+    high: int
+
+    @property
+    def doc(self) -> str:
+        return f"an integer from {self.low} to {self.high}"
+
+    def __call__(self, ctx: _Context) -> int:
+        value = _scalar(ctx, (_INT,), self.doc)
+        if not self.low <= value <= self.high:
+            raise ctx.error(f"expected {self.doc}, got {value}")
+        return value
+
+
+class Str:
+    doc = "a string"
+
+    def __call__(self, ctx: _Context) -> str:
+        value = _scalar(ctx, (_STR,), "a string")
+        if not value:
+            raise ctx.error("expected a non-empty string")
+        return value
+
+
+class FilePath:
+    """A path; a relative one is taken from the config file's folder."""
+
+    doc = "a path (relative paths are taken from the config file's folder)"
+
+    def __call__(self, ctx: _Context) -> Path:
+        value = Path(Str()(ctx))
+        return value if value.is_absolute() else (ctx.source.parent / value).absolute()
+
+
+@attrs.frozen
+class Optional:
+    inner: Any
+
+    @property
+    def doc(self) -> str:
+        return f"{self.inner.doc}, or null"
+
+    def __call__(self, ctx: _Context) -> Any:
+        if isinstance(ctx.node, yaml.nodes.ScalarNode) and ctx.node.tag == _NULL:
+            return None
+        return self.inner(ctx)
+
+
+@attrs.frozen
+class Duration:
+    """Seconds as a number, or a number with a unit: ``90s``, ``15m``, ``3h``, ``2d``."""
+
+    high: float = 10 * 365 * 86400
+
+    doc = "a duration: seconds, or a number with s, m, h, d or w (for example 15m)"
+
+    def __call__(self, ctx: _Context) -> float:
+        node = ctx.node
+        if isinstance(node, yaml.nodes.ScalarNode) and node.tag in (_INT, _FLOAT):
+            value = float(_constructor.construct_object(node))
+        else:
+            try:
+                value = parse_duration(_scalar(ctx, (_STR,), self.doc))
+            except ValueError:
+                raise ctx.error(f"expected {self.doc}, got {_describe(node)}") from None
+        if not 0 <= value <= self.high:
+            raise ctx.error(f"expected {self.doc}, between 0 and {self.high:g} seconds")
+        return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """``90`` or ``90s``, ``15m``, ``3h``, ``2d``, ``1w`` → seconds."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match[1]) * _UNITS[(match[2] or "s").lower()]
+
+
+def parse_expiry(text: str, now: float) -> float:
+    """An expiry given on the command line: a duration from now (``90d``), a
+    date (``2027-01-31``, midnight UTC) or an ISO 8601 time. Returns a POSIX
+    timestamp."""
+    try:
+        return now + parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"not a duration (90d, 12h) or a date (2027-01-31): {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _field(default: Any, parse: Any, doc: str) -> Any:
+    return attrs.field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+def _section(cls: type) -> Any:
+    return attrs.field(factory=cls, metadata={"parse": Section(cls), "doc": cls.__doc__})
+
+
+@attrs.frozen
+class Section:
+    cls: type
+
+    doc = "a mapping"
+
+    def __call__(self, ctx: _Context) -> Any:
+        node = ctx.node
+        if isinstance(node, yaml.nodes.ScalarNode) and node.tag == _NULL:
+            return self.cls()
+        if not isinstance(node, yaml.nodes.MappingNode):
+            raise ctx.error(f"expected a mapping of settings, got {_describe(node)}")
+        fields = {
+            f.name: f for f in attrs.fields(self.cls) if not f.metadata.get("internal")
+        }
+        values: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.nodes.ScalarNode) or key_node.tag != _STR:
+                raise _Context(ctx.source, ctx.key, key_node).error(
+                    f"expected a setting name, got {_describe(key_node)}"
+                )
+            name = key_node.value
+            child = ctx.child(name, key_node)
+            if name in values:
+                raise child.error("set twice in the same section")
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                known = ", ".join(sorted(fields))
+                raise child.error(f"unknown setting (known here: {known}){hint}")
+            values[name] = fields[name].metadata["parse"](ctx.child(name, value_node))
+        try:
+            return self.cls(**values)
+        except ValueError as e:
+            raise ctx.error(str(e)) from None
+
+
+# -- schema ------------------------------------------------------------------
+
+STATE_DIR = Path("/var/lib/legacy-auth-proxy")
+LOGS_DIR = Path("/var/log/legacy-auth-proxy")
+
+
+@attrs.frozen
+class StoreConfig:
+    """Where app passwords and users' cloud state are kept."""
+
+    path: Path = _field(
+        STATE_DIR / "store.sqlite3", FilePath(), "the SQLite database file"
+    )
+    pepper_file: Path = _field(
+        STATE_DIR / "pepper",
+        FilePath(),
+        "the 32-byte secret key of the lookup HMAC; created (mode 0600) on first use, "
+        "refused if anyone but its owner can read it; keep it out of the database's backups",
+    )
+
+
+@attrs.frozen
+class PolicyConfig:
+    """The operator's switches over app passwords and legacy authentication."""
+
+    allow_user_app_passwords: bool = _field(
+        False,
+        Bool(),
+        "whether users may create and delete their own app passwords; turning it off "
+        "leaves existing app passwords working",
+    )
+    block_legacy_auth: bool = _field(
+        False,
+        Bool(),
+        "refuse every legacy sign-in, app passwords included",
+    )
+    max_app_passwords_per_user: int = _field(
+        40, Int(1, 1000), "the most app passwords one user may hold at once"
+    )
+    revoke_app_passwords_on_password_change: bool = _field(
+        True,
+        Bool(),
+        "delete a user's app passwords when the directory reports a primary password "
+        "change made after they were created",
+    )
+
+
+@attrs.frozen
+class HashingConfig:
+    """argon2id parameters and the pool that runs it off the reactor."""
+
+    time_cost: int = _field(2, Int(1, 100), "argon2id passes over memory")
+    memory_kib: int = _field(19456, Int(8, 4 * 1024 * 1024), "argon2id memory in KiB")
+    parallelism: int = _field(1, Int(1, 64), "argon2id lanes")
+    threads: int = _field(
+        0, Int(0, 256), "threads that run argon2; 0 means one per CPU core"
+    )
+    queue: int = _field(
+        64,
+        Int(1, 100_000),
+        "checks that may wait for a hashing thread; beyond this a sign-in gets a "
+        "temporary failure at once",
+    )
+
+    @property
+    def thread_count(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@attrs.frozen
+class AuditConfig:
+    """The audit log: one JSON object a line, never a secret."""
+
+    file: Path | None = _field(
+        LOGS_DIR / "audit.log",
+        Optional(FilePath()),
+        "the file audit events are appended to; null to send them to the daemon's log only",
+    )
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration, as read from one file."""
+
+    source: Path = attrs.field(default=Path("<defaults>"), metadata={"internal": True})
+    store: StoreConfig = _section(StoreConfig)
+    policy: PolicyConfig = _section(PolicyConfig)
+    hashing: HashingConfig = _section(HashingConfig)
+    audit: AuditConfig = _section(AuditConfig)
+
+
+def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every documented key, dotted, with its field: for docs and their tests."""
+    keys = []
+    for f in attrs.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        name = f"{prefix}{f.name}"
+        parse = f.metadata["parse"]
+        if isinstance(parse, Section):
+            keys.extend(schema_keys(parse.cls, name + "."))
+        else:
+            keys.append((name, f))
+    return keys
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(ENVIRONMENT_VARIABLE) or DEFAULT_PATH)
+
+
+def parse(text: str, source: Path) -> Config:
+    """Validate a config's text; ``source`` is used for messages and relative paths."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(source, line, "", f"not valid YAML: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, None, "", f"not valid YAML: {e}") from None
+    if root is None:
+        return Config(source=source)
+    sections = Section(Config)
+    config = sections(_Context(source, "", root))
+    return attrs.evolve(config, source=source)
+
+
+def load(path: Path) -> Config:
+    """Read and validate the config file at ``path``."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, None, "", "no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "", "not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(path, None, "", f"cannot read: {e.strerror}") from None
+    return parse(text, path)
+

@@ -1,0 +1,48 @@
+"""The one place that takes the global reactor: runs the daemon until it stops."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from twisted.internet.defer import Deferred
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+from proxy import config as configuration
+from proxy.service import StartupError, serve
+
+EX_CONFIG = 78
+
+
+def log_observer() -> ILogObserver:
+    """Text lines on standard output, info and above; journald adds its own time."""
+    time_format = None if os.environ.get("JOURNAL_STREAM") else "%Y-%m-%dT%H:%M:%S%z"
+    return FilteringLogObserver(
+        textFileLogObserver(sys.stdout, timeFormat=time_format),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+    )
+
+
+def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
+    """Start logging and run the reactor until SIGTERM or SIGINT; exits the process."""
+    from twisted.internet import task
+
+    globalLogBeginner.beginLoggingTo([log_observer()], redirectStandardIO=False)
+
+    async def main(reactor: Any) -> None:
+        try:
+            await serve(reactor, config_path, config)
+        except StartupError as e:
+            print(f"legacy-auth-proxy: cannot start: {e}", file=sys.stderr)
+            raise SystemExit(EX_CONFIG) from None
+
+    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))

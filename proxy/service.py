@@ -1,0 +1,160 @@
+"""Builds the daemon from a validated config, runs it, reloads it on SIGHUP.
+
+The entry point (:func:`proxy.cli.main`) hands in the reactor; nothing below
+imports the global one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from proxy import apppasswords, config as configuration
+from proxy.audit import AuditLog
+from proxy.store import StoreError
+from proxy.store.sqlite import SQLiteStore
+from proxy.threads import Pool, Threaded
+
+log = Logger(namespace="legacy_auth_proxy.service")
+
+
+class StartupError(Exception):
+    """The daemon cannot start with this config and state; the text says why."""
+
+
+@attrs.frozen
+class State:
+    """The store and the pepper, opened and checked together."""
+
+    store: SQLiteStore
+    pepper: bytes
+
+
+def open_state(config: configuration.Config) -> State:
+    """Open the store and read the pepper; blocking.
+
+    The pepper is created on first use, but never beside a store that already
+    holds app passwords: a new pepper would silently turn every one of them
+    into a wrong secret, so a lost pepper is an error to put right by hand.
+    """
+    folder = config.store.path.parent
+    if not folder.is_dir():
+        raise StartupError(f"{folder}: the store's folder does not exist")
+    try:
+        store = SQLiteStore(config.store.path)
+    except StoreError as e:
+        raise StartupError(str(e)) from None
+    try:
+        create = not config.store.pepper_file.exists() and not store.has_app_passwords()
+        pepper = apppasswords.load_pepper(config.store.pepper_file, create=create)
+    except apppasswords.PepperError as e:
+        store.close()
+        hint = ""
+        if not config.store.pepper_file.exists():
+            hint = (
+                "; the store holds app passwords made with a pepper that is now missing: "
+                "restore it from a backup, or revoke them all and delete the store"
+            )
+        raise StartupError(f"{e}{hint}") from None
+    return State(store, pepper)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd how the service is (``READY=1``, ``RELOADING=1``, …), if it asked."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            log.warn("cannot notify systemd: {error}", error=e.strerror)
+
+
+class Daemon:
+    """The running proxy: its config, pools, store and audit log."""
+
+    def __init__(self, reactor: Any, config_path: Path, config: configuration.Config) -> None:
+        self._reactor = reactor
+        self._config_path = config_path
+        self.config = config
+        self.store_pool = Pool(reactor, "store", threads=1, queue=10_000)
+        self.audit_pool = Pool(reactor, "audit", threads=1, queue=10_000)
+        self.hash_pool = Pool(
+            reactor, "argon2", threads=config.hashing.thread_count, queue=config.hashing.queue
+        )
+        self.audit = AuditLog(config.audit.file, reactor.seconds)
+        self.store: Any = None
+        self.pepper = b""
+
+    async def start(self) -> None:
+        for pool in (self.store_pool, self.audit_pool, self.hash_pool):
+            pool.start()
+        state = await self.store_pool.submit(open_state, self.config)
+        self.store = Threaded(state.store, self.store_pool)
+        self.pepper = state.pepper
+        self._reactor.addSystemEventTrigger(
+            "before", "shutdown", self.store_pool.submit, state.store.close
+        )
+        self.record("daemon_started", config=str(self._config_path))
+        log.info(
+            "legacy-auth-proxy started: store {store}, no front ends enabled yet",
+            store=str(self.config.store.path),
+        )
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One audit event: to the Twisted log now, to the file on the audit pool."""
+        record = self.audit.event(event, **fields)
+        self.audit.log(record)
+        self.audit_pool.submit(self.audit.append, record).addErrback(
+            lambda f: log.failure("cannot write the audit log", f)
+        )
+
+    async def reload(self) -> None:
+        """SIGHUP: read the config again; keep the running one if the new one is bad."""
+        sd_notify("RELOADING=1")
+        try:
+            new = await self.store_pool.submit(configuration.load, self._config_path)
+        except configuration.ConfigError as e:
+            log.error("reload refused, keeping the running config: {error}", error=str(e))
+            sd_notify("READY=1")
+            return
+        unchanged = [s for s in ("store", "hashing") if getattr(new, s) != getattr(self.config, s)]
+        if unchanged:
+            log.warn(
+                "settings of {sections} take effect at the next restart",
+                sections=", ".join(unchanged),
+            )
+            new = attrs.evolve(new, store=self.config.store, hashing=self.config.hashing)
+        self.config = new
+        await self.audit_pool.submit(self.audit.reopen)
+        self.audit.path = new.audit.file
+        self.record("config_reloaded", config=str(self._config_path))
+        log.info("config reloaded from {path}", path=str(self._config_path))
+        sd_notify("READY=1")
+
+    def install_signal_handlers(self) -> None:
+        def on_hup(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(lambda: Deferred.fromCoroutine(self.reload()))
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+async def serve(reactor: Any, config_path: Path, config: configuration.Config) -> None:
+    """Run until the reactor stops (SIGTERM, SIGINT)."""
+    daemon = Daemon(reactor, config_path, config)
+    await daemon.start()
+    daemon.install_signal_handlers()
+    sd_notify("READY=1")
+    stopped: Deferred[None] = Deferred()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: stopped.callback(None))
+    await stopped

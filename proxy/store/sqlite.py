@@ -1,0 +1,327 @@
+"""The SQLite store: one file, WAL, ``synchronous=FULL``, a versioned schema.
+
+Every write is one ``BEGIN IMMEDIATE`` transaction, so a process killed at
+any point leaves either the whole change or none of it. The daemon and the
+command line tool may use the same file at once; WAL lets readers go on while
+one of them writes, and ``busy_timeout`` makes a writer wait its turn.
+
+The schema version is SQLite's ``user_version``; :data:`MIGRATIONS` holds one
+script per version, applied in order inside a transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from proxy.apppasswords import adopt_parent_owner
+from proxy.store import (
+    AppPassword,
+    Change,
+    LimitReached,
+    MfaState,
+    NameTaken,
+    SchemaTooNew,
+    StoreError,
+    User,
+)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: app passwords, users' cloud state and the change feed.
+    """
+    CREATE TABLE users (
+        username          TEXT PRIMARY KEY,
+        mfa_state         TEXT NOT NULL DEFAULT 'disabled'
+                          CHECK (mfa_state IN ('disabled', 'enabled', 'enforced')),
+        mfa_registered_at REAL,
+        updated_at        REAL NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE app_passwords (
+        id                 TEXT PRIMARY KEY,
+        username           TEXT NOT NULL,
+        name               TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+        lookup_key         BLOB NOT NULL UNIQUE CHECK (length(lookup_key) = 32),
+        password_hash      TEXT NOT NULL CHECK (password_hash LIKE '$argon2id$%'),
+        created_at         REAL NOT NULL,
+        created_by         TEXT NOT NULL,
+        expires_at         REAL,
+        protocols          TEXT,
+        last_used_at       REAL,
+        last_used_address  TEXT,
+        last_used_protocol TEXT,
+        use_count          INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (username, name)
+    );
+
+    CREATE TABLE changes (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        at              REAL NOT NULL,
+        username        TEXT NOT NULL,
+        kind            TEXT NOT NULL,
+        app_password_id TEXT
+    );
+    CREATE INDEX changes_at ON changes (at);
+    """,
+)
+
+# How long the change feed keeps an entry: daemons poll it every second or
+# so; a day covers any daemon that is not hopelessly stuck.
+CHANGE_RETENTION = 86400.0
+
+_COLUMNS = (
+    "id, username, name, created_at, created_by, expires_at, protocols, "
+    "last_used_at, last_used_address, last_used_protocol, use_count"
+)
+
+
+def _app_password(row: sqlite3.Row) -> AppPassword:
+    protocols = row["protocols"]
+    return AppPassword(
+        id=row["id"],
+        username=row["username"],
+        name=row["name"],
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        expires_at=row["expires_at"],
+        protocols=frozenset(protocols.split(",")) if protocols is not None else None,
+        last_used_at=row["last_used_at"],
+        last_used_address=row["last_used_address"],
+        last_used_protocol=row["last_used_protocol"],
+        use_count=row["use_count"],
+    )
+
+
+class SQLiteStore:
+    """The default :class:`proxy.store.Store`. Not thread-safe: one thread at a time."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self._create_private(self.path)
+        self._db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA trusted_schema = OFF")
+        self._migrate()
+
+    @staticmethod
+    def _create_private(path: Path) -> None:
+        """Create the database file readable by its owner only, before SQLite
+        creates it with the process's umask. SQLite gives the -wal and -shm
+        files the same mode."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the database: {e.strerror}") from None
+        os.close(fd)
+        adopt_parent_owner(path)
+
+    def _migrate(self) -> None:
+        with self._write():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"{self.path}: schema version {version} is newer than this "
+                    f"version of legacy-auth-proxy knows ({len(MIGRATIONS)})"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction: all of it lands, or none of it."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _log_change(self, now: float, username: str, kind: str, id: str | None) -> None:
+        self._db.execute(
+            "INSERT INTO changes (at, username, kind, app_password_id) VALUES (?, ?, ?, ?)",
+            (now, username, kind, id),
+        )
+        self._db.execute("DELETE FROM changes WHERE at < ?", (now - CHANGE_RETENTION,))
+
+    # -- app passwords -------------------------------------------------------
+
+    def create_app_password(
+        self,
+        *,
+        username: str,
+        name: str,
+        lookup_key: bytes,
+        password_hash: str,
+        created_by: str,
+        now: float,
+        expires_at: float | None,
+        protocols: frozenset[str] | None,
+        limit: int,
+    ) -> AppPassword:
+        record = AppPassword(
+            id=secrets.token_hex(5),
+            username=username,
+            name=name,
+            created_at=now,
+            created_by=created_by,
+            expires_at=expires_at,
+            protocols=protocols,
+        )
+        with self._write():
+            count = self._db.execute(
+                "SELECT count(*) FROM app_passwords WHERE username = ?", (username,)
+            ).fetchone()[0]
+            if count >= limit:
+                raise LimitReached(username, count, limit)
+            try:
+                self._db.execute(
+                    "INSERT INTO app_passwords (id, username, name, lookup_key, password_hash,"
+                    " created_at, created_by, expires_at, protocols)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        username,
+                        name,
+                        lookup_key,
+                        password_hash,
+                        now,
+                        created_by,
+                        expires_at,
+                        ",".join(sorted(protocols)) if protocols is not None else None,
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                if "app_passwords.username, app_passwords.name" in str(e):
+                    raise NameTaken(username, name) from None
+                # A lookup key or id collision: 2**-75 and 2**-40 odds. Say
+                # nothing about which; the caller may simply try again.
+                raise StoreError("could not store the app password; try again") from None
+        return record
+
+    def list_app_passwords(self, username: str) -> list[AppPassword]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM app_passwords WHERE username = ? ORDER BY created_at, id",
+            (username,),
+        )
+        return [_app_password(row) for row in rows]
+
+    def has_app_passwords(self) -> bool:
+        return self._db.execute("SELECT 1 FROM app_passwords LIMIT 1").fetchone() is not None
+
+    def find_app_password(self, username: str, id_or_name: str) -> AppPassword | None:
+        """By id first, then by name: ids are what scripts use, names what people type."""
+        for column in ("id", "name"):
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM app_passwords WHERE username = ? AND {column} = ?",
+                (username, id_or_name),
+            ).fetchone()
+            if row is not None:
+                return _app_password(row)
+        return None
+
+    def find_by_lookup_key(self, lookup_key: bytes) -> tuple[AppPassword, str] | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS}, password_hash FROM app_passwords WHERE lookup_key = ?",
+            (lookup_key,),
+        ).fetchone()
+        return None if row is None else (_app_password(row), row["password_hash"])
+
+    def delete_app_password(self, username: str, id: str, now: float) -> AppPassword | None:
+        with self._write():
+            row = self._db.execute(
+                f"DELETE FROM app_passwords WHERE username = ? AND id = ? RETURNING {_COLUMNS}",
+                (username, id),
+            ).fetchone()
+            if row is None:
+                return None
+            self._log_change(now, username, "deleted", id)
+        return _app_password(row)
+
+    def revoke_all(self, username: str, now: float) -> list[AppPassword]:
+        with self._write():
+            rows = self._db.execute(
+                f"DELETE FROM app_passwords WHERE username = ? RETURNING {_COLUMNS}",
+                (username,),
+            ).fetchall()
+            self._log_change(now, username, "revoked_all", None)
+        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
+    def record_use(
+        self, id: str, at: float, address: str | None, protocol: str, count: int = 1
+    ) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE app_passwords SET last_used_at = ?, last_used_address = ?,"
+                " last_used_protocol = ?, use_count = use_count + ? WHERE id = ?",
+                (at, address, protocol, count, id),
+            )
+
+    def replace_hash(self, id: str, password_hash: str) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE app_passwords SET password_hash = ? WHERE id = ?", (password_hash, id)
+            )
+
+    # -- users ---------------------------------------------------------------
+
+    def get_user(self, username: str) -> User:
+        row = self._db.execute(
+            "SELECT mfa_state, mfa_registered_at FROM users WHERE username = ?", (username,)
+        ).fetchone()
+        if row is None:
+            return User(username)
+        return User(username, MfaState(row["mfa_state"]), row["mfa_registered_at"])
+
+    def set_user(self, user: User, now: float) -> User:
+        with self._write():
+            self._db.execute(
+                "INSERT INTO users (username, mfa_state, mfa_registered_at, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO UPDATE SET"
+                " mfa_state = excluded.mfa_state,"
+                " mfa_registered_at = excluded.mfa_registered_at,"
+                " updated_at = excluded.updated_at",
+                (user.username, user.mfa_state.value, user.mfa_registered_at, now),
+            )
+            self._log_change(now, user.username, "state_changed", None)
+        return user
+
+    # -- change feed ---------------------------------------------------------
+
+    def changes_since(self, seq: int) -> list[Change]:
+        rows = self._db.execute(
+            "SELECT seq, at, username, kind, app_password_id FROM changes"
+            " WHERE seq > ? ORDER BY seq",
+            (seq,),
+        )
+        return [Change(r["seq"], r["at"], r["username"], r["kind"], r["app_password_id"]) for r in rows]
+
+    def last_change(self) -> int:
+        row = self._db.execute("SELECT max(seq) FROM changes").fetchone()
+        return row[0] or 0
+
+    def integrity_check(self) -> str:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,148 @@
+import os
+import string
+
+import pytest
+from hypothesis import given, strategies as st
+
+from proxy import apppasswords
+from proxy.apppasswords import (
+    HashParameters,
+    Hasher,
+    PepperError,
+    display,
+    generate,
+    load_pepper,
+    lookup_key,
+    normalise,
+)
+
+FAST = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
+
+
+def test_generated_secrets_are_16_lowercase_letters_and_differ():
+    secrets = {generate() for _ in range(1000)}
+    assert len(secrets) == 1000
+    for s in secrets:
+        assert len(s) == 16 and set(s) <= set(string.ascii_lowercase)
+    # Every letter turns up: the alphabet is the whole of a-z.
+    assert set("".join(secrets)) == set(string.ascii_lowercase)
+
+
+def test_display_groups_four_by_four():
+    assert display("abcdefghijklmnop") == "abcd efgh ijkl mnop"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "abcdefghijklmnop",
+        "abcd efgh ijkl mnop",
+        "ABCD EFGH IJKL MNOP",
+        "AbCd-eFgH-iJkL-mNoP",
+        " abcd\tefgh\u00a0ijkl mnop ",
+    ],
+)
+def test_secrets_are_accepted_with_or_without_spaces_in_any_case(typed):
+    assert normalise(typed) == "abcdefghijklmnop"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["", "abcdefghijklmno", "abcdefghijklmnopq", "abcdefghijklmn0p", "abcdéfghijklmnop",
+     "correct horse battery staple", "a" * 10_000],
+)
+def test_what_cannot_be_an_app_password_normalises_to_none(typed):
+    assert normalise(typed) is None
+
+
+@given(st.text(alphabet=string.ascii_lowercase, min_size=16, max_size=16),
+       st.lists(st.sampled_from([" ", "", "-", "\t"]), min_size=16, max_size=16),
+       st.lists(st.booleans(), min_size=16, max_size=16))
+def test_any_spacing_and_case_of_a_secret_normalises_to_it(secret, gaps, upper):
+    typed = "".join(
+        (c.upper() if u else c) + g for c, g, u in zip(secret, gaps, upper)
+    )
+    assert normalise(typed) == secret
+
+
+def test_lookup_key_depends_on_pepper_user_and_secret():
+    p1, p2 = b"\x01" * 32, b"\x02" * 32
+    base = lookup_key(p1, "alice", "abcdefghijklmnop")
+    assert len(base) == 32
+    assert base == lookup_key(p1, "alice", "abcdefghijklmnop")
+    assert base != lookup_key(p2, "alice", "abcdefghijklmnop")
+    assert base != lookup_key(p1, "bob", "abcdefghijklmnop")
+    assert base != lookup_key(p1, "alice", "abcdefghijklmnoq")
+
+
+def test_usernames_are_kept_in_one_form():
+    assert apppasswords.canonical_username("  Alice@Example.TEST ") == "alice@example.test"
+    assert apppasswords.check_username("a\nb") is not None
+    assert apppasswords.check_username("a\x00b") is not None
+    assert apppasswords.check_username(" ") is not None
+    assert apppasswords.check_username("alice") is None
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "tab\there", " padded", "line\nbreak"])
+def test_bad_device_names_are_refused(name):
+    assert apppasswords.check_name(name) is not None
+
+
+def test_good_device_names_pass():
+    assert apppasswords.check_name("Outlook 2010 (laptop)") is None
+    assert apppasswords.check_name("x" * 64) is None
+    assert apppasswords.check_name("Drucker im Büro") is None
+
+
+def test_hash_verifies_only_its_secret():
+    hasher = Hasher(FAST)
+    encoded = hasher.hash("abcdefghijklmnop")
+    assert encoded.startswith("$argon2id$")
+    assert "abcdefghijklmnop" not in encoded
+    assert hasher.verify(encoded, "abcdefghijklmnop")
+    assert not hasher.verify(encoded, "abcdefghijklmnoq")
+    assert not hasher.verify("not a hash", "abcdefghijklmnop")
+
+
+def test_changed_parameters_ask_for_a_rehash():
+    old = Hasher(FAST).hash("abcdefghijklmnop")
+    newer = Hasher(HashParameters(time_cost=2, memory_kib=64, parallelism=1))
+    assert newer.needs_rehash(old)
+    assert not Hasher(FAST).needs_rehash(old)
+    assert newer.verify(old, "abcdefghijklmnop")
+
+
+def test_default_parameters_are_the_documented_ones():
+    assert HashParameters() == HashParameters(time_cost=2, memory_kib=19456, parallelism=1)
+
+
+def test_pepper_is_created_private_and_read_back(tmp_path):
+    path = tmp_path / "pepper"
+    first = load_pepper(path, create=True)
+    assert len(first) == 32
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_pepper(path, create=True) == first
+    assert load_pepper(path, create=False) == first
+
+
+def test_a_pepper_others_can_read_is_refused(tmp_path):
+    path = tmp_path / "pepper"
+    load_pepper(path, create=True)
+    os.chmod(path, 0o644)
+    with pytest.raises(PepperError, match="chmod 600") as raised:
+        load_pepper(path, create=False)
+    assert path.read_bytes().hex() not in str(raised.value)
+
+
+def test_a_missing_or_malformed_pepper_is_refused(tmp_path):
+    with pytest.raises(PepperError, match="does not exist"):
+        load_pepper(tmp_path / "absent", create=False)
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 10)
+    short.chmod(0o600)
+    with pytest.raises(PepperError, match="32 bytes"):
+        load_pepper(short, create=False)
+    link = tmp_path / "link"
+    link.symlink_to(short)
+    with pytest.raises(PepperError):
+        load_pepper(link, create=False)
