@@ -212,11 +212,14 @@ class SQLiteStore:
                     ),
                 )
             except sqlite3.IntegrityError as e:
-                if "app_passwords.username, app_passwords.name" in str(e):
+                message = str(e)
+                if "app_passwords.username, app_passwords.name" in message:
                     raise NameTaken(username, name) from None
-                # A lookup key or id collision: 2**-75 and 2**-40 odds. Say
-                # nothing about which; the caller may simply try again.
-                raise StoreError("could not store the app password; try again") from None
+                if message.startswith("UNIQUE"):
+                    # A lookup key or id collision: odds of 2**-75 and 2**-40.
+                    # Say nothing of which; the caller may simply try again.
+                    raise StoreError("could not store the app password; try again") from None
+                raise
         return record
 
     def list_app_passwords(self, username: str) -> list[AppPassword]:

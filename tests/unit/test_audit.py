@@ -1,0 +1,56 @@
+import json
+import os
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from proxy.audit import AuditLog, timestamp
+
+
+def test_events_are_one_json_object_a_line(tmp_path):
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, clock=lambda: 1794787200.25)
+    audit.record("app_password_created", user="alice", app_password_id="ab12", expires_at=None)
+    audit.record("app_password_deleted", user="bøb", app_password_id="cd34")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"time": "2026-11-16T00:00:00.250Z", "event": "app_password_created",
+         "user": "alice", "app_password_id": "ab12"},
+        {"time": "2026-11-16T00:00:00.250Z", "event": "app_password_deleted",
+         "user": "bøb", "app_password_id": "cd34"},
+    ]
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("field", ["secret", "password", "password_hash", "lookup_key"])
+def test_an_event_never_carries_a_secret(tmp_path, field):
+    audit = AuditLog(tmp_path / "audit.log", clock=lambda: 0.0)
+    with pytest.raises(ValueError):
+        audit.event("x", **{field: "abcd"})
+
+
+def test_events_go_to_the_twisted_log_too():
+    audit = AuditLog(None, clock=lambda: 0.0)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        audit.record("mfa_state_changed", user="alice", state="enforced")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ours = [e for e in events if e.get("log_namespace") == "legacy_auth_proxy.audit"]
+    assert ours[0]["audit"]["state"] == "enforced"
+
+
+def test_reopen_follows_a_rotated_file(tmp_path):
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, clock=lambda: 0.0)
+    audit.record("one")
+    path.rename(tmp_path / "audit.log.1")
+    audit.reopen()
+    audit.record("two")
+    assert json.loads(path.read_text())["event"] == "two"
+    assert json.loads((tmp_path / "audit.log.1").read_text())["event"] == "one"
+
+
+def test_timestamps_are_rfc3339_utc():
+    assert timestamp(0) == "1970-01-01T00:00:00.000Z"

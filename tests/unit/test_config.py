@@ -1,0 +1,118 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.config import Config, ConfigError, load, parse, parse_duration, schema_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def error(text, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    return raised.value
+
+
+def test_an_empty_file_is_all_defaults(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("# nothing\n")
+    loaded = load(path)
+    assert loaded.policy == Config().policy
+    assert loaded.policy.max_app_passwords_per_user == 40
+    assert loaded.policy.allow_user_app_passwords is False
+    assert loaded.policy.block_legacy_auth is False
+    assert loaded.policy.revoke_app_passwords_on_password_change is True
+    assert loaded.source == path
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
+    path = tmp_path / "etc" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text("store:\n  path: state/store.sqlite3\naudit:\n  file: null\n")
+    loaded = load(path)
+    assert loaded.store.path == tmp_path / "etc" / "state" / "store.sqlite3"
+    assert loaded.audit.file is None
+
+
+@pytest.mark.parametrize(
+    "text, line, key, problem",
+    [
+        ("policy:\n  max_app_passwords_per_user: forty\n", 2,
+         "policy.max_app_passwords_per_user", "expected an integer from 1 to 1000, got 'forty'"),
+        ("policy:\n  max_app_passwords_per_user: 0\n", 2,
+         "policy.max_app_passwords_per_user", "expected an integer from 1 to 1000, got 0"),
+        ("policy:\n  block_legacy_auth: 1\n", 2, "policy.block_legacy_auth",
+         "expected true or false, got '1'"),
+        ("\npolicy:\n  block_legacy_auht: true\n", 3, "policy.block_legacy_auht",
+         "did you mean 'block_legacy_auth'?"),
+        ("stroe:\n  path: x\n", 1, "stroe", "did you mean 'store'?"),
+        ("store: /tmp/x\n", 1, "store", "expected a mapping of settings, got '/tmp/x'"),
+        ("store:\n  path: 5\n", 2, "store.path", "expected a string, got '5'"),
+        ("store:\n  path: ''\n", 2, "store.path", "expected a non-empty string"),
+        ("policy:\n  block_legacy_auth: true\n  block_legacy_auth: false\n", 3,
+         "policy.block_legacy_auth", "set twice"),
+        ("hashing:\n  threads: [1, 2]\n", 2, "hashing.threads", "got a list"),
+        ("- a\n- b\n", 1, "", "expected a mapping of settings, got a list"),
+        ("store:\n  path: [x\n", 3, "", "not valid YAML"),
+        ("source: x\n", 1, "source", "unknown setting"),
+    ],
+)
+def test_errors_name_file_line_key_and_what_was_expected(tmp_path, text, line, key, problem):
+    e = error(text, tmp_path)
+    assert e.source == str(tmp_path / "config.yaml")
+    assert (e.line, e.key) == (line, key)
+    assert problem in e.problem
+    assert str(e).startswith(f"{tmp_path / 'config.yaml'}:{line}: ")
+
+
+def test_a_missing_file_is_an_error_that_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="no such file") as raised:
+        load(tmp_path / "absent.yaml")
+    assert "absent.yaml" in str(raised.value)
+
+
+def test_yaml_tags_that_construct_objects_are_refused(tmp_path):
+    e = error("store:\n  path: !!python/object:os.system ls\n", tmp_path)
+    assert e.key == "store.path"
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("3h", 10800),
+                                           ("2d", 172800), ("1w", 604800), (" 1.5h ", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_expiry_takes_a_duration_or_a_date():
+    assert config.parse_expiry("1h", now=1000.0) == 4600.0
+    assert config.parse_expiry("2027-01-31", now=0.0) == 1801353600.0
+    with pytest.raises(ValueError):
+        config.parse_expiry("soon", now=0.0)
+
+
+def test_the_example_config_is_valid_and_holds_the_defaults():
+    loaded = load(ROOT / "config" / "example.yaml")
+    assert attrs_equal_but_source(loaded, Config())
+
+
+def attrs_equal_but_source(a, b):
+    import attrs
+    return attrs.evolve(a, source=b.source) == b
+
+
+def test_every_key_is_documented_and_in_the_example():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    example = (ROOT / "config" / "example.yaml").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", docs, re.MULTILINE))
+    keys = {name for name, _ in schema_keys()}
+    assert documented == keys
+    for name in keys:
+        section, key = name.split(".")
+        assert re.search(rf"^{section}:$(.|\n)*?^  {key}:", example, re.MULTILINE), name
+
+
+def test_parse_takes_text(tmp_path):
+    assert parse("", tmp_path / "c.yaml").policy.max_app_passwords_per_user == 40
