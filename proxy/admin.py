@@ -48,6 +48,10 @@ class Admin:
         self._clock = clock
         self._actor = actor
 
+    def close(self) -> None:
+        self._store.close()
+        self._audit.close()
+
     @staticmethod
     def username(name: str) -> str:
         problem = apppasswords.check_username(name)

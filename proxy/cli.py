@@ -138,6 +138,11 @@ class Context:
             )
         return self._admin
 
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
 
 def _hash_parameters(config: configuration.Config) -> apppasswords.HashParameters:
     h = config.hashing
@@ -366,3 +371,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_REFUSED
     except KeyboardInterrupt:
         return 130
+    finally:
+        ctx.close()

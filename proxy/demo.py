@@ -52,6 +52,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     if any(a.name == DEMO_DEVICE for a in admin.list(DEMO_USER)):
         admin.delete(DEMO_USER, DEMO_DEVICE)
     user, created = admin.enroll(DEMO_USER, DEMO_DEVICE)
+    ctx.close()
     tool = f"legacy-auth-proxy --config {shlex.quote(str(config_path))}"
     print(f"Demo folder: {config_path.parent}")
     print()

@@ -1,0 +1,34 @@
+"""Shared fixtures. Integration fixtures that start real servers live in
+tests/integration/conftest.py."""
+
+import os
+import shutil
+
+import pytest
+
+# Cheap argon2 parameters for tests that create many app passwords; the
+# defaults are exercised by tests that say so.
+FAST_HASHING = "hashing:\n  time_cost: 1\n  memory_kib: 1024\n"
+
+
+def require_tool(name: str) -> str:
+    """The path of a program the tests need. In CI its absence is a failure,
+    never a skip: tests/run installs it."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not installed; tests/run installs it")
+    pytest.skip(f"{name} is not installed (tests/run installs it)")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A folder with a config whose state lives beside it."""
+    (tmp_path / "config.yaml").write_text(
+        "store:\n  path: store.sqlite3\n  pepper_file: pepper\n"
+        "audit:\n  file: audit.log\n" + FAST_HASHING
+    )
+    return tmp_path

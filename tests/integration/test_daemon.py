@@ -1,0 +1,130 @@
+"""`serve` and `demo` as processes: start, notify systemd, reload, stop."""
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+
+class Daemon:
+    """A proxy process whose output is read line by line on a thread of its own."""
+
+    def __init__(self, args, cwd, env=None):
+        self.output = []
+        self._lines = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for(self, pattern, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.output))
+
+    def stop(self, sig=signal.SIGTERM):
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        self._reader.join(timeout=10)
+        while not self._lines.empty():
+            line = self._lines.get()
+            if line is not None:
+                self.output.append(line)
+        return self.process.returncode
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(30)
+    yield s, str(path)
+    s.close()
+
+
+def test_serve_notifies_reloads_and_stops(workdir, notify_socket):
+    sock, address = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": address}
+    config = workdir / "config.yaml"
+    daemon = Daemon(["--config", str(config), "serve"], cwd=workdir, env=env)
+    try:
+        daemon.wait_for("legacy-auth-proxy started")
+        assert sock.recv(100) == b"READY=1"
+        good = config.read_text()
+        config.write_text(good + "policy:\n  block_legacy_auth: maybe\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        line = daemon.wait_for("reload refused")
+        assert f"{config}:" in line and "policy.block_legacy_auth" in line
+        assert sock.recv(100) == b"RELOADING=1"
+        assert sock.recv(100) == b"READY=1"
+        assert daemon.process.poll() is None
+        config.write_text(good + "policy:\n  block_legacy_auth: true\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("config reloaded")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    events = [json.loads(line)["event"] for line in (workdir / "audit.log").read_text().splitlines()]
+    assert events == ["daemon_started", "config_reloaded"]
+
+
+def test_serve_refuses_a_pepper_others_can_read(workdir):
+    pepper = workdir / "pepper"
+    pepper.write_bytes(os.urandom(32))
+    pepper.chmod(0o644)
+    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(workdir / "config.yaml"),
+                           "serve"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78
+    assert "chmod 600" in done.stderr
+
+
+def test_the_demo_sets_itself_up_in_a_local_folder_and_serves(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "proxy", "demo", "--no-serve"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "legacy-auth-proxy-demo"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "store.sqlite3", "pepper",
+                                                   "audit.log"}
+    first = re.search(r"^    ([a-z]{4} ){3}[a-z]{4} ", done.stdout, re.MULTILINE)
+    assert first
+    # A second run replaces the demo's app password rather than piling them up.
+    daemon = Daemon(["demo"], cwd=tmp_path)
+    try:
+        daemon.wait_for("legacy-auth-proxy started")
+    finally:
+        assert daemon.stop(signal.SIGINT) == 0
+    second = re.search(r"^    ([a-z]{4} ){3}[a-z]{4} ", "\n".join(daemon.output), re.MULTILINE)
+    assert second and second[0] != first[0]
+    listing = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(folder / "config.yaml"), "app-password",
+         "list", "demo@example.test", "--json"], capture_output=True, text=True, timeout=60)
+    assert [a["name"] for a in json.loads(listing.stdout)] == ["demo device"]
