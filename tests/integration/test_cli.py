@@ -41,7 +41,6 @@ def test_create_shows_the_secret_once_and_it_is_nowhere_else(workdir):
     lines = [line for line in done.stdout.splitlines() if secret in line.replace(" ", "")]
     assert len(lines) == 1 and grouped in lines[0]
     assert secret not in done.stderr
-    # Use the store from a running daemon too, so that its log is searched as well.
     listing = cli(workdir, "app-password", "list", "alice@example.test")
     assert "Outlook 2010" in listing.stdout
     forms = [secret, grouped, secret.upper()]

@@ -1,0 +1,66 @@
+"""The systemd unit passes `systemd-analyze verify`, and its companions parse."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_unit_verifies(tmp_path):
+    analyze = require_tool("systemd-analyze")
+    # verify checks that ExecStart's program exists: point it at the one this
+    # test run installed, keeping everything else as shipped.
+    program = shutil.which("legacy-auth-proxy")
+    assert program, "the package's console script is not installed"
+    text = (ROOT / "systemd" / "legacy-auth-proxy.service").read_text()
+    assert text.count("/usr/bin/legacy-auth-proxy") == 2
+    unit = tmp_path / "legacy-auth-proxy.service"
+    unit.write_text(text.replace("/usr/bin/legacy-auth-proxy", program))
+    done = subprocess.run([analyze, "verify", "--man=no", str(unit)],
+                          capture_output=True, text=True, timeout=120)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if "legacy-auth-proxy" in line]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert problems == [], problems
+
+
+def test_the_unit_has_the_hardening_we_promise():
+    text = (ROOT / "systemd" / "legacy-auth-proxy.service").read_text()
+    for line in ("ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "StateDirectory=legacy-auth-proxy", "ConfigurationDirectory=legacy-auth-proxy",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                 "SystemCallFilter=@system-service", "RestartPreventExitStatus=78"):
+        assert line in text.splitlines(), line
+
+
+def test_sysusers_and_tmpfiles_create_the_account_and_folders(tmp_path):
+    """Applied to an empty root: the account appears, then the folders with
+    the owners and modes the daemon relies on."""
+    sysusers = require_tool("systemd-sysusers")
+    tmpfiles = require_tool("systemd-tmpfiles")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    done = subprocess.run([sysusers, f"--root={root}",
+                           str(ROOT / "systemd" / "legacy-auth-proxy.sysusers")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    entry = next(line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
+                 if line.startswith("legacy-auth-proxy:"))
+    uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+    assert home == "/var/lib/legacy-auth-proxy" and entry[6].endswith("nologin")
+    done = subprocess.run([tmpfiles, f"--root={root}", "--create",
+                           str(ROOT / "systemd" / "legacy-auth-proxy.tmpfiles")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = {
+        "etc/legacy-auth-proxy": (0o750, 0, gid),
+        "var/lib/legacy-auth-proxy": (0o700, uid, gid),
+        "var/log/legacy-auth-proxy": (0o750, uid, gid),
+    }
+    for folder, (mode, owner, group) in expected.items():
+        info = (root / folder).stat()
+        assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (mode, owner, group), folder
