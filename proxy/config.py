@@ -10,8 +10,10 @@ the two in step. Nothing here starts, opens or creates anything.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
+import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,98 @@ class Duration:
         return value
 
 
+@attrs.frozen
+class ListOf:
+    inner: Any
+
+    @property
+    def doc(self) -> str:
+        return f"a list, each {self.inner.doc}"
+
+    def __call__(self, ctx: _Context) -> tuple[Any, ...]:
+        node = ctx.node
+        if not isinstance(node, yaml.nodes.SequenceNode):
+            raise ctx.error(f"expected {self.doc}, got {_describe(node)}")
+        return tuple(
+            self.inner(_Context(ctx.source, f"{ctx.key}[{i}]", item))
+            for i, item in enumerate(node.value)
+        )
+
+
+class Network:
+    doc = "a network in CIDR form (192.0.2.0/24, 2001:db8::/32) or an address"
+
+    def __call__(self, ctx: _Context) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        text = Str()(ctx)
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+
+
+class LdapUrl:
+    doc = "an ldap:// or ldaps:// URL with a host and an optional port"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme not in ("ldap", "ldaps")
+            or not parts.hostname
+            or port == -1
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.username
+        ):
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
+class Dn:
+    doc = "a distinguished name (cn=proxy,dc=example,dc=com)"
+
+    def __call__(self, ctx: _Context) -> str:
+        from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
+
+        text = Str()(ctx)
+        try:
+            DistinguishedName(text)
+        except Exception:
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        if "=" not in text:
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
+@attrs.frozen
+class LdapFilter:
+    """An RFC 4515 filter, optionally with a ``{username}`` placeholder."""
+
+    placeholder: bool = False
+
+    @property
+    def doc(self) -> str:
+        if self.placeholder:
+            return "an LDAP filter containing {username}, such as (uid={username})"
+        return "an LDAP filter, such as (!(pwdAccountLockedTime=*))"
+
+    def __call__(self, ctx: _Context) -> str:
+        from ldaptor.ldapfilter import InvalidLDAPFilter, parseFilter
+
+        text = Str()(ctx)
+        if self.placeholder and "{username}" not in text:
+            raise ctx.error(f"expected {self.doc}; {{username}} is missing")
+        try:
+            parseFilter(text.replace("{username}", "x") if self.placeholder else text)
+        except (InvalidLDAPFilter, Exception):
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        return text
+
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
 
@@ -196,6 +290,16 @@ def _section(cls: type) -> Any:
     return attrs.field(factory=cls, metadata={"parse": Section(cls), "doc": cls.__doc__})
 
 
+def _optional_section(cls: type) -> Any:
+    return attrs.field(
+        default=None, metadata={"parse": Optional(Section(cls)), "doc": cls.__doc__}
+    )
+
+
+def _required(parse: Any, doc: str) -> Any:
+    return attrs.field(metadata={"parse": parse, "doc": doc})
+
+
 @attrs.frozen
 class Section:
     cls: type
@@ -227,6 +331,9 @@ class Section:
                 known = ", ".join(sorted(fields))
                 raise child.error(f"unknown setting (known here: {known}){hint}")
             values[name] = fields[name].metadata["parse"](ctx.child(name, value_node))
+        for name, f in fields.items():
+            if f.default is attrs.NOTHING and name not in values:
+                raise ctx.error(f"the setting {name!r} is required here")
         try:
             return self.cls(**values)
         except ValueError as e:
@@ -303,6 +410,133 @@ class HashingConfig:
 
 
 @attrs.frozen
+class DirectoryConfig:
+    """The upstream directory (OpenLDAP, Active Directory): accounts, groups, primary passwords."""
+
+    url: str = _required(LdapUrl(), "the directory: ldap://host[:port] or ldaps://host[:port]")
+    bind_dn: str = _required(Dn(), "the service account that searches for users")
+    bind_password_file: Path = _required(
+        FilePath(), "a file holding the service account's password (trailing newline ignored)"
+    )
+    user_base: str = _required(Dn(), "where users are searched for (the whole subtree)")
+    start_tls: bool = _field(
+        True, Bool(), "upgrade ldap:// connections with StartTLS; ignored for ldaps://"
+    )
+    ca_file: Path | None = _field(
+        None,
+        Optional(FilePath()),
+        "PEM certificates to trust for the directory's certificate; null: the system's",
+    )
+    user_filter: str = _field(
+        "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))",
+        LdapFilter(placeholder=True),
+        "finds a user by the name a client signs in with; {username} is escaped (RFC 4515). "
+        "A client may also sign in with the user's full DN",
+    )
+    username_attribute: str = _field(
+        "uid",
+        Str(),
+        "the attribute whose value names the user in the app-password store "
+        "(uid, sAMAccountName, userPrincipalName)",
+    )
+    active_filter: str | None = _field(
+        "(!(pwdAccountLockedTime=*))",
+        Optional(LdapFilter()),
+        "an account that does not match is inactive and refused on every path; for Active "
+        "Directory (!(userAccountControl:1.2.840.113556.1.4.803:=2)); null: every account found",
+    )
+    member_of_attribute: str = _field(
+        "memberOf", Str(), "the user's attribute that lists the DNs of their groups"
+    )
+    mfa_group: str | None = _field(
+        None, Optional(Dn()), "members are MFA-enforced, whatever the store says"
+    )
+    modern_auth_only_group: str | None = _field(
+        None, Optional(Dn()), "members may not sign in over legacy protocols at all"
+    )
+    admin_group: str | None = _field(
+        None, Optional(Dn()), "members are administrators: app passwords never act as them"
+    )
+    password_changed_attribute: str | None = _field(
+        "pwdChangedTime",
+        Optional(Str()),
+        "when the primary password last changed: pwdChangedTime (GeneralizedTime) or "
+        "pwdLastSet (Active Directory's FILETIME); null: not tracked",
+    )
+    timeout: float = _field(5.0, Duration(high=300), "the longest any directory operation may take")
+    pool_size: int = _field(
+        4, Int(1, 64), "persistent connections for searches, and as many for password checks"
+    )
+    account_cache: float = _field(
+        30.0,
+        Duration(high=86400),
+        "how long an account looked up in the directory is trusted; an account deleted or "
+        "disabled there is refused within this time; 0: ask the directory every time",
+    )
+    outage_grace: float = _field(
+        3600.0,
+        Duration(),
+        "while the directory is unreachable, app passwords keep working on cloud listeners "
+        "for accounts seen active within this long; 0: not at all",
+    )
+
+
+@attrs.frozen
+class ThrottleConfig:
+    """Failed sign-ins: locking accounts and slowing sources, before any expensive work."""
+
+    account_failures: int = _field(
+        10, Int(1, 10_000), "distinct wrong secrets for an account before it is locked"
+    )
+    ignore_repeats: int = _field(
+        3,
+        Int(0, 100),
+        "a wrong secret equal to one of this many last ones does not count again "
+        "(a phone retrying a stale password)",
+    )
+    failure_window: float = _field(
+        900.0, Duration(), "failures older than this are forgotten"
+    )
+    lockout: float = _field(60.0, Duration(), "the first lockout's length")
+    lockout_max: float = _field(
+        900.0, Duration(), "lockouts double on repeat up to this length"
+    )
+    source_delay: float = _field(
+        2.0, Duration(high=600), "the delay of a failure answer to a source, at first"
+    )
+    source_delay_max: float = _field(
+        15.0, Duration(high=600), "failure answers to a source double their delay up to this"
+    )
+    ipv6_prefix: int = _field(48, Int(1, 128), "IPv6 sources are counted per this prefix")
+    trusted_networks: tuple[Any, ...] = _field(
+        (), ListOf(Network()), "sources exempt from throttling (monitoring, internal relays)"
+    )
+
+
+@attrs.frozen
+class CacheConfig:
+    """Successful checks kept in memory, keyed by an HMAC (never the secret)."""
+
+    app_password_ttl: float = _field(
+        900.0,
+        Duration(high=86400),
+        "how long a verified app password is trusted without argon2; 0: no cache",
+    )
+    primary_password_ttl: float = _field(
+        0.0,
+        Duration(high=86400),
+        "how long a primary password the directory accepted is trusted; 0 (default): "
+        "ask the directory every time",
+    )
+    max_entries: int = _field(100_000, Int(1, 10_000_000), "the most entries of each cache")
+    last_used_interval: float = _field(
+        60.0,
+        Duration(high=86400),
+        "the most often an app password's last use is written to the store",
+    )
+
+
+@attrs.frozen
 class AuditConfig:
     """The audit log: one JSON object a line, never a secret."""
 
@@ -322,6 +556,9 @@ class Config:
     policy: PolicyConfig = _section(PolicyConfig)
     hashing: HashingConfig = _section(HashingConfig)
     audit: AuditConfig = _section(AuditConfig)
+    directory: DirectoryConfig | None = _optional_section(DirectoryConfig)
+    throttle: ThrottleConfig = _section(ThrottleConfig)
+    cache: CacheConfig = _section(CacheConfig)
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
@@ -332,6 +569,8 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
             continue
         name = f"{prefix}{f.name}"
         parse = f.metadata["parse"]
+        if isinstance(parse, Optional) and isinstance(parse.inner, Section):
+            parse = parse.inner
         if isinstance(parse, Section):
             keys.extend(schema_keys(parse.cls, name + "."))
         else:

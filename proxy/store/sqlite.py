@@ -270,6 +270,19 @@ class SQLiteStore:
             self._log_change(now, username, "revoked_all", None)
         return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
+    def delete_created_before(self, username: str, when: float, now: float) -> list[AppPassword]:
+        """Delete the user's app passwords made before ``when`` (a primary
+        password change): one transaction, one change-feed entry each."""
+        with self._write():
+            rows = self._db.execute(
+                f"DELETE FROM app_passwords WHERE username = ? AND created_at < ?"
+                f" RETURNING {_COLUMNS}",
+                (username, when),
+            ).fetchall()
+            for row in rows:
+                self._log_change(now, username, "deleted", row["id"])
+        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
     def record_use(
         self, id: str, at: float, address: str | None, protocol: str, count: int = 1
     ) -> None:

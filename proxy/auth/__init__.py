@@ -1,0 +1,93 @@
+"""The authentication core: one decision for every protocol.
+
+Front ends parse their protocol, build an :class:`Attempt` and act on the
+:class:`Decision` that :class:`proxy.auth.authenticator.Authenticator` gives
+back. They decide nothing themselves. A client only ever learns "accepted",
+"refused" or "try again later"; the reason is for the audit log.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from proxy.directory import Account
+from proxy.store import AppPassword
+
+REALMS = ("cloud", "on-premises")
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+    TEMPORARY_FAILURE = "temporary_failure"
+
+
+class Reason(enum.Enum):
+    # accepted
+    APP_PASSWORD = "app_password"
+    PRIMARY = "primary"
+    # refused
+    WRONG_SECRET = "wrong_secret"
+    UNKNOWN_USER = "unknown_user"
+    MFA_REQUIRED = "mfa_required"
+    LEGACY_BLOCKED = "legacy_blocked"
+    ACCOUNT_INACTIVE = "account_inactive"
+    LOCKED_OUT = "locked_out"
+    EXPIRED = "expired"
+    OUT_OF_SCOPE = "out_of_scope"
+    REVOKED_BY_PASSWORD_CHANGE = "revoked_by_password_change"
+    MALFORMED = "malformed"
+    # temporary failures
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    BUSY = "busy"
+
+
+_TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY}
+_ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY}
+
+
+@attrs.frozen
+class Attempt:
+    """What a front end extracted from a client: who, with what, from where."""
+
+    protocol: str  # "imap", "smtp", "ldap"
+    realm: str  # "cloud" or "on-premises"
+    username: str
+    secret: str = attrs.field(repr=False)
+    client_address: str
+    tls: bool
+
+    def __attrs_post_init__(self) -> None:
+        if self.realm not in REALMS:
+            raise ValueError(f"realm must be one of {REALMS}")
+
+
+@attrs.frozen
+class Decision:
+    reason: Reason
+    username: str  # canonical: the account's store name when known, else as typed
+    account: Account | None = None
+    app_password: AppPassword | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.reason in _ACCEPTED:
+            return Outcome.ACCEPTED
+        if self.reason in _TEMPORARY:
+            return Outcome.TEMPORARY_FAILURE
+        return Outcome.REFUSED
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome is Outcome.ACCEPTED
+
+    @property
+    def read_only(self) -> bool:
+        """App passwords never allow administrative actions."""
+        return self.reason is Reason.APP_PASSWORD
+
+    @property
+    def administrator(self) -> bool:
+        return self.reason is Reason.PRIMARY and self.account is not None and self.account.admin

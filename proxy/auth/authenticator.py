@@ -1,0 +1,418 @@
+"""The Authenticator: the only place that decides whether a sign-in is accepted.
+
+Order of work, cheapest first, so that an attacker's guesses cost little:
+
+1. shape of the request (empty secret, control characters in the name);
+2. legacy authentication blocked for everyone;
+3. the account, from the account cache or the directory (one search);
+4. inactive account, modern-authentication-only group, account lockout;
+5. on cloud listeners, app passwords: one HMAC and one index lookup, then at
+   most one argon2id verify in the bounded hashing pool (none on a cache hit);
+6. primary passwords: refused for MFA-enforced users on cloud listeners,
+   otherwise one bind on the directory's bind pool.
+
+Every refusal is answered no sooner than the source's failure delay after
+the attempt began, which also hides how much work the refusal took (unknown
+accounts and wrong secrets look alike). Every decision is audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from proxy import apppasswords
+from proxy.auth import Attempt, Decision, Outcome, Reason
+from proxy.auth.cache import SuccessCache
+from proxy.auth.throttle import Throttle
+from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
+from proxy.directory import Account, DirectoryUnavailable, normalise_dn
+from proxy.store import AppPassword, Change, MfaState
+from proxy.threads import Busy, Pool
+
+log = Logger(namespace="legacy_auth_proxy.auth")
+# fail2ban and the like match this namespace's lines; see docs/configuration.md.
+failures_log = Logger(namespace="legacy_auth_proxy.auth.failure")
+
+MAX_ACCOUNTS = 100_000
+
+
+class DirectoryLike(Protocol):
+    async def resolve(self, username: str) -> Account | None: ...
+
+    async def check_password(self, dn: str, password: str) -> bool: ...
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:256]
+
+
+class UsageRecorder:
+    """Coalesces last-used updates: at most one store write per app password
+    per ``interval``; uses in between are added up and written later."""
+
+    def __init__(self, clock: Any, store: Any, interval: float) -> None:
+        self._clock = clock
+        self._store = store
+        self._interval = interval
+        self._written: dict[str, float] = {}
+        self._pending: dict[str, tuple[float, str | None, str, int]] = {}
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = clock
+        self.writes = 0
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._loop.start(self._interval, now=False)
+
+    def stop(self) -> Deferred[Any]:
+        if self._loop.running:
+            self._loop.stop()
+        return self.flush()
+
+    def used(self, id: str, at: float, address: str | None, protocol: str) -> None:
+        _, _, _, count = self._pending.get(id, (0.0, None, "", 0))
+        self._pending[id] = (at, address, protocol, count + 1)
+        if at - self._written.get(id, float("-inf")) >= self._interval:
+            self._write(id)
+
+    def forget(self, id: str) -> None:
+        self._pending.pop(id, None)
+        self._written.pop(id, None)
+
+    def _write(self, id: str) -> Deferred[Any]:
+        at, address, protocol, count = self._pending.pop(id)
+        self._written[id] = self._clock.seconds()
+        self.writes += 1
+        d = self._store.record_use(id, at, address, protocol, count)
+        return d.addErrback(lambda f: log.failure("cannot record the use of {id}", f, id=id))
+
+    def flush(self) -> Deferred[Any]:
+        from twisted.internet.defer import gatherResults
+
+        now = self._clock.seconds()
+        for id, written in list(self._written.items()):
+            if now - written > 10 * self._interval and id not in self._pending:
+                del self._written[id]
+        return gatherResults([self._write(id) for id in list(self._pending)])
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        clock: Any,
+        policy: PolicyConfig,
+        throttle: ThrottleConfig,
+        cache: CacheConfig,
+        directory_config: DirectoryConfig,
+        directory: DirectoryLike,
+        store: Any,
+        hash_pool: Pool,
+        hasher: apppasswords.Hasher,
+        pepper: bytes,
+        record: Callable[..., None],
+    ) -> None:
+        self._clock = clock
+        self.policy = policy
+        self._directory_config = directory_config
+        self._directory = directory
+        self._store = store
+        self._hash_pool = hash_pool
+        self._hasher = hasher
+        self._pepper = pepper
+        self._record = record
+        self.throttle = Throttle(throttle, clock.seconds)
+        self._app_cache: SuccessCache[AppPassword] = SuccessCache(
+            clock.seconds, cache.app_password_ttl, cache.max_entries
+        )
+        self._primary_cache: SuccessCache[bool] = SuccessCache(
+            clock.seconds, cache.primary_password_ttl, cache.max_entries
+        )
+        self._cache_key = secrets.token_bytes(32)
+        self._accounts: OrderedDict[str, tuple[Account | None, float]] = OrderedDict()
+        self._last_active: OrderedDict[str, tuple[Account, float]] = OrderedDict()
+        self.usage = UsageRecorder(clock, store, cache.last_used_interval)
+        self._seq = 0
+        self._feed = LoopingCall(self.poll_changes)
+        self._feed.clock = clock
+        self._listeners: list[Callable[[str, str | None], None]] = []
+        self.argon2_runs = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, poll_interval: float = 1.0) -> None:
+        self._seq = await self._store.last_change()
+        self.usage.start()
+        self._feed.start(poll_interval, now=False)
+
+    async def stop(self) -> None:
+        if self._feed.running:
+            self._feed.stop()
+        await self.usage.stop()
+
+    def on_revoked(self, listener: Callable[[str, str | None], None]) -> None:
+        """Call ``listener(username, app_password_id or None)`` when app
+        passwords stop being valid (None: all of the user's, or the user's
+        state changed): front ends close the sessions opened with them."""
+        self._listeners.append(listener)
+
+    # -- changes made elsewhere --------------------------------------------------
+
+    async def poll_changes(self) -> None:
+        """Apply the store's change feed: what the command line tool changed."""
+        try:
+            changes = await self._store.changes_since(self._seq)
+        except Exception:
+            log.failure("cannot read the store's change feed")
+            return
+        for change in changes:
+            self._seq = max(self._seq, change.seq)
+            self.apply(change)
+
+    def apply(self, change: Change) -> None:
+        if change.kind == "deleted" and change.app_password_id:
+            self._revoked(change.username, change.app_password_id)
+        else:
+            self._revoked(change.username, None)
+
+    def _revoked(self, username: str, id: str | None) -> None:
+        if id is not None:
+            self._app_cache.drop_tag(id)
+            self.usage.forget(id)
+        else:
+            self._app_cache.drop_user(username)
+            self._primary_cache.drop_user(username)
+        for listener in self._listeners:
+            try:
+                listener(username, id)
+            except Exception:
+                log.failure("a revocation listener failed")
+
+    # -- the decision --------------------------------------------------------------
+
+    async def authenticate(self, attempt: Attempt) -> Decision:
+        started = self._clock.seconds()
+        try:
+            decision = await self._decide(attempt)
+        except Exception:
+            log.failure("authentication failed unexpectedly")
+            decision = Decision(Reason.BUSY, apppasswords.canonical_username(attempt.username))
+        self._audit(attempt, decision)
+        if decision.outcome is Outcome.REFUSED:
+            delay = self.throttle.failure_delay(attempt.client_address)
+            remaining = started + delay - self._clock.seconds()
+            if remaining > 0:
+                await deferLater(self._clock, remaining)
+        return decision
+
+    async def _decide(self, attempt: Attempt) -> Decision:
+        name = attempt.username
+        typed = apppasswords.canonical_username(name)
+        if (
+            not name.strip()
+            or len(name) > 256
+            or any(c in name for c in "\x00\r\n")
+            or not attempt.secret.strip()
+            or len(attempt.secret) > 1024
+        ):
+            return Decision(Reason.MALFORMED, _printable(typed))
+        if self.policy.block_legacy_auth:
+            return Decision(Reason.LEGACY_BLOCKED, typed)
+        app_password_form = apppasswords.normalise(attempt.secret)
+        stale = False
+        try:
+            account = await self._account(typed, name)
+        except DirectoryUnavailable:
+            remembered = self._remembered(typed)
+            if attempt.realm != "cloud" or app_password_form is None or remembered is None:
+                return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
+            account, stale = remembered, True
+        if account is None:
+            key = "unknown:" + typed
+            if self.throttle.locked(key, attempt.client_address):
+                return Decision(Reason.LOCKED_OUT, typed)
+            self.throttle.failed(key, attempt.client_address, attempt.secret)
+            return Decision(Reason.UNKNOWN_USER, typed)
+        if not account.active:
+            self._revoked(account.username, None)
+            return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
+        if account.modern_auth_only:
+            return Decision(Reason.LEGACY_BLOCKED, account.username, account)
+        key = normalise_dn(account.dn)
+        if self.throttle.locked(key, attempt.client_address):
+            return Decision(Reason.LOCKED_OUT, account.username, account)
+        if attempt.realm == "cloud":
+            if app_password_form is not None:
+                decided = await self._app_password(attempt, account, app_password_form)
+                if decided is not None:
+                    if decided.accepted:
+                        self.throttle.succeeded(key, attempt.client_address)
+                    return decided
+            if stale:
+                return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
+            user = await self._store.get_user(account.username)
+            if user.mfa_state is MfaState.ENFORCED or account.mfa_enforced:
+                self.throttle.failed(key, attempt.client_address, attempt.secret)
+                return Decision(Reason.MFA_REQUIRED, account.username, account)
+        return await self._primary(attempt, account, key)
+
+    # -- accounts ----------------------------------------------------------------
+
+    async def _account(self, typed: str, name: str) -> Account | None:
+        ttl = self._directory_config.account_cache
+        now = self._clock.seconds()
+        cached = self._accounts.get(typed)
+        if cached is not None and now - cached[1] < ttl:
+            return cached[0]
+        account = await self._directory.resolve(name)
+        if ttl > 0:
+            self._accounts[typed] = (account, now)
+            self._accounts.move_to_end(typed)
+            while len(self._accounts) > MAX_ACCOUNTS:
+                self._accounts.popitem(last=False)
+        if account is not None and account.active:
+            self._last_active[typed] = (account, now)
+            self._last_active.move_to_end(typed)
+            while len(self._last_active) > MAX_ACCOUNTS:
+                self._last_active.popitem(last=False)
+        else:
+            self._last_active.pop(typed, None)
+        return account
+
+    def _remembered(self, typed: str) -> Account | None:
+        """The account as last seen active, if within the outage grace."""
+        seen = self._last_active.get(typed)
+        grace = self._directory_config.outage_grace
+        if seen is None or self._clock.seconds() - seen[1] > grace:
+            return None
+        return seen[0]
+
+    # -- app passwords -------------------------------------------------------------
+
+    async def _app_password(self, attempt: Attempt, account: Account, secret: str) -> Decision | None:
+        """A decision if ``secret`` is one of the account's app passwords; None if not."""
+        key = apppasswords.lookup_key(self._pepper, account.username, secret)
+        record = self._app_cache.get(key)
+        verified_now = False
+        if record is None:
+            found = await self._store.find_by_lookup_key(key)
+            if found is None or found[0].username != account.username:
+                return None
+            record, encoded = found
+            try:
+                verified = await self._hash_pool.submit(self._hasher.verify, encoded, secret)
+            except Busy:
+                return Decision(Reason.BUSY, account.username, account)
+            self.argon2_runs += 1
+            if not verified:
+                return None
+            verified_now = True
+            if self._hasher.needs_rehash(encoded):
+                self._rehash(record, secret)
+        now = self._clock.seconds()
+        if record.expired(now):
+            self._app_cache.drop_tag(record.id)
+            return Decision(Reason.EXPIRED, account.username, account, record)
+        if not record.allows(attempt.protocol):
+            return Decision(Reason.OUT_OF_SCOPE, account.username, account, record)
+        changed = account.password_changed_at
+        if changed is not None and record.created_at < changed:
+            self._app_cache.drop_tag(record.id)
+            if self.policy.revoke_app_passwords_on_password_change:
+                await self._revoke_older(account, changed)
+            return Decision(Reason.REVOKED_BY_PASSWORD_CHANGE, account.username, account, record)
+        if verified_now:
+            self._app_cache.put(
+                key, record, user=account.username, tag=record.id, expires_at=record.expires_at
+            )
+        self.usage.used(record.id, now, attempt.client_address, attempt.protocol)
+        return Decision(Reason.APP_PASSWORD, account.username, account, record)
+
+    def _rehash(self, record: AppPassword, secret: str) -> None:
+        """Outdated argon2 parameters: store a new hash, in the background."""
+
+        async def rehash() -> None:
+            try:
+                encoded = await self._hash_pool.submit(self._hasher.hash, secret)
+                await self._store.replace_hash(record.id, encoded)
+                log.info("re-hashed app password {id} with new parameters", id=record.id)
+            except Busy:
+                pass  # next time
+            except Exception:
+                log.failure("cannot re-hash app password {id}", id=record.id)
+
+        Deferred.fromCoroutine(rehash())
+
+    async def _revoke_older(self, account: Account, changed: float) -> None:
+        deleted = await self._store.delete_created_before(
+            account.username, changed, self._clock.seconds()
+        )
+        for record in deleted:
+            self._revoked(account.username, record.id)
+        if deleted:
+            self._record(
+                "app_passwords_revoked",
+                user=account.username,
+                count=len(deleted),
+                app_password_ids=[r.id for r in deleted],
+                actor="password_change",
+            )
+
+    # -- primary passwords -----------------------------------------------------------
+
+    async def _primary(self, attempt: Attempt, account: Account, key: str) -> Decision:
+        cache_key = hmac.digest(
+            self._cache_key,
+            account.dn.encode() + b"\x00" + attempt.secret.encode("utf-8", "replace"),
+            hashlib.sha256,
+        )
+        if self._primary_cache.get(cache_key):
+            self.throttle.succeeded(key, attempt.client_address)
+            return Decision(Reason.PRIMARY, account.username, account)
+        try:
+            accepted = await self._directory.check_password(account.dn, attempt.secret)
+        except DirectoryUnavailable:
+            return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
+        if not accepted:
+            self.throttle.failed(key, attempt.client_address, attempt.secret)
+            return Decision(Reason.WRONG_SECRET, account.username, account)
+        self._primary_cache.put(cache_key, True, user=account.username)
+        self.throttle.succeeded(key, attempt.client_address)
+        return Decision(Reason.PRIMARY, account.username, account)
+
+    # -- audit ---------------------------------------------------------------------
+
+    def _audit(self, attempt: Attempt, decision: Decision) -> None:
+        ap = decision.app_password
+        self._record(
+            "authentication",
+            outcome=decision.outcome.value,
+            reason=decision.reason.value,
+            user=decision.username,
+            dn=decision.account.dn if decision.account else None,
+            app_password_id=ap.id if ap else None,
+            app_password_name=ap.name if ap else None,
+            protocol=attempt.protocol,
+            realm=attempt.realm,
+            client_address=attempt.client_address,
+            tls=attempt.tls,
+        )
+        if decision.outcome is not Outcome.ACCEPTED:
+            failures_log.info(
+                "authentication failure: rhost={rhost} user={user} protocol={protocol} "
+                "realm={realm} reason={reason}",
+                rhost=attempt.client_address,
+                user=_printable(decision.username),
+                protocol=attempt.protocol,
+                realm=attempt.realm,
+                reason=decision.reason.value,
+            )

@@ -1,0 +1,191 @@
+"""Throttling of failed sign-ins, per account and per source. No I/O, a
+clock passed in: tests drive it with ``task.Clock``.
+
+Per account: after ``account_failures`` distinct wrong secrets within
+``failure_window`` the account is locked for ``lockout``, doubling on each
+repeat up to ``lockout_max``.
+
+- A wrong secret equal to one of the last ``ignore_repeats`` wrong ones does
+  not count again (compared by keyed hash): a phone retrying a stale password
+  every few minutes does not lock its owner out.
+- Sources the account has signed in from before ("familiar") have counters
+  of their own, so an attacker elsewhere cannot lock the owner out of the
+  office.
+
+Per source (an IPv4 address, or an IPv6 /48): each failure answer is delayed,
+``source_delay`` at first, doubling up to ``source_delay_max``; forgotten after
+``failure_window`` without failures. Trusted networks are exempt from both.
+
+Unknown accounts are counted by the name typed, exactly like known ones, so
+that lockouts do not tell which accounts exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import attrs
+
+from proxy.config import ThrottleConfig
+
+FAMILIAR_SOURCES = 16
+MAX_TRACKED = 200_000
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Bounded(Generic[K, V]):
+    """A dict that forgets its least recently used entries past ``limit``."""
+
+    def __init__(self, limit: int, factory: Callable[[], V]) -> None:
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+        self._factory = factory
+
+    def get(self, key: K) -> V:
+        value = self._data.get(key)
+        if value is None:
+            value = self._data[key] = self._factory()
+            if len(self._data) > self._limit:
+                self._data.popitem(last=False)
+        else:
+            self._data.move_to_end(key)
+        return value
+
+    def peek(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@attrs.define
+class _Bucket:
+    failures: dict[bytes, float] = attrs.Factory(dict)  # digest → when
+    recent: deque[bytes] = attrs.Factory(deque)
+    locked_until: float = 0.0
+    lockouts: int = 0
+    last_failure: float = 0.0
+
+
+@attrs.define
+class _Account:
+    familiar: OrderedDict[str, float] = attrs.Factory(OrderedDict)
+    buckets: dict[bool, _Bucket] = attrs.Factory(lambda: {True: _Bucket(), False: _Bucket()})
+
+
+@attrs.define
+class _Source:
+    failures: int = 0
+    last_failure: float = 0.0
+
+
+class Throttle:
+    def __init__(self, config: ThrottleConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self._clock = clock
+        self._key = secrets.token_bytes(32)  # keys digests of wrong secrets; never leaves memory
+        self._accounts: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
+        self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
+
+    # -- sources ---------------------------------------------------------------
+
+    def source(self, address: str) -> str | None:
+        """The key a client address is counted under; None for trusted networks."""
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.config.trusted_networks):
+            return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            net = ipaddress.IPv6Network((ip, self.config.ipv6_prefix), strict=False)
+            return str(net)
+        return str(ip)
+
+    def failure_delay(self, address: str) -> float:
+        """Count a failure from ``address``; how long to hold its answer back."""
+        source = self.source(address)
+        if source is None:
+            return 0.0
+        now = self._clock()
+        state = self._sources.get(source)
+        if now - state.last_failure > self.config.failure_window:
+            state.failures = 0
+        state.failures += 1
+        state.last_failure = now
+        delay = self.config.source_delay * 2 ** min(state.failures - 1, 30)
+        return min(delay, self.config.source_delay_max)
+
+    # -- accounts --------------------------------------------------------------
+
+    def digest(self, account: str, secret: str) -> bytes:
+        return hmac.digest(
+            self._key, account.encode() + b"\x00" + secret.encode("utf-8", "replace"), hashlib.sha256
+        )
+
+    def _bucket(self, account: str, address: str) -> _Bucket | None:
+        source = self.source(address)
+        if source is None:
+            return None
+        state = self._accounts.get(account)
+        return state.buckets[source in state.familiar]
+
+    def locked(self, account: str, address: str) -> float:
+        """Seconds the account stays locked for this source; 0 if it is not."""
+        source = self.source(address)
+        state = self._accounts.peek(account)
+        if source is None or state is None:
+            return 0.0
+        bucket = state.buckets[source in state.familiar]
+        return max(0.0, bucket.locked_until - self._clock())
+
+    def failed(self, account: str, address: str, secret: str) -> bool:
+        """Count a wrong secret; True if this failure locked the account."""
+        bucket = self._bucket(account, address)
+        if bucket is None:
+            return False
+        now = self._clock()
+        window = self.config.failure_window
+        if now - bucket.last_failure > window + self.config.lockout_max:
+            bucket.lockouts = 0
+        bucket.last_failure = now
+        for digest, when in list(bucket.failures.items()):
+            if now - when > window:
+                del bucket.failures[digest]
+        digest = self.digest(account, secret)
+        if digest in bucket.recent:
+            return False
+        if self.config.ignore_repeats:
+            bucket.recent.append(digest)
+            while len(bucket.recent) > self.config.ignore_repeats:
+                bucket.recent.popleft()
+        bucket.failures[digest] = now
+        if len(bucket.failures) < self.config.account_failures:
+            return False
+        length = self.config.lockout * 2 ** min(bucket.lockouts, 30)
+        bucket.locked_until = now + min(length, self.config.lockout_max)
+        bucket.lockouts += 1
+        bucket.failures.clear()
+        return True
+
+    def succeeded(self, account: str, address: str) -> None:
+        """A sign-in worked: the source becomes familiar, its counters start over."""
+        source = self.source(address)
+        if source is None:
+            return
+        state = self._accounts.get(account)
+        state.familiar[source] = self._clock()
+        state.familiar.move_to_end(source)
+        while len(state.familiar) > FAMILIAR_SOURCES:
+            state.familiar.popitem(last=False)
+        state.buckets[True] = _Bucket()

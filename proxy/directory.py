@@ -1,0 +1,463 @@
+"""The upstream directory: finds accounts, reads their groups and state, checks
+primary passwords. OpenLDAP and Active Directory, through ldaptor.
+
+Two small pools of persistent connections, each connection kept up by a
+Twisted ``ClientService`` (reconnects with backoff):
+
+- the *search* pool, bound as the service account, resolves user names to
+  accounts;
+- the *bind* pool checks primary passwords by binding as the user; the next
+  check binds again on the same connection (re-bound, not reopened).
+
+Every operation has a timeout; a connection whose operation timed out is
+dropped, since its state is no longer known. While connections fail, calls
+fail at once with :class:`DirectoryUnavailable` instead of queueing behind
+the backoff, so the authentication core can answer with a temporary failure
+(or, for app passwords, go on with what it last knew).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap import ldaperrors
+from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
+from ldaptor.protocols.ldap.ldapclient import LDAPClient
+from ldaptor.ldapfilter import parseFilter
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from proxy.apppasswords import canonical_username
+from proxy.config import DirectoryConfig
+
+log = Logger(namespace="legacy_auth_proxy.directory")
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not answer in time: a temporary failure, not a refusal."""
+
+
+@attrs.frozen
+class Account:
+    """A user as the directory describes them, at one moment."""
+
+    dn: str
+    username: str  # the store's key: canonical value of directory.username_attribute
+    active: bool
+    groups: frozenset[str] = frozenset()  # normalised DNs
+    mfa_enforced: bool = False
+    modern_auth_only: bool = False
+    admin: bool = False
+    password_changed_at: float | None = None
+
+
+# -- pure helpers --------------------------------------------------------------
+
+
+def escape_filter_value(value: str) -> str:
+    """RFC 4515 section 3: escape the characters that would change a filter."""
+    out = []
+    for ch in value:
+        if ch in "\\*()\x00":
+            out.append("\\%02x" % ord(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def normalise_dn(dn: str) -> str:
+    """A comparable form of a DN: ldaptor's parsing, then lowercase."""
+    try:
+        return DistinguishedName(dn).getText().lower()
+    except Exception:
+        return dn.strip().lower()
+
+
+def parse_password_changed(value: bytes) -> float | None:
+    """pwdChangedTime (GeneralizedTime, ``20261122010203Z``) or Active
+    Directory's pwdLastSet (100 ns ticks since 1601) → POSIX seconds."""
+    text = value.decode("ascii", "replace").strip()
+    if text.isdigit() and len(text) > 14:
+        ticks = int(text)
+        return ticks / 10_000_000 - 11_644_473_600 if ticks else None
+    if text.endswith("Z") and len(text) >= 15:
+        main, _, fraction = text[:-1].partition(".")
+        try:
+            moment = datetime.strptime(main[:14], "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
+        return moment.timestamp() + (float("0." + fraction) if fraction.isdigit() else 0.0)
+    return None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def looks_like_dn(name: str) -> bool:
+    if "=" not in name:
+        return False
+    try:
+        return len(DistinguishedName(name).split()) > 0
+    except Exception:
+        return False
+
+
+# -- connections ---------------------------------------------------------------
+
+
+def _endpoint(reactor: Any, config: DirectoryConfig, tls: Any) -> Any:
+    parts = urllib.parse.urlsplit(config.url)
+    host = parts.hostname or ""
+    port = parts.port or (636 if parts.scheme == "ldaps" else 389)
+    plain = endpoints.HostnameEndpoint(reactor, host, port, timeout=config.timeout)
+    if parts.scheme == "ldaps":
+        return endpoints.wrapClientTLS(tls, plain)
+    return plain
+
+
+def tls_options(config: DirectoryConfig, ca_pem: bytes | None) -> Any:
+    host = urllib.parse.urlsplit(config.url).hostname or ""
+    trust = None
+    if ca_pem:
+        trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(pem) for pem in _split_pem(ca_pem)]
+        )
+    return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"BEGIN CERTIFICATE" in part]
+
+
+class _Connection:
+    """One persistent connection, kept up by a ClientService."""
+
+    def __init__(self, pool: _Pool, index: int) -> None:
+        self.pool = pool
+        self.service = ClientService(
+            pool.endpoint,
+            Factory.forProtocol(LDAPClient),
+            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=30.0),
+            clock=pool.reactor,
+            prepareConnection=self._prepare,
+        )
+        self.name = f"{pool.name}-{index}"
+
+    async def _prepare_async(self, client: LDAPClient) -> None:
+        if self.pool.start_tls:
+            response = await self.pool.timed(client.send(pureldap.LDAPStartTLSRequest()))
+            if response.resultCode != 0:
+                raise ldaperrors.get(response.resultCode, response.errorMessage)
+            client.transport.startTLS(self.pool.tls)
+        if self.pool.bind_dn is not None:
+            await self.pool.timed(client.bind(self.pool.bind_dn, self.pool.bind_password))
+        self.pool.up(self)
+
+    def _prepare(self, client: LDAPClient) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._prepare_async(client))
+
+        def failed(failure: Any) -> Any:
+            self.pool.down(self, failure.getErrorMessage())
+            client.transport.abortConnection()
+            return failure
+
+        return d.addErrback(failed)
+
+    async def client(self) -> LDAPClient:
+        try:
+            return await self.pool.timed(self.service.whenConnected(failAfterFailures=1))
+        except Exception as e:
+            self.pool.down(self, str(e) or type(e).__name__)
+            raise DirectoryUnavailable(f"{self.pool.name}: cannot connect") from None
+
+    def drop(self, client: LDAPClient) -> None:
+        if client.transport is not None:
+            client.transport.abortConnection()
+
+
+class _Pool:
+    """``size`` connections handed out one caller at a time."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        config: DirectoryConfig,
+        tls: Any,
+        size: int,
+        bind_dn: str | None,
+        bind_password: str,
+    ) -> None:
+        self.reactor = reactor
+        self.name = name
+        self.timeout = config.timeout
+        self.tls = tls
+        self.start_tls = config.start_tls and config.url.startswith("ldap://")
+        self.endpoint = _endpoint(reactor, config, tls)
+        self.bind_dn = bind_dn
+        self.bind_password = bind_password
+        self._idle: deque[_Connection] = deque()
+        self._waiting: deque[Deferred[_Connection]] = deque()
+        self._all = [_Connection(self, i) for i in range(size)]
+        self._idle.extend(self._all)
+        self.failing_since: float | None = None
+        self.last_error = ""
+
+    def timed(self, d: Deferred[Any]) -> Deferred[Any]:
+        return d.addTimeout(self.timeout, self.reactor)
+
+    def up(self, connection: _Connection) -> None:
+        if self.failing_since is not None:
+            log.info("{pool}: the directory answers again", pool=self.name)
+        self.failing_since = None
+
+    def down(self, connection: _Connection, error: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = self.reactor.seconds()
+            log.warn("{pool}: the directory is unreachable: {error}", pool=self.name, error=error)
+        self.last_error = error
+
+    def start(self) -> None:
+        for c in self._all:
+            c.service.startService()
+
+    async def stop(self) -> None:
+        await defer.gatherResults([c.service.stopService() for c in self._all])
+
+    async def acquire(self) -> _Connection:
+        if self.failing_since is not None and self.reactor.seconds() - self.failing_since > 1.0:
+            # Known to be down: fail now rather than wait out a backoff. Let one
+            # caller at a time probe it, so recovery is still noticed at once.
+            if not self._idle or self._waiting:
+                raise DirectoryUnavailable(f"{self.name}: {self.last_error}")
+        if self._idle:
+            return self._idle.popleft()
+        waiter: Deferred[_Connection] = Deferred()
+        self._waiting.append(waiter)
+        try:
+            return await self.timed(waiter)
+        except defer.TimeoutError:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+            raise DirectoryUnavailable(f"{self.name}: every connection is busy") from None
+
+    def release(self, connection: _Connection) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.called:
+                waiter.callback(connection)
+                return
+        self._idle.append(connection)
+
+
+# -- the directory ---------------------------------------------------------------
+
+
+class Directory:
+    """Resolves accounts and checks primary passwords against the directory."""
+
+    ATTRIBUTES_ALWAYS = ("objectClass",)
+
+    def __init__(
+        self, reactor: Any, config: DirectoryConfig, bind_password: str, ca_pem: bytes | None
+    ) -> None:
+        self.config = config
+        self._reactor = reactor
+        tls = tls_options(config, ca_pem)
+        size = config.pool_size
+        self._search = _Pool(
+            reactor, "directory-search", config, tls, size, config.bind_dn, bind_password
+        )
+        self._bind = _Pool(reactor, "directory-bind", config, tls, size, None, "")
+        self._groups = {
+            "mfa": normalise_dn(config.mfa_group) if config.mfa_group else None,
+            "modern": normalise_dn(config.modern_auth_only_group)
+            if config.modern_auth_only_group
+            else None,
+            "admin": normalise_dn(config.admin_group) if config.admin_group else None,
+        }
+        self._attributes = [
+            a
+            for a in (
+                config.username_attribute,
+                config.member_of_attribute,
+                config.password_changed_attribute,
+            )
+            if a
+        ]
+
+    @staticmethod
+    def read_bind_password(path: Path) -> str:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+    def start(self) -> None:
+        self._search.start()
+        self._bind.start()
+
+    async def stop(self) -> None:
+        await self._search.stop()
+        await self._bind.stop()
+
+    async def _run(self, pool: _Pool, operation: Any) -> Any:
+        """Run ``operation(client)`` on a connection of ``pool``."""
+        connection = await pool.acquire()
+        try:
+            client = await connection.client()
+            try:
+                return await pool.timed(Deferred.fromCoroutine(operation(client)))
+            except (defer.TimeoutError, defer.CancelledError):
+                connection.drop(client)
+                pool.down(connection, "timed out")
+                raise DirectoryUnavailable(f"{pool.name}: timed out") from None
+            except ldaperrors.LDAPException:
+                raise
+            except Exception as e:
+                connection.drop(client)
+                raise DirectoryUnavailable(f"{pool.name}: {type(e).__name__}") from None
+        finally:
+            pool.release(connection)
+
+    async def _search_entries(
+        self, client: LDAPClient, base: str, scope: int, filter_text: str, attributes: Iterable[str]
+    ) -> list[pureldap.LDAPSearchResultEntry]:
+        entries: list[pureldap.LDAPSearchResultEntry] = []
+        done: Deferred[None] = Deferred()
+
+        def handle(message: Any) -> bool:
+            if isinstance(message, pureldap.LDAPSearchResultEntry):
+                entries.append(message)
+                return False
+            if isinstance(message, pureldap.LDAPSearchResultDone):
+                code = message.resultCode
+                # noSuchObject (32): the base does not exist, i.e. no such user.
+                if code not in (0, 32):
+                    done.errback(ldaperrors.get(code, message.errorMessage))
+                else:
+                    done.callback(None)
+                return True
+            return False  # references: not followed
+
+        request = pureldap.LDAPSearchRequest(
+            baseObject=base,
+            scope=scope,
+            derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
+            sizeLimit=2,
+            timeLimit=max(1, int(self.config.timeout)),
+            typesOnly=False,
+            filter=parseFilter(filter_text),
+            attributes=list(attributes),
+        )
+        client.send_multiResponse(request, handle)
+        await done
+        return entries
+
+    async def resolve(self, username: str) -> Account | None:
+        """The account a client's user name stands for, or None if there is
+        no such user (or the name matches more than one). Raises
+        :class:`DirectoryUnavailable`."""
+        if self._under_user_base(username):
+            # A sign-in by full DN: that entry itself.
+            base, scope, user_filter = username, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)"
+        else:
+            base, scope = self.config.user_base, pureldap.LDAP_SCOPE_wholeSubtree
+            user_filter = self.config.user_filter.replace(
+                "{username}", escape_filter_value(username)
+            )
+
+        async def operation(client: LDAPClient) -> Account | None:
+            found = await self._search_entries(client, base, scope, user_filter, self._attributes)
+            if len(found) != 1:
+                return None
+            entry = found[0]
+            active = True
+            if self.config.active_filter:
+                still = await self._search_entries(
+                    client,
+                    _text(entry.objectName),
+                    pureldap.LDAP_SCOPE_baseObject,
+                    self.config.active_filter,
+                    ["1.1"],
+                )
+                active = len(still) == 1
+            return self._account(entry, active)
+
+        try:
+            return await self._run(self._search, operation)
+        except ldaperrors.LDAPException as e:
+            log.warn("directory search failed: {error}", error=str(e))
+            raise DirectoryUnavailable("search failed") from None
+
+    def _under_user_base(self, name: str) -> bool:
+        if not looks_like_dn(name):
+            return False
+        return normalise_dn(name).endswith("," + normalise_dn(self.config.user_base))
+
+    def _account(self, entry: pureldap.LDAPSearchResultEntry, active: bool) -> Account | None:
+        dn = _text(entry.objectName)
+        values: dict[str, list[bytes]] = {}
+        for name, vals in entry.attributes:
+            values[_text(name).lower()] = [v if isinstance(v, bytes) else str(v).encode() for v in vals]
+
+        def first(attribute: str | None) -> bytes | None:
+            if not attribute:
+                return None
+            found = values.get(attribute.lower())
+            return found[0] if found else None
+
+        username = first(self.config.username_attribute)
+        if username is None:
+            log.warn("{dn} has no {attribute}", dn=dn, attribute=self.config.username_attribute)
+            return None
+        groups = frozenset(
+            normalise_dn(v.decode("utf-8", "replace"))
+            for v in values.get(self.config.member_of_attribute.lower(), [])
+        )
+        changed = first(self.config.password_changed_attribute)
+        return Account(
+            dn=dn,
+            username=canonical_username(username.decode("utf-8", "replace")),
+            active=active,
+            groups=groups,
+            mfa_enforced=self._groups["mfa"] in groups,
+            modern_auth_only=self._groups["modern"] in groups,
+            admin=self._groups["admin"] in groups,
+            password_changed_at=parse_password_changed(changed) if changed else None,
+        )
+
+    async def check_password(self, dn: str, password: str) -> bool:
+        """Bind as ``dn``. True: accepted; False: refused. Raises
+        :class:`DirectoryUnavailable`. Never call it with an empty password:
+        that is an unauthenticated bind, which succeeds (RFC 4513 5.1.2)."""
+        if not password:
+            return False
+
+        async def operation(client: LDAPClient) -> bool:
+            try:
+                await client.bind(dn, password)
+            except ldaperrors.LDAPInvalidCredentials:
+                return False
+            except ldaperrors.LDAPException as e:
+                # 48 inappropriateAuthentication, 53 unwillingToPerform (for
+                # example an account locked by ppolicy): a refusal too.
+                if getattr(e, "resultCode", None) in (48, 50, 53):
+                    return False
+                raise
+            return True
+
+        try:
+            return await self._run(self._bind, operation)
+        except ldaperrors.LDAPException as e:
+            log.warn("directory bind failed: {error}", error=type(e).__name__)
+            raise DirectoryUnavailable("bind failed") from None

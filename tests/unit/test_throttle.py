@@ -1,0 +1,131 @@
+"""Throttling rules, driven by a task.Clock."""
+
+import ipaddress
+
+import pytest
+from twisted.internet.task import Clock
+
+from proxy.auth.throttle import Throttle
+from proxy.config import ThrottleConfig
+
+HOME = "192.0.2.10"
+ATTACKER = "198.51.100.66"
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def throttle(clock):
+    return Throttle(ThrottleConfig(), clock.seconds)
+
+
+def fail_distinct(throttle, n, source=ATTACKER, account="alice", prefix="guess"):
+    return [throttle.failed(account, source, f"{prefix}{i}") for i in range(n)]
+
+
+def test_ten_distinct_wrong_secrets_lock_for_a_minute(throttle, clock):
+    assert fail_distinct(throttle, 9) == [False] * 9
+    assert throttle.locked("alice", ATTACKER) == 0
+    assert throttle.failed("alice", ATTACKER, "guess9") is True
+    assert throttle.locked("alice", ATTACKER) == 60
+    clock.advance(59)
+    assert throttle.locked("alice", ATTACKER) == 1
+    clock.advance(1)
+    assert throttle.locked("alice", ATTACKER) == 0
+
+
+def test_lockouts_double_on_repeat_up_to_fifteen_minutes(throttle, clock):
+    lengths = []
+    for round in range(7):
+        fail_distinct(throttle, 10, prefix=f"r{round}-")
+        lengths.append(throttle.locked("alice", ATTACKER))
+        clock.advance(lengths[-1])
+    assert lengths == [60, 120, 240, 480, 900, 900, 900]
+
+
+def test_a_repeat_of_the_last_three_wrong_secrets_does_not_count(throttle):
+    for _ in range(50):
+        for stale in ("old-password", "older", "oldest"):
+            assert throttle.failed("alice", HOME, stale) is False
+    assert throttle.locked("alice", HOME) == 0
+    # They counted once each: seven new ones make the ten.
+    assert fail_distinct(throttle, 7, source=HOME) == [False] * 6 + [True]
+
+
+def test_failures_are_forgotten_after_the_window(throttle, clock):
+    fail_distinct(throttle, 9)
+    clock.advance(901)
+    assert throttle.failed("alice", ATTACKER, "late") is False
+    assert throttle.locked("alice", ATTACKER) == 0
+
+
+def test_an_attacker_elsewhere_cannot_lock_the_owner_out_of_a_familiar_place(throttle):
+    throttle.succeeded("alice", HOME)
+    fail_distinct(throttle, 10, source=ATTACKER)
+    assert throttle.locked("alice", ATTACKER) == 60
+    assert throttle.locked("alice", HOME) == 0
+    # Another unfamiliar place shares the attacker's counter, and is locked too.
+    assert throttle.locked("alice", "203.0.113.5") == 60
+    # Failures from home count on their own.
+    fail_distinct(throttle, 10, source=HOME, prefix="home")
+    assert throttle.locked("alice", HOME) == 60
+
+
+def test_success_clears_the_familiar_counter(throttle):
+    throttle.succeeded("alice", HOME)
+    fail_distinct(throttle, 9, source=HOME)
+    throttle.succeeded("alice", HOME)
+    assert throttle.failed("alice", HOME, "x") is False
+    assert throttle.locked("alice", HOME) == 0
+
+
+def test_accounts_are_counted_apart(throttle):
+    fail_distinct(throttle, 10, account="alice")
+    assert throttle.locked("alice", ATTACKER) == 60
+    assert throttle.locked("bob", ATTACKER) == 0
+
+
+def test_source_delays_double_from_two_seconds_to_fifteen(throttle, clock):
+    delays = [throttle.failure_delay(ATTACKER) for _ in range(6)]
+    assert delays == [2, 4, 8, 15, 15, 15]
+    assert throttle.failure_delay("203.0.113.9") == 2
+    clock.advance(901)
+    assert throttle.failure_delay(ATTACKER) == 2
+
+
+def test_ipv6_sources_are_counted_per_48(throttle):
+    assert throttle.failure_delay("2001:db8:1:1::1") == 2
+    assert throttle.failure_delay("2001:db8:1:ffff::2") == 4
+    assert throttle.failure_delay("2001:db8:2::1") == 2
+    assert throttle.failure_delay("::ffff:192.0.2.1") == 2
+    assert throttle.failure_delay("192.0.2.1") == 4
+
+
+def test_trusted_networks_are_exempt(clock):
+    config = ThrottleConfig(trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    throttle = Throttle(config, clock.seconds)
+    assert [throttle.failure_delay("10.1.2.3") for _ in range(3)] == [0, 0, 0]
+    assert fail_distinct(throttle, 20, source="10.1.2.3") == [False] * 20
+    assert throttle.locked("alice", "10.1.2.3") == 0
+
+
+def test_thresholds_are_configurable(clock):
+    config = ThrottleConfig(account_failures=3, lockout=5, lockout_max=7, source_delay=0.5,
+                            source_delay_max=1, ignore_repeats=0)
+    throttle = Throttle(config, clock.seconds)
+    assert throttle.failed("a", ATTACKER, "x") is False
+    assert throttle.failed("a", ATTACKER, "x") is False  # repeats count as one distinct
+    assert throttle.failed("a", ATTACKER, "y") is False
+    assert throttle.failed("a", ATTACKER, "z") is True
+    assert throttle.locked("a", ATTACKER) == 5
+    assert [throttle.failure_delay(ATTACKER) for _ in range(3)] == [0.5, 1, 1]
+
+
+def test_digests_are_keyed_per_process(clock):
+    one = Throttle(ThrottleConfig(), clock.seconds)
+    two = Throttle(ThrottleConfig(), clock.seconds)
+    assert one.digest("alice", "secret") != two.digest("alice", "secret")
+    assert b"secret" not in one.digest("alice", "secret")
