@@ -121,7 +121,7 @@ class Context:
 
     def admin(self) -> Admin:
         if self._admin is None:
-            from proxy.service import StartupError, open_state
+            from proxy.service import StartupError, hash_parameters, open_state
 
             try:
                 state = open_state(self.config)
@@ -129,7 +129,7 @@ class Context:
                 raise Failure(str(e), EX_CONFIG) from None
             self._admin = Admin(
                 store=state.store,
-                hasher=apppasswords.Hasher(_hash_parameters(self.config)),
+                hasher=apppasswords.Hasher(hash_parameters(self.config)),
                 pepper=state.pepper,
                 audit=AuditLog(self.config.audit.file, time.time),
                 policy=self.config.policy,
@@ -142,11 +142,6 @@ class Context:
         if self._admin is not None:
             self._admin.close()
             self._admin = None
-
-
-def _hash_parameters(config: configuration.Config) -> apppasswords.HashParameters:
-    h = config.hashing
-    return apppasswords.HashParameters(h.time_cost, h.memory_kib, h.parallelism)
 
 
 def _actor() -> str:

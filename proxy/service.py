@@ -18,6 +18,8 @@ from twisted.logger import Logger
 
 from proxy import apppasswords, config as configuration
 from proxy.audit import AuditLog
+from proxy.auth.authenticator import Authenticator
+from proxy.directory import Directory
 from proxy.store import StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Pool, Threaded
@@ -66,6 +68,32 @@ def open_state(config: configuration.Config) -> State:
     return State(store, pepper)
 
 
+def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, bytes | None]:
+    """The service account's password and the CA certificates; blocking."""
+    try:
+        password = Directory.read_bind_password(config.bind_password_file)
+    except OSError as e:
+        raise StartupError(
+            f"{config.bind_password_file}: directory.bind_password_file: cannot read: {e.strerror}"
+        ) from None
+    if not password:
+        raise StartupError(f"{config.bind_password_file}: directory.bind_password_file is empty")
+    ca = None
+    if config.ca_file is not None:
+        try:
+            ca = config.ca_file.read_bytes()
+        except OSError as e:
+            raise StartupError(f"{config.ca_file}: directory.ca_file: cannot read: {e.strerror}") from None
+        if b"BEGIN CERTIFICATE" not in ca:
+            raise StartupError(f"{config.ca_file}: directory.ca_file holds no PEM certificate")
+    return password, ca
+
+
+def hash_parameters(config: configuration.Config) -> apppasswords.HashParameters:
+    h = config.hashing
+    return apppasswords.HashParameters(h.time_cost, h.memory_kib, h.parallelism)
+
+
 def sd_notify(state: str) -> None:
     """Tell systemd how the service is (``READY=1``, ``RELOADING=1``, …), if it asked."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -95,6 +123,8 @@ class Daemon:
         self.audit = AuditLog(config.audit.file, reactor.seconds)
         self.store: Any = None
         self.pepper = b""
+        self.directory: Directory | None = None
+        self.authenticator: Authenticator | None = None
 
     async def start(self) -> None:
         for pool in (self.store_pool, self.audit_pool, self.hash_pool):
@@ -105,10 +135,41 @@ class Daemon:
         self._reactor.addSystemEventTrigger(
             "before", "shutdown", self.store_pool.submit, state.store.close
         )
+        if self.config.directory is not None:
+            await self._start_authentication(self.config.directory)
         self.record("daemon_started", config=str(self._config_path))
         log.info(
-            "legacy-auth-proxy started: store {store}, no front ends enabled yet",
+            "legacy-auth-proxy started: store {store}, directory {directory}",
             store=str(self.config.store.path),
+            directory=self.config.directory.url if self.config.directory else "none",
+        )
+
+    async def _start_authentication(self, config: configuration.DirectoryConfig) -> None:
+        password, ca = await self.store_pool.submit(read_directory_secrets, config)
+        self.directory = Directory(self._reactor, config, password, ca)
+        self.directory.start()
+        self.authenticator = Authenticator(
+            clock=self._reactor,
+            policy=self.config.policy,
+            throttle=self.config.throttle,
+            cache=self.config.cache,
+            directory_config=config,
+            directory=self.directory,
+            store=self.store,
+            hash_pool=self.hash_pool,
+            hasher=apppasswords.Hasher(hash_parameters(self.config)),
+            pepper=self.pepper,
+            record=self.record,
+        )
+        await self.authenticator.start()
+        authenticator, directory = self.authenticator, self.directory
+
+        async def stop() -> None:
+            await authenticator.stop()
+            await directory.stop()
+
+        self._reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: Deferred.fromCoroutine(stop())
         )
 
     def record(self, event: str, **fields: Any) -> None:
@@ -128,14 +189,17 @@ class Daemon:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             sd_notify("READY=1")
             return
-        unchanged = [s for s in ("store", "hashing") if getattr(new, s) != getattr(self.config, s)]
+        fixed = ("store", "hashing", "directory", "throttle", "cache")
+        unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(
                 "settings of {sections} take effect at the next restart",
                 sections=", ".join(unchanged),
             )
-            new = attrs.evolve(new, store=self.config.store, hashing=self.config.hashing)
+            new = attrs.evolve(new, **{s: getattr(self.config, s) for s in fixed})
         self.config = new
+        if self.authenticator is not None:
+            self.authenticator.policy = new.policy
         await self.audit_pool.submit(self.audit.reopen)
         self.audit.path = new.audit.file
         self.record("config_reloaded", config=str(self._config_path))

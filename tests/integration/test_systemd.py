@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import require_tool
@@ -13,7 +14,8 @@ def test_the_unit_verifies(tmp_path):
     analyze = require_tool("systemd-analyze")
     # verify checks that ExecStart's program exists: point it at the one this
     # test run installed, keeping everything else as shipped.
-    program = shutil.which("legacy-auth-proxy")
+    beside = Path(sys.executable).parent / "legacy-auth-proxy"
+    program = shutil.which("legacy-auth-proxy") or (str(beside) if beside.exists() else None)
     assert program, "the package's console script is not installed"
     text = (ROOT / "systemd" / "legacy-auth-proxy.service").read_text()
     assert text.count("/usr/bin/legacy-auth-proxy") == 2

@@ -1,0 +1,37 @@
+"""Fixtures that start real servers for the integration tests."""
+
+import itertools
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.slapd import Slapd
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory):
+    """One real OpenLDAP slapd for the whole session (see tests/slapd.py).
+    Tests share it: they create their own users with names from `unique`
+    and must leave slapd running (a test that stops it starts it again)."""
+    slapd_bin = require_tool("slapd")
+    require_tool("ldapadd")
+    server = Slapd(tmp_path_factory.mktemp("slapd"), slapd_bin=slapd_bin)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _unique_counter():
+    return itertools.count(1)
+
+
+@pytest.fixture
+def unique(_unique_counter):
+    """A factory of names never handed out before in this session:
+    unique() -> "u0001", unique("svc") -> "svc0002", ..."""
+
+    def make(prefix: str = "u") -> str:
+        return f"{prefix}{next(_unique_counter):04d}"
+
+    return make
