@@ -65,10 +65,14 @@ class Account:
 
 
 def escape_filter_value(value: str) -> str:
-    """RFC 4515 section 3: escape the characters that would change a filter."""
+    """RFC 4515 section 3: escape what would change a filter.
+
+    Beyond the required ``\\ * ( )`` and NUL, every ASCII character other
+    than letters, digits and ``-._@+`` is escaped too: spaces and tabs would
+    otherwise be trimmed or expanded by the filter parser."""
     out = []
     for ch in value:
-        if ch in "\\*()\x00":
+        if ch.isascii() and not (ch.isalnum() or ch in "-._@+"):
             out.append("\\%02x" % ord(ch))
         else:
             out.append(ch)
@@ -141,15 +145,41 @@ def _split_pem(data: bytes) -> list[bytes]:
     return [part + marker for part in data.split(marker) if b"BEGIN CERTIFICATE" in part]
 
 
+class _Client(LDAPClient):
+    """ldaptor's client, telling its owner when the connection is gone."""
+
+    on_lost: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class _ClientFactory(Factory):
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
+
+    def buildProtocol(self, addr: Any) -> _Client:
+        client = _Client()
+        client.factory = self
+        client.on_lost = self.connection.lost
+        self.connection._latest = client
+        return client
+
+
 class _Connection:
     """One persistent connection, kept up by a ClientService."""
 
     def __init__(self, pool: _Pool, index: int) -> None:
         self.pool = pool
+        self.current: _Client | None = None
+        self._latest: _Client | None = None
         self.service = ClientService(
             pool.endpoint,
-            Factory.forProtocol(LDAPClient),
-            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=30.0),
+            _ClientFactory(self),
+            # A directory that comes back is noticed within maxDelay.
+            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0),
             clock=pool.reactor,
             prepareConnection=self._prepare,
         )
@@ -163,7 +193,14 @@ class _Connection:
             client.transport.startTLS(self.pool.tls)
         if self.pool.bind_dn is not None:
             await self.pool.timed(client.bind(self.pool.bind_dn, self.pool.bind_password))
+        # ClientService hands prepareConnection a proxy of the protocol; keep
+        # the protocol itself, which is what reports its loss.
+        self.current = self._latest
         self.pool.up(self)
+
+    def lost(self, client: _Client) -> None:
+        if self.current is client:
+            self.current = None
 
     def _prepare(self, client: LDAPClient) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._prepare_async(client))
@@ -176,6 +213,10 @@ class _Connection:
         return d.addErrback(failed)
 
     async def client(self) -> LDAPClient:
+        if self.current is None and self.pool.failing_since is not None:
+            # Known to be down: answer now rather than wait out the backoff;
+            # the service keeps retrying and notices the directory's return.
+            raise DirectoryUnavailable(f"{self.pool.name}: {self.pool.last_error}")
         try:
             return await self.pool.timed(self.service.whenConnected(failAfterFailures=1))
         except Exception as e:
@@ -237,11 +278,6 @@ class _Pool:
         await defer.gatherResults([c.service.stopService() for c in self._all])
 
     async def acquire(self) -> _Connection:
-        if self.failing_since is not None and self.reactor.seconds() - self.failing_since > 1.0:
-            # Known to be down: fail now rather than wait out a backoff. Let one
-            # caller at a time probe it, so recovery is still noticed at once.
-            if not self._idle or self._waiting:
-                raise DirectoryUnavailable(f"{self.name}: {self.last_error}")
         if self._idle:
             return self._idle.popleft()
         waiter: Deferred[_Connection] = Deferred()
@@ -359,7 +395,14 @@ class Directory:
             filter=parseFilter(filter_text),
             attributes=list(attributes),
         )
-        client.send_multiResponse(request, handle)
+        sent = client.send_multiResponse(request, handle)
+
+        def lost(failure: Any) -> None:
+            # The connection went away mid-search: ldaptor fails the request.
+            if not done.called:
+                done.errback(failure)
+
+        sent.addErrback(lost)
         await done
         return entries
 

@@ -9,6 +9,7 @@ bound, and answers that do not tell accounts apart.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -581,3 +582,20 @@ async def test_every_decision_is_audited_without_the_secret(env, slapd, unique):
     text = json.dumps(env.events)
     for secret in (created.secret, apppasswords.display(created.secret), "wrong-one", PRIMARY):
         assert secret not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_primary_checks_rebind_pooled_connections(env, slapd, unique):
+    """Ten password checks bind on at most pool_size connections: re-bound,
+    not reopened."""
+    auth = await env.make(pool_size=2)
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    for i in range(10):
+        secret = PRIMARY if i % 2 else f"wrong-{i}"
+        await auth.authenticate(attempt(uid, secret, realm="on-premises",
+                                        address=f"192.0.2.{i + 1}"))
+    pattern = rf'conn=(\d+) op=\d+ BIND dn="{re.escape(dn)}" method=128'
+    binds = re.findall(pattern, slapd.log_text(), re.I)
+    assert len(binds) == 10
+    assert len(set(binds)) <= 2
