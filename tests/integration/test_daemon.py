@@ -128,3 +128,38 @@ def test_the_demo_sets_itself_up_in_a_local_folder_and_serves(tmp_path):
         [sys.executable, "-m", "proxy", "--config", str(folder / "config.yaml"), "app-password",
          "list", "demo@example.test", "--json"], capture_output=True, text=True, timeout=60)
     assert [a["name"] for a in json.loads(listing.stdout)] == ["demo device"]
+
+
+def directory_config(slapd, workdir, password=None):
+    secret = workdir / "directory-password"
+    secret.write_text((password or slapd.service_password) + "\n")
+    secret.chmod(0o600)
+    return (
+        "directory:\n"
+        f"  url: {slapd.url}\n"
+        f"  ca_file: {slapd.ca_file}\n"
+        f"  bind_dn: {slapd.service_dn}\n"
+        f"  bind_password_file: {secret}\n"
+        f"  user_base: {slapd.people_dn}\n"
+    )
+
+
+def test_serve_starts_with_a_directory(workdir, slapd):
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text() + directory_config(slapd, workdir))
+    daemon = Daemon(["--config", str(config), "serve"], cwd=workdir)
+    try:
+        line = daemon.wait_for("legacy-auth-proxy started")
+        assert f"directory {slapd.url}" in line
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_serve_refuses_an_unreadable_directory_password(workdir, slapd):
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text() + directory_config(slapd, workdir))
+    (workdir / "directory-password").unlink()
+    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "serve"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78
+    assert "directory.bind_password_file: cannot read" in done.stderr
