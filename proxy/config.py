@@ -177,6 +177,37 @@ class ListOf:
         )
 
 
+@attrs.frozen
+class Choice:
+    values: tuple[str, ...]
+
+    @property
+    def doc(self) -> str:
+        return "one of " + ", ".join(self.values)
+
+    def __call__(self, ctx: _Context) -> str:
+        value = _scalar(ctx, (_STR,), self.doc)
+        if value not in self.values:
+            raise ctx.error(f"expected {self.doc}, got {value!r}")
+        return value
+
+
+class Endpoint:
+    """A Twisted server endpoint string; TLS is the listener's own ``tls`` setting."""
+
+    doc = (
+        "a server endpoint: tcp:PORT[:interface=ADDRESS], tcp6:..., unix:PATH, "
+        "or systemd:domain=INET:index=N"
+    )
+    KINDS = ("tcp", "tcp6", "unix", "systemd")
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        if text.split(":", 1)[0] not in self.KINDS or ":" not in text:
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
 class Network:
     doc = "a network in CIDR form (192.0.2.0/24, 2001:db8::/32) or an address"
 
@@ -537,6 +568,62 @@ class CacheConfig:
 
 
 @attrs.frozen
+class ListenerConfig:
+    """One service legacy clients connect to."""
+
+    protocol: str = _required(Choice(("ldap", "imap", "smtp")), "what the listener speaks")
+    realm: str = _required(
+        Choice(("cloud", "on-premises")),
+        "cloud: app passwords (and primary passwords of users not required to use MFA); "
+        "on-premises: primary passwords only",
+    )
+    endpoint: str = _required(Endpoint(), "where to listen: tcp:636:interface=192.0.2.1")
+    name: str | None = _field(None, Optional(Str()), "a name for logs; default: protocol and endpoint")
+    tls: str = _field(
+        "starttls",
+        Choice(("starttls", "implicit", "none")),
+        "starttls: plain connections upgraded on request (LDAP's StartTLS, IMAP's and SMTP's "
+        "STARTTLS); implicit: TLS from the first byte (LDAPS, IMAPS, submissions); none",
+    )
+    certificate: Path | None = _field(
+        None, Optional(FilePath()), "the certificate chain (PEM), leaf first; re-read on SIGHUP"
+    )
+    private_key: Path | None = _field(
+        None, Optional(FilePath()), "the certificate's private key (PEM); re-read on SIGHUP"
+    )
+    allow_plaintext_auth: bool = _field(
+        False, Bool(), "accept sign-ins on connections that are not encrypted"
+    )
+    allow_anonymous: bool = _field(
+        False, Bool(), "LDAP: accept anonymous binds (relayed to the directory as anonymous)"
+    )
+    login_timeout: float = _field(
+        60.0, Duration(high=3600), "close connections that have not signed in after this long idle"
+    )
+    idle_timeout: float = _field(
+        1800.0, Duration(), "close signed-in connections idle this long in both directions"
+    )
+    max_connections_per_source: int = _field(
+        100, Int(1, 1_000_000), "connections one client address may hold at once"
+    )
+    max_message_size_before_bind: int = _field(
+        262144, Int(1024, 1 << 30), "LDAP: the largest message in bytes before a bind succeeds"
+    )
+    max_message_size: int = _field(
+        4194304, Int(1024, 1 << 30), "LDAP: the largest message in bytes after a bind"
+    )
+    max_ber_depth: int = _field(32, Int(4, 1000), "LDAP: the deepest nesting of a message")
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls != "none" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"tls: {self.tls} needs certificate and private_key")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.protocol} {self.endpoint}"
+
+
+@attrs.frozen
 class AuditConfig:
     """The audit log: one JSON object a line, never a secret."""
 
@@ -559,6 +646,13 @@ class Config:
     directory: DirectoryConfig | None = _optional_section(DirectoryConfig)
     throttle: ThrottleConfig = _section(ThrottleConfig)
     cache: CacheConfig = _section(CacheConfig)
+    listeners: tuple[ListenerConfig, ...] = attrs.field(
+        default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.listeners and self.directory is None:
+            raise ValueError("listeners need a directory section")
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
@@ -571,7 +665,9 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
         parse = f.metadata["parse"]
         if isinstance(parse, Optional) and isinstance(parse.inner, Section):
             parse = parse.inner
-        if isinstance(parse, Section):
+        if isinstance(parse, ListOf) and isinstance(parse.inner, Section):
+            keys.extend(schema_keys(parse.inner.cls, name + "[]."))
+        elif isinstance(parse, Section):
             keys.extend(schema_keys(parse.cls, name + "."))
         else:
             keys.append((name, f))

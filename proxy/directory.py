@@ -32,13 +32,14 @@ from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from ldaptor.ldapfilter import parseFilter
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from proxy.apppasswords import canonical_username
 from proxy.config import DirectoryConfig
+from proxy.tls import client_options
 
 log = Logger(namespace="legacy_auth_proxy.directory")
 
@@ -120,7 +121,8 @@ def looks_like_dn(name: str) -> bool:
 # -- connections ---------------------------------------------------------------
 
 
-def _endpoint(reactor: Any, config: DirectoryConfig, tls: Any) -> Any:
+def client_endpoint(reactor: Any, config: DirectoryConfig, tls: Any) -> Any:
+    """Where the directory is: TCP, wrapped in TLS for ldaps://."""
     parts = urllib.parse.urlsplit(config.url)
     host = parts.hostname or ""
     port = parts.port or (636 if parts.scheme == "ldaps" else 389)
@@ -131,18 +133,7 @@ def _endpoint(reactor: Any, config: DirectoryConfig, tls: Any) -> Any:
 
 
 def tls_options(config: DirectoryConfig, ca_pem: bytes | None) -> Any:
-    host = urllib.parse.urlsplit(config.url).hostname or ""
-    trust = None
-    if ca_pem:
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem) for pem in _split_pem(ca_pem)]
-        )
-    return ssl.optionsForClientTLS(host, trustRoot=trust)
-
-
-def _split_pem(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [part + marker for part in data.split(marker) if b"BEGIN CERTIFICATE" in part]
+    return client_options(urllib.parse.urlsplit(config.url).hostname or "", ca_pem)
 
 
 class _Client(LDAPClient):
@@ -246,7 +237,7 @@ class _Pool:
         self.timeout = config.timeout
         self.tls = tls
         self.start_tls = config.start_tls and config.url.startswith("ldap://")
-        self.endpoint = _endpoint(reactor, config, tls)
+        self.endpoint = client_endpoint(reactor, config, tls)
         self.bind_dn = bind_dn
         self.bind_password = bind_password
         self._idle: deque[_Connection] = deque()

@@ -19,7 +19,10 @@ from twisted.logger import Logger
 from proxy import apppasswords, config as configuration
 from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
-from proxy.directory import Directory
+from proxy.directory import Directory, client_endpoint, tls_options
+from proxy.frontends.ldap import LDAPListener, Upstream
+from proxy.sessions import Sessions
+from proxy.tls import ServerTLS, TLSFilesError
 from proxy.store import StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Pool, Threaded
@@ -123,11 +126,15 @@ class Daemon:
         self.audit = AuditLog(config.audit.file, reactor.seconds)
         self.store: Any = None
         self.pepper = b""
+        self.files_pool = Pool(reactor, "files", threads=1, queue=1000)
         self.directory: Directory | None = None
         self.authenticator: Authenticator | None = None
+        self.sessions: Sessions | None = None
+        self._upstream: Upstream | None = None
+        self.listeners: list[tuple[configuration.ListenerConfig, Any, ServerTLS | None]] = []
 
     async def start(self) -> None:
-        for pool in (self.store_pool, self.audit_pool, self.hash_pool):
+        for pool in (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool):
             pool.start()
         state = await self.store_pool.submit(open_state, self.config)
         self.store = Threaded(state.store, self.store_pool)
@@ -137,6 +144,8 @@ class Daemon:
         )
         if self.config.directory is not None:
             await self._start_authentication(self.config.directory)
+            for listener in self.config.listeners:
+                await self._listen(listener)
         self.record("daemon_started", config=str(self._config_path))
         log.info(
             "legacy-auth-proxy started: store {store}, directory {directory}",
@@ -162,15 +171,60 @@ class Daemon:
             record=self.record,
         )
         await self.authenticator.start()
-        authenticator, directory = self.authenticator, self.directory
+        self.sessions = Sessions(self._reactor, self.directory, config.account_cache)
+        self.authenticator.on_revoked(self.sessions.revoked)
+        self.sessions.start()
+        self._upstream = Upstream(
+            reactor=self._reactor,
+            config=config,
+            endpoint=client_endpoint(self._reactor, config, tls_options(config, ca)),
+            start_tls=tls_options(config, ca)
+            if config.start_tls and config.url.startswith("ldap://")
+            else None,
+            service_password=password,
+        )
+        authenticator, directory, sessions = self.authenticator, self.directory, self.sessions
 
         async def stop() -> None:
+            sessions.stop()
             await authenticator.stop()
             await directory.stop()
 
         self._reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: Deferred.fromCoroutine(stop())
         )
+
+    async def _listen(self, config: configuration.ListenerConfig) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        tls = None
+        if config.tls != "none":
+            assert config.certificate is not None and config.private_key is not None
+            try:
+                tls = await self.files_pool.submit(ServerTLS, config.certificate, config.private_key)
+            except TLSFilesError as e:
+                raise StartupError(f"listener {config.label}: {e}") from None
+        if config.protocol != "ldap":
+            raise StartupError(f"listener {config.label}: {config.protocol} is not available yet")
+        factory: Any = LDAPListener(
+            reactor=self._reactor,
+            config=config,
+            authenticator=self.authenticator,
+            sessions=self.sessions,
+            upstream=self._upstream,
+            tls=tls,
+        )
+        if config.tls == "implicit":
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        try:
+            port = await serverFromString(self._reactor, config.endpoint).listen(factory)
+        except Exception as e:
+            raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
+        self.listeners.append((config, port, tls))
+        self._reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+        log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
+                 protocol=config.protocol, realm=config.realm, tls=config.tls)
 
     def record(self, event: str, **fields: Any) -> None:
         """One audit event: to the Twisted log now, to the file on the audit pool."""
@@ -189,7 +243,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             sd_notify("READY=1")
             return
-        fixed = ("store", "hashing", "directory", "throttle", "cache")
+        fixed = ("store", "hashing", "directory", "throttle", "cache", "listeners")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(
@@ -201,6 +255,13 @@ class Daemon:
         if self.authenticator is not None:
             self.authenticator.policy = new.policy
         await self.audit_pool.submit(self.audit.reopen)
+        for listener, _, tls in self.listeners:
+            if tls is not None:
+                try:
+                    await self.files_pool.submit(tls.reload)
+                except TLSFilesError as e:
+                    log.error("listener {label}: keeping the old certificate: {error}",
+                              label=listener.label, error=str(e))
         self.audit.path = new.audit.file
         self.record("config_reloaded", config=str(self._config_path))
         log.info("config reloaded from {path}", path=str(self._config_path))

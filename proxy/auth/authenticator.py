@@ -144,7 +144,7 @@ class Authenticator:
         self._seq = 0
         self._feed = LoopingCall(self.poll_changes)
         self._feed.clock = clock
-        self._listeners: list[Callable[[str, str | None], None]] = []
+        self._listeners: list[Callable[[str, str | None, str], None]] = []
         self.argon2_runs = 0
 
     # -- lifecycle ---------------------------------------------------------------
@@ -159,10 +159,12 @@ class Authenticator:
             self._feed.stop()
         await self.usage.stop()
 
-    def on_revoked(self, listener: Callable[[str, str | None], None]) -> None:
-        """Call ``listener(username, app_password_id or None)`` when app
-        passwords stop being valid (None: all of the user's, or the user's
-        state changed): front ends close the sessions opened with them."""
+    def on_revoked(self, listener: Callable[[str, str | None, str], None]) -> None:
+        """Call ``listener(username, app_password_id or None, kind)`` when
+        what a session was opened with stops being valid. ``kind`` is
+        ``deleted`` (one app password), ``revoked_all``, ``password_change``
+        (the user's app passwords), ``state_changed`` or ``account_inactive``
+        (the user). :class:`proxy.sessions.Sessions` closes the sessions."""
         self._listeners.append(listener)
 
     # -- changes made elsewhere --------------------------------------------------
@@ -180,11 +182,11 @@ class Authenticator:
 
     def apply(self, change: Change) -> None:
         if change.kind == "deleted" and change.app_password_id:
-            self._revoked(change.username, change.app_password_id)
+            self._revoked(change.username, change.app_password_id, change.kind)
         else:
-            self._revoked(change.username, None)
+            self._revoked(change.username, None, change.kind)
 
-    def _revoked(self, username: str, id: str | None) -> None:
+    def _revoked(self, username: str, id: str | None, kind: str) -> None:
         if id is not None:
             self._app_cache.drop_tag(id)
             self.usage.forget(id)
@@ -193,7 +195,7 @@ class Authenticator:
             self._primary_cache.drop_user(username)
         for listener in self._listeners:
             try:
-                listener(username, id)
+                listener(username, id, kind)
             except Exception:
                 log.failure("a revocation listener failed")
 
@@ -243,7 +245,7 @@ class Authenticator:
             self.throttle.failed(key, attempt.client_address, attempt.secret)
             return Decision(Reason.UNKNOWN_USER, typed)
         if not account.active:
-            self._revoked(account.username, None)
+            self._revoked(account.username, None, "account_inactive")
             return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
         if account.modern_auth_only:
             return Decision(Reason.LEGACY_BLOCKED, account.username, account)
@@ -357,7 +359,7 @@ class Authenticator:
             account.username, changed, self._clock.seconds()
         )
         for record in deleted:
-            self._revoked(account.username, record.id)
+            self._revoked(account.username, record.id, "password_change")
         if deleted:
             self._record(
                 "app_passwords_revoked",

@@ -290,7 +290,7 @@ async def test_a_cached_app_password_costs_no_argon2_until_it_is_deleted(env, sl
     hasher = CountingHasher(FAST)
     auth = await env.make(hasher=hasher)
     revoked = []
-    auth.on_revoked(lambda user, id: revoked.append((user, id)))
+    auth.on_revoked(lambda user, id, kind: revoked.append((user, id, kind)))
     for _ in range(5):
         assert (await auth.authenticate(attempt(uid, created.secret))).accepted
     assert hasher.verifies == 1
@@ -298,7 +298,7 @@ async def test_a_cached_app_password_costs_no_argon2_until_it_is_deleted(env, sl
     # the daemon follows the change feed.
     env.admin.delete(uid, "phone")
     await sleep(0.3)
-    assert revoked == [(uid, created.record.id)]
+    assert revoked == [(uid, created.record.id, "deleted")]
     decision = await auth.authenticate(attempt(uid, created.secret))
     assert decision.reason is Reason.MFA_REQUIRED
     assert hasher.verifies == 1

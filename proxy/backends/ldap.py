@@ -1,0 +1,112 @@
+"""A session's own connection to the upstream directory.
+
+After a client's bind is accepted, its session gets a connection of its own
+to the directory: upgraded with StartTLS if the directory is configured so,
+bound as the user (primary password) or as the service account (app
+password), then relayed message by message. Messages are framed (header
+only, never decoded) so that the proxy can write its own at message
+boundaries, such as a notice of disconnection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from proxy.frontends import ber
+
+log = Logger(namespace="legacy_auth_proxy.backends.ldap")
+
+# Messages from the directory may be large (an entry with many values); the
+# limit only guards against a broken peer.
+MAX_UPSTREAM_MESSAGE = 64 * 1024 * 1024
+
+
+class UpstreamRefused(Exception):
+    """The directory refused the session's bind."""
+
+
+class UpstreamLDAP(Protocol):
+    """Set-up dialogue first (StartTLS, bind), then frames go to ``on_frame``."""
+
+    def __init__(self) -> None:
+        self._framer = ber.Framer(MAX_UPSTREAM_MESSAGE, max_depth=64)
+        self._waiting: Deferred[bytes] | None = None
+        self.on_frame: Callable[[bytes], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.lost = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self._framer.feed(data)
+        except ber.BERError as e:
+            log.warn("the directory sent a malformed message: {error}", error=str(e))
+            self.transport.abortConnection()
+            return
+        for frame in frames:
+            if self.on_frame is not None:
+                self.on_frame(frame)
+            elif self._waiting is not None:
+                waiting, self._waiting = self._waiting, None
+                waiting.callback(frame)
+            elif ber.parse_message(frame).id != 0:
+                log.warn("an unexpected message from the directory")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(ConnectionError("the directory closed the connection"))
+        if self.on_lost is not None:
+            self.on_lost()
+        self.lost.callback(None)
+
+    async def request(self, frame: bytes) -> ber.Message:
+        self._waiting = Deferred()
+        self.transport.write(frame)
+        return ber.parse_message(await self._waiting)
+
+    def send(self, frame: bytes) -> None:
+        self.transport.write(frame)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+async def open_upstream(
+    reactor: Any,
+    endpoint: Any,
+    start_tls: Any | None,
+    bind_dn: str | None,
+    password: str,
+    timeout: float,
+) -> UpstreamLDAP:
+    """Connect, upgrade and bind; an UpstreamLDAP ready to relay. Raises
+    UpstreamRefused if the bind is refused, other errors if the directory
+    cannot be reached in ``timeout`` seconds."""
+    protocol = UpstreamLDAP()
+    connected = connectProtocol(endpoint, protocol)
+    connected.addTimeout(timeout, reactor)
+    await connected
+    try:
+        if start_tls is not None:
+            answer = protocol.request(ber.extended_request(1, ber.START_TLS))
+            response = await Deferred.fromCoroutine(answer).addTimeout(timeout, reactor)
+            if ber.parse_result_code(response) != ber.SUCCESS:
+                raise ConnectionError("the directory refused StartTLS")
+            protocol.transport.startTLS(start_tls)
+        if bind_dn is not None:
+            answer = protocol.request(ber.bind_request(2, bind_dn, password))
+            response = await Deferred.fromCoroutine(answer).addTimeout(timeout, reactor)
+            code = ber.parse_result_code(response)
+            if code != ber.SUCCESS:
+                raise UpstreamRefused(f"the directory answered the bind with {code}")
+    except BaseException:
+        protocol.transport.abortConnection()
+        raise
+    return protocol

@@ -1,0 +1,332 @@
+"""A small BER codec for the LDAP front end: framing, limits, and the few
+messages the proxy reads or writes itself. No I/O.
+
+Written by hand rather than with ldaptor's decoder for two reasons:
+
+- limits come first. ldaptor buffers until a message is complete and
+  decodes it recursively, so a length header of 4 GiB grows memory and a
+  deeply nested message exhausts the stack. Here the length is checked from
+  the header, before any of the body is kept, and the nesting is measured
+  without recursion;
+- most messages are not decoded at all. After a bind, requests and answers
+  are relayed as bytes; only the message id and the operation's tag are
+  read. Binds, extended requests and the answers the proxy gives are the
+  only messages it builds or takes apart, and they are small.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# Operation tags (RFC 4511), [APPLICATION n], constructed unless noted.
+BIND_REQUEST = 0x60
+BIND_RESPONSE = 0x61
+UNBIND_REQUEST = 0x42  # primitive
+SEARCH_REQUEST = 0x63
+SEARCH_RESULT_DONE = 0x65
+MODIFY_REQUEST = 0x66
+ADD_REQUEST = 0x68
+DEL_REQUEST = 0x4A  # primitive
+MODIFY_DN_REQUEST = 0x6C
+COMPARE_REQUEST = 0x6E
+ABANDON_REQUEST = 0x50  # primitive
+EXTENDED_REQUEST = 0x77
+EXTENDED_RESPONSE = 0x78
+
+RESPONSE_TAG = {
+    BIND_REQUEST: BIND_RESPONSE,
+    SEARCH_REQUEST: SEARCH_RESULT_DONE,
+    MODIFY_REQUEST: 0x67,
+    ADD_REQUEST: 0x69,
+    DEL_REQUEST: 0x6B,
+    MODIFY_DN_REQUEST: 0x6D,
+    COMPARE_REQUEST: 0x6F,
+    EXTENDED_REQUEST: EXTENDED_RESPONSE,
+}
+WRITE_REQUESTS = frozenset({MODIFY_REQUEST, ADD_REQUEST, DEL_REQUEST, MODIFY_DN_REQUEST})
+
+SEQUENCE = 0x30
+INTEGER = 0x02
+OCTET_STRING = 0x04
+ENUMERATED = 0x0A
+
+START_TLS = "1.3.6.1.4.1.1466.20037"
+WHO_AM_I = "1.3.6.1.4.1.4203.1.11.3"
+NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
+
+# Result codes (RFC 4511 appendix A).
+SUCCESS = 0
+OPERATIONS_ERROR = 1
+PROTOCOL_ERROR = 2
+AUTH_METHOD_NOT_SUPPORTED = 7
+CONFIDENTIALITY_REQUIRED = 13
+INAPPROPRIATE_AUTHENTICATION = 48
+INVALID_CREDENTIALS = 49
+INSUFFICIENT_ACCESS_RIGHTS = 50
+BUSY = 51
+UNAVAILABLE = 52
+UNWILLING_TO_PERFORM = 53
+
+
+class BERError(Exception):
+    """Bytes that are not a well-formed LDAP message."""
+
+
+class TooLarge(BERError):
+    """A message longer than the limit in force."""
+
+
+def _header(data: bytes | memoryview, offset: int, end: int) -> tuple[int, int, int] | None:
+    """(tag, length, offset of the value) of the element at ``offset``, or
+    None if ``data[:end]`` does not hold the whole header yet."""
+    if offset >= end:
+        return None
+    tag = data[offset]
+    if tag & 0x1F == 0x1F:
+        raise BERError("multi-byte tags do not occur in LDAP")
+    if offset + 1 >= end:
+        return None
+    first = data[offset + 1]
+    if first < 0x80:
+        return tag, first, offset + 2
+    count = first & 0x7F
+    if count == 0:
+        raise BERError("indefinite lengths are not allowed in LDAP")
+    if count > 4:
+        raise TooLarge("a length of more than 4 bytes")
+    if offset + 2 + count > end:
+        return None
+    length = int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
+    return tag, length, offset + 2 + count
+
+
+def check_depth(frame: bytes, max_depth: int) -> None:
+    """Walk every element of ``frame`` without recursion: lengths must nest
+    exactly, and constructed elements no deeper than ``max_depth``."""
+    ends: list[int] = []  # where each open constructed element ends
+    offset = 0
+    while offset < len(frame):
+        container_end = ends[-1] if ends else len(frame)
+        header = _header(frame, offset, container_end)
+        if header is None:
+            raise BERError("an element runs past its container")
+        tag, length, start = header
+        end = start + length
+        if end > container_end:
+            raise BERError("an element runs past its container")
+        if tag & 0x20:
+            ends.append(end)
+            if len(ends) > max_depth:
+                raise BERError(f"nested more than {max_depth} deep")
+            offset = start
+        else:
+            offset = end
+        while ends and offset == ends[-1]:
+            ends.pop()
+
+
+class Framer:
+    """Cuts a byte stream into whole LDAP messages, refusing oversized ones
+    from their header, before their body is kept."""
+
+    def __init__(self, max_size: int, max_depth: int = 32) -> None:
+        self.max_size = max_size
+        self.max_depth = max_depth
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        while True:
+            header = _header(self._buffer, 0, len(self._buffer))
+            if header is None:
+                if len(self._buffer) > 6:
+                    raise BERError("a header longer than any length allows")
+                break
+            tag, length, start = header
+            if tag != SEQUENCE:
+                raise BERError("an LDAP message must be a SEQUENCE")
+            if start + length > self.max_size:
+                raise TooLarge(f"a message of {start + length} bytes")
+            if len(self._buffer) < start + length:
+                break
+            frame = bytes(self._buffer[: start + length])
+            del self._buffer[: start + length]
+            check_depth(frame, self.max_depth)
+            frames.append(frame)
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# -- reading -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Message:
+    """An LDAP message, read only as far as routing needs."""
+
+    id: int
+    op_tag: int
+    op_start: int  # where the operation's value starts in the frame
+    op_end: int
+    frame: bytes = attrs.field(repr=False)
+
+    @property
+    def op(self) -> bytes:
+        return self.frame[self.op_start : self.op_end]
+
+
+def _element(data: bytes, offset: int, end: int) -> tuple[int, int, int]:
+    header = _header(data, offset, end)
+    if header is None:
+        raise BERError("truncated")
+    tag, length, start = header
+    if start + length > end:
+        raise BERError("truncated")
+    return tag, start, start + length
+
+
+def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
+    while start < end:
+        tag, value_start, value_end = _element(data, start, end)
+        out.append((tag, value_start, value_end))
+        start = value_end
+    return out
+
+
+def _integer(data: bytes) -> int:
+    if not 1 <= len(data) <= 4:
+        raise BERError("an integer out of range")
+    return int.from_bytes(data, "big", signed=True)
+
+
+def parse_message(frame: bytes) -> Message:
+    tag, start, end = _element(frame, 0, len(frame))
+    parts = _children(frame, start, end)
+    if len(parts) < 2 or parts[0][0] != INTEGER:
+        raise BERError("an LDAP message needs an id and an operation")
+    id = _integer(frame[parts[0][1] : parts[0][2]])
+    if id < 0:
+        raise BERError("a negative message id")
+    op_tag, op_start, op_end = parts[1]
+    return Message(id, op_tag, op_start, op_end, frame)
+
+
+@attrs.frozen
+class Bind:
+    version: int
+    name: bytes
+    password: bytes | None = attrs.field(repr=False)  # None for SASL
+    mechanism: bytes | None = None
+
+
+def parse_bind(message: Message) -> Bind:
+    if message.op_tag != BIND_REQUEST:
+        raise BERError("not a bind request")
+    data = message.frame
+    parts = _children(data, message.op_start, message.op_end)
+    if len(parts) != 3 or parts[0][0] != INTEGER or parts[1][0] != OCTET_STRING:
+        raise BERError("a malformed bind request")
+    version = _integer(data[parts[0][1] : parts[0][2]])
+    name = data[parts[1][1] : parts[1][2]]
+    tag, start, end = parts[2]
+    if tag == 0x80:  # [0] simple
+        return Bind(version, name, data[start:end])
+    if tag == 0xA3:  # [3] SaslCredentials
+        inner = _children(data, start, end)
+        if not inner or inner[0][0] != OCTET_STRING:
+            raise BERError("malformed SASL credentials")
+        return Bind(version, name, None, data[inner[0][1] : inner[0][2]])
+    raise BERError("an unknown authentication choice")
+
+
+@attrs.frozen
+class Extended:
+    name: str
+    value: bytes | None = attrs.field(repr=False, default=None)
+
+
+def parse_extended(message: Message) -> Extended:
+    if message.op_tag != EXTENDED_REQUEST:
+        raise BERError("not an extended request")
+    data = message.frame
+    parts = _children(data, message.op_start, message.op_end)
+    if not parts or parts[0][0] != 0x80:
+        raise BERError("an extended request without a name")
+    name = data[parts[0][1] : parts[0][2]].decode("ascii", "replace")
+    value = None
+    if len(parts) > 1 and parts[1][0] == 0x81:
+        value = data[parts[1][1] : parts[1][2]]
+    return Extended(name, value)
+
+
+def parse_result_code(message: Message) -> int:
+    """The resultCode of an LDAPResult-shaped response."""
+    parts = _children(message.frame, message.op_start, message.op_end)
+    if not parts or parts[0][0] != ENUMERATED:
+        raise BERError("a response without a result code")
+    return _integer(message.frame[parts[0][1] : parts[0][2]])
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    return bytes([tag]) + _length(len(value)) + value
+
+
+def _int(tag: int, n: int) -> bytes:
+    return tlv(tag, n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True))
+
+
+def message(id: int, op: bytes) -> bytes:
+    return tlv(SEQUENCE, _int(INTEGER, id) + op)
+
+
+def result(
+    id: int, tag: int, code: int, text: str = "", matched: str = "", extra: bytes = b""
+) -> bytes:
+    """An LDAPResult-shaped response: bind, search done, modify, ..., extended."""
+    body = (
+        _int(ENUMERATED, code)
+        + tlv(OCTET_STRING, matched.encode())
+        + tlv(OCTET_STRING, text.encode())
+        + extra
+    )
+    return message(id, tlv(tag, body))
+
+
+def extended_response(
+    id: int, code: int, text: str = "", name: str | None = None, value: bytes | None = None
+) -> bytes:
+    extra = b""
+    if name is not None:
+        extra += tlv(0x8A, name.encode())
+    if value is not None:
+        extra += tlv(0x8B, value)
+    return result(id, EXTENDED_RESPONSE, code, text, extra=extra)
+
+
+def notice_of_disconnection(code: int, text: str) -> bytes:
+    """The unsolicited notification (message id 0) sent before closing (RFC 4511 4.4.1)."""
+    return extended_response(0, code, text, name=NOTICE_OF_DISCONNECTION)
+
+
+def bind_request(id: int, name: str, password: str) -> bytes:
+    body = _int(INTEGER, 3) + tlv(OCTET_STRING, name.encode()) + tlv(0x80, password.encode())
+    return message(id, tlv(BIND_REQUEST, body))
+
+
+def extended_request(id: int, name: str) -> bytes:
+    return message(id, tlv(EXTENDED_REQUEST, tlv(0x80, name.encode())))

@@ -1,0 +1,395 @@
+"""The LDAP front end: simple binds from appliances, decided by the core,
+then the session relayed to the upstream directory.
+
+It speaks just enough LDAP to do its job (see :mod:`proxy.frontends.ber`):
+it reads binds, StartTLS, "Who am I?", unbind and the tag of every other
+request; everything else is relayed as bytes on the session's own
+connection to the directory. It decides nothing: the Authenticator does,
+and an app-password session is read-only because the Decision says so.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from proxy.auth import Attempt, Decision, Outcome, Reason
+from proxy.backends.ldap import UpstreamLDAP, UpstreamRefused, open_upstream
+from proxy.config import DirectoryConfig, ListenerConfig
+from proxy.frontends import ber
+
+log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
+
+
+@attrs.define
+class Upstream:
+    """How sessions reach the directory."""
+
+    reactor: Any
+    config: DirectoryConfig
+    endpoint: Any
+    start_tls: Any | None  # client TLS options when StartTLS is wanted
+    service_password: str = attrs.field(repr=False)
+
+    async def open(self, dn: str | None, password: str) -> UpstreamLDAP:
+        return await open_upstream(
+            self.reactor, self.endpoint, self.start_tls, dn, password, self.config.timeout
+        )
+
+
+class LDAPListener(Factory):
+    """One LDAP listener: its config, TLS, and what its sessions share."""
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        config: ListenerConfig,
+        authenticator: Any,
+        sessions: Any,
+        upstream: Upstream,
+        tls: Any | None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.authenticator = authenticator
+        self.sessions = sessions
+        self.upstream = upstream
+        self.tls = tls
+        self.per_source: dict[str, int] = {}
+        self.connections: set[LDAPServer] = set()
+
+    def buildProtocol(self, addr: Any) -> LDAPServer:
+        protocol = LDAPServer(self)
+        protocol.factory = self
+        return protocol
+
+
+def _client_address(transport: Any) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "unix"
+
+
+class LDAPServer(Protocol):
+    def __init__(self, listener: LDAPListener) -> None:
+        self.listener = listener
+        self.config = listener.config
+        self.framer = ber.Framer(self.config.max_message_size_before_bind, self.config.max_ber_depth)
+        self.tls = False
+        self.address = "unknown"
+        self.decision: Decision | None = None  # the current identity
+        self.anonymous = False
+        self.upstream: UpstreamLDAP | None = None
+        self._binding = False
+        self._queued: deque[bytes] = deque()
+        self._closing = False
+        self._timer: Any = None
+        self._counted = False
+        self._tls_epoch = 0
+        # for the session registry
+        self.username = ""
+        self.dn = ""
+        self.app_password_id: str | None = None
+
+    # -- connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.address = _client_address(self.transport)
+        self.tls = self.config.tls == "implicit"
+        count = self.listener.per_source.get(self.address, 0)
+        if count >= self.config.max_connections_per_source:
+            log.info("{address}: too many connections to {listener}", address=self.address,
+                     listener=self.config.label)
+            self._closing = True
+            self.transport.write(ber.notice_of_disconnection(ber.BUSY, "too many connections"))
+            self.transport.loseConnection()
+            return
+        self.listener.per_source[self.address] = count + 1
+        self._counted = True
+        self.listener.connections.add(self)
+        self._arm(self.config.login_timeout)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._counted:
+            left = self.listener.per_source[self.address] - 1
+            if left:
+                self.listener.per_source[self.address] = left
+            else:
+                del self.listener.per_source[self.address]
+            self._counted = False
+        self.listener.connections.discard(self)
+        self._drop_identity()
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.listener.reactor.callLater(seconds, self._idle)
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout())
+
+    def _timeout(self) -> float:
+        return self.config.idle_timeout if self.upstream else self.config.login_timeout
+
+    def _idle(self) -> None:
+        self.disconnect(ber.UNAVAILABLE, "idle for too long")
+
+    def disconnect(self, code: int, text: str) -> None:
+        """Notice of disconnection (RFC 4511 4.4.1), then close."""
+        if self._closing:
+            return
+        self._closing = True
+        self.transport.write(ber.notice_of_disconnection(code, text))
+        self.transport.loseConnection()
+        self._drop_identity()
+
+    def revoke(self, reason: str) -> None:
+        """The session registry ends this session."""
+        log.info("{address}: ending the session of {user}: {reason}", address=self.address,
+                 user=self.username, reason=reason)
+        self.disconnect(ber.UNAVAILABLE, "the session's credentials are no longer valid")
+
+    # -- client → proxy -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._touch()
+        try:
+            frames = self.framer.feed(data)
+        except ber.BERError as e:
+            log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
+            self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
+            return
+        epoch = self._tls_epoch
+        for frame in frames:
+            if self._closing or self._tls_epoch != epoch:
+                return  # closed, or TLS began: the rest was sent in the clear
+            if self._binding:
+                self._queued.append(frame)
+            else:
+                self._frame(frame)
+
+    def _frame(self, frame: bytes) -> None:
+        try:
+            message = ber.parse_message(frame)
+        except ber.BERError as e:
+            log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
+            self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
+            return
+        tag = message.op_tag
+        if tag == ber.BIND_REQUEST:
+            self._binding = True
+            Deferred.fromCoroutine(self._bind(message)).addErrback(self._crashed)
+        elif tag == ber.UNBIND_REQUEST:
+            self._closing = True
+            self.transport.loseConnection()
+            self._drop_identity()
+        elif tag == ber.EXTENDED_REQUEST:
+            self._extended(message, frame)
+        elif tag == ber.ABANDON_REQUEST:
+            if self.upstream is not None:
+                self.upstream.send(frame)
+        elif tag in ber.RESPONSE_TAG:
+            self._operation(message, frame)
+        else:
+            self.disconnect(ber.PROTOCOL_ERROR, "unknown operation")
+
+    def _answer(self, message: ber.Message, code: int, text: str = "") -> None:
+        tag = ber.RESPONSE_TAG.get(message.op_tag, ber.EXTENDED_RESPONSE)
+        self.transport.write(ber.result(message.id, tag, code, text))
+
+    def _operation(self, message: ber.Message, frame: bytes) -> None:
+        if self.upstream is None:
+            self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
+        elif message.op_tag in ber.WRITE_REQUESTS and self._read_only():
+            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                         "sessions opened with an app password are read-only")
+        else:
+            self.upstream.send(frame)
+
+    def _read_only(self) -> bool:
+        return self.anonymous or (self.decision is not None and self.decision.read_only)
+
+    def _extended(self, message: ber.Message, frame: bytes) -> None:
+        try:
+            request = ber.parse_extended(message)
+        except ber.BERError:
+            self.disconnect(ber.PROTOCOL_ERROR, "malformed extended request")
+            return
+        if request.name == ber.START_TLS:
+            self._start_tls(message)
+        elif request.name == ber.WHO_AM_I:
+            identity = b"dn:" + self.dn.encode() if self.decision is not None else b""
+            self.transport.write(ber.extended_response(message.id, ber.SUCCESS, value=identity))
+        elif self.upstream is not None and not self._read_only():
+            self.upstream.send(frame)
+        elif self.upstream is not None:
+            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                         "sessions opened with an app password are read-only")
+        else:
+            self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
+
+    def _start_tls(self, message: ber.Message) -> None:
+        if self.tls:
+            self._answer(message, ber.OPERATIONS_ERROR, "TLS is already in use")
+        elif self.listener.tls is None or self.config.tls != "starttls":
+            self._answer(message, ber.PROTOCOL_ERROR, "StartTLS is not offered here")
+        elif self.upstream is not None or self._queued:
+            self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")
+        else:
+            self._answer(message, ber.SUCCESS)
+            self.transport.startTLS(self.listener.tls)
+            self.tls = True
+            # Whatever the client sent after the request, in the clear, is
+            # dropped unread: nothing sent before TLS is acted on after it.
+            self.framer = ber.Framer(self.framer.max_size, self.config.max_ber_depth)
+            self._queued.clear()
+            self._tls_epoch += 1
+
+    # -- bind ----------------------------------------------------------------------------
+
+    async def _bind(self, message: ber.Message) -> None:
+        try:
+            code, text = await self._bind_result(message)
+        finally:
+            self._binding = False
+        if self._closing:
+            return
+        self.transport.write(ber.result(message.id, ber.BIND_RESPONSE, code, text))
+        while self._queued and not self._binding and not self._closing:
+            self._frame(self._queued.popleft())
+
+    async def _bind_result(self, message: ber.Message) -> tuple[int, str]:
+        # A new bind first drops the old identity; a failed one leaves the
+        # connection anonymous (RFC 4511 4.2.1).
+        self._drop_identity()
+        try:
+            bind = ber.parse_bind(message)
+        except ber.BERError:
+            return ber.PROTOCOL_ERROR, "malformed bind request"
+        if bind.version != 3:
+            return ber.PROTOCOL_ERROR, "only LDAP version 3 is supported"
+        if bind.password is None:
+            return ber.AUTH_METHOD_NOT_SUPPORTED, "only simple binds are supported"
+        if not bind.name and not bind.password:
+            return await self._anonymous()
+        if not bind.password:
+            # RFC 4513 5.1.2: an unauthenticated bind; never passed on.
+            return ber.UNWILLING_TO_PERFORM, "unauthenticated binds are not allowed"
+        if not self.tls and not self.config.allow_plaintext_auth:
+            return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS"
+        try:
+            name = bind.name.decode("utf-8")
+            password = bind.password.decode("utf-8")
+        except UnicodeDecodeError:
+            return ber.INVALID_CREDENTIALS, ""
+        attempt = Attempt(
+            protocol="ldap",
+            realm=self.config.realm,
+            username=name,
+            secret=password,
+            client_address=self.address,
+            tls=self.tls,
+        )
+        decision = await self.listener.authenticator.authenticate(attempt)
+        if decision.outcome is Outcome.TEMPORARY_FAILURE:
+            if decision.reason is Reason.BUSY:
+                return ber.BUSY, "try again later"
+            return ber.UNAVAILABLE, "try again later"
+        if not decision.accepted:
+            return ber.INVALID_CREDENTIALS, ""
+        assert decision.account is not None
+        try:
+            if decision.read_only:
+                upstream = await self.listener.upstream.open(
+                    self.listener.upstream.config.bind_dn, self.listener.upstream.service_password
+                )
+            else:
+                upstream = await self.listener.upstream.open(decision.account.dn, password)
+        except UpstreamRefused:
+            log.warn("{address}: the directory refused the session's bind for {user}",
+                     address=self.address, user=decision.username)
+            return ber.UNAVAILABLE, "try again later"
+        except Exception as e:
+            log.warn("{address}: cannot reach the directory: {error}", address=self.address,
+                     error=str(e) or type(e).__name__)
+            return ber.UNAVAILABLE, "try again later"
+        if self._closing:
+            upstream.close()
+            return ber.UNAVAILABLE, ""
+        self._become(decision, upstream)
+        return ber.SUCCESS, ""
+
+    async def _anonymous(self) -> tuple[int, str]:
+        if not self.config.allow_anonymous:
+            return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed"
+        try:
+            upstream = await self.listener.upstream.open(None, "")
+        except Exception:
+            return ber.UNAVAILABLE, "try again later"
+        self.anonymous = True
+        self._relay(upstream)
+        return ber.SUCCESS, ""
+
+    def _become(self, decision: Decision, upstream: UpstreamLDAP) -> None:
+        assert decision.account is not None
+        self.decision = decision
+        self.username = decision.username
+        self.dn = decision.account.dn
+        self.app_password_id = decision.app_password.id if decision.app_password else None
+        self.listener.sessions.add(self)
+        self._relay(upstream)
+
+    def _relay(self, upstream: UpstreamLDAP) -> None:
+        self.upstream = upstream
+        upstream.on_frame = self._from_upstream
+        upstream.on_lost = self._upstream_lost
+        self.framer.max_size = self.config.max_message_size
+        # Flow control both ways: a slow reader pauses the other side.
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
+        self._arm(self.config.idle_timeout)
+
+    def _drop_identity(self) -> None:
+        if self.decision is not None:
+            self.listener.sessions.remove(self)
+        self.decision = None
+        self.anonymous = False
+        self.username = self.dn = ""
+        self.app_password_id = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.on_frame = None
+            upstream.on_lost = None
+            if self.transport is not None:
+                self.transport.unregisterProducer()
+            if upstream.transport is not None:
+                upstream.transport.unregisterProducer()
+            upstream.close()
+        self.framer.max_size = self.config.max_message_size_before_bind
+        if not self._closing and self.transport is not None:
+            self._arm(self.config.login_timeout)
+
+    # -- proxy ← directory --------------------------------------------------------------
+
+    def _from_upstream(self, frame: bytes) -> None:
+        self._touch()
+        self.transport.write(frame)
+
+    def _upstream_lost(self) -> None:
+        self.upstream = None
+        self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
+
+    def _crashed(self, failure: Any) -> None:
+        log.failure("{address}: a bind failed unexpectedly", failure, address=self.address)
+        self.disconnect(ber.OPERATIONS_ERROR, "internal error")

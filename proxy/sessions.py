@@ -1,0 +1,117 @@
+"""Live sessions, so that what revokes a credential also ends its sessions.
+
+Every front end registers a session once its client has signed in, and
+removes it when the connection ends. The registry closes sessions when:
+
+- their app password is deleted (by the command line tool or the daemon);
+- all of the user's app passwords are revoked, or revoked by a primary
+  password change (the user's app-password sessions);
+- the account stops being active in the directory: accounts with live
+  sessions are looked up again every ``directory.account_cache`` (at least
+  every second), so a disabled or deleted account is cut off within that
+  time even on connections that never sign in again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from proxy.directory import DirectoryUnavailable
+
+log = Logger(namespace="legacy_auth_proxy.sessions")
+
+
+class Session(Protocol):
+    username: str
+    dn: str
+    app_password_id: str | None  # None: signed in with the primary password
+
+    def revoke(self, reason: str) -> None:
+        """End the session, telling the client in the protocol's own way."""
+
+
+class Sessions:
+    def __init__(self, clock: Any, directory: Any, check_interval: float) -> None:
+        self._clock = clock
+        self._directory = directory
+        self._by_user: dict[str, set[Session]] = {}
+        self._loop = LoopingCall(self.check_accounts)
+        self._loop.clock = clock
+        self._interval = max(check_interval, 1.0)
+        self._checking = False
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def add(self, session: Session) -> None:
+        self._by_user.setdefault(session.username, set()).add(session)
+
+    def remove(self, session: Session) -> None:
+        sessions = self._by_user.get(session.username)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_user[session.username]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_user.values())
+
+    def of(self, username: str) -> list[Session]:
+        return list(self._by_user.get(username, ()))
+
+    def _end(self, sessions: Iterable[Session], reason: str) -> int:
+        ended = 0
+        for session in list(sessions):
+            self.remove(session)
+            try:
+                session.revoke(reason)
+            except Exception:
+                log.failure("cannot end a session")
+            ended += 1
+        return ended
+
+    def revoked(self, username: str, app_password_id: str | None, kind: str) -> None:
+        """The Authenticator's revocation listener."""
+        sessions = self.of(username)
+        if kind == "deleted" and app_password_id is not None:
+            chosen = [s for s in sessions if s.app_password_id == app_password_id]
+        elif kind in ("revoked_all", "password_change"):
+            chosen = [s for s in sessions if s.app_password_id is not None]
+            if app_password_id is not None:
+                chosen = [s for s in chosen if s.app_password_id == app_password_id]
+        elif kind == "account_inactive":
+            chosen = sessions
+        else:
+            return  # a change of MFA state leaves sessions already open alone
+        if chosen:
+            ended = self._end(chosen, kind)
+            log.info("ended {count} session(s) of {user}: {kind}", count=ended, user=username, kind=kind)
+
+    async def check_accounts(self) -> None:
+        """Look up every account with live sessions; end those no longer active."""
+        if self._checking or self._directory is None:
+            return
+        self._checking = True
+        try:
+            for username in list(self._by_user):
+                sessions = self.of(username)
+                if not sessions:
+                    continue
+                try:
+                    account = await self._directory.resolve(sessions[0].dn)
+                except DirectoryUnavailable:
+                    return  # keep serving; try again next round
+                if account is None or not account.active:
+                    ended = self._end(self.of(username), "account_inactive")
+                    log.info("ended {count} session(s) of {user}: the account is not active",
+                             count=ended, user=username)
+        finally:
+            self._checking = False

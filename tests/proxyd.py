@@ -1,0 +1,144 @@
+"""The real daemon, run as a process for integration tests: its config, its
+store (managed with the real command line tool) and its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.pki import make_pki
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProxyDaemon:
+    """``legacy-auth-proxy serve`` with listeners on free loopback ports.
+
+    ``listeners`` maps a name to a dict of listener settings (protocol, realm,
+    tls, ...); each gets a free port, readable as ``ports[name]``.
+    """
+
+    def __init__(self, folder: Path, slapd, listeners: dict[str, dict], extra: str = ""):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.slapd = slapd
+        self.pki = make_pki(self.folder / "pki")
+        self.ports = {name: free_port() for name in listeners}
+        secret = self.folder / "directory-password"
+        secret.write_text(slapd.service_password + "\n")
+        secret.chmod(0o600)
+        lines = [
+            "store:", "  path: store.sqlite3", "  pepper_file: pepper",
+            "audit:", "  file: audit.log",
+            "hashing:", "  time_cost: 1", "  memory_kib: 1024",
+            "directory:",
+            f"  url: {slapd.url}",
+            f"  ca_file: {slapd.ca_file}",
+            f"  bind_dn: {slapd.service_dn}",
+            f"  bind_password_file: {secret}",
+            f"  user_base: {slapd.people_dn}",
+            f"  mfa_group: {slapd.group_dn('mfa')}",
+            f"  modern_auth_only_group: {slapd.group_dn('modern-auth-only')}",
+            f"  admin_group: {slapd.group_dn('admins')}",
+            "  account_cache: 0",
+            "throttle:",
+            "  source_delay: 0.01", "  source_delay_max: 0.01", "  account_failures: 1000",
+            "listeners:",
+        ]
+        for name, settings in listeners.items():
+            lines.append(f"  - name: {name}")
+            lines.append(f"    endpoint: tcp:{self.ports[name]}:interface=127.0.0.1")
+            settings = {"tls": "starttls", **settings}
+            if settings["tls"] != "none":
+                settings.setdefault("certificate", str(self.pki.cert_file))
+                settings.setdefault("private_key", str(self.pki.key_file))
+            for key, value in settings.items():
+                lines.append(f"    {key}: {json.dumps(value)}")
+        self.config = self.folder / "config.yaml"
+        self.config.write_text("\n".join(lines) + "\n" + extra)
+        self.output: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
+            cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for("legacy-auth-proxy started")
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.output:
+            if re.search(pattern, line):
+                return line
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.output[-60:]))
+
+    def log(self) -> str:
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.output.append(line)
+        return "\n".join(self.output)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        return done
+
+    def create_app_password(self, user: str, name: str, *extra: str) -> str:
+        done = self.cli("app-password", "create", user, "--name", name, "--json", *extra)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["secret"]
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.process.returncode
+
+    def env(self) -> dict[str, str]:
+        """Environment for OpenLDAP's clients: trust the proxy's test CA."""
+        env = dict(os.environ)
+        env.update({"LDAPTLS_CACERT": str(self.pki.ca_file), "LDAPTLS_REQCERT": "demand"})
+        return env
