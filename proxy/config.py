@@ -241,6 +241,23 @@ class LdapUrl:
         return text
 
 
+class BackendUrl:
+    doc = "imap://, imaps://, smtp:// or smtps:// with a host and an optional port"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        try:
+            parts.port
+        except ValueError:
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        if parts.scheme not in ("imap", "imaps", "smtp", "smtps") or not parts.hostname or (
+            parts.path not in ("", "/")
+        ):
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
 class Dn:
     doc = "a distinguished name (cn=proxy,dc=example,dc=com)"
 
@@ -613,10 +630,62 @@ class ListenerConfig:
         4194304, Int(1024, 1 << 30), "LDAP: the largest message in bytes after a bind"
     )
     max_ber_depth: int = _field(32, Int(4, 1000), "LDAP: the deepest nesting of a message")
+    max_line_length: int = _field(
+        8192, Int(512, 1 << 20), "IMAP, SMTP: the longest command line before login"
+    )
+    max_literal_size: int = _field(
+        4096, Int(64, 1 << 20), "IMAP: the largest literal before login"
+    )
+    max_bad_commands: int = _field(
+        3, Int(1, 100), "IMAP, SMTP: invalid commands before login after which the client is dropped"
+    )
+    backend: str | None = _field(
+        None,
+        Optional(BackendUrl()),
+        "IMAP, SMTP: the real server: imap://host:port, imaps://host:port, "
+        "smtp://host:port (submission), smtps://host:port",
+    )
+    backend_starttls: bool = _field(
+        False, Bool(), "IMAP, SMTP: upgrade the connection to the backend with STARTTLS"
+    )
+    backend_ca_file: Path | None = _field(
+        None, Optional(FilePath()), "IMAP, SMTP: certificates to trust for the backend; null: the system's"
+    )
+    backend_timeout: float = _field(
+        30.0, Duration(high=600), "IMAP, SMTP: the longest the backend may take to log a user in"
+    )
+    backend_login: str = _field(
+        "sasl",
+        Choice(("sasl", "dovecot", "xclient")),
+        "how the proxy logs in as the user: sasl (SASL PLAIN with the user as authorization "
+        "identity), dovecot (LOGIN user*master), xclient (SMTP: Postfix XCLIENT LOGIN=)",
+    )
+    master_user: str | None = _field(
+        None, Optional(Str()), "IMAP, SMTP: the master user the backend trusts"
+    )
+    master_password_file: Path | None = _field(
+        None, Optional(FilePath()), "IMAP, SMTP: a file holding the master user's password"
+    )
+    pass_client_address: bool = _field(
+        True,
+        Bool(),
+        "IMAP, SMTP: tell the backend the client's address (IMAP ID x-originating-ip, "
+        "SMTP XCLIENT ADDR); the backend must trust the proxy for it",
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.tls != "none" and (self.certificate is None or self.private_key is None):
             raise ValueError(f"tls: {self.tls} needs certificate and private_key")
+        if self.protocol in ("imap", "smtp"):
+            if self.backend is None:
+                raise ValueError(f"a {self.protocol} listener needs a backend")
+            scheme = self.backend.split(":", 1)[0]
+            if not scheme.startswith(self.protocol):
+                raise ValueError(f"a {self.protocol} listener needs a {self.protocol}:// backend")
+            if self.backend_login != "xclient" and (
+                self.master_user is None or self.master_password_file is None
+            ):
+                raise ValueError(f"backend_login: {self.backend_login} needs master_user and master_password_file")
 
     @property
     def label(self) -> str:

@@ -20,6 +20,9 @@ from proxy import apppasswords, config as configuration
 from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
+from proxy.backends import backend_endpoint
+from proxy.backends.imap import IMAPBackend
+from proxy.frontends.imap import IMAPListener
 from proxy.frontends.ldap import LDAPListener, Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
@@ -205,16 +208,20 @@ class Daemon:
                 tls = await self.files_pool.submit(ServerTLS, config.certificate, config.private_key)
             except TLSFilesError as e:
                 raise StartupError(f"listener {config.label}: {e}") from None
-        if config.protocol != "ldap":
-            raise StartupError(f"listener {config.label}: {config.protocol} is not available yet")
-        factory: Any = LDAPListener(
+        common = dict(
             reactor=self._reactor,
             config=config,
             authenticator=self.authenticator,
             sessions=self.sessions,
-            upstream=self._upstream,
             tls=tls,
         )
+        factory: Any
+        if config.protocol == "ldap":
+            factory = LDAPListener(upstream=self._upstream, **common)
+        elif config.protocol == "imap":
+            factory = IMAPListener(backend=await self._imap_backend(config), **common)
+        else:
+            raise StartupError(f"listener {config.label}: {config.protocol} is not available yet")
         if config.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         try:
@@ -225,6 +232,45 @@ class Daemon:
         self._reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
+
+    async def _backend_secrets(self, config: configuration.ListenerConfig) -> tuple[str, bytes | None]:
+        def read() -> tuple[str, bytes | None]:
+            password = ""
+            if config.master_password_file is not None:
+                try:
+                    password = config.master_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as e:
+                    raise StartupError(
+                        f"listener {config.label}: {config.master_password_file}: "
+                        f"master_password_file: cannot read: {e.strerror}"
+                    ) from None
+            ca = None
+            if config.backend_ca_file is not None:
+                try:
+                    ca = config.backend_ca_file.read_bytes()
+                except OSError as e:
+                    raise StartupError(
+                        f"listener {config.label}: {config.backend_ca_file}: "
+                        f"backend_ca_file: cannot read: {e.strerror}"
+                    ) from None
+            return password, ca
+
+        return await self.files_pool.submit(read)
+
+    async def _imap_backend(self, config: configuration.ListenerConfig) -> IMAPBackend:
+        assert config.backend is not None and config.master_user is not None
+        password, ca = await self._backend_secrets(config)
+        endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
+        return IMAPBackend(
+            reactor=self._reactor,
+            endpoint=endpoint,
+            starttls=options if config.backend_starttls else None,
+            master_user=config.master_user,
+            master_password=password,
+            login_style=config.backend_login,
+            pass_client_address=config.pass_client_address,
+            timeout=config.backend_timeout,
+        )
 
     def record(self, event: str, **fields: Any) -> None:
         """One audit event: to the Twisted log now, to the file on the audit pool."""
