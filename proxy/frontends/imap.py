@@ -3,8 +3,9 @@ session is relayed to the real IMAP server, logged in as the user.
 
 :class:`PreLogin` is the pre-login dialogue as a state machine that does no
 I/O: bytes in, events out (bytes to send, start TLS, a login to decide,
-close). :class:`IMAPServer` is the Protocol that runs it, asks the
-Authenticator, logs in to the backend and then relays bytes both ways.
+close). :class:`IMAPServer` adds IMAP's words to
+:class:`proxy.frontends.base.RelayingServer`, which runs the machine, asks
+the Authenticator, logs in to the backend and relays bytes both ways.
 """
 
 from __future__ import annotations
@@ -13,49 +14,15 @@ import base64
 import binascii
 from typing import Any
 
-import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
-
 from proxy.apppasswords import canonical_username
-from proxy.auth import Attempt, Outcome
-from proxy.config import ListenerConfig
 from proxy.frontends import imapwire
+from proxy.frontends.base import Close, Event, Listener, Login, RelayingServer, Send, StartTLS
 from proxy.frontends.imapwire import Command, CommandError, Literal, TooLong
-
-log = Logger(namespace="legacy_auth_proxy.frontends.imap")
 
 SERVER_NAME = "legacy-auth-proxy"
 
 
 # -- the pre-login state machine ------------------------------------------------------
-
-
-@attrs.frozen
-class Send:
-    data: bytes
-
-
-@attrs.frozen
-class StartTLS:
-    """The OK has been sent: start TLS now, before reading anything else."""
-
-
-@attrs.frozen
-class Login:
-    tag: bytes
-    username: str
-    secret: str = attrs.field(repr=False)
-    mechanism: str
-
-
-@attrs.frozen
-class Close:
-    pass
-
-
-Event = Send | StartTLS | Login | Close
 
 
 class PreLogin:
@@ -260,56 +227,18 @@ class PreLogin:
 # -- the protocol -------------------------------------------------------------------------
 
 
-class IMAPListener(Factory):
-    def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
-                 sessions: Any, backend: Any, tls: Any | None) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.authenticator = authenticator
-        self.sessions = sessions
-        self.backend = backend
-        self.tls = tls
-        self.per_source: dict[str, int] = {}
-        self.connections: set[IMAPServer] = set()
-
+class IMAPListener(Listener):
     def buildProtocol(self, addr: Any) -> IMAPServer:
         protocol = IMAPServer(self)
         protocol.factory = self
         return protocol
 
 
-class IMAPServer(Protocol):
-    def __init__(self, listener: IMAPListener) -> None:
-        self.listener = listener
-        self.config = listener.config
-        self.address = "unknown"
-        self.port = 0
-        self.machine: PreLogin | None = None
-        self.backend: Any = None
-        self._timer: Any = None
-        self._counted = False
-        self._closing = False
-        self.username = ""
-        self.dn = ""
-        self.app_password_id: str | None = None
-        self._registered = False
+class IMAPServer(RelayingServer):
+    protocol_name = "imap"
 
-    # -- connection ------------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.address = getattr(peer, "host", None) or "unix"
-        self.port = getattr(peer, "port", 0) or 0
-        count = self.listener.per_source.get(self.address, 0)
-        if count >= self.config.max_connections_per_source:
-            self._closing = True
-            self.transport.write(b"* BYE Too many connections from your address.\r\n")
-            self.transport.loseConnection()
-            return
-        self.listener.per_source[self.address] = count + 1
-        self._counted = True
-        self.listener.connections.add(self)
-        self.machine = PreLogin(
+    def make_machine(self) -> PreLogin:
+        return PreLogin(
             tls=self.config.tls == "implicit",
             starttls=self.config.tls == "starttls" and self.listener.tls is not None,
             allow_plaintext=self.config.allow_plaintext_auth,
@@ -317,136 +246,9 @@ class IMAPServer(Protocol):
             max_literal=self.config.max_literal_size,
             max_bad=self.config.max_bad_commands,
         )
-        self.transport.write(self.machine.greeting())
-        self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
 
-    def connectionLost(self, reason: Any = None) -> None:
-        self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._counted:
-            left = self.listener.per_source[self.address] - 1
-            if left:
-                self.listener.per_source[self.address] = left
-            else:
-                del self.listener.per_source[self.address]
-            self._counted = False
-        self.listener.connections.discard(self)
-        if self._registered:
-            self.listener.sessions.remove(self)
-            self._registered = False
-        if self.backend is not None:
-            self.backend.close()
+    def bye(self, text: str) -> bytes:
+        return b"* BYE " + text.encode() + b"\r\n"
 
-    def _touch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.idle_timeout if self.backend else self.config.login_timeout)
-
-    def _idle(self) -> None:
-        self.close(b"* BYE Idle for too long.\r\n")
-
-    def close(self, bye: bytes) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self.backend is not None:
-            # Stop relaying first, so that the BYE does not land inside a response.
-            self.backend.detach()
-            self.backend.close()
-        self.transport.write(bye)
-        self.transport.loseConnection()
-
-    def revoke(self, reason: str) -> None:
-        log.info("{address}: ending the IMAP session of {user}: {reason}", address=self.address,
-                 user=self.username, reason=reason)
-        self.close(b"* BYE Session ended: its credentials are no longer valid.\r\n")
-
-    # -- client → proxy ------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self._touch()
-        if self.backend is not None:
-            self.backend.transport.write(data)
-            return
-        assert self.machine is not None
-        self._run(self.machine.feed(data))
-
-    def _run(self, events: list[Event]) -> None:
-        for event in events:
-            if self._closing:
-                return
-            if isinstance(event, Send):
-                self.transport.write(event.data)
-            elif isinstance(event, StartTLS):
-                self.transport.startTLS(self.listener.tls)
-            elif isinstance(event, Login):
-                Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
-            elif isinstance(event, Close):
-                self._closing = True
-                self.transport.loseConnection()
-
-    async def _login(self, event: Login) -> None:
-        assert self.machine is not None
-        attempt = Attempt(
-            protocol="imap",
-            realm=self.config.realm,
-            username=event.username,
-            secret=event.secret,
-            client_address=self.address,
-            tls=self.machine.tls,
-        )
-        decision = await self.listener.authenticator.authenticate(attempt)
-        if self._closing:
-            return
-        if not decision.accepted:
-            temporary = decision.outcome is Outcome.TEMPORARY_FAILURE
-            self._run(self.machine.login_failed(event.tag, temporary))
-            return
-        try:
-            backend = await self.listener.backend.login(
-                decision.username, self.address, self.port
-            )
-        except Exception as e:
-            log.warn("{address}: the IMAP backend did not log {user} in: {error}",
-                     address=self.address, user=decision.username, error=str(e) or type(e).__name__)
-            if not self._closing:
-                self._run(self.machine.login_failed(event.tag, temporary=True))
-            return
-        if self._closing:
-            backend.close()
-            return
-        assert decision.account is not None
-        self.username = decision.username
-        self.dn = decision.account.dn
-        self.app_password_id = decision.app_password.id if decision.app_password else None
-        self.listener.sessions.add(self)
-        self._registered = True
-        rest = self.machine.take_rest()
-        self.machine = None
-        self.backend = backend
-        backend.attach(self)
-        self.transport.write(
-            event.tag + b" OK [CAPABILITY " + backend.capabilities + b"] Logged in.\r\n"
-        )
-        self.transport.registerProducer(backend.transport, True)
-        backend.transport.registerProducer(self.transport, True)
-        self._touch()
-        if rest:
-            backend.transport.write(rest)
-
-    # -- proxy ← backend ------------------------------------------------------------------
-
-    def from_backend(self, data: bytes) -> None:
-        self._touch()
-        self.transport.write(data)
-
-    def backend_lost(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self.transport.loseConnection()
-
-    def _crashed(self, failure: Any) -> None:
-        log.failure("{address}: an IMAP login failed unexpectedly", failure, address=self.address)
-        self.close(b"* BYE Internal error.\r\n")
+    def logged_in(self, event: Login, backend: Any) -> bytes:
+        return event.tag + b" OK [CAPABILITY " + backend.capabilities + b"] Logged in.\r\n"

@@ -1,0 +1,262 @@
+"""What the IMAP and SMTP front ends share: a pre-login dialogue run by a
+state machine, then a login decided by the core, then a relayed session.
+
+Each front end supplies its machine (bytes in, events out) and the words of
+its protocol (greeting, success, goodbye); this module does the rest: TLS,
+limits per source, timers, the Authenticator, the backend login, flow
+controlled relaying both ways, and ending sessions whose credentials are
+revoked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol as TypingProtocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from proxy.auth import Attempt, Decision, Outcome
+from proxy.config import ListenerConfig
+
+log = Logger(namespace="legacy_auth_proxy.frontends")
+
+
+@attrs.frozen
+class Send:
+    data: bytes
+
+
+@attrs.frozen
+class StartTLS:
+    """The go-ahead has been sent: start TLS now, before reading anything else."""
+
+
+@attrs.frozen
+class Login:
+    tag: bytes  # IMAP's command tag; empty for SMTP
+    username: str
+    secret: str = attrs.field(repr=False)
+    mechanism: str
+
+
+@attrs.frozen
+class Close:
+    pass
+
+
+Event = Send | StartTLS | Login | Close
+
+
+class Machine(TypingProtocol):
+    tls: bool
+
+    def greeting(self) -> bytes: ...
+
+    def feed(self, data: bytes) -> list[Event]: ...
+
+    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]: ...
+
+    def take_rest(self) -> bytes: ...
+
+
+class Listener(Factory):
+    """One listener of a relaying front end, and what its connections share."""
+
+    def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
+                 sessions: Any, backend: Any, tls: Any | None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.authenticator = authenticator
+        self.sessions = sessions
+        self.backend = backend
+        self.tls = tls
+        self.per_source: dict[str, int] = {}
+        self.connections: set[RelayingServer] = set()
+
+
+class RelayingServer(Protocol):
+    """A client connection: pre-login dialogue, login, then relay."""
+
+    protocol_name = ""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.config = listener.config
+        self.address = "unknown"
+        self.port = 0
+        self.machine: Machine | None = None
+        self.backend: Any = None
+        self._timer: Any = None
+        self._counted = False
+        self._closing = False
+        self._registered = False
+        # for the session registry
+        self.username = ""
+        self.dn = ""
+        self.app_password_id: str | None = None
+
+    # -- what a front end supplies ----------------------------------------------------------
+
+    def make_machine(self) -> Machine:
+        raise NotImplementedError
+
+    def bye(self, text: str) -> bytes:
+        """The protocol's way of saying goodbye before closing."""
+        raise NotImplementedError
+
+    def logged_in(self, event: Login, backend: Any) -> bytes:
+        """The answer to a successful login."""
+        raise NotImplementedError
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.address = getattr(peer, "host", None) or "unix"
+        self.port = getattr(peer, "port", 0) or 0
+        count = self.listener.per_source.get(self.address, 0)
+        if count >= self.config.max_connections_per_source:
+            self._closing = True
+            self.transport.write(self.bye("Too many connections from your address."))
+            self.transport.loseConnection()
+            return
+        self.listener.per_source[self.address] = count + 1
+        self._counted = True
+        self.listener.connections.add(self)
+        self.machine = self.make_machine()
+        self.transport.write(self.machine.greeting())
+        self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._counted:
+            left = self.listener.per_source[self.address] - 1
+            if left:
+                self.listener.per_source[self.address] = left
+            else:
+                del self.listener.per_source[self.address]
+            self._counted = False
+        self.listener.connections.discard(self)
+        if self._registered:
+            self.listener.sessions.remove(self)
+            self._registered = False
+        if self.backend is not None:
+            self.backend.close()
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.idle_timeout if self.backend else self.config.login_timeout)
+
+    def _idle(self) -> None:
+        self.close("Idle for too long.")
+
+    def close(self, text: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.backend is not None:
+            # Stop relaying first, so that the goodbye does not land inside a response.
+            self.backend.detach()
+            self.backend.close()
+        self.transport.write(self.bye(text))
+        self.transport.loseConnection()
+
+    def revoke(self, reason: str) -> None:
+        """The session registry ends this session."""
+        log.info("{address}: ending the {protocol} session of {user}: {reason}",
+                 address=self.address, protocol=self.protocol_name, user=self.username,
+                 reason=reason)
+        self.close("Session ended: its credentials are no longer valid.")
+
+    # -- client → proxy ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._touch()
+        if self.backend is not None:
+            self.backend.transport.write(data)
+            return
+        assert self.machine is not None
+        self._run(self.machine.feed(data))
+
+    def _run(self, events: list[Event]) -> None:
+        for event in events:
+            if self._closing:
+                return
+            if isinstance(event, Send):
+                self.transport.write(event.data)
+            elif isinstance(event, StartTLS):
+                self.transport.startTLS(self.listener.tls)
+            elif isinstance(event, Login):
+                Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
+            elif isinstance(event, Close):
+                self._closing = True
+                self.transport.loseConnection()
+
+    async def _login(self, event: Login) -> None:
+        assert self.machine is not None
+        attempt = Attempt(
+            protocol=self.protocol_name,
+            realm=self.config.realm,
+            username=event.username,
+            secret=event.secret,
+            client_address=self.address,
+            tls=self.machine.tls,
+        )
+        decision: Decision = await self.listener.authenticator.authenticate(attempt)
+        if self._closing:
+            return
+        if not decision.accepted:
+            temporary = decision.outcome is Outcome.TEMPORARY_FAILURE
+            self._run(self.machine.login_failed(event.tag, temporary))
+            return
+        try:
+            backend = await self.listener.backend.login(decision.username, self.address, self.port)
+        except Exception as e:
+            log.warn("{address}: the {protocol} backend did not log {user} in: {error}",
+                     address=self.address, protocol=self.protocol_name, user=decision.username,
+                     error=str(e) or type(e).__name__)
+            if not self._closing:
+                self._run(self.machine.login_failed(event.tag, temporary=True))
+            return
+        if self._closing:
+            backend.close()
+            return
+        assert decision.account is not None
+        self.username = decision.username
+        self.dn = decision.account.dn
+        self.app_password_id = decision.app_password.id if decision.app_password else None
+        self.listener.sessions.add(self)
+        self._registered = True
+        rest = self.machine.take_rest()
+        self.machine = None
+        self.backend = backend
+        backend.attach(self)
+        self.transport.write(self.logged_in(event, backend))
+        # Flow control both ways: a slow reader pauses the other side.
+        self.transport.registerProducer(backend.transport, True)
+        backend.transport.registerProducer(self.transport, True)
+        self._touch()
+        if rest:
+            backend.transport.write(rest)
+
+    # -- proxy ← backend ------------------------------------------------------------------------
+
+    def from_backend(self, data: bytes) -> None:
+        self._touch()
+        self.transport.write(data)
+
+    def backend_lost(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.transport.loseConnection()
+
+    def _crashed(self, failure: Any) -> None:
+        log.failure("{address}: a {protocol} login failed unexpectedly", failure,
+                    address=self.address, protocol=self.protocol_name)
+        self.close("Internal error.")
