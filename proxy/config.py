@@ -636,8 +636,11 @@ class ListenerConfig:
     max_literal_size: int = _field(
         4096, Int(64, 1 << 20), "IMAP: the largest literal before login"
     )
-    max_bad_commands: int = _field(
-        3, Int(1, 100), "IMAP, SMTP: invalid commands before login after which the client is dropped"
+    max_bad_commands: int | None = _field(
+        None,
+        Optional(Int(1, 1000)),
+        "IMAP, SMTP: invalid commands before login after which the client is dropped; "
+        "null: 3 for IMAP, 20 for SMTP (Postfix's hard error limit)",
     )
     backend: str | None = _field(
         None,
@@ -682,6 +685,8 @@ class ListenerConfig:
             scheme = self.backend.split(":", 1)[0]
             if not scheme.startswith(self.protocol):
                 raise ValueError(f"a {self.protocol} listener needs a {self.protocol}:// backend")
+            if (self.protocol, self.backend_login) in (("imap", "xclient"), ("smtp", "dovecot")):
+                raise ValueError(f"backend_login: {self.backend_login} is not for {self.protocol}")
             if self.backend_login != "xclient" and (
                 self.master_user is None or self.master_password_file is None
             ):

@@ -22,7 +22,9 @@ from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.backends import backend_endpoint
 from proxy.backends.imap import IMAPBackend
+from proxy.backends.smtp import SMTPBackend
 from proxy.frontends.imap import IMAPListener
+from proxy.frontends.smtp import SMTPListener
 from proxy.frontends.ldap import LDAPListener, Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
@@ -221,7 +223,7 @@ class Daemon:
         elif config.protocol == "imap":
             factory = IMAPListener(backend=await self._imap_backend(config), **common)
         else:
-            raise StartupError(f"listener {config.label}: {config.protocol} is not available yet")
+            factory = SMTPListener(backend=await self._smtp_backend(config), **common)
         if config.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         try:
@@ -271,6 +273,23 @@ class Daemon:
             pass_client_address=config.pass_client_address,
             timeout=config.backend_timeout,
         )
+
+    async def _smtp_backend(self, config: configuration.ListenerConfig) -> SMTPBackend:
+        assert config.backend is not None
+        password, ca = await self._backend_secrets(config)
+        endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
+        backend = SMTPBackend(
+            reactor=self._reactor,
+            endpoint=endpoint,
+            starttls=options if config.backend_starttls else None,
+            master_user=config.master_user,
+            master_password=password,
+            login_style=config.backend_login,
+            pass_client_address=config.pass_client_address,
+            timeout=config.backend_timeout,
+        )
+        await backend.probe()
+        return backend
 
     def record(self, event: str, **fields: Any) -> None:
         """One audit event: to the Twisted log now, to the file on the audit pool."""

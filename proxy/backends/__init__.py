@@ -6,8 +6,81 @@ import urllib.parse
 from typing import Any
 
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 
 from proxy.tls import client_options
+
+MAX_SETUP_LINE = 65536
+
+
+class BackendRefused(Exception):
+    """The backend refused the proxy's login as the user."""
+
+
+class BackendConnection(Protocol):
+    """A line-based set-up dialogue, then bytes relayed to the attached client."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._waiting: Deferred[bytes] | None = None
+        self._client: Any = None
+        self.capabilities = b""
+
+    # -- set-up --------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._client is not None:
+            self._client.from_backend(data)
+            return
+        self._buffer += data
+        self._deliver()
+
+    def _deliver(self) -> None:
+        if self._waiting is None:
+            if len(self._buffer) > MAX_SETUP_LINE:
+                self.transport.abortConnection()
+            return
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_SETUP_LINE:
+                self.transport.abortConnection()
+            return
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        waiting, self._waiting = self._waiting, None
+        waiting.callback(line)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(ConnectionError("the backend closed the connection"))
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.backend_lost()
+
+    async def line(self) -> bytes:
+        self._waiting = Deferred()
+        self._deliver()
+        return await self._waiting
+
+    # -- relay ---------------------------------------------------------------------
+
+    def attach(self, client: Any) -> None:
+        self._client = client
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        if rest:
+            client.from_backend(rest)
+
+    def detach(self) -> None:
+        self._client = None
+
+    def close(self) -> None:
+        self._client = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 
 DEFAULT_PORTS = {"imap": 143, "imaps": 993, "smtp": 587, "smtps": 465}
 

@@ -18,100 +18,35 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Protocol
 
+from proxy.backends import BackendConnection, BackendRefused
 from proxy.frontends.imapwire import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
-MAX_SETUP_LINE = 65536
 
 
-class BackendRefused(Exception):
-    """The backend refused the proxy's login as the user."""
-
-
-class BackendConnection(Protocol):
-    """A line-based set-up dialogue, then bytes relayed to the attached client."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._waiting: Deferred[bytes] | None = None
-        self._client: Any = None
-        self.capabilities = b""
-
-    # -- set-up --------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._client is not None:
-            self._client.from_backend(data)
-            return
-        self._buffer += data
-        self._deliver()
-
-    def _deliver(self) -> None:
-        if self._waiting is None:
-            if len(self._buffer) > MAX_SETUP_LINE:
-                self.transport.abortConnection()
-            return
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_SETUP_LINE:
-                self.transport.abortConnection()
-            return
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 2]
-        waiting, self._waiting = self._waiting, None
-        waiting.callback(line)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.errback(ConnectionError("the IMAP backend closed the connection"))
-        if self._client is not None:
-            client, self._client = self._client, None
-            client.backend_lost()
-
-    async def line(self) -> bytes:
-        self._waiting = Deferred()
-        self._deliver()
-        return await self._waiting
-
-    async def command(self, tag: bytes, line: bytes, continuation: bytes | None = None) -> bytes:
-        """Send a command; the tagged answer's line. Untagged lines are read and
-        kept only for capabilities; a continuation request gets ``continuation``."""
-        self.transport.write(tag + b" " + line + b"\r\n")
-        while True:
-            answer = await self.line()
-            if answer.startswith(b"+") and continuation is not None:
-                self.transport.write(continuation + b"\r\n")
-                continuation = None
-                continue
-            if answer.upper().startswith(b"* CAPABILITY "):
-                self.capabilities = answer[len(b"* CAPABILITY ") :]
-            if answer.startswith(tag + b" "):
-                status = answer[len(tag) + 1 :].split(b" ", 1)[0].upper()
-                if status != b"OK":
-                    raise BackendRefused(answer[len(tag) + 1 :].decode("utf-8", "replace")[:200])
-                found = _CAPABILITY.search(answer)
-                if found:
-                    self.capabilities = found.group(1)
-                return answer
-
-    # -- relay ---------------------------------------------------------------------
-
-    def attach(self, client: Any) -> None:
-        self._client = client
-        rest, self._buffer = bytes(self._buffer), bytearray()
-        if rest:
-            client.from_backend(rest)
-
-    def detach(self) -> None:
-        self._client = None
-
-    def close(self) -> None:
-        self._client = None
-        if self.transport is not None:
-            self.transport.loseConnection()
+async def command(
+    connection: BackendConnection, tag: bytes, line: bytes, continuation: bytes | None = None
+) -> bytes:
+    """Send an IMAP command; the tagged answer's line. Untagged lines are read
+    and kept only for capabilities; a continuation request gets ``continuation``."""
+    connection.transport.write(tag + b" " + line + b"\r\n")
+    while True:
+        answer = await connection.line()
+        if answer.startswith(b"+") and continuation is not None:
+            connection.transport.write(continuation + b"\r\n")
+            continuation = None
+            continue
+        if answer.upper().startswith(b"* CAPABILITY "):
+            connection.capabilities = answer[len(b"* CAPABILITY ") :]
+        if answer.startswith(tag + b" "):
+            status = answer[len(tag) + 1 :].split(b" ", 1)[0].upper()
+            if status != b"OK":
+                raise BackendRefused(answer[len(tag) + 1 :].decode("utf-8", "replace")[:200])
+            found = _CAPABILITY.search(answer)
+            if found:
+                connection.capabilities = found.group(1)
+            return answer
 
 
 @attrs.define
@@ -140,7 +75,7 @@ class IMAPBackend:
             if found:
                 connection.capabilities = found.group(1)
             if self.starttls is not None:
-                await connection.command(b"lap0", b"STARTTLS")
+                await command(connection, b"lap0", b"STARTTLS")
                 connection.transport.startTLS(self.starttls)
                 connection.capabilities = b""
             if self.pass_client_address:
@@ -150,12 +85,12 @@ class IMAPBackend:
                     (b"x-session-ext-id", secrets.token_hex(8).encode()),
                 ]
                 pairs = b" ".join(quote(k) + b" " + quote(v) for k, v in fields)
-                await connection.command(b"lap1", b"ID (" + pairs + b")")
+                await command(connection, b"lap1", b"ID (" + pairs + b")")
             if not connection.capabilities:
-                await connection.command(b"lap2", b"CAPABILITY")
+                await command(connection, b"lap2", b"CAPABILITY")
             await self._authenticate(connection, username)
             if not connection.capabilities:
-                await connection.command(b"lap4", b"CAPABILITY")
+                await command(connection, b"lap4", b"CAPABILITY")
         except BaseException:
             connection.transport.abortConnection()
             raise
@@ -165,7 +100,7 @@ class IMAPBackend:
         if self.login_style == "dovecot":
             login = quote(f"{username}*{self.master_user}") + b" " + quote(self.master_password)
             connection.capabilities = b""
-            await connection.command(b"lap3", b"LOGIN " + login)
+            await command(connection, b"lap3", b"LOGIN " + login)
             return
         message = b"\x00".join(
             (username.encode(), self.master_user.encode(), self.master_password.encode())
@@ -174,6 +109,6 @@ class IMAPBackend:
         connection_caps = connection.capabilities.upper().split()
         connection.capabilities = b""
         if b"SASL-IR" in connection_caps:
-            await connection.command(b"lap3", b"AUTHENTICATE PLAIN " + response)
+            await command(connection, b"lap3", b"AUTHENTICATE PLAIN " + response)
         else:
-            await connection.command(b"lap3", b"AUTHENTICATE PLAIN", continuation=response)
+            await command(connection, b"lap3", b"AUTHENTICATE PLAIN", continuation=response)

@@ -244,7 +244,7 @@ class IMAPServer(RelayingServer):
             allow_plaintext=self.config.allow_plaintext_auth,
             max_line=self.config.max_line_length,
             max_literal=self.config.max_literal_size,
-            max_bad=self.config.max_bad_commands,
+            max_bad=self.config.max_bad_commands or 3,
         )
 
     def bye(self, text: str) -> bytes:

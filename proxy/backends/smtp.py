@@ -1,0 +1,136 @@
+"""Logging in to the real submission server as the user, then relaying bytes.
+
+The backend trusts the proxy either as a SASL master user (PLAIN with the
+user as authorization identity: Dovecot submission) or through Postfix's
+XCLIENT (``LOGIN=`` and ``ADDR=``, from an address Postfix lists in
+``smtpd_authorized_xclient_hosts``). Where the backend offers XCLIENT and the
+operator wants it, the client's address is passed on before a SASL login too.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.logger import Logger
+
+from proxy.backends import BackendConnection, BackendRefused
+from proxy.frontends.smtp import DEFAULT_EXTENSIONS, passed_extensions
+
+log = Logger(namespace="legacy_auth_proxy.backends.smtp")
+
+
+def xtext(value: str) -> bytes:
+    """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!`` to ``~`` as ``+XX``."""
+    out = bytearray()
+    for byte in value.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
+            out.append(byte)
+        else:
+            out += b"+%02X" % byte
+    return bytes(out)
+
+
+async def reply(connection: BackendConnection) -> tuple[int, list[bytes]]:
+    """One SMTP reply, multi-line or not: its code and the text of each line."""
+    lines = []
+    while True:
+        line = await connection.line()
+        if len(line) < 3 or not line[:3].isdigit():
+            raise BackendRefused("the submission server sent a malformed reply")
+        lines.append(line[4:])
+        if line[3:4] != b"-":
+            return int(line[:3]), lines
+
+
+async def expect(connection: BackendConnection, command: bytes | None, code: int) -> list[bytes]:
+    if command is not None:
+        connection.transport.write(command + b"\r\n")
+    got, lines = await reply(connection)
+    if got != code:
+        verb = command.split(b" ", 1)[0].decode() if command else "greeting"
+        raise BackendRefused(f"{verb}: {got} {b' '.join(lines)[:200].decode('utf-8', 'replace')}")
+    return lines
+
+
+@attrs.define
+class SMTPBackend:
+    reactor: Any
+    endpoint: Any
+    starttls: Any | None
+    master_user: str | None
+    master_password: str = attrs.field(repr=False)
+    login_style: str  # "sasl" or "xclient"
+    pass_client_address: bool
+    timeout: float
+    hostname: str = attrs.Factory(socket.getfqdn)
+    extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
+
+    async def probe(self) -> None:
+        """Learn the backend's extensions, which the proxy's EHLO offers before AUTH."""
+        connection = BackendConnection()
+        try:
+            await connectProtocol(self.endpoint, connection).addTimeout(self.timeout, self.reactor)
+            await expect(connection, None, 220)
+            lines = await self._ehlo(connection)
+            if self.starttls is not None:
+                lines = await self._starttls(connection)
+            connection.transport.write(b"QUIT\r\n")
+            self.extensions = passed_extensions(lines)
+        except Exception as e:
+            log.warn("cannot read the submission server's extensions: {error}",
+                     error=str(e) or type(e).__name__)
+        finally:
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+    async def _ehlo(self, connection: BackendConnection) -> list[bytes]:
+        return await expect(connection, b"EHLO " + self.hostname.encode(), 250)
+
+    async def _starttls(self, connection: BackendConnection) -> list[bytes]:
+        await expect(connection, b"STARTTLS", 220)
+        connection.transport.startTLS(self.starttls)
+        return await self._ehlo(connection)
+
+    async def login(self, username: str, address: str, port: int) -> BackendConnection:
+        d = Deferred.fromCoroutine(self._login(username, address, port))
+        return await d.addTimeout(self.timeout, self.reactor)
+
+    async def _login(self, username: str, address: str, port: int) -> BackendConnection:
+        connection = BackendConnection()
+        await connectProtocol(self.endpoint, connection)
+        try:
+            await expect(connection, None, 220)
+            lines = await self._ehlo(connection)
+            if self.starttls is not None:
+                lines = await self._starttls(connection)
+            offered = keywords(lines)
+            if self.login_style == "xclient":
+                command = b"XCLIENT LOGIN=" + xtext(username)
+                if self.pass_client_address:
+                    command += b" ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
+                await expect(connection, command, 220)
+                await self._ehlo(connection)
+                return connection
+            if self.pass_client_address and b"XCLIENT" in offered:
+                command = b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
+                await expect(connection, command, 220)
+                await self._ehlo(connection)
+            assert self.master_user is not None
+            message = b"\x00".join(
+                (username.encode(), self.master_user.encode(), self.master_password.encode())
+            )
+            await expect(connection, b"AUTH PLAIN " + base64.b64encode(message), 235)
+        except BaseException:
+            connection.transport.abortConnection()
+            raise
+        return connection
+
+
+def keywords(lines: Sequence[bytes]) -> set[bytes]:
+    return {line.split(b" ", 1)[0].upper() for line in lines[1:]}

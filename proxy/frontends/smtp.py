@@ -1,0 +1,269 @@
+"""The SMTP submission front end: legacy clients authenticate, the core
+decides, and the session is relayed to the real submission server.
+
+:class:`PreAuth` is the dialogue up to a successful AUTH as a state machine
+that does no I/O. Written by hand because the stock
+``twisted.mail.smtp.ESMTP`` is a LineOnlyReceiver that executes commands
+pipelined after STARTTLS. Every reply carries an RFC 3463 enhanced status
+code (RFC 4954 section 6).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import Any
+
+from proxy.apppasswords import canonical_username
+from proxy.frontends.base import Close, Event, Listener, Login, RelayingServer, Send, StartTLS
+
+# Extensions of the backend that mean the same through the proxy; the rest
+# (AUTH, STARTTLS, XCLIENT, ...) are the proxy's business or not offered.
+PASSED_EXTENSIONS = (
+    b"SIZE", b"PIPELINING", b"8BITMIME", b"CHUNKING", b"BINARYMIME", b"SMTPUTF8", b"DSN",
+    b"DELIVERBY", b"MT-PRIORITY", b"FUTURERELEASE",
+)
+DEFAULT_EXTENSIONS = (b"PIPELINING", b"8BITMIME")
+
+
+def passed_extensions(ehlo_lines: Sequence[bytes]) -> list[bytes]:
+    """The backend's EHLO keywords (first line, the greeting, left out) that
+    clients may use through the proxy."""
+    kept = []
+    for line in ehlo_lines[1:]:
+        keyword = line.split(b" ", 1)[0].upper()
+        if keyword in PASSED_EXTENSIONS:
+            kept.append(line)
+    return kept
+
+
+class TooLong(Exception):
+    pass
+
+
+class PreAuth:
+    """The submission dialogue up to a successful AUTH. No I/O."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        tls: bool,
+        starttls: bool,
+        allow_plaintext: bool,
+        extensions: Sequence[bytes] = DEFAULT_EXTENSIONS,
+        max_line: int = 8192,
+        max_errors: int = 20,
+    ) -> None:
+        self.hostname = hostname.encode()
+        self.tls = tls
+        self.starttls = starttls
+        self.allow_plaintext = allow_plaintext
+        self.extensions = list(extensions)
+        self.max_line = max_line
+        self.max_errors = max_errors
+        self.errors = 0
+        self.helo = False
+        self.closed = False
+        self.deciding = False
+        self._buffer = bytearray()
+        self._sasl: tuple[str, list[bytes]] | None = None
+
+    @property
+    def can_login(self) -> bool:
+        return self.tls or self.allow_plaintext
+
+    def greeting(self) -> bytes:
+        return b"220 " + self.hostname + b" ESMTP ready\r\n"
+
+    # -- replies --------------------------------------------------------------------
+
+    def _reply(self, text: bytes) -> Send:
+        return Send(text + b"\r\n")
+
+    def _error(self, text: bytes) -> list[Event]:
+        self.errors += 1
+        events: list[Event] = [self._reply(text)]
+        if self.errors >= self.max_errors:
+            events += self._close(b"421 4.7.0 Error: too many errors")
+        return events
+
+    def _close(self, text: bytes) -> list[Event]:
+        self.closed = True
+        return [self._reply(text), Close()]
+
+    def _ehlo(self) -> list[Event]:
+        lines = [self.hostname] + list(self.extensions) + [b"ENHANCEDSTATUSCODES"]
+        if self.starttls and not self.tls:
+            lines.append(b"STARTTLS")
+        if self.can_login:
+            lines.append(b"AUTH PLAIN LOGIN")
+        body = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
+        return [Send(body + b"250 " + lines[-1] + b"\r\n")]
+
+    # -- input ------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.closed:
+            return []
+        self._buffer += data
+        return self._run()
+
+    def _line(self) -> bytes | None:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > self.max_line:
+                raise TooLong()
+            return None
+        if end > self.max_line:
+            raise TooLong()
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    def _run(self) -> list[Event]:
+        events: list[Event] = []
+        try:
+            while not self.closed and not self.deciding:
+                line = self._line()
+                if line is None:
+                    break
+                if b"\n" in line or b"\r" in line or b"\x00" in line:
+                    events += self._error(b"500 5.5.2 Error: bad characters in command")
+                elif self._sasl is not None:
+                    events += self._sasl_answer(line)
+                else:
+                    events += self._command(line)
+                if any(isinstance(e, StartTLS) for e in events):
+                    break
+        except TooLong:
+            events += self._close(b"500 5.5.0 Error: line too long")
+        return events
+
+    def _command(self, line: bytes) -> list[Event]:
+        verb, _, rest = line.partition(b" ")
+        verb = verb.upper()
+        rest = rest.strip()
+        if verb == b"EHLO" or verb == b"HELO":
+            if not rest:
+                return self._error(b"501 5.5.4 Syntax: " + verb + b" hostname")
+            self.helo = True
+            if verb == b"HELO":
+                return [self._reply(b"250 " + self.hostname)]
+            return self._ehlo()
+        if verb == b"STARTTLS":
+            if rest:
+                return self._error(b"501 5.5.4 Syntax: STARTTLS")
+            if self.tls or not self.starttls:
+                return self._error(b"503 5.5.1 Error: TLS already active" if self.tls
+                                   else b"502 5.5.1 Error: STARTTLS not offered")
+            # Whatever followed in the clear is dropped unread, and the EHLO
+            # before TLS is forgotten (RFC 3207 4.2).
+            self._buffer.clear()
+            self.tls = True
+            self.helo = False
+            return [self._reply(b"220 2.0.0 Ready to start TLS"), StartTLS()]
+        if verb == b"AUTH":
+            return self._auth(rest)
+        if verb in (b"MAIL", b"RCPT", b"DATA", b"BDAT", b"VRFY", b"EXPN", b"ETRN"):
+            return self._error(b"530 5.7.0 Authentication required")
+        if verb == b"NOOP":
+            return [self._reply(b"250 2.0.0 OK")]
+        if verb == b"RSET":
+            return [self._reply(b"250 2.0.0 OK")]
+        if verb == b"HELP":
+            return [self._reply(b"214 2.0.0 Commands: EHLO HELO STARTTLS AUTH NOOP RSET QUIT HELP")]
+        if verb == b"QUIT":
+            return self._close(b"221 2.0.0 Bye")
+        return self._error(b"500 5.5.2 Error: command not recognized")
+
+    # -- AUTH ----------------------------------------------------------------------------
+
+    def _auth(self, rest: bytes) -> list[Event]:
+        if not self.helo:
+            return self._error(b"503 5.5.1 Error: send EHLO first")
+        if not self.can_login:
+            return self._error(b"530 5.7.0 Must issue a STARTTLS command first")
+        parts = rest.split()
+        if not 1 <= len(parts) <= 2:
+            return self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        mechanism = parts[0].upper().decode("ascii", "replace")
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return self._error(b"504 5.5.4 Unrecognized authentication type")
+        self._sasl = (mechanism, [])
+        if len(parts) == 2:
+            return self._sasl_answer(b"" if parts[1] == b"=" else parts[1], initial=True)
+        return [self._reply(b"334 " if mechanism == "PLAIN" else b"334 VXNlcm5hbWU6")]
+
+    def _sasl_answer(self, line: bytes, initial: bool = False) -> list[Event]:
+        assert self._sasl is not None
+        mechanism, answers = self._sasl
+        if line == b"*" and not initial:
+            self._sasl = None
+            return self._error(b"501 5.0.0 Authentication cancelled")
+        try:
+            decoded = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            return self._error(b"501 5.5.2 Cannot decode response")
+        answers.append(decoded)
+        if mechanism == "LOGIN":
+            if len(answers) == 1:
+                return [self._reply(b"334 UGFzc3dvcmQ6")]
+            self._sasl = None
+            return [self._login(answers[0], answers[1], "login")]
+        self._sasl = None
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3:
+            return self._error(b"501 5.5.2 Invalid PLAIN message")
+        authzid, authcid, secret = parts
+        if authzid and canonical_username(authzid.decode("utf-8", "replace")) != canonical_username(
+            authcid.decode("utf-8", "replace")
+        ):
+            return self._error(b"535 5.7.8 Error: authorization identity not allowed")
+        return [self._login(authcid, secret, "plain")]
+
+    def _login(self, user: bytes, secret: bytes, mechanism: str) -> Login:
+        self.deciding = True
+        return Login(b"", user.decode("utf-8", "replace"), secret.decode("utf-8", "replace"), mechanism)
+
+    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
+        self.deciding = False
+        if temporary:
+            return [self._reply(b"454 4.7.0 Temporary authentication failure, try again later")] + self._run()
+        return self._error(b"535 5.7.8 Error: authentication failed") + self._run()
+
+    def take_rest(self) -> bytes:
+        self.closed = True
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+
+class SMTPListener(Listener):
+    def buildProtocol(self, addr: Any) -> SMTPServer:
+        protocol = SMTPServer(self)
+        protocol.factory = self
+        return protocol
+
+
+class SMTPServer(RelayingServer):
+    protocol_name = "smtp"
+
+    def make_machine(self) -> PreAuth:
+        return PreAuth(
+            hostname=self.listener.backend.hostname,
+            tls=self.config.tls == "implicit",
+            starttls=self.config.tls == "starttls" and self.listener.tls is not None,
+            allow_plaintext=self.config.allow_plaintext_auth,
+            extensions=self.listener.backend.extensions,
+            max_line=self.config.max_line_length,
+            max_errors=self.config.max_bad_commands or 20,
+        )
+
+    def bye(self, text: str) -> bytes:
+        return b"421 4.7.0 " + text.encode() + b"\r\n"
+
+    def logged_in(self, event: Login, backend: Any) -> bytes:
+        return b"235 2.7.0 Authentication successful\r\n"
