@@ -60,9 +60,10 @@ class BackendConnection(Protocol):
             client.backend_lost()
 
     async def line(self) -> bytes:
-        self._waiting = Deferred()
+        waiting: Deferred[bytes] = Deferred()
+        self._waiting = waiting
         self._deliver()
-        return await self._waiting
+        return await waiting
 
     # -- relay ---------------------------------------------------------------------
 

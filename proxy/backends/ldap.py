@@ -66,9 +66,10 @@ class UpstreamLDAP(Protocol):
         self.lost.callback(None)
 
     async def request(self, frame: bytes) -> ber.Message:
-        self._waiting = Deferred()
+        waiting: Deferred[bytes] = Deferred()
+        self._waiting = waiting
         self.transport.write(frame)
-        return ber.parse_message(await self._waiting)
+        return ber.parse_message(await waiting)
 
     def send(self, frame: bytes) -> None:
         self.transport.write(frame)
