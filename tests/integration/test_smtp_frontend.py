@@ -1,0 +1,266 @@
+"""The SMTP submission front end, end to end: the real daemon between real
+clients (smtplib, swaks, curl) and Dovecot's submission service, which
+relays to a sink the tests read."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.proxyd import ProxyDaemon
+
+PRIMARY = "Primary-Passw0rd"
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, dovecot, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("proxy-smtp")
+    master = folder / "master-password"
+    master.write_text(dovecot.master_password + "\n")
+    master.chmod(0o600)
+    backend = {
+        "protocol": "smtp", "realm": "cloud",
+        "backend": f"smtp://127.0.0.1:{dovecot.submission_port}",
+        "master_user": dovecot.master_user, "master_password_file": str(master),
+    }
+    daemon = ProxyDaemon(folder, slapd, {
+        "submission": dict(backend),
+        "submissions": dict(backend, tls="implicit"),
+        "plain": dict(backend, tls="none", allow_plaintext_auth=True),
+        "tls-backend": dict(backend, backend_starttls=True, backend_ca_file=str(dovecot.ca_file)),
+    })
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+@pytest.fixture
+def user(slapd, proxy, unique):
+    uid = unique()
+    slapd.add_user(uid, PRIMARY)
+    return uid, proxy.create_app_password(uid, "Outlook 2010")
+
+
+def context(proxy):
+    return ssl.create_default_context(cafile=str(proxy.pki.ca_file))
+
+
+def submission(proxy, listener="submission"):
+    client = smtplib.SMTP("127.0.0.1", proxy.ports[listener], timeout=30)
+    client.ehlo("client.example.test")
+    client.starttls(context=context(proxy))
+    client.ehlo("client.example.test")
+    return client
+
+
+def message(subject, body=b"Hello.\r\n"):
+    return (b"From: sender@example.test\r\nTo: rcpt@example.test\r\nSubject: " + subject.encode()
+            + b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body)
+
+
+def sent_through(dovecot, since, count=1):
+    found = dovecot.wait_for_messages(count, timeout=20, since=since)
+    assert found is not None, "nothing reached the sink"
+    return found
+
+
+def test_smtplib_sends_8bit_mail_with_an_app_password(proxy, dovecot, user):
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    client = submission(proxy)
+    assert "auth" in client.esmtp_features and "starttls" not in client.esmtp_features
+    assert "8bitmime" in client.esmtp_features
+    client.login(uid, secret)
+    body = "Grüße aus Köln, ½ € für alle.\r\n".encode()
+    data = message("8bit", body)
+    client.sendmail(f"{uid}@example.test", ["rcpt@example.test"], data,
+                    mail_options=["BODY=8BITMIME"])
+    client.quit()
+    (got,) = sent_through(dovecot, since)
+    assert got.submitted == data
+    assert got.mail_from == f"{uid}@example.test" and got.rcpt_to == ["rcpt@example.test"]
+
+
+def test_a_10_mb_message_arrives_byte_for_byte(proxy, dovecot, user):
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    body = b"".join(b"%07d " % i + b"y" * 70 + b"\r\n" for i in range(130_000))
+    data = message("big", body)
+    assert len(data) > 10_000_000
+    client = submission(proxy)
+    client.login(uid, secret)
+    client.sendmail(f"{uid}@example.test", ["rcpt@example.test"], data)
+    client.quit()
+    (got,) = sent_through(dovecot, since)
+    assert got.submitted == data
+
+
+def test_implicit_tls_and_a_tls_backend(proxy, dovecot, user):
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    client = smtplib.SMTP_SSL("127.0.0.1", proxy.ports["submissions"], context=context(proxy),
+                              timeout=30)
+    client.login(uid, secret)
+    client.sendmail(f"{uid}@example.test", ["a@example.test"], message("implicit"))
+    client.quit()
+    client = submission(proxy, "tls-backend")
+    client.login(uid, secret)
+    client.sendmail(f"{uid}@example.test", ["b@example.test"], message("tls-backend"))
+    client.quit()
+    got = sent_through(dovecot, since, 2)
+    assert sorted(m.rcpt_to[0] for m in got) == ["a@example.test", "b@example.test"]
+
+
+def test_swaks_sends_through_the_proxy(proxy, dovecot, user):
+    swaks = require_tool("swaks")
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    done = subprocess.run(
+        [swaks, "--server", "127.0.0.1", "--port", str(proxy.ports["submission"]), "--tls",
+         "--tls-ca-path", str(proxy.pki.ca_file), "--tls-verify",
+         "--auth", "PLAIN", "--auth-user", uid, "--auth-password", secret,
+         "--from", f"{uid}@example.test", "--to", "swaks@example.test",
+         "--header", "Subject: via swaks", "--body", "Sent by swaks."],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (got,) = sent_through(dovecot, since)
+    assert got.rcpt_to == ["swaks@example.test"] and b"Subject: via swaks" in got.data
+
+
+def test_curl_sends_over_starttls_and_implicit_tls(proxy, dovecot, user, tmp_path):
+    curl = require_tool("curl")
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(message("curl"))
+    for url, extra in ((f"smtp://127.0.0.1:{proxy.ports['submission']}", ["--ssl-reqd"]),
+                       (f"smtps://127.0.0.1:{proxy.ports['submissions']}", [])):
+        done = subprocess.run(
+            [curl, "-sS", *extra, "--cacert", str(proxy.pki.ca_file), "-u", f"{uid}:{secret}",
+             "--mail-from", f"{uid}@example.test", "--mail-rcpt", "curl@example.test",
+             "--upload-file", str(mail), url], capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    got = sent_through(dovecot, since, 2)
+    assert all(m.submitted.replace(b"\r\n", b"\n") == message("curl").replace(b"\r\n", b"\n")
+               for m in got)
+
+
+def test_refusals(proxy, slapd, user, unique):
+    uid, secret = user
+    enforced = unique()
+    slapd.add_user(enforced, PRIMARY, groups=["mfa"])
+    for name, password in ((uid, "wrong"), ("nobody-here", secret), (enforced, PRIMARY)):
+        client = submission(proxy)
+        with pytest.raises(smtplib.SMTPAuthenticationError) as raised:
+            client.login(name, password)
+        assert raised.value.smtp_code == 535
+        assert raised.value.smtp_error.startswith(b"5.7.8")
+        client.close()
+
+
+def raw(proxy, listener="plain"):
+    s = socket.create_connection(("127.0.0.1", proxy.ports[listener]), timeout=10)
+    assert s.recv(4096).startswith(b"220 ")
+    return s
+
+
+def read_until_closed(s):
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_mail_before_auth_and_auth_before_tls(proxy):
+    s = raw(proxy, "submission")
+    s.sendall(b"EHLO x\r\n")
+    ehlo = s.recv(4096)
+    assert b"STARTTLS" in ehlo and b"AUTH" not in ehlo
+    s.sendall(b"MAIL FROM:<a@example.test>\r\n")
+    assert s.recv(4096) == b"530 5.7.0 Authentication required\r\n"
+    s.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0a\0b") + b"\r\n")
+    assert s.recv(4096) == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+    s.sendall(b"QUIT\r\n")
+    assert read_until_closed(s) == b"221 2.0.0 Bye\r\n"
+
+
+def test_an_auth_pipelined_after_starttls_is_never_executed(proxy, user):
+    uid, secret = user
+    before = (proxy.folder / "audit.log").read_text().count('"authentication"')
+    s = raw(proxy, "submission")
+    s.sendall(b"EHLO x\r\n")
+    s.recv(4096)
+    plain = base64.b64encode(f"\0{uid}\0{secret}".encode())
+    s.sendall(b"STARTTLS\r\nAUTH PLAIN " + plain + b"\r\n")
+    assert s.recv(4096) == b"220 2.0.0 Ready to start TLS\r\n"
+    tls = context(proxy).wrap_socket(s, server_hostname="localhost")
+    tls.sendall(b"NOOP\r\n")
+    assert tls.recv(4096) == b"250 2.0.0 OK\r\n"  # nothing answered for the AUTH
+    tls.sendall(b"AUTH PLAIN " + plain + b"\r\n")
+    assert tls.recv(4096) == b"503 5.5.1 Error: send EHLO first\r\n"  # the EHLO was forgotten
+    tls.close()
+    time.sleep(0.3)
+    assert (proxy.folder / "audit.log").read_text().count('"authentication"') == before
+
+
+def test_pipelined_mail_after_auth_reaches_the_backend(proxy, dovecot, user):
+    uid, secret = user
+    since = len(dovecot.sink_messages())
+    s = raw(proxy)
+    plain = base64.b64encode(f"\0{uid}\0{secret}".encode())
+    s.sendall(b"EHLO x\r\nAUTH PLAIN " + plain + b"\r\nMAIL FROM:<" + uid.encode() +
+              b"@example.test>\r\nRCPT TO:<pipe@example.test>\r\nDATA\r\n")
+    answer = b""
+    while answer.count(b"\r\n354") == 0:
+        answer += s.recv(4096)
+    assert b"235 2.7.0" in answer
+    s.sendall(b"Subject: pipelined\r\n\r\n..dot-stuffed\r\n.\r\nQUIT\r\n")
+    read_until_closed(s)
+    (got,) = sent_through(dovecot, since)
+    assert got.rcpt_to == ["pipe@example.test"] and got.submitted.endswith(b".dot-stuffed\r\n")
+
+
+def test_base64_errors_cancel_and_the_hard_error_limit(proxy):
+    s = raw(proxy)
+    s.sendall(b"EHLO x\r\nAUTH PLAIN\r\n")
+    answer = b""
+    while not answer.endswith(b"334 \r\n"):
+        answer += s.recv(4096)
+    s.sendall(b"@@@\r\n")
+    assert s.recv(4096) == b"501 5.5.2 Cannot decode response\r\n"
+    s.sendall(b"AUTH LOGIN\r\n")
+    assert s.recv(4096) == b"334 VXNlcm5hbWU6\r\n"
+    s.sendall(b"*\r\n")
+    assert s.recv(4096) == b"501 5.0.0 Authentication cancelled\r\n"
+    s.sendall(b"BOGUS\r\n" * 30)
+    data = read_until_closed(s)
+    assert data.endswith(b"421 4.7.0 Error: too many errors\r\n")
+
+
+def test_deleting_the_app_password_ends_the_session(proxy, user):
+    uid, secret = user
+    client = submission(proxy)
+    client.login(uid, secret)
+    assert client.noop()[0] == 250
+    assert proxy.cli("app-password", "delete", uid, "Outlook 2010").returncode == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            code, _ = client.noop()
+        except smtplib.SMTPServerDisconnected:
+            break
+        if code == 421:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the session went on")
