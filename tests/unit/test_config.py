@@ -101,6 +101,7 @@ def test_the_example_config_is_valid_and_holds_the_defaults():
     # Listeners have no defaults for what and where; the first shows every key at its default.
     first = loaded.listeners[0]
     required = {"protocol", "realm", "endpoint", "name", "certificate", "private_key"}
+    assert first.protocol == "ldap"
     assert first == config.ListenerConfig(**{k: getattr(first, k) for k in required})
     # The directory has no defaults for where it is; the rest are the defaults.
     example = loaded.directory
