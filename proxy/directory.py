@@ -148,6 +148,8 @@ class _Client(LDAPClient):
 
 
 class _ClientFactory(Factory):
+    noisy = False
+
     def __init__(self, connection: _Connection) -> None:
         self.connection = connection
 

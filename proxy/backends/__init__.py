@@ -7,11 +7,28 @@ from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 
 from proxy.tls import client_options
 
 MAX_SETUP_LINE = 65536
+
+
+class _One(Factory):
+    """A factory for one protocol instance that logs nothing per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def connect(endpoint: Any, protocol: Protocol) -> Deferred[Protocol]:
+    """``connectProtocol`` without a log line for every connection."""
+    return endpoint.connect(_One(protocol))
 
 
 class BackendRefused(Exception):

@@ -17,9 +17,8 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 
-from proxy.backends import BackendConnection, BackendRefused
+from proxy.backends import BackendConnection, BackendRefused, connect
 from proxy.frontends.imapwire import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -66,7 +65,7 @@ class IMAPBackend:
 
     async def _login(self, username: str, address: str, port: int) -> BackendConnection:
         connection = BackendConnection()
-        await connectProtocol(self.endpoint, connection)
+        await connect(self.endpoint, connection)
         try:
             greeting = await connection.line()
             if not greeting.upper().startswith(b"* OK"):

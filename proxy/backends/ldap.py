@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from proxy.backends import connect
 from proxy.frontends import ber
 
 log = Logger(namespace="legacy_auth_proxy.backends.ldap")
@@ -91,7 +91,7 @@ async def open_upstream(
     UpstreamRefused if the bind is refused, other errors if the directory
     cannot be reached in ``timeout`` seconds."""
     protocol = UpstreamLDAP()
-    connected = connectProtocol(endpoint, protocol)
+    connected = connect(endpoint, protocol)
     connected.addTimeout(timeout, reactor)
     await connected
     try:

@@ -16,10 +16,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 
-from proxy.backends import BackendConnection, BackendRefused
+from proxy.backends import BackendConnection, BackendRefused, connect
 from proxy.frontends.smtp import DEFAULT_EXTENSIONS, passed_extensions
 
 log = Logger(namespace="legacy_auth_proxy.backends.smtp")
@@ -75,7 +74,7 @@ class SMTPBackend:
         """Learn the backend's extensions, which the proxy's EHLO offers before AUTH."""
         connection = BackendConnection()
         try:
-            await connectProtocol(self.endpoint, connection).addTimeout(self.timeout, self.reactor)
+            await connect(self.endpoint, connection).addTimeout(self.timeout, self.reactor)
             await expect(connection, None, 220)
             lines = await self._ehlo(connection)
             if self.starttls is not None:
@@ -103,7 +102,7 @@ class SMTPBackend:
 
     async def _login(self, username: str, address: str, port: int) -> BackendConnection:
         connection = BackendConnection()
-        await connectProtocol(self.endpoint, connection)
+        await connect(self.endpoint, connection)
         try:
             await expect(connection, None, 220)
             lines = await self._ehlo(connection)

@@ -64,6 +64,8 @@ class Machine(TypingProtocol):
 class Listener(Factory):
     """One listener of a relaying front end, and what its connections share."""
 
+    noisy = False
+
     def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
                  sessions: Any, backend: Any, tls: Any | None) -> None:
         self.reactor = reactor

@@ -45,6 +45,8 @@ class Upstream:
 class LDAPListener(Factory):
     """One LDAP listener: its config, TLS, and what its sessions share."""
 
+    noisy = False
+
     def __init__(
         self,
         *,

@@ -107,26 +107,59 @@ def test_serve_refuses_a_pepper_others_can_read(workdir):
     assert "chmod 600" in done.stderr
 
 
-def test_the_demo_sets_itself_up_in_a_local_folder_and_serves(tmp_path):
+SECRET = re.compile(r"^    ([a-z]{4} [a-z]{4} [a-z]{4} [a-z]{4})$", re.MULTILINE)
+
+
+def test_the_demo_sets_itself_up_in_a_local_folder(tmp_path):
     done = subprocess.run([sys.executable, "-m", "proxy", "demo", "--no-serve"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "legacy-auth-proxy-demo"
     assert {p.name for p in folder.iterdir()} >= {"config.yaml", "store.sqlite3", "pepper",
-                                                   "audit.log"}
-    first = re.search(r"^    ([a-z]{4} ){3}[a-z]{4} ", done.stdout, re.MULTILINE)
-    assert first
-    # A second run replaces the demo's app password rather than piling them up.
+                                                   "audit.log", "tls"}
+    assert SECRET.search(done.stdout)
+    assert "curl --ssl-reqd" in done.stdout and "ldapwhoami" in done.stdout
+
+
+def test_the_demo_serves_imap_submission_and_ldap_in_one_process(tmp_path):
+    import imaplib
+    import smtplib
+    import ssl
+
+    first = subprocess.run([sys.executable, "-m", "proxy", "demo", "--no-serve"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
     daemon = Daemon(["demo"], cwd=tmp_path)
     try:
-        daemon.wait_for("legacy-auth-proxy started")
+        daemon.wait_for("Ctrl-C stops it")
+        daemon.wait_for("listening: submission")
+        text = "\n".join(daemon.output)
+        secret = SECRET.search(text)[1]
+        assert secret != SECRET.search(first.stdout)[1]  # a new one every run
+        imap_port = int(re.search(r"imap://127.0.0.1:(\d+)", text)[1])
+        smtp_port = int(re.search(r"smtp://127.0.0.1:(\d+)", text)[1])
+        ca = tmp_path / "legacy-auth-proxy-demo" / "tls" / "ca.pem"
+        context = ssl.create_default_context(cafile=str(ca))
+        smtp = smtplib.SMTP("127.0.0.1", smtp_port, timeout=30)
+        smtp.starttls(context=context)
+        smtp.login("demo", secret)
+        smtp.sendmail("demo@example.test", ["demo@example.test"],
+                      b"Subject: through the demo\r\n\r\nHello.\r\n")
+        smtp.quit()
+        imap = imaplib.IMAP4("127.0.0.1", imap_port, timeout=30)
+        imap.starttls(context)
+        assert imap.login("demo", secret)[0] == "OK"
+        imap.select("INBOX")
+        _, data = imap.fetch("1:*", "(BODY[HEADER.FIELDS (SUBJECT)])")
+        subjects = b"".join(part[1] for part in data if isinstance(part, tuple))
+        assert b"Welcome to the legacy-auth-proxy demo" in subjects
+        assert b"through the demo" in subjects
+        imap.logout()
     finally:
         assert daemon.stop(signal.SIGINT) == 0
-    second = re.search(r"^    ([a-z]{4} ){3}[a-z]{4} ", "\n".join(daemon.output), re.MULTILINE)
-    assert second and second[0] != first[0]
     listing = subprocess.run(
-        [sys.executable, "-m", "proxy", "--config", str(folder / "config.yaml"), "app-password",
-         "list", "demo@example.test", "--json"], capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "proxy", "--config",
+         str(tmp_path / "legacy-auth-proxy-demo" / "config.yaml"), "app-password", "list", "demo",
+         "--json"], capture_output=True, text=True, timeout=60)
     assert [a["name"] for a in json.loads(listing.stdout)] == ["demo device"]
 
 
