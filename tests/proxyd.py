@@ -31,7 +31,11 @@ class ProxyDaemon:
     tls, ...); each gets a free port, readable as ``ports[name]``.
     """
 
-    def __init__(self, folder: Path, slapd, listeners: dict[str, dict], extra: str = ""):
+    def __init__(self, folder: Path, slapd, listeners: dict[str, dict], extra: str = "",
+                 hashing: str = "  time_cost: 1\n  memory_kib: 1024",
+                 throttle: str = "  source_delay: 0.01\n  source_delay_max: 0.01\n"
+                                 "  account_failures: 1000",
+                 account_cache: str = "0", cache: str = ""):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.slapd = slapd
@@ -43,7 +47,7 @@ class ProxyDaemon:
         lines = [
             "store:", "  path: store.sqlite3", "  pepper_file: pepper",
             "audit:", "  file: audit.log",
-            "hashing:", "  time_cost: 1", "  memory_kib: 1024",
+            "hashing:", *hashing.splitlines(),
             "directory:",
             f"  url: {slapd.url}",
             f"  ca_file: {slapd.ca_file}",
@@ -53,9 +57,9 @@ class ProxyDaemon:
             f"  mfa_group: {slapd.group_dn('mfa')}",
             f"  modern_auth_only_group: {slapd.group_dn('modern-auth-only')}",
             f"  admin_group: {slapd.group_dn('admins')}",
-            "  account_cache: 0",
-            "throttle:",
-            "  source_delay: 0.01", "  source_delay_max: 0.01", "  account_failures: 1000",
+            f"  account_cache: {account_cache}",
+            "throttle:", *throttle.splitlines(),
+            *(["cache:", *cache.splitlines()] if cache else []),
             "listeners:",
         ]
         for name, settings in listeners.items():

@@ -35,3 +35,19 @@ def unique(_unique_counter):
         return f"{prefix}{next(_unique_counter):04d}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory):
+    """One real Dovecot, IMAP and submission backend with its SMTP sink, for
+    the whole session (see tests/dovecot.py). Tests share it: they use user
+    names from `unique`, compare logs and sink messages from the point where
+    they started (`since`), and must leave it running (a test that stops it
+    starts it again)."""
+    from tests.dovecot import Dovecot
+
+    server = Dovecot(tmp_path_factory.mktemp("dovecot"),
+                     dovecot_bin=require_tool("dovecot"), doveadm_bin=require_tool("doveadm"))
+    server.start()
+    yield server
+    server.stop()
