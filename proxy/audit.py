@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from proxy.apppasswords import adopt_parent_owner
 
@@ -56,15 +56,19 @@ class AuditLog:
     def line(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], level: LogLevel = LogLevel.info) -> None:
         """Send one event to the Twisted log (on the reactor thread, in the daemon)."""
-        log.info("audit {audit_line}", audit_line=self.line(record), audit=record)
+        log.emit(level, "audit {audit_line}", audit_line=self.line(record), audit=record)
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one event to the file. Blocks: the daemon calls it on the audit pool."""
-        if self.path is None:
+        self.append_many([record])
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Append events with one write. Blocks: the daemon calls it on the audit pool."""
+        if self.path is None or not records:
             return
-        data = (self.line(record) + "\n").encode("utf-8")
+        data = "".join(self.line(r) + "\n" for r in records).encode("utf-8")
         with self._lock:
             if self._fd is None:
                 self._fd = self._open()

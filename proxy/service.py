@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from proxy import apppasswords, config as configuration
 from proxy.audit import AuditLog
@@ -129,6 +129,7 @@ class Daemon:
             reactor, "argon2", threads=config.hashing.thread_count, queue=config.hashing.queue
         )
         self.audit = AuditLog(config.audit.file, reactor.seconds)
+        self._audit_batch: list[dict[str, Any]] = []
         self.store: Any = None
         self.pepper = b""
         self.files_pool = Pool(reactor, "files", threads=1, queue=1000)
@@ -143,6 +144,7 @@ class Daemon:
             pool.start()
         state = await self.store_pool.submit(open_state, self.config)
         self.store = Threaded(state.store, self.store_pool)
+        self._reactor.addSystemEventTrigger("before", "shutdown", self._write_audit)
         self.pepper = state.pepper
         self._reactor.addSystemEventTrigger(
             "before", "shutdown", self.store_pool.submit, state.store.close
@@ -292,10 +294,19 @@ class Daemon:
         return backend
 
     def record(self, event: str, **fields: Any) -> None:
-        """One audit event: to the Twisted log now, to the file on the audit pool."""
+        """One audit event: to the Twisted log now, to the file on the audit
+        pool. Events of one reactor turn are written together, with one write."""
         record = self.audit.event(event, **fields)
-        self.audit.log(record)
-        self.audit_pool.submit(self.audit.append, record).addErrback(
+        # Every sign-in is an event: those go to the Twisted log at debug
+        # level (failures also get their own info line, for fail2ban).
+        self.audit.log(record, LogLevel.debug if event == "authentication" else LogLevel.info)
+        self._audit_batch.append(record)
+        if len(self._audit_batch) == 1:
+            self._reactor.callLater(0, self._write_audit)
+
+    def _write_audit(self) -> None:
+        batch, self._audit_batch = self._audit_batch, []
+        self.audit_pool.submit(self.audit.append_many, batch).addErrback(
             lambda f: log.failure("cannot write the audit log", f)
         )
 

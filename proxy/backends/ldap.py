@@ -25,6 +25,9 @@ log = Logger(namespace="legacy_auth_proxy.backends.ldap")
 # Messages from the directory may be large (an entry with many values); the
 # limit only guards against a broken peer.
 MAX_UPSTREAM_MESSAGE = 64 * 1024 * 1024
+# The message id of the proxy's own requests on a session's connection: the
+# largest there is, so that it never meets a client's (RFC 4511 4.1.1.1).
+OWN_ID = 2**31 - 1
 
 
 class UpstreamRefused(Exception):
@@ -32,13 +35,16 @@ class UpstreamRefused(Exception):
 
 
 class UpstreamLDAP(Protocol):
-    """Set-up dialogue first (StartTLS, bind), then frames go to ``on_frame``."""
+    """Answers to the proxy's own requests (id ``OWN_ID``) go to the waiting
+    request; everything else to ``on_frame``."""
 
     def __init__(self) -> None:
         self._framer = ber.Framer(MAX_UPSTREAM_MESSAGE, max_depth=64)
         self._waiting: Deferred[bytes] | None = None
         self.on_frame: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[], None] | None = None
+        self.bound_as: str | None = None  # None: anonymous
+        self.closed = False
         self.lost = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
@@ -49,15 +55,19 @@ class UpstreamLDAP(Protocol):
             self.transport.abortConnection()
             return
         for frame in frames:
-            if self.on_frame is not None:
-                self.on_frame(frame)
-            elif self._waiting is not None:
+            try:
+                id = ber.parse_message(frame).id
+            except ber.BERError:
+                self.transport.abortConnection()
+                return
+            if id == OWN_ID and self._waiting is not None:
                 waiting, self._waiting = self._waiting, None
                 waiting.callback(frame)
-            elif ber.parse_message(frame).id != 0:
-                log.warn("an unexpected message from the directory")
+            elif self.on_frame is not None:
+                self.on_frame(frame)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.errback(ConnectionError("the directory closed the connection"))
@@ -66,15 +76,28 @@ class UpstreamLDAP(Protocol):
         self.lost.callback(None)
 
     async def request(self, frame: bytes) -> ber.Message:
+        """Send one of the proxy's own requests (id ``OWN_ID``); its answer."""
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
         self.transport.write(frame)
         return ber.parse_message(await waiting)
 
+    async def bind(self, dn: str | None, password: str, reactor: Any, timeout: float) -> None:
+        """Bind as ``dn`` (None: anonymous) on this connection. Raises
+        UpstreamRefused if the directory says no."""
+        answer = self.request(ber.bind_request(OWN_ID, dn or "", password))
+        response = await Deferred.fromCoroutine(answer).addTimeout(timeout, reactor)
+        code = ber.parse_result_code(response)
+        if code != ber.SUCCESS:
+            self.bound_as = None
+            raise UpstreamRefused(f"the directory answered the bind with {code}")
+        self.bound_as = dn
+
     def send(self, frame: bytes) -> None:
         self.transport.write(frame)
 
     def close(self) -> None:
+        self.closed = True
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -96,17 +119,13 @@ async def open_upstream(
     await connected
     try:
         if start_tls is not None:
-            answer = protocol.request(ber.extended_request(1, ber.START_TLS))
+            answer = protocol.request(ber.extended_request(OWN_ID, ber.START_TLS))
             response = await Deferred.fromCoroutine(answer).addTimeout(timeout, reactor)
             if ber.parse_result_code(response) != ber.SUCCESS:
                 raise ConnectionError("the directory refused StartTLS")
             protocol.transport.startTLS(start_tls)
         if bind_dn is not None:
-            answer = protocol.request(ber.bind_request(2, bind_dn, password))
-            response = await Deferred.fromCoroutine(answer).addTimeout(timeout, reactor)
-            code = ber.parse_result_code(response)
-            if code != ber.SUCCESS:
-                raise UpstreamRefused(f"the directory answered the bind with {code}")
+            await protocol.bind(bind_dn, password, reactor, timeout)
     except BaseException:
         protocol.transport.abortConnection()
         raise

@@ -86,7 +86,11 @@ class LDAPServer(Protocol):
         self.address = "unknown"
         self.decision: Decision | None = None  # the current identity
         self.anonymous = False
+        self.bound = False  # a bind succeeded: relaying is allowed
         self.upstream: UpstreamLDAP | None = None
+        self._wanted: str | None = None  # whom the directory must see the session as
+        self._preparing = False
+        self._pending: list[tuple[ber.Message, bytes]] = []
         self._binding = False
         self._queued: deque[bytes] = deque()
         self._closing = False
@@ -129,6 +133,7 @@ class LDAPServer(Protocol):
             self._counted = False
         self.listener.connections.discard(self)
         self._drop_identity()
+        self._close_upstream()
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
@@ -140,7 +145,7 @@ class LDAPServer(Protocol):
             self._timer.reset(self._timeout())
 
     def _timeout(self) -> float:
-        return self.config.idle_timeout if self.upstream else self.config.login_timeout
+        return self.config.idle_timeout if self.bound else self.config.login_timeout
 
     def _idle(self) -> None:
         self.disconnect(ber.UNAVAILABLE, "idle for too long")
@@ -153,6 +158,7 @@ class LDAPServer(Protocol):
         self.transport.write(ber.notice_of_disconnection(code, text))
         self.transport.loseConnection()
         self._drop_identity()
+        self._close_upstream()
 
     def revoke(self, reason: str) -> None:
         """The session registry ends this session."""
@@ -196,6 +202,7 @@ class LDAPServer(Protocol):
             self._closing = True
             self.transport.loseConnection()
             self._drop_identity()
+            self._close_upstream()
         elif tag == ber.EXTENDED_REQUEST:
             self._extended(message, frame)
         elif tag == ber.ABANDON_REQUEST:
@@ -211,13 +218,13 @@ class LDAPServer(Protocol):
         self.transport.write(ber.result(message.id, tag, code, text))
 
     def _operation(self, message: ber.Message, frame: bytes) -> None:
-        if self.upstream is None:
+        if not self.bound:
             self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
         elif message.op_tag in ber.WRITE_REQUESTS and self._read_only():
             self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
                          "sessions opened with an app password are read-only")
         else:
-            self.upstream.send(frame)
+            self._to_upstream(message, frame)
 
     def _read_only(self) -> bool:
         return self.anonymous or (self.decision is not None and self.decision.read_only)
@@ -233,9 +240,9 @@ class LDAPServer(Protocol):
         elif request.name == ber.WHO_AM_I:
             identity = b"dn:" + self.dn.encode() if self.decision is not None else b""
             self.transport.write(ber.extended_response(message.id, ber.SUCCESS, value=identity))
-        elif self.upstream is not None and not self._read_only():
-            self.upstream.send(frame)
-        elif self.upstream is not None:
+        elif self.bound and not self._read_only():
+            self._to_upstream(message, frame)
+        elif self.bound:
             self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
                          "sessions opened with an app password are read-only")
         else:
@@ -246,7 +253,7 @@ class LDAPServer(Protocol):
             self._answer(message, ber.OPERATIONS_ERROR, "TLS is already in use")
         elif self.listener.tls is None or self.config.tls != "starttls":
             self._answer(message, ber.PROTOCOL_ERROR, "StartTLS is not offered here")
-        elif self.upstream is not None or self._queued:
+        elif self.bound or self.upstream is not None or self._queued:
             self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")
         else:
             self._answer(message, ber.SUCCESS)
@@ -311,64 +318,64 @@ class LDAPServer(Protocol):
         if not decision.accepted:
             return ber.INVALID_CREDENTIALS, ""
         assert decision.account is not None
-        try:
-            if decision.read_only:
-                upstream = await self.listener.upstream.open(
-                    self.listener.upstream.config.bind_dn, self.listener.upstream.service_password
-                )
-            else:
-                upstream = await self.listener.upstream.open(decision.account.dn, password)
-        except UpstreamRefused:
-            log.warn("{address}: the directory refused the session's bind for {user}",
-                     address=self.address, user=decision.username)
-            return ber.UNAVAILABLE, "try again later"
-        except Exception as e:
-            log.warn("{address}: cannot reach the directory: {error}", address=self.address,
-                     error=str(e) or type(e).__name__)
-            return ber.UNAVAILABLE, "try again later"
+        if decision.read_only:
+            # App passwords: the directory is asked as the service account, and
+            # only when the session first needs it.
+            wanted = self.listener.upstream.config.bind_dn
+        else:
+            wanted = decision.account.dn
+            try:
+                await self._connect_as(wanted, password)
+            except UpstreamRefused:
+                log.warn("{address}: the directory refused the session's bind for {user}",
+                         address=self.address, user=decision.username)
+                return ber.UNAVAILABLE, "try again later"
+            except Exception as e:
+                log.warn("{address}: cannot reach the directory: {error}", address=self.address,
+                         error=str(e) or type(e).__name__)
+                return ber.UNAVAILABLE, "try again later"
         if self._closing:
-            upstream.close()
             return ber.UNAVAILABLE, ""
-        self._become(decision, upstream)
+        self._become(decision, wanted)
         return ber.SUCCESS, ""
 
     async def _anonymous(self) -> tuple[int, str]:
         if not self.config.allow_anonymous:
             return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed"
-        try:
-            upstream = await self.listener.upstream.open(None, "")
-        except Exception:
-            return ber.UNAVAILABLE, "try again later"
         self.anonymous = True
-        self._relay(upstream)
+        self._bound_as(None)
         return ber.SUCCESS, ""
 
-    def _become(self, decision: Decision, upstream: UpstreamLDAP) -> None:
+    def _become(self, decision: Decision, wanted: str) -> None:
         assert decision.account is not None
         self.decision = decision
         self.username = decision.username
         self.dn = decision.account.dn
         self.app_password_id = decision.app_password.id if decision.app_password else None
         self.listener.sessions.add(self)
-        self._relay(upstream)
+        self._bound_as(wanted)
 
-    def _relay(self, upstream: UpstreamLDAP) -> None:
-        self.upstream = upstream
-        upstream.on_frame = self._from_upstream
-        upstream.on_lost = self._upstream_lost
+    def _bound_as(self, wanted: str | None) -> None:
+        self.bound = True
+        self._wanted = wanted
         self.framer.max_size = self.config.max_message_size
-        # Flow control both ways: a slow reader pauses the other side.
-        self.transport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(self.transport, True)
         self._arm(self.config.idle_timeout)
 
     def _drop_identity(self) -> None:
+        """Forget who the client is. The connection to the directory stays
+        open for the next identity (it is re-bound before it is used)."""
         if self.decision is not None:
             self.listener.sessions.remove(self)
         self.decision = None
+        self.bound = False
         self.anonymous = False
         self.username = self.dn = ""
         self.app_password_id = None
+        self.framer.max_size = self.config.max_message_size_before_bind
+        if not self._closing and self.transport is not None:
+            self._arm(self.config.login_timeout)
+
+    def _close_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.on_frame = None
@@ -378,9 +385,61 @@ class LDAPServer(Protocol):
             if upstream.transport is not None:
                 upstream.transport.unregisterProducer()
             upstream.close()
-        self.framer.max_size = self.config.max_message_size_before_bind
-        if not self._closing and self.transport is not None:
-            self._arm(self.config.login_timeout)
+
+    # -- the session's connection to the directory -------------------------------------
+
+    def _to_upstream(self, message: ber.Message, frame: bytes) -> None:
+        upstream = self.upstream
+        if (upstream is not None and not upstream.closed and not self._preparing
+                and upstream.bound_as == self._wanted):
+            upstream.send(frame)
+            return
+        self._pending.append((message, frame))
+        if not self._preparing:
+            self._preparing = True
+            Deferred.fromCoroutine(self._prepare_upstream()).addErrback(self._crashed)
+
+    async def _prepare_upstream(self) -> None:
+        wanted = self._wanted
+        password = self.listener.upstream.service_password if wanted is not None else ""
+        try:
+            await self._connect_as(wanted, password)
+        except Exception as e:
+            log.warn("{address}: cannot reach the directory: {error}", address=self.address,
+                     error=str(e) or type(e).__name__)
+            pending, self._pending = self._pending, []
+            for message, _ in pending:
+                self._answer(message, ber.UNAVAILABLE, "the directory cannot be reached")
+            return
+        finally:
+            self._preparing = False
+        pending, self._pending = self._pending, []
+        for message, frame in pending:
+            if self.bound and self._wanted == wanted and self.upstream is not None:
+                self.upstream.send(frame)
+            else:
+                self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
+
+    async def _connect_as(self, dn: str | None, password: str) -> None:
+        """A connection to the directory bound as ``dn`` (None: anonymous):
+        the one the session has, re-bound if need be, or a new one."""
+        upstream = self.upstream
+        timeout = self.listener.upstream.config.timeout
+        if upstream is not None and not upstream.closed:
+            if upstream.bound_as != dn:
+                await upstream.bind(dn, password, self.listener.reactor, timeout)
+            return
+        upstream = await self.listener.upstream.open(dn, password)
+        upstream.bound_as = dn
+        if self._closing:
+            upstream.close()
+            return
+        self.upstream = upstream
+        upstream.on_frame = self._from_upstream
+        upstream.on_lost = self._upstream_lost
+        # Flow control both ways: a slow reader pauses the other side.
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
 
     # -- proxy ← directory --------------------------------------------------------------
 
@@ -390,7 +449,11 @@ class LDAPServer(Protocol):
 
     def _upstream_lost(self) -> None:
         self.upstream = None
-        self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        if self.bound:
+            # Requests may have been under way: the client must not wait for them.
+            self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
 
     def _crashed(self, failure: Any) -> None:
         log.failure("{address}: a bind failed unexpectedly", failure, address=self.address)

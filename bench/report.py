@@ -1,0 +1,97 @@
+"""The benchmarks' Markdown table and charts, from results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(figure: dict[str, float], unit: str = "", digits: int = 0) -> str:
+    return (f"{figure['median']:.{digits}f}{unit} "
+            f"({figure['min']:.{digits}f}–{figure['max']:.{digits}f})")
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| scenario | measured (median, min–max) | target | result |", "| --- | --- | --- | --- |"]
+
+    def row(name: str, measured: str, target: str, ok: bool | None) -> None:
+        verdict = "—" if ok is None else ("met" if ok else "missed")
+        rows.append(f"| {name} | {measured} | {target} | {verdict} |")
+
+    if "cold_app_password_binds" in results:
+        cold = results["cold_app_password_binds"]
+        limit = results["argon2"]
+        row("1. cold app-password binds (argon2 every time)",
+            f"{_fmt(cold['rate'], '/s')}; argon2 limit {_fmt(limit['limit'], '/s')} "
+            f"({_fmt(limit['verify_ms'], ' ms', 1)} a verify); ratio {cold['ratio_to_argon2_limit']:.2f}",
+            "≥ 0.90 of the argon2 limit", cold["ratio_to_argon2_limit"] >= 0.9)
+    if "wrong_secret_binds" in results:
+        wrong = results["wrong_secret_binds"]
+        cpu = wrong["proxy_cpu_ms_per_attempt"]
+        row("2. wrong secrets", f"{_fmt(wrong['rate'], '/s')}; proxy CPU {_fmt(cpu, ' ms', 3)} an attempt",
+            "≤ 1 ms CPU an attempt, no argon2", cpu["median"] <= 1.0)
+    for kind in ("imap", "smtp"):
+        if f"warm_{kind}_proxy" in results:
+            proxy, direct = results[f"warm_{kind}_proxy"], results[f"warm_{kind}_direct"]
+            row(f"3. warm {kind.upper()} logins",
+                f"proxy {_fmt(proxy['rate'], '/s')}, direct {_fmt(direct['rate'], '/s')}; ratio "
+                f"{proxy['ratio_to_direct']:.2f}; proxy CPU {_fmt(proxy['proxy_cpu_ms_per_login'], ' ms', 2)} a login",
+                "≥ 0.90 of direct", proxy["ratio_to_direct"] >= 0.9)
+    if "ldap_binds_proxy" in results:
+        proxy = results["ldap_binds_proxy"]
+        row("3b. warm LDAP binds, persistent connections",
+            f"proxy {_fmt(proxy['rate'], '/s')}, slapd {_fmt(results['ldap_binds_slapd']['rate'], '/s')}, "
+            f"ldaptor accept-all {_fmt(results['ldap_binds_ldaptor']['rate'], '/s')}; "
+            f"ratio to slapd {proxy['ratio_to_slapd']:.2f}, to ldaptor {proxy['ratio_to_ldaptor']:.2f}",
+            "≥ 0.50 of slapd", proxy["ratio_to_slapd"] >= 0.5)
+    return "\n".join(rows) + "\n"
+
+
+def charts(results: dict[str, Any], folder: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    groups = [
+        ("logins.png", "Logins per second (median, min–max)",
+         [("IMAP direct", "warm_imap_direct"), ("IMAP proxy", "warm_imap_proxy"),
+          ("SMTP direct", "warm_smtp_direct"), ("SMTP proxy", "warm_smtp_proxy")]),
+        ("ldap_binds.png", "LDAP binds per second (median, min–max)",
+         [("slapd", "ldap_binds_slapd"), ("proxy", "ldap_binds_proxy"),
+          ("ldaptor accept-all", "ldap_binds_ldaptor"), ("proxy, cold", "cold_app_password_binds")]),
+    ]
+    for filename, title, bars in groups:
+        bars = [(label, results[key]["rate"]) for label, key in bars if key in results]
+        if not bars:
+            continue
+        figure, axes = plt.subplots(figsize=(7, 3.5))
+        labels = [label for label, _ in bars]
+        medians = [r["median"] for _, r in bars]
+        errors = [[r["median"] - r["min"] for _, r in bars], [r["max"] - r["median"] for _, r in bars]]
+        axes.bar(labels, medians, yerr=errors, capsize=4, color="#4c72b0")
+        axes.set_title(title)
+        axes.set_ylabel("per second")
+        figure.tight_layout()
+        figure.savefig(folder / filename, dpi=100)
+        plt.close(figure)
+        made.append(filename)
+    return made
+
+
+def write_report(results: dict[str, Any], folder: Path) -> None:
+    machine = results["machine"]
+    made = charts(results, folder)
+    text = [
+        "# Benchmark results",
+        "",
+        f"Machine: {machine['cores']} cores ({machine['cpu']}), {machine['system']}, "
+        f"Python {machine['python']}; {machine['runs']} runs of {machine['seconds_per_run']:g} s each.",
+        "",
+        table(results),
+    ]
+    text += [f"![{name}]({name})" for name in made]
+    (folder / "results.md").write_text("\n".join(text) + "\n")

@@ -1,0 +1,268 @@
+"""The benchmarks, in one run: the proxy against its physical limits and its
+peers, measured side by side on this machine.
+
+    .venv/bin/python -m bench.run [--seconds 5] [--repeat 3]
+
+Starts what it needs on loopback (slapd and Dovecot from Debian's packages,
+through the test fixtures; nginx's mail proxy when installed; the proxy
+itself as separate processes), runs each scenario ``--repeat`` times, and
+writes docs/benchmarks/results.json, docs/benchmarks/results.md and PNG
+charts. Every figure is the median of the runs with their min and max;
+every comparison is a ratio of figures measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.apppasswords import HashParameters, Hasher, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+PASSWORD = "Bench-Passw0rd"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(kind: str, port: int, credentials: list[tuple[str, str]], *, connections: int,
+         seconds: float) -> dict[str, Any]:
+    """Run a load generator in a process of its own; its JSON result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.load", kind, "127.0.0.1", str(port),
+         "--credentials", json.dumps(credentials), "--connections", str(connections),
+         "--seconds", str(seconds)],
+        capture_output=True, text=True, cwd=ROOT, timeout=seconds + 120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+class Bench:
+    def __init__(self, folder: Path, seconds: float, repeat: int) -> None:
+        self.folder = folder
+        self.seconds = seconds
+        self.repeat = repeat
+        self.results: dict[str, Any] = {}
+        self.cores = os.cpu_count() or 1
+
+    def start(self) -> None:
+        from tests.dovecot import Dovecot
+        from tests.slapd import Slapd
+
+        self.slapd = Slapd(self.folder / "slapd")
+        self.slapd.start()
+        self.dovecot = Dovecot(self.folder / "dovecot")
+        self.dovecot.start()
+        self.users = [f"bench{i:03d}" for i in range(64)]
+        for uid in self.users:
+            self.slapd.add_user(uid, PASSWORD)
+            self.dovecot.add_user(uid, PASSWORD)
+
+    def proxy(self, name: str, **options: Any) -> Any:
+        from tests.proxyd import ProxyDaemon
+
+        master = self.folder / "master-password"
+        master.write_text(self.dovecot.master_password + "\n")
+        master.chmod(0o600)
+        mail = {"master_user": self.dovecot.master_user, "master_password_file": str(master),
+                "tls": "none", "allow_plaintext_auth": True, "realm": "cloud",
+                "max_connections_per_source": 100000}
+        daemon = ProxyDaemon(
+            self.folder / name, self.slapd, {
+                "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
+                         "allow_plaintext_auth": True, "max_connections_per_source": 100000},
+                "imap": dict(mail, protocol="imap",
+                             backend=f"imap://127.0.0.1:{self.dovecot.imap_port}"),
+                "smtp": dict(mail, protocol="smtp",
+                             backend=f"smtp://127.0.0.1:{self.dovecot.submission_port}"),
+            },
+            hashing="  threads: 0",
+            throttle="  source_delay: 0\n  source_delay_max: 0\n  account_failures: 10000",
+            account_cache="60", **options,
+        )
+        daemon.start()
+        daemon.secrets = {uid: daemon.create_app_password(uid, "bench") for uid in self.users}
+        return daemon
+
+    def stop(self) -> None:
+        for part in ("dovecot", "slapd"):
+            server = getattr(self, part, None)
+            if server is not None:
+                server.stop()
+
+    # -- scenarios ------------------------------------------------------------------------
+
+    def measure(self, name: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        figure = {"rate": summary([r["rate"] for r in runs]),
+                  "p99_ms": summary([(r["p99"] or 0) * 1000 for r in runs]),
+                  "runs": runs, **extra}
+        self.results[name] = figure
+        print(f"{name}: {figure['rate']['median']:.0f}/s "
+              f"(min {figure['rate']['min']:.0f}, max {figure['rate']['max']:.0f})", flush=True)
+        return figure
+
+    def argon2_limit(self) -> dict[str, Any]:
+        hasher = Hasher(HashParameters())
+        secret = generate()
+        encoded = hasher.hash(secret)
+        times = []
+        for _ in range(self.repeat):
+            started = time.perf_counter()
+            for _ in range(10):
+                hasher.verify(encoded, secret)
+            times.append((time.perf_counter() - started) / 10)
+        figure = {"verify_ms": summary([t * 1000 for t in times]),
+                  "limit": summary([self.cores / t for t in times])}
+        self.results["argon2"] = figure
+        return figure
+
+    def cold(self) -> None:
+        """1. Cold app-password logins: every bind runs argon2."""
+        limit = self.argon2_limit()
+        daemon = self.proxy("proxy-cold", cache="  app_password_ttl: 0")
+        try:
+            credentials = [(uid, daemon.secrets[uid]) for uid in self.users]
+            runs = [load("ldap", daemon.ports["ldap"], credentials,
+                         connections=self.cores * 4, seconds=self.seconds)
+                    for _ in range(self.repeat)]
+        finally:
+            daemon.stop()
+        figure = self.measure("cold_app_password_binds", runs)
+        figure["ratio_to_argon2_limit"] = figure["rate"]["median"] / limit["limit"]["median"]
+
+    def wrong(self, daemon: Any) -> None:
+        """2. Wrong secrets: CPU per refused attempt, no argon2."""
+        wrong = [(uid, generate()) for uid in self.users]
+        runs = []
+        for _ in range(self.repeat):
+            before = cpu_seconds(daemon.process.pid)
+            result = load("ldap-wrong", daemon.ports["ldap"], wrong, connections=8,
+                          seconds=self.seconds)
+            result["proxy_cpu_ms"] = (cpu_seconds(daemon.process.pid) - before) * 1000 / max(
+                1, result["operations"])
+            runs.append(result)
+        figure = self.measure("wrong_secret_binds", runs)
+        figure["proxy_cpu_ms_per_attempt"] = summary([r["proxy_cpu_ms"] for r in runs])
+
+    def warm(self, daemon: Any) -> None:
+        """3. Warm logins over IMAP and SMTP, direct and through the proxy."""
+        direct = [(uid, PASSWORD) for uid in self.users]
+        proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
+        for kind, backend_port in (("imap", self.dovecot.imap_port),
+                                   ("smtp", self.dovecot.submission_port)):
+            load(kind, daemon.ports[kind], proxied, connections=8, seconds=1)  # fill the cache
+            runs_direct, runs_proxy = [], []
+            for _ in range(self.repeat):
+                runs_direct.append(load(kind, backend_port, direct, connections=8,
+                                        seconds=self.seconds))
+                before = cpu_seconds(daemon.process.pid)
+                result = load(kind, daemon.ports[kind], proxied, connections=8,
+                              seconds=self.seconds)
+                result["proxy_cpu_ms"] = (cpu_seconds(daemon.process.pid) - before) * 1000 / max(
+                    1, result["operations"])
+                runs_proxy.append(result)
+            self.measure(f"warm_{kind}_direct", runs_direct)
+            figure = self.measure(f"warm_{kind}_proxy", runs_proxy)
+            figure["proxy_cpu_ms_per_login"] = summary([r["proxy_cpu_ms"] for r in runs_proxy])
+            figure["ratio_to_direct"] = (
+                figure["rate"]["median"] / self.results[f"warm_{kind}_direct"]["rate"]["median"])
+
+    def ldap_binds(self, daemon: Any) -> None:
+        """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor."""
+        accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
+                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            port = int(accept_all.stdout.readline())
+            direct = [(self.slapd.user_dn(uid), PASSWORD) for uid in self.users]
+            proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
+            load("ldap", daemon.ports["ldap"], proxied, connections=8, seconds=1)
+            runs = {"slapd": [], "proxy": [], "ldaptor": []}
+            for _ in range(self.repeat):
+                runs["slapd"].append(load("ldap", self.slapd.port, direct, connections=8,
+                                          seconds=self.seconds))
+                runs["proxy"].append(load("ldap", daemon.ports["ldap"], proxied, connections=8,
+                                          seconds=self.seconds))
+                runs["ldaptor"].append(load("ldap", port, direct, connections=8,
+                                            seconds=self.seconds))
+        finally:
+            accept_all.terminate()
+            accept_all.wait()
+        for name, values in runs.items():
+            self.measure(f"ldap_binds_{name}", values)
+        proxy = self.results["ldap_binds_proxy"]
+        proxy["ratio_to_slapd"] = proxy["rate"]["median"] / self.results["ldap_binds_slapd"]["rate"]["median"]
+        proxy["ratio_to_ldaptor"] = proxy["rate"]["median"] / self.results["ldap_binds_ldaptor"]["rate"]["median"]
+
+    def run(self, scenarios: list[str]) -> None:
+        self.results["machine"] = {
+            "cpu": platform.processor() or platform.machine(), "cores": self.cores,
+            "python": platform.python_version(), "system": platform.platform(),
+            "seconds_per_run": self.seconds, "runs": self.repeat,
+        }
+        if "cold" in scenarios:
+            self.cold()
+        daemon = self.proxy("proxy")
+        try:
+            if "wrong" in scenarios:
+                self.wrong(daemon)
+            if "warm" in scenarios:
+                self.warm(daemon)
+            if "ldap" in scenarios:
+                self.ldap_binds(daemon)
+            self.results["proxy_rss_kib"] = rss_kib(daemon.process.pid)
+        finally:
+            daemon.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="cold,wrong,warm,ldap")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
+    bench = Bench(folder, args.seconds, args.repeat)
+    try:
+        bench.start()
+        bench.run(args.only.split(","))
+    finally:
+        bench.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n")
+    from bench.report import write_report
+
+    write_report(bench.results, OUT)
+    print(f"results in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
