@@ -178,7 +178,9 @@ class Daemon:
             record=self.record,
         )
         await self.authenticator.start()
-        self.sessions = Sessions(self._reactor, self.directory, config.account_cache)
+        self.sessions = Sessions(
+            self._reactor, self.directory, config.account_cache, self.authenticator
+        )
         self.authenticator.on_revoked(self.sessions.revoked)
         self.sessions.start()
         self._upstream = Upstream(

@@ -35,9 +35,12 @@ class Session(Protocol):
 
 
 class Sessions:
-    def __init__(self, clock: Any, directory: Any, check_interval: float) -> None:
+    def __init__(
+        self, clock: Any, directory: Any, check_interval: float, authenticator: Any = None
+    ) -> None:
         self._clock = clock
         self._directory = directory
+        self._authenticator = authenticator
         self._by_user: dict[str, set[Session]] = {}
         self._loop = LoopingCall(self.check_accounts)
         self._loop.clock = clock
@@ -50,6 +53,11 @@ class Sessions:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+
+    def still_valid(self, decision: Any) -> bool:
+        """False if the decision's user had something revoked since: a session
+        accepted before a revocation must not start after it."""
+        return self._authenticator is None or not self._authenticator.revoked_since(decision)
 
     def add(self, session: Session) -> None:
         self._by_user.setdefault(session.username, set()).add(session)

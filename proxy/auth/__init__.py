@@ -70,6 +70,7 @@ class Decision:
     username: str  # canonical: the account's store name when known, else as typed
     account: Account | None = None
     app_password: AppPassword | None = None
+    revision: int = 0  # the Authenticator's revocation count when it decided
 
     @property
     def outcome(self) -> Outcome:

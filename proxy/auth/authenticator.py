@@ -25,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
+
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -146,6 +148,10 @@ class Authenticator:
         self._feed.clock = clock
         self._listeners: list[Callable[[str, str | None, str], None]] = []
         self.argon2_runs = 0
+        # Revocations counted, and the count at each user's latest one: what
+        # was decided before a revocation of its user is not trusted after it.
+        self.revision = 0
+        self._user_revision: OrderedDict[str, int] = OrderedDict()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -186,7 +192,16 @@ class Authenticator:
         else:
             self._revoked(change.username, None, change.kind)
 
+    def revoked_since(self, decision: Decision) -> bool:
+        """Whether something of the decision's user was revoked after it was made."""
+        return self._user_revision.get(decision.username, 0) > decision.revision
+
     def _revoked(self, username: str, id: str | None, kind: str) -> None:
+        self.revision += 1
+        self._user_revision[username] = self.revision
+        self._user_revision.move_to_end(username)
+        while len(self._user_revision) > MAX_ACCOUNTS:
+            self._user_revision.popitem(last=False)
         if id is not None:
             self._app_cache.drop_tag(id)
             self.usage.forget(id)
@@ -203,11 +218,16 @@ class Authenticator:
 
     async def authenticate(self, attempt: Attempt) -> Decision:
         started = self._clock.seconds()
+        revision = self.revision
         try:
             decision = await self._decide(attempt)
         except Exception:
             log.failure("authentication failed unexpectedly")
             decision = Decision(Reason.BUSY, apppasswords.canonical_username(attempt.username))
+        decision = attrs.evolve(decision, revision=revision)
+        if decision.accepted and self.revoked_since(decision):
+            # Revoked while it was being decided: decide again, from the store.
+            decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
         self._audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED:
             delay = self.throttle.failure_delay(attempt.client_address)
@@ -305,6 +325,7 @@ class Authenticator:
         key = apppasswords.lookup_key(self._pepper, account.username, secret)
         record = self._app_cache.get(key)
         verified_now = False
+        revision = self._user_revision.get(account.username, 0)
         if record is None:
             found = await self._store.find_by_lookup_key(key)
             if found is None or found[0].username != account.username:
@@ -332,7 +353,8 @@ class Authenticator:
             if self.policy.revoke_app_passwords_on_password_change:
                 await self._revoke_older(account, changed)
             return Decision(Reason.REVOKED_BY_PASSWORD_CHANGE, account.username, account, record)
-        if verified_now:
+        if verified_now and self._user_revision.get(account.username, 0) == revision:
+            # Only if nothing of the user's was revoked during the check.
             self._app_cache.put(
                 key, record, user=account.username, tag=record.id, expires_at=record.expires_at
             )

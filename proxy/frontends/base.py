@@ -14,13 +14,53 @@ from typing import Any, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome
 from proxy.config import ListenerConfig
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
+
+
+@implementer(IPushProducer)
+class ReadControl:
+    """When to read from a client: not while its answers pile up unread (the
+    transport calls pause and resume, as for any producer), and not while a
+    decision about it is pending. Either reason stops reading; reading goes
+    on when neither holds. Before login, this keeps what one client can make
+    the proxy buffer to about one read."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def _update(self) -> None:
+        if self.transport is None:
+            return
+        if self.reasons:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
+    def hold(self, reason: str) -> None:
+        self.reasons.add(reason)
+        self._update()
+
+    def release(self, reason: str) -> None:
+        self.reasons.discard(reason)
+        self._update()
+
+    def pauseProducing(self) -> None:
+        self.hold("output")
+
+    def resumeProducing(self) -> None:
+        self.release("output")
+
+    def stopProducing(self) -> None:
+        self.transport = None
 
 
 @attrs.frozen
@@ -78,6 +118,21 @@ class Listener(Factory):
         self.connections: set[RelayingServer] = set()
 
 
+def control_reading(protocol: Any) -> None:
+    """Give a client connection a ReadControl as its producer. Not during a
+    TLS handshake: pausing reading then would stall the handshake."""
+    protocol.reading = ReadControl(protocol.transport)
+    protocol.transport.registerProducer(protocol.reading, True)
+
+
+def stop_controlling_reading(protocol: Any) -> None:
+    if protocol.reading is not None:
+        protocol.transport.unregisterProducer()
+        protocol.reading = None
+        protocol.transport.resumeProducing()
+
+
+@implementer(IHandshakeListener)
 class RelayingServer(Protocol):
     """A client connection: pre-login dialogue, login, then relay."""
 
@@ -90,6 +145,7 @@ class RelayingServer(Protocol):
         self.port = 0
         self.machine: Machine | None = None
         self.backend: Any = None
+        self.reading: ReadControl | None = None
         self._timer: Any = None
         self._counted = False
         self._closing = False
@@ -127,6 +183,8 @@ class RelayingServer(Protocol):
         self.listener.per_source[self.address] = count + 1
         self._counted = True
         self.listener.connections.add(self)
+        if self.config.tls != "implicit":
+            control_reading(self)
         self.machine = self.make_machine()
         self.transport.write(self.machine.greeting())
         self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
@@ -193,8 +251,11 @@ class RelayingServer(Protocol):
             if isinstance(event, Send):
                 self.transport.write(event.data)
             elif isinstance(event, StartTLS):
+                stop_controlling_reading(self)
                 self.transport.startTLS(self.listener.tls)
             elif isinstance(event, Login):
+                if self.reading is not None:
+                    self.reading.hold("decision")
                 Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
             elif isinstance(event, Close):
                 self._closing = True
@@ -215,6 +276,7 @@ class RelayingServer(Protocol):
             return
         if not decision.accepted:
             temporary = decision.outcome is Outcome.TEMPORARY_FAILURE
+            self._resume()
             self._run(self.machine.login_failed(event.tag, temporary))
             return
         try:
@@ -224,10 +286,17 @@ class RelayingServer(Protocol):
                      address=self.address, protocol=self.protocol_name, user=decision.username,
                      error=str(e) or type(e).__name__)
             if not self._closing:
+                self._resume()
                 self._run(self.machine.login_failed(event.tag, temporary=True))
             return
         if self._closing:
             backend.close()
+            return
+        if not self.listener.sessions.still_valid(decision):
+            # Revoked while the backend logged the user in.
+            backend.close()
+            self._resume()
+            self._run(self.machine.login_failed(event.tag, temporary=False))
             return
         assert decision.account is not None
         self.username = decision.username
@@ -240,12 +309,22 @@ class RelayingServer(Protocol):
         self.backend = backend
         backend.attach(self)
         self.transport.write(self.logged_in(event, backend))
-        # Flow control both ways: a slow reader pauses the other side.
+        # From here on, flow control is between the two sides: a slow reader
+        # pauses the other side.
+        stop_controlling_reading(self)
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
         self._touch()
         if rest:
             backend.transport.write(rest)
+
+    def handshakeCompleted(self) -> None:
+        if self.reading is None and self.backend is None and not self._closing:
+            control_reading(self)
+
+    def _resume(self) -> None:
+        if self.reading is not None:
+            self.reading.release("decision")
 
     # -- proxy ← backend ------------------------------------------------------------------------
 

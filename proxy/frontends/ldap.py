@@ -14,14 +14,17 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome, Reason
-from proxy.backends.ldap import UpstreamLDAP, UpstreamRefused, open_upstream
+from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
 from proxy.config import DirectoryConfig, ListenerConfig
 from proxy.frontends import ber
+from proxy.frontends.base import ReadControl, control_reading, stop_controlling_reading
 
 log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
 
@@ -77,6 +80,7 @@ def _client_address(transport: Any) -> str:
     return getattr(peer, "host", None) or "unix"
 
 
+@implementer(IHandshakeListener)
 class LDAPServer(Protocol):
     def __init__(self, listener: LDAPListener) -> None:
         self.listener = listener
@@ -89,8 +93,11 @@ class LDAPServer(Protocol):
         self.bound = False  # a bind succeeded: relaying is allowed
         self.upstream: UpstreamLDAP | None = None
         self._wanted: str | None = None  # whom the directory must see the session as
+        self._lazy = True
         self._preparing = False
         self._pending: list[tuple[ber.Message, bytes]] = []
+        self._upstream_lock = DeferredLock()
+        self.reading: ReadControl | None = None
         self._binding = False
         self._queued: deque[bytes] = deque()
         self._closing = False
@@ -118,6 +125,8 @@ class LDAPServer(Protocol):
         self.listener.per_source[self.address] = count + 1
         self._counted = True
         self.listener.connections.add(self)
+        if not self.tls:
+            control_reading(self)
         self._arm(self.config.login_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -194,9 +203,14 @@ class LDAPServer(Protocol):
             log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
             self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
             return
+        if message.id in (0, OWN_ID):
+            # 0 is the server's own (RFC 4511 4.4); OWN_ID is the proxy's.
+            self.disconnect(ber.PROTOCOL_ERROR, "message id not allowed")
+            return
         tag = message.op_tag
         if tag == ber.BIND_REQUEST:
             self._binding = True
+            self._hold("bind")
             Deferred.fromCoroutine(self._bind(message)).addErrback(self._crashed)
         elif tag == ber.UNBIND_REQUEST:
             self._closing = True
@@ -257,6 +271,7 @@ class LDAPServer(Protocol):
             self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")
         else:
             self._answer(message, ber.SUCCESS)
+            stop_controlling_reading(self)
             self.transport.startTLS(self.listener.tls)
             self.tls = True
             # Whatever the client sent after the request, in the clear, is
@@ -272,6 +287,7 @@ class LDAPServer(Protocol):
             code, text = await self._bind_result(message)
         finally:
             self._binding = False
+            self._release("bind")
         if self._closing:
             return
         self.transport.write(ber.result(message.id, ber.BIND_RESPONSE, code, text))
@@ -336,28 +352,34 @@ class LDAPServer(Protocol):
                 return ber.UNAVAILABLE, "try again later"
         if self._closing:
             return ber.UNAVAILABLE, ""
-        self._become(decision, wanted)
+        if not self.listener.sessions.still_valid(decision):
+            return ber.INVALID_CREDENTIALS, ""  # revoked while the bind was under way
+        self._become(decision, wanted, lazy=decision.read_only)
         return ber.SUCCESS, ""
 
     async def _anonymous(self) -> tuple[int, str]:
         if not self.config.allow_anonymous:
             return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed"
         self.anonymous = True
-        self._bound_as(None)
+        self._bound_as(None, lazy=True)
         return ber.SUCCESS, ""
 
-    def _become(self, decision: Decision, wanted: str) -> None:
+    def _become(self, decision: Decision, wanted: str, lazy: bool) -> None:
         assert decision.account is not None
         self.decision = decision
         self.username = decision.username
         self.dn = decision.account.dn
         self.app_password_id = decision.app_password.id if decision.app_password else None
         self.listener.sessions.add(self)
-        self._bound_as(wanted)
+        self._bound_as(wanted, lazy)
 
-    def _bound_as(self, wanted: str | None) -> None:
+    def _bound_as(self, wanted: str | None, lazy: bool) -> None:
         self.bound = True
         self._wanted = wanted
+        # Lazy: the proxy may (re)bind the directory connection by itself, as
+        # the service account or anonymously. A primary-password session's
+        # connection is bound with the user's password once, at the bind.
+        self._lazy = lazy
         self.framer.max_size = self.config.max_message_size
         self._arm(self.config.idle_timeout)
 
@@ -380,11 +402,30 @@ class LDAPServer(Protocol):
         if upstream is not None:
             upstream.on_frame = None
             upstream.on_lost = None
-            if self.transport is not None:
-                self.transport.unregisterProducer()
             if upstream.transport is not None:
                 upstream.transport.unregisterProducer()
             upstream.close()
+            self._read_on_our_own()
+
+    def _read_on_our_own(self) -> None:
+        """Back to ReadControl once no directory connection paces the client."""
+        if self.transport is None or self._closing:
+            return
+        self.transport.unregisterProducer()
+        self.transport.resumeProducing()
+        control_reading(self)
+
+    def handshakeCompleted(self) -> None:
+        if self.reading is None and self.upstream is None and not self._closing:
+            control_reading(self)
+
+    def _hold(self, reason: str) -> None:
+        if self.reading is not None:
+            self.reading.hold(reason)
+
+    def _release(self, reason: str) -> None:
+        if self.reading is not None:
+            self.reading.release(reason)
 
     # -- the session's connection to the directory -------------------------------------
 
@@ -394,13 +435,20 @@ class LDAPServer(Protocol):
                 and upstream.bound_as == self._wanted):
             upstream.send(frame)
             return
+        if not self._lazy:
+            # A primary-password session lost its bound connection: the proxy
+            # does not keep the password to bind again.
+            self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
+            return
         self._pending.append((message, frame))
         if not self._preparing:
             self._preparing = True
+            self._hold("upstream")
             Deferred.fromCoroutine(self._prepare_upstream()).addErrback(self._crashed)
 
     async def _prepare_upstream(self) -> None:
         wanted = self._wanted
+        assert wanted is None or wanted == self.listener.upstream.config.bind_dn
         password = self.listener.upstream.service_password if wanted is not None else ""
         try:
             await self._connect_as(wanted, password)
@@ -413,6 +461,7 @@ class LDAPServer(Protocol):
             return
         finally:
             self._preparing = False
+            self._release("upstream")
         pending, self._pending = self._pending, []
         for message, frame in pending:
             if self.bound and self._wanted == wanted and self.upstream is not None:
@@ -422,7 +471,15 @@ class LDAPServer(Protocol):
 
     async def _connect_as(self, dn: str | None, password: str) -> None:
         """A connection to the directory bound as ``dn`` (None: anonymous):
-        the one the session has, re-bound if need be, or a new one."""
+        the one the session has, re-bound if need be, or a new one. One at a
+        time: a bind never races a lazy connect."""
+        await self._upstream_lock.acquire()
+        try:
+            await self._connect_as_locked(dn, password)
+        finally:
+            self._upstream_lock.release()
+
+    async def _connect_as_locked(self, dn: str | None, password: str) -> None:
         upstream = self.upstream
         timeout = self.listener.upstream.config.timeout
         if upstream is not None and not upstream.closed:
@@ -431,13 +488,14 @@ class LDAPServer(Protocol):
             return
         upstream = await self.listener.upstream.open(dn, password)
         upstream.bound_as = dn
-        if self._closing:
+        if self._closing or self.upstream is not None:
             upstream.close()
             return
         self.upstream = upstream
         upstream.on_frame = self._from_upstream
         upstream.on_lost = self._upstream_lost
         # Flow control both ways: a slow reader pauses the other side.
+        stop_controlling_reading(self)
         self.transport.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(self.transport, True)
 
@@ -449,8 +507,7 @@ class LDAPServer(Protocol):
 
     def _upstream_lost(self) -> None:
         self.upstream = None
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        self._read_on_our_own()
         if self.bound:
             # Requests may have been under way: the client must not wait for them.
             self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
