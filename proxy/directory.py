@@ -360,8 +360,8 @@ class Directory:
 
     async def _search_entries(
         self, client: LDAPClient, base: str, scope: int, filter_text: str, attributes: Iterable[str]
-    ) -> list[pureldap.LDAPSearchResultEntry]:
-        entries: list[pureldap.LDAPSearchResultEntry] = []
+    ) -> list[pureldap.LDAPSearchResultEntry | None]:
+        entries: list[pureldap.LDAPSearchResultEntry | None] = []  # None: more matches
         done: Deferred[None] = Deferred()
 
         def handle(message: Any) -> bool:
@@ -370,8 +370,11 @@ class Directory:
                 return False
             if isinstance(message, pureldap.LDAPSearchResultDone):
                 code = message.resultCode
-                # noSuchObject (32): the base does not exist, i.e. no such user.
-                if code not in (0, 32):
+                # noSuchObject (32): the base does not exist, i.e. no such user;
+                # sizeLimitExceeded (4): more than one match, i.e. none.
+                if code == 4:
+                    entries.append(None)
+                if code not in (0, 4, 32):
                     done.errback(ldaperrors.get(code, message.errorMessage))
                 else:
                     done.callback(None)
@@ -414,9 +417,26 @@ class Directory:
 
         async def operation(client: LDAPClient) -> Account | None:
             found = await self._search_entries(client, base, scope, user_filter, self._attributes)
-            if len(found) != 1:
+            if len(found) != 1 or found[0] is None:
                 return None
             entry = found[0]
+            if scope == pureldap.LDAP_SCOPE_baseObject:
+                # A sign-in by DN must match the user filter like any other:
+                # look the entry up again by its name, and require the same DN.
+                name = self._value(entry, self.config.username_attribute)
+                if name is None:
+                    return None
+                again = await self._search_entries(
+                    client,
+                    self.config.user_base,
+                    pureldap.LDAP_SCOPE_wholeSubtree,
+                    self.config.user_filter.replace("{username}", escape_filter_value(name)),
+                    self._attributes,
+                )
+                if (len(again) != 1 or again[0] is None
+                        or normalise_dn(_text(again[0].objectName)) != normalise_dn(_text(entry.objectName))):
+                    return None
+                entry = again[0]
             active = True
             if self.config.active_filter:
                 still = await self._search_entries(
@@ -434,6 +454,14 @@ class Directory:
         except ldaperrors.LDAPException as e:
             log.warn("directory search failed: {error}", error=str(e))
             raise DirectoryUnavailable("search failed") from None
+
+    @staticmethod
+    def _value(entry: pureldap.LDAPSearchResultEntry, attribute: str) -> str | None:
+        for name, values in entry.attributes:
+            if _text(name).lower() == attribute.lower() and values:
+                value = values[0]
+                return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        return None
 
     def _under_user_base(self, name: str) -> bool:
         if not looks_like_dn(name):
@@ -481,7 +509,7 @@ class Directory:
 
         async def operation(client: LDAPClient) -> bool:
             try:
-                await client.bind(dn, password)
+                await client.bind(dn, password.encode("utf-8", "surrogateescape"))
             except ldaperrors.LDAPInvalidCredentials:
                 return False
             except ldaperrors.LDAPException as e:

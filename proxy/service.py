@@ -146,9 +146,9 @@ class Daemon:
         self.store = Threaded(state.store, self.store_pool)
         self._reactor.addSystemEventTrigger("before", "shutdown", self._write_audit)
         self.pepper = state.pepper
-        self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self.store_pool.submit, state.store.close
-        )
+        # Closed last: "during" comes after every "before" trigger, such as
+        # the authenticator writing its last usage counts.
+        self._reactor.addSystemEventTrigger("during", "shutdown", state.store.close)
         if self.config.directory is not None:
             await self._start_authentication(self.config.directory)
             for listener in self.config.listeners:
@@ -282,7 +282,10 @@ class Daemon:
         assert config.backend is not None
         password, ca = await self._backend_secrets(config)
         endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
+        import socket
+
         backend = SMTPBackend(
+            hostname=await self.files_pool.submit(socket.getfqdn),
             reactor=self._reactor,
             endpoint=endpoint,
             starttls=options if config.backend_starttls else None,
@@ -319,7 +322,6 @@ class Daemon:
             new = await self.store_pool.submit(configuration.load, self._config_path)
         except configuration.ConfigError as e:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
-            sd_notify("READY=1")
             return
         fixed = ("store", "hashing", "directory", "throttle", "cache", "listeners")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
@@ -343,11 +345,15 @@ class Daemon:
         self.audit.path = new.audit.file
         self.record("config_reloaded", config=str(self._config_path))
         log.info("config reloaded from {path}", path=str(self._config_path))
-        sd_notify("READY=1")
 
     def install_signal_handlers(self) -> None:
+        def reload() -> None:
+            d = Deferred.fromCoroutine(self.reload())
+            d.addErrback(lambda f: log.failure("reload failed, keeping the running config", f))
+            d.addBoth(lambda _: sd_notify("READY=1"))
+
         def on_hup(signum: int, frame: Any) -> None:
-            self._reactor.callFromThread(lambda: Deferred.fromCoroutine(self.reload()))
+            self._reactor.callFromThread(reload)
 
         signal.signal(signal.SIGHUP, on_hup)
 

@@ -136,7 +136,7 @@ class Authenticator:
         self._app_cache: SuccessCache[AppPassword] = SuccessCache(
             clock.seconds, cache.app_password_ttl, cache.max_entries
         )
-        self._primary_cache: SuccessCache[bool] = SuccessCache(
+        self._primary_cache: SuccessCache[float] = SuccessCache(
             clock.seconds, cache.primary_password_ttl, cache.max_entries
         )
         self._cache_key = secrets.token_bytes(32)
@@ -252,7 +252,7 @@ class Authenticator:
         app_password_form = apppasswords.normalise(attempt.secret)
         stale = False
         try:
-            account = await self._account(typed, name)
+            account = await self._account(typed, name.strip())
         except DirectoryUnavailable:
             remembered = self._remembered(typed)
             if attempt.realm != "cloud" or app_password_form is None or remembered is None:
@@ -292,13 +292,15 @@ class Authenticator:
     async def _account(self, typed: str, name: str) -> Account | None:
         ttl = self._directory_config.account_cache
         now = self._clock.seconds()
-        cached = self._accounts.get(typed)
+        # Keyed by the exact name the directory is asked for: two names that
+        # fold to one form may still be two accounts there.
+        cached = self._accounts.get(name)
         if cached is not None and now - cached[1] < ttl:
             return cached[0]
         account = await self._directory.resolve(name)
         if ttl > 0:
-            self._accounts[typed] = (account, now)
-            self._accounts.move_to_end(typed)
+            self._accounts[name] = (account, now)
+            self._accounts.move_to_end(name)
             while len(self._accounts) > MAX_ACCOUNTS:
                 self._accounts.popitem(last=False)
         if account is not None and account.active:
@@ -396,20 +398,27 @@ class Authenticator:
     async def _primary(self, attempt: Attempt, account: Account, key: str) -> Decision:
         cache_key = hmac.digest(
             self._cache_key,
-            account.dn.encode() + b"\x00" + attempt.secret.encode("utf-8", "replace"),
+            account.dn.encode() + b"\x00" + attempt.secret.encode("utf-8", "surrogateescape"),
             hashlib.sha256,
         )
-        if self._primary_cache.get(cache_key):
+        if self._primary_cache.get(cache_key) == (account.password_changed_at or 0.0):
             self.throttle.succeeded(key, attempt.client_address)
             return Decision(Reason.PRIMARY, account.username, account)
+        if self.throttle.recently_failed(key, attempt.client_address, attempt.secret):
+            # The same wrong secret again: answered without asking the
+            # directory, whose own lockout would otherwise count every retry.
+            self.throttle.failed(key, attempt.client_address, attempt.secret)
+            return Decision(Reason.WRONG_SECRET, account.username, account)
         try:
             accepted = await self._directory.check_password(account.dn, attempt.secret)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
         if not accepted:
-            self.throttle.failed(key, attempt.client_address, attempt.secret)
+            self.throttle.failed(key, attempt.client_address, attempt.secret, upstream=True)
             return Decision(Reason.WRONG_SECRET, account.username, account)
-        self._primary_cache.put(cache_key, True, user=account.username)
+        # Kept with the password-change time it was checked at: a change in
+        # the directory makes the entry worthless.
+        self._primary_cache.put(cache_key, account.password_changed_at or 0.0, user=account.username)
         self.throttle.succeeded(key, attempt.client_address)
         return Decision(Reason.PRIMARY, account.username, account)
 

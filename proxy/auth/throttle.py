@@ -70,6 +70,7 @@ class _Bounded(Generic[K, V]):
 class _Bucket:
     failures: dict[bytes, float] = attrs.Factory(dict)  # digest → when
     recent: deque[bytes] = attrs.Factory(deque)
+    refused_upstream: deque[bytes] = attrs.Factory(deque)  # wrong by the directory's word
     locked_until: float = 0.0
     lockouts: int = 0
     last_failure: float = 0.0
@@ -92,7 +93,10 @@ class Throttle:
         self.config = config
         self._clock = clock
         self._key = secrets.token_bytes(32)  # keys digests of wrong secrets; never leaves memory
-        self._accounts: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
+        self._known: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
+        # Names that match no account are counted apart: spraying them cannot
+        # push the lockouts of real accounts out of memory.
+        self._unknown: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
         self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
 
     # -- sources ---------------------------------------------------------------
@@ -128,32 +132,53 @@ class Throttle:
 
     # -- accounts --------------------------------------------------------------
 
+    def _table(self, account: str) -> _Bounded[str, _Account]:
+        return self._unknown if account.startswith("unknown:") else self._known
+
     def digest(self, account: str, secret: str) -> bytes:
         return hmac.digest(
-            self._key, account.encode() + b"\x00" + secret.encode("utf-8", "replace"), hashlib.sha256
+            self._key, account.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"), hashlib.sha256
         )
 
     def _bucket(self, account: str, address: str) -> _Bucket | None:
         source = self.source(address)
         if source is None:
             return None
-        state = self._accounts.get(account)
+        state = self._table(account).get(account)
         return state.buckets[source in state.familiar]
 
     def locked(self, account: str, address: str) -> float:
         """Seconds the account stays locked for this source; 0 if it is not."""
         source = self.source(address)
-        state = self._accounts.peek(account)
+        state = self._table(account).peek(account)
         if source is None or state is None:
             return 0.0
         bucket = state.buckets[source in state.familiar]
         return max(0.0, bucket.locked_until - self._clock())
 
-    def failed(self, account: str, address: str, secret: str) -> bool:
-        """Count a wrong secret; True if this failure locked the account."""
+    def recently_failed(self, account: str, address: str, secret: str) -> bool:
+        """Whether ``secret`` is one of the account's last wrong ones from this
+        kind of source: checking it again would only add a failure upstream
+        (and lock the account in the directory, for a phone with a stale password)."""
+        source = self.source(address)
+        state = self._table(account).peek(account)
+        if source is None or state is None:
+            return False
+        bucket = state.buckets[source in state.familiar]
+        return self.digest(account, secret) in bucket.refused_upstream
+
+    def failed(self, account: str, address: str, secret: str, upstream: bool = False) -> bool:
+        """Count a wrong secret (``upstream``: the directory said so); True if
+        this failure locked the account."""
         bucket = self._bucket(account, address)
         if bucket is None:
             return False
+        if upstream:
+            digest = self.digest(account, secret)
+            if digest not in bucket.refused_upstream:
+                bucket.refused_upstream.append(digest)
+                while len(bucket.refused_upstream) > max(self.config.ignore_repeats, 1):
+                    bucket.refused_upstream.popleft()
         now = self._clock()
         window = self.config.failure_window
         if now - bucket.last_failure > window + self.config.lockout_max:
@@ -183,9 +208,13 @@ class Throttle:
         source = self.source(address)
         if source is None:
             return
-        state = self._accounts.get(account)
+        state = self._table(account).get(account)
+        familiar = source in state.familiar
         state.familiar[source] = self._clock()
         state.familiar.move_to_end(source)
         while len(state.familiar) > FAMILIAR_SOURCES:
             state.familiar.popitem(last=False)
-        state.buckets[True] = _Bucket()
+        if familiar:
+            # A success from a familiar place clears that place's counter; one
+            # from elsewhere leaves the familiar counter as it is.
+            state.buckets[True] = _Bucket()

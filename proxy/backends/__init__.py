@@ -84,6 +84,14 @@ class BackendConnection(Protocol):
 
     # -- relay ---------------------------------------------------------------------
 
+    def start_tls(self, options: Any) -> None:
+        """Upgrade to TLS; anything already received in the clear is an
+        injection attempt (CVE-2011-0411 class), not a reply: give up."""
+        if self._buffer:
+            self.transport.abortConnection()
+            raise BackendRefused("the backend sent more than its STARTTLS answer")
+        self.transport.startTLS(options)
+
     def attach(self, client: Any) -> None:
         self._client = client
         rest, self._buffer = bytes(self._buffer), bytearray()

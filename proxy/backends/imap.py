@@ -75,7 +75,7 @@ class IMAPBackend:
                 connection.capabilities = found.group(1)
             if self.starttls is not None:
                 await command(connection, b"lap0", b"STARTTLS")
-                connection.transport.startTLS(self.starttls)
+                connection.start_tls(self.starttls)
                 connection.capabilities = b""
             if self.pass_client_address:
                 fields = [

@@ -10,7 +10,6 @@ operator wants it, the client's address is passed on before a SASL login too.
 from __future__ import annotations
 
 import base64
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +66,7 @@ class SMTPBackend:
     login_style: str  # "sasl" or "xclient"
     pass_client_address: bool
     timeout: float
-    hostname: str = attrs.Factory(socket.getfqdn)
+    hostname: str = "localhost"  # the daemon sets it, looked up off the reactor
     extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
 
     async def probe(self) -> None:
@@ -93,7 +92,7 @@ class SMTPBackend:
 
     async def _starttls(self, connection: BackendConnection) -> list[bytes]:
         await expect(connection, b"STARTTLS", 220)
-        connection.transport.startTLS(self.starttls)
+        connection.start_tls(self.starttls)
         return await self._ehlo(connection)
 
     async def login(self, username: str, address: str, port: int) -> BackendConnection:

@@ -9,6 +9,7 @@ disk; it is for trying the proxy, not for production.
 from __future__ import annotations
 
 import email
+import hmac
 import email.policy
 import email.utils
 import io
@@ -174,7 +175,8 @@ class MasterChecker:
         username = creds.username if isinstance(creds.username, bytes) else creds.username.encode()
         user, _, master = username.rpartition(b"*")
         password = creds.password if isinstance(creds.password, bytes) else creds.password.encode()
-        if master == self.master and password == self.password and user.decode() in self.users:
+        right = hmac.compare_digest(master, self.master) & hmac.compare_digest(password, self.password)
+        if right and user.decode() in self.users:
             return defer.succeed(user)
         return defer.fail(error.UnauthorizedLogin())
 

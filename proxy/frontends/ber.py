@@ -324,7 +324,8 @@ def notice_of_disconnection(code: int, text: str) -> bytes:
 
 
 def bind_request(id: int, name: str, password: str) -> bytes:
-    body = _int(INTEGER, 3) + tlv(OCTET_STRING, name.encode()) + tlv(0x80, password.encode())
+    secret = password.encode("utf-8", "surrogateescape")
+    body = _int(INTEGER, 3) + tlv(OCTET_STRING, name.encode()) + tlv(0x80, secret)
     return message(id, tlv(BIND_REQUEST, body))
 
 

@@ -96,7 +96,7 @@ class PreLogin:
                 try:
                     item = self.reader.next()
                 except CommandError as e:
-                    events += self._bad(b"*", str(e))
+                    events += self._bad(e.tag, str(e))
                     continue
                 if item is None:
                     break
@@ -164,7 +164,8 @@ class PreLogin:
 
     def _login(self, tag: bytes, user: bytes, secret: bytes, mechanism: str) -> Login:
         self.deciding = True
-        return Login(tag, user.decode("utf-8", "replace"), secret.decode("utf-8", "replace"), mechanism)
+        # The secret's bytes reach the directory unchanged, even if not UTF-8.
+        return Login(tag, user.decode("utf-8", "replace"), secret.decode("utf-8", "surrogateescape"), mechanism)
 
     # -- SASL ----------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ _TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
 class CommandError(Exception):
     """A command that cannot be parsed: answered BAD, counted as a bad command."""
 
+    def __init__(self, text: str, tag: bytes = b"*") -> None:
+        super().__init__(text)
+        self.tag = tag
+
 
 class TooLong(Exception):
     """A line or literal over the limit: the connection cannot be resynchronised."""
@@ -111,8 +115,9 @@ class Reader:
                 if kind == b"":
                     # Synchronizing: the client waits for "+", so the command
                     # can be refused without reading the literal.
+                    tag = tag_of(self._pieces[0])
                     self._pieces, self._size = [], 0
-                    raise CommandError(f"literal of {size} octets is too large")
+                    raise CommandError(f"literal of {size} octets is too large", tag)
                 raise TooLong("non-synchronizing literal too large")
             self._literal = size
             self._size += size

@@ -313,11 +313,9 @@ class LDAPServer(Protocol):
             return ber.UNWILLING_TO_PERFORM, "unauthenticated binds are not allowed"
         if not self.tls and not self.config.allow_plaintext_auth:
             return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS"
-        try:
-            name = bind.name.decode("utf-8")
-            password = bind.password.decode("utf-8")
-        except UnicodeDecodeError:
-            return ber.INVALID_CREDENTIALS, ""
+        name = bind.name.decode("utf-8", "replace")
+        # The password's bytes reach the directory unchanged, even if not UTF-8.
+        password = bind.password.decode("utf-8", "surrogateescape")
         attempt = Attempt(
             protocol="ldap",
             realm=self.config.realm,

@@ -226,7 +226,8 @@ class PreAuth:
 
     def _login(self, user: bytes, secret: bytes, mechanism: str) -> Login:
         self.deciding = True
-        return Login(b"", user.decode("utf-8", "replace"), secret.decode("utf-8", "replace"), mechanism)
+        # The secret's bytes reach the directory unchanged, even if not UTF-8.
+        return Login(b"", user.decode("utf-8", "replace"), secret.decode("utf-8", "surrogateescape"), mechanism)
 
     def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
         self.deciding = False

@@ -599,3 +599,42 @@ async def test_primary_checks_rebind_pooled_connections(env, slapd, unique):
     binds = re.findall(pattern, slapd.log_text(), re.I)
     assert len(binds) == 10
     assert len(set(binds)) <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_password_retried_reaches_the_directory_once(env, slapd, unique):
+    """A phone retrying an old password must not lock its owner out in the
+    directory: the same wrong secret is answered without another bind."""
+    auth = await env.make()
+    uid = unique()
+    slapd.add_user(uid, PRIMARY)
+    for _ in range(5):
+        decision = await auth.authenticate(attempt(uid, "Old-Passw0rd", realm="on-premises"))
+        assert decision.reason is Reason.WRONG_SECRET
+    assert auth.directory.binds == 1
+    assert (await auth.authenticate(attempt(uid, PRIMARY, realm="on-premises"))).accepted
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_app_password_deleted_during_its_check_is_not_let_through(env, slapd, unique):
+    uid = unique()
+    slapd.add_user(uid, PRIMARY)
+    env.admin.set_mfa(uid, MfaState.ENFORCED)
+    created = env.admin.create(uid, "phone")
+    auth = await env.make(hasher=CountingHasher(FAST, delay=0.5))
+    checking = Deferred.fromCoroutine(auth.authenticate(attempt(uid, created.secret)))
+    await sleep(0.2)  # the argon2 check is under way
+    env.admin.delete(uid, "phone")
+    first = await checking
+    second = await auth.authenticate(attempt(uid, created.secret))
+    assert not first.accepted and not second.accepted
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sign_in_by_dn_must_match_the_user_filter(env, slapd, unique):
+    auth = await env.make(
+        user_filter="(&(objectClass=inetOrgPerson)(!(uid=blocked*))(|(uid={username})(mail={username})))")
+    uid = unique("blocked")
+    dn = slapd.add_user(uid, PRIMARY)
+    for name in (dn, uid):
+        assert (await auth.authenticate(attempt(name, PRIMARY))).reason is Reason.UNKNOWN_USER

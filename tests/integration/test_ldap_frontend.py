@@ -380,3 +380,12 @@ def test_connections_per_source_are_limited(proxy):
     assert messages and messages[0].value.resultCode == 51
     for s in sockets:
         s.close()
+
+
+def test_the_proxys_own_message_id_is_refused(proxy):
+    s = raw(proxy)
+    s.sendall(pureldap.LDAPMessage(pureldap.LDAPExtendedRequest(
+        requestName=b"1.3.6.1.4.1.4203.1.11.3"), id=2**31 - 1).toWire())
+    messages = read_messages(s)
+    s.close()
+    assert messages[-1].id == 0 and messages[-1].value.resultCode == 2

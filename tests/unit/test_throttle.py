@@ -129,3 +129,19 @@ def test_digests_are_keyed_per_process(clock):
     two = Throttle(ThrottleConfig(), clock.seconds)
     assert one.digest("alice", "secret") != two.digest("alice", "secret")
     assert b"secret" not in one.digest("alice", "secret")
+
+
+def test_a_success_elsewhere_leaves_the_familiar_counter_alone(throttle):
+    throttle.succeeded("alice", HOME)
+    fail_distinct(throttle, 9, source=HOME)
+    throttle.succeeded("alice", ATTACKER)  # a new place becomes familiar...
+    assert throttle.failed("alice", HOME, "tenth") is True  # ...home's count goes on
+
+
+def test_only_secrets_the_directory_refused_are_skipped_next_time(throttle):
+    throttle.failed("alice", HOME, "not-checked")
+    assert not throttle.recently_failed("alice", HOME, "not-checked")
+    throttle.failed("alice", HOME, "stale", upstream=True)
+    assert throttle.recently_failed("alice", HOME, "stale")
+    assert not throttle.recently_failed("alice", HOME, "other")
+    assert not throttle.recently_failed("bob", HOME, "stale")
