@@ -28,10 +28,16 @@ log = Logger(namespace="legacy_auth_proxy.audit")
 _FORBIDDEN = frozenset({"secret", "password", "password_hash", "hash", "lookup_key"})
 
 
+_last_second: list[Any] = [None, ""]
+
+
 def timestamp(seconds: float) -> str:
     """RFC 3339 in UTC with milliseconds: ``2026-11-22T01:02:03.456Z``."""
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = int(seconds // 1)
+    if _last_second[0] != whole:  # formatting a date is slow; once a second will do
+        moment = datetime.fromtimestamp(whole, timezone.utc)
+        _last_second[:] = [whole, moment.strftime("%Y-%m-%dT%H:%M:%S.")]
+    return f"{_last_second[1]}{int((seconds - whole) * 1000):03d}Z"
 
 
 class AuditLog:
@@ -56,9 +62,12 @@ class AuditLog:
     def line(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
-    def log(self, record: dict[str, Any], level: LogLevel = LogLevel.info) -> None:
-        """Send one event to the Twisted log (on the reactor thread, in the daemon)."""
-        log.emit(level, "audit {audit_line}", audit_line=self.line(record), audit=record)
+    def log(self, record: dict[str, Any], level: LogLevel = LogLevel.info) -> str:
+        """Send one event to the Twisted log (on the reactor thread, in the
+        daemon); its JSON line, for :meth:`append_lines`."""
+        line = self.line(record)
+        log.emit(level, "audit {audit_line}", audit_line=line, audit=record)
+        return line
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one event to the file. Blocks: the daemon calls it on the audit pool."""
@@ -66,9 +75,13 @@ class AuditLog:
 
     def append_many(self, records: list[dict[str, Any]]) -> None:
         """Append events with one write. Blocks: the daemon calls it on the audit pool."""
-        if self.path is None or not records:
+        self.append_lines([self.line(r) for r in records])
+
+    def append_lines(self, lines: list[str]) -> None:
+        """Append JSON lines with one write. Blocks."""
+        if self.path is None or not lines:
             return
-        data = "".join(self.line(r) + "\n" for r in records).encode("utf-8")
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
         with self._lock:
             if self._fd is None:
                 self._fd = self._open()

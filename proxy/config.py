@@ -706,6 +706,12 @@ class AuditConfig:
         Optional(FilePath()),
         "the file audit events are appended to; null to send them to the daemon's log only",
     )
+    log_authentications: bool = _field(
+        False,
+        Bool(),
+        "also send every authentication event to the daemon's log (the file has them all; "
+        "the log always has a line for each failure)",
+    )
 
 
 @attrs.frozen

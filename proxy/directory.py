@@ -60,6 +60,10 @@ class Account:
     modern_auth_only: bool = False
     admin: bool = False
     password_changed_at: float | None = None
+    # The DN in one comparable form, parsed once: ldaptor's DN parser is slow.
+    key: str = attrs.field(
+        default=attrs.Factory(lambda self: normalise_dn(self.dn), takes_self=True), repr=False
+    )
 
 
 # -- pure helpers --------------------------------------------------------------

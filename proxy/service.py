@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
 from proxy import apppasswords, config as configuration
 from proxy.audit import AuditLog
@@ -129,7 +129,7 @@ class Daemon:
             reactor, "argon2", threads=config.hashing.thread_count, queue=config.hashing.queue
         )
         self.audit = AuditLog(config.audit.file, reactor.seconds)
-        self._audit_batch: list[dict[str, Any]] = []
+        self._audit_batch: list[str] = []
         self.store: Any = None
         self.pepper = b""
         self.files_pool = Pool(reactor, "files", threads=1, queue=1000)
@@ -302,16 +302,19 @@ class Daemon:
         """One audit event: to the Twisted log now, to the file on the audit
         pool. Events of one reactor turn are written together, with one write."""
         record = self.audit.event(event, **fields)
-        # Every sign-in is an event: those go to the Twisted log at debug
-        # level (failures also get their own info line, for fail2ban).
-        self.audit.log(record, LogLevel.debug if event == "authentication" else LogLevel.info)
-        self._audit_batch.append(record)
+        if event == "authentication" and not self.config.audit.log_authentications:
+            # Every sign-in is an event: the file has them all; the daemon's
+            # log has a line for each failure (for fail2ban) already.
+            line = self.audit.line(record)
+        else:
+            line = self.audit.log(record)
+        self._audit_batch.append(line)
         if len(self._audit_batch) == 1:
             self._reactor.callLater(0, self._write_audit)
 
     def _write_audit(self) -> None:
         batch, self._audit_batch = self._audit_batch, []
-        self.audit_pool.submit(self.audit.append_many, batch).addErrback(
+        self.audit_pool.submit(self.audit.append_lines, batch).addErrback(
             lambda f: log.failure("cannot write the audit log", f)
         )
 

@@ -36,7 +36,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
-from proxy.directory import Account, DirectoryUnavailable, normalise_dn
+from proxy.directory import Account, DirectoryUnavailable
 from proxy.store import AppPassword, Change, MfaState
 from proxy.threads import Busy, Pool
 
@@ -269,7 +269,7 @@ class Authenticator:
             return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
         if account.modern_auth_only:
             return Decision(Reason.LEGACY_BLOCKED, account.username, account)
-        key = normalise_dn(account.dn)
+        key = account.key
         if self.throttle.locked(key, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
         if attempt.realm == "cloud":

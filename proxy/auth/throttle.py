@@ -98,11 +98,22 @@ class Throttle:
         # push the lockouts of real accounts out of memory.
         self._unknown: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
         self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
+        self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
 
     # -- sources ---------------------------------------------------------------
 
     def source(self, address: str) -> str | None:
         """The key a client address is counted under; None for trusted networks."""
+        try:
+            return self._sources_of[address]
+        except KeyError:
+            pass
+        if len(self._sources_of) > 10_000:
+            self._sources_of.clear()
+        source = self._sources_of[address] = self._source(address)
+        return source
+
+    def _source(self, address: str) -> str | None:
         try:
             ip = ipaddress.ip_address(address.split("%")[0])
         except ValueError:

@@ -36,11 +36,13 @@ class ReadControl:
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.reasons: set[str] = set()
+        self.paused = False
 
     def _update(self) -> None:
-        if self.transport is None:
+        if self.transport is None or bool(self.reasons) == self.paused:
             return
-        if self.reasons:
+        self.paused = bool(self.reasons)
+        if self.paused:
             self.transport.pauseProducing()
         else:
             self.transport.resumeProducing()
@@ -254,9 +256,11 @@ class RelayingServer(Protocol):
                 stop_controlling_reading(self)
                 self.transport.startTLS(self.listener.tls)
             elif isinstance(event, Login):
-                if self.reading is not None:
+                d = Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
+                if not d.called and self.reading is not None:
+                    # Decided later (cache hits are decided at once): stop
+                    # reading until then.
                     self.reading.hold("decision")
-                Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
             elif isinstance(event, Close):
                 self._closing = True
                 self.transport.loseConnection()

@@ -210,8 +210,11 @@ class LDAPServer(Protocol):
         tag = message.op_tag
         if tag == ber.BIND_REQUEST:
             self._binding = True
-            self._hold("bind")
             Deferred.fromCoroutine(self._bind(message)).addErrback(self._crashed)
+            if self._binding:
+                # Decided later (cache hits are decided at once): stop reading
+                # until then.
+                self._hold("bind")
         elif tag == ber.UNBIND_REQUEST:
             self._closing = True
             self.transport.loseConnection()
