@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from proxy.apppasswords import canonical_username
 from proxy.config import DirectoryConfig
+from proxy.backends import tcp_endpoint
 from proxy.tls import client_options
 
 log = Logger(namespace="legacy_auth_proxy.directory")
@@ -130,7 +131,7 @@ def client_endpoint(reactor: Any, config: DirectoryConfig, tls: Any) -> Any:
     parts = urllib.parse.urlsplit(config.url)
     host = parts.hostname or ""
     port = parts.port or (636 if parts.scheme == "ldaps" else 389)
-    plain = endpoints.HostnameEndpoint(reactor, host, port, timeout=config.timeout)
+    plain = tcp_endpoint(reactor, host, port, config.timeout)
     if parts.scheme == "ldaps":
         return endpoints.wrapClientTLS(tls, plain)
     return plain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from typing import Any
 
@@ -111,6 +112,18 @@ class BackendConnection(Protocol):
 DEFAULT_PORTS = {"imap": 143, "imaps": 993, "smtp": 587, "smtps": 465}
 
 
+def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A TCP client endpoint; an address is used as it is, without a trip
+    through the resolver's thread pool on every connection."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
 def backend_endpoint(reactor: Any, url: str, ca_pem: bytes | None, timeout: float) -> tuple[Any, Any]:
     """The endpoint for a backend URL, and the TLS options for its host (used
     for implicit TLS here, or by the caller for STARTTLS)."""
@@ -118,7 +131,7 @@ def backend_endpoint(reactor: Any, url: str, ca_pem: bytes | None, timeout: floa
     host = parts.hostname or ""
     port = parts.port or DEFAULT_PORTS[parts.scheme]
     options = client_options(host, ca_pem)
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = tcp_endpoint(reactor, host, port, timeout)
     if parts.scheme.endswith("s"):
         endpoint = endpoints.wrapClientTLS(options, endpoint)
     return endpoint, options
