@@ -87,22 +87,14 @@ class Bench:
             self.dovecot.add_user(uid, PASSWORD)
 
     def proxy(self, name: str, **options: Any) -> Any:
-        from tests.proxyd import ProxyDaemon
+        from tests.proxyd import ProxyDaemon, mail_backend
 
-        master = self.folder / "master-password"
-        master.write_text(self.dovecot.master_password + "\n")
-        master.chmod(0o600)
-        mail = {"master_user": self.dovecot.master_user, "master_password_file": str(master),
-                "tls": "none", "allow_plaintext_auth": True, "realm": "cloud",
-                "max_connections_per_source": 100000}
+        plain = {"tls": "none", "allow_plaintext_auth": True, "max_connections_per_source": 100000}
         daemon = ProxyDaemon(
             self.folder / name, self.slapd, {
-                "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
-                         "allow_plaintext_auth": True, "max_connections_per_source": 100000},
-                "imap": dict(mail, protocol="imap",
-                             backend=f"imap://127.0.0.1:{self.dovecot.imap_port}"),
-                "smtp": dict(mail, protocol="smtp",
-                             backend=f"smtp://127.0.0.1:{self.dovecot.submission_port}"),
+                "ldap": dict(plain, protocol="ldap", realm="cloud"),
+                "imap": dict(mail_backend(self.folder, self.dovecot, "imap"), **plain),
+                "smtp": dict(mail_backend(self.folder, self.dovecot, "smtp"), **plain),
             },
             hashing="  threads: 0",
             throttle="  source_delay: 0\n  source_delay_max: 0\n  account_failures: 10000",

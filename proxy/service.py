@@ -263,29 +263,12 @@ class Daemon:
 
         return await self.files_pool.submit(read)
 
-    async def _imap_backend(self, config: configuration.ListenerConfig) -> IMAPBackend:
-        assert config.backend is not None and config.master_user is not None
-        password, ca = await self._backend_secrets(config)
-        endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
-        return IMAPBackend(
-            reactor=self._reactor,
-            endpoint=endpoint,
-            starttls=options if config.backend_starttls else None,
-            master_user=config.master_user,
-            master_password=password,
-            login_style=config.backend_login,
-            pass_client_address=config.pass_client_address,
-            timeout=config.backend_timeout,
-        )
-
-    async def _smtp_backend(self, config: configuration.ListenerConfig) -> SMTPBackend:
+    async def _backend_options(self, config: configuration.ListenerConfig) -> dict[str, Any]:
+        """What the IMAP and SMTP backends share: where, TLS, the master user."""
         assert config.backend is not None
         password, ca = await self._backend_secrets(config)
         endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
-        import socket
-
-        backend = SMTPBackend(
-            hostname=await self.files_pool.submit(socket.getfqdn),
+        return dict(
             reactor=self._reactor,
             endpoint=endpoint,
             starttls=options if config.backend_starttls else None,
@@ -295,6 +278,15 @@ class Daemon:
             pass_client_address=config.pass_client_address,
             timeout=config.backend_timeout,
         )
+
+    async def _imap_backend(self, config: configuration.ListenerConfig) -> IMAPBackend:
+        return IMAPBackend(**await self._backend_options(config))
+
+    async def _smtp_backend(self, config: configuration.ListenerConfig) -> SMTPBackend:
+        import socket
+
+        hostname = await self.files_pool.submit(socket.getfqdn)
+        backend = SMTPBackend(hostname=hostname, **await self._backend_options(config))
         await backend.probe()
         return backend
 

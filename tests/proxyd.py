@@ -24,6 +24,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mail_backend(folder: Path, dovecot, protocol: str) -> dict:
+    """Listener settings for an IMAP or SMTP listener in front of the test
+    Dovecot, logging in as its master user (whose password file it writes)."""
+    master = Path(folder) / "master-password"
+    master.write_text(dovecot.master_password + "\n")
+    master.chmod(0o600)
+    port = dovecot.imap_port if protocol == "imap" else dovecot.submission_port
+    return {
+        "protocol": protocol, "realm": "cloud",
+        "backend": f"{protocol}://127.0.0.1:{port}",
+        "master_user": dovecot.master_user, "master_password_file": str(master),
+    }
+
+
+class Output:
+    """A process's output, read line by line on a thread of its own."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
+        """The first line (seen before or arriving now) that matches."""
+        for line in self.lines:
+            if re.search(pattern, line):
+                return line
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines[-60:]))
+
+    def drain(self, timeout: float = 0.0) -> str:
+        """Everything read so far (waiting up to ``timeout`` for the end)."""
+        if timeout:
+            self._reader.join(timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return "\n".join(self.lines)
+
+
 class ProxyDaemon:
     """``legacy-auth-proxy serve`` with listeners on free loopback ports.
 
@@ -73,50 +135,24 @@ class ProxyDaemon:
                 lines.append(f"    {key}: {json.dumps(value)}")
         self.config = self.folder / "config.yaml"
         self.config.write_text("\n".join(lines) + "\n" + extra)
-        self.output: list[str] = []
-        self._lines: queue.Queue = queue.Queue()
         self.process: subprocess.Popen | None = None
+        self.reader: Output | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
             cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = Output(self.process)
         self.wait_for("legacy-auth-proxy started")
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
     def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        for line in self.output:
-            if re.search(pattern, line):
-                return line
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.output.append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.output[-60:]))
+        assert self.reader is not None
+        return self.reader.wait_for(pattern, timeout)
 
     def log(self) -> str:
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.output.append(line)
-        return "\n".join(self.output)
+        assert self.reader is not None
+        return self.reader.drain()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         done = subprocess.run(

@@ -65,6 +65,28 @@ class ReadControl:
         self.transport = None
 
 
+class PerSource:
+    """Connections held by each client address on one listener."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        count = self.counts.get(address, 0)
+        if count >= self.limit:
+            return False
+        self.counts[address] = count + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        left = self.counts[address] - 1
+        if left:
+            self.counts[address] = left
+        else:
+            del self.counts[address]
+
+
 @attrs.frozen
 class Send:
     data: bytes
@@ -116,7 +138,7 @@ class Listener(Factory):
         self.sessions = sessions
         self.backend = backend
         self.tls = tls
-        self.per_source: dict[str, int] = {}
+        self.per_source = PerSource(config.max_connections_per_source)
         self.connections: set[RelayingServer] = set()
 
 
@@ -176,13 +198,11 @@ class RelayingServer(Protocol):
         peer = self.transport.getPeer()
         self.address = getattr(peer, "host", None) or "unix"
         self.port = getattr(peer, "port", 0) or 0
-        count = self.listener.per_source.get(self.address, 0)
-        if count >= self.config.max_connections_per_source:
+        if not self.listener.per_source.admit(self.address):
             self._closing = True
             self.transport.write(self.bye("Too many connections from your address."))
             self.transport.loseConnection()
             return
-        self.listener.per_source[self.address] = count + 1
         self._counted = True
         self.listener.connections.add(self)
         if self.config.tls != "implicit":
@@ -196,11 +216,7 @@ class RelayingServer(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._counted:
-            left = self.listener.per_source[self.address] - 1
-            if left:
-                self.listener.per_source[self.address] = left
-            else:
-                del self.listener.per_source[self.address]
+            self.listener.per_source.leave(self.address)
             self._counted = False
         self.listener.connections.discard(self)
         if self._registered:

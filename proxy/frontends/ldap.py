@@ -24,7 +24,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
 from proxy.config import DirectoryConfig, ListenerConfig
 from proxy.frontends import ber
-from proxy.frontends.base import ReadControl, control_reading, stop_controlling_reading
+from proxy.frontends.base import PerSource, ReadControl, control_reading, stop_controlling_reading
 
 log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
 
@@ -66,7 +66,7 @@ class LDAPListener(Factory):
         self.sessions = sessions
         self.upstream = upstream
         self.tls = tls
-        self.per_source: dict[str, int] = {}
+        self.per_source = PerSource(config.max_connections_per_source)
         self.connections: set[LDAPServer] = set()
 
     def buildProtocol(self, addr: Any) -> LDAPServer:
@@ -114,15 +114,13 @@ class LDAPServer(Protocol):
     def connectionMade(self) -> None:
         self.address = _client_address(self.transport)
         self.tls = self.config.tls == "implicit"
-        count = self.listener.per_source.get(self.address, 0)
-        if count >= self.config.max_connections_per_source:
+        if not self.listener.per_source.admit(self.address):
             log.info("{address}: too many connections to {listener}", address=self.address,
                      listener=self.config.label)
             self._closing = True
             self.transport.write(ber.notice_of_disconnection(ber.BUSY, "too many connections"))
             self.transport.loseConnection()
             return
-        self.listener.per_source[self.address] = count + 1
         self._counted = True
         self.listener.connections.add(self)
         if not self.tls:
@@ -134,11 +132,7 @@ class LDAPServer(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._counted:
-            left = self.listener.per_source[self.address] - 1
-            if left:
-                self.listener.per_source[self.address] = left
-            else:
-                del self.listener.per_source[self.address]
+            self.listener.per_source.leave(self.address)
             self._counted = False
         self.listener.connections.discard(self)
         self._drop_identity()

@@ -21,6 +21,19 @@ def slapd(tmp_path_factory):
     server.stop()
 
 
+PRIMARY = "Primary-Passw0rd"
+
+
+@pytest.fixture
+def user(slapd, proxy, unique):
+    """A directory user (password PRIMARY) with an app password named
+    "Outlook 2010", made with the command line tool of the module's `proxy`:
+    (uid, dn, app password)."""
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    return uid, dn, proxy.create_app_password(uid, "Outlook 2010")
+
+
 @pytest.fixture(scope="session")
 def _unique_counter():
     return itertools.count(1)

@@ -2,49 +2,31 @@
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
+from tests.proxyd import Output
+
 
 class Daemon:
-    """A proxy process whose output is read line by line on a thread of its own."""
+    """A proxy process and its output."""
 
     def __init__(self, args, cwd, env=None):
-        self.output = []
-        self._lines = queue.Queue()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
+        self.reader = Output(self.process)
+        self.output = self.reader.lines
 
     def wait_for(self, pattern, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.output.append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.output))
+        return self.reader.wait_for(pattern, timeout)
 
     def stop(self, sig=signal.SIGTERM):
         self.process.send_signal(sig)
@@ -53,11 +35,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
-        self._reader.join(timeout=10)
-        while not self._lines.empty():
-            line = self._lines.get()
-            if line is not None:
-                self.output.append(line)
+        self.reader.drain(timeout=10)
         return self.process.returncode
 
 

@@ -15,22 +15,15 @@ import time
 import pytest
 
 from tests.conftest import require_tool
-from tests.proxyd import ProxyDaemon, free_port
+from tests.integration.conftest import PRIMARY
+from tests.proxyd import ProxyDaemon, free_port, mail_backend
 
-PRIMARY = "Primary-Passw0rd"
 
 
 @pytest.fixture(scope="module")
 def proxy(slapd, dovecot, tmp_path_factory):
     folder = tmp_path_factory.mktemp("proxy-imap")
-    master = folder / "master-password"
-    master.write_text(dovecot.master_password + "\n")
-    master.chmod(0o600)
-    backend = {
-        "protocol": "imap", "realm": "cloud",
-        "backend": f"imap://127.0.0.1:{dovecot.imap_port}",
-        "master_user": dovecot.master_user, "master_password_file": str(master),
-    }
+    backend = mail_backend(folder, dovecot, "imap")
     daemon = ProxyDaemon(folder, slapd, {
         "imap": dict(backend),
         "imaps": dict(backend, tls="implicit"),
@@ -43,13 +36,6 @@ def proxy(slapd, dovecot, tmp_path_factory):
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
-
-
-@pytest.fixture
-def user(slapd, proxy, unique):
-    uid = unique()
-    slapd.add_user(uid, PRIMARY)
-    return uid, proxy.create_app_password(uid, "Outlook 2010")
 
 
 def context(proxy):
@@ -81,7 +67,7 @@ def fetch_all(client):
 
 
 def test_imaplib_login_after_starttls_reads_the_mailbox(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     dovecot.deliver(uid, message("first"))
     client = starttls(proxy)
     typ, data = client.login(uid, secret)
@@ -92,7 +78,7 @@ def test_imaplib_login_after_starttls_reads_the_mailbox(proxy, dovecot, user):
 
 
 def test_authenticate_plain_and_imaps(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     dovecot.deliver(uid, message("second"))
     client = starttls(proxy)
     typ, _ = client.authenticate("PLAIN", lambda _: f"\0{uid}\0{secret}".encode())
@@ -106,7 +92,7 @@ def test_authenticate_plain_and_imaps(proxy, dovecot, user):
 
 
 def test_before_tls_login_is_disabled(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     client = imaplib.IMAP4("127.0.0.1", proxy.ports["imap"], timeout=30)
     assert "LOGINDISABLED" in client.capabilities and "STARTTLS" in client.capabilities
     with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
@@ -115,7 +101,7 @@ def test_before_tls_login_is_disabled(proxy, user):
 
 
 def test_refusals_are_one_generic_answer(proxy, slapd, user, unique):
-    uid, secret = user
+    uid, _, secret = user
     enforced = unique()
     slapd.add_user(enforced, PRIMARY, groups=["mfa"])
     for name, password, listener in ((uid, "wrong", "imap"), ("nobody-here", secret, "imap"),
@@ -130,7 +116,7 @@ def test_refusals_are_one_generic_answer(proxy, slapd, user, unique):
 
 
 def test_backend_tls_and_dovecot_style_logins(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     for listener in ("tls-backend", "dovecot-style"):
         client = starttls(proxy, listener)
         assert client.login(uid, secret)[0] == "OK", listener
@@ -139,7 +125,7 @@ def test_backend_tls_and_dovecot_style_logins(proxy, user):
 
 
 def test_an_unreachable_backend_is_a_temporary_failure(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     client = starttls(proxy, "nowhere")
     with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
         client.login(uid, secret)
@@ -149,7 +135,7 @@ def test_an_unreachable_backend_is_a_temporary_failure(proxy, user):
 def test_the_client_address_reaches_the_backend(proxy, dovecot, user):
     """From 127.0.0.2: the proxy's own connection to Dovecot comes from
     127.0.0.1, so Dovecot naming 127.0.0.2 shows the ID was used."""
-    uid, secret = user
+    uid, _, secret = user
     s = socket.create_connection(("127.0.0.1", proxy.ports["plain"]), timeout=10,
                                  source_address=("127.0.0.2", 0))
     s.recv(4096)
@@ -162,7 +148,7 @@ def test_the_client_address_reaches_the_backend(proxy, dovecot, user):
 
 
 def test_a_10_mb_message_arrives_identical(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     body = b"".join(b"%07d " % i + b"x" * 70 + b"\r\n" for i in range(130_000))
     big = message("big", body)
     assert len(big) > 10_000_000
@@ -175,7 +161,7 @@ def test_a_10_mb_message_arrives_identical(proxy, dovecot, user):
 
 def test_curl_fetches_over_starttls_and_imaps(proxy, dovecot, user):
     curl = require_tool("curl")
-    uid, secret = user
+    uid, _, secret = user
     dovecot.deliver(uid, message("curl"))
     for url, extra in ((f"imap://127.0.0.1:{proxy.ports['imap']}/INBOX;UID=1", ["--ssl-reqd"]),
                        (f"imaps://127.0.0.1:{proxy.ports['imaps']}/INBOX;UID=1", [])):
@@ -187,7 +173,7 @@ def test_curl_fetches_over_starttls_and_imaps(proxy, dovecot, user):
 
 def test_fetchmail_fetches_through_the_proxy(proxy, dovecot, user, tmp_path):
     fetchmail = require_tool("fetchmail")
-    uid, secret = user
+    uid, _, secret = user
     dovecot.deliver(uid, message("fetchmail"))
     out = tmp_path / "delivered"
     rc = tmp_path / "fetchmailrc"
@@ -206,7 +192,7 @@ def test_fetchmail_fetches_through_the_proxy(proxy, dovecot, user, tmp_path):
 
 
 def test_a_login_pipelined_after_starttls_is_never_executed(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     before = (proxy.folder / "audit.log").read_text().count('"authentication"')
     s = socket.create_connection(("127.0.0.1", proxy.ports["imap"]), timeout=10)
     assert s.recv(4096).startswith(b"* OK")
@@ -239,7 +225,7 @@ def test_three_bad_commands_and_the_connection_ends(proxy):
 
 
 def test_pipelined_commands_after_login_reach_the_backend(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     s = socket.create_connection(("127.0.0.1", proxy.ports["plain"]), timeout=10)
     s.recv(4096)
     s.sendall(b"a LOGIN " + uid.encode() + b' "' + secret.encode() + b'"\r\nb SELECT INBOX\r\n'
@@ -256,7 +242,7 @@ def test_pipelined_commands_after_login_reach_the_backend(proxy, dovecot, user):
 
 
 def test_deleting_the_app_password_ends_the_session_with_bye(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     client = starttls(proxy)
     assert client.login(uid, secret)[0] == "OK"
     assert client.select("INBOX")[0] == "OK"
@@ -274,7 +260,7 @@ def test_deleting_the_app_password_ends_the_session_with_bye(proxy, user):
 
 
 def test_sasl_ir_and_cancel_by_hand(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     s = socket.create_connection(("127.0.0.1", proxy.ports["plain"]), timeout=10)
     s.recv(4096)
     s.sendall(b"a AUTHENTICATE PLAIN\r\n")

@@ -14,9 +14,9 @@ import pytest
 from ldaptor.protocols import pureber, pureldap
 
 from tests.conftest import require_tool
+from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon
 
-PRIMARY = "Primary-Passw0rd"
 
 DECODER = pureldap.LDAPBERDecoderContext_TopLevel(
     inherit=pureldap.LDAPBERDecoderContext_LDAPMessage(
@@ -40,14 +40,6 @@ def proxy(slapd, tmp_path_factory):
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
-
-
-@pytest.fixture
-def user(slapd, proxy, unique):
-    """A directory user with an app password: (uid, dn, app password)."""
-    uid = unique()
-    dn = slapd.add_user(uid, PRIMARY)
-    return uid, dn, proxy.create_app_password(uid, "printer")
 
 
 def ldap_tool(proxy, tool, listener, *args, starttls=True, scheme="ldap"):
@@ -244,7 +236,7 @@ def test_deleting_the_app_password_ends_its_sessions(proxy, user):
     conn = connection(proxy, "cloud", uid, secret)
     other = connection(proxy, "cloud", uid, PRIMARY)
     assert conn.bind() and other.bind()
-    assert proxy.cli("app-password", "delete", uid, "printer").returncode == 0
+    assert proxy.cli("app-password", "delete", uid, "Outlook 2010").returncode == 0
     assert wait_closed(conn)
     other.search(dn, "(objectClass=*)", search_scope=ldap3.BASE)
     assert other.result["result"] == 0  # the primary session goes on

@@ -14,22 +14,15 @@ import time
 import pytest
 
 from tests.conftest import require_tool
-from tests.proxyd import ProxyDaemon
+from tests.integration.conftest import PRIMARY
+from tests.proxyd import ProxyDaemon, mail_backend
 
-PRIMARY = "Primary-Passw0rd"
 
 
 @pytest.fixture(scope="module")
 def proxy(slapd, dovecot, tmp_path_factory):
     folder = tmp_path_factory.mktemp("proxy-smtp")
-    master = folder / "master-password"
-    master.write_text(dovecot.master_password + "\n")
-    master.chmod(0o600)
-    backend = {
-        "protocol": "smtp", "realm": "cloud",
-        "backend": f"smtp://127.0.0.1:{dovecot.submission_port}",
-        "master_user": dovecot.master_user, "master_password_file": str(master),
-    }
+    backend = mail_backend(folder, dovecot, "smtp")
     daemon = ProxyDaemon(folder, slapd, {
         "submission": dict(backend),
         "submissions": dict(backend, tls="implicit"),
@@ -39,13 +32,6 @@ def proxy(slapd, dovecot, tmp_path_factory):
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
-
-
-@pytest.fixture
-def user(slapd, proxy, unique):
-    uid = unique()
-    slapd.add_user(uid, PRIMARY)
-    return uid, proxy.create_app_password(uid, "Outlook 2010")
 
 
 def context(proxy):
@@ -73,7 +59,7 @@ def sent_through(dovecot, since, count=1):
 
 
 def test_smtplib_sends_8bit_mail_with_an_app_password(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     client = submission(proxy)
     assert "auth" in client.esmtp_features and "starttls" not in client.esmtp_features
@@ -90,7 +76,7 @@ def test_smtplib_sends_8bit_mail_with_an_app_password(proxy, dovecot, user):
 
 
 def test_a_10_mb_message_arrives_byte_for_byte(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     body = b"".join(b"%07d " % i + b"y" * 70 + b"\r\n" for i in range(130_000))
     data = message("big", body)
@@ -104,7 +90,7 @@ def test_a_10_mb_message_arrives_byte_for_byte(proxy, dovecot, user):
 
 
 def test_implicit_tls_and_a_tls_backend(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     client = smtplib.SMTP_SSL("127.0.0.1", proxy.ports["submissions"], context=context(proxy),
                               timeout=30)
@@ -121,7 +107,7 @@ def test_implicit_tls_and_a_tls_backend(proxy, dovecot, user):
 
 def test_swaks_sends_through_the_proxy(proxy, dovecot, user):
     swaks = require_tool("swaks")
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     done = subprocess.run(
         [swaks, "--server", "127.0.0.1", "--port", str(proxy.ports["submission"]), "--tls",
@@ -137,7 +123,7 @@ def test_swaks_sends_through_the_proxy(proxy, dovecot, user):
 
 def test_curl_sends_over_starttls_and_implicit_tls(proxy, dovecot, user, tmp_path):
     curl = require_tool("curl")
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     mail = tmp_path / "mail.eml"
     mail.write_bytes(message("curl"))
@@ -154,7 +140,7 @@ def test_curl_sends_over_starttls_and_implicit_tls(proxy, dovecot, user, tmp_pat
 
 
 def test_refusals(proxy, slapd, user, unique):
-    uid, secret = user
+    uid, _, secret = user
     enforced = unique()
     slapd.add_user(enforced, PRIMARY, groups=["mfa"])
     for name, password in ((uid, "wrong"), ("nobody-here", secret), (enforced, PRIMARY)):
@@ -195,7 +181,7 @@ def test_mail_before_auth_and_auth_before_tls(proxy):
 
 
 def test_an_auth_pipelined_after_starttls_is_never_executed(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     before = (proxy.folder / "audit.log").read_text().count('"authentication"')
     s = raw(proxy, "submission")
     s.sendall(b"EHLO x\r\n")
@@ -214,7 +200,7 @@ def test_an_auth_pipelined_after_starttls_is_never_executed(proxy, user):
 
 
 def test_pipelined_mail_after_auth_reaches_the_backend(proxy, dovecot, user):
-    uid, secret = user
+    uid, _, secret = user
     since = len(dovecot.sink_messages())
     s = raw(proxy)
     plain = base64.b64encode(f"\0{uid}\0{secret}".encode())
@@ -248,7 +234,7 @@ def test_base64_errors_cancel_and_the_hard_error_limit(proxy):
 
 
 def test_deleting_the_app_password_ends_the_session(proxy, user):
-    uid, secret = user
+    uid, _, secret = user
     client = submission(proxy)
     client.login(uid, secret)
     assert client.noop()[0] == 250
