@@ -44,6 +44,16 @@ def table(results: dict[str, Any]) -> str:
             f"ldaptor accept-all {_fmt(results['ldap_binds_ldaptor']['rate'], '/s')}; "
             f"ratio to slapd {proxy['ratio_to_slapd']:.2f}, to ldaptor {proxy['ratio_to_ldaptor']:.2f}",
             "≥ 0.50 of slapd", proxy["ratio_to_slapd"] >= 0.5)
+    if "relay_proxy" in results:
+        proxy = results["relay_proxy"]
+        measured = f"proxy {_fmt(proxy['mb_per_s'], ' MB/s')}, direct {_fmt(results['relay_direct']['mb_per_s'], ' MB/s')}"
+        if "relay_nginx" in results:
+            measured += (f", nginx {_fmt(results['relay_nginx']['mb_per_s'], ' MB/s')}; "
+                         f"ratio to nginx {proxy['ratio_to_nginx']:.2f}")
+            row("5. relay: 50 MB over IMAP", measured, "≥ 0.90 of nginx",
+                proxy["ratio_to_nginx"] >= 0.9)
+        else:
+            row("5. relay: 50 MB over IMAP", measured, "≥ 0.90 of nginx", None)
     return "\n".join(rows) + "\n"
 
 

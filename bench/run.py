@@ -213,6 +213,41 @@ class Bench:
         proxy["ratio_to_slapd"] = proxy["rate"]["median"] / self.results["ldap_binds_slapd"]["rate"]["median"]
         proxy["ratio_to_ldaptor"] = proxy["rate"]["median"] / self.results["ldap_binds_ldaptor"]["rate"]["median"]
 
+    def relay(self, daemon: Any) -> None:
+        """5. One 50 MB message over IMAP: direct, through the proxy, through nginx."""
+        from bench.relay import Nginx, fetch
+
+        user = self.users[0]
+        body = b"".join(b"%08d " % i + b"z" * 69 + b"\r\n" for i in range(50 * 1024 * 1024 // 80))
+        message = b"Subject: relay\r\n\r\n" + body
+        self.dovecot.deliver(user, message)
+        if shutil.which("nginx") is None:
+            print("nginx is not installed: relay measured without it", flush=True)
+            nginx = None
+        else:
+            nginx = Nginx(self.folder / "nginx", self.dovecot.imap_port)
+        paths = {"direct": (self.dovecot.imap_port, PASSWORD),
+                 "proxy": (daemon.ports["imap"], daemon.secrets[user])}
+        if nginx is not None:
+            paths["nginx"] = (nginx.port, PASSWORD)
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        try:
+            for _ in range(self.repeat):
+                for name, (port, password) in paths.items():
+                    received, seconds = fetch(port, user, password)
+                    assert received > len(message), (name, received)
+                    rates[name].append(received / seconds / 1e6)
+        finally:
+            if nginx is not None:
+                nginx.stop()
+        for name, values in rates.items():
+            self.results[f"relay_{name}"] = {"mb_per_s": summary(values), "runs": values}
+            print(f"relay_{name}: {statistics.median(values):.0f} MB/s", flush=True)
+        if "relay_nginx" in self.results:
+            self.results["relay_proxy"]["ratio_to_nginx"] = (
+                self.results["relay_proxy"]["mb_per_s"]["median"]
+                / self.results["relay_nginx"]["mb_per_s"]["median"])
+
     def run(self, scenarios: list[str]) -> None:
         self.results["machine"] = {
             "cpu": platform.processor() or platform.machine(), "cores": self.cores,
@@ -229,6 +264,8 @@ class Bench:
                 self.warm(daemon)
             if "ldap" in scenarios:
                 self.ldap_binds(daemon)
+            if "relay" in scenarios:
+                self.relay(daemon)
             self.results["proxy_rss_kib"] = rss_kib(daemon.process.pid)
         finally:
             daemon.stop()
@@ -238,7 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,wrong,warm,ldap")
+    parser.add_argument("--only", default="cold,wrong,warm,ldap,relay")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
     bench = Bench(folder, args.seconds, args.repeat)

@@ -24,6 +24,8 @@ from proxy.config import ListenerConfig
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
 
+RELAY_READ_SIZE = 256 * 1024
+
 
 @implementer(IPushProducer)
 class ReadControl:
@@ -170,6 +172,7 @@ class RelayingServer(Protocol):
         self.machine: Machine | None = None
         self.backend: Any = None
         self.reading: ReadControl | None = None
+        self._touched = 0.0
         self._timer: Any = None
         self._counted = False
         self._closing = False
@@ -226,6 +229,12 @@ class RelayingServer(Protocol):
             self.backend.close()
 
     def _touch(self) -> None:
+        # Resetting a timer is not free; relaying calls this for every chunk,
+        # and a second's precision is plenty for an idle timeout.
+        now = self.listener.reactor.seconds()
+        if now - self._touched < 1.0:
+            return
+        self._touched = now
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.config.idle_timeout if self.backend else self.config.login_timeout)
 
@@ -332,6 +341,10 @@ class RelayingServer(Protocol):
         # From here on, flow control is between the two sides: a slow reader
         # pauses the other side.
         stop_controlling_reading(self)
+        # Larger reads mean fewer trips through Python for a large message.
+        for transport in (self.transport, backend.transport):
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = RELAY_READ_SIZE
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
         self._touch()
