@@ -32,12 +32,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
 
 
 async def ldap_binds(host: str, port: int, dn: str, password: str, seconds: float,
-                     latencies: list[float], expect: int = 0) -> int:
+                     latencies: list[float], expect: int = 0, source: str | None = None) -> int:
     """Simple binds on one persistent connection, as fast as answers come."""
     request = ber.bind_request(1, dn, password)
     done = 0
     deadline = time.monotonic() + seconds
-    reader, writer = await asyncio.open_connection(host, port)
+    local = (source, 0) if source else None
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local)
     try:
         while time.monotonic() < deadline:
             started = time.perf_counter()
@@ -127,12 +128,14 @@ KINDS = {
 
 
 async def run(kind: str, host: str, port: int, credentials: list[tuple[str, str]],
-              connections: int, seconds: float) -> dict:
+              connections: int, seconds: float, sources: int = 0) -> dict:
     latencies: list[float] = []
     function = KINDS[kind]
     started = time.monotonic()
+    extra = [{"source": f"127.0.{1 + i // 250}.{1 + i % 250}"} if sources else {}
+             for i in range(connections)]
     counts = await asyncio.gather(*(
-        function(host, port, *credentials[i % len(credentials)], seconds, latencies)
+        function(host, port, *credentials[i % len(credentials)], seconds, latencies, **extra[i])
         for i in range(connections)
     ), return_exceptions=True)
     elapsed = time.monotonic() - started
@@ -156,10 +159,12 @@ def main() -> None:
                         help="a JSON list of [user, password] pairs")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--sources", action="store_true",
+                        help="LDAP: each connection from an address of its own in 127.0.0.0/8")
     args = parser.parse_args()
     credentials = [tuple(pair) for pair in json.loads(args.credentials)]
     print(json.dumps(asyncio.run(run(args.kind, args.host, args.port, credentials,
-                                     args.connections, args.seconds))))
+                                     args.connections, args.seconds, args.sources))))
 
 
 if __name__ == "__main__":

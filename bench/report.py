@@ -44,6 +44,12 @@ def table(results: dict[str, Any]) -> str:
             f"ldaptor accept-all {_fmt(results['ldap_binds_ldaptor']['rate'], '/s')}; "
             f"ratio to slapd {proxy['ratio_to_slapd']:.2f}, to ldaptor {proxy['ratio_to_ldaptor']:.2f}",
             "≥ 0.50 of slapd", proxy["ratio_to_slapd"] >= 0.5)
+    if "fairness_under_flood" in results:
+        flooded, quiet = results["fairness_under_flood"], results["fairness_quiet"]
+        row("4. warm binds under a flood of wrong passwords from 200 addresses",
+            f"p99 {_fmt(flooded['p99_ms'], ' ms', 1)} (quiet: {_fmt(quiet['p99_ms'], ' ms', 1)}); "
+            f"{_fmt(flooded['rate'], '/s')} beside {_fmt(flooded['flood_rate'], '/s')} wrong",
+            "p99 < 100 ms", flooded["p99_ms"]["median"] < 100)
     if "relay_proxy" in results:
         proxy = results["relay_proxy"]
         measured = f"proxy {_fmt(proxy['mb_per_s'], ' MB/s')}, direct {_fmt(results['relay_direct']['mb_per_s'], ' MB/s')}"

@@ -47,18 +47,29 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def start_load(kind: str, port: int, credentials: list[tuple[str, str]], *, connections: int,
+               seconds: float, sources: bool = False) -> subprocess.Popen:
+    """Start a load generator in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.load", kind, "127.0.0.1", str(port),
+         "--credentials", json.dumps(credentials), "--connections", str(connections),
+         "--seconds", str(seconds), *(["--sources"] if sources else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+
+
+def result(process: subprocess.Popen, seconds: float) -> dict[str, Any]:
+    out, err = process.communicate(timeout=seconds + 120)
+    if process.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err[-2000:]}")
+    return json.loads(out)
+
+
 def load(kind: str, port: int, credentials: list[tuple[str, str]], *, connections: int,
          seconds: float) -> dict[str, Any]:
     """Run a load generator in a process of its own; its JSON result."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.load", kind, "127.0.0.1", str(port),
-         "--credentials", json.dumps(credentials), "--connections", str(connections),
-         "--seconds", str(seconds)],
-        capture_output=True, text=True, cwd=ROOT, timeout=seconds + 120,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    return result(start_load(kind, port, credentials, connections=connections, seconds=seconds),
+                  seconds)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -86,7 +97,8 @@ class Bench:
             self.slapd.add_user(uid, PASSWORD)
             self.dovecot.add_user(uid, PASSWORD)
 
-    def proxy(self, name: str, **options: Any) -> Any:
+    def proxy(self, name: str, throttle: str = "  source_delay: 0\n  source_delay_max: 0\n"
+              "  account_failures: 10000", **options: Any) -> Any:
         from tests.proxyd import ProxyDaemon, mail_backend
 
         plain = {"tls": "none", "allow_plaintext_auth": True, "max_connections_per_source": 100000}
@@ -97,7 +109,7 @@ class Bench:
                 "smtp": dict(mail_backend(self.folder, self.dovecot, "smtp"), **plain),
             },
             hashing="  threads: 0",
-            throttle="  source_delay: 0\n  source_delay_max: 0\n  account_failures: 10000",
+            throttle=throttle,
             account_cache="60", **options,
         )
         daemon.start()
@@ -213,6 +225,33 @@ class Bench:
         proxy["ratio_to_slapd"] = proxy["rate"]["median"] / self.results["ldap_binds_slapd"]["rate"]["median"]
         proxy["ratio_to_ldaptor"] = proxy["rate"]["median"] / self.results["ldap_binds_ldaptor"]["rate"]["median"]
 
+    def fairness(self) -> None:
+        """4. Warm binds of real users while wrong passwords flood in from 200
+        addresses, with the shipped throttling (failure answers delayed per source)."""
+        daemon = self.proxy("proxy-fair", throttle="  source_delay: 2s\n  source_delay_max: 15s")
+        try:
+            self._fairness(daemon)
+        finally:
+            daemon.stop()
+
+    def _fairness(self, daemon: Any) -> None:
+        proxied = [(uid, daemon.secrets[uid]) for uid in self.users[:8]]
+        wrong = [(uid, generate()) for uid in self.users[8:]]
+        quiet, flooded = [], []
+        for _ in range(self.repeat):
+            quiet.append(load("ldap", daemon.ports["ldap"], proxied, connections=4,
+                              seconds=self.seconds))
+            flood = start_load("ldap-wrong", daemon.ports["ldap"], wrong, connections=200,
+                               seconds=self.seconds + 2, sources=True)
+            time.sleep(1)
+            flooded.append(load("ldap", daemon.ports["ldap"], proxied, connections=4,
+                                seconds=self.seconds))
+            flood_result = result(flood, self.seconds + 2)
+            flooded[-1]["flood_rate"] = flood_result["rate"]
+        self.measure("fairness_quiet", quiet)
+        figure = self.measure("fairness_under_flood", flooded)
+        figure["flood_rate"] = summary([r["flood_rate"] for r in flooded])
+
     def relay(self, daemon: Any) -> None:
         """5. One 50 MB message over IMAP: direct, through the proxy, through nginx."""
         from bench.relay import Nginx, fetch
@@ -256,6 +295,8 @@ class Bench:
         }
         if "cold" in scenarios:
             self.cold()
+        if "fairness" in scenarios:
+            self.fairness()
         daemon = self.proxy("proxy")
         try:
             if "wrong" in scenarios:
@@ -275,7 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,wrong,warm,ldap,relay")
+    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
     bench = Bench(folder, args.seconds, args.repeat)
