@@ -60,6 +60,13 @@ def table(results: dict[str, Any]) -> str:
                 proxy["ratio_to_nginx"] >= 0.9)
         else:
             row("5. relay: 50 MB over IMAP", measured, "≥ 0.90 of nginx", None)
+    if "idle_sessions" in results:
+        idle = results["idle_sessions"]
+        row(f"6. {idle['sessions']:,} IMAP sessions in IDLE through the proxy",
+            f"{idle['kib_per_session']:.1f} KiB a session (RSS {idle['rss_before_kib'] / 1024:.0f} → "
+            f"{idle['rss_after_kib'] / 1024:.0f} MiB); NOOP p50 {idle['noop_p50_ms']:.1f} ms, "
+            f"p99 {idle['noop_p99_ms']:.1f} ms while held",
+            "≤ 16 KiB a session", idle["kib_per_session"] <= 16)
     return "\n".join(rows) + "\n"
 
 

@@ -252,6 +252,66 @@ class Bench:
         figure = self.measure("fairness_under_flood", flooded)
         figure["flood_rate"] = summary([r["flood_rate"] for r in flooded])
 
+    def idle(self, sessions: int) -> None:
+        """6. Many IMAP sessions in IDLE held through the proxy: memory a session."""
+
+        from tests.proxyd import ProxyDaemon
+
+        import resource
+
+        from bench.idle import raise_file_limit
+
+        raise_file_limit()
+        # Each session takes two of the proxy's files (client and backend).
+        allowed = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 1000) // 2
+        if sessions > allowed:
+            print(f"idle: {sessions} sessions need more open files than allowed here; "
+                  f"holding {allowed}", flush=True)
+            sessions = allowed
+        master = ("bench-master", "bench-master-password")
+        backend = subprocess.Popen(
+            [sys.executable, "-m", "bench.idle", "backend", ",".join(self.users), *master],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        port = int(backend.stdout.readline())
+        secret = self.folder / "idle-master-password"
+        secret.write_text(master[1] + "\n")
+        secret.chmod(0o600)
+        daemon = ProxyDaemon(self.folder / "proxy-idle", self.slapd, {"imap": {
+            "protocol": "imap", "realm": "cloud", "tls": "none", "allow_plaintext_auth": True,
+            "max_connections_per_source": 1_000_000, "backend": f"imap://127.0.0.1:{port}",
+            "backend_login": "dovecot", "pass_client_address": False,
+            "master_user": master[0], "master_password_file": str(secret)}},
+            hashing="  threads: 0", account_cache="3600",
+            throttle="  source_delay: 0\n  source_delay_max: 0")
+        daemon.start()
+        try:
+            daemon.secrets = {uid: daemon.create_app_password(uid, "bench") for uid in self.users}
+            credentials = [(uid, daemon.secrets[uid]) for uid in self.users]
+            load("imap", daemon.ports["imap"], credentials, connections=8, seconds=2)  # warm
+            before = rss_kib(daemon.process.pid)
+            holder = subprocess.Popen(
+                [sys.executable, "-m", "bench.idle", "hold", str(daemon.ports["imap"]),
+                 str(sessions), json.dumps(credentials)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            line = holder.stdout.readline()
+            if not line.startswith("held"):
+                raise RuntimeError(f"holding sessions failed: {line!r}\n{daemon.log()[-3000:]}")
+            time.sleep(2)
+            after = rss_kib(daemon.process.pid)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            figures = json.loads(holder.stdout.readline())
+            holder.wait(timeout=120)
+        finally:
+            daemon.stop()
+            backend.terminate()
+            backend.wait()
+        figures.update(rss_before_kib=before, rss_after_kib=after,
+                       kib_per_session=(after - before) / sessions, sessions=sessions)
+        self.results["idle_sessions"] = figures
+        print(f"idle: {figures['kib_per_session']:.1f} KiB a session, NOOP p99 "
+              f"{figures['noop_p99_ms']:.1f} ms", flush=True)
+
     def relay(self, daemon: Any) -> None:
         """5. One 50 MB message over IMAP: direct, through the proxy, through nginx."""
         from bench.relay import Nginx, fetch
@@ -297,6 +357,8 @@ class Bench:
             self.cold()
         if "fairness" in scenarios:
             self.fairness()
+        if "idle" in scenarios:
+            self.idle(self.idle_sessions)
         daemon = self.proxy("proxy")
         try:
             if "wrong" in scenarios:
@@ -316,10 +378,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay")
+    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay,idle")
+    parser.add_argument("--idle-sessions", type=int, default=10_000)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
     bench = Bench(folder, args.seconds, args.repeat)
+    bench.idle_sessions = args.idle_sessions
     try:
         bench.start()
         bench.run(args.only.split(","))
