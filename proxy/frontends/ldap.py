@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -24,7 +24,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
 from proxy.config import DirectoryConfig, ListenerConfig
 from proxy.frontends import ber
-from proxy.frontends.base import PerSource, ReadControl, control_reading, stop_controlling_reading
+from proxy.frontends.base import Listener, ReadControl, control_reading, stop_controlling_reading
 
 log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
 
@@ -45,29 +45,13 @@ class Upstream:
         )
 
 
-class LDAPListener(Factory):
-    """One LDAP listener: its config, TLS, and what its sessions share."""
+class LDAPListener(Listener):
+    """One LDAP listener: its config, TLS, and what its sessions share. Its
+    backend is the directory (``upstream``)."""
 
-    noisy = False
-
-    def __init__(
-        self,
-        *,
-        reactor: Any,
-        config: ListenerConfig,
-        authenticator: Any,
-        sessions: Any,
-        upstream: Upstream,
-        tls: Any | None,
-    ) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.authenticator = authenticator
-        self.sessions = sessions
+    def __init__(self, *, upstream: Upstream, **common: Any) -> None:
+        super().__init__(backend=upstream, **common)
         self.upstream = upstream
-        self.tls = tls
-        self.per_source = PerSource(config.max_connections_per_source)
-        self.connections: set[LDAPServer] = set()
 
     def buildProtocol(self, addr: Any) -> LDAPServer:
         protocol = LDAPServer(self)
