@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.pki import make_pki
+from tests.serverlog import ServerLog
 
 START_TIMEOUT = 15.0  # a healthy dovecot answers in well under a second
 STOP_TIMEOUT = 15.0
@@ -511,13 +512,16 @@ class _Probe:
     greeting: bytes  # what a ready service says first
 
 
-class Dovecot:
+class Dovecot(ServerLog):
     """A Dovecot serving IMAP and submission from `folder`.
 
     The constructor writes the configuration; start() (or entering the
     context manager) runs Dovecot and the SMTP sink, stop() (or leaving it)
     stops both, with every process Dovecot started.
     """
+
+    log_name = "dovecot"
+    log_error = DovecotError
 
     host = "127.0.0.1"
     hostname = "backend.example.test"
@@ -997,38 +1001,3 @@ service anvil {{
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- log --------------------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        """Everything Dovecot logged so far, over all its runs."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _tail(self, lines: int = 40) -> str:
-        tail = self.log_text().splitlines()[-lines:]
-        return f"--- last lines of {self.log_path} ---\n" + "\n".join(tail)
-
-    def wait_for_log(self, pattern: str, timeout: float = 5.0, since: int = 0) -> re.Match:
-        """The first match of `pattern` in log_text()[since:] (`since` being,
-        say, len(log_text()) before the test acted), waiting for it to appear:
-        Dovecot's log process writes lines a moment after the client got its
-        answer."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            if match := regex.search(self.log_text(), since):
-                return match
-            if time.monotonic() > deadline:
-                raise DovecotError(f"nothing matches {pattern!r} in the dovecot log\n"
-                                   f"{self._tail()}")
-            time.sleep(0.02)

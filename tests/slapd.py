@@ -22,7 +22,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 from tests.pki import make_pki
+from tests.serverlog import ServerLog
 
 SUFFIX = "dc=example,dc=test"
 PEOPLE = f"ou=people,{SUFFIX}"
@@ -118,13 +118,16 @@ def _find_tool(name: str) -> str:
     return path
 
 
-class Slapd:
+class Slapd(ServerLog):
     """A slapd serving dc=example,dc=test from `folder`, which holds its
     configuration, database, certificates and log.
 
     The constructor prepares and seeds the database; start() (or entering
     the context manager) runs slapd, stop() (or leaving it) stops it.
     """
+
+    log_name = "slapd"
+    log_error = SlapdError
 
     host = "127.0.0.1"
     suffix = SUFFIX
@@ -388,42 +391,6 @@ memberof-refint TRUE
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # -- log --------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        """Everything slapd logged so far, over all its runs."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _log_since(self, offset: int) -> str:
-        """What was logged after `offset` bytes."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _tail(self, lines: int = 40) -> str:
-        tail = self.log_text().splitlines()[-lines:]
-        return f"--- last lines of {self.log_path} ---\n" + "\n".join(tail)
-
-    def wait_for_log(self, pattern: str, timeout: float = 5.0, since: int = 0) -> re.Match:
-        """The first match of `pattern` in log_text()[since:] (`since` being,
-        say, len(log_text()) before the test acted), waiting for it to appear.
-        slapd logs an operation's RESULT line after the client got the result,
-        so a test that just saw a reply must wait for it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            if match := regex.search(self.log_text(), since):
-                return match
-            if time.monotonic() > deadline:
-                raise SlapdError(f"nothing matches {pattern!r} in the slapd log\n{self._tail()}")
-            time.sleep(0.02)
 
     # -- directory administration ----------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import urllib.parse
 from typing import Any
 
+import attrs
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -110,6 +112,50 @@ class BackendConnection(Protocol):
 
 
 DEFAULT_PORTS = {"imap": 143, "imaps": 993, "smtp": 587, "smtps": 465}
+
+
+@attrs.define
+class MasterLogin:
+    """What the IMAP and SMTP backends share: where the server is, TLS, the
+    master identity it trusts, and how long a login may take. A subclass
+    writes the dialogue (:meth:`dialogue`); this runs it on a new connection
+    within ``timeout`` and drops the connection if it fails."""
+
+    reactor: Any
+    endpoint: Any
+    starttls: Any | None  # client TLS options for STARTTLS, or None
+    master_user: str | None
+    master_password: str = attrs.field(repr=False)
+    login_style: str
+    pass_client_address: bool
+    timeout: float
+
+    async def login(self, username: str, address: str, port: int) -> BackendConnection:
+        d = Deferred.fromCoroutine(self._session(username, address, port))
+        return await d.addTimeout(self.timeout, self.reactor)
+
+    async def _session(self, username: str, address: str, port: int) -> BackendConnection:
+        connection = BackendConnection()
+        await connect(self.endpoint, connection)
+        try:
+            await self.dialogue(connection, username, address, port)
+        except BaseException:
+            connection.transport.abortConnection()
+            raise
+        return connection
+
+    async def dialogue(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
+        raise NotImplementedError
+
+    def plain(self, username: str) -> bytes:
+        """SASL PLAIN (RFC 4616) as the master user on behalf of ``username``, base64."""
+        assert self.master_user is not None
+        message = b"\x00".join(
+            (username.encode(), self.master_user.encode(), self.master_password.encode())
+        )
+        return base64.b64encode(message)
 
 
 def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:

@@ -10,15 +10,12 @@ client itself sent in an ``ID`` is passed on.
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
-from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
 
-from proxy.backends import BackendConnection, BackendRefused, connect
+from proxy.backends import BackendConnection, BackendRefused, MasterLogin
 from proxy.frontends.imapwire import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -49,51 +46,35 @@ async def command(
 
 
 @attrs.define
-class IMAPBackend:
-    reactor: Any
-    endpoint: Any
-    starttls: Any | None  # client TLS options for STARTTLS, or None
-    master_user: str
-    master_password: str = attrs.field(repr=False)
-    login_style: str  # "sasl" or "dovecot"
-    pass_client_address: bool
-    timeout: float
+class IMAPBackend(MasterLogin):
+    """login_style: "sasl" or "dovecot"."""
 
-    async def login(self, username: str, address: str, port: int) -> BackendConnection:
-        d = Deferred.fromCoroutine(self._login(username, address, port))
-        return await d.addTimeout(self.timeout, self.reactor)
-
-    async def _login(self, username: str, address: str, port: int) -> BackendConnection:
-        connection = BackendConnection()
-        await connect(self.endpoint, connection)
-        try:
-            greeting = await connection.line()
-            if not greeting.upper().startswith(b"* OK"):
-                raise BackendRefused("the IMAP backend did not greet with OK")
-            found = _CAPABILITY.search(greeting)
-            if found:
-                connection.capabilities = found.group(1)
-            if self.starttls is not None:
-                await command(connection, b"lap0", b"STARTTLS")
-                connection.start_tls(self.starttls)
-                connection.capabilities = b""
-            if self.pass_client_address:
-                fields = [
-                    (b"x-originating-ip", address.encode()),
-                    (b"x-originating-port", str(port).encode()),
-                    (b"x-session-ext-id", secrets.token_hex(8).encode()),
-                ]
-                pairs = b" ".join(quote(k) + b" " + quote(v) for k, v in fields)
-                await command(connection, b"lap1", b"ID (" + pairs + b")")
-            if not connection.capabilities:
-                await command(connection, b"lap2", b"CAPABILITY")
-            await self._authenticate(connection, username)
-            if not connection.capabilities:
-                await command(connection, b"lap4", b"CAPABILITY")
-        except BaseException:
-            connection.transport.abortConnection()
-            raise
-        return connection
+    async def dialogue(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
+        greeting = await connection.line()
+        if not greeting.upper().startswith(b"* OK"):
+            raise BackendRefused("the IMAP backend did not greet with OK")
+        found = _CAPABILITY.search(greeting)
+        if found:
+            connection.capabilities = found.group(1)
+        if self.starttls is not None:
+            await command(connection, b"lap0", b"STARTTLS")
+            connection.start_tls(self.starttls)
+            connection.capabilities = b""
+        if self.pass_client_address:
+            fields = [
+                (b"x-originating-ip", address.encode()),
+                (b"x-originating-port", str(port).encode()),
+                (b"x-session-ext-id", secrets.token_hex(8).encode()),
+            ]
+            pairs = b" ".join(quote(k) + b" " + quote(v) for k, v in fields)
+            await command(connection, b"lap1", b"ID (" + pairs + b")")
+        if not connection.capabilities:
+            await command(connection, b"lap2", b"CAPABILITY")
+        await self._authenticate(connection, username)
+        if not connection.capabilities:
+            await command(connection, b"lap4", b"CAPABILITY")
 
     async def _authenticate(self, connection: BackendConnection, username: str) -> None:
         if self.login_style == "dovecot":
@@ -101,13 +82,10 @@ class IMAPBackend:
             connection.capabilities = b""
             await command(connection, b"lap3", b"LOGIN " + login)
             return
-        message = b"\x00".join(
-            (username.encode(), self.master_user.encode(), self.master_password.encode())
-        )
-        response = base64.b64encode(message)
-        connection_caps = connection.capabilities.upper().split()
+        response = self.plain(username)
+        offered = connection.capabilities.upper().split()
         connection.capabilities = b""
-        if b"SASL-IR" in connection_caps:
+        if b"SASL-IR" in offered:
             await command(connection, b"lap3", b"AUTHENTICATE PLAIN " + response)
         else:
             await command(connection, b"lap3", b"AUTHENTICATE PLAIN", continuation=response)

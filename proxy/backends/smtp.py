@@ -9,15 +9,12 @@ operator wants it, the client's address is passed on before a SASL login too.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from proxy.backends import BackendConnection, BackendRefused, connect
+from proxy.backends import BackendConnection, BackendRefused, MasterLogin, connect
 from proxy.frontends.smtp import DEFAULT_EXTENSIONS, passed_extensions
 
 log = Logger(namespace="legacy_auth_proxy.backends.smtp")
@@ -57,15 +54,9 @@ async def expect(connection: BackendConnection, command: bytes | None, code: int
 
 
 @attrs.define
-class SMTPBackend:
-    reactor: Any
-    endpoint: Any
-    starttls: Any | None
-    master_user: str | None
-    master_password: str = attrs.field(repr=False)
-    login_style: str  # "sasl" or "xclient"
-    pass_client_address: bool
-    timeout: float
+class SMTPBackend(MasterLogin):
+    """login_style: "sasl" or "xclient"."""
+
     hostname: str = "localhost"  # the daemon sets it, looked up off the reactor
     extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
 
@@ -95,39 +86,26 @@ class SMTPBackend:
         connection.start_tls(self.starttls)
         return await self._ehlo(connection)
 
-    async def login(self, username: str, address: str, port: int) -> BackendConnection:
-        d = Deferred.fromCoroutine(self._login(username, address, port))
-        return await d.addTimeout(self.timeout, self.reactor)
-
-    async def _login(self, username: str, address: str, port: int) -> BackendConnection:
-        connection = BackendConnection()
-        await connect(self.endpoint, connection)
-        try:
-            await expect(connection, None, 220)
-            lines = await self._ehlo(connection)
-            if self.starttls is not None:
-                lines = await self._starttls(connection)
-            offered = keywords(lines)
-            if self.login_style == "xclient":
-                command = b"XCLIENT LOGIN=" + xtext(username)
-                if self.pass_client_address:
-                    command += b" ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
-                await expect(connection, command, 220)
-                await self._ehlo(connection)
-                return connection
-            if self.pass_client_address and b"XCLIENT" in offered:
-                command = b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
-                await expect(connection, command, 220)
-                await self._ehlo(connection)
-            assert self.master_user is not None
-            message = b"\x00".join(
-                (username.encode(), self.master_user.encode(), self.master_password.encode())
-            )
-            await expect(connection, b"AUTH PLAIN " + base64.b64encode(message), 235)
-        except BaseException:
-            connection.transport.abortConnection()
-            raise
-        return connection
+    async def dialogue(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
+        await expect(connection, None, 220)
+        lines = await self._ehlo(connection)
+        if self.starttls is not None:
+            lines = await self._starttls(connection)
+        offered = keywords(lines)
+        if self.login_style == "xclient":
+            command = b"XCLIENT LOGIN=" + xtext(username)
+            if self.pass_client_address:
+                command += b" ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
+            await expect(connection, command, 220)
+            await self._ehlo(connection)
+            return
+        if self.pass_client_address and b"XCLIENT" in offered:
+            command = b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
+            await expect(connection, command, 220)
+            await self._ehlo(connection)
+        await expect(connection, b"AUTH PLAIN " + self.plain(username), 235)
 
 
 def keywords(lines: Sequence[bytes]) -> set[bytes]:

@@ -89,6 +89,45 @@ class PerSource:
             del self.counts[address]
 
 
+def client_address(transport: Any) -> tuple[str, int]:
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "unix", getattr(peer, "port", 0) or 0
+
+
+class ListenerConnection:
+    """A client connection's place on its listener: counted per source,
+    refused past the limit, and its idle timer. Shared by every front end."""
+
+    listener: Any
+    transport: Any
+    address = "unknown"
+    port = 0
+    _counted = False
+    _closing = False
+    _timer: Any = None
+
+    def _enter(self, refusal: bytes) -> bool:
+        """Count this connection; False (and the client told ``refusal``) past the limit."""
+        self.address, self.port = client_address(self.transport)
+        if not self.listener.per_source.admit(self.address):
+            self._closing = True
+            self.transport.write(refusal)
+            self.transport.loseConnection()
+            return False
+        self._counted = True
+        self.listener.connections.add(self)
+        return True
+
+    def _leave(self) -> None:
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._counted:
+            self.listener.per_source.leave(self.address)
+            self._counted = False
+        self.listener.connections.discard(self)
+
+
 @attrs.frozen
 class Send:
     data: bytes
@@ -159,7 +198,7 @@ def stop_controlling_reading(protocol: Any) -> None:
 
 
 @implementer(IHandshakeListener)
-class RelayingServer(Protocol):
+class RelayingServer(ListenerConnection, Protocol):
     """A client connection: pre-login dialogue, login, then relay."""
 
     protocol_name = ""
@@ -198,16 +237,8 @@ class RelayingServer(Protocol):
     # -- connection --------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.address = getattr(peer, "host", None) or "unix"
-        self.port = getattr(peer, "port", 0) or 0
-        if not self.listener.per_source.admit(self.address):
-            self._closing = True
-            self.transport.write(self.bye("Too many connections from your address."))
-            self.transport.loseConnection()
+        if not self._enter(self.bye("Too many connections from your address.")):
             return
-        self._counted = True
-        self.listener.connections.add(self)
         if self.config.tls != "implicit":
             control_reading(self)
         self.machine = self.make_machine()
@@ -215,13 +246,7 @@ class RelayingServer(Protocol):
         self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._counted:
-            self.listener.per_source.leave(self.address)
-            self._counted = False
-        self.listener.connections.discard(self)
+        self._leave()
         if self._registered:
             self.listener.sessions.remove(self)
             self._registered = False

@@ -22,9 +22,15 @@ from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
-from proxy.config import DirectoryConfig, ListenerConfig
+from proxy.config import DirectoryConfig
 from proxy.frontends import ber
-from proxy.frontends.base import Listener, ReadControl, control_reading, stop_controlling_reading
+from proxy.frontends.base import (
+    Listener,
+    ListenerConnection,
+    ReadControl,
+    control_reading,
+    stop_controlling_reading,
+)
 
 log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
 
@@ -59,13 +65,8 @@ class LDAPListener(Listener):
         return protocol
 
 
-def _client_address(transport: Any) -> str:
-    peer = transport.getPeer()
-    return getattr(peer, "host", None) or "unix"
-
-
 @implementer(IHandshakeListener)
-class LDAPServer(Protocol):
+class LDAPServer(ListenerConnection, Protocol):
     def __init__(self, listener: LDAPListener) -> None:
         self.listener = listener
         self.config = listener.config
@@ -96,29 +97,17 @@ class LDAPServer(Protocol):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.address = _client_address(self.transport)
         self.tls = self.config.tls == "implicit"
-        if not self.listener.per_source.admit(self.address):
+        if not self._enter(ber.notice_of_disconnection(ber.BUSY, "too many connections")):
             log.info("{address}: too many connections to {listener}", address=self.address,
                      listener=self.config.label)
-            self._closing = True
-            self.transport.write(ber.notice_of_disconnection(ber.BUSY, "too many connections"))
-            self.transport.loseConnection()
             return
-        self._counted = True
-        self.listener.connections.add(self)
         if not self.tls:
             control_reading(self)
         self._arm(self.config.login_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._counted:
-            self.listener.per_source.leave(self.address)
-            self._counted = False
-        self.listener.connections.discard(self)
+        self._leave()
         self._drop_identity()
         self._close_upstream()
 
