@@ -381,3 +381,30 @@ def test_the_proxys_own_message_id_is_refused(proxy):
     messages = read_messages(s)
     s.close()
     assert messages[-1].id == 0 and messages[-1].value.resultCode == 2
+
+
+def test_one_connection_switching_identities_reaches_the_directory_as_each(proxy, user):
+    """Binds on one client connection re-bind the session's directory
+    connection: the directory sees the user after a primary bind (who may
+    read their own userPassword, by slapd's ACL) and the service account
+    after an app-password bind (who may not)."""
+    uid, dn, secret = user
+
+    def own_password_visible(conn):
+        conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["userPassword"])
+        assert conn.result["result"] == 0, conn.result
+        return bool(conn.entries and conn.entries[0].entry_attributes_as_dict.get("userPassword"))
+
+    conn = connection(proxy, "cloud", uid, secret)
+    assert conn.bind()
+    assert not own_password_visible(conn)
+    assert conn.rebind(user=uid, password=PRIMARY)
+    assert own_password_visible(conn)
+    assert conn.rebind(user=uid, password=secret)
+    assert not own_password_visible(conn)
+    conn.modify(dn, {"description": [(ldap3.MODIFY_REPLACE, ["x"])]})
+    assert conn.result["result"] == 50
+    assert conn.rebind(user=uid, password=PRIMARY)
+    assert own_password_visible(conn)
+    assert conn.extend.standard.who_am_i() == f"dn:{dn}"
+    conn.unbind()
