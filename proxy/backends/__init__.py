@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from proxy.tls import client_options
+from proxy.transports import hang_up
 
 MAX_SETUP_LINE = 65536
 
@@ -41,7 +42,8 @@ class BackendRefused(Exception):
 class BackendConnection(Protocol):
     """A line-based set-up dialogue, then bytes relayed to the attached client."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
         self._buffer = bytearray()
         self._waiting: Deferred[bytes] | None = None
         self._client: Any = None
@@ -106,8 +108,7 @@ class BackendConnection(Protocol):
 
     def close(self) -> None:
         self._client = None
-        if self.transport is not None:
-            self.transport.loseConnection()
+        hang_up(self.transport, self.clock)
 
 
 
@@ -135,7 +136,7 @@ class MasterLogin:
         return await d.addTimeout(self.timeout, self.reactor)
 
     async def _session(self, username: str, address: str, port: int) -> BackendConnection:
-        connection = BackendConnection()
+        connection = BackendConnection(self.reactor)
         await connect(self.endpoint, connection)
         try:
             await self.dialogue(connection, username, address, port)

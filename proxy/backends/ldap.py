@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from proxy.backends import connect
 from proxy.frontends import ber
+from proxy.transports import hang_up
 
 log = Logger(namespace="legacy_auth_proxy.backends.ldap")
 
@@ -38,7 +39,8 @@ class UpstreamLDAP(Protocol):
     """Answers to the proxy's own requests (id ``OWN_ID``) go to the waiting
     request; everything else to ``on_frame``."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
         self._framer = ber.Framer(MAX_UPSTREAM_MESSAGE, max_depth=64)
         self._waiting: Deferred[bytes] | None = None
         self.on_frame: Callable[[bytes], None] | None = None
@@ -98,8 +100,7 @@ class UpstreamLDAP(Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.loseConnection()
+        hang_up(self.transport, self.clock)
 
 
 async def open_upstream(
@@ -113,7 +114,7 @@ async def open_upstream(
     """Connect, upgrade and bind; an UpstreamLDAP ready to relay. Raises
     UpstreamRefused if the bind is refused, other errors if the directory
     cannot be reached in ``timeout`` seconds."""
-    protocol = UpstreamLDAP()
+    protocol = UpstreamLDAP(reactor)
     connected = connect(endpoint, protocol)
     connected.addTimeout(timeout, reactor)
     await connected

@@ -62,7 +62,7 @@ class SMTPBackend(MasterLogin):
 
     async def probe(self) -> None:
         """Learn the backend's extensions, which the proxy's EHLO offers before AUTH."""
-        connection = BackendConnection()
+        connection = BackendConnection(self.reactor)
         try:
             await connect(self.endpoint, connection).addTimeout(self.timeout, self.reactor)
             await expect(connection, None, 220)
@@ -75,8 +75,7 @@ class SMTPBackend(MasterLogin):
             log.warn("cannot read the submission server's extensions: {error}",
                      error=str(e) or type(e).__name__)
         finally:
-            if connection.transport is not None:
-                connection.transport.loseConnection()
+            connection.close()
 
     async def _ehlo(self, connection: BackendConnection) -> list[bytes]:
         return await expect(connection, b"EHLO " + self.hostname.encode(), 250)

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome
 from proxy.config import ListenerConfig
+from proxy.transports import hang_up
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
 
@@ -105,23 +106,34 @@ class ListenerConnection:
     _counted = False
     _closing = False
     _timer: Any = None
+    _deadline: Any = None
+    reading: ReadControl | None = None
 
     def _enter(self, refusal: bytes) -> bool:
         """Count this connection; False (and the client told ``refusal``) past the limit."""
         self.address, self.port = client_address(self.transport)
         if not self.listener.per_source.admit(self.address):
-            self._closing = True
             self.transport.write(refusal)
-            self.transport.loseConnection()
+            self._hang_up()
             return False
         self._counted = True
         self.listener.connections.add(self)
         return True
 
+    def _hang_up(self) -> None:
+        """Close the client connection, whatever is registered on it: every
+        path that ends a session ends here (see :mod:`proxy.transports`)."""
+        self._closing = True
+        self.reading = None
+        if self._deadline is None:
+            self._deadline = hang_up(self.transport, self.listener.reactor)
+
     def _leave(self) -> None:
         self._closing = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self._counted:
             self.listener.per_source.leave(self.address)
             self._counted = False
@@ -275,7 +287,7 @@ class RelayingServer(ListenerConnection, Protocol):
             self.backend.detach()
             self.backend.close()
         self.transport.write(self.bye(text))
-        self.transport.loseConnection()
+        self._hang_up()
 
     def revoke(self, reason: str) -> None:
         """The session registry ends this session."""
@@ -312,8 +324,7 @@ class RelayingServer(ListenerConnection, Protocol):
                     # reading until then.
                     self.reading.hold("decision")
             elif isinstance(event, Close):
-                self._closing = True
-                self.transport.loseConnection()
+                self._hang_up()
 
     async def _login(self, event: Login) -> None:
         assert self.machine is not None
@@ -392,8 +403,7 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def backend_lost(self) -> None:
         if not self._closing:
-            self._closing = True
-            self.transport.loseConnection()
+            self._hang_up()
 
     def _crashed(self, failure: Any) -> None:
         log.failure("{address}: a {protocol} login failed unexpectedly", failure,

@@ -130,9 +130,8 @@ class LDAPServer(ListenerConnection, Protocol):
         """Notice of disconnection (RFC 4511 4.4.1), then close."""
         if self._closing:
             return
-        self._closing = True
         self.transport.write(ber.notice_of_disconnection(code, text))
-        self.transport.loseConnection()
+        self._hang_up()
         self._drop_identity()
         self._close_upstream()
 
@@ -183,8 +182,7 @@ class LDAPServer(ListenerConnection, Protocol):
                 # until then.
                 self._hold("bind")
         elif tag == ber.UNBIND_REQUEST:
-            self._closing = True
-            self.transport.loseConnection()
+            self._hang_up()
             self._drop_identity()
             self._close_upstream()
         elif tag == ber.EXTENDED_REQUEST:
@@ -370,8 +368,6 @@ class LDAPServer(ListenerConnection, Protocol):
         if upstream is not None:
             upstream.on_frame = None
             upstream.on_lost = None
-            if upstream.transport is not None:
-                upstream.transport.unregisterProducer()
             upstream.close()
             self._read_on_our_own()
 
