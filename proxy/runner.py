@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -13,6 +14,8 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
+    formatEvent,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -23,12 +26,24 @@ from proxy.service import StartupError, serve
 EX_CONFIG = 78
 
 
+# Twisted's own lines for every port opened and closed ("IMAPListener starting
+# on 10143", "(TCP Port 10143 Closed)"): the daemon says "listening: NAME" itself.
+_PORT_NOISE = re.compile(r"^(?:.+ starting on \d+|\((?:TCP|UNIX) Port \S+ Closed\))$")
+
+
+def quiet_ports(event: dict) -> PredicateResult:
+    if event.get("log_namespace") == "log_legacy" and _PORT_NOISE.match(formatEvent(event)):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def log_observer() -> ILogObserver:
-    """Text lines on standard output, info and above; journald adds its own time."""
+    """Text lines on standard output, info and above, without Twisted's port
+    noise; journald adds its own time."""
     time_format = None if os.environ.get("JOURNAL_STREAM") else "%Y-%m-%dT%H:%M:%S%z"
     return FilteringLogObserver(
         textFileLogObserver(sys.stdout, timeFormat=time_format),
-        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info), quiet_ports],
     )
 
 

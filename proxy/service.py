@@ -350,7 +350,23 @@ class Daemon:
         def on_hup(signum: int, frame: Any) -> None:
             self._reactor.callFromThread(reload)
 
+        stopping: list[int] = []
+
+        def on_stop(signum: int, frame: Any) -> None:
+            # Once: a second signal (a process group's, or a second Ctrl-C)
+            # would otherwise stop a reactor that is already stopping.
+            if stopping:
+                return
+            stopping.append(signum)
+            self._reactor.callFromThread(self._stop, signal.Signals(signum).name)
+
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+
+    def _stop(self, name: str) -> None:
+        log.info("{signal} received, stopping", signal=name)
+        self._reactor.stop()
 
 
 async def serve(reactor: Any, config_path: Path, config: configuration.Config) -> None:

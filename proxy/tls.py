@@ -1,6 +1,6 @@
 """Server-side TLS whose certificate can be replaced while the daemon runs.
 
-Listeners hold one :class:`ServerTLS` each. It is the context factory given
+Listeners hold one :class:`ServerTLS` each. It is the connection creator given
 to ``startTLS`` (STARTTLS) and to ``TLSMemoryBIOFactory`` (implicit TLS);
 :meth:`ServerTLS.reload` reads the files again (off the reactor thread) and
 new handshakes use the new certificate. Connections already up keep theirs.
@@ -13,6 +13,8 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 
 class TLSFilesError(Exception):
@@ -48,8 +50,9 @@ def _load(certificate: Path, private_key: Path) -> ssl.CertificateOptions:
     )
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """An old-style context factory (``getContext``) that can be reloaded."""
+    """The server side's TLS connections, from a certificate that can be reloaded."""
 
     def __init__(self, certificate: Path, private_key: Path) -> None:
         self.certificate = certificate
@@ -62,6 +65,9 @@ class ServerTLS:
 
     def getContext(self) -> SSL.Context:
         return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._options.getContext(), None)
 
     def __repr__(self) -> str:
         return f"ServerTLS({str(self.certificate)!r})"

@@ -15,7 +15,8 @@ def require_tool(name: str) -> str:
     """The path of a program the tests need. In CI its absence is a failure,
     never a skip: tests/run installs it."""
     path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}", f"/usr/lib/cyrus/bin/{name}")
+         if os.access(p, os.X_OK)), None
     )
     if path:
         return path

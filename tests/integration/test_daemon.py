@@ -132,7 +132,13 @@ def test_the_demo_serves_imap_submission_and_ldap_in_one_process(tmp_path):
         assert b"through the demo" in subjects
         imap.logout()
     finally:
+        daemon.process.send_signal(signal.SIGINT)  # a second Ctrl-C is harmless
         assert daemon.stop(signal.SIGINT) == 0
+    # An operator's log: no warnings, tracebacks or Twisted's port noise.
+    log = "\n".join(daemon.output)
+    for noise in ("Warning", "Traceback", "#warn", "#error", "#critical", "starting on",
+                  "Port ", "Factory"):
+        assert noise not in log, log
     listing = subprocess.run(
         [sys.executable, "-m", "proxy", "--config",
          str(tmp_path / "legacy-auth-proxy-demo" / "config.yaml"), "app-password", "list", "demo",
