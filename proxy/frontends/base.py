@@ -166,6 +166,30 @@ class Close:
 Event = Send | StartTLS | Login | Close
 
 
+@attrs.frozen
+class ToBackend:
+    """After login: bytes for the backend."""
+
+    data: bytes
+
+
+@attrs.frozen
+class ToClient:
+    """After login: bytes for the client."""
+
+    data: bytes
+
+
+class Guard(TypingProtocol):
+    """What stands in the relay after login, where a protocol needs it."""
+
+    waiting: int
+
+    def feed_client(self, data: bytes) -> list[ToBackend | ToClient]: ...
+
+    def feed_backend(self, data: bytes) -> list[ToBackend | ToClient]: ...
+
+
 class Machine(TypingProtocol):
     tls: bool
 
@@ -223,6 +247,8 @@ class RelayingServer(ListenerConnection, Protocol):
         self.machine: Machine | None = None
         self.backend: Any = None
         self.reading: ReadControl | None = None
+        self.guard: Guard | None = None
+        self._guard_paused = False
         self._touched = 0.0
         self._timer: Any = None
         self._counted = False
@@ -245,6 +271,11 @@ class RelayingServer(ListenerConnection, Protocol):
     def logged_in(self, event: Login, backend: Any) -> bytes:
         """The answer to a successful login."""
         raise NotImplementedError
+
+    def make_guard(self) -> Guard | None:
+        """What follows the relayed session, if anything must (None: bytes
+        pass as they are)."""
+        return None
 
     # -- connection --------------------------------------------------------------------------
 
@@ -303,7 +334,10 @@ class RelayingServer(ListenerConnection, Protocol):
             return
         self._touch()
         if self.backend is not None:
-            self.backend.transport.write(data)
+            if self.guard is not None:
+                self._guarded(self.guard.feed_client(data))
+            else:
+                self.backend.transport.write(data)
             return
         assert self.machine is not None
         self._run(self.machine.feed(data))
@@ -372,6 +406,7 @@ class RelayingServer(ListenerConnection, Protocol):
         rest = self.machine.take_rest()
         self.machine = None
         self.backend = backend
+        self.guard = self.make_guard()
         backend.attach(self)
         self.transport.write(self.logged_in(event, backend))
         # From here on, flow control is between the two sides: a slow reader
@@ -385,7 +420,7 @@ class RelayingServer(ListenerConnection, Protocol):
         backend.transport.registerProducer(self.transport, True)
         self._touch()
         if rest:
-            backend.transport.write(rest)
+            self.dataReceived(rest)
 
     def handshakeCompleted(self) -> None:
         if self.reading is None and self.backend is None and not self._closing:
@@ -399,7 +434,27 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def from_backend(self, data: bytes) -> None:
         self._touch()
-        self.transport.write(data)
+        if self.guard is not None:
+            self._guarded(self.guard.feed_backend(data))
+        else:
+            self.transport.write(data)
+
+    def _guarded(self, events: list[ToBackend | ToClient]) -> None:
+        assert self.guard is not None and self.backend is not None
+        for event in events:
+            if isinstance(event, ToBackend):
+                self.backend.transport.write(event.data)
+            else:
+                self.transport.write(event.data)
+        # The guard holds client bytes while the backend has yet to answer:
+        # past one read's worth, stop reading the client until it has.
+        hold = self.guard.waiting > RELAY_READ_SIZE
+        if hold != self._guard_paused and not self._closing:
+            self._guard_paused = hold
+            if hold:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def backend_lost(self) -> None:
         if not self._closing:

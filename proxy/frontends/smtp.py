@@ -16,7 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.apppasswords import canonical_username
-from proxy.frontends.base import Close, Event, Listener, Login, RelayingServer, Send, StartTLS
+from proxy.frontends.base import (
+    Close,
+    Event,
+    Listener,
+    Login,
+    RelayingServer,
+    Send,
+    StartTLS,
+    ToBackend,
+    ToClient,
+)
 
 # Extensions of the backend that mean the same through the proxy; the rest
 # (AUTH, STARTTLS, XCLIENT, ...) are the proxy's business or not offered.
@@ -242,6 +252,175 @@ class PreAuth:
         return rest
 
 
+# Commands only the proxy may say to the backend: the backend trusts the
+# proxy's address with them (Postfix smtpd_authorized_xclient_hosts,
+# smtpd_authorized_xforward_hosts), so a client saying them through the
+# proxy would become someone else, or forge its address.
+PROXY_ONLY = (b"XCLIENT", b"XFORWARD")
+_REFUSAL = b"550 5.7.1 Error: %s is not allowed\r\n"
+
+
+class AfterAuth:
+    """The relayed submission session, after AUTH: bytes pass both ways, but
+    what only the proxy may say never reaches the backend, nor is it offered.
+
+    It follows the session as SMTP does (RFC 5321, 2920, 3030): command lines,
+    the message after a ``354`` answer to DATA up to the lone dot, BDAT
+    chunks by their size, and every reply (multi-line ones included) so that
+    it knows which command each answers. Bytes after DATA wait until the
+    backend has answered it, so a client that pipelines past a refused DATA
+    cannot hide commands in what the proxy would take for a message; and a
+    refused command is answered in its turn, once what came before it is.
+    Extensions in the backend's EHLO answers that clients may not use are
+    left out. No I/O: bytes in, :class:`ToBackend` and :class:`ToClient` out.
+    """
+
+    def __init__(self, max_line: int = 65536) -> None:
+        self.max_line = max_line
+        self._client = bytearray()  # client bytes not yet passed on
+        self._mode = "command"  # or "data" (up to CRLF.CRLF), "bdat" (a chunk), "long" (a line)
+        self._chunk_left = 0
+        self._data_tail = b"\r\n"  # the message's last bytes passed on
+        self._awaiting: list[bytes] = []  # verbs passed on and not yet answered, oldest first
+        self._data_pending = False  # DATA passed on, its answer not yet here
+        self._replies = bytearray()  # backend bytes of an EHLO answer not yet complete
+        self._ehlo_lines: list[bytes] = []
+
+    @property
+    def waiting(self) -> int:
+        """Client bytes held back until the backend answers (for flow control)."""
+        return len(self._client)
+
+    # -- client → backend ----------------------------------------------------------------
+
+    def feed_client(self, data: bytes) -> list[ToBackend | ToClient]:
+        self._client += data
+        return self._pump()
+
+    def _pump(self) -> list[ToBackend | ToClient]:
+        out: list[ToBackend | ToClient] = []
+        passed = bytearray()
+        while self._client and not self._data_pending:
+            if self._mode == "data":
+                passed += self._take_message()
+            elif self._mode == "bdat":
+                take = min(self._chunk_left, len(self._client))
+                passed += self._client[:take]
+                del self._client[:take]
+                self._chunk_left -= take
+                if not self._chunk_left:
+                    self._mode = "command"
+            else:
+                end = self._client.find(b"\n")
+                if self._mode == "long" or (end < 0 and len(self._client) > self.max_line):
+                    # Longer than any command: passed on for the backend to
+                    # refuse as one unknown command, read to its end unparsed.
+                    upto = end + 1 if end >= 0 else len(self._client)
+                    if self._mode != "long":
+                        self._awaiting.append(b"")
+                    passed += self._client[:upto]
+                    del self._client[:upto]
+                    self._mode = "long" if end < 0 else "command"
+                    continue
+                if end < 0:
+                    break
+                line = bytes(self._client[: end + 1])
+                words = line.split()
+                verb = words[0].upper() if words else b""
+                if verb in PROXY_ONLY:
+                    if passed or self._awaiting:
+                        break  # answered in its turn, after what came before
+                    del self._client[: end + 1]
+                    out.append(ToClient(_REFUSAL % verb))
+                    continue
+                del self._client[: end + 1]
+                passed += line
+                self._awaiting.append(verb)
+                if verb == b"DATA":
+                    self._data_pending = True
+                elif verb == b"BDAT" and len(words) > 1 and words[1].isdigit() \
+                        and len(words[1]) <= 18:
+                    # The chunk follows at once, whatever the answer will be.
+                    self._chunk_left = int(words[1])
+                    if self._chunk_left:
+                        self._mode = "bdat"
+        if passed:
+            out.insert(0, ToBackend(bytes(passed)))
+        return out
+
+    def _take_message(self) -> bytes:
+        """Message bytes, up to and including the lone dot if it is here."""
+        boundary = (self._data_tail + bytes(self._client[:4])).find(b"\r\n.\r\n")
+        if boundary >= 0:
+            upto = boundary + 5 - len(self._data_tail)
+        else:
+            found = self._client.find(b"\r\n.\r\n")
+            upto = found + 5 if found >= 0 else -1
+        if upto >= 0:
+            taken = bytes(self._client[:upto])
+            del self._client[:upto]
+            self._mode = "command"
+            self._awaiting.append(b".")  # the message gets a reply of its own
+            return taken
+        taken = bytes(self._client)
+        self._client.clear()
+        self._data_tail = (self._data_tail + taken[-4:])[-4:]
+        return taken
+
+    # -- backend → client ----------------------------------------------------------------
+
+    def feed_backend(self, data: bytes) -> list[ToBackend | ToClient]:
+        if not self._replies and not self._awaiting:
+            # Nothing asked: whatever the backend says (a 421 on its way
+            # out) goes on unparsed.
+            return [ToClient(data)]
+        self._replies += data
+        passed = bytearray()
+        while self._awaiting:
+            end = self._replies.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._replies[: end + 1])
+            del self._replies[: end + 1]
+            final = line[3:4] != b"-"
+            verb = self._awaiting[0]
+            if verb in (b"EHLO", b"LHLO"):
+                self._ehlo_lines.append(line)
+                if final:
+                    passed += self._filtered_ehlo()
+            else:
+                passed += line
+            if final:
+                self._awaiting.pop(0)
+                if verb == b"DATA":
+                    self._data_pending = False
+                    if line[:3] == b"354":
+                        self._mode = "data"
+                        self._data_tail = b"\r\n"
+        if self._replies and not (self._awaiting and self._awaiting[0] in (b"EHLO", b"LHLO")):
+            # Part of a line that is not an EHLO answer: no need to wait for its end.
+            passed += self._replies
+            self._replies.clear()
+        out: list[ToBackend | ToClient] = [ToClient(bytes(passed))] if passed else []
+        if self._client:
+            out += self._pump()
+        return out
+
+    def _filtered_ehlo(self) -> bytes:
+        lines, self._ehlo_lines = self._ehlo_lines, []
+        if not lines[0].startswith(b"250"):
+            return b"".join(lines)
+        kept = lines[:1] + [
+            line for line in lines[1:]
+            if (line[4:].split(None, 1) or [b""])[0].upper() not in PROXY_ONLY
+        ]
+        # Every line but the last says "250-"; the last "250 ".
+        return b"".join(
+            line[:3] + (b" " if i == len(kept) - 1 else b"-") + line[4:]
+            for i, line in enumerate(kept)
+        )
+
+
 class SMTPListener(Listener):
     def buildProtocol(self, addr: Any) -> SMTPServer:
         protocol = SMTPServer(self)
@@ -265,6 +444,9 @@ class SMTPServer(RelayingServer):
 
     def bye(self, text: str) -> bytes:
         return b"421 4.7.0 " + text.encode() + b"\r\n"
+
+    def make_guard(self) -> AfterAuth:
+        return AfterAuth()
 
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return b"235 2.7.0 Authentication successful\r\n"

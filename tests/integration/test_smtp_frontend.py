@@ -250,3 +250,32 @@ def test_deleting_the_app_password_ends_the_session(proxy, user):
         time.sleep(0.3)
     else:
         pytest.fail("the session went on")
+
+
+def test_proxy_only_commands_never_reach_the_backend_after_auth(proxy, dovecot, user):
+    """The backend trusts the proxy's address with XCLIENT (Dovecot: a
+    trusted network; Postfix: smtpd_authorized_xclient_hosts); a client
+    saying it through the proxy would become someone else. The proxy
+    answers it itself, in turn, even when pipelined, and does not offer it."""
+    uid, _, secret = user
+    since = len(dovecot.sink_messages())
+    client = submission(proxy)
+    client.login(uid, secret)
+    code, text = client.ehlo("client.example.test")
+    assert code == 250 and b"XCLIENT" not in text.upper() and b"XFORWARD" not in text.upper()
+    assert client.docmd("XCLIENT", "LOGIN=bob ADDR=192.0.2.1") == (
+        550, b"5.7.1 Error: XCLIENT is not allowed")
+    assert client.docmd("XFORWARD", "ADDR=192.0.2.1")[0] == 550
+    # Pipelined behind other commands, and after a DATA the backend refused.
+    sock = client.sock
+    sock.sendall(b"RSET\r\nDATA\r\nXCLIENT LOGIN=bob\r\nNOOP\r\n")
+    replies = b""
+    while replies.count(b"\r\n") < 4:
+        replies += sock.recv(4096)
+    lines = replies.split(b"\r\n")
+    assert lines[0].startswith(b"250") and lines[1][:1] == b"5"  # RSET; DATA with no recipient
+    assert lines[2] == b"550 5.7.1 Error: XCLIENT is not allowed" and lines[3].startswith(b"250")
+    client.sendmail(f"{uid}@example.test", ["rcpt@example.test"], message("after xclient"))
+    client.quit()
+    (got,) = sent_through(dovecot, since)
+    assert got.mail_from == f"{uid}@example.test"
