@@ -140,8 +140,10 @@ class Authenticator:
             clock.seconds, cache.primary_password_ttl, cache.max_entries
         )
         self._cache_key = secrets.token_bytes(32)
-        self._accounts: OrderedDict[str, tuple[Account | None, float]] = OrderedDict()
-        self._last_active: OrderedDict[str, tuple[Account, float]] = OrderedDict()
+        # name as typed → (account key or None for no account, when looked up)
+        self._names: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        # account key → (the account as last seen, when)
+        self._known: OrderedDict[str, tuple[Account, float]] = OrderedDict()
         self.usage = UsageRecorder(clock, store, cache.last_used_interval)
         self._seq = 0
         self._feed = LoopingCall(self.poll_changes)
@@ -252,9 +254,9 @@ class Authenticator:
         app_password_form = apppasswords.normalise(attempt.secret)
         stale = False
         try:
-            account = await self._account(typed, name.strip())
+            account = await self._account(name.strip())
         except DirectoryUnavailable:
-            remembered = self._remembered(typed)
+            remembered = self._remembered(name.strip())
             if attempt.realm != "cloud" or app_password_form is None or remembered is None:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
             account, stale = remembered, True
@@ -289,36 +291,47 @@ class Authenticator:
 
     # -- accounts ----------------------------------------------------------------
 
-    async def _account(self, typed: str, name: str) -> Account | None:
+    async def _account(self, name: str) -> Account | None:
+        """The account ``name`` signs in as. What is known about an account
+        is kept by the account (its DN), never by the name typed: when one of
+        its names finds it locked or gone, every other name knows at once."""
         ttl = self._directory_config.account_cache
         now = self._clock.seconds()
-        # Keyed by the exact name the directory is asked for: two names that
-        # fold to one form may still be two accounts there.
-        cached = self._accounts.get(name)
-        if cached is not None and now - cached[1] < ttl:
-            return cached[0]
+        # Names are kept as typed: two names that fold to one form may still
+        # be two accounts in the directory.
+        named = self._names.get(name)
+        if named is not None and now - named[1] < ttl:
+            if named[0] is None:
+                return None
+            known = self._known.get(named[0])
+            if known is not None:
+                return known[0]
         account = await self._directory.resolve(name)
-        if ttl > 0:
-            self._accounts[name] = (account, now)
-            self._accounts.move_to_end(name)
-            while len(self._accounts) > MAX_ACCOUNTS:
-                self._accounts.popitem(last=False)
-        if account is not None and account.active:
-            self._last_active[typed] = (account, now)
-            self._last_active.move_to_end(typed)
-            while len(self._last_active) > MAX_ACCOUNTS:
-                self._last_active.popitem(last=False)
-        else:
-            self._last_active.pop(typed, None)
+        if account is None:
+            if named is not None and named[0] is not None:
+                self._known.pop(named[0], None)  # deleted: gone under every name
+            self._remember(self._names, name, (None, now))
+            return None
+        self._remember(self._names, name, (account.key, now))
+        self._remember(self._known, account.key, (account, now))
         return account
 
-    def _remembered(self, typed: str) -> Account | None:
-        """The account as last seen active, if within the outage grace."""
-        seen = self._last_active.get(typed)
+    @staticmethod
+    def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_ACCOUNTS:
+            table.popitem(last=False)
+
+    def _remembered(self, name: str) -> Account | None:
+        """During a directory outage: the account ``name`` last found, if it
+        was active when last seen, within the outage grace."""
+        named = self._names.get(name)
+        known = self._known.get(named[0]) if named is not None and named[0] else None
         grace = self._directory_config.outage_grace
-        if seen is None or self._clock.seconds() - seen[1] > grace:
+        if known is None or not known[0].active or self._clock.seconds() - known[1] > grace:
             return None
-        return seen[0]
+        return known[0]
 
     # -- app passwords -------------------------------------------------------------
 
