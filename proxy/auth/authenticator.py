@@ -422,10 +422,16 @@ class Authenticator:
             # directory, whose own lockout would otherwise count every retry.
             self.throttle.failed(key, attempt.client_address, attempt.secret)
             return Decision(Reason.WRONG_SECRET, account.username, account)
+        reservation = self.throttle.reserve(key, attempt.client_address, attempt.secret)
+        if reservation is None:
+            # As many other guesses are being checked as would lock the account.
+            return Decision(Reason.LOCKED_OUT, account.username, account)
         try:
             accepted = await self._directory.check_password(account.dn, attempt.secret)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
+        finally:
+            reservation.release()
         if not accepted:
             self.throttle.failed(key, attempt.client_address, attempt.secret, upstream=True)
             return Decision(Reason.WRONG_SECRET, account.username, account)

@@ -74,6 +74,7 @@ class _Bucket:
     locked_until: float = 0.0
     lockouts: int = 0
     last_failure: float = 0.0
+    checking: dict[bytes, int] = attrs.Factory(dict)  # digest → checks under way
 
 
 @attrs.define
@@ -86,6 +87,24 @@ class _Account:
 class _Source:
     failures: int = 0
     last_failure: float = 0.0
+
+
+@attrs.define
+class Reservation:
+    """A directory check under way, counted by :meth:`Throttle.reserve`."""
+
+    bucket: _Bucket | None
+    digest: bytes
+
+    def release(self) -> None:
+        if self.bucket is None:
+            return
+        left = self.bucket.checking.get(self.digest, 0) - 1
+        if left > 0:
+            self.bucket.checking[self.digest] = left
+        else:
+            self.bucket.checking.pop(self.digest, None)
+        self.bucket = None
 
 
 class Throttle:
@@ -178,6 +197,33 @@ class Throttle:
         bucket = state.buckets[source in state.familiar]
         return self.digest(account, secret) in bucket.refused_upstream
 
+    def reserve(self, account: str, address: str, secret: str) -> Reservation | None:
+        """Count a secret about to be checked by the directory before the
+        check is made: None if, with the checks already under way, it could
+        take the account past its lockout (the check must not be made).
+        Concurrent guesses therefore reach the directory no more often than
+        sequential ones. Release the reservation when the answer is in."""
+        bucket = self._bucket(account, address)
+        if bucket is None:
+            return Reservation(None, b"")
+        now = self._clock()
+        if bucket.locked_until > now:
+            return None  # locked while this attempt was on its way
+        self._forget_old(bucket, now)
+        digest = self.digest(account, secret)
+        new = digest not in bucket.failures and digest not in bucket.recent \
+            and digest not in bucket.checking
+        if new and len(bucket.failures) + len(bucket.checking) >= self.config.account_failures:
+            return None
+        bucket.checking[digest] = bucket.checking.get(digest, 0) + 1
+        return Reservation(bucket, digest)
+
+    def _forget_old(self, bucket: _Bucket, now: float) -> None:
+        window = self.config.failure_window
+        for digest, when in list(bucket.failures.items()):
+            if now - when > window:
+                del bucket.failures[digest]
+
     def failed(self, account: str, address: str, secret: str, upstream: bool = False) -> bool:
         """Count a wrong secret (``upstream``: the directory said so); True if
         this failure locked the account."""
@@ -195,9 +241,7 @@ class Throttle:
         if now - bucket.last_failure > window + self.config.lockout_max:
             bucket.lockouts = 0
         bucket.last_failure = now
-        for digest, when in list(bucket.failures.items()):
-            if now - when > window:
-                del bucket.failures[digest]
+        self._forget_old(bucket, now)
         digest = self.digest(account, secret)
         if digest in bucket.recent:
             return False

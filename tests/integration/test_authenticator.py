@@ -550,6 +550,28 @@ async def test_ldaps_and_plain_connections(env, slapd, unique):
 
 
 @pytest_twisted.ensureDeferred
+async def test_concurrent_guesses_reach_the_directory_no_more_than_the_lockout_allows(
+        env, slapd, unique):
+    """Forty wrong passwords for one account at once: slapd sees ten binds
+    (the lockout's count), as it would one after another."""
+    auth = await env.make(throttle=ThrottleConfig(source_delay=0, source_delay_max=0,
+                                                  account_failures=10))
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    since = len(slapd.log_text())
+    decisions = await gatherResults([
+        Deferred.fromCoroutine(auth.authenticate(attempt(uid, f"guess-{i}")))
+        for i in range(40)
+    ])
+    reasons = [d.reason for d in decisions]
+    assert reasons.count(Reason.WRONG_SECRET) == 10
+    assert reasons.count(Reason.LOCKED_OUT) == 30
+    await deferLater(reactor, 0.5)  # slapd logs a moment after it answers
+    binds = re.findall(rf'BIND dn="{re.escape(dn)}"', slapd.log_text()[since:], re.IGNORECASE)
+    assert len(binds) == 10
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_locked_account_is_refused_before_any_bind(env, slapd, unique):
     auth = await env.make(throttle=ThrottleConfig(source_delay=0, source_delay_max=0,
                                                   account_failures=3))

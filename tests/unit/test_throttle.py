@@ -145,3 +145,33 @@ def test_only_secrets_the_directory_refused_are_skipped_next_time(throttle):
     assert throttle.recently_failed("alice", HOME, "stale")
     assert not throttle.recently_failed("alice", HOME, "other")
     assert not throttle.recently_failed("bob", HOME, "stale")
+
+
+def test_checks_under_way_count_before_their_answer(throttle):
+    """Forty guesses at once: no more reach the directory than the lockout
+    allows one after another."""
+    reservations = [throttle.reserve("alice", ATTACKER, f"guess{i}") for i in range(40)]
+    granted = [r for r in reservations if r is not None]
+    assert len(granted) == 10
+    # The same secret again is one guess, not another.
+    again = throttle.reserve("alice", ATTACKER, "guess0")
+    assert again is not None
+    again.release()
+    for i, reservation in enumerate(granted):
+        throttle.failed("alice", ATTACKER, f"guess{i}", upstream=True)
+        reservation.release()
+    assert throttle.locked("alice", ATTACKER)
+    assert throttle.reserve("alice", ATTACKER, "another") is None
+
+
+def test_released_checks_make_room(throttle):
+    first = [throttle.reserve("alice", ATTACKER, f"g{i}") for i in range(10)]
+    assert throttle.reserve("alice", ATTACKER, "g10") is None
+    first[0].release()  # that one was right after all
+    assert throttle.reserve("alice", ATTACKER, "g10") is not None
+
+
+def test_trusted_sources_reserve_freely(clock):
+    throttle = Throttle(ThrottleConfig(trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),)),
+                        clock.seconds)
+    assert all(throttle.reserve("alice", "10.1.2.3", f"g{i}") for i in range(50))
