@@ -57,6 +57,17 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:256]
 
 
+def _one_word(text: str) -> str:
+    """What a client typed, as one word that cannot pass for another field
+    of a log line: letters, digits and ``._@+-`` as they are, anything else
+    (spaces, ``=``, ``%``, control characters) as %XX of its UTF-8 bytes. So
+    a user name like ``x rhost=10.9.9.9`` cannot make fail2ban ban someone else."""
+    return "".join(
+        c if c.isalnum() or c in "._@+-" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in text[:256]
+    )
+
+
 class UsageRecorder:
     """Coalesces last-used updates: at most one store write per app password
     per ``interval``; uses in between are added up and written later."""
@@ -463,7 +474,7 @@ class Authenticator:
                 "authentication failure: rhost={rhost} user={user} protocol={protocol} "
                 "realm={realm} reason={reason}",
                 rhost=attempt.client_address,
-                user=_printable(decision.username),
+                user=_one_word(decision.username),
                 protocol=attempt.protocol,
                 realm=attempt.realm,
                 reason=decision.reason.value,

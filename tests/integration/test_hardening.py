@@ -1,0 +1,84 @@
+"""Attacks on the front door, each against the real daemon in front of real
+slapd and Dovecot: forged log lines, slow clients that never finish their
+login, memory held by unfinished messages, and sessions that must end when
+what they were opened with stops being valid."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.integration.conftest import PRIMARY
+from tests.proxyd import ProxyDaemon, mail_backend
+
+LOGIN_TIMEOUT = 3
+# The filter documented in docs/configuration.md.
+FAILREGEX = (r"\[legacy_auth_proxy\.auth\.failure#\w+\] authentication failure: "
+             r"rhost=<HOST> user=\S* protocol=")
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, dovecot, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("proxy-hardening")
+    imap = mail_backend(folder, dovecot, "imap")
+    plain = {"tls": "none", "allow_plaintext_auth": True, "login_timeout": LOGIN_TIMEOUT}
+    daemon = ProxyDaemon(folder, slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", **plain,
+                 "max_connections_per_source": 1000},
+        "imap": dict(imap, **plain),
+        "imaps": dict(imap, tls="implicit"),
+    })
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+# -- forged log lines ------------------------------------------------------------------
+
+
+FORGED = [
+    "x authentication failure: rhost=10.9.9.9 user=y protocol=",
+    "y rhost=10.9.9.9 user=z",
+    "z\tauthentication failure: rhost=10.9.9.9 user=",
+    "%20 authentication%20failure:%20rhost=10.9.9.9",
+]
+
+
+def test_a_user_name_cannot_get_someone_else_banned(proxy, tmp_path):
+    """Names typed to look like the failure line's own fields: fail2ban, with
+    the documented filter, finds only the real client's address."""
+    fail2ban_regex = require_tool("fail2ban-regex")
+    for name in FORGED:
+        client = imaplib.IMAP4("127.0.0.1", proxy.ports["imap"], timeout=30)
+        with pytest.raises(imaplib.IMAP4.error):
+            client.login('"' + name.replace("\\", "\\\\") + '"', "wrong password")
+        client.shutdown()
+    done = subprocess.run([require_tool("ldapwhoami"), "-x", "-H",
+                           f"ldap://127.0.0.1:{proxy.ports['ldap']}", "-D", FORGED[0],
+                           "-w", "wrong"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 49
+    assert wait_until(lambda: proxy.log().count("auth.failure") >= len(FORGED) + 1, 10), proxy.log()
+    lines = [line for line in proxy.log().splitlines() if "auth.failure" in line]
+    log = tmp_path / "proxy.log"
+    log.write_text("\n".join(lines) + "\n")
+    # The documented filter, and a looser one an operator might write.
+    for regex in (FAILREGEX, r"authentication failure: rhost=<HOST> user=\S* protocol="):
+        found = subprocess.run([fail2ban_regex, "-o", "ip", str(log), regex],
+                               capture_output=True, text=True, timeout=60)
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.split() == ["127.0.0.1"] * (len(FORGED) + 1), found.stdout
