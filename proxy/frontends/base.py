@@ -297,6 +297,10 @@ class RelayingServer(ListenerConnection, Protocol):
             self.backend.close()
 
     def _touch(self) -> None:
+        # Before login the timer is a deadline from connect (as Dovecot's and
+        # Postfix's are): a client trickling bytes does not move it.
+        if self.backend is None:
+            return
         # Resetting a timer is not free; relaying calls this for every chunk,
         # and a second's precision is plenty for an idle timeout.
         now = self.listener.reactor.seconds()
@@ -304,7 +308,7 @@ class RelayingServer(ListenerConnection, Protocol):
             return
         self._touched = now
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.idle_timeout if self.backend else self.config.login_timeout)
+            self._timer.reset(self.config.idle_timeout)
 
     def _idle(self) -> None:
         self.close("Idle for too long.")
@@ -418,7 +422,8 @@ class RelayingServer(ListenerConnection, Protocol):
                 transport.bufferSize = RELAY_READ_SIZE
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
-        self._touch()
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.idle_timeout)
         if rest:
             self.dataReceived(rest)
 

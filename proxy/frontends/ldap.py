@@ -117,11 +117,10 @@ class LDAPServer(ListenerConnection, Protocol):
         self._timer = self.listener.reactor.callLater(seconds, self._idle)
 
     def _touch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout())
-
-    def _timeout(self) -> float:
-        return self.config.idle_timeout if self.bound else self.config.login_timeout
+        # Before a bind the timer is a deadline, not an idle timer: a client
+        # trickling bytes does not move it.
+        if self.bound and self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.idle_timeout)
 
     def _idle(self) -> None:
         self.disconnect(ber.UNAVAILABLE, "idle for too long")
@@ -354,13 +353,14 @@ class LDAPServer(ListenerConnection, Protocol):
         open for the next identity (it is re-bound before it is used)."""
         if self.decision is not None:
             self.listener.sessions.remove(self)
-        self.decision = None
+        was_bound, self.decision = self.bound, None
         self.bound = False
         self.anonymous = False
         self.username = self.dn = ""
         self.app_password_id = None
         self.framer.max_size = self.config.max_message_size_before_bind
-        if not self._closing and self.transport is not None:
+        if was_bound and not self._closing and self.transport is not None:
+            # A new deadline to bind again; failed binds do not extend it.
             self._arm(self.config.login_timeout)
 
     def _close_upstream(self) -> None:

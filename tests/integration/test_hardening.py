@@ -82,3 +82,41 @@ def test_a_user_name_cannot_get_someone_else_banned(proxy, tmp_path):
                                capture_output=True, text=True, timeout=60)
         assert found.returncode == 0, found.stderr
         assert found.stdout.split() == ["127.0.0.1"] * (len(FORGED) + 1), found.stdout
+
+
+# -- the login deadline ----------------------------------------------------------------
+
+
+def trickle_until_closed(sock, data: bytes, limit: float) -> bool:
+    """Send ``data`` a byte at a time, a byte every 0.2 s, over and over;
+    True once the proxy has closed the connection."""
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+                while chunk := sock.recv(4096):
+                    pass
+                return True  # EOF
+            except socket.timeout:
+                continue
+            except OSError:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("listener,data", [
+    ("imap", b"a NOOP\r\n"),
+    # An LDAP message's header, then its body a byte at a time (never whole).
+    ("ldap", b"\x30\x84\x00\x00\xff\xff" + b"\x02" * 200),
+])
+def test_the_login_timeout_is_a_deadline_from_connect(proxy, listener, data):
+    """A client trickling bytes (complete commands or one unfinished
+    message) is still cut off when the login timeout has passed since it
+    connected, as Dovecot and Postfix do."""
+    sock = socket.create_connection(("127.0.0.1", proxy.ports[listener]), timeout=10)
+    started = time.monotonic()
+    assert trickle_until_closed(sock, data, LOGIN_TIMEOUT + 15)
+    assert time.monotonic() - started >= LOGIN_TIMEOUT - 0.5
+    sock.close()
