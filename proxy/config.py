@@ -585,6 +585,23 @@ class CacheConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """What the daemon holds, over all its listeners, for clients that have not signed in."""
+
+    max_connections_before_login: int = _field(
+        10_000,
+        Int(1, 10_000_000),
+        "connections not yet signed in, over all listeners; more are refused at once",
+    )
+    max_bytes_before_login: int = _field(
+        64 * 1024 * 1024,
+        Int(1 << 20, 1 << 40),
+        "bytes of unfinished commands and messages held for clients not yet signed in, over "
+        "all listeners; a connection that would take it past this is closed",
+    )
+
+
+@attrs.frozen
 class ListenerConfig:
     """One service legacy clients connect to."""
 
@@ -726,6 +743,7 @@ class Config:
     directory: DirectoryConfig | None = _optional_section(DirectoryConfig)
     throttle: ThrottleConfig = _section(ThrottleConfig)
     cache: CacheConfig = _section(CacheConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
     listeners: tuple[ListenerConfig, ...] = attrs.field(
         default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
     )

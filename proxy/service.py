@@ -23,6 +23,7 @@ from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.backends import backend_endpoint
 from proxy.backends.imap import IMAPBackend
 from proxy.backends.smtp import SMTPBackend
+from proxy.frontends.base import PreLoginBudget
 from proxy.frontends.imap import IMAPListener
 from proxy.frontends.smtp import SMTPListener
 from proxy.frontends.ldap import LDAPListener, Upstream
@@ -138,6 +139,8 @@ class Daemon:
         self.sessions: Sessions | None = None
         self._upstream: Upstream | None = None
         self.listeners: list[tuple[configuration.ListenerConfig, Any, ServerTLS | None]] = []
+        self.budget = PreLoginBudget(config.limits.max_connections_before_login,
+                                     config.limits.max_bytes_before_login)
 
     async def start(self) -> None:
         for pool in (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool):
@@ -220,6 +223,7 @@ class Daemon:
             authenticator=self.authenticator,
             sessions=self.sessions,
             tls=tls,
+            budget=self.budget,
         )
         factory: Any
         if config.protocol == "ldap":

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome
-from proxy.config import ListenerConfig
+from proxy.config import LimitsConfig, ListenerConfig
 from proxy.transports import hang_up
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
@@ -90,6 +90,46 @@ class PerSource:
             del self.counts[address]
 
 
+class PreLoginBudget:
+    """What the whole daemon holds, over every listener, for clients that
+    have not signed in: connections, and bytes of their unfinished commands
+    and messages. Limits per source alone do not bound it: a thousand
+    sources each holding an unfinished message would. A connection past
+    either limit is refused, or closed, at once; one that signs in leaves
+    the budget."""
+
+    def __init__(self, max_connections: int, max_bytes: int) -> None:
+        self.max_connections = max_connections
+        self.max_bytes = max_bytes
+        self.connections = 0
+        self.bytes = 0
+        self._held: dict[Any, int] = {}
+
+    def admit(self, connection: Any) -> bool:
+        if self.connections >= self.max_connections:
+            return False
+        self.connections += 1
+        self._held[connection] = 0
+        return True
+
+    def hold(self, connection: Any, size: int) -> bool:
+        """``connection`` now holds ``size`` bytes; False if that takes the
+        daemon past its budget (the caller closes it)."""
+        held = self._held.get(connection)
+        if held is None:
+            return True  # signed in: no longer counted
+        self.bytes += size - held
+        self._held[connection] = size
+        return self.bytes <= self.max_bytes
+
+    def leave(self, connection: Any) -> None:
+        """Signed in, or gone."""
+        held = self._held.pop(connection, None)
+        if held is not None:
+            self.connections -= 1
+            self.bytes -= held
+
+
 def client_address(transport: Any) -> tuple[str, int]:
     peer = transport.getPeer()
     return getattr(peer, "host", None) or "unix", getattr(peer, "port", 0) or 0
@@ -110,15 +150,32 @@ class ListenerConnection:
     reading: ReadControl | None = None
 
     def _enter(self, refusal: bytes) -> bool:
-        """Count this connection; False (and the client told ``refusal``) past the limit."""
+        """Count this connection; False (and the client told ``refusal``) past
+        the limit of its source, or of all connections not signed in."""
         self.address, self.port = client_address(self.transport)
         if not self.listener.per_source.admit(self.address):
+            self.transport.write(refusal)
+            self._hang_up()
+            return False
+        if not self.listener.budget.admit(self):
+            self.listener.per_source.leave(self.address)
+            log.warn("{address}: refused: {count} connections are not signed in yet",
+                     address=self.address, count=self.listener.budget.connections)
             self.transport.write(refusal)
             self._hang_up()
             return False
         self._counted = True
         self.listener.connections.add(self)
         return True
+
+    def _within_budget(self, buffered: int) -> bool:
+        """Account for what this connection holds before sign-in; False if
+        the daemon's budget is spent (the caller closes the connection)."""
+        if self.listener.budget.hold(self, buffered):
+            return True
+        log.warn("{address}: closed: clients not signed in hold more than {limit} bytes",
+                 address=self.address, limit=self.listener.budget.max_bytes)
+        return False
 
     def _hang_up(self) -> None:
         """Close the client connection, whatever is registered on it: every
@@ -136,6 +193,7 @@ class ListenerConnection:
             self._deadline.cancel()
         if self._counted:
             self.listener.per_source.leave(self.address)
+            self.listener.budget.leave(self)
             self._counted = False
         self.listener.connections.discard(self)
 
@@ -201,6 +259,9 @@ class Machine(TypingProtocol):
 
     def take_rest(self) -> bytes: ...
 
+    @property
+    def buffered(self) -> int: ...
+
 
 class Listener(Factory):
     """One listener of a relaying front end, and what its connections share."""
@@ -208,8 +269,11 @@ class Listener(Factory):
     noisy = False
 
     def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
-                 sessions: Any, backend: Any, tls: Any | None) -> None:
+                 sessions: Any, backend: Any, tls: Any | None,
+                 budget: PreLoginBudget | None = None) -> None:
         self.reactor = reactor
+        self.budget = budget or PreLoginBudget(LimitsConfig().max_connections_before_login,
+                                               LimitsConfig().max_bytes_before_login)
         self.config = config
         self.authenticator = authenticator
         self.sessions = sessions
@@ -344,7 +408,11 @@ class RelayingServer(ListenerConnection, Protocol):
                 self.backend.transport.write(data)
             return
         assert self.machine is not None
-        self._run(self.machine.feed(data))
+        events = self.machine.feed(data)
+        if not self._within_budget(self.machine.buffered):
+            self.close("Too busy, try again later.")
+            return
+        self._run(events)
 
     def _run(self, events: list[Event]) -> None:
         for event in events:
@@ -407,6 +475,7 @@ class RelayingServer(ListenerConnection, Protocol):
         self.app_password_id = decision.app_password.id if decision.app_password else None
         self.listener.sessions.add(self)
         self._registered = True
+        self.listener.budget.leave(self)
         rest = self.machine.take_rest()
         self.machine = None
         self.backend = backend

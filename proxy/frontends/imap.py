@@ -219,6 +219,10 @@ class PreLogin:
             answer = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
         return [Send(tag + answer)] + self._run()
 
+    @property
+    def buffered(self) -> int:
+        return self.reader.buffered
+
     def take_rest(self) -> bytes:
         """After a successful login: the bytes pipelined behind it."""
         self.closed = True

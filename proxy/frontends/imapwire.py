@@ -64,6 +64,11 @@ class Reader:
         self._literal: int | None = None
         self._size = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished command."""
+        return len(self.buffer) + sum(len(p) for p in self._pieces)
+
     def take_rest(self) -> bytes:
         """What is buffered beyond the last whole command; the reader is emptied."""
         rest = bytes(self.buffer)

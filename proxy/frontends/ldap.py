@@ -152,6 +152,9 @@ class LDAPServer(ListenerConnection, Protocol):
             log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
             self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
             return
+        if not self.bound and not self._within_budget(self.framer.buffered):
+            self.disconnect(ber.BUSY, "too busy, try again later")
+            return
         epoch = self._tls_epoch
         for frame in frames:
             if self._closing or self._tls_epoch != epoch:
@@ -336,6 +339,7 @@ class LDAPServer(ListenerConnection, Protocol):
         self.dn = decision.account.dn
         self.app_password_id = decision.app_password.id if decision.app_password else None
         self.listener.sessions.add(self)
+        self.listener.budget.leave(self)
         self._bound_as(wanted, lazy)
 
     def _bound_as(self, wanted: str | None, lazy: bool) -> None:

@@ -245,6 +245,10 @@ class PreAuth:
             return [self._reply(b"454 4.7.0 Temporary authentication failure, try again later")] + self._run()
         return self._error(b"535 5.7.8 Error: authentication failed") + self._run()
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
     def take_rest(self) -> bytes:
         self.closed = True
         rest = bytes(self._buffer)

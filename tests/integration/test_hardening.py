@@ -120,3 +120,72 @@ def test_the_login_timeout_is_a_deadline_from_connect(proxy, listener, data):
     assert trickle_until_closed(sock, data, LOGIN_TIMEOUT + 15)
     assert time.monotonic() - started >= LOGIN_TIMEOUT - 0.5
     sock.close()
+
+
+# -- memory before login ------------------------------------------------------------------
+
+
+def closed(sock) -> bool:
+    """Whether the proxy closed this non-blocking socket (after what it said)."""
+    while True:
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+@pytest.fixture(scope="module")
+def budgeted(slapd, tmp_path_factory):
+    """A daemon whose clients, signed in or not, may hold 8 MiB before login."""
+    daemon = ProxyDaemon(tmp_path_factory.mktemp("proxy-budget"), slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
+                 "allow_plaintext_auth": True, "max_connections_per_source": 200},
+    }, extra="limits:\n  max_bytes_before_login: 8388608\n"
+             "  max_connections_before_login: 1500\n")
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def test_memory_before_login_is_bounded_whatever_the_sources(budgeted, slapd, unique):
+    """1,000 connections from ten addresses, each sending most of a 255 KiB
+    message and never the rest: the daemon keeps at most its budget, closes
+    the connections past it, still answers a real client, and gives the
+    memory back when they go."""
+    pid = budgeted.process.pid
+    port = budgeted.ports["ldap"]
+    before = rss_kib(pid)
+    header = b"\x30\x83\x03\xfc\x00"  # a SEQUENCE of 261,120 bytes
+    sockets = []
+    for i in range(1000):
+        sock = socket.socket()
+        sock.bind((f"127.0.0.{2 + i % 10}", 0))
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        try:
+            sock.send(header + b"\x02" * 250_000)
+        except BlockingIOError:
+            pass
+        sockets.append(sock)
+    time.sleep(2)
+    peak = rss_kib(pid)
+    still_open = sum(not closed(sock) for sock in sockets)
+    print(f"{still_open} of 1,000 still open; RSS {before} KiB before, {peak} KiB at the peak")
+    assert still_open <= 8 * 1024 * 1024 // 250_000 + 1
+    assert peak - before < 64 * 1024, f"{before} KiB before, {peak} KiB with 1,000 clients"
+    dn = slapd.add_user(unique(), PRIMARY)
+    done = subprocess.run([require_tool("ldapwhoami"), "-x", "-H", f"ldap://127.0.0.1:{port}",
+                           "-D", dn, "-w", PRIMARY], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    for sock in sockets:
+        sock.close()
+    assert wait_until(lambda: rss_kib(pid) - before < 16 * 1024, 10), \
+        f"{before} KiB before, {rss_kib(pid)} KiB after they left"
