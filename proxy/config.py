@@ -527,6 +527,28 @@ class DirectoryConfig:
         "while the directory is unreachable, app passwords keep working on cloud listeners "
         "for accounts seen active within this long; 0: not at all",
     )
+    app_password_reads: str = _field(
+        "proxied_authorization",
+        Choice(("proxied_authorization", "search_account")),
+        "with whose rights an LDAP session opened with an app password reads the directory: "
+        "proxied_authorization (the service account's connection, every request carrying "
+        "RFC 4370's proxied authorization control for the user: the user's own rights); "
+        "search_account (bound as search_bind_dn, an account with no more rights than a user)",
+    )
+    search_bind_dn: str | None = _field(
+        None, Optional(Dn()), "with app_password_reads: search_account, the account to read as"
+    )
+    search_bind_password_file: Path | None = _field(
+        None, Optional(FilePath()), "a file holding search_bind_dn's password"
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.app_password_reads == "search_account" and (
+            self.search_bind_dn is None or self.search_bind_password_file is None
+        ):
+            raise ValueError(
+                "app_password_reads: search_account needs search_bind_dn and search_bind_password_file"
+            )
 
 
 @attrs.frozen

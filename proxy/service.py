@@ -77,16 +77,24 @@ def open_state(config: configuration.Config) -> State:
     return State(store, pepper)
 
 
-def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, bytes | None]:
-    """The service account's password and the CA certificates; blocking."""
+def _read_password(path: Path, key: str) -> str:
     try:
-        password = Directory.read_bind_password(config.bind_password_file)
+        password = Directory.read_bind_password(path)
     except OSError as e:
-        raise StartupError(
-            f"{config.bind_password_file}: directory.bind_password_file: cannot read: {e.strerror}"
-        ) from None
+        raise StartupError(f"{path}: directory.{key}: cannot read: {e.strerror}") from None
     if not password:
-        raise StartupError(f"{config.bind_password_file}: directory.bind_password_file is empty")
+        raise StartupError(f"{path}: directory.{key} is empty")
+    return password
+
+
+def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, str, bytes | None]:
+    """The service account's password, the search account's (or ""), and
+    the CA certificates; blocking."""
+    password = _read_password(config.bind_password_file, "bind_password_file")
+    search_password = ""
+    if config.search_bind_password_file is not None:
+        search_password = _read_password(config.search_bind_password_file,
+                                         "search_bind_password_file")
     ca = None
     if config.ca_file is not None:
         try:
@@ -95,7 +103,7 @@ def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, 
             raise StartupError(f"{config.ca_file}: directory.ca_file: cannot read: {e.strerror}") from None
         if b"BEGIN CERTIFICATE" not in ca:
             raise StartupError(f"{config.ca_file}: directory.ca_file holds no PEM certificate")
-    return password, ca
+    return password, search_password, ca
 
 
 def hash_parameters(config: configuration.Config) -> apppasswords.HashParameters:
@@ -164,7 +172,7 @@ class Daemon:
         )
 
     async def _start_authentication(self, config: configuration.DirectoryConfig) -> None:
-        password, ca = await self.store_pool.submit(read_directory_secrets, config)
+        password, search_password, ca = await self.store_pool.submit(read_directory_secrets, config)
         self.directory = Directory(self._reactor, config, password, ca)
         self.directory.start()
         self.authenticator = Authenticator(
@@ -194,6 +202,7 @@ class Daemon:
             if config.start_tls and config.url.startswith("ldap://")
             else None,
             service_password=password,
+            search_password=search_password,
         )
         authenticator, directory, sessions = self.authenticator, self.directory, self.sessions
 
@@ -322,7 +331,7 @@ class Daemon:
         except configuration.ConfigError as e:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             return
-        fixed = ("store", "hashing", "directory", "throttle", "cache", "listeners")
+        fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "listeners")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(

@@ -97,7 +97,7 @@ class ProxyDaemon:
                  hashing: str = "  time_cost: 1\n  memory_kib: 1024",
                  throttle: str = "  source_delay: 0.01\n  source_delay_max: 0.01\n"
                                  "  account_failures: 1000",
-                 account_cache: str = "0", cache: str = ""):
+                 account_cache: str = "0", cache: str = "", directory: str = ""):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.slapd = slapd
@@ -120,6 +120,7 @@ class ProxyDaemon:
             f"  modern_auth_only_group: {slapd.group_dn('modern-auth-only')}",
             f"  admin_group: {slapd.group_dn('admins')}",
             f"  account_cache: {account_cache}",
+            *directory.splitlines(),
             "throttle:", *throttle.splitlines(),
             *(["cache:", *cache.splitlines()] if cache else []),
             "listeners:",

@@ -50,7 +50,14 @@ INTEGER = 0x02
 OCTET_STRING = 0x04
 ENUMERATED = 0x0A
 
+SEARCH_RESULT_ENTRY = 0x64
+CONTROLS = 0xA0  # [0] Controls, in an LDAPMessage
+BOOLEAN = 0x01
+
 START_TLS = "1.3.6.1.4.1.1466.20037"
+# RFC 4370's proxied authorization control, and the draft version before it.
+PROXIED_AUTHORIZATION = "2.16.840.1.113730.3.4.18"
+PROXIED_AUTHORIZATION_V1 = "2.16.840.1.113730.3.4.12"
 WHO_AM_I = "1.3.6.1.4.1.4203.1.11.3"
 NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
 
@@ -66,6 +73,7 @@ INSUFFICIENT_ACCESS_RIGHTS = 50
 BUSY = 51
 UNAVAILABLE = 52
 UNWILLING_TO_PERFORM = 53
+AUTHORIZATION_DENIED = 123
 
 
 class BERError(Exception):
@@ -264,6 +272,66 @@ def parse_extended(message: Message) -> Extended:
     return Extended(name, value)
 
 
+def control_types(message: Message) -> list[str]:
+    """The OIDs of the controls a message carries (RFC 4511 4.1.11)."""
+    data = message.frame
+    _, start, end = _element(data, 0, len(data))
+    parts = _children(data, start, end)
+    if len(parts) < 3 or parts[2][0] != CONTROLS:
+        return []
+    types = []
+    for tag, c_start, c_end in _children(data, parts[2][1], parts[2][2]):
+        inner = _children(data, c_start, c_end) if tag == SEQUENCE else []
+        if not inner or inner[0][0] != OCTET_STRING:
+            raise BERError("a malformed control")
+        types.append(data[inner[0][1] : inner[0][2]].decode("ascii", "replace"))
+    return types
+
+
+def compared_attribute(message: Message) -> bytes:
+    """A CompareRequest's attribute type, in lower case without options."""
+    data = message.frame
+    parts = _children(data, message.op_start, message.op_end)
+    if len(parts) != 2 or parts[1][0] != SEQUENCE:
+        raise BERError("a malformed compare request")
+    ava = _children(data, parts[1][1], parts[1][2])
+    if not ava or ava[0][0] != OCTET_STRING:
+        raise BERError("a malformed compare request")
+    return data[ava[0][1] : ava[0][2]].split(b";", 1)[0].lower()
+
+
+def entry_name(message: Message) -> bytes:
+    """The objectName of a SearchResultEntry."""
+    parts = _children(message.frame, message.op_start, message.op_end)
+    if not parts or parts[0][0] != OCTET_STRING:
+        raise BERError("a search result entry without a name")
+    return message.frame[parts[0][1] : parts[0][2]]
+
+
+def without_attributes(message: Message, names: frozenset[bytes]) -> bytes | None:
+    """A SearchResultEntry's frame without the attributes whose type (in
+    lower case, options ignored) is in ``names``; None if it has none."""
+    data = message.frame
+    parts = _children(data, message.op_start, message.op_end)
+    if len(parts) != 2 or parts[0][0] != OCTET_STRING or parts[1][0] != SEQUENCE:
+        raise BERError("a malformed search result entry")
+    kept = []
+    for tag, start, end in _children(data, parts[1][1], parts[1][2]):
+        inner = _children(data, start, end)
+        if tag != SEQUENCE or not inner or inner[0][0] != OCTET_STRING:
+            raise BERError("a malformed attribute")
+        if data[inner[0][1] : inner[0][2]].split(b";", 1)[0].lower() not in names:
+            kept.append(tlv(SEQUENCE, data[start:end]))
+    if len(kept) == len(_children(data, parts[1][1], parts[1][2])):
+        return None
+    entry = tlv(message.op_tag, tlv(OCTET_STRING, data[parts[0][1] : parts[0][2]])
+                + tlv(SEQUENCE, b"".join(kept)))
+    _, start, end = _element(data, 0, len(data))
+    outer = _children(data, start, end)
+    rest = b"".join(tlv(tag, data[a:b]) for tag, a, b in outer[2:])  # controls
+    return tlv(SEQUENCE, tlv(INTEGER, data[outer[0][1] : outer[0][2]]) + entry + rest)
+
+
 def parse_result_code(message: Message) -> int:
     """The resultCode of an LDAPResult-shaped response."""
     parts = _children(message.frame, message.op_start, message.op_end)
@@ -321,6 +389,18 @@ def extended_response(
 def notice_of_disconnection(code: int, text: str) -> bytes:
     """The unsolicited notification (message id 0) sent before closing (RFC 4511 4.4.1)."""
     return extended_response(0, code, text, name=NOTICE_OF_DISCONNECTION)
+
+
+def with_control(message: Message, oid: str, value: bytes, critical: bool = True) -> bytes:
+    """The message's frame with one more control (after any it carries)."""
+    data = message.frame
+    _, start, end = _element(data, 0, len(data))
+    parts = _children(data, start, end)
+    control = tlv(SEQUENCE, tlv(OCTET_STRING, oid.encode())
+                  + (tlv(BOOLEAN, b"\xff") if critical else b"") + tlv(OCTET_STRING, value))
+    head = data[start : parts[1][2]]  # the message id and the operation, as they came
+    existing = data[parts[2][1] : parts[2][2]] if len(parts) > 2 and parts[2][0] == CONTROLS else b""
+    return tlv(SEQUENCE, head + tlv(CONTROLS, existing + control))
 
 
 def bind_request(id: int, name: str, password: str) -> bytes:

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
 from proxy.config import DirectoryConfig
+from proxy.directory import normalise_dn
 from proxy.frontends import ber
 from proxy.frontends.base import (
     Listener,
@@ -44,6 +45,36 @@ class Upstream:
     endpoint: Any
     start_tls: Any | None  # client TLS options when StartTLS is wanted
     service_password: str = attrs.field(repr=False)
+    search_password: str = attrs.field(default="", repr=False)
+    # The accounts whose own entries app-password sessions never see.
+    hidden: frozenset[str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.hidden = frozenset(
+            normalise_dn(dn) for dn in (self.config.bind_dn, self.config.search_bind_dn) if dn
+        )
+
+    @property
+    def proxied(self) -> bool:
+        """App-password sessions read with RFC 4370's control, as the user."""
+        return self.config.app_password_reads == "proxied_authorization"
+
+    @property
+    def reader(self) -> str:
+        """Whom an app-password session's connection is bound as."""
+        if self.proxied:
+            return self.config.bind_dn
+        assert self.config.search_bind_dn is not None
+        return self.config.search_bind_dn
+
+    @property
+    def reader_password(self) -> str:
+        return self.service_password if self.proxied else self.search_password
+
+    def is_hidden(self, name: bytes) -> bool:
+        text = name.decode("utf-8", "replace").lower()
+        return any(h.split(",", 1)[0] in text.replace(" ", "") for h in self.hidden) \
+            and normalise_dn(text) in self.hidden
 
     async def open(self, dn: str | None, password: str) -> UpstreamLDAP:
         return await open_upstream(
@@ -207,8 +238,37 @@ class LDAPServer(ListenerConnection, Protocol):
         elif message.op_tag in ber.WRITE_REQUESTS and self._read_only():
             self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
                          "sessions opened with an app password are read-only")
+        elif self._app_password_session():
+            self._read_as_user(message)
         else:
             self._to_upstream(message, frame)
+
+    def _app_password_session(self) -> bool:
+        return self.decision is not None and self.decision.read_only
+
+    def _read_as_user(self, message: ber.Message) -> None:
+        """An app-password session's request: never with more rights than
+        its user. Proxied authorization of the client's own would act with
+        the reading account's right to act for others: refused."""
+        try:
+            controls = ber.control_types(message)
+            compared = (ber.compared_attribute(message)
+                        if message.op_tag == ber.COMPARE_REQUEST else None)
+        except ber.BERError:
+            self.disconnect(ber.PROTOCOL_ERROR, "malformed request")
+            return
+        if ber.PROXIED_AUTHORIZATION in controls or ber.PROXIED_AUTHORIZATION_V1 in controls:
+            self._answer(message, ber.AUTHORIZATION_DENIED, "proxied authorization is not allowed")
+            return
+        if compared in PASSWORD_ATTRIBUTES:
+            # A compare of a password is a password check, past the throttle.
+            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                         "sessions opened with an app password cannot check passwords")
+            return
+        frame = message.frame
+        if self.listener.upstream.proxied:
+            frame = ber.with_control(message, ber.PROXIED_AUTHORIZATION, b"dn:" + self.dn.encode())
+        self._to_upstream(message, frame)
 
     def _read_only(self) -> bool:
         return self.anonymous or (self.decision is not None and self.decision.read_only)
@@ -303,9 +363,10 @@ class LDAPServer(ListenerConnection, Protocol):
             return ber.INVALID_CREDENTIALS, ""
         assert decision.account is not None
         if decision.read_only:
-            # App passwords: the directory is asked as the service account, and
-            # only when the session first needs it.
-            wanted = self.listener.upstream.config.bind_dn
+            # App passwords: the directory is asked as the reader (see
+            # directory.app_password_reads), and only when the session first
+            # needs it.
+            wanted = self.listener.upstream.reader
         else:
             wanted = decision.account.dn
             try:
@@ -416,8 +477,8 @@ class LDAPServer(ListenerConnection, Protocol):
 
     async def _prepare_upstream(self) -> None:
         wanted = self._wanted
-        assert wanted is None or wanted == self.listener.upstream.config.bind_dn
-        password = self.listener.upstream.service_password if wanted is not None else ""
+        assert wanted is None or wanted == self.listener.upstream.reader
+        password = self.listener.upstream.reader_password if wanted is not None else ""
         try:
             await self._connect_as(wanted, password)
         except Exception as e:
@@ -471,6 +532,10 @@ class LDAPServer(ListenerConnection, Protocol):
 
     def _from_upstream(self, frame: bytes) -> None:
         self._touch()
+        if self._app_password_session():
+            frame = readable_by_app_password(frame, self.listener.upstream)
+            if not frame:
+                return  # the reading account's own entry
         self.transport.write(frame)
 
     def _upstream_lost(self) -> None:
@@ -483,3 +548,27 @@ class LDAPServer(ListenerConnection, Protocol):
     def _crashed(self, failure: Any) -> None:
         log.failure("{address}: a bind failed unexpectedly", failure, address=self.address)
         self.disconnect(ber.OPERATIONS_ERROR, "internal error")
+
+
+# Attributes that hold a primary password or its hash. A device's app
+# password must not be a way to the user's primary password, not even to a
+# hash to crack offline: app-password sessions never see them.
+PASSWORD_ATTRIBUTES = frozenset({
+    b"userpassword", b"authpassword", b"unicodepwd", b"sambantpassword", b"sambalmpassword",
+    b"ntpassword", b"lmpassword", b"krbprincipalkey",
+})
+
+
+def readable_by_app_password(frame: bytes, upstream: Upstream) -> bytes:
+    """What an app-password session may see of a message from the
+    directory: search results without password attributes, and nothing
+    (b"") of the reading account's own entry."""
+    try:
+        message = ber.parse_message(frame)
+        if message.op_tag != ber.SEARCH_RESULT_ENTRY:
+            return frame
+        if upstream.is_hidden(ber.entry_name(message)):
+            return b""
+        return ber.without_attributes(message, PASSWORD_ATTRIBUTES) or frame
+    except ber.BERError:
+        return b""  # nothing unreadable reaches the client

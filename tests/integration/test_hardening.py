@@ -189,3 +189,87 @@ def test_memory_before_login_is_bounded_whatever_the_sources(budgeted, slapd, un
         sock.close()
     assert wait_until(lambda: rss_kib(pid) - before < 16 * 1024, 10), \
         f"{before} KiB before, {rss_kib(pid)} KiB after they left"
+
+
+# -- what an app-password LDAP session reads ------------------------------------------------
+
+
+def ldap_connection(url_host, port, user, password, use_ssl=False, ca=None):
+    import ldap3
+
+    server = ldap3.Server(url_host, port=port, use_ssl=use_ssl, get_info=ldap3.NONE,
+                          connect_timeout=10)
+    conn = ldap3.Connection(server, user=user, password=password, receive_timeout=15,
+                            raise_exceptions=False)
+    assert conn.bind(), conn.result
+    return conn
+
+
+def everything(conn, base):
+    """Every entry and attribute value the connection may read under ``base``."""
+    import ldap3
+
+    conn.search(base, "(objectClass=*)", search_scope=ldap3.SUBTREE,
+                attributes=[ldap3.ALL_ATTRIBUTES])
+    return {e.entry_dn.lower(): {k.lower(): sorted(map(str, v))
+                                 for k, v in e.entry_attributes_as_dict.items()}
+            for e in conn.entries}
+
+
+SUFFIX = "dc=example,dc=test"
+
+
+@pytest.fixture(scope="module")
+def readers(slapd, tmp_path_factory):
+    """Two daemons with plain LDAP listeners: app-password sessions read with
+    proxied authorization (the default), or as a search account."""
+    folder = tmp_path_factory.mktemp("proxy-readers")
+    secret = folder / "reader-password"
+    secret.write_text(slapd.reader_password + "\n")
+    secret.chmod(0o600)
+    listener = {"protocol": "ldap", "realm": "cloud", "tls": "none", "allow_plaintext_auth": True}
+    proxied = ProxyDaemon(folder / "proxied", slapd, {"ldap": listener})
+    account = ProxyDaemon(folder / "account", slapd, {"ldap": listener}, directory=(
+        "  app_password_reads: search_account\n"
+        f"  search_bind_dn: {slapd.reader_dn}\n"
+        f"  search_bind_password_file: {secret}\n"))
+    for daemon in (proxied, account):
+        daemon.start()
+    yield {"proxied": proxied, "search_account": account}
+    for daemon in (proxied, account):
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["proxied", "search_account"])
+def test_an_app_password_reads_no_more_than_its_user(readers, slapd, unique, mode):
+    """Through the proxy, an app-password session sees what its user sees
+    bound directly, less password hashes: never an entry or attribute only
+    the proxy's accounts may read, nor their own entries."""
+    daemon = readers[mode]
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    secret = daemon.create_app_password(uid, "printer")
+    direct = ldap_connection("127.0.0.1", slapd.port, dn, PRIMARY)
+    through = ldap_connection("127.0.0.1", daemon.ports["ldap"], uid, secret)
+    seen_directly = everything(direct, SUFFIX)
+    seen_through = everything(through, SUFFIX)
+    for attributes in seen_directly.values():
+        attributes.pop("userpassword", None)
+    assert seen_through == seen_directly
+    assert slapd.service_dn.lower() not in seen_through
+    assert slapd.reader_dn.lower() not in seen_through
+    assert not any("userpassword" in a for a in seen_through.values())
+    # An attribute only the proxy's account may read: the same answer as
+    # the user gets directly, not compareTrue.
+    direct.compare(slapd.service_dn, "cn", "proxy")
+    through.compare(slapd.service_dn, "cn", "proxy")
+    assert through.result["result"] == direct.result["result"] != 6
+    # A compare of a password is a password check past the throttle.
+    through.compare(dn, "userPassword", PRIMARY)
+    assert through.result["result"] == 50
+    # The client's own proxied authorization would borrow the proxy's right.
+    through.search(SUFFIX, "(objectClass=*)", controls=[
+        ("2.16.840.1.113730.3.4.18", True, f"dn:{slapd.service_dn}".encode())])
+    assert through.result["result"] == 123
+    through.unbind()
+    direct.unbind()

@@ -117,3 +117,44 @@ def test_truncated_bodies_are_refused_when_parsed():
         ber.parse_message(b"\x30\x03\x02\x01\x01")
     with pytest.raises(ber.BERError):
         ber.parse_bind(ber.parse_message(ber.message(1, ber.tlv(0x60, b"\x02\x01\x03"))))
+
+
+def test_a_control_is_added_after_the_ones_a_message_carries():
+    from ldaptor.protocols import pureldap
+
+    from proxy.frontends import ber
+
+    search = pureldap.LDAPSearchRequest(baseObject=b"dc=example,dc=test")
+    for controls in (None, [(b"1.2.840.113556.1.4.319", False, b"\x30\x05\x02\x01\x05\x04\x00")]):
+        frame = pureldap.LDAPMessage(search, id=7, controls=controls).toWire()
+        message = ber.parse_message(frame)
+        added = ber.with_control(message, ber.PROXIED_AUTHORIZATION, b"dn:uid=a,dc=example,dc=test")
+        parsed = ber.parse_message(added)
+        assert parsed.id == 7 and parsed.op == message.op
+        expected = [c[0].decode() for c in controls or []] + [ber.PROXIED_AUTHORIZATION]
+        assert ber.control_types(parsed) == expected
+        back, _ = pureber.berDecodeObject(DECODER, added)  # the reference decoder agrees
+        oid, critical, value = back.controls[-1]
+        assert (oid, bool(critical), value) == (b"2.16.840.1.113730.3.4.18", True,
+                                                b"dn:uid=a,dc=example,dc=test")
+
+
+def test_password_attributes_are_taken_out_of_an_entry():
+    from ldaptor.protocols import pureldap
+
+    from proxy.frontends import ber
+
+    entry = pureldap.LDAPSearchResultEntry(
+        objectName=b"uid=a,dc=example,dc=test",
+        attributes=[(b"cn", [b"A"]), (b"userPassword", [b"{SSHA}x"]),
+                    (b"userpassword;binary", [b"y"]), (b"mail", [b"a@x", b"b@x"])])
+    frame = pureldap.LDAPMessage(entry, id=9).toWire()
+    names = frozenset({b"userpassword"})
+    stripped = ber.without_attributes(ber.parse_message(frame), names)
+    back, _ = pureber.berDecodeObject(DECODER, stripped)
+    assert back.id == 9 and back.value.objectName == b"uid=a,dc=example,dc=test"
+    assert [(a, list(v)) for a, v in back.value.attributes] == [
+        (b"cn", [b"A"]), (b"mail", [b"a@x", b"b@x"])]
+    clean = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
+        objectName=b"uid=a", attributes=[(b"cn", [b"A"])]), id=1).toWire()
+    assert ber.without_attributes(ber.parse_message(clean), names) is None
