@@ -339,9 +339,12 @@ class Daemon:
                 sections=", ".join(unchanged),
             )
             new = attrs.evolve(new, **{s: getattr(self.config, s) for s in fixed})
+        blocked_now = new.policy.block_legacy_auth and not self.config.policy.block_legacy_auth
         self.config = new
         if self.authenticator is not None:
             self.authenticator.policy = new.policy
+        if blocked_now and self.sessions is not None:
+            self.sessions.end_all("legacy_blocked")
         await self.audit_pool.submit(self.audit.reopen)
         for listener, _, tls in self.listeners:
             if tls is not None:

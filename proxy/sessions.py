@@ -6,10 +6,13 @@ removes it when the connection ends. The registry closes sessions when:
 - their app password is deleted (by the command line tool or the daemon);
 - all of the user's app passwords are revoked, or revoked by a primary
   password change (the user's app-password sessions);
-- the account stops being active in the directory: accounts with live
-  sessions are looked up again every ``directory.account_cache`` (at least
-  every second), so a disabled or deleted account is cut off within that
-  time even on connections that never sign in again.
+- the account stops being active in the directory, is put in the
+  modern-authentication-only group, or its primary password changes after
+  the session's credential was made: accounts with live sessions are looked
+  up again every ``directory.account_cache`` (at least every second), so
+  this happens within that time even on connections that never sign in again;
+- legacy authentication is blocked (``policy.block_legacy_auth`` switched on
+  by a reload): every session.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Session(Protocol):
     username: str
     dn: str
     app_password_id: str | None  # None: signed in with the primary password
+    app_password_created_at: float | None
+    signed_in_at: float
 
     def revoke(self, reason: str) -> None:
         """End the session, telling the client in the protocol's own way."""
@@ -121,5 +126,36 @@ class Sessions:
                     ended = self._end(self.of(username), "account_inactive")
                     log.info("ended {count} session(s) of {user}: the account is not active",
                              count=ended, user=username)
+                elif account.modern_auth_only:
+                    ended = self._end(self.of(username), "legacy_blocked")
+                    log.info("ended {count} session(s) of {user}: legacy authentication is "
+                             "blocked for them", count=ended, user=username)
+                elif account.password_changed_at is not None:
+                    await self._password_changed(account)
         finally:
             self._checking = False
+
+    async def _password_changed(self, account: Any) -> None:
+        """End the sessions opened with what the password change made stale:
+        app passwords created before it (deleted too, if the policy says so),
+        and the old primary password."""
+        changed = account.password_changed_at
+        stale = [
+            s for s in self.of(account.username)
+            if (s.app_password_created_at if s.app_password_id else s.signed_in_at) < changed
+        ]
+        if not stale:
+            return
+        if self._authenticator is not None and any(s.app_password_id for s in stale):
+            await self._authenticator.password_changed(account)
+        ended = self._end([s for s in stale if s in self.of(account.username)], "password_change")
+        if ended:
+            log.info("ended {count} session(s) of {user}: the primary password changed",
+                     count=ended, user=account.username)
+
+    def end_all(self, reason: str) -> int:
+        """End every session (legacy authentication blocked)."""
+        ended = self._end([s for user in list(self._by_user) for s in self.of(user)], reason)
+        if ended:
+            log.info("ended {count} session(s): {reason}", count=ended, reason=reason)
+        return ended

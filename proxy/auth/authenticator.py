@@ -402,6 +402,18 @@ class Authenticator:
 
         Deferred.fromCoroutine(rehash())
 
+    async def password_changed(self, account: Account) -> None:
+        """The directory says the account's primary password changed (seen
+        by the session registry): its older app passwords stop working now,
+        and are deleted if the policy says so."""
+        changed = account.password_changed_at
+        if changed is None:
+            return
+        if self.policy.revoke_app_passwords_on_password_change:
+            await self._revoke_older(account, changed)
+        else:
+            self._app_cache.drop_user(account.username)
+
     async def _revoke_older(self, account: Account, changed: float) -> None:
         deleted = await self._store.delete_created_before(
             account.username, changed, self._clock.seconds()

@@ -177,6 +177,26 @@ class ListenerConnection:
                  address=self.address, limit=self.listener.budget.max_bytes)
         return False
 
+    # for the session registry
+    username = ""
+    dn = ""
+    app_password_id: str | None = None
+    app_password_created_at: float | None = None
+    signed_in_at = 0.0
+
+    def _signed_in(self, decision: Decision) -> None:
+        """The client signed in: a session the registry can end, out of the
+        budget of connections not signed in."""
+        assert decision.account is not None
+        self.username = decision.username
+        self.dn = decision.account.dn
+        ap = decision.app_password
+        self.app_password_id = ap.id if ap else None
+        self.app_password_created_at = ap.created_at if ap else None
+        self.signed_in_at = self.listener.reactor.seconds()
+        self.listener.sessions.add(self)
+        self.listener.budget.leave(self)
+
     def _hang_up(self) -> None:
         """Close the client connection, whatever is registered on it: every
         path that ends a session ends here (see :mod:`proxy.transports`)."""
@@ -318,10 +338,6 @@ class RelayingServer(ListenerConnection, Protocol):
         self._counted = False
         self._closing = False
         self._registered = False
-        # for the session registry
-        self.username = ""
-        self.dn = ""
-        self.app_password_id: str | None = None
 
     # -- what a front end supplies ----------------------------------------------------------
 
@@ -469,13 +485,8 @@ class RelayingServer(ListenerConnection, Protocol):
             self._resume()
             self._run(self.machine.login_failed(event.tag, temporary=False))
             return
-        assert decision.account is not None
-        self.username = decision.username
-        self.dn = decision.account.dn
-        self.app_password_id = decision.app_password.id if decision.app_password else None
-        self.listener.sessions.add(self)
+        self._signed_in(decision)
         self._registered = True
-        self.listener.budget.leave(self)
         rest = self.machine.take_rest()
         self.machine = None
         self.backend = backend

@@ -120,10 +120,6 @@ class LDAPServer(ListenerConnection, Protocol):
         self._timer: Any = None
         self._counted = False
         self._tls_epoch = 0
-        # for the session registry
-        self.username = ""
-        self.dn = ""
-        self.app_password_id: str | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -394,13 +390,8 @@ class LDAPServer(ListenerConnection, Protocol):
         return ber.SUCCESS, ""
 
     def _become(self, decision: Decision, wanted: str, lazy: bool) -> None:
-        assert decision.account is not None
         self.decision = decision
-        self.username = decision.username
-        self.dn = decision.account.dn
-        self.app_password_id = decision.app_password.id if decision.app_password else None
-        self.listener.sessions.add(self)
-        self.listener.budget.leave(self)
+        self._signed_in(decision)
         self._bound_as(wanted, lazy)
 
     def _bound_as(self, wanted: str | None, lazy: bool) -> None:

@@ -273,3 +273,81 @@ def test_an_app_password_reads_no_more_than_its_user(readers, slapd, unique, mod
     assert through.result["result"] == 123
     through.unbind()
     direct.unbind()
+
+
+# -- sessions end whatever revoked them ---------------------------------------------------
+
+
+def imaps(daemon, listener="imaps"):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(daemon.pki.ca_file))
+    return imaplib.IMAP4_SSL("127.0.0.1", daemon.ports[listener], ssl_context=context, timeout=30)
+
+
+def session_ends(client, timeout=15) -> bool:
+    """Whether the proxy ends this logged-in IMAP session within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client.noop()
+        except (imaplib.IMAP4.abort, OSError):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_a_primary_password_change_ends_older_sessions(proxy, slapd, unique):
+    """The directory changes the user's password: sessions opened with an
+    app password created before it, and with the old primary password, end
+    without waiting for a sign-in to notice; the app password is gone."""
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    by_app_password = imaps(proxy)
+    assert by_app_password.login(uid, secret)[0] == "OK"
+    by_primary = imaps(proxy)
+    assert by_primary.login(uid, PRIMARY)[0] == "OK"
+    time.sleep(1.1)  # pwdChangedTime has a second's precision
+    slapd.set_password(dn, "Changed-Passw0rd")
+    assert session_ends(by_app_password)
+    assert session_ends(by_primary)
+    listing = proxy.cli("app-password", "list", uid, "--json")
+    assert listing.returncode == 0 and "phone" not in listing.stdout
+    fresh = imaps(proxy)
+    assert fresh.login(uid, "Changed-Passw0rd")[0] == "OK"
+    assert not session_ends(fresh, timeout=3)  # a session after the change stays
+    fresh.logout()
+
+
+def test_blocking_legacy_authentication_ends_open_sessions(slapd, dovecot, unique, tmp_path):
+    import signal
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")})
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        client = imaps(daemon)
+        assert client.login(uid, secret)[0] == "OK"
+        daemon.config.write_text(daemon.config.read_text()
+                                 + "policy:\n  block_legacy_auth: true\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("config reloaded")
+        assert session_ends(client)
+        with pytest.raises(imaplib.IMAP4.error):
+            imaps(daemon).login(uid, secret)
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_joining_the_modern_auth_only_group_ends_sessions(proxy, slapd, unique):
+    uid = unique()
+    dn = slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    client = imaps(proxy)
+    assert client.login(uid, secret)[0] == "OK"
+    slapd.add_to_group(dn, "modern-auth-only")
+    assert session_ends(client)
