@@ -3,6 +3,7 @@ tests/integration/conftest.py."""
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -33,3 +34,13 @@ def workdir(tmp_path):
         "audit:\n  file: audit.log\n" + FAST_HASHING
     )
     return tmp_path
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` every 0.1 s until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, mail_backend
 
@@ -37,15 +37,6 @@ def proxy(slapd, dovecot, tmp_path_factory):
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
-
-
-def wait_until(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 # -- forged log lines ------------------------------------------------------------------
