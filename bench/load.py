@@ -16,7 +16,7 @@ import functools
 import json
 import time
 
-from proxy.frontends import ber
+from proxy.wire import ber
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:

@@ -280,7 +280,7 @@ def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="legacy-auth-proxy",
-        description="App passwords for legacy IMAP, SMTP submission and LDAP clients.",
+        description="App passwords for legacy IMAP, POP3, SMTP submission and LDAP clients.",
     )
     parser.add_argument(
         "--config",
@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--expires", metavar="DURATION|DATE",
                      help="when it stops working: 90d, 12h, or a date such as 2027-01-31")
     sub.add_argument("--protocols", metavar="LIST",
-                     help="where it may be used: a comma-separated list of imap, smtp, ldap")
+                     help="where it may be used: a comma-separated list of " + ", ".join(PROTOCOLS))
     sub = with_json(command(ap, "list", cmd_app_password_list,
                             "list a user's app passwords (never the secrets)"))
     sub.add_argument("user", metavar="USER")

@@ -23,6 +23,8 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
+from proxy import protocols
+
 DEFAULT_PATH = Path("/etc/legacy-auth-proxy/config.yaml")
 ENVIRONMENT_VARIABLE = "LEGACY_AUTH_PROXY_CONFIG"
 
@@ -242,7 +244,8 @@ class LdapUrl:
 
 
 class BackendUrl:
-    doc = "imap://, imaps://, smtp:// or smtps:// with a host and an optional port"
+    doc = ", ".join(f"{scheme}://" for scheme in protocols.BACKEND_PORTS) + \
+        " with a host and an optional port"
 
     def __call__(self, ctx: _Context) -> str:
         text = Str()(ctx)
@@ -251,7 +254,7 @@ class BackendUrl:
             parts.port
         except ValueError:
             raise ctx.error(f"expected {self.doc}, got {text!r}") from None
-        if parts.scheme not in ("imap", "imaps", "smtp", "smtps") or not parts.hostname or (
+        if parts.scheme not in protocols.BACKEND_PORTS or not parts.hostname or (
             parts.path not in ("", "/")
         ):
             raise ctx.error(f"expected {self.doc}, got {text!r}")
@@ -627,7 +630,7 @@ class LimitsConfig:
 class ListenerConfig:
     """One service legacy clients connect to."""
 
-    protocol: str = _required(Choice(("ldap", "imap", "smtp")), "what the listener speaks")
+    protocol: str = _required(Choice(protocols.NAMES), "what the listener speaks")
     realm: str = _required(
         Choice(("cloud", "on-premises")),
         "cloud: app passwords (and primary passwords of users not required to use MFA); "
@@ -670,7 +673,7 @@ class ListenerConfig:
     )
     max_ber_depth: int = _field(32, Int(4, 1000), "LDAP: the deepest nesting of a message")
     max_line_length: int = _field(
-        8192, Int(512, 1 << 20), "IMAP, SMTP: the longest command line before login"
+        8192, Int(512, 1 << 20), "IMAP, POP3, SMTP: the longest command line before login"
     )
     max_literal_size: int = _field(
         4096, Int(64, 1 << 20), "IMAP: the largest literal before login"
@@ -678,53 +681,56 @@ class ListenerConfig:
     max_bad_commands: int | None = _field(
         None,
         Optional(Int(1, 1000)),
-        "IMAP, SMTP: invalid commands before login after which the client is dropped; "
-        "null: 3 for IMAP, 20 for SMTP (Postfix's hard error limit)",
+        "IMAP, POP3, SMTP: invalid commands before login after which the client is dropped; "
+        "null: 3 for IMAP and POP3, 20 for SMTP (Postfix's hard error limit)",
     )
     backend: str | None = _field(
         None,
         Optional(BackendUrl()),
-        "IMAP, SMTP: the real server: imap://host:port, imaps://host:port, "
+        "IMAP, POP3, SMTP: the real server: imap://host:port, imaps://, pop3://, pop3s://, "
         "smtp://host:port (submission), smtps://host:port",
     )
     backend_starttls: bool = _field(
-        False, Bool(), "IMAP, SMTP: upgrade the connection to the backend with STARTTLS"
+        False, Bool(), "IMAP, POP3, SMTP: upgrade the connection to the backend with STARTTLS"
     )
     backend_ca_file: Path | None = _field(
-        None, Optional(FilePath()), "IMAP, SMTP: certificates to trust for the backend; null: the system's"
+        None, Optional(FilePath()), "IMAP, POP3, SMTP: certificates to trust for the backend; null: the system's"
     )
     backend_timeout: float = _field(
-        30.0, Duration(high=600), "IMAP, SMTP: the longest the backend may take to log a user in"
+        30.0, Duration(high=600), "IMAP, POP3, SMTP: the longest the backend may take to log a user in"
     )
     backend_login: str = _field(
         "sasl",
         Choice(("sasl", "dovecot", "xclient")),
         "how the proxy logs in as the user: sasl (SASL PLAIN with the user as authorization "
-        "identity), dovecot (LOGIN user*master), xclient (SMTP: Postfix XCLIENT LOGIN=)",
+        "identity), dovecot (IMAP LOGIN, POP3 USER: user*master), xclient (SMTP: Postfix "
+        "XCLIENT LOGIN=)",
     )
     master_user: str | None = _field(
-        None, Optional(Str()), "IMAP, SMTP: the master user the backend trusts"
+        None, Optional(Str()), "IMAP, POP3, SMTP: the master user the backend trusts"
     )
     master_password_file: Path | None = _field(
-        None, Optional(FilePath()), "IMAP, SMTP: a file holding the master user's password"
+        None, Optional(FilePath()), "IMAP, POP3, SMTP: a file holding the master user's password"
     )
     pass_client_address: bool = _field(
         True,
         Bool(),
-        "IMAP, SMTP: tell the backend the client's address (IMAP ID x-originating-ip, "
+        "IMAP, POP3, SMTP: tell the backend the client's address (IMAP ID x-originating-ip, "
         "SMTP XCLIENT ADDR); the backend must trust the proxy for it",
     )
 
     def __attrs_post_init__(self) -> None:
         if self.tls != "none" and (self.certificate is None or self.private_key is None):
             raise ValueError(f"tls: {self.tls} needs certificate and private_key")
-        if self.protocol in ("imap", "smtp"):
+        entry = protocols.REGISTRY[self.protocol]
+        if entry.backend is not None:
             if self.backend is None:
                 raise ValueError(f"a {self.protocol} listener needs a backend")
             scheme = self.backend.split(":", 1)[0]
-            if not scheme.startswith(self.protocol):
-                raise ValueError(f"a {self.protocol} listener needs a {self.protocol}:// backend")
-            if (self.protocol, self.backend_login) in (("imap", "xclient"), ("smtp", "dovecot")):
+            if scheme not in entry.backend_ports:
+                raise ValueError(f"a {self.protocol} listener needs a "
+                                 f"{' or '.join(s + '://' for s in entry.backend_ports)} backend")
+            if self.backend_login not in entry.backend_logins:
                 raise ValueError(f"backend_login: {self.backend_login} is not for {self.protocol}")
             if self.backend_login != "xclient" and (
                 self.master_user is None or self.master_password_file is None

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from proxy.apppasswords import canonical_username
 from proxy.config import DirectoryConfig
-from proxy.backends import tcp_endpoint
+from proxy.transports import tcp_endpoint
 from proxy.tls import client_options
 
 log = Logger(namespace="legacy_auth_proxy.directory")

@@ -21,12 +21,9 @@ from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.backends import backend_endpoint
-from proxy.backends.imap import IMAPBackend
-from proxy.backends.smtp import SMTPBackend
+from proxy import protocols
 from proxy.frontends.base import PreLoginBudget
-from proxy.frontends.imap import IMAPListener
-from proxy.frontends.smtp import SMTPListener
-from proxy.frontends.ldap import LDAPListener, Upstream
+from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
 from proxy.store import StoreError
@@ -147,6 +144,7 @@ class Daemon:
         self.sessions: Sessions | None = None
         self._upstream: Upstream | None = None
         self.listeners: list[tuple[configuration.ListenerConfig, Any, ServerTLS | None]] = []
+        self._fqdn: str | None = None
         self.budget = PreLoginBudget(config.limits.max_connections_before_login,
                                      config.limits.max_bytes_before_login)
 
@@ -234,13 +232,13 @@ class Daemon:
             tls=tls,
             budget=self.budget,
         )
-        factory: Any
-        if config.protocol == "ldap":
-            factory = LDAPListener(upstream=self._upstream, **common)
-        elif config.protocol == "imap":
-            factory = IMAPListener(backend=await self._imap_backend(config), **common)
+        entry = protocols.REGISTRY[config.protocol]
+        if entry.backend is None:
+            backend: Any = self._upstream
         else:
-            factory = SMTPListener(backend=await self._smtp_backend(config), **common)
+            backend = entry.load("backend")(**await self._backend_options(config))
+            await backend.ready()
+        factory: Any = entry.load("frontend")(backend=backend, **common)
         if config.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         try:
@@ -290,18 +288,13 @@ class Daemon:
             login_style=config.backend_login,
             pass_client_address=config.pass_client_address,
             timeout=config.backend_timeout,
+            hostname=await self._hostname(),
         )
 
-    async def _imap_backend(self, config: configuration.ListenerConfig) -> IMAPBackend:
-        return IMAPBackend(**await self._backend_options(config))
-
-    async def _smtp_backend(self, config: configuration.ListenerConfig) -> SMTPBackend:
-        import socket
-
-        hostname = await self.files_pool.submit(socket.getfqdn)
-        backend = SMTPBackend(hostname=hostname, **await self._backend_options(config))
-        await backend.probe()
-        return backend
+    async def _hostname(self) -> str:
+        if self._fqdn is None:
+            self._fqdn = await self.files_pool.submit(socket.getfqdn)
+        return self._fqdn
 
     def record(self, event: str, **fields: Any) -> None:
         """One audit event: to the Twisted log now, to the file on the audit

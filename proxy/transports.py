@@ -1,4 +1,5 @@
-"""Ending a connection, the one way every part of the proxy does it.
+"""Connections: how the proxy opens them to servers (:func:`tcp_endpoint`)
+and how every part of it ends them (:func:`hang_up`).
 
 ``transport.loseConnection()`` alone is not enough on TLS:
 
@@ -20,7 +21,10 @@ on; once nothing moves, the connection is aborted.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
+
+from twisted.internet import endpoints
 
 # How long an orderly close may stand still (no byte leaving) before the
 # connection is aborted. A client that answers TLS's close alert does so
@@ -84,3 +88,15 @@ def hang_up(transport: Any, clock: Any, grace: float = CLOSE_GRACE) -> _Deadline
     if not getattr(transport, "connected", True):
         return None
     return _Deadline(transport, clock, grace)
+
+
+def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A TCP client endpoint; an address is used as it is, without a trip
+    through the resolver's thread pool on every connection."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)

@@ -39,6 +39,7 @@ class Reason(enum.Enum):
     OUT_OF_SCOPE = "out_of_scope"
     REVOKED_BY_PASSWORD_CHANGE = "revoked_by_password_change"
     MALFORMED = "malformed"
+    FOREIGN_AUTHZID = "foreign_authzid"
     # temporary failures
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     BUSY = "busy"
@@ -58,6 +59,7 @@ class Attempt:
     secret: str = attrs.field(repr=False)
     client_address: str
     tls: bool
+    authzid: str = ""  # SASL's authorization identity; "" when none was sent
 
     def __attrs_post_init__(self) -> None:
         if self.realm not in REALMS:

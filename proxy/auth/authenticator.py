@@ -260,6 +260,9 @@ class Authenticator:
             or len(attempt.secret) > 1024
         ):
             return Decision(Reason.MALFORMED, _printable(typed))
+        if attempt.authzid and apppasswords.canonical_username(attempt.authzid) != typed:
+            # Acting as someone else is what master users do; clients may not.
+            return Decision(Reason.FOREIGN_AUTHZID, typed)
         if self.policy.block_legacy_auth:
             return Decision(Reason.LEGACY_BLOCKED, typed)
         app_password_form = apppasswords.normalise(attempt.secret)

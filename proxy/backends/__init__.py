@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ipaddress
 import urllib.parse
 from typing import Any
 
@@ -12,8 +11,9 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
+from proxy.protocols import BACKEND_PORTS
 from proxy.tls import client_options
-from proxy.transports import hang_up
+from proxy.transports import hang_up, tcp_endpoint
 
 MAX_SETUP_LINE = 65536
 
@@ -112,7 +112,6 @@ class BackendConnection(Protocol):
 
 
 
-DEFAULT_PORTS = {"imap": 143, "imaps": 993, "smtp": 587, "smtps": 465}
 
 
 @attrs.define
@@ -130,6 +129,10 @@ class MasterLogin:
     login_style: str
     pass_client_address: bool
     timeout: float
+    hostname: str = "localhost"  # the proxy's name, where a protocol says it (EHLO)
+
+    async def ready(self) -> None:
+        """Called once before the listener opens: learn what the backend offers."""
 
     async def login(self, username: str, address: str, port: int) -> BackendConnection:
         d = Deferred.fromCoroutine(self._session(username, address, port))
@@ -159,24 +162,12 @@ class MasterLogin:
         return base64.b64encode(message)
 
 
-def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
-    """A TCP client endpoint; an address is used as it is, without a trip
-    through the resolver's thread pool on every connection."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 6:
-        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-
-
 def backend_endpoint(reactor: Any, url: str, ca_pem: bytes | None, timeout: float) -> tuple[Any, Any]:
     """The endpoint for a backend URL, and the TLS options for its host (used
     for implicit TLS here, or by the caller for STARTTLS)."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    port = parts.port or BACKEND_PORTS[parts.scheme]
     options = client_options(host, ca_pem)
     endpoint = tcp_endpoint(reactor, host, port, timeout)
     if parts.scheme.endswith("s"):

@@ -16,7 +16,7 @@ import secrets
 import attrs
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin
-from proxy.frontends.imapwire import quote
+from proxy.wire.imap import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 

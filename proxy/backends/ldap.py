@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from proxy.backends import connect
-from proxy.frontends import ber
+from proxy.wire import ber
 from proxy.transports import hang_up
 
 log = Logger(namespace="legacy_auth_proxy.backends.ldap")

@@ -15,20 +15,9 @@ import attrs
 from twisted.logger import Logger
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin, connect
-from proxy.frontends.smtp import DEFAULT_EXTENSIONS, passed_extensions
+from proxy.wire.smtp import DEFAULT_EXTENSIONS, passed_extensions, xtext
 
 log = Logger(namespace="legacy_auth_proxy.backends.smtp")
-
-
-def xtext(value: str) -> bytes:
-    """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!`` to ``~`` as ``+XX``."""
-    out = bytearray()
-    for byte in value.encode("utf-8"):
-        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
-            out.append(byte)
-        else:
-            out += b"+%02X" % byte
-    return bytes(out)
 
 
 async def reply(connection: BackendConnection) -> tuple[int, list[bytes]]:
@@ -57,8 +46,10 @@ async def expect(connection: BackendConnection, command: bytes | None, code: int
 class SMTPBackend(MasterLogin):
     """login_style: "sasl" or "xclient"."""
 
-    hostname: str = "localhost"  # the daemon sets it, looked up off the reactor
     extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
+
+    async def ready(self) -> None:
+        await self.probe()
 
     async def probe(self) -> None:
         """Learn the backend's extensions, which the proxy's EHLO offers before AUTH."""

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from proxy.auth import Attempt, Decision, Outcome
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.transports import hang_up
+from proxy.wire import sasl
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
 
@@ -230,10 +231,23 @@ class StartTLS:
 
 @attrs.frozen
 class Login:
-    tag: bytes  # IMAP's command tag; empty for SMTP
+    tag: bytes  # IMAP's command tag; empty for SMTP and POP3
     username: str
     secret: str = attrs.field(repr=False)
     mechanism: str
+    authzid: str = ""  # SASL's authorization identity, if the client sent one
+
+
+def login_event(tag: bytes, credentials: sasl.Credentials) -> Login:
+    """The login to decide, from what the client sent. The secret's bytes
+    reach the directory unchanged, even if not UTF-8."""
+    return Login(
+        tag,
+        credentials.authcid.decode("utf-8", "replace"),
+        credentials.secret.decode("utf-8", "surrogateescape"),
+        credentials.mechanism,
+        credentials.authzid.decode("utf-8", "replace"),
+    )
 
 
 @attrs.frozen
@@ -457,6 +471,7 @@ class RelayingServer(ListenerConnection, Protocol):
             secret=event.secret,
             client_address=self.address,
             tls=self.machine.tls,
+            authzid=event.authzid,
         )
         decision: Decision = await self.listener.authenticator.authenticate(attempt)
         if self._closing:

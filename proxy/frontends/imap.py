@@ -10,14 +10,21 @@ the Authenticator, logs in to the backend and relays bytes both ways.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-from proxy.apppasswords import canonical_username
-from proxy.frontends import imapwire
-from proxy.frontends.base import Close, Event, Listener, Login, RelayingServer, Send, StartTLS
-from proxy.frontends.imapwire import Command, CommandError, Literal, TooLong
+from proxy.frontends.base import (
+    Close,
+    Event,
+    Listener,
+    Login,
+    RelayingServer,
+    Send,
+    StartTLS,
+    login_event,
+)
+from proxy.wire import imap as imapwire
+from proxy.wire import sasl
+from proxy.wire.imap import Command, CommandError, Literal, TooLong
 
 SERVER_NAME = "legacy-auth-proxy"
 
@@ -54,7 +61,7 @@ class PreLogin:
         self.reader = imapwire.Reader(max_line, max_literal)
         self.closed = False
         self.deciding = False
-        self._sasl: tuple[bytes, str, list[bytes]] | None = None  # tag, mechanism, answers
+        self._sasl: tuple[bytes, sasl.Exchange] | None = None  # the command's tag, the exchange
 
     # -- what the client is told ------------------------------------------------
 
@@ -155,17 +162,16 @@ class PreLogin:
         if name == b"LOGIN" and len(args) == 2 and all(isinstance(a, bytes) for a in args):
             if not self.can_login:
                 return [Send(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")]
-            return [self._login(tag, args[0], args[1], "login")]  # type: ignore[arg-type]
+            return [self._login(tag, sasl.Credentials(args[0], args[1], "login"))]  # type: ignore[arg-type]
         if name == b"AUTHENTICATE" and 1 <= len(args) <= 2 and all(isinstance(a, bytes) for a in args):
             return self._authenticate(tag, args)  # type: ignore[arg-type]
         if name in (b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP", b"LOGOUT", b"ID", b"STARTTLS"):
             return self._bad(tag, "Invalid arguments.")
         return self._bad(tag, "Unknown command or not allowed before login.")
 
-    def _login(self, tag: bytes, user: bytes, secret: bytes, mechanism: str) -> Login:
+    def _login(self, tag: bytes, credentials: sasl.Credentials) -> Login:
         self.deciding = True
-        # The secret's bytes reach the directory unchanged, even if not UTF-8.
-        return Login(tag, user.decode("utf-8", "replace"), secret.decode("utf-8", "surrogateescape"), mechanism)
+        return login_event(tag, credentials)
 
     # -- SASL ----------------------------------------------------------------------
 
@@ -173,40 +179,25 @@ class PreLogin:
         if not self.can_login:
             return [Send(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")]
         mechanism = args[0].upper().decode("ascii", "replace")
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in sasl.MECHANISMS:
             return [Send(tag + b" NO Unsupported authentication mechanism.\r\n")]
-        self._sasl = (tag, mechanism, [])
-        if len(args) == 2:  # SASL-IR (RFC 4959): "=" is an empty initial response
-            return self._sasl_answer(b"" if args[1] == b"=" else args[1], initial=True)
-        return [Send(b"+ \r\n" if mechanism == "PLAIN" else b"+ VXNlcm5hbWU6\r\n")]
+        self._sasl = (tag, sasl.Exchange(mechanism))
+        # SASL-IR (RFC 4959): the initial response on the command line.
+        return self._sasl_step(self._sasl[1].start(args[1] if len(args) == 2 else None))
 
-    def _sasl_answer(self, line: bytes, initial: bool = False) -> list[Event]:
+    def _sasl_answer(self, line: bytes) -> list[Event]:
         assert self._sasl is not None
-        tag, mechanism, answers = self._sasl
-        if line == b"*" and not initial:
-            self._sasl = None
-            return self._bad(tag, "Authentication cancelled.")
-        try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self._sasl = None
-            return self._bad(tag, "Invalid base64 data.")
-        answers.append(decoded)
-        if mechanism == "LOGIN":
-            if len(answers) == 1:
-                return [Send(b"+ UGFzc3dvcmQ6\r\n")]
-            self._sasl = None
-            return [self._login(tag, answers[0], answers[1], "login")]
+        return self._sasl_step(self._sasl[1].answer(line))
+
+    def _sasl_step(self, step: sasl.Step) -> list[Event]:
+        assert self._sasl is not None
+        tag = self._sasl[0]
+        if isinstance(step, sasl.Challenge):
+            return [Send(b"+ " + step.data + b"\r\n")]
         self._sasl = None
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
-            return self._bad(tag, "Invalid PLAIN message.")
-        authzid, authcid, secret = parts
-        if authzid and canonical_username(authzid.decode("utf-8", "replace")) != canonical_username(
-            authcid.decode("utf-8", "replace")
-        ):
-            return [Send(tag + b" NO [AUTHORIZATIONFAILED] Authorization identity not allowed.\r\n")]
-        return [self._login(tag, authcid, secret, "plain")]
+        if isinstance(step, sasl.Failed):
+            return self._bad(tag, step.reason)
+        return [self._login(tag, step)]
 
     # -- after a login was decided ----------------------------------------------------
 

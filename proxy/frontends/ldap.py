@@ -1,7 +1,7 @@
 """The LDAP front end: simple binds from appliances, decided by the core,
 then the session relayed to the upstream directory.
 
-It speaks just enough LDAP to do its job (see :mod:`proxy.frontends.ber`):
+It speaks just enough LDAP to do its job (see :mod:`proxy.wire.ber`):
 it reads binds, StartTLS, "Who am I?", unbind and the tag of every other
 request; everything else is relayed as bytes on the session's own
 connection to the directory. It decides nothing: the Authenticator does,
@@ -24,7 +24,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
 from proxy.config import DirectoryConfig
 from proxy.directory import normalise_dn
-from proxy.frontends import ber
+from proxy.wire import ber
 from proxy.frontends.base import (
     Listener,
     ListenerConnection,
@@ -86,9 +86,9 @@ class LDAPListener(Listener):
     """One LDAP listener: its config, TLS, and what its sessions share. Its
     backend is the directory (``upstream``)."""
 
-    def __init__(self, *, upstream: Upstream, **common: Any) -> None:
-        super().__init__(backend=upstream, **common)
-        self.upstream = upstream
+    def __init__(self, *, backend: Upstream, **common: Any) -> None:
+        super().__init__(backend=backend, **common)
+        self.upstream = backend
 
     def buildProtocol(self, addr: Any) -> LDAPServer:
         protocol = LDAPServer(self)

@@ -10,12 +10,9 @@ code (RFC 4954 section 6).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.apppasswords import canonical_username
 from proxy.frontends.base import (
     Close,
     Event,
@@ -26,30 +23,17 @@ from proxy.frontends.base import (
     StartTLS,
     ToBackend,
     ToClient,
+    login_event,
 )
+from proxy.wire import sasl
+from proxy.wire.lines import LineReader, TooLong
+from proxy.wire.smtp import DEFAULT_EXTENSIONS
 
-# Extensions of the backend that mean the same through the proxy; the rest
-# (AUTH, STARTTLS, XCLIENT, ...) are the proxy's business or not offered.
-PASSED_EXTENSIONS = (
-    b"SIZE", b"PIPELINING", b"8BITMIME", b"CHUNKING", b"BINARYMIME", b"SMTPUTF8", b"DSN",
-    b"DELIVERBY", b"MT-PRIORITY", b"FUTURERELEASE",
-)
-DEFAULT_EXTENSIONS = (b"PIPELINING", b"8BITMIME")
-
-
-def passed_extensions(ehlo_lines: Sequence[bytes]) -> list[bytes]:
-    """The backend's EHLO keywords (first line, the greeting, left out) that
-    clients may use through the proxy."""
-    kept = []
-    for line in ehlo_lines[1:]:
-        keyword = line.split(b" ", 1)[0].upper()
-        if keyword in PASSED_EXTENSIONS:
-            kept.append(line)
-    return kept
-
-
-class TooLong(Exception):
-    pass
+_SASL_FAILURES = {
+    "cancelled": b"501 5.0.0 Authentication cancelled",
+    "base64": b"501 5.5.2 Cannot decode response",
+    "malformed": b"501 5.5.2 Invalid PLAIN message",
+}
 
 
 class PreAuth:
@@ -77,8 +61,8 @@ class PreAuth:
         self.helo = False
         self.closed = False
         self.deciding = False
-        self._buffer = bytearray()
-        self._sasl: tuple[str, list[bytes]] | None = None
+        self.reader = LineReader(max_line)
+        self._sasl: sasl.Exchange | None = None
 
     @property
     def can_login(self) -> bool:
@@ -117,26 +101,14 @@ class PreAuth:
     def feed(self, data: bytes) -> list[Event]:
         if self.closed:
             return []
-        self._buffer += data
+        self.reader.feed(data)
         return self._run()
-
-    def _line(self) -> bytes | None:
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > self.max_line:
-                raise TooLong()
-            return None
-        if end > self.max_line:
-            raise TooLong()
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 2]
-        return line
 
     def _run(self) -> list[Event]:
         events: list[Event] = []
         try:
             while not self.closed and not self.deciding:
-                line = self._line()
+                line = self.reader.line()
                 if line is None:
                     break
                 if b"\n" in line or b"\r" in line or b"\x00" in line:
@@ -170,7 +142,7 @@ class PreAuth:
                                    else b"502 5.5.1 Error: STARTTLS not offered")
             # Whatever followed in the clear is dropped unread, and the EHLO
             # before TLS is forgotten (RFC 3207 4.2).
-            self._buffer.clear()
+            self.reader.take_rest()
             self.tls = True
             self.helo = False
             return [self._reply(b"220 2.0.0 Ready to start TLS"), StartTLS()]
@@ -199,45 +171,23 @@ class PreAuth:
         if not 1 <= len(parts) <= 2:
             return self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         mechanism = parts[0].upper().decode("ascii", "replace")
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in sasl.MECHANISMS:
             return self._error(b"504 5.5.4 Unrecognized authentication type")
-        self._sasl = (mechanism, [])
-        if len(parts) == 2:
-            return self._sasl_answer(b"" if parts[1] == b"=" else parts[1], initial=True)
-        return [self._reply(b"334 " if mechanism == "PLAIN" else b"334 VXNlcm5hbWU6")]
+        self._sasl = sasl.Exchange(mechanism)
+        return self._sasl_step(self._sasl.start(parts[1] if len(parts) == 2 else None))
 
-    def _sasl_answer(self, line: bytes, initial: bool = False) -> list[Event]:
+    def _sasl_answer(self, line: bytes) -> list[Event]:
         assert self._sasl is not None
-        mechanism, answers = self._sasl
-        if line == b"*" and not initial:
-            self._sasl = None
-            return self._error(b"501 5.0.0 Authentication cancelled")
-        try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self._sasl = None
-            return self._error(b"501 5.5.2 Cannot decode response")
-        answers.append(decoded)
-        if mechanism == "LOGIN":
-            if len(answers) == 1:
-                return [self._reply(b"334 UGFzc3dvcmQ6")]
-            self._sasl = None
-            return [self._login(answers[0], answers[1], "login")]
-        self._sasl = None
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
-            return self._error(b"501 5.5.2 Invalid PLAIN message")
-        authzid, authcid, secret = parts
-        if authzid and canonical_username(authzid.decode("utf-8", "replace")) != canonical_username(
-            authcid.decode("utf-8", "replace")
-        ):
-            return self._error(b"535 5.7.8 Error: authorization identity not allowed")
-        return [self._login(authcid, secret, "plain")]
+        return self._sasl_step(self._sasl.answer(line))
 
-    def _login(self, user: bytes, secret: bytes, mechanism: str) -> Login:
+    def _sasl_step(self, step: sasl.Step) -> list[Event]:
+        if isinstance(step, sasl.Challenge):
+            return [self._reply(b"334 " + step.data)]
+        self._sasl = None
+        if isinstance(step, sasl.Failed):
+            return self._error(_SASL_FAILURES[step.kind])
         self.deciding = True
-        # The secret's bytes reach the directory unchanged, even if not UTF-8.
-        return Login(b"", user.decode("utf-8", "replace"), secret.decode("utf-8", "surrogateescape"), mechanism)
+        return [login_event(b"", step)]
 
     def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
         self.deciding = False
@@ -247,13 +197,11 @@ class PreAuth:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self.reader.buffered
 
     def take_rest(self) -> bytes:
         self.closed = True
-        rest = bytes(self._buffer)
-        self._buffer.clear()
-        return rest
+        return self.reader.take_rest()
 
 
 # Commands only the proxy may say to the backend: the backend trusts the

@@ -17,7 +17,9 @@ from typing import Protocol
 
 import attrs
 
-PROTOCOLS = ("imap", "ldap", "smtp")
+from proxy import protocols
+
+PROTOCOLS = tuple(sorted(protocols.NAMES))
 
 
 class MfaState(enum.Enum):

@@ -479,6 +479,23 @@ async def test_a_directory_outage(env, slapd, unique):
         await sleep(0.2)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_authorization_identity_other_than_the_user_is_refused_and_audited(
+        env, slapd, unique):
+    """SASL PLAIN's authorization identity: acting as someone else is what
+    master users do, never clients. The core decides, before any lookup."""
+    auth = await env.make()
+    uid = unique()
+    slapd.add_user(uid, PRIMARY)
+    secret = env.admin.create(uid, "phone").secret
+    foreign = attrs.evolve(attempt(uid, secret), authzid="admin")
+    decision = await auth.authenticate(foreign)
+    assert decision.reason is Reason.FOREIGN_AUTHZID and not decision.accepted
+    same = attrs.evolve(attempt(uid, secret), authzid=uid.upper())
+    assert (await auth.authenticate(same)).accepted
+    assert any(e.get("reason") == "foreign_authzid" and e.get("user") == uid for e in env.events)
+
+
 @pytest.mark.parametrize("account_cache", [0.0, 3600.0])
 @pytest_twisted.ensureDeferred
 async def test_an_account_found_locked_under_one_name_is_locked_under_all(

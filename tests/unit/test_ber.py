@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 from ldaptor.protocols import pureber, pureldap
 
-from proxy.frontends import ber
+from proxy.wire import ber
 
 DECODER = pureldap.LDAPBERDecoderContext_TopLevel(
     inherit=pureldap.LDAPBERDecoderContext_LDAPMessage(
@@ -122,7 +122,7 @@ def test_truncated_bodies_are_refused_when_parsed():
 def test_a_control_is_added_after_the_ones_a_message_carries():
     from ldaptor.protocols import pureldap
 
-    from proxy.frontends import ber
+    from proxy.wire import ber
 
     search = pureldap.LDAPSearchRequest(baseObject=b"dc=example,dc=test")
     for controls in (None, [(b"1.2.840.113556.1.4.319", False, b"\x30\x05\x02\x01\x05\x04\x00")]):
@@ -142,7 +142,7 @@ def test_a_control_is_added_after_the_ones_a_message_carries():
 def test_password_attributes_are_taken_out_of_an_entry():
     from ldaptor.protocols import pureldap
 
-    from proxy.frontends import ber
+    from proxy.wire import ber
 
     entry = pureldap.LDAPSearchResultEntry(
         objectName=b"uid=a,dc=example,dc=test",

@@ -1,0 +1,65 @@
+"""The protocols the proxy speaks: one entry each, read by the config, the
+daemon, the command line tool and the store. Adding a protocol is a front
+end module, a backend module and one entry here.
+
+This module imports nothing of the proxy's: the front end and backend are
+named by their dotted paths and imported only by the daemon.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Protocol:
+    name: str
+    title: str
+    # Where clients usually find it, by the listener's tls setting (for docs
+    # and the demo; listeners always name their endpoint).
+    ports: Mapping[str, int]
+    # Backend URL schemes and their default ports; empty: the backend is the
+    # upstream directory (LDAP).
+    backend_ports: Mapping[str, int]
+    # How the proxy may log in to the backend as the user (backend_login).
+    backend_logins: tuple[str, ...]
+    frontend: str  # "module:Listener class"
+    backend: str | None  # "module:backend class"; None: the directory
+
+    def load(self, what: str) -> Any:
+        module, _, name = getattr(self, what).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+REGISTRY: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol(
+            name="ldap", title="LDAP", ports={"starttls": 389, "implicit": 636},
+            backend_ports={}, backend_logins=(),
+            frontend="proxy.frontends.ldap:LDAPListener", backend=None,
+        ),
+        Protocol(
+            name="imap", title="IMAP", ports={"starttls": 143, "implicit": 993},
+            backend_ports={"imap": 143, "imaps": 993}, backend_logins=("sasl", "dovecot"),
+            frontend="proxy.frontends.imap:IMAPListener", backend="proxy.backends.imap:IMAPBackend",
+        ),
+        Protocol(
+            name="smtp", title="SMTP submission", ports={"starttls": 587, "implicit": 465},
+            backend_ports={"smtp": 587, "smtps": 465}, backend_logins=("sasl", "xclient"),
+            frontend="proxy.frontends.smtp:SMTPListener", backend="proxy.backends.smtp:SMTPBackend",
+        ),
+    )
+}
+
+NAMES = tuple(REGISTRY)
+BACKEND_PORTS = {scheme: port for p in REGISTRY.values() for scheme, port in p.backend_ports.items()}
+
+
+def backend_protocol(scheme: str) -> Protocol | None:
+    """The protocol a backend URL scheme belongs to."""
+    return next((p for p in REGISTRY.values() if scheme in p.backend_ports), None)
