@@ -53,6 +53,11 @@ REGISTRY: dict[str, Protocol] = {
             backend_ports={"smtp": 587, "smtps": 465}, backend_logins=("sasl", "xclient"),
             frontend="proxy.frontends.smtp:SMTPListener", backend="proxy.backends.smtp:SMTPBackend",
         ),
+        Protocol(
+            name="pop3", title="POP3", ports={"starttls": 110, "implicit": 995},
+            backend_ports={"pop3": 110, "pop3s": 995}, backend_logins=("sasl", "dovecot"),
+            frontend="proxy.frontends.pop3:POP3Listener", backend="proxy.backends.pop3:POP3Backend",
+        ),
     )
 }
 

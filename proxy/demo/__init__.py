@@ -27,7 +27,7 @@ DEMO_USER = "demo"
 DEMO_MAIL = "demo@example.test"
 DEMO_DEVICE = "demo device"
 PRIMARY_PASSWORD = "demo-primary-password"
-PORTS = {"ldap": 10389, "imap": 10143, "imaps": 10993, "submission": 10587}
+PORTS = {"ldap": 10389, "imap": 10143, "imaps": 10993, "pop3": 10110, "submission": 10587}
 
 CONFIG = """\
 # Written by `legacy-auth-proxy demo` on every run (edits are lost): the demo's
@@ -75,6 +75,17 @@ listeners:
     certificate: tls/server.pem
     private_key: tls/server.key
     backend: imap://127.0.0.1:{imap_backend}
+    backend_login: dovecot
+    master_user: legacy-auth-proxy
+    master_password_file: master-password
+    pass_client_address: false
+  - name: pop3
+    protocol: pop3
+    realm: cloud
+    endpoint: "tcp:{pop3}:interface=127.0.0.1"
+    certificate: tls/server.pem
+    private_key: tls/server.key
+    backend: pop3://127.0.0.1:{pop3_backend}
     backend_login: dovecot
     master_user: legacy-auth-proxy
     master_password_file: master-password
@@ -129,9 +140,10 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     ldap_backend = reactor.listenTCP(0, directory.build(
         user=DEMO_USER, mail=DEMO_MAIL, password=PRIMARY_PASSWORD,
         service_password=service_password), interface="127.0.0.1")
-    imap_factory, smtp_factory, inbox = mail.build(
+    imap_factory, pop3_factory, smtp_factory, inbox = mail.build(
         user=DEMO_USER, master_user="legacy-auth-proxy", master_password=master_password)
     imap_backend = reactor.listenTCP(0, imap_factory, interface="127.0.0.1")
+    pop3_backend = reactor.listenTCP(0, pop3_factory, interface="127.0.0.1")
     smtp_backend = reactor.listenTCP(0, smtp_factory, interface="127.0.0.1")
     inbox.add(b"From: welcome@example.test\r\nTo: demo@example.test\r\n"
               b"Subject: Welcome to the legacy-auth-proxy demo\r\n\r\n"
@@ -141,6 +153,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     config_path.write_text(CONFIG.format(
         directory_port=ldap_backend.getHost().port,
         imap_backend=imap_backend.getHost().port,
+        pop3_backend=pop3_backend.getHost().port,
         smtp_backend=smtp_backend.getHost().port,
         service_dn=directory.SERVICE_DN, people=directory.PEOPLE, mfa_group=directory.MFA_GROUP,
         **ports,
@@ -155,7 +168,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     ctx.close()
     _explain(folder, config_path, ports, display(created.secret))
     if not serve:
-        for port in (ldap_backend, imap_backend, smtp_backend):
+        for port in (ldap_backend, imap_backend, pop3_backend, smtp_backend):
             port.stopListening()
         return 0
     print("The proxy runs in the foreground; Ctrl-C stops it.", flush=True)
@@ -182,6 +195,9 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         f"c = imaplib.IMAP4('127.0.0.1', {ports['imap']}); "
         f"c.starttls(ssl.create_default_context(cafile='{folder / 'tls' / 'ca.pem'}')); "
         f"print(c.login('{DEMO_USER}', '{secret}')); c.select(); print(c.fetch('1', '(BODY[HEADER.FIELDS (SUBJECT)])'))\"",
+        "",
+        "The same mailbox over POP3 with STLS:",
+        f"    curl --ssl-reqd --cacert {ca} -u {quoted} pop3://127.0.0.1:{ports['pop3']}/1",
         "",
         "Send a message through the proxy (it lands in the same mailbox):",
         f"    printf 'Subject: hello\\r\\n\\r\\nHi.\\r\\n' | curl --ssl-reqd --cacert {ca} -u {quoted} "

@@ -1,5 +1,5 @@
-"""The demo's mail server: IMAP and SMTP submission in memory (Twisted's
-IMAP4Server and ESMTP), trusting the proxy as a master user as Dovecot does.
+"""The demo's mail server: IMAP, POP3 and SMTP submission in memory (Twisted's
+IMAP4Server, POP3 and ESMTP), trusting the proxy as a master user as Dovecot does.
 
 Messages submitted for any recipient land in the demo user's INBOX, so that
 mail sent through the proxy can be read back through it. Nothing is kept on
@@ -19,7 +19,7 @@ from typing import Any
 from twisted.cred import credentials, error, portal
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
-from twisted.mail import imap4, smtp
+from twisted.mail import imap4, pop3, smtp
 from twisted.mail.interfaces import IMessageIMAP, IMessageIMAPFile
 from zope.interface import implementer
 
@@ -226,6 +226,43 @@ class Delivery:
         return lambda: Incoming(self.mailbox)
 
 
+@implementer(pop3.IMailbox)
+class POP3Mailbox:
+    """The INBOX as POP3 sees it, for one session: deletions are marked,
+    and made when the client quits."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
+        self.messages = list(mailbox.messages)
+        self.deleted: set[int] = set()
+
+    def listMessages(self, index: int | None = None) -> Any:
+        if index is None:
+            return [0 if i in self.deleted else m.getSize() for i, m in enumerate(self.messages)]
+        if index in self.deleted:
+            raise ValueError(index)
+        return self.messages[index].getSize()
+
+    def getMessage(self, index: int) -> io.BytesIO:
+        if index in self.deleted:
+            raise ValueError(index)
+        # Twisted's POP3 server ends each line with CRLF itself.
+        return io.BytesIO(self.messages[index].data.replace(b"\r\n", b"\n"))
+
+    def getUidl(self, index: int) -> bytes:
+        return str(self.messages[index].uid).encode()
+
+    def deleteMessage(self, index: int) -> None:
+        self.deleted.add(index)
+
+    def undeleteMessages(self) -> None:
+        self.deleted.clear()
+
+    def sync(self) -> None:
+        doomed = {id(self.messages[i]) for i in self.deleted}
+        self.mailbox.messages = [m for m in self.mailbox.messages if id(m) not in doomed]
+
+
 @implementer(portal.IRealm)
 class Realm:
     def __init__(self, account: Account) -> None:
@@ -237,6 +274,9 @@ class Realm:
             return imap4.IAccount, self.account, lambda: None
         if smtp.IMessageDelivery in interfaces:
             return smtp.IMessageDelivery, Delivery(inbox), lambda: None
+        if pop3.IMailbox in interfaces:
+            box = POP3Mailbox(inbox)
+            return pop3.IMailbox, box, box.sync
         raise NotImplementedError(interfaces)
 
 
@@ -247,6 +287,19 @@ class IMAPFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> imap4.IMAP4Server:
         protocol = imap4.IMAP4Server(chal={b"PLAIN": MasterPLAIN})
+        protocol.portal = self.portal
+        protocol.factory = self
+        return protocol
+
+
+class POP3Factory(Factory):
+    noisy = False
+
+    def __init__(self, portal_: portal.Portal) -> None:
+        self.portal = portal_
+
+    def buildProtocol(self, addr: Any) -> pop3.POP3:
+        protocol = pop3.POP3()
         protocol.portal = self.portal
         protocol.factory = self
         return protocol
@@ -263,11 +316,12 @@ class SMTPFactory(smtp.SMTPFactory):
         return protocol
 
 
-def build(*, user: str, master_user: str, master_password: str) -> tuple[IMAPFactory, SMTPFactory, Mailbox]:
+def build(*, user: str, master_user: str, master_password: str,
+          ) -> tuple[IMAPFactory, POP3Factory, SMTPFactory, Mailbox]:
     account = Account(user)
     account.addMailbox("INBOX")
     inbox = account.select("INBOX")
     checker = MasterChecker(master_user, master_password, {user})
     shared = portal.Portal(Realm(account), [checker])
     smtp_factory = SMTPFactory(shared)
-    return IMAPFactory(shared), smtp_factory, inbox
+    return IMAPFactory(shared), POP3Factory(shared), smtp_factory, inbox

@@ -98,7 +98,7 @@ def test_the_demo_sets_itself_up_in_a_local_folder(tmp_path):
     assert "curl --ssl-reqd" in done.stdout and "ldapwhoami" in done.stdout
 
 
-def test_the_demo_serves_imap_submission_and_ldap_in_one_process(tmp_path):
+def test_the_demo_serves_imap_pop3_submission_and_ldap_in_one_process(tmp_path):
     import imaplib
     import smtplib
     import ssl
@@ -131,6 +131,15 @@ def test_the_demo_serves_imap_submission_and_ldap_in_one_process(tmp_path):
         assert b"Welcome to the legacy-auth-proxy demo" in subjects
         assert b"through the demo" in subjects
         imap.logout()
+        import poplib
+
+        pop = poplib.POP3("127.0.0.1", int(re.search(r"pop3://127.0.0.1:(\d+)", text)[1]),
+                          timeout=30)
+        pop.stls(context)
+        pop.user("demo")
+        pop.pass_(secret)
+        assert b"Subject: Welcome to the legacy-auth-proxy demo" in pop.retr(1)[1]  # lines, no CRLF
+        pop.quit()
     finally:
         daemon.process.send_signal(signal.SIGINT)  # a second Ctrl-C is harmless
         assert daemon.stop(signal.SIGINT) == 0
