@@ -28,6 +28,7 @@ class Reason(enum.Enum):
     # accepted
     APP_PASSWORD = "app_password"
     PRIMARY = "primary"
+    ANONYMOUS = "anonymous"  # an LDAP listener that allows anonymous binds
     # refused
     WRONG_SECRET = "wrong_secret"
     UNKNOWN_USER = "unknown_user"
@@ -40,13 +41,17 @@ class Reason(enum.Enum):
     REVOKED_BY_PASSWORD_CHANGE = "revoked_by_password_change"
     MALFORMED = "malformed"
     FOREIGN_AUTHZID = "foreign_authzid"
+    PLAINTEXT = "plaintext"  # a sign-in on a connection that is not encrypted
+    ANONYMOUS_REFUSED = "anonymous_refused"
     # temporary failures
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     BUSY = "busy"
 
 
 _TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY}
-_ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY}
+_ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY, Reason.ANONYMOUS}
+# Refusals that say nothing of a guess: not counted for fail2ban, not delayed.
+NOT_GUESSES = {Reason.PLAINTEXT, Reason.ANONYMOUS_REFUSED}
 
 
 @attrs.frozen
@@ -60,6 +65,9 @@ class Attempt:
     client_address: str
     tls: bool
     authzid: str = ""  # SASL's authorization identity; "" when none was sent
+    # The listener's settings the core decides by.
+    plaintext_allowed: bool = False
+    anonymous_allowed: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.realm not in REALMS:
@@ -88,8 +96,9 @@ class Decision:
 
     @property
     def read_only(self) -> bool:
-        """App passwords never allow administrative actions."""
-        return self.reason is Reason.APP_PASSWORD
+        """App passwords never allow administrative actions; anonymous
+        sessions write nothing either."""
+        return self.reason in (Reason.APP_PASSWORD, Reason.ANONYMOUS)
 
     @property
     def administrator(self) -> bool:

@@ -32,7 +32,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from proxy import apppasswords
-from proxy.auth import Attempt, Decision, Outcome, Reason
+from proxy.auth import NOT_GUESSES, Attempt, Decision, Outcome, Reason
 from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
@@ -242,16 +242,29 @@ class Authenticator:
             # Revoked while it was being decided: decide again, from the store.
             decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
         self._audit(attempt, decision)
-        if decision.outcome is Outcome.REFUSED:
+        if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
             delay = self.throttle.failure_delay(attempt.client_address)
             remaining = started + delay - self._clock.seconds()
             if remaining > 0:
                 await deferLater(self._clock, remaining)
         return decision
 
+    def anonymous(self, attempt: Attempt) -> Decision:
+        """An anonymous LDAP bind: accepted where the listener allows it
+        (the session then reads as anonymous, and writes nothing). Audited."""
+        if not attempt.anonymous_allowed:
+            decision = Decision(Reason.ANONYMOUS_REFUSED, "")
+        else:
+            decision = Decision(Reason.ANONYMOUS, "", revision=self.revision)
+        self._audit(attempt, decision)
+        return decision
+
     async def _decide(self, attempt: Attempt) -> Decision:
         name = attempt.username
         typed = apppasswords.canonical_username(name)
+        if not attempt.tls and not attempt.plaintext_allowed:
+            # Before anything else: nothing sent in the clear is looked at.
+            return Decision(Reason.PLAINTEXT, "")
         if (
             not name.strip()
             or len(name) > 256
@@ -484,7 +497,7 @@ class Authenticator:
             client_address=attempt.client_address,
             tls=attempt.tls,
         )
-        if decision.outcome is not Outcome.ACCEPTED:
+        if decision.outcome is not Outcome.ACCEPTED and decision.reason not in NOT_GUESSES:
             failures_log.info(
                 "authentication failure: rhost={rhost} user={user} protocol={protocol} "
                 "realm={realm} reason={reason}",

@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from proxy.auth import Attempt, Decision, Outcome
+from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.transports import hang_up
 from proxy.wire import sasl
@@ -289,7 +289,7 @@ class Machine(TypingProtocol):
 
     def feed(self, data: bytes) -> list[Event]: ...
 
-    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]: ...
+    def login_failed(self, tag: bytes, temporary: bool, plaintext: bool = False) -> list[Event]: ...
 
     def take_rest(self) -> bytes: ...
 
@@ -472,6 +472,7 @@ class RelayingServer(ListenerConnection, Protocol):
             client_address=self.address,
             tls=self.machine.tls,
             authzid=event.authzid,
+            plaintext_allowed=self.config.allow_plaintext_auth,
         )
         decision: Decision = await self.listener.authenticator.authenticate(attempt)
         if self._closing:
@@ -479,7 +480,8 @@ class RelayingServer(ListenerConnection, Protocol):
         if not decision.accepted:
             temporary = decision.outcome is Outcome.TEMPORARY_FAILURE
             self._resume()
-            self._run(self.machine.login_failed(event.tag, temporary))
+            self._run(self.machine.login_failed(event.tag, temporary,
+                                                plaintext=decision.reason is Reason.PLAINTEXT))
             return
         try:
             backend = await self.listener.backend.login(decision.username, self.address, self.port)

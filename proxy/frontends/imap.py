@@ -160,8 +160,7 @@ class PreLogin:
             self.bad = 0
             return [self._ok(tag, b"Begin TLS negotiation now."), StartTLS()]
         if name == b"LOGIN" and len(args) == 2 and all(isinstance(a, bytes) for a in args):
-            if not self.can_login:
-                return [Send(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")]
+            # Sent in the clear or not, the core decides whether it may be used.
             return [self._login(tag, sasl.Credentials(args[0], args[1], "login"))]  # type: ignore[arg-type]
         if name == b"AUTHENTICATE" and 1 <= len(args) <= 2 and all(isinstance(a, bytes) for a in args):
             return self._authenticate(tag, args)  # type: ignore[arg-type]
@@ -177,7 +176,9 @@ class PreLogin:
 
     def _authenticate(self, tag: bytes, args: tuple[bytes, ...]) -> list[Event]:
         if not self.can_login:
-            return [Send(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")]
+            # Not offered here: no password is asked for in the clear; the
+            # core refuses the sign-in (and audits it).
+            return [self._login(tag, sasl.Credentials(b"", b"", "plain"))]
         mechanism = args[0].upper().decode("ascii", "replace")
         if mechanism not in sasl.MECHANISMS:
             return [Send(tag + b" NO Unsupported authentication mechanism.\r\n")]
@@ -201,10 +202,12 @@ class PreLogin:
 
     # -- after a login was decided ----------------------------------------------------
 
-    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
+    def login_failed(self, tag: bytes, temporary: bool, plaintext: bool = False) -> list[Event]:
         """The login was refused: answer, and go on with what is buffered."""
         self.deciding = False
-        if temporary:
+        if plaintext:
+            answer = b" NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n"
+        elif temporary:
             answer = b" NO [UNAVAILABLE] Temporary authentication failure, try again later.\r\n"
         else:
             answer = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"

@@ -133,8 +133,10 @@ class PreLogin:
             self.bad = 0
             return [self._ok(b"Begin TLS negotiation now."), StartTLS()]
         if verb in (b"USER", b"PASS", b"AUTH") and not self.can_login:
-            return self._err(b"[AUTH] Plaintext authentication disallowed on non-secure "
-                             b"(SSL/TLS) connections.")
+            # Not offered here: no password is asked for in the clear; the
+            # core refuses the sign-in (and audits it).
+            self.deciding = True
+            return [login_event(b"", sasl.Credentials(b"", b"", "user"))]
         if verb == b"USER":
             if not rest.strip():
                 return self._err(b"USER needs a name.")
@@ -176,8 +178,11 @@ class PreLogin:
 
     # -- after a login was decided --------------------------------------------------------
 
-    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
+    def login_failed(self, tag: bytes, temporary: bool, plaintext: bool = False) -> list[Event]:
         self.deciding = False
+        if plaintext:
+            return self._err(b"[AUTH] Plaintext authentication disallowed on non-secure "
+                             b"(SSL/TLS) connections.") + self._run()
         if temporary:
             answer = b"-ERR [SYS/TEMP] Temporary authentication failure, try again later.\r\n"
         else:

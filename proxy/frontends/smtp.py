@@ -166,7 +166,10 @@ class PreAuth:
         if not self.helo:
             return self._error(b"503 5.5.1 Error: send EHLO first")
         if not self.can_login:
-            return self._error(b"530 5.7.0 Must issue a STARTTLS command first")
+            # Not offered here: no password is asked for in the clear; the
+            # core refuses the sign-in (and audits it).
+            self.deciding = True
+            return [login_event(b"", sasl.Credentials(b"", b"", "plain"))]
         parts = rest.split()
         if not 1 <= len(parts) <= 2:
             return self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
@@ -189,8 +192,10 @@ class PreAuth:
         self.deciding = True
         return [login_event(b"", step)]
 
-    def login_failed(self, tag: bytes, temporary: bool) -> list[Event]:
+    def login_failed(self, tag: bytes, temporary: bool, plaintext: bool = False) -> list[Event]:
         self.deciding = False
+        if plaintext:
+            return self._error(b"530 5.7.0 Must issue a STARTTLS command first") + self._run()
         if temporary:
             return [self._reply(b"454 4.7.0 Temporary authentication failure, try again later")] + self._run()
         return self._error(b"535 5.7.8 Error: authentication failed") + self._run()

@@ -27,10 +27,16 @@ def test_before_tls_login_is_disabled_and_starttls_offered():
     m = machine()
     assert b"STARTTLS" in m.greeting() and b"LOGINDISABLED" in m.greeting()
     assert b"AUTH=" not in m.greeting()
+    # The core decides (and audits) that nothing is used in the clear; no
+    # password is asked for where none is offered.
     events = m.feed(b"a LOGIN alice secret\r\nb AUTHENTICATE PLAIN\r\n")
-    assert sent(events) == (b"a NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n"
-                            b"b NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")
-    assert not logins(events)
+    assert [login.tag for login in logins(events)] == [b"a"]
+    events = m.login_failed(b"a", temporary=False, plaintext=True)
+    assert sent(events) == b"a NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n"
+    (login,) = logins(events)
+    assert (login.tag, login.username, login.secret) == (b"b", "", "")
+    assert sent(m.login_failed(b"b", temporary=False, plaintext=True)) == (
+        b"b NO [PRIVACYREQUIRED] Use STARTTLS first.\r\n")
 
 
 def test_after_tls_auth_is_offered_and_starttls_is_not():

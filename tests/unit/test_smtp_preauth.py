@@ -28,8 +28,11 @@ def test_before_tls_auth_is_neither_offered_nor_accepted():
     assert b"250-STARTTLS" in ehlo or ehlo.endswith(b"250 STARTTLS\r\n")
     assert b"AUTH" not in ehlo
     events = m.feed(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00secret") + b"\r\n")
+    # Not offered: the core is asked with no credentials, refuses and audits.
+    (login,) = logins(events)
+    assert (login.username, login.secret) == ("", "")
+    events = m.login_failed(b"", temporary=False, plaintext=True)
     assert sent(events) == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
-    assert not logins(events)
 
 
 def test_mail_before_auth_is_refused():
