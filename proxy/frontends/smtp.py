@@ -10,8 +10,12 @@ code (RFC 4954 section 6).
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from proxy.frontends.base import (
     Close,
@@ -27,7 +31,7 @@ from proxy.frontends.base import (
 )
 from proxy.wire import sasl
 from proxy.wire.lines import LineReader, TooLong
-from proxy.wire.smtp import DEFAULT_EXTENSIONS
+from proxy.wire.smtp import DEFAULT_EXTENSIONS, PASSED_EXTENSIONS
 
 _SASL_FAILURES = {
     "cancelled": b"501 5.0.0 Authentication cancelled",
@@ -209,38 +213,68 @@ class PreAuth:
         return self.reader.take_rest()
 
 
-# Commands only the proxy may say to the backend: the backend trusts the
-# proxy's address with them (Postfix smtpd_authorized_xclient_hosts,
-# smtpd_authorized_xforward_hosts), so a client saying them through the
-# proxy would become someone else, or forge its address.
-PROXY_ONLY = (b"XCLIENT", b"XFORWARD")
-_REFUSAL = b"550 5.7.1 Error: %s is not allowed\r\n"
+# What a client may say to the backend after AUTH; the proxy answers the
+# rest itself. Above all the commands the backend trusts from the proxy's
+# address (XCLIENT, XFORWARD: Postfix's smtpd_authorized_xclient_hosts), and
+# STARTTLS, which would give the client a TLS session with the backend that
+# the proxy can no longer read.
+AFTER_AUTH = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"NOOP", b"QUIT", b"HELP",
+                        b"VRFY", b"EHLO", b"HELO"})
+_ANSWERS = {
+    b"XCLIENT": b"550 5.7.1 Error: XCLIENT is not allowed\r\n",
+    b"XFORWARD": b"550 5.7.1 Error: XFORWARD is not allowed\r\n",
+    b"AUTH": b"503 5.5.1 Error: already authenticated\r\n",
+    b"STARTTLS": b"503 5.5.1 Error: STARTTLS is not available after AUTH\r\n",
+}
+_NOT_AVAILABLE = b"502 5.5.1 Error: command not available\r\n"
+_BAD_CHARACTERS = b"500 5.5.2 Error: bad characters in command\r\n"
+_TOO_LONG = b"500 5.5.2 Error: line too long\r\n"
+_BDAT_SYNTAX = b"501 5.5.4 Syntax: BDAT size [LAST]\r\n"
+_BDAT_SEQUENCE = b"503 5.5.1 Error: need MAIL and RCPT before BDAT\r\n"
+_BDAT_UNAVAILABLE = b"502 5.5.1 Error: BDAT not available\r\n"
+_BDAT = re.compile(rb"BDAT ([0-9]{1,18})( LAST)?", re.IGNORECASE)
+_EHLO_KEPT = frozenset(PASSED_EXTENSIONS) | {b"ENHANCEDSTATUSCODES"}
+
+
+@attrs.frozen
+class _Own:
+    """A reply the proxy gives in its turn, after the backend's to what came before."""
+
+    data: bytes
 
 
 class AfterAuth:
     """The relayed submission session, after AUTH: bytes pass both ways, but
-    what only the proxy may say never reaches the backend, nor is it offered.
+    only what a client may say reaches the backend.
 
-    It follows the session as SMTP does (RFC 5321, 2920, 3030): command lines,
-    the message after a ``354`` answer to DATA up to the lone dot, BDAT
-    chunks by their size, and every reply (multi-line ones included) so that
-    it knows which command each answers. Bytes after DATA wait until the
-    backend has answered it, so a client that pipelines past a refused DATA
-    cannot hide commands in what the proxy would take for a message; and a
-    refused command is answered in its turn, once what came before it is.
-    Extensions in the backend's EHLO answers that clients may not use are
-    left out. No I/O: bytes in, :class:`ToBackend` and :class:`ToClient` out.
+    It follows the session as SMTP does (RFC 5321, 2920, 3030), so that it
+    knows what every byte is: command lines (ended by CRLF, or a bare LF,
+    passed on as CRLF), the message after a ``354`` answer to DATA (bare LFs
+    made CRLF, as Postfix's smtpd_forbid_bare_newline=normalize does, so
+    that no backend can see a message end where the proxy did not), BDAT
+    chunks, and every reply, multi-line ones included, so that it knows
+    which command each answers. Commands other than :data:`AFTER_AUTH` are
+    answered by the proxy, in their turn. Bytes after DATA wait for the
+    backend's answer to it, and a BDAT for the answers before it: its chunk
+    is passed on only where the backend offers CHUNKING and a MAIL and a
+    RCPT were accepted, for otherwise a backend may read the chunk as
+    commands. The backend's EHLO answers offer only what clients may use.
+    No I/O: bytes in, :class:`ToBackend` and :class:`ToClient` out.
     """
 
-    def __init__(self, max_line: int = 65536) -> None:
+    def __init__(self, chunking: bool = False, max_line: int = 4096) -> None:
+        self.chunking = chunking
         self.max_line = max_line
         self._client = bytearray()  # client bytes not yet passed on
-        self._mode = "command"  # or "data" (up to CRLF.CRLF), "bdat" (a chunk), "long" (a line)
-        self._chunk_left = 0
-        self._data_tail = b"\r\n"  # the message's last bytes passed on
-        self._awaiting: list[bytes] = []  # verbs passed on and not yet answered, oldest first
-        self._data_pending = False  # DATA passed on, its answer not yet here
-        self._replies = bytearray()  # backend bytes of an EHLO answer not yet complete
+        # "command", "data" (a message), "chunk" (BDAT's bytes passed on),
+        # "skip-chunk" (refused BDAT's bytes dropped), "skip-line" (too long)
+        self._mode = "command"
+        self._left = 0  # bytes of a chunk still to come
+        self._tail = b"\r\n"  # the message's last bytes passed on, normalised
+        self._queue: deque[bytes | _Own] = deque()  # commands passed on, awaiting replies
+        self._hold: bytes | None = None  # b"DATA", or the BDAT line, waiting for replies
+        self._mail = self._rcpt = False  # the transaction so far, by the backend's replies
+        self._replies = bytearray()  # backend bytes of a line not yet complete
         self._ehlo_lines: list[bytes] = []
 
     @property
@@ -257,111 +291,154 @@ class AfterAuth:
     def _pump(self) -> list[ToBackend | ToClient]:
         out: list[ToBackend | ToClient] = []
         passed = bytearray()
-        while self._client and not self._data_pending:
+
+        def own(reply: bytes) -> None:
+            # In its turn: now if nothing passed on awaits an answer.
+            if passed or self._queue:
+                self._queue.append(_Own(reply))
+            else:
+                out.append(ToClient(reply))
+
+        while self._client:
+            if self._hold is not None:
+                if self._hold == b"DATA" or self._queue or passed:
+                    break
+                self._start_chunk(self._hold, passed, own)
+                continue
             if self._mode == "data":
                 passed += self._take_message()
-            elif self._mode == "bdat":
-                take = min(self._chunk_left, len(self._client))
-                passed += self._client[:take]
+            elif self._mode in ("chunk", "skip-chunk"):
+                take = min(self._left, len(self._client))
+                if self._mode == "chunk":
+                    passed += self._client[:take]
                 del self._client[:take]
-                self._chunk_left -= take
-                if not self._chunk_left:
+                self._left -= take
+                if not self._left:
                     self._mode = "command"
             else:
                 end = self._client.find(b"\n")
-                if self._mode == "long" or (end < 0 and len(self._client) > self.max_line):
-                    # Longer than any command: passed on for the backend to
-                    # refuse as one unknown command, read to its end unparsed.
-                    upto = end + 1 if end >= 0 else len(self._client)
-                    if self._mode != "long":
-                        self._awaiting.append(b"")
-                    passed += self._client[:upto]
-                    del self._client[:upto]
-                    self._mode = "long" if end < 0 else "command"
+                if self._mode == "skip-line" or (end < 0 and len(self._client) > self.max_line):
+                    del self._client[: end + 1 if end >= 0 else len(self._client)]
+                    if self._mode != "skip-line":
+                        own(_TOO_LONG)
+                    self._mode = "command" if end >= 0 else "skip-line"
                     continue
                 if end < 0:
                     break
-                line = bytes(self._client[: end + 1])
-                words = line.split()
-                verb = words[0].upper() if words else b""
-                if verb in PROXY_ONLY:
-                    if passed or self._awaiting:
-                        break  # answered in its turn, after what came before
-                    del self._client[: end + 1]
-                    out.append(ToClient(_REFUSAL % verb))
-                    continue
+                line = bytes(self._client[:end]).removesuffix(b"\r")
                 del self._client[: end + 1]
-                passed += line
-                self._awaiting.append(verb)
-                if verb == b"DATA":
-                    self._data_pending = True
-                elif verb == b"BDAT" and len(words) > 1 and words[1].isdigit() \
-                        and len(words[1]) <= 18:
-                    # The chunk follows at once, whatever the answer will be.
-                    self._chunk_left = int(words[1])
-                    if self._chunk_left:
-                        self._mode = "bdat"
+                self._command(line, passed, own)
         if passed:
             out.insert(0, ToBackend(bytes(passed)))
         return out
 
+    def _command(self, line: bytes, passed: bytearray, own: Any) -> None:
+        if b"\r" in line or b"\x00" in line:
+            own(_BAD_CHARACTERS)
+            return
+        words = line.split(b" ")
+        verb = words[0].upper()
+        if verb not in AFTER_AUTH:
+            own(_ANSWERS.get(verb, _NOT_AVAILABLE))
+            return
+        if verb == b"BDAT":
+            if not _BDAT.fullmatch(line[:4].upper() + line[4:]):
+                own(_BDAT_SYNTAX)
+                return
+            self._hold = line  # its chunk waits for the answers before it
+            return
+        passed += line + b"\r\n"
+        self._queue.append(verb)
+        if verb == b"DATA":
+            self._hold = b"DATA"
+
+    def _start_chunk(self, line: bytes, passed: bytearray, own: Any) -> None:
+        """A BDAT whose turn has come: everything before it is answered."""
+        self._hold = None
+        found = _BDAT.fullmatch(line[:4].upper() + line[4:])
+        assert found is not None
+        self._left = int(found.group(1))
+        last = found.group(2) is not None
+        if not self.chunking or not (self._mail and self._rcpt):
+            own(_BDAT_UNAVAILABLE if not self.chunking else _BDAT_SEQUENCE)
+            self._mode = "skip-chunk" if self._left else "command"
+            return
+        passed += line + b"\r\n"
+        self._queue.append(b"BDAT LAST" if last else b"BDAT")
+        self._mode = "chunk" if self._left else "command"
+
     def _take_message(self) -> bytes:
-        """Message bytes, up to and including the lone dot if it is here."""
-        boundary = (self._data_tail + bytes(self._client[:4])).find(b"\r\n.\r\n")
-        if boundary >= 0:
-            upto = boundary + 5 - len(self._data_tail)
-        else:
-            found = self._client.find(b"\r\n.\r\n")
-            upto = found + 5 if found >= 0 else -1
-        if upto >= 0:
-            taken = bytes(self._client[:upto])
-            del self._client[:upto]
-            self._mode = "command"
-            self._awaiting.append(b".")  # the message gets a reply of its own
-            return taken
-        taken = bytes(self._client)
+        """Message bytes, bare LFs made CRLF, up to and including the lone
+        dot if it is here."""
+        chunk = bytes(self._client)
         self._client.clear()
-        self._data_tail = (self._data_tail + taken[-4:])[-4:]
-        return taken
+        if self._tail.endswith(b"\r") and chunk.startswith(b"\n"):
+            # A CRLF split across two reads: its LF is not bare.
+            normal = b"\n" + chunk[1:].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        else:
+            normal = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        joined = self._tail + normal
+        end = joined.find(b"\r\n.\r\n")
+        if end < 0:
+            self._tail = joined[-4:]
+            return normal
+        upto = end + 5 - len(self._tail)
+        # What followed the dot is commands: back to be read as such.
+        rest = normal[upto:]
+        self._client[:0] = rest
+        self._mode = "command"
+        self._tail = b"\r\n"
+        self._queue.append(b".")  # the message gets a reply of its own
+        return normal[:upto]
 
     # -- backend → client ----------------------------------------------------------------
 
     def feed_backend(self, data: bytes) -> list[ToBackend | ToClient]:
-        if not self._replies and not self._awaiting:
+        if not self._replies and not self._queue and data.endswith(b"\n"):
             # Nothing asked: whatever the backend says (a 421 on its way
-            # out) goes on unparsed.
+            # out) goes on as it is.
             return [ToClient(data)]
         self._replies += data
         passed = bytearray()
-        while self._awaiting:
+        while True:
             end = self._replies.find(b"\n")
             if end < 0:
                 break
             line = bytes(self._replies[: end + 1])
             del self._replies[: end + 1]
+            head = self._queue[0] if self._queue else None
             final = line[3:4] != b"-"
-            verb = self._awaiting[0]
-            if verb in (b"EHLO", b"LHLO"):
+            if head in (b"EHLO", b"HELO"):
                 self._ehlo_lines.append(line)
                 if final:
                     passed += self._filtered_ehlo()
             else:
                 passed += line
-            if final:
-                self._awaiting.pop(0)
-                if verb == b"DATA":
-                    self._data_pending = False
-                    if line[:3] == b"354":
-                        self._mode = "data"
-                        self._data_tail = b"\r\n"
-        if self._replies and not (self._awaiting and self._awaiting[0] in (b"EHLO", b"LHLO")):
-            # Part of a line that is not an EHLO answer: no need to wait for its end.
-            passed += self._replies
-            self._replies.clear()
+            if final and isinstance(head, bytes):
+                self._queue.popleft()
+                self._answered(head, line[:3])
+            while self._queue and isinstance(self._queue[0], _Own):
+                passed += self._queue.popleft().data
         out: list[ToBackend | ToClient] = [ToClient(bytes(passed))] if passed else []
         if self._client:
             out += self._pump()
         return out
+
+    def _answered(self, verb: bytes, code: bytes) -> None:
+        ok = code[:1] == b"2"
+        if verb == b"DATA":
+            self._hold = None
+            if code == b"354":
+                self._mode = "data"
+                self._tail = b"\r\n"
+            else:
+                self._mail = self._rcpt = False
+        elif verb == b"MAIL":
+            self._mail, self._rcpt = ok, False
+        elif verb == b"RCPT":
+            self._rcpt = self._rcpt or ok
+        elif verb in (b".", b"RSET", b"EHLO", b"HELO", b"BDAT LAST") or (verb == b"BDAT" and not ok):
+            self._mail = self._rcpt = False
 
     def _filtered_ehlo(self) -> bytes:
         lines, self._ehlo_lines = self._ehlo_lines, []
@@ -369,7 +446,7 @@ class AfterAuth:
             return b"".join(lines)
         kept = lines[:1] + [
             line for line in lines[1:]
-            if (line[4:].split(None, 1) or [b""])[0].upper() not in PROXY_ONLY
+            if (line[4:].split(None, 1) or [b""])[0].upper() in _EHLO_KEPT
         ]
         # Every line but the last says "250-"; the last "250 ".
         return b"".join(
@@ -403,7 +480,8 @@ class SMTPServer(RelayingServer):
         return b"421 4.7.0 " + text.encode() + b"\r\n"
 
     def make_guard(self) -> AfterAuth:
-        return AfterAuth()
+        offered = {line.split(b" ", 1)[0].upper() for line in self.listener.backend.extensions}
+        return AfterAuth(chunking=b"CHUNKING" in offered)
 
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return b"235 2.7.0 Authentication successful\r\n"

@@ -279,3 +279,37 @@ def test_proxy_only_commands_never_reach_the_backend_after_auth(proxy, dovecot, 
     client.quit()
     (got,) = sent_through(dovecot, since)
     assert got.mail_from == f"{uid}@example.test"
+
+
+def read_replies(sock, count):
+    data = b""
+    while data.count(b"\r\n") < count or not data.endswith(b"\r\n"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return [line for line in data.split(b"\r\n") if line]
+
+
+def test_smuggling_by_bare_lf_or_bdat_reaches_no_backend(proxy, dovecot, user):
+    """What some backends take for the end of a message (a bare LF before
+    the dot), or for commands (the chunk of a BDAT they refuse), is seen by
+    the proxy the same way: XCLIENT hidden there is still refused."""
+    uid, _, secret = user
+    since = len(dovecot.sink_messages())
+    client = submission(proxy)
+    client.login(uid, secret)
+    sock = client.sock
+    sock.sendall(f"MAIL FROM:<{uid}@example.test>\r\nRCPT TO:<rcpt@example.test>\r\nDATA\r\n".encode())
+    assert [r[:3] for r in read_replies(sock, 3)] == [b"250", b"250", b"354"]
+    sock.sendall(b"Subject: smuggled\r\n\r\nhi\n.\nXCLIENT LOGIN=bob\r\nNOOP\r\n")
+    replies = read_replies(sock, 3)
+    assert replies[0][:3] == b"250"
+    assert replies[1] == b"550 5.7.1 Error: XCLIENT is not allowed"
+    assert replies[2][:3] == b"250"
+    chunk = b"XCLIENT LOGIN=bob\r\n"
+    sock.sendall(b"BDAT %d\r\n" % len(chunk) + chunk + b"NOOP\r\n")  # no MAIL: refused
+    replies = read_replies(sock, 2)
+    assert replies[0].startswith(b"503 5.5.1") and replies[1][:3] == b"250"
+    client.quit()
+    (got,) = sent_through(dovecot, since)
+    assert got.mail_from == f"{uid}@example.test" and b"hi\r\n" in got.submitted
