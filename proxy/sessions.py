@@ -33,7 +33,7 @@ class Session(Protocol):
     dn: str
     app_password_id: str | None  # None: signed in with the primary password
     app_password_created_at: float | None
-    signed_in_at: float
+    password_changed_at: float | None  # the account's, as the directory said at sign-in
 
     def revoke(self, reason: str) -> None:
         """End the session, telling the client in the protocol's own way."""
@@ -109,7 +109,8 @@ class Sessions:
             log.info("ended {count} session(s) of {user}: {kind}", count=ended, user=username, kind=kind)
 
     async def check_accounts(self) -> None:
-        """Look up every account with live sessions; end those no longer active."""
+        """Look up every account with live sessions; end those no longer
+        valid. One account's trouble does not stop the others' checks."""
         if self._checking or self._directory is None:
             return
         self._checking = True
@@ -122,28 +123,32 @@ class Sessions:
                     account = await self._directory.resolve(sessions[0].dn)
                 except DirectoryUnavailable:
                     return  # keep serving; try again next round
-                if account is None or not account.active:
-                    ended = self._end(self.of(username), "account_inactive")
-                    log.info("ended {count} session(s) of {user}: the account is not active",
-                             count=ended, user=username)
-                elif account.modern_auth_only:
-                    ended = self._end(self.of(username), "legacy_blocked")
-                    log.info("ended {count} session(s) of {user}: legacy authentication is "
-                             "blocked for them", count=ended, user=username)
-                elif account.password_changed_at is not None:
-                    await self._password_changed(account)
+                try:
+                    await self._check(username, account)
+                except Exception:
+                    log.failure("cannot check the sessions of {user}", user=username)
         finally:
             self._checking = False
 
+    async def _check(self, username: str, account: Any) -> None:
+        if account is None or not account.active:
+            ended = self._end(self.of(username), "account_inactive")
+            log.info("ended {count} session(s) of {user}: the account is not active",
+                     count=ended, user=username)
+        elif account.modern_auth_only:
+            ended = self._end(self.of(username), "legacy_blocked")
+            log.info("ended {count} session(s) of {user}: legacy authentication is "
+                     "blocked for them", count=ended, user=username)
+        elif account.password_changed_at is not None:
+            await self._password_changed(account)
+
     async def _password_changed(self, account: Any) -> None:
-        """End the sessions opened with what the password change made stale:
-        app passwords created before it (deleted too, if the policy says so),
-        and the old primary password."""
-        changed = account.password_changed_at
-        stale = [
-            s for s in self.of(account.username)
-            if (s.app_password_created_at if s.app_password_id else s.signed_in_at) < changed
-        ]
+        """End the sessions opened before the primary password last changed
+        (by the directory's own clock: the change time it reported when they
+        signed in differs from today's), whether with the old password or
+        an app password; and revoke the older app passwords."""
+        stale = [s for s in self.of(account.username)
+                 if s.password_changed_at != account.password_changed_at]
         if not stale:
             return
         if self._authenticator is not None and any(s.app_password_id for s in stale):
@@ -154,7 +159,10 @@ class Sessions:
                      count=ended, user=account.username)
 
     def end_all(self, reason: str) -> int:
-        """End every session (legacy authentication blocked)."""
+        """End every session (legacy authentication blocked), and any whose
+        sign-in is being decided now."""
+        if self._authenticator is not None:
+            self._authenticator.revoke_everyone()
         ended = self._end([s for user in list(self._by_user) for s in self.of(user)], reason)
         if ended:
             log.info("ended {count} session(s): {reason}", count=ended, reason=reason)

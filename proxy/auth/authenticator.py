@@ -165,6 +165,7 @@ class Authenticator:
         # was decided before a revocation of its user is not trusted after it.
         self.revision = 0
         self._user_revision: OrderedDict[str, int] = OrderedDict()
+        self._everyone_revision = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -206,8 +207,18 @@ class Authenticator:
             self._revoked(change.username, None, change.kind)
 
     def revoked_since(self, decision: Decision) -> bool:
-        """Whether something of the decision's user was revoked after it was made."""
-        return self._user_revision.get(decision.username, 0) > decision.revision
+        """Whether something of the decision's user (or everyone's) was
+        revoked after it was made."""
+        return (self._user_revision.get(decision.username, 0) > decision.revision
+                or self._everyone_revision > decision.revision)
+
+    def revoke_everyone(self) -> None:
+        """Every decision made until now stops counting (legacy
+        authentication blocked): sign-ins under way are refused."""
+        self.revision += 1
+        self._everyone_revision = self.revision
+        self._app_cache.clear()
+        self._primary_cache.clear()
 
     def _revoked(self, username: str, id: str | None, kind: str) -> None:
         self.revision += 1

@@ -121,7 +121,8 @@ class PreLoginBudget:
             return True  # signed in: no longer counted
         self.bytes += size - held
         self._held[connection] = size
-        return self.bytes <= self.max_bytes
+        # Only a connection that grows is closed: the others did not spend it.
+        return size <= held or self.bytes <= self.max_bytes
 
     def leave(self, connection: Any) -> None:
         """Signed in, or gone."""
@@ -183,7 +184,7 @@ class ListenerConnection:
     dn = ""
     app_password_id: str | None = None
     app_password_created_at: float | None = None
-    signed_in_at = 0.0
+    password_changed_at: float | None = None
 
     def _signed_in(self, decision: Decision) -> None:
         """The client signed in: a session the registry can end, out of the
@@ -194,7 +195,7 @@ class ListenerConnection:
         ap = decision.app_password
         self.app_password_id = ap.id if ap else None
         self.app_password_created_at = ap.created_at if ap else None
-        self.signed_in_at = self.listener.reactor.seconds()
+        self.password_changed_at = decision.account.password_changed_at
         self.listener.sessions.add(self)
         self.listener.budget.leave(self)
 
@@ -203,6 +204,7 @@ class ListenerConnection:
         path that ends a session ends here (see :mod:`proxy.transports`)."""
         self._closing = True
         self.reading = None
+        self.listener.budget.hold(self, 0)  # what it held is not kept for it
         if self._deadline is None:
             self._deadline = hang_up(self.transport, self.listener.reactor)
 

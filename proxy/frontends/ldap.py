@@ -179,7 +179,7 @@ class LDAPServer(ListenerConnection, Protocol):
             log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
             self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
             return
-        if not self.bound and not self._within_budget(self.framer.buffered):
+        if self.decision is None and not self._within_budget(self.framer.buffered):
             self.disconnect(ber.BUSY, "too busy, try again later")
             return
         epoch = self._tls_epoch
@@ -255,6 +255,10 @@ class LDAPServer(ListenerConnection, Protocol):
             return
         if ber.PROXIED_AUTHORIZATION in controls or ber.PROXIED_AUTHORIZATION_V1 in controls:
             self._answer(message, ber.AUTHORIZATION_DENIED, "proxied authorization is not allowed")
+            return
+        if any(c not in APP_PASSWORD_CONTROLS for c in controls):
+            self._answer(message, ber.UNAVAILABLE_CRITICAL_EXTENSION,
+                         "that control is not available to sessions opened with an app password")
             return
         if compared in PASSWORD_ATTRIBUTES:
             # A compare of a password is a password check, past the throttle.
@@ -337,20 +341,12 @@ class LDAPServer(ListenerConnection, Protocol):
         if not bind.password:
             # RFC 4513 5.1.2: an unauthenticated bind; never passed on.
             return ber.UNWILLING_TO_PERFORM, "unauthenticated binds are not allowed"
-        if not self.tls and not self.config.allow_plaintext_auth:
-            return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS"
         name = bind.name.decode("utf-8", "replace")
         # The password's bytes reach the directory unchanged, even if not UTF-8.
         password = bind.password.decode("utf-8", "surrogateescape")
-        attempt = Attempt(
-            protocol="ldap",
-            realm=self.config.realm,
-            username=name,
-            secret=password,
-            client_address=self.address,
-            tls=self.tls,
-        )
-        decision = await self.listener.authenticator.authenticate(attempt)
+        decision = await self.listener.authenticator.authenticate(self._attempt(name, password))
+        if decision.reason is Reason.PLAINTEXT:
+            return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS"
         if decision.outcome is Outcome.TEMPORARY_FAILURE:
             if decision.reason is Reason.BUSY:
                 return ber.BUSY, "try again later"
@@ -382,8 +378,20 @@ class LDAPServer(ListenerConnection, Protocol):
         self._become(decision, wanted, lazy=decision.read_only)
         return ber.SUCCESS, ""
 
+    def _attempt(self, name: str, password: str) -> Attempt:
+        return Attempt(
+            protocol="ldap",
+            realm=self.config.realm,
+            username=name,
+            secret=password,
+            client_address=self.address,
+            tls=self.tls,
+            plaintext_allowed=self.config.allow_plaintext_auth,
+            anonymous_allowed=self.config.allow_anonymous,
+        )
+
     async def _anonymous(self) -> tuple[int, str]:
-        if not self.config.allow_anonymous:
+        if not self.listener.authenticator.anonymous(self._attempt("", "")).accepted:
             return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed"
         self.anonymous = True
         self._bound_as(None, lazy=True)
@@ -401,7 +409,8 @@ class LDAPServer(ListenerConnection, Protocol):
         # the service account or anonymously. A primary-password session's
         # connection is bound with the user's password once, at the bind.
         self._lazy = lazy
-        self.framer.max_size = self.config.max_message_size
+        if self.decision is not None:  # anonymous sessions keep the limits before a bind
+            self.framer.max_size = self.config.max_message_size
         self._arm(self.config.idle_timeout)
 
     def _drop_identity(self) -> None:
@@ -409,6 +418,11 @@ class LDAPServer(ListenerConnection, Protocol):
         open for the next identity (it is re-bound before it is used)."""
         if self.decision is not None:
             self.listener.sessions.remove(self)
+            if not self._closing and not self.listener.budget.admit(self):
+                # Back among the connections not signed in, if there is room.
+                self.decision = None
+                self.disconnect(ber.BUSY, "too busy, try again later")
+                return
         was_bound, self.decision = self.bound, None
         self.bound = False
         self.anonymous = False
@@ -547,6 +561,17 @@ class LDAPServer(ListenerConnection, Protocol):
 PASSWORD_ATTRIBUTES = frozenset({
     b"userpassword", b"authpassword", b"unicodepwd", b"sambantpassword", b"sambalmpassword",
     b"ntpassword", b"lmpassword", b"krbprincipalkey",
+    # the same by their OIDs (an attribute may be named either way)
+    b"2.5.4.35", b"1.3.6.1.4.1.4203.1.3.4", b"1.2.840.113556.1.4.90",
+    b"1.3.6.1.4.1.7165.2.1.25", b"1.3.6.1.4.1.7165.2.1.24", b"2.16.840.1.113719.1.301.4.2.1",
+})
+# Request controls an app-password session may use: paging, sorting, and
+# manageDsaIT. Others may read more than the entries do (dereference, for
+# one, returns attributes of other entries inside a control).
+APP_PASSWORD_CONTROLS = frozenset({
+    "1.2.840.113556.1.4.319",  # simple paged results (RFC 2696)
+    "1.2.840.113556.1.4.473",  # server-side sorting (RFC 2891)
+    "2.16.840.1.113730.3.4.2",  # manageDsaIT (RFC 3296)
 })
 
 

@@ -72,6 +72,7 @@ INVALID_CREDENTIALS = 49
 INSUFFICIENT_ACCESS_RIGHTS = 50
 BUSY = 51
 UNAVAILABLE = 52
+UNAVAILABLE_CRITICAL_EXTENSION = 12
 UNWILLING_TO_PERFORM = 53
 AUTHORIZATION_DENIED = 123
 
@@ -288,6 +289,13 @@ def control_types(message: Message) -> list[str]:
     return types
 
 
+def _attribute_type(description: bytes) -> bytes:
+    """An attribute description's type, comparable: lower case, without
+    options or an ``OID.`` prefix."""
+    name = description.split(b";", 1)[0].strip().lower()
+    return name[4:] if name.startswith(b"oid.") else name
+
+
 def compared_attribute(message: Message) -> bytes:
     """A CompareRequest's attribute type, in lower case without options."""
     data = message.frame
@@ -297,7 +305,7 @@ def compared_attribute(message: Message) -> bytes:
     ava = _children(data, parts[1][1], parts[1][2])
     if not ava or ava[0][0] != OCTET_STRING:
         raise BERError("a malformed compare request")
-    return data[ava[0][1] : ava[0][2]].split(b";", 1)[0].lower()
+    return _attribute_type(data[ava[0][1] : ava[0][2]])
 
 
 def entry_name(message: Message) -> bytes:
@@ -320,7 +328,7 @@ def without_attributes(message: Message, names: frozenset[bytes]) -> bytes | Non
         inner = _children(data, start, end)
         if tag != SEQUENCE or not inner or inner[0][0] != OCTET_STRING:
             raise BERError("a malformed attribute")
-        if data[inner[0][1] : inner[0][2]].split(b";", 1)[0].lower() not in names:
+        if _attribute_type(data[inner[0][1] : inner[0][2]]) not in names:
             kept.append(tlv(SEQUENCE, data[start:end]))
     if len(kept) == len(_children(data, parts[1][1], parts[1][2])):
         return None

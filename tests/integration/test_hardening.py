@@ -255,9 +255,15 @@ def test_an_app_password_reads_no_more_than_its_user(readers, slapd, unique, mod
     direct.compare(slapd.service_dn, "cn", "proxy")
     through.compare(slapd.service_dn, "cn", "proxy")
     assert through.result["result"] == direct.result["result"] != 6
-    # A compare of a password is a password check past the throttle.
-    through.compare(dn, "userPassword", PRIMARY)
-    assert through.result["result"] == 50
+    # A compare of a password is a password check past the throttle, by
+    # its name or its OID.
+    for attribute in ("userPassword", "2.5.4.35"):
+        through.compare(dn, attribute, PRIMARY)
+        assert through.result["result"] == 50, attribute
+    # Controls that could read more than entries (dereference) are refused.
+    through.search(SUFFIX, "(objectClass=*)", controls=[
+        ("1.3.6.1.4.1.4203.666.5.16", True, b"0\x0f0\r\x04\x06member0\x03\x04\x01*")])
+    assert through.result["result"] == 12
     # The client's own proxied authorization would borrow the proxy's right.
     through.search(SUFFIX, "(objectClass=*)", controls=[
         ("2.16.840.1.113730.3.4.18", True, f"dn:{slapd.service_dn}".encode())])
