@@ -186,6 +186,27 @@ class ListenerConnection:
     app_password_created_at: float | None = None
     password_changed_at: float | None = None
 
+    _touched = 0.0
+
+    def _past_login(self) -> bool:
+        """Whether the idle timeout applies (not the login deadline)."""
+        raise NotImplementedError
+
+    def _touch(self) -> None:
+        """Traffic: the idle timer starts over. Before login the timer is a
+        deadline from connect (as Dovecot's and Postfix's are): a client
+        trickling bytes does not move it."""
+        if not self._past_login():
+            return
+        # Resetting a timer is not free; relaying calls this for every chunk,
+        # and a second's precision is plenty for an idle timeout.
+        now = self.listener.reactor.seconds()
+        if now - self._touched < 1.0:
+            return
+        self._touched = now
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.idle_timeout)
+
     def _signed_in(self, decision: Decision) -> None:
         """The client signed in: a session the registry can end, out of the
         budget of connections not signed in."""
@@ -349,7 +370,6 @@ class RelayingServer(ListenerConnection, Protocol):
         self.reading: ReadControl | None = None
         self.guard: Guard | None = None
         self._guard_paused = False
-        self._touched = 0.0
         self._timer: Any = None
         self._counted = False
         self._closing = False
@@ -392,19 +412,8 @@ class RelayingServer(ListenerConnection, Protocol):
         if self.backend is not None:
             self.backend.close()
 
-    def _touch(self) -> None:
-        # Before login the timer is a deadline from connect (as Dovecot's and
-        # Postfix's are): a client trickling bytes does not move it.
-        if self.backend is None:
-            return
-        # Resetting a timer is not free; relaying calls this for every chunk,
-        # and a second's precision is plenty for an idle timeout.
-        now = self.listener.reactor.seconds()
-        if now - self._touched < 1.0:
-            return
-        self._touched = now
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.idle_timeout)
+    def _past_login(self) -> bool:
+        return self.backend is not None
 
     def _idle(self) -> None:
         self.close("Idle for too long.")

@@ -143,11 +143,8 @@ class LDAPServer(ListenerConnection, Protocol):
             self._timer.cancel()
         self._timer = self.listener.reactor.callLater(seconds, self._idle)
 
-    def _touch(self) -> None:
-        # Before a bind the timer is a deadline, not an idle timer: a client
-        # trickling bytes does not move it.
-        if self.bound and self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.idle_timeout)
+    def _past_login(self) -> bool:
+        return self.bound
 
     def _idle(self) -> None:
         self.disconnect(ber.UNAVAILABLE, "idle for too long")

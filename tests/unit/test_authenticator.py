@@ -1,0 +1,202 @@
+"""The decision core on a task.Clock, with a fake directory and the real
+store: every branch of the decision in microseconds. The same decisions
+against a real slapd are in tests/integration/test_authenticator.py."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from twisted.internet.defer import Deferred, ensureDeferred
+
+from proxy.auth import Attempt, Outcome, Reason
+from proxy.config import CacheConfig, PolicyConfig, ThrottleConfig
+from proxy.store import MfaState
+from tests.unit.fakes import Core
+
+PRIMARY = "Primary-Passw0rd"
+
+
+@pytest.fixture
+def core(tmp_path):
+    return Core(tmp_path)
+
+
+def attempt(username, secret, realm="cloud", protocol="imap", address="192.0.2.10", **kw):
+    return Attempt(protocol=protocol, realm=realm, username=username, secret=secret,
+                   client_address=address, tls=True, **kw)
+
+
+def decide(core, *args, **kw):
+    """The decision, which on a clock with no delays is made at once."""
+    d = ensureDeferred(core.auth.authenticate(attempt(*args, **kw)))
+    core.clock.advance(60)  # past any failure delay
+    assert d.called, "the decision waits for something"
+    return d.result
+
+
+def test_the_decision_table(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.directory.add("eve", PRIMARY, mfa_enforced=True)
+    core.directory.add("mo", PRIMARY, modern_auth_only=True)
+    core.directory.add("gone", PRIMARY)
+    core.directory.change("gone", active=False)
+    app = core.admin.create("alice", "phone").secret
+    eve_app = core.admin.create("eve", "phone").secret
+    cases = [
+        (("alice", app), Reason.APP_PASSWORD),
+        (("alice", PRIMARY), Reason.PRIMARY),
+        (("alice", "wrong"), Reason.WRONG_SECRET),
+        (("nobody", app), Reason.UNKNOWN_USER),
+        (("eve", eve_app), Reason.APP_PASSWORD),
+        (("eve", PRIMARY), Reason.MFA_REQUIRED),
+        (("mo", PRIMARY), Reason.LEGACY_BLOCKED),
+        (("gone", PRIMARY), Reason.ACCOUNT_INACTIVE),
+        (("alice", app, "on-premises"), Reason.WRONG_SECRET),  # app passwords are unknown there
+        (("alice", PRIMARY, "on-premises"), Reason.PRIMARY),
+        (("", "x"), Reason.MALFORMED),
+        (("alice", " "), Reason.MALFORMED),
+    ]
+    for args, reason in cases:
+        assert decide(core, *args).reason is reason, args
+    assert core.auth.argon2_runs == 2  # wrong secrets never cost one
+
+
+def test_app_passwords_are_read_only_and_primary_sessions_are_not(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    app = core.admin.create("alice", "phone").secret
+    assert decide(core, "alice", app).read_only
+    assert not decide(core, "alice", PRIMARY).read_only
+
+
+def test_plaintext_foreign_authzid_and_anonymous_are_decided_and_audited(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    plain = attrs.evolve(attempt("alice", PRIMARY), tls=False)
+    d = ensureDeferred(core.auth.authenticate(plain))
+    assert d.result.reason is Reason.PLAINTEXT  # at once: not a guess, not delayed
+    allowed = attrs.evolve(plain, plaintext_allowed=True)
+    assert decide_attempt(core, allowed).accepted
+    assert decide(core, "alice", PRIMARY, authzid="admin").reason is Reason.FOREIGN_AUTHZID
+    assert decide(core, "alice", PRIMARY, authzid="ALICE").accepted
+    assert core.auth.anonymous(attempt("", "")).reason is Reason.ANONYMOUS_REFUSED
+    assert core.auth.anonymous(attempt("", "", anonymous_allowed=True)).accepted
+    reasons = [e["reason"] for e in core.events if e["event"] == "authentication"]
+    assert reasons == ["plaintext", "primary", "foreign_authzid", "primary",
+                       "anonymous_refused", "anonymous"]
+
+
+def decide_attempt(core, a):
+    d = ensureDeferred(core.auth.authenticate(a))
+    core.clock.advance(60)
+    return d.result
+
+
+def test_expiry_scope_and_a_password_change(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.clock.advance(1000)
+    soon = core.admin.create("alice", "soon", expires_at=core.clock.seconds() + 60).secret
+    smtp_only = core.admin.create("alice", "printer", protocols=frozenset({"smtp"})).secret
+    assert decide(core, "alice", soon).accepted
+    assert decide(core, "alice", smtp_only).reason is Reason.OUT_OF_SCOPE
+    assert decide(core, "alice", smtp_only, protocol="smtp").accepted
+    core.clock.advance(120)
+    assert decide(core, "alice", soon).reason is Reason.EXPIRED
+    core.directory.change("alice", password_changed_at=core.clock.seconds())
+    assert decide(core, "alice", smtp_only, protocol="smtp").reason is (
+        Reason.REVOKED_BY_PASSWORD_CHANGE)
+    # Revoked by the change (the policy's default): both were older.
+    assert core.store.list_app_passwords("alice") == []
+
+
+def test_the_success_cache_spares_argon2_until_a_revocation(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    created = core.admin.create("alice", "phone")
+    for _ in range(5):
+        assert decide(core, "alice", created.secret).accepted
+    assert core.auth.argon2_runs == 1
+    revoked = []
+    core.auth.on_revoked(lambda *change: revoked.append(change))
+    core.admin.delete("alice", "phone")
+    ensureDeferred(core.auth.poll_changes())
+    assert revoked == [("alice", created.record.id, "deleted")]
+    assert decide(core, "alice", created.secret).reason is Reason.WRONG_SECRET
+
+
+def test_a_revocation_during_a_check_is_not_let_through(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.directory.gate = Deferred()
+    d = ensureDeferred(core.auth.authenticate(attempt("alice", PRIMARY)))
+    assert not d.called  # waiting for the directory
+    core.auth.apply(attrs.evolve(_change(), username="alice", kind="account_inactive"))
+    gate, core.directory.gate = core.directory.gate, None
+    gate.callback(None)
+    core.clock.advance(60)
+    decision = d.result
+    assert decision.accepted and core.auth.revoked_since(attrs.evolve(decision, revision=0))
+
+
+def _change():
+    from proxy.store import Change
+
+    return Change(seq=1, username="alice", kind="state_changed", app_password_id=None, at=0.0)
+
+
+def test_lockout_counts_checks_under_way(core):
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600))
+    core.directory.add("alice", PRIMARY)
+    core.directory.gate = Deferred()
+    pending = [ensureDeferred(core.auth.authenticate(attempt("alice", f"guess{i}")))
+               for i in range(6)]
+    assert core.directory.checks == 3
+    core.directory.gate.callback(None)
+    core.directory.gate = None
+    core.clock.advance(60)
+    reasons = sorted(d.result.reason.value for d in pending)
+    assert reasons == ["locked_out"] * 3 + ["wrong_secret"] * 3
+    assert decide(core, "alice", PRIMARY).reason is Reason.LOCKED_OUT
+
+
+def test_an_outage_keeps_app_passwords_of_accounts_seen_active(core):
+    core.build(outage_grace=3600)
+    core.directory.add("alice", PRIMARY)
+    core.directory.add("bob", PRIMARY)
+    alice = core.admin.create("alice", "phone").secret
+    bob = core.admin.create("bob", "phone").secret
+    assert decide(core, "alice", alice).accepted
+    core.directory.down = True
+    assert decide(core, "alice", alice).reason is Reason.APP_PASSWORD
+    assert decide(core, "alice", PRIMARY).reason is Reason.DIRECTORY_UNAVAILABLE
+    assert decide(core, "bob", bob).reason is Reason.DIRECTORY_UNAVAILABLE  # never seen
+    core.clock.advance(3601)
+    assert decide(core, "alice", alice).outcome is Outcome.TEMPORARY_FAILURE
+
+
+def test_blocking_legacy_authentication_and_revoking_everyone(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    decision = decide(core, "alice", PRIMARY)
+    core.auth.revoke_everyone()
+    assert core.auth.revoked_since(decision)
+    core.auth.policy = PolicyConfig(block_legacy_auth=True)
+    assert decide(core, "alice", PRIMARY).reason is Reason.LEGACY_BLOCKED
+
+
+def test_a_full_hashing_pool_is_a_temporary_failure(core):
+    core.build(cache=CacheConfig(app_password_ttl=0))
+    core.directory.add("alice", PRIMARY)
+    app = core.admin.create("alice", "phone").secret
+    core.hash_pool.busy = True
+    assert decide(core, "alice", app).reason is Reason.BUSY
+
+
+def test_enforced_in_the_store_is_enough(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.admin.set_mfa("alice", MfaState.ENFORCED)
+    assert decide(core, "alice", PRIMARY).reason is Reason.MFA_REQUIRED
