@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from proxy import apppasswords, config as configuration
@@ -122,8 +123,46 @@ def sd_notify(state: str) -> None:
             log.warn("cannot notify systemd: {error}", error=e.strerror)
 
 
+class Ordered(MultiService):
+    """Children start in the order they are added and stop in the reverse
+    order, each stop finished before the next begins: the listeners stop
+    taking connections before the core writes what it holds, the audit log
+    is written before the store closes, and the pools stop last."""
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+
+        async def stop() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("{name} did not stop cleanly", name=child.name)
+
+        return Deferred.fromCoroutine(stop())
+
+
+class Part(Service):
+    """One part of the daemon in the tree: what starts it and what stops it."""
+
+    def __init__(self, name: str, start: Any = None, stop: Any = None) -> None:
+        self.name = name
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        super().startService()
+        if self._start is not None:
+            self._start()
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        return maybeDeferred(self._stop) if self._stop is not None else None
+
+
 class Daemon:
-    """The running proxy: its config, pools, store and audit log."""
+    """The running proxy: its config, pools, store and audit log, as a tree
+    of services (:attr:`services`) started in order and stopped in reverse."""
 
     def __init__(self, reactor: Any, config_path: Path, config: configuration.Config) -> None:
         self._reactor = reactor
@@ -147,17 +186,27 @@ class Daemon:
         self._fqdn: str | None = None
         self.budget = PreLoginBudget(config.limits.max_connections_before_login,
                                      config.limits.max_bytes_before_login)
+        self.services = Ordered()
+
+    def _part(self, name: str, start: Any = None, stop: Any = None) -> None:
+        """Add a part to the tree; it starts at once (the tree is running)."""
+        Part(name, start, stop).setServiceParent(self.services)
 
     async def start(self) -> None:
-        for pool in (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool):
-            pool.start()
+        self.services.startService()
+        pools = (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool)
+
+        def stop_pools() -> None:
+            for pool in pools:
+                pool.stop()
+
+        self._part("pools", start=lambda: [pool.start() for pool in pools], stop=stop_pools)
         state = await self.store_pool.submit(open_state, self.config)
         self.store = Threaded(state.store, self.store_pool)
-        self._reactor.addSystemEventTrigger("before", "shutdown", self._write_audit)
         self.pepper = state.pepper
-        # Closed last: "during" comes after every "before" trigger, such as
-        # the authenticator writing its last usage counts.
-        self._reactor.addSystemEventTrigger("during", "shutdown", state.store.close)
+        # Closed on the store's own thread, after whatever is queued there.
+        self._part("store", stop=lambda: self.store_pool.submit(state.store.close))
+        self._part("audit", stop=self._write_audit)
         if self.config.directory is not None:
             await self._start_authentication(self.config.directory)
             for listener in self.config.listeners:
@@ -209,9 +258,7 @@ class Daemon:
             await authenticator.stop()
             await directory.stop()
 
-        self._reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: Deferred.fromCoroutine(stop())
-        )
+        self._part("authentication", stop=lambda: Deferred.fromCoroutine(stop()))
 
     async def _listen(self, config: configuration.ListenerConfig) -> None:
         from twisted.internet.endpoints import serverFromString
@@ -246,7 +293,7 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
         self.listeners.append((config, port, tls))
-        self._reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+        self._part(f"listener {config.label}", stop=port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
 
@@ -310,9 +357,9 @@ class Daemon:
         if len(self._audit_batch) == 1:
             self._reactor.callLater(0, self._write_audit)
 
-    def _write_audit(self) -> None:
+    def _write_audit(self) -> Deferred[None]:
         batch, self._audit_batch = self._audit_batch, []
-        self.audit_pool.submit(self.audit.append_lines, batch).addErrback(
+        return self.audit_pool.submit(self.audit.append_lines, batch).addErrback(
             lambda f: log.failure("cannot write the audit log", f)
         )
 
@@ -381,6 +428,7 @@ class Daemon:
 async def serve(reactor: Any, config_path: Path, config: configuration.Config) -> None:
     """Run until the reactor stops (SIGTERM, SIGINT)."""
     daemon = Daemon(reactor, config_path, config)
+    reactor.addSystemEventTrigger("before", "shutdown", daemon.services.stopService)
     await daemon.start()
     daemon.install_signal_handlers()
     sd_notify("READY=1")

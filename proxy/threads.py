@@ -35,8 +35,9 @@ class Pool:
         self._pool = ThreadPool(minthreads=threads, maxthreads=threads, name=name)
 
     def start(self) -> None:
+        """Start the threads; whoever starts a pool stops it (the daemon's
+        service tree, last of all)."""
         self._pool.start()
-        self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
         if self._pool.started:
