@@ -23,6 +23,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.transports import hang_up
 from proxy.wire import sasl
+from proxy.wire.lines import LineReader, TooLong
 
 log = Logger(namespace="legacy_auth_proxy.frontends")
 
@@ -305,6 +306,63 @@ class Guard(TypingProtocol):
     def feed_backend(self, data: bytes) -> list[ToBackend | ToClient]: ...
 
 
+class LineDialogue:
+    """What the line-based dialogues before login (SMTP, POP3) share: CRLF
+    lines of bounded length, an optional SASL exchange, and nothing more
+    read while a login is decided. A subclass words the answers."""
+
+    reader: LineReader
+    closed = False
+    deciding = False
+    _sasl: sasl.Exchange | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.closed:
+            return []
+        self.reader.feed(data)
+        return self._run()
+
+    def _run(self) -> list[Event]:
+        events: list[Event] = []
+        try:
+            while not self.closed and not self.deciding:
+                line = self.reader.line()
+                if line is None:
+                    break
+                if b"\r" in line or b"\n" in line or b"\x00" in line:
+                    events += self._bad_characters()
+                elif self._sasl is not None:
+                    events += self._sasl_step(self._sasl.answer(line))
+                else:
+                    events += self._command(line)
+                if any(isinstance(e, StartTLS) for e in events):
+                    break
+        except TooLong:
+            events += self._too_long()
+        return events
+
+    def _command(self, line: bytes) -> list[Event]:
+        raise NotImplementedError
+
+    def _sasl_step(self, step: sasl.Step) -> list[Event]:
+        raise NotImplementedError
+
+    def _bad_characters(self) -> list[Event]:
+        raise NotImplementedError
+
+    def _too_long(self) -> list[Event]:
+        raise NotImplementedError
+
+    @property
+    def buffered(self) -> int:
+        return self.reader.buffered
+
+    def take_rest(self) -> bytes:
+        """After a successful login: the bytes pipelined behind it."""
+        self.closed = True
+        return self.reader.take_rest()
+
+
 class Machine(TypingProtocol):
     tls: bool
 
@@ -321,9 +379,11 @@ class Machine(TypingProtocol):
 
 
 class Listener(Factory):
-    """One listener of a relaying front end, and what its connections share."""
+    """One listener of a front end, and what its connections share. A
+    front end names its connection class in ``server``."""
 
     noisy = False
+    server: type = Protocol
 
     def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
                  sessions: Any, backend: Any, tls: Any | None,
@@ -337,7 +397,12 @@ class Listener(Factory):
         self.backend = backend
         self.tls = tls
         self.per_source = PerSource(config.max_connections_per_source)
-        self.connections: set[RelayingServer] = set()
+        self.connections: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.server(self)
+        protocol.factory = self
+        return protocol
 
 
 def control_reading(protocol: Any) -> None:

@@ -226,13 +226,6 @@ class PreLogin:
 # -- the protocol -------------------------------------------------------------------------
 
 
-class IMAPListener(Listener):
-    def buildProtocol(self, addr: Any) -> IMAPServer:
-        protocol = IMAPServer(self)
-        protocol.factory = self
-        return protocol
-
-
 class IMAPServer(RelayingServer):
     protocol_name = "imap"
 
@@ -251,3 +244,7 @@ class IMAPServer(RelayingServer):
 
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return event.tag + b" OK [CAPABILITY " + backend.capabilities + b"] Logged in.\r\n"
+
+
+class IMAPListener(Listener):
+    server = IMAPServer

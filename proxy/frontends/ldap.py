@@ -82,20 +82,6 @@ class Upstream:
         )
 
 
-class LDAPListener(Listener):
-    """One LDAP listener: its config, TLS, and what its sessions share. Its
-    backend is the directory (``upstream``)."""
-
-    def __init__(self, *, backend: Upstream, **common: Any) -> None:
-        super().__init__(backend=backend, **common)
-        self.upstream = backend
-
-    def buildProtocol(self, addr: Any) -> LDAPServer:
-        protocol = LDAPServer(self)
-        protocol.factory = self
-        return protocol
-
-
 @implementer(IHandshakeListener)
 class LDAPServer(ListenerConnection, Protocol):
     def __init__(self, listener: LDAPListener) -> None:
@@ -550,6 +536,17 @@ class LDAPServer(ListenerConnection, Protocol):
     def _crashed(self, failure: Any) -> None:
         log.failure("{address}: a bind failed unexpectedly", failure, address=self.address)
         self.disconnect(ber.OPERATIONS_ERROR, "internal error")
+
+
+class LDAPListener(Listener):
+    """One LDAP listener: its config, TLS, and what its sessions share. Its
+    backend is the directory (``upstream``)."""
+
+    server = LDAPServer
+
+    def __init__(self, *, backend: Upstream, **common: Any) -> None:
+        super().__init__(backend=backend, **common)
+        self.upstream = backend
 
 
 # Attributes that hold a primary password or its hash. A device's app

@@ -17,6 +17,7 @@ from typing import Any
 from proxy.frontends.base import (
     Close,
     Event,
+    LineDialogue,
     Listener,
     Login,
     RelayingServer,
@@ -25,14 +26,14 @@ from proxy.frontends.base import (
     login_event,
 )
 from proxy.wire import sasl
-from proxy.wire.lines import LineReader, TooLong
+from proxy.wire.lines import LineReader
 
 SERVER_NAME = "legacy-auth-proxy"
 # What Dovecot offers after login; a client reads CAPA before it.
 SESSION_CAPABILITIES = (b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE")
 
 
-class PreLogin:
+class PreLogin(LineDialogue):
     """The POP3 dialogue up to a successful login. No I/O."""
 
     def __init__(
@@ -90,30 +91,11 @@ class PreLogin:
 
     # -- input ------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Event]:
-        if self.closed:
-            return []
-        self.reader.feed(data)
-        return self._run()
+    def _bad_characters(self) -> list[Event]:
+        return self._err(b"Bad characters in command.")
 
-    def _run(self) -> list[Event]:
-        events: list[Event] = []
-        try:
-            while not self.closed and not self.deciding:
-                line = self.reader.line()
-                if line is None:
-                    break
-                if b"\x00" in line:
-                    events += self._err(b"Bad characters in command.")
-                elif self._sasl is not None:
-                    events += self._sasl_step(self._sasl.answer(line))
-                else:
-                    events += self._command(line)
-                if any(isinstance(e, StartTLS) for e in events):
-                    break
-        except TooLong:
-            events += self._close(b"-ERR Line too long.")
-        return events
+    def _too_long(self) -> list[Event]:
+        return self._close(b"-ERR Line too long.")
 
     def _command(self, line: bytes) -> list[Event]:
         verb, _, rest = line.partition(b" ")
@@ -189,23 +171,7 @@ class PreLogin:
             answer = b"-ERR [AUTH] Authentication failed.\r\n"
         return [Send(answer)] + self._run()
 
-    @property
-    def buffered(self) -> int:
-        return self.reader.buffered
-
-    def take_rest(self) -> bytes:
-        self.closed = True
-        return self.reader.take_rest()
-
-
 # -- the protocol -------------------------------------------------------------------------
-
-
-class POP3Listener(Listener):
-    def buildProtocol(self, addr: Any) -> POP3Server:
-        protocol = POP3Server(self)
-        protocol.factory = self
-        return protocol
 
 
 class POP3Server(RelayingServer):
@@ -225,3 +191,7 @@ class POP3Server(RelayingServer):
 
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return b"+OK Logged in.\r\n"
+
+
+class POP3Listener(Listener):
+    server = POP3Server

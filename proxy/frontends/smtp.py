@@ -20,6 +20,7 @@ import attrs
 from proxy.frontends.base import (
     Close,
     Event,
+    LineDialogue,
     Listener,
     Login,
     RelayingServer,
@@ -30,7 +31,7 @@ from proxy.frontends.base import (
     login_event,
 )
 from proxy.wire import sasl
-from proxy.wire.lines import LineReader, TooLong
+from proxy.wire.lines import LineReader
 from proxy.wire.smtp import DEFAULT_EXTENSIONS, PASSED_EXTENSIONS
 
 _SASL_FAILURES = {
@@ -40,7 +41,7 @@ _SASL_FAILURES = {
 }
 
 
-class PreAuth:
+class PreAuth(LineDialogue):
     """The submission dialogue up to a successful AUTH. No I/O."""
 
     def __init__(
@@ -102,30 +103,11 @@ class PreAuth:
 
     # -- input ------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Event]:
-        if self.closed:
-            return []
-        self.reader.feed(data)
-        return self._run()
+    def _bad_characters(self) -> list[Event]:
+        return self._error(b"500 5.5.2 Error: bad characters in command")
 
-    def _run(self) -> list[Event]:
-        events: list[Event] = []
-        try:
-            while not self.closed and not self.deciding:
-                line = self.reader.line()
-                if line is None:
-                    break
-                if b"\n" in line or b"\r" in line or b"\x00" in line:
-                    events += self._error(b"500 5.5.2 Error: bad characters in command")
-                elif self._sasl is not None:
-                    events += self._sasl_answer(line)
-                else:
-                    events += self._command(line)
-                if any(isinstance(e, StartTLS) for e in events):
-                    break
-        except TooLong:
-            events += self._close(b"500 5.5.0 Error: line too long")
-        return events
+    def _too_long(self) -> list[Event]:
+        return self._close(b"500 5.5.0 Error: line too long")
 
     def _command(self, line: bytes) -> list[Event]:
         verb, _, rest = line.partition(b" ")
@@ -183,10 +165,6 @@ class PreAuth:
         self._sasl = sasl.Exchange(mechanism)
         return self._sasl_step(self._sasl.start(parts[1] if len(parts) == 2 else None))
 
-    def _sasl_answer(self, line: bytes) -> list[Event]:
-        assert self._sasl is not None
-        return self._sasl_step(self._sasl.answer(line))
-
     def _sasl_step(self, step: sasl.Step) -> list[Event]:
         if isinstance(step, sasl.Challenge):
             return [self._reply(b"334 " + step.data)]
@@ -203,15 +181,6 @@ class PreAuth:
         if temporary:
             return [self._reply(b"454 4.7.0 Temporary authentication failure, try again later")] + self._run()
         return self._error(b"535 5.7.8 Error: authentication failed") + self._run()
-
-    @property
-    def buffered(self) -> int:
-        return self.reader.buffered
-
-    def take_rest(self) -> bytes:
-        self.closed = True
-        return self.reader.take_rest()
-
 
 # What a client may say to the backend after AUTH; the proxy answers the
 # rest itself. Above all the commands the backend trusts from the proxy's
@@ -455,13 +424,6 @@ class AfterAuth:
         )
 
 
-class SMTPListener(Listener):
-    def buildProtocol(self, addr: Any) -> SMTPServer:
-        protocol = SMTPServer(self)
-        protocol.factory = self
-        return protocol
-
-
 class SMTPServer(RelayingServer):
     protocol_name = "smtp"
 
@@ -485,3 +447,7 @@ class SMTPServer(RelayingServer):
 
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return b"235 2.7.0 Authentication successful\r\n"
+
+
+class SMTPListener(Listener):
+    server = SMTPServer
