@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -131,3 +131,118 @@ async def open_upstream(
         protocol.transport.abortConnection()
         raise
     return protocol
+
+
+class DirectorySession:
+    """A client session's own connection to the directory, bound as the
+    session needs it: opened when first needed, re-bound (never reopened)
+    when the identity changes, one bind at a time, so that a bind never
+    races a lazy connect.
+
+    ``lazy``: the connection may be (re)bound by the proxy itself, as the
+    reading account or anonymously. A primary-password session's connection
+    is bound with the user's password once, at the bind: the proxy keeps no
+    password to bind again, so if it is lost the session ends.
+    """
+
+    def __init__(self, *, opener: Any, clock: Any, timeout: float,
+                 on_frame: Callable[[bytes], None], on_lost: Callable[[], None],
+                 on_connected: Callable[[UpstreamLDAP], None]) -> None:
+        self._opener = opener  # open(dn, password) -> UpstreamLDAP
+        self._clock = clock
+        self._timeout = timeout
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._on_connected = on_connected
+        self.upstream: UpstreamLDAP | None = None
+        self.wanted: str | None = None  # whom the directory must see the session as
+        self._password = ""  # the reading account's, for lazy binds
+        self.lazy = True
+        self._lock = DeferredLock()
+        self._preparing = False
+        self._pending: list[tuple[bytes, Refuse]] = []
+        self.closed = False
+
+    def want(self, dn: str | None, password: str, lazy: bool) -> None:
+        """Requests go to the directory as ``dn`` (None: anonymous) from now on."""
+        self.wanted, self._password, self.lazy = dn, password, lazy
+
+    async def bind_as(self, dn: str | None, password: str) -> None:
+        """A connection bound as ``dn``: the one the session has, re-bound if
+        need be, or a new one. Raises UpstreamRefused or a connection error."""
+        await self._lock.acquire()
+        try:
+            upstream = self.upstream
+            if upstream is not None and not upstream.closed:
+                if upstream.bound_as != dn:
+                    await upstream.bind(dn, password, self._clock, self._timeout)
+                return
+            upstream = await self._opener(dn, password)
+            upstream.bound_as = dn
+            if self.closed or self.upstream is not None:
+                upstream.close()
+                return
+            self.upstream = upstream
+            upstream.on_frame = self._on_frame
+            upstream.on_lost = self._lost
+            self._on_connected(upstream)
+        finally:
+            self._lock.release()
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting for the connection to be (re)bound."""
+        return self._preparing
+
+    def send(self, frame: bytes, refuse: Refuse) -> None:
+        """Relay ``frame`` as the wanted identity, now or once the connection
+        is bound so; else ``refuse(code, text, fatal)``: fatal when the
+        session cannot go on without the connection it lost."""
+        upstream = self.upstream
+        if (upstream is not None and not upstream.closed and not self._preparing
+                and upstream.bound_as == self.wanted):
+            upstream.send(frame)
+            return
+        if not self.lazy:
+            refuse(ber.UNAVAILABLE, "the directory closed the connection", True)
+            return
+        self._pending.append((frame, refuse))
+        if not self._preparing:
+            self._preparing = True
+            Deferred.fromCoroutine(self._prepare()).addErrback(
+                lambda f: log.failure("preparing the directory connection failed", f))
+
+    async def _prepare(self) -> None:
+        wanted, password = self.wanted, self._password
+        try:
+            await self.bind_as(wanted, password if wanted is not None else "")
+        except Exception as e:
+            log.warn("cannot reach the directory: {error}", error=str(e) or type(e).__name__)
+            pending, self._pending = self._pending, []
+            self._preparing = False
+            for _, refuse in pending:
+                refuse(ber.UNAVAILABLE, "the directory cannot be reached", False)
+            return
+        self._preparing = False
+        pending, self._pending = self._pending, []
+        for frame, refuse in pending:
+            if self.wanted == wanted and self.upstream is not None and not self.upstream.closed:
+                self.upstream.send(frame)
+            else:
+                refuse(ber.OPERATIONS_ERROR, "a successful bind is needed first", False)
+
+    def abandon(self, frame: bytes) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            self.upstream.send(frame)
+
+    def _lost(self) -> None:
+        self.upstream = None
+        self._on_lost()
+
+    def close(self) -> None:
+        """Drop the connection (the session goes on without one)."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.on_frame = None
+            upstream.on_lost = None
+            upstream.close()

@@ -4,8 +4,11 @@ then the session relayed to the upstream directory.
 It speaks just enough LDAP to do its job (see :mod:`proxy.wire.ber`):
 it reads binds, StartTLS, "Who am I?", unbind and the tag of every other
 request; everything else is relayed as bytes on the session's own
-connection to the directory. It decides nothing: the Authenticator does,
-and an app-password session is read-only because the Decision says so.
+connection to the directory (:class:`proxy.backends.ldap.DirectorySession`).
+:class:`LDAPSession` is the session as a state machine with no I/O (bytes
+and decided binds in, actions out); :class:`LDAPServer` carries the actions
+out. It decides nothing: the Authenticator does, and an app-password
+session is read-only because the Decision says so.
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from proxy.auth import Attempt, Decision, Outcome, Reason
-from proxy.backends.ldap import OWN_ID, UpstreamLDAP, UpstreamRefused, open_upstream
+from proxy.backends.ldap import (
+    OWN_ID,
+    DirectorySession,
+    UpstreamLDAP,
+    UpstreamRefused,
+    open_upstream,
+)
 from proxy.config import DirectoryConfig
 from proxy.directory import normalise_dn
 from proxy.wire import ber
@@ -82,47 +91,338 @@ class Upstream:
         )
 
 
+# -- the session as a state machine ---------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    data: bytes
+
+
+@attrs.frozen
+class BeginTLS:
+    """The go-ahead has been sent: start TLS now, before reading anything else."""
+
+
+@attrs.frozen
+class DecideBind:
+    """Ask the core (a simple bind with a name and a password, or an
+    anonymous one), then answer with :meth:`LDAPSession.bound`."""
+
+    message: ber.Message
+    name: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Forget:
+    """A bind begins: whoever the client was, it is no longer."""
+
+
+@attrs.frozen
+class Relay:
+    """To the directory as the session's identity."""
+
+    message: ber.Message
+    frame: bytes
+
+
+@attrs.frozen
+class Abandon:
+    frame: bytes
+
+
+@attrs.frozen
+class Disconnect:
+    """A notice of disconnection (RFC 4511 4.4.1), then close."""
+
+    code: int
+    text: str
+
+
+@attrs.frozen
+class Hangup:
+    """The client unbound: close without a word."""
+
+
+Action = Reply | BeginTLS | DecideBind | Forget | Relay | Abandon | Disconnect | Hangup
+
+
+@attrs.frozen
+class Identity:
+    kind: str  # "primary", "app_password" or "anonymous"
+    dn: str = ""
+
+    @property
+    def read_only(self) -> bool:
+        """App passwords never allow administrative actions; anonymous
+        sessions write nothing either."""
+        return self.kind != "primary"
+
+
+class LDAPSession:
+    """An LDAP client connection as the proxy sees it, with no I/O: bytes and
+    decided binds in, actions out. It frames and checks messages, answers
+    what the proxy answers itself (StartTLS, "Who am I?", refusals), queues
+    what arrives while a bind is decided, and says what goes to the
+    directory, rewritten for app-password sessions so that they read with
+    their user's rights and nothing more."""
+
+    def __init__(self, *, tls: bool, starttls: bool, proxied: bool, max_before_bind: int,
+                 max_after_bind: int, max_depth: int) -> None:
+        self.tls = tls
+        self.starttls = starttls
+        self.proxied = proxied
+        self.max_before_bind = max_before_bind
+        self.max_after_bind = max_after_bind
+        self.max_depth = max_depth
+        self.framer = ber.Framer(max_before_bind, max_depth)
+        self.identity: Identity | None = None
+        self.binding = False
+        self.closed = False
+        self.ever_bound = False  # a directory connection may exist: no StartTLS now
+        self._queued: deque[bytes] = deque()
+
+    @property
+    def buffered(self) -> int:
+        return self.framer.buffered + sum(len(f) for f in self._queued)
+
+    def close(self) -> None:
+        """Nothing more is read; what was held is let go at once."""
+        self.closed = True
+        self.framer = ber.Framer(0, self.max_depth)
+        self._queued.clear()
+
+    @property
+    def signed_in(self) -> bool:
+        return self.identity is not None and self.identity.kind != "anonymous"
+
+    # -- input ----------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Action]:
+        if self.closed:
+            return []
+        try:
+            frames = self.framer.feed(data)
+        except ber.BERError as e:
+            return self._disconnect(ber.PROTOCOL_ERROR, "malformed message", str(e))
+        actions: list[Action] = []
+        for frame in frames:
+            if self.closed:
+                break
+            if self.binding:
+                self._queued.append(frame)
+                continue
+            actions += self._frame(frame)
+            if any(isinstance(a, BeginTLS) for a in actions):
+                break  # the rest was sent in the clear: dropped unread
+        return actions
+
+    def bound(self, message: ber.Message, code: int, text: str = "",
+              identity: Identity | None = None) -> list[Action]:
+        """The bind of :class:`DecideBind` is decided: answer it, become
+        ``identity`` (if it succeeded), and go on with what was queued."""
+        self.binding = False
+        if self.closed:
+            return []
+        if identity is not None and code == ber.SUCCESS:
+            self.identity = identity
+            self.ever_bound = True
+            if identity.kind != "anonymous":  # anonymous sessions keep the limits before a bind
+                self.framer.max_size = self.max_after_bind
+        actions: list[Action] = [Reply(ber.result(message.id, ber.BIND_RESPONSE, code, text))]
+        while self._queued and not self.binding and not self.closed:
+            actions += self._frame(self._queued.popleft())
+        return actions
+
+    # -- one message ------------------------------------------------------------------
+
+    def _disconnect(self, code: int, text: str, why: str = "") -> list[Action]:
+        if why:
+            log.info("malformed LDAP: {error}", error=why)
+        self.closed = True
+        return [Disconnect(code, text)]
+
+    def _frame(self, frame: bytes) -> list[Action]:
+        try:
+            message = ber.parse_message(frame)
+        except ber.BERError as e:
+            return self._disconnect(ber.PROTOCOL_ERROR, "malformed message", str(e))
+        if message.id in (0, OWN_ID):
+            # 0 is the server's own (RFC 4511 4.4); OWN_ID is the proxy's.
+            return self._disconnect(ber.PROTOCOL_ERROR, "message id not allowed")
+        tag = message.op_tag
+        if tag == ber.BIND_REQUEST:
+            return self._bind(message)
+        if tag == ber.UNBIND_REQUEST:
+            self.closed = True
+            return [Hangup()]
+        if tag == ber.EXTENDED_REQUEST:
+            return self._extended(message, frame)
+        if tag == ber.ABANDON_REQUEST:
+            return [Abandon(frame)]
+        if tag in ber.RESPONSE_TAG:
+            return self._operation(message, frame)
+        return self._disconnect(ber.PROTOCOL_ERROR, "unknown operation")
+
+    @staticmethod
+    def _answer(message: ber.Message, code: int, text: str = "") -> Reply:
+        tag = ber.RESPONSE_TAG.get(message.op_tag, ber.EXTENDED_RESPONSE)
+        return Reply(ber.result(message.id, tag, code, text))
+
+    def _bind(self, message: ber.Message) -> list[Action]:
+        # A new bind first drops the old identity; a failed one leaves the
+        # connection anonymous (RFC 4511 4.2.1).
+        self.identity = None
+        self.framer.max_size = self.max_before_bind
+        actions: list[Action] = [Forget()]
+        try:
+            bind = ber.parse_bind(message)
+        except ber.BERError:
+            return actions + [self._bind_answer(message, ber.PROTOCOL_ERROR, "malformed bind request")]
+        if bind.version != 3:
+            return actions + [self._bind_answer(message, ber.PROTOCOL_ERROR,
+                                                "only LDAP version 3 is supported")]
+        if bind.password is None:
+            return actions + [self._bind_answer(message, ber.AUTH_METHOD_NOT_SUPPORTED,
+                                                "only simple binds are supported")]
+        if bind.name and not bind.password:
+            # RFC 4513 5.1.2: an unauthenticated bind; never passed on.
+            return actions + [self._bind_answer(message, ber.UNWILLING_TO_PERFORM,
+                                                "unauthenticated binds are not allowed")]
+        self.binding = True
+        # The password's bytes reach the directory unchanged, even if not UTF-8.
+        return actions + [DecideBind(message, bind.name.decode("utf-8", "replace"),
+                                     bind.password.decode("utf-8", "surrogateescape"))]
+
+    @staticmethod
+    def _bind_answer(message: ber.Message, code: int, text: str) -> Reply:
+        return Reply(ber.result(message.id, ber.BIND_RESPONSE, code, text))
+
+    def _extended(self, message: ber.Message, frame: bytes) -> list[Action]:
+        try:
+            request = ber.parse_extended(message)
+        except ber.BERError:
+            return self._disconnect(ber.PROTOCOL_ERROR, "malformed extended request")
+        if request.name == ber.START_TLS:
+            return self._start_tls(message)
+        if request.name == ber.WHO_AM_I:
+            identity = b"dn:" + self.identity.dn.encode() if self.signed_in else b""  # type: ignore[union-attr]
+            return [Reply(ber.extended_response(message.id, ber.SUCCESS, value=identity))]
+        if self.identity is None:
+            return [self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")]
+        if self.identity.read_only:
+            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                                 "sessions opened with an app password are read-only")]
+        return [Relay(message, frame)]
+
+    def _start_tls(self, message: ber.Message) -> list[Action]:
+        if self.tls:
+            return [self._answer(message, ber.OPERATIONS_ERROR, "TLS is already in use")]
+        if not self.starttls:
+            return [self._answer(message, ber.PROTOCOL_ERROR, "StartTLS is not offered here")]
+        if self.identity is not None or self.ever_bound or self._queued:
+            return [self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")]
+        self.tls = True
+        # Whatever the client sent after the request, in the clear, is
+        # dropped unread: nothing sent before TLS is acted on after it.
+        self.framer = ber.Framer(self.framer.max_size, self.max_depth)
+        return [self._answer(message, ber.SUCCESS), BeginTLS()]
+
+    def _operation(self, message: ber.Message, frame: bytes) -> list[Action]:
+        if self.identity is None:
+            return [self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")]
+        if message.op_tag in ber.WRITE_REQUESTS and self.identity.read_only:
+            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                                 "sessions opened with an app password are read-only")]
+        if self.identity.kind == "app_password":
+            return self._read_as_user(message)
+        return [Relay(message, frame)]
+
+    def _read_as_user(self, message: ber.Message) -> list[Action]:
+        """An app-password session's request: never with more rights than
+        its user. Proxied authorization of the client's own would act with
+        the reading account's right to act for others: refused."""
+        assert self.identity is not None
+        try:
+            controls = ber.control_types(message)
+            compared = (ber.compared_attribute(message)
+                        if message.op_tag == ber.COMPARE_REQUEST else None)
+        except ber.BERError:
+            return self._disconnect(ber.PROTOCOL_ERROR, "malformed request")
+        if ber.PROXIED_AUTHORIZATION in controls or ber.PROXIED_AUTHORIZATION_V1 in controls:
+            return [self._answer(message, ber.AUTHORIZATION_DENIED,
+                                 "proxied authorization is not allowed")]
+        if any(c not in APP_PASSWORD_CONTROLS for c in controls):
+            return [self._answer(message, ber.UNAVAILABLE_CRITICAL_EXTENSION,
+                                 "that control is not available to sessions opened with an app password")]
+        if compared in PASSWORD_ATTRIBUTES:
+            # A compare of a password is a password check, past the throttle.
+            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
+                                 "sessions opened with an app password cannot check passwords")]
+        frame = message.frame
+        if self.proxied:
+            frame = ber.with_control(message, ber.PROXIED_AUTHORIZATION,
+                                     b"dn:" + self.identity.dn.encode())
+        return [Relay(message, frame)]
+
+
+# -- the connection ---------------------------------------------------------------------
+
+
 @implementer(IHandshakeListener)
 class LDAPServer(ListenerConnection, Protocol):
+    """Carries out what :class:`LDAPSession` says: writes to the client,
+    asks the core, keeps the session's connection to the directory (a
+    :class:`proxy.backends.ldap.DirectorySession`) and the timers."""
+
     def __init__(self, listener: LDAPListener) -> None:
         self.listener = listener
         self.config = listener.config
-        self.framer = ber.Framer(self.config.max_message_size_before_bind, self.config.max_ber_depth)
-        self.tls = False
-        self.address = "unknown"
-        self.decision: Decision | None = None  # the current identity
-        self.anonymous = False
-        self.bound = False  # a bind succeeded: relaying is allowed
-        self.upstream: UpstreamLDAP | None = None
-        self._wanted: str | None = None  # whom the directory must see the session as
-        self._lazy = True
-        self._preparing = False
-        self._pending: list[tuple[ber.Message, bytes]] = []
-        self._upstream_lock = DeferredLock()
+        self.session: LDAPSession | None = None
+        self.directory: DirectorySession | None = None
+        self.decision: Decision | None = None  # the signed-in identity's decision
         self.reading: ReadControl | None = None
-        self._binding = False
-        self._queued: deque[bytes] = deque()
-        self._closing = False
-        self._timer: Any = None
-        self._counted = False
-        self._tls_epoch = 0
+        self._bound = False  # a bind succeeded (anonymous ones too)
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.tls = self.config.tls == "implicit"
+        config = self.config
+        upstream = self.listener.upstream
+        self.session = LDAPSession(
+            tls=config.tls == "implicit",
+            starttls=config.tls == "starttls" and self.listener.tls is not None,
+            proxied=upstream.proxied,
+            max_before_bind=config.max_message_size_before_bind,
+            max_after_bind=config.max_message_size,
+            max_depth=config.max_ber_depth,
+        )
+        self.directory = DirectorySession(
+            opener=upstream.open, clock=self.listener.reactor, timeout=upstream.config.timeout,
+            on_frame=self._from_directory, on_lost=self._directory_lost,
+            on_connected=self._directory_connected,
+        )
         if not self._enter(ber.notice_of_disconnection(ber.BUSY, "too many connections")):
             log.info("{address}: too many connections to {listener}", address=self.address,
-                     listener=self.config.label)
+                     listener=config.label)
             return
-        if not self.tls:
+        if not self.session.tls:
             control_reading(self)
-        self._arm(self.config.login_timeout)
+        self._arm(config.login_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._leave()
-        self._drop_identity()
-        self._close_upstream()
+        self._forget()
+        if self.session is not None:
+            self.session.close()
+        if self.directory is not None:
+            self.directory.closed = True
+            self.directory.close()
+        # The directory session's callbacks point back here: break the
+        # cycle, so that the connection is freed now, not at the next
+        # collection.
+        self.directory = None
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
@@ -130,7 +430,7 @@ class LDAPServer(ListenerConnection, Protocol):
         self._timer = self.listener.reactor.callLater(seconds, self._idle)
 
     def _past_login(self) -> bool:
-        return self.bound
+        return self.session is not None and self.session.identity is not None
 
     def _idle(self) -> None:
         self.disconnect(ber.UNAVAILABLE, "idle for too long")
@@ -139,10 +439,12 @@ class LDAPServer(ListenerConnection, Protocol):
         """Notice of disconnection (RFC 4511 4.4.1), then close."""
         if self._closing:
             return
+        assert self.session is not None and self.directory is not None
+        self.session.close()
         self.transport.write(ber.notice_of_disconnection(code, text))
         self._hang_up()
-        self._drop_identity()
-        self._close_upstream()
+        self._forget()
+        self.directory.close()
 
     def revoke(self, reason: str) -> None:
         """The session registry ends this session."""
@@ -153,213 +455,116 @@ class LDAPServer(ListenerConnection, Protocol):
     # -- client → proxy -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self.session is None:
             return
         self._touch()
-        try:
-            frames = self.framer.feed(data)
-        except ber.BERError as e:
-            log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
-            self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
-            return
-        if self.decision is None and not self._within_budget(self.framer.buffered):
+        actions = self.session.feed(data)
+        if not self.session.signed_in and not self._within_budget(self.session.buffered):
             self.disconnect(ber.BUSY, "too busy, try again later")
             return
-        epoch = self._tls_epoch
-        for frame in frames:
-            if self._closing or self._tls_epoch != epoch:
-                return  # closed, or TLS began: the rest was sent in the clear
-            if self._binding:
-                self._queued.append(frame)
-            else:
-                self._frame(frame)
+        self._act(actions)
 
-    def _frame(self, frame: bytes) -> None:
-        try:
-            message = ber.parse_message(frame)
-        except ber.BERError as e:
-            log.info("{address}: malformed LDAP: {error}", address=self.address, error=str(e))
-            self.disconnect(ber.PROTOCOL_ERROR, "malformed message")
+    def _act(self, actions: list[Action]) -> None:
+        assert self.directory is not None
+        for action in actions:
+            if self._closing:
+                return
+            if isinstance(action, Reply):
+                self.transport.write(action.data)
+            elif isinstance(action, Relay):
+                message = action.message
+                self.directory.send(action.frame,
+                                    lambda code, text, fatal, m=message: self._refused(m, code, text, fatal))
+                if self.directory.busy:
+                    self._hold("directory")
+            elif isinstance(action, DecideBind):
+                d = Deferred.fromCoroutine(self._bind(action))
+                d.addErrback(self._crashed)
+                if not d.called:
+                    # Decided later (cache hits are decided at once): stop
+                    # reading until then.
+                    self._hold("bind")
+            elif isinstance(action, Forget):
+                self._forget()
+            elif isinstance(action, Abandon):
+                self.directory.abandon(action.frame)
+            elif isinstance(action, BeginTLS):
+                stop_controlling_reading(self)
+                self.transport.startTLS(self.listener.tls)
+            elif isinstance(action, Disconnect):
+                self.disconnect(action.code, action.text)
+            elif isinstance(action, Hangup):
+                self._hang_up()
+                self._forget()
+                self.directory.close()
+
+    def _refused(self, message: ber.Message, code: int, text: str, fatal: bool) -> None:
+        """A request the directory session could not relay."""
+        self._release("directory")
+        if self._closing:
             return
-        if message.id in (0, OWN_ID):
-            # 0 is the server's own (RFC 4511 4.4); OWN_ID is the proxy's.
-            self.disconnect(ber.PROTOCOL_ERROR, "message id not allowed")
+        if fatal:
+            # A primary-password session lost its bound connection: the proxy
+            # keeps no password to bind again.
+            self.disconnect(code, text)
             return
-        tag = message.op_tag
-        if tag == ber.BIND_REQUEST:
-            self._binding = True
-            Deferred.fromCoroutine(self._bind(message)).addErrback(self._crashed)
-            if self._binding:
-                # Decided later (cache hits are decided at once): stop reading
-                # until then.
-                self._hold("bind")
-        elif tag == ber.UNBIND_REQUEST:
-            self._hang_up()
-            self._drop_identity()
-            self._close_upstream()
-        elif tag == ber.EXTENDED_REQUEST:
-            self._extended(message, frame)
-        elif tag == ber.ABANDON_REQUEST:
-            if self.upstream is not None:
-                self.upstream.send(frame)
-        elif tag in ber.RESPONSE_TAG:
-            self._operation(message, frame)
-        else:
-            self.disconnect(ber.PROTOCOL_ERROR, "unknown operation")
-
-    def _answer(self, message: ber.Message, code: int, text: str = "") -> None:
-        tag = ber.RESPONSE_TAG.get(message.op_tag, ber.EXTENDED_RESPONSE)
-        self.transport.write(ber.result(message.id, tag, code, text))
-
-    def _operation(self, message: ber.Message, frame: bytes) -> None:
-        if not self.bound:
-            self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
-        elif message.op_tag in ber.WRITE_REQUESTS and self._read_only():
-            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                         "sessions opened with an app password are read-only")
-        elif self._app_password_session():
-            self._read_as_user(message)
-        else:
-            self._to_upstream(message, frame)
-
-    def _app_password_session(self) -> bool:
-        return self.decision is not None and self.decision.read_only
-
-    def _read_as_user(self, message: ber.Message) -> None:
-        """An app-password session's request: never with more rights than
-        its user. Proxied authorization of the client's own would act with
-        the reading account's right to act for others: refused."""
-        try:
-            controls = ber.control_types(message)
-            compared = (ber.compared_attribute(message)
-                        if message.op_tag == ber.COMPARE_REQUEST else None)
-        except ber.BERError:
-            self.disconnect(ber.PROTOCOL_ERROR, "malformed request")
-            return
-        if ber.PROXIED_AUTHORIZATION in controls or ber.PROXIED_AUTHORIZATION_V1 in controls:
-            self._answer(message, ber.AUTHORIZATION_DENIED, "proxied authorization is not allowed")
-            return
-        if any(c not in APP_PASSWORD_CONTROLS for c in controls):
-            self._answer(message, ber.UNAVAILABLE_CRITICAL_EXTENSION,
-                         "that control is not available to sessions opened with an app password")
-            return
-        if compared in PASSWORD_ATTRIBUTES:
-            # A compare of a password is a password check, past the throttle.
-            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                         "sessions opened with an app password cannot check passwords")
-            return
-        frame = message.frame
-        if self.listener.upstream.proxied:
-            frame = ber.with_control(message, ber.PROXIED_AUTHORIZATION, b"dn:" + self.dn.encode())
-        self._to_upstream(message, frame)
-
-    def _read_only(self) -> bool:
-        return self.anonymous or (self.decision is not None and self.decision.read_only)
-
-    def _extended(self, message: ber.Message, frame: bytes) -> None:
-        try:
-            request = ber.parse_extended(message)
-        except ber.BERError:
-            self.disconnect(ber.PROTOCOL_ERROR, "malformed extended request")
-            return
-        if request.name == ber.START_TLS:
-            self._start_tls(message)
-        elif request.name == ber.WHO_AM_I:
-            identity = b"dn:" + self.dn.encode() if self.decision is not None else b""
-            self.transport.write(ber.extended_response(message.id, ber.SUCCESS, value=identity))
-        elif self.bound and not self._read_only():
-            self._to_upstream(message, frame)
-        elif self.bound:
-            self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                         "sessions opened with an app password are read-only")
-        else:
-            self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
-
-    def _start_tls(self, message: ber.Message) -> None:
-        if self.tls:
-            self._answer(message, ber.OPERATIONS_ERROR, "TLS is already in use")
-        elif self.listener.tls is None or self.config.tls != "starttls":
-            self._answer(message, ber.PROTOCOL_ERROR, "StartTLS is not offered here")
-        elif self.bound or self.upstream is not None or self._queued:
-            self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")
-        else:
-            self._answer(message, ber.SUCCESS)
-            stop_controlling_reading(self)
-            self.transport.startTLS(self.listener.tls)
-            self.tls = True
-            # Whatever the client sent after the request, in the clear, is
-            # dropped unread: nothing sent before TLS is acted on after it.
-            self.framer = ber.Framer(self.framer.max_size, self.config.max_ber_depth)
-            self._queued.clear()
-            self._tls_epoch += 1
+        self.transport.write(LDAPSession._answer(message, code, text).data)
 
     # -- bind ----------------------------------------------------------------------------
 
-    async def _bind(self, message: ber.Message) -> None:
+    async def _bind(self, action: DecideBind) -> None:
         try:
-            code, text = await self._bind_result(message)
+            code, text, identity = await self._bind_result(action)
         finally:
-            self._binding = False
             self._release("bind")
-        if self._closing:
+        if self._closing or self.session is None:
             return
-        self.transport.write(ber.result(message.id, ber.BIND_RESPONSE, code, text))
-        while self._queued and not self._binding and not self._closing:
-            self._frame(self._queued.popleft())
+        self._act(self.session.bound(action.message, code, text, identity))
 
-    async def _bind_result(self, message: ber.Message) -> tuple[int, str]:
-        # A new bind first drops the old identity; a failed one leaves the
-        # connection anonymous (RFC 4511 4.2.1).
-        self._drop_identity()
-        try:
-            bind = ber.parse_bind(message)
-        except ber.BERError:
-            return ber.PROTOCOL_ERROR, "malformed bind request"
-        if bind.version != 3:
-            return ber.PROTOCOL_ERROR, "only LDAP version 3 is supported"
-        if bind.password is None:
-            return ber.AUTH_METHOD_NOT_SUPPORTED, "only simple binds are supported"
-        if not bind.name and not bind.password:
-            return await self._anonymous()
-        if not bind.password:
-            # RFC 4513 5.1.2: an unauthenticated bind; never passed on.
-            return ber.UNWILLING_TO_PERFORM, "unauthenticated binds are not allowed"
-        name = bind.name.decode("utf-8", "replace")
-        # The password's bytes reach the directory unchanged, even if not UTF-8.
-        password = bind.password.decode("utf-8", "surrogateescape")
-        decision = await self.listener.authenticator.authenticate(self._attempt(name, password))
+    async def _bind_result(self, action: DecideBind) -> tuple[int, str, Identity | None]:
+        authenticator = self.listener.authenticator
+        attempt = self._attempt(action.name, action.password)
+        if not action.name and not action.password:
+            if not authenticator.anonymous(attempt).accepted:
+                return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed", None
+            self._become(None, None, "", lazy=True)
+            return ber.SUCCESS, "", Identity("anonymous")
+        decision = await authenticator.authenticate(attempt)
+        if self._closing:
+            return ber.UNAVAILABLE, "", None
         if decision.reason is Reason.PLAINTEXT:
-            return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS"
+            return ber.CONFIDENTIALITY_REQUIRED, "use StartTLS or LDAPS", None
         if decision.outcome is Outcome.TEMPORARY_FAILURE:
-            if decision.reason is Reason.BUSY:
-                return ber.BUSY, "try again later"
-            return ber.UNAVAILABLE, "try again later"
+            code = ber.BUSY if decision.reason is Reason.BUSY else ber.UNAVAILABLE
+            return code, "try again later", None
         if not decision.accepted:
-            return ber.INVALID_CREDENTIALS, ""
-        assert decision.account is not None
+            return ber.INVALID_CREDENTIALS, "", None
+        assert decision.account is not None and self.directory is not None
+        upstream = self.listener.upstream
         if decision.read_only:
             # App passwords: the directory is asked as the reader (see
             # directory.app_password_reads), and only when the session first
             # needs it.
-            wanted = self.listener.upstream.reader
+            wanted, password = upstream.reader, upstream.reader_password
         else:
-            wanted = decision.account.dn
+            wanted, password = decision.account.dn, action.password
             try:
-                await self._connect_as(wanted, password)
+                await self.directory.bind_as(wanted, password)
             except UpstreamRefused:
                 log.warn("{address}: the directory refused the session's bind for {user}",
                          address=self.address, user=decision.username)
-                return ber.UNAVAILABLE, "try again later"
+                return ber.UNAVAILABLE, "try again later", None
             except Exception as e:
                 log.warn("{address}: cannot reach the directory: {error}", address=self.address,
                          error=str(e) or type(e).__name__)
-                return ber.UNAVAILABLE, "try again later"
+                return ber.UNAVAILABLE, "try again later", None
         if self._closing:
-            return ber.UNAVAILABLE, ""
+            return ber.UNAVAILABLE, "", None
         if not self.listener.sessions.still_valid(decision):
-            return ber.INVALID_CREDENTIALS, ""  # revoked while the bind was under way
-        self._become(decision, wanted, lazy=decision.read_only)
-        return ber.SUCCESS, ""
+            return ber.INVALID_CREDENTIALS, "", None  # revoked while the bind was under way
+        self._become(decision, wanted, password, lazy=decision.read_only)
+        kind = "app_password" if decision.read_only else "primary"
+        return ber.SUCCESS, "", Identity(kind, decision.account.dn)
 
     def _attempt(self, name: str, password: str) -> Attempt:
         return Attempt(
@@ -368,72 +573,48 @@ class LDAPServer(ListenerConnection, Protocol):
             username=name,
             secret=password,
             client_address=self.address,
-            tls=self.tls,
+            tls=self.session.tls if self.session is not None else False,
             plaintext_allowed=self.config.allow_plaintext_auth,
             anonymous_allowed=self.config.allow_anonymous,
         )
 
-    async def _anonymous(self) -> tuple[int, str]:
-        if not self.listener.authenticator.anonymous(self._attempt("", "")).accepted:
-            return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed"
-        self.anonymous = True
-        self._bound_as(None, lazy=True)
-        return ber.SUCCESS, ""
-
-    def _become(self, decision: Decision, wanted: str, lazy: bool) -> None:
-        self.decision = decision
-        self._signed_in(decision)
-        self._bound_as(wanted, lazy)
-
-    def _bound_as(self, wanted: str | None, lazy: bool) -> None:
-        self.bound = True
-        self._wanted = wanted
+    def _become(self, decision: Decision | None, wanted: str | None, password: str,
+                lazy: bool) -> None:
+        assert self.directory is not None
         # Lazy: the proxy may (re)bind the directory connection by itself, as
-        # the service account or anonymously. A primary-password session's
+        # the reading account or anonymously. A primary-password session's
         # connection is bound with the user's password once, at the bind.
-        self._lazy = lazy
-        if self.decision is not None:  # anonymous sessions keep the limits before a bind
-            self.framer.max_size = self.config.max_message_size
+        self.directory.want(wanted, password if lazy else "", lazy)
+        self._bound = True
+        if decision is not None:
+            self.decision = decision
+            self._signed_in(decision)
         self._arm(self.config.idle_timeout)
 
-    def _drop_identity(self) -> None:
+    def _forget(self) -> None:
         """Forget who the client is. The connection to the directory stays
         open for the next identity (it is re-bound before it is used)."""
+        was_bound, self._bound = self._bound, False
         if self.decision is not None:
             self.listener.sessions.remove(self)
+            self.decision = None
             if not self._closing and not self.listener.budget.admit(self):
                 # Back among the connections not signed in, if there is room.
-                self.decision = None
                 self.disconnect(ber.BUSY, "too busy, try again later")
                 return
-        was_bound, self.decision = self.bound, None
-        self.bound = False
-        self.anonymous = False
         self.username = self.dn = ""
         self.app_password_id = None
-        self.framer.max_size = self.config.max_message_size_before_bind
+        if self.directory is not None:
+            self.directory.want(None, "", lazy=True)
         if was_bound and not self._closing and self.transport is not None:
             # A new deadline to bind again; failed binds do not extend it.
             self._arm(self.config.login_timeout)
 
-    def _close_upstream(self) -> None:
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.on_frame = None
-            upstream.on_lost = None
-            upstream.close()
-            self._read_on_our_own()
-
-    def _read_on_our_own(self) -> None:
-        """Back to ReadControl once no directory connection paces the client."""
-        if self.transport is None or self._closing:
-            return
-        self.transport.unregisterProducer()
-        self.transport.resumeProducing()
-        control_reading(self)
+    # -- reading ------------------------------------------------------------------------
 
     def handshakeCompleted(self) -> None:
-        if self.reading is None and self.upstream is None and not self._closing:
+        if self.reading is None and (self.directory is None or self.directory.upstream is None) \
+                and not self._closing:
             control_reading(self)
 
     def _hold(self, reason: str) -> None:
@@ -444,92 +625,37 @@ class LDAPServer(ListenerConnection, Protocol):
         if self.reading is not None:
             self.reading.release(reason)
 
-    # -- the session's connection to the directory -------------------------------------
-
-    def _to_upstream(self, message: ber.Message, frame: bytes) -> None:
-        upstream = self.upstream
-        if (upstream is not None and not upstream.closed and not self._preparing
-                and upstream.bound_as == self._wanted):
-            upstream.send(frame)
+    def _directory_connected(self, upstream: UpstreamLDAP) -> None:
+        self._release("directory")
+        if self._closing:
             return
-        if not self._lazy:
-            # A primary-password session lost its bound connection: the proxy
-            # does not keep the password to bind again.
-            self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
-            return
-        self._pending.append((message, frame))
-        if not self._preparing:
-            self._preparing = True
-            self._hold("upstream")
-            Deferred.fromCoroutine(self._prepare_upstream()).addErrback(self._crashed)
-
-    async def _prepare_upstream(self) -> None:
-        wanted = self._wanted
-        assert wanted is None or wanted == self.listener.upstream.reader
-        password = self.listener.upstream.reader_password if wanted is not None else ""
-        try:
-            await self._connect_as(wanted, password)
-        except Exception as e:
-            log.warn("{address}: cannot reach the directory: {error}", address=self.address,
-                     error=str(e) or type(e).__name__)
-            pending, self._pending = self._pending, []
-            for message, _ in pending:
-                self._answer(message, ber.UNAVAILABLE, "the directory cannot be reached")
-            return
-        finally:
-            self._preparing = False
-            self._release("upstream")
-        pending, self._pending = self._pending, []
-        for message, frame in pending:
-            if self.bound and self._wanted == wanted and self.upstream is not None:
-                self.upstream.send(frame)
-            else:
-                self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")
-
-    async def _connect_as(self, dn: str | None, password: str) -> None:
-        """A connection to the directory bound as ``dn`` (None: anonymous):
-        the one the session has, re-bound if need be, or a new one. One at a
-        time: a bind never races a lazy connect."""
-        await self._upstream_lock.acquire()
-        try:
-            await self._connect_as_locked(dn, password)
-        finally:
-            self._upstream_lock.release()
-
-    async def _connect_as_locked(self, dn: str | None, password: str) -> None:
-        upstream = self.upstream
-        timeout = self.listener.upstream.config.timeout
-        if upstream is not None and not upstream.closed:
-            if upstream.bound_as != dn:
-                await upstream.bind(dn, password, self.listener.reactor, timeout)
-            return
-        upstream = await self.listener.upstream.open(dn, password)
-        upstream.bound_as = dn
-        if self._closing or self.upstream is not None:
-            upstream.close()
-            return
-        self.upstream = upstream
-        upstream.on_frame = self._from_upstream
-        upstream.on_lost = self._upstream_lost
         # Flow control both ways: a slow reader pauses the other side.
         stop_controlling_reading(self)
         self.transport.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(self.transport, True)
 
+    def _read_on_our_own(self) -> None:
+        """Back to ReadControl once no directory connection paces the client."""
+        if self.transport is None or self._closing:
+            return
+        self.transport.unregisterProducer()
+        self.transport.resumeProducing()
+        control_reading(self)
+
     # -- proxy ← directory --------------------------------------------------------------
 
-    def _from_upstream(self, frame: bytes) -> None:
+    def _from_directory(self, frame: bytes) -> None:
         self._touch()
-        if self._app_password_session():
+        if self.session is not None and self.session.identity is not None \
+                and self.session.identity.kind == "app_password":
             frame = readable_by_app_password(frame, self.listener.upstream)
             if not frame:
                 return  # the reading account's own entry
         self.transport.write(frame)
 
-    def _upstream_lost(self) -> None:
-        self.upstream = None
+    def _directory_lost(self) -> None:
         self._read_on_our_own()
-        if self.bound:
+        if self.session is not None and self.session.identity is not None:
             # Requests may have been under way: the client must not wait for them.
             self.disconnect(ber.UNAVAILABLE, "the directory closed the connection")
 
