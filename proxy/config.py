@@ -723,6 +723,10 @@ class ListenerConfig:
         if self.tls != "none" and (self.certificate is None or self.private_key is None):
             raise ValueError(f"tls: {self.tls} needs certificate and private_key")
         entry = protocols.REGISTRY[self.protocol]
+        own = set(protocols.COMMON_SETTINGS) | set(entry.settings)
+        for f in attrs.fields(type(self)):
+            if f.name not in own and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name} is not a setting of {self.protocol} listeners")
         if entry.backend is not None:
             if self.backend is None:
                 raise ValueError(f"a {self.protocol} listener needs a backend")

@@ -15,6 +15,18 @@ from typing import Any
 import attrs
 
 
+# Listener settings every protocol has; each entry adds its own.
+COMMON_SETTINGS = (
+    "protocol", "realm", "endpoint", "name", "tls", "certificate", "private_key",
+    "allow_plaintext_auth", "login_timeout", "idle_timeout", "max_connections_per_source",
+)
+_MAIL = (
+    "max_line_length", "max_bad_commands", "backend", "backend_starttls", "backend_ca_file",
+    "backend_timeout", "backend_login", "master_user", "master_password_file",
+    "pass_client_address",
+)
+
+
 @attrs.frozen
 class Protocol:
     name: str
@@ -29,6 +41,7 @@ class Protocol:
     backend_logins: tuple[str, ...]
     frontend: str  # "module:Listener class"
     backend: str | None  # "module:backend class"; None: the directory
+    settings: tuple[str, ...] = ()  # listener settings of its own, beside COMMON_SETTINGS
 
     def load(self, what: str) -> Any:
         module, _, name = getattr(self, what).partition(":")
@@ -42,21 +55,26 @@ REGISTRY: dict[str, Protocol] = {
             name="ldap", title="LDAP", ports={"starttls": 389, "implicit": 636},
             backend_ports={}, backend_logins=(),
             frontend="proxy.frontends.ldap:LDAPListener", backend=None,
+            settings=("allow_anonymous", "max_message_size_before_bind", "max_message_size",
+                      "max_ber_depth"),
         ),
         Protocol(
             name="imap", title="IMAP", ports={"starttls": 143, "implicit": 993},
             backend_ports={"imap": 143, "imaps": 993}, backend_logins=("sasl", "dovecot"),
             frontend="proxy.frontends.imap:IMAPListener", backend="proxy.backends.imap:IMAPBackend",
+            settings=_MAIL + ("max_literal_size",),
         ),
         Protocol(
             name="smtp", title="SMTP submission", ports={"starttls": 587, "implicit": 465},
             backend_ports={"smtp": 587, "smtps": 465}, backend_logins=("sasl", "xclient"),
             frontend="proxy.frontends.smtp:SMTPListener", backend="proxy.backends.smtp:SMTPBackend",
+            settings=_MAIL,
         ),
         Protocol(
             name="pop3", title="POP3", ports={"starttls": 110, "implicit": 995},
             backend_ports={"pop3": 110, "pop3s": 995}, backend_logins=("sasl", "dovecot"),
             frontend="proxy.frontends.pop3:POP3Listener", backend="proxy.backends.pop3:POP3Backend",
+            settings=_MAIL,
         ),
     )
 }

@@ -81,6 +81,11 @@ class Decision:
     account: Account | None = None
     app_password: AppPassword | None = None
     revision: int = 0  # the Authenticator's revocation count when it decided
+    # With whose rights an LDAP session reads the directory: the DN its
+    # connection is bound as, and the DN named in RFC 4370's proxied
+    # authorization control on each request (None: no control).
+    reads_as: str | None = None
+    acting_for: str | None = None
 
     @property
     def outcome(self) -> Outcome:

@@ -252,6 +252,8 @@ class Authenticator:
         if decision.accepted and self.revoked_since(decision):
             # Revoked while it was being decided: decide again, from the store.
             decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
+        if decision.accepted and attempt.protocol == "ldap":
+            decision = self._reading(decision)
         self._audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
             delay = self.throttle.failure_delay(attempt.client_address)
@@ -259,6 +261,18 @@ class Authenticator:
             if remaining > 0:
                 await deferLater(self._clock, remaining)
         return decision
+
+    def _reading(self, decision: Decision) -> Decision:
+        """With whose rights the LDAP session reads the directory: a primary
+        password's, the user's own; an app password's, never more than the
+        user's (directory.app_password_reads)."""
+        assert decision.account is not None
+        config = self._directory_config
+        if not decision.read_only:
+            return attrs.evolve(decision, reads_as=decision.account.dn)
+        if config.app_password_reads == "proxied_authorization":
+            return attrs.evolve(decision, reads_as=config.bind_dn, acting_for=decision.account.dn)
+        return attrs.evolve(decision, reads_as=config.search_bind_dn)
 
     def anonymous(self, attempt: Attempt) -> Decision:
         """An anonymous LDAP bind: accepted where the listener allows it
@@ -507,6 +521,8 @@ class Authenticator:
             realm=attempt.realm,
             client_address=attempt.client_address,
             tls=attempt.tls,
+            **({"reads_as": decision.reads_as, "acting_for": decision.acting_for}
+               if decision.reads_as else {}),
         )
         if decision.outcome is not Outcome.ACCEPTED and decision.reason not in NOT_GUESSES:
             failures_log.info(

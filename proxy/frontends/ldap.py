@@ -63,22 +63,14 @@ class Upstream:
             normalise_dn(dn) for dn in (self.config.bind_dn, self.config.search_bind_dn) if dn
         )
 
-    @property
-    def proxied(self) -> bool:
-        """App-password sessions read with RFC 4370's control, as the user."""
-        return self.config.app_password_reads == "proxied_authorization"
-
-    @property
-    def reader(self) -> str:
-        """Whom an app-password session's connection is bound as."""
-        if self.proxied:
-            return self.config.bind_dn
-        assert self.config.search_bind_dn is not None
-        return self.config.search_bind_dn
-
-    @property
-    def reader_password(self) -> str:
-        return self.service_password if self.proxied else self.search_password
+    def password_of(self, dn: str | None) -> str:
+        """The password of an account the proxy binds as for app-password
+        sessions (the core says which)."""
+        if dn == self.config.bind_dn:
+            return self.service_password
+        if dn is not None and dn == self.config.search_bind_dn:
+            return self.search_password
+        return ""
 
     def is_hidden(self, name: bytes) -> bool:
         text = name.decode("utf-8", "replace").lower()
@@ -152,6 +144,7 @@ Action = Reply | BeginTLS | DecideBind | Forget | Relay | Abandon | Disconnect |
 class Identity:
     kind: str  # "primary", "app_password" or "anonymous"
     dn: str = ""
+    acting_for: str | None = None  # the DN of the proxied authorization control, if any
 
     @property
     def read_only(self) -> bool:
@@ -168,11 +161,10 @@ class LDAPSession:
     directory, rewritten for app-password sessions so that they read with
     their user's rights and nothing more."""
 
-    def __init__(self, *, tls: bool, starttls: bool, proxied: bool, max_before_bind: int,
+    def __init__(self, *, tls: bool, starttls: bool, max_before_bind: int,
                  max_after_bind: int, max_depth: int) -> None:
         self.tls = tls
         self.starttls = starttls
-        self.proxied = proxied
         self.max_before_bind = max_before_bind
         self.max_after_bind = max_after_bind
         self.max_depth = max_depth
@@ -361,9 +353,9 @@ class LDAPSession:
             return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
                                  "sessions opened with an app password cannot check passwords")]
         frame = message.frame
-        if self.proxied:
+        if self.identity.acting_for is not None:
             frame = ber.with_control(message, ber.PROXIED_AUTHORIZATION,
-                                     b"dn:" + self.identity.dn.encode())
+                                     b"dn:" + self.identity.acting_for.encode())
         return [Relay(message, frame)]
 
 
@@ -393,7 +385,6 @@ class LDAPServer(ListenerConnection, Protocol):
         self.session = LDAPSession(
             tls=config.tls == "implicit",
             starttls=config.tls == "starttls" and self.listener.tls is not None,
-            proxied=upstream.proxied,
             max_before_bind=config.max_message_size_before_bind,
             max_after_bind=config.max_message_size,
             max_depth=config.max_ber_depth,
@@ -540,14 +531,14 @@ class LDAPServer(ListenerConnection, Protocol):
         if not decision.accepted:
             return ber.INVALID_CREDENTIALS, "", None
         assert decision.account is not None and self.directory is not None
-        upstream = self.listener.upstream
+        # With whose rights the session reads is the core's to say.
+        wanted = decision.reads_as
         if decision.read_only:
-            # App passwords: the directory is asked as the reader (see
-            # directory.app_password_reads), and only when the session first
-            # needs it.
-            wanted, password = upstream.reader, upstream.reader_password
+            # App passwords: the directory is asked as the reading account,
+            # and only when the session first needs it.
+            password = self.listener.upstream.password_of(wanted)
         else:
-            wanted, password = decision.account.dn, action.password
+            password = action.password
             try:
                 await self.directory.bind_as(wanted, password)
             except UpstreamRefused:
@@ -564,7 +555,7 @@ class LDAPServer(ListenerConnection, Protocol):
             return ber.INVALID_CREDENTIALS, "", None  # revoked while the bind was under way
         self._become(decision, wanted, password, lazy=decision.read_only)
         kind = "app_password" if decision.read_only else "primary"
-        return ber.SUCCESS, "", Identity(kind, decision.account.dn)
+        return ber.SUCCESS, "", Identity(kind, decision.account.dn, decision.acting_for)
 
     def _attempt(self, name: str, password: str) -> Attempt:
         return Attempt(

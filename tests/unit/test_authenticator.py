@@ -200,3 +200,25 @@ def test_enforced_in_the_store_is_enough(core):
     core.directory.add("alice", PRIMARY)
     core.admin.set_mfa("alice", MfaState.ENFORCED)
     assert decide(core, "alice", PRIMARY).reason is Reason.MFA_REQUIRED
+
+
+def test_with_whose_rights_an_ldap_session_reads_is_the_cores_decision(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    app = core.admin.create("alice", "appliance").secret
+    dn = core.directory.accounts["alice"].dn
+    primary = decide(core, "alice", PRIMARY, protocol="ldap")
+    assert (primary.reads_as, primary.acting_for) == (dn, None)
+    by_app = decide(core, "alice", app, protocol="ldap")
+    assert (by_app.reads_as, by_app.acting_for) == ("cn=proxy,dc=example,dc=test", dn)
+    event = [e for e in core.events if e["event"] == "authentication"][-1]
+    assert event["reads_as"] == "cn=proxy,dc=example,dc=test" and event["acting_for"] == dn
+
+
+def test_a_search_account_reads_for_app_passwords_where_configured(core, tmp_path):
+    core.build(app_password_reads="search_account", search_bind_dn="cn=reader,dc=example,dc=test",
+               search_bind_password_file=tmp_path / "reader")
+    core.directory.add("alice", PRIMARY)
+    app = core.admin.create("alice", "appliance").secret
+    by_app = decide(core, "alice", app, protocol="ldap")
+    assert (by_app.reads_as, by_app.acting_for) == ("cn=reader,dc=example,dc=test", None)

@@ -127,3 +127,23 @@ def test_every_key_is_documented_and_in_the_example():
 
 def test_parse_takes_text(tmp_path):
     assert parse("", tmp_path / "c.yaml").policy.max_app_passwords_per_user == 40
+
+
+def test_a_setting_of_another_protocol_is_refused_by_name(tmp_path):
+    text = ("directory:\n  url: ldap://d\n  bind_dn: cn=p\n  bind_password_file: p\n"
+            "  user_base: dc=x\nlisteners:\n  - protocol: ldap\n    realm: cloud\n"
+            "    endpoint: tcp:389\n    tls: none\n    max_literal_size: 100\n")
+    e = error(text, tmp_path)
+    assert "max_literal_size is not a setting of ldap listeners" in e.problem
+    assert e.line == 7
+
+
+def test_every_listener_setting_belongs_to_the_registry():
+    import attrs
+
+    from proxy import protocols
+
+    fields = {f.name for f in attrs.fields(config.ListenerConfig)}
+    registered = set(protocols.COMMON_SETTINGS).union(
+        *(p.settings for p in protocols.REGISTRY.values()))
+    assert fields == registered

@@ -22,7 +22,7 @@ DN = "uid=alice,ou=people,dc=example,dc=test"
 
 
 def session(**kw):
-    values = dict(tls=False, starttls=True, proxied=True, max_before_bind=4096,
+    values = dict(tls=False, starttls=True, max_before_bind=4096,
                   max_after_bind=1 << 20, max_depth=32)
     values.update(kw)
     return LDAPSession(**values)
@@ -50,7 +50,7 @@ def test_a_bind_is_decided_and_what_follows_waits_for_it():
     assert isinstance(actions[0], Forget) and isinstance(actions[1], DecideBind)
     assert (actions[1].name, actions[1].password) == ("alice", "secret")
     assert len(actions) == 2 and s.binding  # the search waits
-    after = s.bound(actions[1].message, ber.SUCCESS, "", Identity("app_password", DN))
+    after = s.bound(actions[1].message, ber.SUCCESS, "", Identity("app_password", DN, DN))
     assert codes(after) == [0]
     (relay,) = [a for a in after if isinstance(a, Relay)]
     assert ber.control_types(ber.parse_message(relay.frame)) == [ber.PROXIED_AUTHORIZATION]
