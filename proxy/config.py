@@ -627,6 +627,18 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    """Prometheus metrics and health answers for load balancers, over HTTP."""
+
+    endpoint: str | None = _field(
+        None,
+        Optional(Endpoint()),
+        "where to serve /metrics, /health/live and /health/ready "
+        "(tcp:9464:interface=127.0.0.1); null: nowhere",
+    )
+
+
+@attrs.frozen
 class ListenerConfig:
     """One service legacy clients connect to."""
 
@@ -776,6 +788,7 @@ class Config:
     throttle: ThrottleConfig = _section(ThrottleConfig)
     cache: CacheConfig = _section(CacheConfig)
     limits: LimitsConfig = _section(LimitsConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
     listeners: tuple[ListenerConfig, ...] = attrs.field(
         default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
     )

@@ -344,8 +344,27 @@ class Directory:
         await self._search.stop()
         await self._bind.stop()
 
+    metrics: Any = None  # proxy.metrics.Metrics, where the daemon exports them
+
+    def up(self) -> bool:
+        """Whether the directory answered the last time it was asked."""
+        return self._search.failing_since is None and self._bind.failing_since is None
+
+    def down_since(self) -> float | None:
+        """Since when the directory has not answered (None: it does)."""
+        times = [t for t in (self._search.failing_since, self._bind.failing_since) if t is not None]
+        return min(times) if times else None
+
     async def _run(self, pool: _Pool, operation: Any) -> Any:
         """Run ``operation(client)`` on a connection of ``pool``."""
+        started = self._reactor.seconds()
+        try:
+            return await self._run_timed(pool, operation)
+        finally:
+            if self.metrics is not None:
+                self.metrics.directory_round_trip(pool.name, self._reactor.seconds() - started)
+
+    async def _run_timed(self, pool: _Pool, operation: Any) -> Any:
         connection = await pool.acquire()
         try:
             client = await connection.client()

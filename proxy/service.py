@@ -23,6 +23,7 @@ from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.backends import backend_endpoint
 from proxy import protocols
+from proxy.metrics import Metrics, counter, gauge, site
 from proxy.frontends.base import PreLoginBudget
 from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
@@ -187,6 +188,9 @@ class Daemon:
         self.budget = PreLoginBudget(config.limits.max_connections_before_login,
                                      config.limits.max_bytes_before_login)
         self.services = Ordered()
+        self.frontends: list[Any] = []  # the listeners' factories, for metrics
+        self.metrics = Metrics()
+        self.metrics.watch(self._state)
 
     def _part(self, name: str, start: Any = None, stop: Any = None) -> None:
         """Add a part to the tree; it starts at once (the tree is running)."""
@@ -211,6 +215,8 @@ class Daemon:
             await self._start_authentication(self.config.directory)
             for listener in self.config.listeners:
                 await self._listen(listener)
+        if self.config.metrics.endpoint is not None:
+            await self._serve_metrics(self.config.metrics.endpoint)
         self.record("daemon_started", config=str(self._config_path))
         log.info(
             "legacy-auth-proxy started: store {store}, directory {directory}",
@@ -234,7 +240,9 @@ class Daemon:
             hasher=apppasswords.Hasher(hash_parameters(self.config)),
             pepper=self.pepper,
             record=self.record,
+            metrics=self.metrics,
         )
+        self.directory.metrics = self.metrics
         await self.authenticator.start()
         self.sessions = Sessions(
             self._reactor, self.directory, config.account_cache, self.authenticator
@@ -278,6 +286,7 @@ class Daemon:
             sessions=self.sessions,
             tls=tls,
             budget=self.budget,
+            metrics=self.metrics,
         )
         entry = protocols.REGISTRY[config.protocol]
         if entry.backend is None:
@@ -286,6 +295,7 @@ class Daemon:
             backend = entry.load("backend")(**await self._backend_options(config))
             await backend.ready()
         factory: Any = entry.load("frontend")(backend=backend, **common)
+        self.frontends.append(factory)
         if config.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         try:
@@ -296,6 +306,65 @@ class Daemon:
         self._part(f"listener {config.label}", stop=port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
+
+    async def _serve_metrics(self, endpoint: str) -> None:
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            port = await serverFromString(self._reactor, endpoint).listen(
+                site(self.metrics, self.not_ready))
+        except Exception as e:
+            raise StartupError(f"metrics.endpoint: cannot listen: {e}") from None
+        self._part("metrics", stop=port.stopListening)
+        log.info("metrics and health on {endpoint}", endpoint=endpoint)
+
+    def not_ready(self) -> list[str]:
+        """Why a load balancer should not send clients here now (empty: ready)."""
+        problems = []
+        if len(self.listeners) < len(self.config.listeners):
+            problems.append("not every listener is open")
+        now = self._reactor.seconds()
+        if self.authenticator is not None:
+            ok_at = self.authenticator.store_ok_at
+            if ok_at is None or now - ok_at > 10:
+                problems.append("the store does not answer")
+        if self.directory is not None and self.config.directory is not None:
+            since = self.directory.down_since()
+            if since is not None and now - since > self.config.directory.outage_grace:
+                problems.append("the directory does not answer, past the outage grace")
+        return problems
+
+    def _state(self) -> Any:
+        """What the metrics read when Prometheus scrapes."""
+        pairs = [(f.config.label, f) for f in self.frontends]
+        yield gauge("connections", "Client connections open", ["listener"],
+                    [([label], len(f.connections)) for label, f in pairs])
+        yield gauge("sessions", "Signed-in sessions", ["listener"],
+                    [([label], sum(1 for c in f.connections if c.username)) for label, f in pairs])
+        yield counter("relayed_bytes", "Bytes relayed after sign-in", ["listener", "direction"],
+                      [([label, d], f.relayed[i]) for label, f in pairs
+                       for i, d in enumerate(("to_backend", "to_client"))])
+        pools = (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool)
+        yield gauge("pool_calls", "Calls under way or waiting in a thread pool", ["pool"],
+                    [([p.name], p.pending) for p in pools])
+        yield gauge("pool_capacity", "Calls a thread pool takes before it answers busy", ["pool"],
+                    [([p.name], p.limit) for p in pools])
+        yield counter("pool_refusals", "Calls a full thread pool refused", ["pool"],
+                      [([p.name], p.refused) for p in pools])
+        yield gauge("connections_before_login", "Connections not signed in, over all listeners",
+                    [], [([], self.budget.connections)])
+        yield gauge("bytes_before_login", "Bytes held for connections not signed in", [],
+                    [([], self.budget.bytes)])
+        if self.directory is not None:
+            yield gauge("directory_up", "1 if the directory answered when last asked", [],
+                        [([], 1 if self.directory.up() else 0)])
+        if self.authenticator is not None:
+            yield gauge("lockouts", "Account lockouts in force", [],
+                        [([], self.authenticator.throttle.lockouts_in_force())])
+        yield gauge("backend_up", "1 if the last login to the backend as a user worked",
+                    ["listener"], [([k], 1 if v else 0) for k, v in self.metrics.backend_up.items()])
+        yield gauge("ready", "1 if the daemon is ready for clients (/health/ready)", [],
+                    [([], 0 if self.not_ready() else 1)])
 
     async def _backend_secrets(self, config: configuration.ListenerConfig) -> tuple[str, bytes | None]:
         def read() -> tuple[str, bytes | None]:
@@ -371,7 +440,8 @@ class Daemon:
         except configuration.ConfigError as e:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             return
-        fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "listeners")
+        fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
+                 "listeners")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(

@@ -32,6 +32,7 @@ class Pool:
         self.threads = threads
         self.limit = threads + queue
         self.pending = 0
+        self.refused = 0
         self._pool = ThreadPool(minthreads=threads, maxthreads=threads, name=name)
 
     def start(self) -> None:
@@ -45,6 +46,7 @@ class Pool:
 
     def submit(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         if self.pending >= self.limit:
+            self.refused += 1
             return fail(Busy(f"{self.name}: {self.pending} calls under way"))
         self.pending += 1
         d = deferToThreadPool(self._reactor, self._pool, function, *args, **kwargs)

@@ -133,8 +133,10 @@ class Authenticator:
         hasher: apppasswords.Hasher,
         pepper: bytes,
         record: Callable[..., None],
+        metrics: Any = None,
     ) -> None:
         self._clock = clock
+        self.metrics = metrics
         self.policy = policy
         self._directory_config = directory_config
         self._directory = directory
@@ -166,11 +168,13 @@ class Authenticator:
         self.revision = 0
         self._user_revision: OrderedDict[str, int] = OrderedDict()
         self._everyone_revision = 0
+        self.store_ok_at: float | None = None  # the change feed last read the store
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self, poll_interval: float = 1.0) -> None:
         self._seq = await self._store.last_change()
+        self.store_ok_at = self._clock.seconds()
         self.usage.start()
         self._feed.start(poll_interval, now=False)
 
@@ -196,6 +200,7 @@ class Authenticator:
         except Exception:
             log.failure("cannot read the store's change feed")
             return
+        self.store_ok_at = self._clock.seconds()
         for change in changes:
             self._seq = max(self._seq, change.seq)
             self.apply(change)
@@ -260,6 +265,9 @@ class Authenticator:
             remaining = started + delay - self._clock.seconds()
             if remaining > 0:
                 await deferLater(self._clock, remaining)
+        if self.metrics is not None:
+            self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
+                                 decision.reason.value, self._clock.seconds() - started)
         return decision
 
     def _reading(self, decision: Decision) -> Decision:
@@ -282,6 +290,9 @@ class Authenticator:
         else:
             decision = Decision(Reason.ANONYMOUS, "", revision=self.revision)
         self._audit(attempt, decision)
+        if self.metrics is not None:
+            self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
+                                 decision.reason.value, 0.0)
         return decision
 
     async def _decide(self, attempt: Attempt) -> Decision:
@@ -391,6 +402,8 @@ class Authenticator:
         """A decision if ``secret`` is one of the account's app passwords; None if not."""
         key = apppasswords.lookup_key(self._pepper, account.username, secret)
         record = self._app_cache.get(key)
+        if self.metrics is not None:
+            self.metrics.cache("app_password", record is not None)
         verified_now = False
         revision = self._user_revision.get(account.username, 0)
         if record is None:
@@ -478,7 +491,10 @@ class Authenticator:
             account.dn.encode() + b"\x00" + attempt.secret.encode("utf-8", "surrogateescape"),
             hashlib.sha256,
         )
-        if self._primary_cache.get(cache_key) == (account.password_changed_at or 0.0):
+        hit = self._primary_cache.get(cache_key) == (account.password_changed_at or 0.0)
+        if self.metrics is not None:
+            self.metrics.cache("primary", hit)
+        if hit:
             self.throttle.succeeded(key, attempt.client_address)
             return Decision(Reason.PRIMARY, account.username, account)
         if self.throttle.recently_failed(key, attempt.client_address, attempt.secret):

@@ -118,6 +118,7 @@ class Throttle:
         self._unknown: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
         self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
+        self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
 
     # -- sources ---------------------------------------------------------------
 
@@ -255,8 +256,16 @@ class Throttle:
         length = self.config.lockout * 2 ** min(bucket.lockouts, 30)
         bucket.locked_until = now + min(length, self.config.lockout_max)
         bucket.lockouts += 1
+        self._lockouts[id(bucket)] = bucket.locked_until
         bucket.failures.clear()
         return True
+
+    def lockouts_in_force(self) -> int:
+        """Accounts (or their familiar or other places) locked now."""
+        now = self._clock()
+        for key in [k for k, until in self._lockouts.items() if until <= now]:
+            del self._lockouts[key]
+        return len(self._lockouts)
 
     def succeeded(self, account: str, address: str) -> None:
         """A sign-in worked: the source becomes familiar, its counters start over."""

@@ -387,8 +387,12 @@ class Listener(Factory):
 
     def __init__(self, *, reactor: Any, config: ListenerConfig, authenticator: Any,
                  sessions: Any, backend: Any, tls: Any | None,
-                 budget: PreLoginBudget | None = None) -> None:
+                 budget: PreLoginBudget | None = None, metrics: Any = None) -> None:
         self.reactor = reactor
+        self.metrics = metrics
+        # Bytes relayed, client to backend and back: plain integers on the
+        # hot path, read when metrics are scraped.
+        self.relayed = [0, 0]
         self.budget = budget or PreLoginBudget(LimitsConfig().max_connections_before_login,
                                                LimitsConfig().max_bytes_before_login)
         self.config = config
@@ -508,6 +512,7 @@ class RelayingServer(ListenerConnection, Protocol):
             return
         self._touch()
         if self.backend is not None:
+            self.listener.relayed[0] += len(data)
             if self.guard is not None:
                 self._guarded(self.guard.feed_client(data))
             else:
@@ -559,9 +564,15 @@ class RelayingServer(ListenerConnection, Protocol):
             self._run(self.machine.login_failed(event.tag, temporary,
                                                 plaintext=decision.reason is Reason.PLAINTEXT))
             return
+        started = self.listener.reactor.seconds()
+        metrics = self.listener.metrics
         try:
             backend = await self.listener.backend.login(decision.username, self.address, self.port)
+            if metrics is not None:
+                metrics.backend_login(self.config.label, True, self.listener.reactor.seconds() - started)
         except Exception as e:
+            if metrics is not None:
+                metrics.backend_login(self.config.label, False, 0.0)
             log.warn("{address}: the {protocol} backend did not log {user} in: {error}",
                      address=self.address, protocol=self.protocol_name, user=decision.username,
                      error=str(e) or type(e).__name__)
@@ -612,6 +623,7 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def from_backend(self, data: bytes) -> None:
         self._touch()
+        self.listener.relayed[1] += len(data)
         if self.guard is not None:
             self._guarded(self.guard.feed_backend(data))
         else:

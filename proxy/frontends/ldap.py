@@ -463,6 +463,7 @@ class LDAPServer(ListenerConnection, Protocol):
             if isinstance(action, Reply):
                 self.transport.write(action.data)
             elif isinstance(action, Relay):
+                self.listener.relayed[0] += len(action.frame)
                 message = action.message
                 self.directory.send(action.frame,
                                     lambda code, text, fatal, m=message: self._refused(m, code, text, fatal))
@@ -637,6 +638,7 @@ class LDAPServer(ListenerConnection, Protocol):
 
     def _from_directory(self, frame: bytes) -> None:
         self._touch()
+        self.listener.relayed[1] += len(frame)
         if self.session is not None and self.session.identity is not None \
                 and self.session.identity.kind == "app_password":
             frame = readable_by_app_password(frame, self.listener.upstream)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 LAYERS = [
     ("codecs and the protocol registry", ["proxy.wire", "proxy.protocols"]),
     ("plumbing", ["proxy.transports", "proxy.tls", "proxy.threads", "proxy.apppasswords",
-                  "proxy.config", "proxy.audit", "proxy.pki"]),
+                  "proxy.config", "proxy.audit", "proxy.pki", "proxy.metrics"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
     ("front ends", ["proxy.frontends"]),

@@ -1,0 +1,148 @@
+"""The Prometheus families, and the health answers for load balancers.
+
+Events (sign-ins and their latency, cache lookups, backend logins, directory
+round trips) are counted as they happen, on the reactor thread, with
+``prometheus_client``'s counters and histograms in a registry of the
+daemon's own. State (connections, sessions, pools, lockouts, health, bytes
+relayed) is read when Prometheus scrapes, from the objects that hold it, so
+that the relay's hot path only adds to an integer.
+
+Served by twisted.web on a listener of its own (``metrics.endpoint``, off by
+default): ``/metrics``, ``/health/live`` and ``/health/ready``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+PREFIX = "legacy_auth_proxy"
+# Sign-ins are answered from a cache in microseconds, or after an argon2 run
+# or a directory bind in tens of milliseconds; refusals wait for the source's
+# failure delay (seconds).
+DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+ROUND_TRIP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """Every family the daemon exports. Parts of the daemon take one of
+    these (or None, in tests) and call its methods; none imports Prometheus."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._sign_ins = Counter(f"{PREFIX}_sign_ins", "Sign-ins decided, by outcome and reason",
+                                 ["protocol", "realm", "outcome", "reason"], registry=r)
+        self._decision = Histogram(f"{PREFIX}_decision_seconds",
+                                   "Time from a sign-in's start to its answer (failure delays included)",
+                                   ["protocol", "outcome"], buckets=DECISION_BUCKETS, registry=r)
+        self._cache = Counter(f"{PREFIX}_cache_lookups", "Success-cache lookups",
+                              ["cache", "result"], registry=r)
+        self._backend_logins = Counter(f"{PREFIX}_backend_logins",
+                                       "Logins to a backend as the user, by result",
+                                       ["listener", "result"], registry=r)
+        self._backend_seconds = Histogram(f"{PREFIX}_backend_login_seconds",
+                                          "Time to log in to a backend as the user",
+                                          ["listener"], buckets=ROUND_TRIP_BUCKETS, registry=r)
+        self._directory_seconds = Histogram(f"{PREFIX}_directory_seconds",
+                                            "Round trips to the upstream directory",
+                                            ["pool"], buckets=ROUND_TRIP_BUCKETS, registry=r)
+        self._state = _State()
+        r.register(self._state)
+        self.backend_up: dict[str, bool] = {}  # by listener: the last login's result
+
+    # -- events ----------------------------------------------------------------------
+
+    def sign_in(self, protocol: str, realm: str, outcome: str, reason: str, seconds: float) -> None:
+        self._sign_ins.labels(protocol, realm, outcome, reason).inc()
+        self._decision.labels(protocol, outcome).observe(seconds)
+
+    def cache(self, cache: str, hit: bool) -> None:
+        self._cache.labels(cache, "hit" if hit else "miss").inc()
+
+    def backend_login(self, listener: str, ok: bool, seconds: float) -> None:
+        self._backend_logins.labels(listener, "ok" if ok else "failed").inc()
+        self.backend_up[listener] = ok
+        if ok:
+            self._backend_seconds.labels(listener).observe(seconds)
+
+    def directory_round_trip(self, pool: str, seconds: float) -> None:
+        self._directory_seconds.labels(pool).observe(seconds)
+
+    # -- state, read at scrape time -----------------------------------------------------------
+
+    def watch(self, source: Callable[[], Iterable[Any]]) -> None:
+        """``source()`` yields metric families when Prometheus scrapes."""
+        self._state.sources.append(source)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Iterable[Any]]] = []
+
+    def collect(self) -> Iterable[Any]:
+        for source in self.sources:
+            yield from source()
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def gauge(name: str, documentation: str, labels: list[str],
+          values: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+def counter(name: str, documentation: str, labels: list[str],
+            values: Iterable[tuple[list[str], float]]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+# -- the web side -------------------------------------------------------------------------
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self._check = check
+
+    def render_GET(self, request: Any) -> bytes:
+        problems = self._check()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if problems:
+            request.setResponseCode(503)
+            return ("not ready: " + "; ".join(problems) + "\n").encode()
+        return b"ok\n"
+
+
+def site(metrics: Metrics, ready: Callable[[], list[str]]) -> Any:
+    """The metrics listener's site: /metrics, /health/live, /health/ready
+    (``ready()`` lists what is wrong; empty when ready)."""
+    from twisted.web.server import Site
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    health = Resource()
+    health.putChild(b"live", _Health(lambda: []))
+    health.putChild(b"ready", _Health(ready))
+    root.putChild(b"health", health)
+    factory = Site(root)
+    factory.noisy = False
+    factory.displayTracebacks = False
+    # No access log: scrapes every few seconds are noise, not an event.
+    factory.log = lambda request: None  # type: ignore[method-assign]
+    return factory
