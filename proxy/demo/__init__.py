@@ -27,7 +27,8 @@ DEMO_USER = "demo"
 DEMO_MAIL = "demo@example.test"
 DEMO_DEVICE = "demo device"
 PRIMARY_PASSWORD = "demo-primary-password"
-PORTS = {"ldap": 10389, "imap": 10143, "imaps": 10993, "pop3": 10110, "submission": 10587}
+PORTS = {"ldap": 10389, "imap": 10143, "imaps": 10993, "pop3": 10110, "submission": 10587,
+         "metrics": 19464}
 
 CONFIG = """\
 # Written by `legacy-auth-proxy demo` on every run (edits are lost): the demo's
@@ -49,6 +50,8 @@ directory:
 throttle:
   source_delay: 0.5s
   source_delay_max: 2s
+metrics:
+  endpoint: "tcp:{metrics}:interface=127.0.0.1"
 listeners:
   - name: ldap
     protocol: ldap
@@ -207,6 +210,10 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         f"    LDAPTLS_CACERT={ca} ldapwhoami -x -ZZ -H ldap://127.0.0.1:{ports['ldap']} "
         f"-D {DEMO_USER} -w {shlex.quote(secret)}",
         f"The primary password ({PRIMARY_PASSWORD}) is refused there: the user must use MFA.",
+        "",
+        "Metrics and health, as Prometheus and a load balancer see them:",
+        f"    curl -s http://127.0.0.1:{ports['metrics']}/metrics | grep legacy_auth_proxy_sign_ins",
+        f"    curl -s http://127.0.0.1:{ports['metrics']}/health/ready",
         "",
         "Manage app passwords in another terminal:",
         f"    {tool} app-password list {DEMO_USER}",

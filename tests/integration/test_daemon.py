@@ -140,6 +140,13 @@ def test_the_demo_serves_imap_pop3_submission_and_ldap_in_one_process(tmp_path):
         pop.pass_(secret)
         assert b"Subject: Welcome to the legacy-auth-proxy demo" in pop.retr(1)[1]  # lines, no CRLF
         pop.quit()
+        import urllib.request
+
+        metrics_url = re.search(r"(http://127.0.0.1:\d+)/metrics", text)[1]
+        with urllib.request.urlopen(metrics_url + "/metrics", timeout=30) as answer:
+            assert b'legacy_auth_proxy_sign_ins_total{outcome="accepted"' in answer.read()
+        with urllib.request.urlopen(metrics_url + "/health/ready", timeout=30) as answer:
+            assert answer.read() == b"ok\n"
     finally:
         daemon.process.send_signal(signal.SIGINT)  # a second Ctrl-C is harmless
         assert daemon.stop(signal.SIGINT) == 0

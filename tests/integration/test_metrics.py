@@ -128,3 +128,13 @@ def test_readiness_follows_the_directory(slapd, dovecot, tmp_path):
         assert wait_until(lambda: curl(daemon, "/health/ready")[0] == 200, 40)
     finally:
         assert daemon.stop() == 0
+
+
+def test_the_alert_rules_pass_promtool():
+    from pathlib import Path
+
+    rules = Path(__file__).resolve().parents[2] / "config" / "alerts.yml"
+    done = subprocess.run([require_tool("promtool"), "check", "rules", str(rules)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout

@@ -147,3 +147,27 @@ def test_every_listener_setting_belongs_to_the_registry():
     registered = set(protocols.COMMON_SETTINGS).union(
         *(p.settings for p in protocols.REGISTRY.values()))
     assert fields == registered
+
+
+def test_the_dashboard_and_the_alert_rules_use_only_families_the_daemon_exports():
+    import json
+
+    from proxy.metrics import Metrics
+
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported.add(family.name)
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+        exported.update(sample.name for sample in family.samples)
+    for name in ("connections", "sessions", "relayed_bytes_total", "pool_calls", "pool_capacity",
+                 "pool_refusals_total", "connections_before_login", "bytes_before_login",
+                 "directory_up", "lockouts", "backend_up", "ready"):
+        exported.add("legacy_auth_proxy_" + name)  # read at scrape time from the daemon
+    exported |= {f"legacy_auth_proxy_{n}_bucket" for n in (
+        "decision_seconds", "directory_seconds", "backend_login_seconds")}
+    dashboard = json.loads((ROOT / "config" / "grafana-dashboard.json").read_text())
+    texts = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    texts.append((ROOT / "config" / "alerts.yml").read_text())
+    used = set(re.findall(r"legacy_auth_proxy_[a-z_]+", "\n".join(texts)))
+    assert used and used <= exported, used - exported
