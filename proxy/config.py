@@ -627,6 +627,18 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class ShutdownConfig:
+    """What SIGTERM does: stop taking connections, let sessions finish, then say goodbye."""
+
+    grace: float = _field(
+        10.0,
+        Duration(high=3600),
+        "how long signed-in sessions may go on after SIGTERM before they are told goodbye "
+        "(IMAP BYE, SMTP 421, POP3 -ERR, LDAP notice of disconnection) and closed",
+    )
+
+
+@attrs.frozen
 class MetricsConfig:
     """Prometheus metrics and health answers for load balancers, over HTTP."""
 
@@ -789,6 +801,7 @@ class Config:
     cache: CacheConfig = _section(CacheConfig)
     limits: LimitsConfig = _section(LimitsConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    shutdown: ShutdownConfig = _section(ShutdownConfig)
     listeners: tuple[ListenerConfig, ...] = attrs.field(
         default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
     )

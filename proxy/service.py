@@ -213,6 +213,8 @@ class Daemon:
         self._part("audit", stop=self._write_audit)
         if self.config.directory is not None:
             await self._start_authentication(self.config.directory)
+            # Stopped after the listeners stop taking connections.
+            self._part("sessions", stop=lambda: Deferred.fromCoroutine(self._drain()))
             for listener in self.config.listeners:
                 await self._listen(listener)
         if self.config.metrics.endpoint is not None:
@@ -306,6 +308,34 @@ class Daemon:
         self._part(f"listener {config.label}", stop=port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
+
+    async def _drain(self) -> None:
+        """The listeners take no more connections: close those not signed in
+        now, give signed-in sessions ``shutdown.grace`` to finish, then tell
+        the rest goodbye in their protocol's way."""
+        from twisted.internet.task import deferLater
+
+        def open_connections() -> list[Any]:
+            return [c for f in self.frontends for c in list(f.connections)]
+
+        for connection in open_connections():
+            if not connection.username:
+                connection.shut_down()
+        grace = self.config.shutdown.grace
+        if open_connections():
+            log.info("waiting up to {grace} s for {count} session(s) to finish",
+                     grace=grace, count=len(open_connections()))
+        waited = 0.0
+        while open_connections() and waited < grace:
+            await deferLater(self._reactor, 0.1)
+            waited += 0.1
+        for connection in open_connections():
+            connection.shut_down()
+        # Their goodbyes leave, and TLS closes, within the close deadline.
+        waited = 0.0
+        while open_connections() and waited < 3.0:
+            await deferLater(self._reactor, 0.1)
+            waited += 0.1
 
     async def _serve_metrics(self, endpoint: str) -> None:
         from twisted.internet.endpoints import serverFromString
@@ -441,7 +471,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             return
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
-                 "listeners")
+                 "shutdown", "listeners")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(

@@ -122,6 +122,8 @@ class ProxyDaemon:
             f"  account_cache: {account_cache}",
             *directory.splitlines(),
             "throttle:", *throttle.splitlines(),
+            # Sessions a test left open do not hold up its stop.
+            "shutdown:", "  grace: 1s",
             *(["cache:", *cache.splitlines()] if cache else []),
             "listeners:",
         ]

@@ -221,6 +221,10 @@ class ListenerConnection:
         self.listener.sessions.add(self)
         self.listener.budget.leave(self)
 
+    def shut_down(self) -> None:
+        """The daemon stops: say goodbye in the protocol's way, and close."""
+        raise NotImplementedError
+
     def _hang_up(self) -> None:
         """Close the client connection, whatever is registered on it: every
         path that ends a session ends here (see :mod:`proxy.transports`)."""
@@ -497,6 +501,9 @@ class RelayingServer(ListenerConnection, Protocol):
             self.backend.close()
         self.transport.write(self.bye(text))
         self._hang_up()
+
+    def shut_down(self) -> None:
+        self.close("Server shutting down.")
 
     def revoke(self, reason: str) -> None:
         """The session registry ends this session."""

@@ -437,6 +437,9 @@ class LDAPServer(ListenerConnection, Protocol):
         self._forget()
         self.directory.close()
 
+    def shut_down(self) -> None:
+        self.disconnect(ber.UNAVAILABLE, "the server is shutting down")
+
     def revoke(self, reason: str) -> None:
         """The session registry ends this session."""
         log.info("{address}: ending the session of {user}: {reason}", address=self.address,

@@ -195,3 +195,49 @@ def test_serve_refuses_an_unreadable_directory_password(workdir, slapd):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 78
     assert "directory.bind_password_file: cannot read" in done.stderr
+
+
+def test_sigterm_lets_sessions_finish_then_says_goodbye(slapd, dovecot, tmp_path, unique):
+    """SIGTERM: no new connections; signed-in sessions go on for the grace,
+    then get IMAP BYE and SMTP 421; the daemon exits 0."""
+    import imaplib
+    import smtplib
+    import ssl
+    import time
+
+    from tests.proxyd import ProxyDaemon, mail_backend
+
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": mail_backend(tmp_path, dovecot, "imap"),
+        "smtp": mail_backend(tmp_path, dovecot, "smtp"),
+    })
+    daemon.config.write_text(daemon.config.read_text().replace("  grace: 1s", "  grace: 3s"))
+    daemon.start()
+    uid = unique()
+    slapd.add_user(uid, "Primary-Passw0rd")
+    secret = daemon.create_app_password(uid, "phone")
+    context = ssl.create_default_context(cafile=str(daemon.pki.ca_file))
+    imap = imaplib.IMAP4("127.0.0.1", daemon.ports["imap"], timeout=30)
+    imap.starttls(context)
+    imap.login(uid, secret)
+    smtp = smtplib.SMTP("127.0.0.1", daemon.ports["smtp"], timeout=30)
+    smtp.starttls(context=context)
+    smtp.login(uid, secret)
+    waiting = socket.create_connection(("127.0.0.1", daemon.ports["imap"]), timeout=10)
+    waiting.recv(4096)  # a connection not signed in
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.wait_for("waiting up to 3.0 s")
+    assert waiting.recv(4096).startswith(b"* BYE")  # closed at once
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", daemon.ports["imap"]), timeout=5)
+    assert imap.noop()[0] == "OK"  # still served during the grace
+    assert smtp.noop()[0] == 250
+    sock = imap.socket()
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    assert b"* BYE Server shutting down." in data
+    assert time.monotonic() - started >= 2.5
+    assert smtp.getreply()[0] == 421
+    assert daemon.process.wait(timeout=30) == 0
