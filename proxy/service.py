@@ -189,12 +189,15 @@ class Daemon:
                                      config.limits.max_bytes_before_login)
         self.services = Ordered()
         self.frontends: list[Any] = []  # the listeners' factories, for metrics
+        self._listener_parts: dict[configuration.ListenerConfig, Part] = {}
         self.metrics = Metrics()
         self.metrics.watch(self._state)
 
-    def _part(self, name: str, start: Any = None, stop: Any = None) -> None:
+    def _part(self, name: str, start: Any = None, stop: Any = None) -> Part:
         """Add a part to the tree; it starts at once (the tree is running)."""
-        Part(name, start, stop).setServiceParent(self.services)
+        part = Part(name, start, stop)
+        part.setServiceParent(self.services)
+        return part
 
     async def start(self) -> None:
         self.services.startService()
@@ -305,9 +308,27 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
         self.listeners.append((config, port, tls))
-        self._part(f"listener {config.label}", stop=port.stopListening)
+        self._listener_parts[config] = self._part(f"listener {config.label}", stop=port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
+
+    async def _reload_listeners(self, old: tuple[configuration.ListenerConfig, ...],
+                                new: tuple[configuration.ListenerConfig, ...]) -> None:
+        """Listeners removed or changed stop taking connections (their
+        sessions go on); new or changed ones open. One that cannot open is
+        logged, and the others are kept."""
+        if self.config.directory is None:
+            return
+        for config in [c for c in old if c not in new]:
+            part = self._listener_parts.pop(config)
+            await maybeDeferred(part.disownServiceParent)
+            self.listeners = [entry for entry in self.listeners if entry[0] != config]
+            log.info("stopped listening: {label} (its sessions go on)", label=config.label)
+        for config in [c for c in new if c not in old]:
+            try:
+                await self._listen(config)
+            except StartupError as e:
+                log.error("reload: {error}", error=str(e))
 
     async def _drain(self) -> None:
         """The listeners take no more connections: close those not signed in
@@ -471,7 +492,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             return
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
-                 "shutdown", "listeners")
+                 "shutdown")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(
@@ -480,7 +501,9 @@ class Daemon:
             )
             new = attrs.evolve(new, **{s: getattr(self.config, s) for s in fixed})
         blocked_now = new.policy.block_legacy_auth and not self.config.policy.block_legacy_auth
+        old_listeners = self.config.listeners
         self.config = new
+        await self._reload_listeners(old_listeners, new.listeners)
         if self.authenticator is not None:
             self.authenticator.policy = new.policy
         if blocked_now and self.sessions is not None:

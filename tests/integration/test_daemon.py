@@ -241,3 +241,52 @@ def test_sigterm_lets_sessions_finish_then_says_goodbye(slapd, dovecot, tmp_path
     assert time.monotonic() - started >= 2.5
     assert smtp.getreply()[0] == 421
     assert daemon.process.wait(timeout=30) == 0
+
+
+def test_sighup_opens_and_closes_listeners_without_dropping_sessions(slapd, dovecot, tmp_path,
+                                                                      unique):
+    import imaplib
+    import ssl
+
+    from tests.proxyd import ProxyDaemon, free_port, mail_backend
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imap": mail_backend(tmp_path, dovecot, "imap")})
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, "Primary-Passw0rd")
+        secret = daemon.create_app_password(uid, "phone")
+        context = ssl.create_default_context(cafile=str(daemon.pki.ca_file))
+        session = imaplib.IMAP4("127.0.0.1", daemon.ports["imap"], timeout=30)
+        session.starttls(context)
+        session.login(uid, secret)
+        old_port, new_port = daemon.ports["imap"], free_port()
+        text = daemon.config.read_text()
+        daemon.config.write_text(text.replace("  - name: imap\n", "  - name: imap-new\n")
+                                 .replace(f"tcp:{old_port}:", f"tcp:{new_port}:"))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("config reloaded")
+        daemon.wait_for(r"listening: imap-new")
+        assert session.noop()[0] == "OK"  # the session on the closed listener goes on
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", old_port), timeout=5)
+        fresh = imaplib.IMAP4("127.0.0.1", new_port, timeout=30)
+        fresh.starttls(context)
+        assert fresh.login(uid, secret)[0] == "OK"
+        fresh.logout()
+        session.logout()
+        # A listener that cannot open is logged; the others stay.
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "listeners:\n", "listeners:\n  - name: busy\n    protocol: ldap\n    realm: cloud\n"
+            f"    endpoint: tcp:{taken}:interface=127.0.0.1\n    tls: none\n", 1))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(r"reload: listener busy: cannot listen")
+        blocker.close()
+        again = imaplib.IMAP4("127.0.0.1", new_port, timeout=30)
+        again.logout()
+    finally:
+        assert daemon.stop() == 0
