@@ -31,6 +31,10 @@ from proxy.apppasswords import HashParameters, Hasher, generate
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
 PASSWORD = "Bench-Passw0rd"
+# The load generators open thousands of sessions of a few users from one
+# address, which the default limits refuse (as they should for real clients).
+BENCH_LIMITS = ("limits:\n  max_sessions_per_user_and_source: 1000000\n"
+                "  max_connections_before_login: 1000000\n  max_connections: 1000000\n")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -110,7 +114,7 @@ class Bench:
             },
             hashing="  threads: 0",
             throttle=throttle,
-            account_cache="60", **options,
+            account_cache="60", extra=BENCH_LIMITS, **options,
         )
         daemon.start()
         daemon.secrets = {uid: daemon.create_app_password(uid, "bench") for uid in self.users}
@@ -281,7 +285,7 @@ class Bench:
             "max_connections_per_source": 1_000_000, "backend": f"imap://127.0.0.1:{port}",
             "backend_login": "dovecot", "pass_client_address": False,
             "master_user": master[0], "master_password_file": str(secret)}},
-            hashing="  threads: 0", account_cache="3600",
+            hashing="  threads: 0", account_cache="3600", extra=BENCH_LIMITS,
             throttle="  source_delay: 0\n  source_delay_max: 0")
         daemon.start()
         try:

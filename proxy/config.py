@@ -618,6 +618,17 @@ class LimitsConfig:
         Int(1, 10_000_000),
         "connections not yet signed in, over all listeners; more are refused at once",
     )
+    max_connections: int = _field(
+        50_000,
+        Int(1, 10_000_000),
+        "client connections, signed in or not, over all listeners; more are refused at once",
+    )
+    max_sessions_per_user_and_source: int = _field(
+        10,
+        Int(1, 100_000),
+        "signed-in sessions one user may hold from one address (Dovecot's "
+        "mail_max_userip_connections); one more gets a temporary failure",
+    )
     max_bytes_before_login: int = _field(
         64 * 1024 * 1024,
         Int(1 << 20, 1 << 40),

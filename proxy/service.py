@@ -186,7 +186,8 @@ class Daemon:
         self.listeners: list[tuple[configuration.ListenerConfig, Any, ServerTLS | None]] = []
         self._fqdn: str | None = None
         self.budget = PreLoginBudget(config.limits.max_connections_before_login,
-                                     config.limits.max_bytes_before_login)
+                                     config.limits.max_bytes_before_login,
+                                     config.limits.max_connections)
         self.services = Ordered()
         self.frontends: list[Any] = []  # the listeners' factories, for metrics
         self._listener_parts: dict[configuration.ListenerConfig, Part] = {}
@@ -246,6 +247,7 @@ class Daemon:
             pepper=self.pepper,
             record=self.record,
             metrics=self.metrics,
+            max_sessions=self.config.limits.max_sessions_per_user_and_source,
         )
         self.directory.metrics = self.metrics
         await self.authenticator.start()
@@ -253,6 +255,7 @@ class Daemon:
             self._reactor, self.directory, config.account_cache, self.authenticator
         )
         self.authenticator.on_revoked(self.sessions.revoked)
+        self.authenticator.sessions = self.sessions
         self.sessions.start()
         self._upstream = Upstream(
             reactor=self._reactor,

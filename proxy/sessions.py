@@ -34,6 +34,7 @@ class Session(Protocol):
     app_password_id: str | None  # None: signed in with the primary password
     app_password_created_at: float | None
     password_changed_at: float | None  # the account's, as the directory said at sign-in
+    address: str  # the client's
 
     def revoke(self, reason: str) -> None:
         """End the session, telling the client in the protocol's own way."""
@@ -79,6 +80,10 @@ class Sessions:
 
     def of(self, username: str) -> list[Session]:
         return list(self._by_user.get(username, ()))
+
+    def count(self, username: str, address: str) -> int:
+        """Sessions ``username`` holds from ``address``."""
+        return sum(1 for s in self._by_user.get(username, ()) if s.address == address)
 
     def _end(self, sessions: Iterable[Session], reason: str) -> int:
         ended = 0

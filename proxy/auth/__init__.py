@@ -46,9 +46,10 @@ class Reason(enum.Enum):
     # temporary failures
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     BUSY = "busy"
+    TOO_MANY_SESSIONS = "too_many_sessions"  # of this user from this address
 
 
-_TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY}
+_TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY, Reason.TOO_MANY_SESSIONS}
 _ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY, Reason.ANONYMOUS}
 # Refusals that say nothing of a guess: not counted for fail2ban, not delayed.
 NOT_GUESSES = {Reason.PLAINTEXT, Reason.ANONYMOUS_REFUSED}

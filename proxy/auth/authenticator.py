@@ -134,9 +134,12 @@ class Authenticator:
         pepper: bytes,
         record: Callable[..., None],
         metrics: Any = None,
+        max_sessions: int = 1 << 30,
     ) -> None:
         self._clock = clock
         self.metrics = metrics
+        self.max_sessions = max_sessions
+        self.sessions: Any = None  # proxy.sessions.Sessions, to count a user's sessions
         self.policy = policy
         self._directory_config = directory_config
         self._directory = directory
@@ -257,6 +260,12 @@ class Authenticator:
         if decision.accepted and self.revoked_since(decision):
             # Revoked while it was being decided: decide again, from the store.
             decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
+        if (decision.accepted and self.sessions is not None
+                and self.sessions.count(decision.username, attempt.client_address) >= self.max_sessions):
+            # Dovecot's mail_max_userip_connections: one device that opens
+            # connection after connection cannot take the backend's.
+            decision = Decision(Reason.TOO_MANY_SESSIONS, decision.username, decision.account,
+                                decision.app_password, decision.revision)
         if decision.accepted and attempt.protocol == "ldap":
             decision = self._reading(decision)
         self._audit(attempt, decision)

@@ -100,9 +100,11 @@ class PreLoginBudget:
     either limit is refused, or closed, at once; one that signs in leaves
     the budget."""
 
-    def __init__(self, max_connections: int, max_bytes: int) -> None:
+    def __init__(self, max_connections: int, max_bytes: int, max_total: int = 1 << 30) -> None:
         self.max_connections = max_connections
         self.max_bytes = max_bytes
+        self.max_total = max_total
+        self.total = 0  # every client connection, signed in or not
         self.connections = 0
         self.bytes = 0
         self._held: dict[Any, int] = {}
@@ -160,13 +162,15 @@ class ListenerConnection:
             self.transport.write(refusal)
             self._hang_up()
             return False
-        if not self.listener.budget.admit(self):
+        budget = self.listener.budget
+        if budget.total >= budget.max_total or not budget.admit(self):
             self.listener.per_source.leave(self.address)
-            log.warn("{address}: refused: {count} connections are not signed in yet",
-                     address=self.address, count=self.listener.budget.connections)
+            log.warn("{address}: refused: {total} connections, {count} not signed in yet",
+                     address=self.address, total=budget.total, count=budget.connections)
             self.transport.write(refusal)
             self._hang_up()
             return False
+        budget.total += 1
         self._counted = True
         self.listener.connections.add(self)
         return True
@@ -243,6 +247,7 @@ class ListenerConnection:
         if self._counted:
             self.listener.per_source.leave(self.address)
             self.listener.budget.leave(self)
+            self.listener.budget.total -= 1
             self._counted = False
         self.listener.connections.discard(self)
 

@@ -348,3 +348,37 @@ def test_joining_the_modern_auth_only_group_ends_sessions(proxy, slapd, unique):
     assert client.login(uid, secret)[0] == "OK"
     slapd.add_to_group(dn, "modern-auth-only")
     assert session_ends(client)
+
+
+def test_one_user_from_one_address_holds_a_bounded_number_of_sessions(slapd, dovecot, unique,
+                                                                        tmp_path):
+    """Dovecot's mail_max_userip_connections, in front of it: the fourth
+    session of one user from one address is a temporary failure; another
+    address, or a session ended, makes room."""
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")},
+                         extra="limits:\n  max_sessions_per_user_and_source: 3\n")
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        held = [imaps(daemon) for _ in range(3)]
+        for client in held:
+            assert client.login(uid, secret)[0] == "OK"
+        extra = imaps(daemon)
+        with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+            extra.login(uid, secret)
+        held.pop().logout()
+        assert wait_until(lambda: _logs_in(daemon, uid, secret), 10)
+        assert "too_many_sessions" in (tmp_path / "audit.log").read_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def _logs_in(daemon, uid, secret):
+    client = imaps(daemon)
+    try:
+        return client.login(uid, secret)[0] == "OK"
+    except imaplib.IMAP4.error:
+        return False
