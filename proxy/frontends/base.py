@@ -633,9 +633,13 @@ class RelayingServer(ListenerConnection, Protocol):
 
     # -- proxy ← backend ------------------------------------------------------------------------
 
+    _backend_tail = b""
+
     def from_backend(self, data: bytes) -> None:
         self._touch()
         self.listener.relayed[1] += len(data)
+        # The end of it, for backend_lost to know how the session ended.
+        self._backend_tail = (self._backend_tail + data)[-512:] if len(data) < 512 else data[-512:]
         if self.guard is not None:
             self._guarded(self.guard.feed_backend(data))
         else:
@@ -659,8 +663,18 @@ class RelayingServer(ListenerConnection, Protocol):
                 self.transport.resumeProducing()
 
     def backend_lost(self) -> None:
-        if not self._closing:
-            self._hang_up()
+        """The backend closed the session: after its own goodbye (the
+        client's logout), close; if it died without one, tell the client."""
+        if self._closing:
+            return
+        if not self.backend_said_goodbye(self._backend_tail):
+            self.transport.write(self.bye("The mail server closed the connection."))
+        self._hang_up()
+
+    def backend_said_goodbye(self, last: bytes) -> bool:
+        """Whether ``last`` (the end of what the backend sent) is the
+        protocol's goodbye."""
+        raise NotImplementedError
 
     def _crashed(self, failure: Any) -> None:
         log.failure("{address}: a {protocol} login failed unexpectedly", failure,

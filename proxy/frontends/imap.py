@@ -242,6 +242,9 @@ class IMAPServer(RelayingServer):
     def bye(self, text: str) -> bytes:
         return b"* BYE " + text.encode() + b"\r\n"
 
+    def backend_said_goodbye(self, last: bytes) -> bool:
+        return b"* BYE " in last.upper()
+
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return event.tag + b" OK [CAPABILITY " + backend.capabilities + b"] Logged in.\r\n"
 

@@ -189,6 +189,12 @@ class POP3Server(RelayingServer):
     def bye(self, text: str) -> bytes:
         return b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n"
 
+    def backend_said_goodbye(self, last: bytes) -> bool:
+        # After QUIT, "+OK Logging out."; when it gives up on a client, -ERR.
+        line = last.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+        return line.startswith(b"-ERR") or b"logging out" in line.lower() or \
+            line.lower().startswith(b"+ok bye")
+
     def logged_in(self, event: Login, backend: Any) -> bytes:
         return b"+OK Logged in.\r\n"
 

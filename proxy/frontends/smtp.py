@@ -441,6 +441,10 @@ class SMTPServer(RelayingServer):
     def bye(self, text: str) -> bytes:
         return b"421 4.7.0 " + text.encode() + b"\r\n"
 
+    def backend_said_goodbye(self, last: bytes) -> bool:
+        lines = last.rstrip(b"\r\n").split(b"\r\n")
+        return lines[-1][:3] in (b"221", b"421")
+
     def make_guard(self) -> AfterAuth:
         offered = {line.split(b" ", 1)[0].upper() for line in self.listener.backend.extensions}
         return AfterAuth(chunking=b"CHUNKING" in offered)

@@ -382,3 +382,41 @@ def _logs_in(daemon, uid, secret):
         return client.login(uid, secret)[0] == "OK"
     except imaplib.IMAP4.error:
         return False
+
+
+# -- faults -------------------------------------------------------------------------------
+
+
+def test_a_backend_that_dies_mid_session_is_reported_to_the_client(proxy, dovecot, user):
+    """Dovecot's process serving a session is killed: the client gets the
+    protocol's goodbye at once, not a silent close, and nothing is left
+    open on the proxy."""
+    import os
+    import signal as signals
+
+    uid, _, secret = user
+    since = len(dovecot.log_text())
+    client = imaps(proxy)
+    client.login(uid, secret)
+    found = dovecot.wait_for_log(rf"imap-login: Info: Login: user=<{uid}>.*mpid=(\d+)", since=since)
+    os.kill(int(found.group(1)), signals.SIGKILL)
+    sock = client.socket()
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    assert b"* BYE The mail server closed the connection." in data
+    client.shutdown()
+
+
+def test_a_clean_logout_gets_no_extra_goodbye(proxy, user):
+    uid, _, secret = user
+    client = imaps(proxy)
+    client.login(uid, secret)
+    client.send(b"z LOGOUT\r\n")
+    sock = client.socket()
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    assert data.count(b"* BYE") == 1 and b"z OK" in data
+    assert b"closed the connection" not in data
