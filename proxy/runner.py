@@ -11,12 +11,14 @@ from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
     formatEvent,
+    formatEventAsClassicLogText,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -38,13 +40,32 @@ def quiet_ports(event: dict) -> PredicateResult:
     return PredicateResult.maybe
 
 
+# sd-daemon(3) priorities, by log level: the journal then files each line
+# under its level (journalctl -p warning shows what needs a look).
+_PRIORITY = {LogLevel.critical: 2, LogLevel.error: 3, LogLevel.warn: 4, LogLevel.info: 6,
+             LogLevel.debug: 7}
+
+
+def journal_line(event: dict) -> str | None:
+    """One line for the journal: its priority prefix, then the namespace,
+    level and text (journald adds the time)."""
+    text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
+    if text is None:
+        return None
+    level = event.get("log_level", LogLevel.info)
+    return f"<{_PRIORITY.get(level, 6)}>" + text.lstrip(" ")
+
+
 def log_observer() -> ILogObserver:
     """Text lines on standard output, info and above, without Twisted's port
-    noise; journald adds its own time."""
-    time_format = None if os.environ.get("JOURNAL_STREAM") else "%Y-%m-%dT%H:%M:%S%z"
+    noise. Under systemd (JOURNAL_STREAM set), with priority prefixes and
+    without a time, which journald adds."""
+    if os.environ.get("JOURNAL_STREAM"):
+        observer = FileLogObserver(sys.stdout, journal_line)
+    else:
+        observer = textFileLogObserver(sys.stdout, timeFormat="%Y-%m-%dT%H:%M:%S%z")
     return FilteringLogObserver(
-        textFileLogObserver(sys.stdout, timeFormat=time_format),
-        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info), quiet_ports],
+        observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info), quiet_ports]
     )
 
 

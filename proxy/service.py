@@ -551,6 +551,23 @@ class Daemon:
         self._reactor.stop()
 
 
+def watchdog(reactor: Any) -> Any:
+    """systemd's watchdog (``WatchdogSec=``): ``WATCHDOG=1`` at half the
+    interval it asked for, from the reactor thread, so that a reactor that
+    stops turning (blocked, deadlocked) gets the daemon restarted. None if
+    systemd asked for no watchdog."""
+    from twisted.internet.task import LoopingCall
+
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    loop = LoopingCall(sd_notify, "WATCHDOG=1")
+    loop.clock = reactor
+    loop.start(int(usec) / 2e6, now=True)
+    return loop
+
+
 async def serve(reactor: Any, config_path: Path, config: configuration.Config) -> None:
     """Run until the reactor stops (SIGTERM, SIGINT)."""
     daemon = Daemon(reactor, config_path, config)
@@ -558,6 +575,7 @@ async def serve(reactor: Any, config_path: Path, config: configuration.Config) -
     await daemon.start()
     daemon.install_signal_handlers()
     sd_notify("READY=1")
+    watchdog(reactor)
     stopped: Deferred[None] = Deferred()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: stopped.callback(None))
     await stopped

@@ -50,20 +50,28 @@ def notify_socket(tmp_path):
 
 def test_serve_notifies_reloads_and_stops(workdir, notify_socket):
     sock, address = notify_socket
-    env = {**os.environ, "NOTIFY_SOCKET": address}
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}
     config = workdir / "config.yaml"
     daemon = Daemon(["--config", str(config), "serve"], cwd=workdir, env=env)
+
+    def recv_state():
+        while (state := sock.recv(100)) == b"WATCHDOG=1":
+            pings.append(state)
+        return state
+
+    pings: list = []
     try:
         daemon.wait_for("legacy-auth-proxy started")
-        assert sock.recv(100) == b"READY=1"
+        assert recv_state() == b"READY=1"
         good = config.read_text()
         config.write_text(good + "policy:\n  block_legacy_auth: maybe\n")
         daemon.process.send_signal(signal.SIGHUP)
         line = daemon.wait_for("reload refused")
         assert f"{config}:" in line and "policy.block_legacy_auth" in line
-        assert sock.recv(100) == b"RELOADING=1"
-        assert sock.recv(100) == b"READY=1"
+        assert recv_state() == b"RELOADING=1"
+        assert recv_state() == b"READY=1"
         assert daemon.process.poll() is None
+        assert sock.recv(100) == b"WATCHDOG=1" and pings  # every 0.2 s
         config.write_text(good + "policy:\n  block_legacy_auth: true\n")
         daemon.process.send_signal(signal.SIGHUP)
         daemon.wait_for("config reloaded")

@@ -1,0 +1,27 @@
+"""The daemon's log lines: priorities for the journal, no port noise."""
+
+import time
+
+from twisted.logger import LogLevel, PredicateResult
+
+from proxy.runner import journal_line, quiet_ports
+
+
+def event(level, text="the directory answers again", namespace="legacy_auth_proxy.directory"):
+    return {"log_format": text, "log_level": level, "log_namespace": namespace,
+            "log_time": time.time()}
+
+
+def test_journal_lines_carry_their_priority_and_no_time():
+    assert journal_line(event(LogLevel.warn)) == (
+        "<4>[legacy_auth_proxy.directory#warn] the directory answers again\n")
+    assert journal_line(event(LogLevel.error)).startswith("<3>")
+    assert journal_line(event(LogLevel.info)).startswith("<6>")
+    assert journal_line(event(LogLevel.critical)).startswith("<2>")
+
+
+def test_port_noise_is_dropped():
+    noise = {"log_namespace": "log_legacy", "log_format": "{log_text}",
+             "log_text": "IMAPListener starting on 10143", "message": ("IMAPListener starting on 10143",)}
+    assert quiet_ports(noise) is PredicateResult.no
+    assert quiet_ports(event(LogLevel.info)) is PredicateResult.maybe
