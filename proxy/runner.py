@@ -35,7 +35,14 @@ _PORT_NOISE = re.compile(r"^(?:.+ starting on \d+|\((?:TCP|UNIX) Port \S+ Closed
 
 
 def quiet_ports(event: dict) -> PredicateResult:
-    if event.get("log_namespace") == "log_legacy" and _PORT_NOISE.match(formatEvent(event)):
+    namespace = event.get("log_namespace", "")
+    if namespace == "log_legacy" and _PORT_NOISE.match(formatEvent(event)):
+        return PredicateResult.no
+    # Every reconnection attempt of every pooled directory connection: the
+    # directory client says once that the directory is unreachable, and
+    # once that it answers again.
+    if namespace.startswith("twisted.application._client_service") \
+            and event.get("log_level") in (LogLevel.info, LogLevel.debug):
         return PredicateResult.no
     return PredicateResult.maybe
 

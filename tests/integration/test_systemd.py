@@ -66,3 +66,49 @@ def test_sysusers_and_tmpfiles_create_the_account_and_folders(tmp_path):
     for folder, (mode, owner, group) in expected.items():
         info = (root / folder).stat()
         assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (mode, owner, group), folder
+
+
+def test_the_socket_unit_verifies(tmp_path):
+    analyze = require_tool("systemd-analyze")
+    socket_unit = tmp_path / "legacy-auth-proxy.socket"
+    socket_unit.write_text((ROOT / "systemd" / "legacy-auth-proxy.socket").read_text())
+    service = tmp_path / "legacy-auth-proxy.service"
+    program = shutil.which("legacy-auth-proxy") or str(Path(sys.executable).parent / "legacy-auth-proxy")
+    service.write_text((ROOT / "systemd" / "legacy-auth-proxy.service").read_text()
+                       .replace("/usr/bin/legacy-auth-proxy", program))
+    done = subprocess.run([analyze, "verify", "--man=no", str(socket_unit)],
+                          capture_output=True, text=True, timeout=120)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if "legacy-auth-proxy.socket" in line]
+    assert done.returncode == 0 and problems == [], done.stdout + done.stderr
+
+
+def test_a_listener_on_a_socket_systemd_holds(slapd, tmp_path):
+    """Socket activation: systemd-socket-activate holds the port and starts
+    the daemon with it (LISTEN_FDS), as the .socket unit does."""
+    import os
+    import signal
+
+    from tests.proxyd import ProxyDaemon, free_port
+
+    activate = require_tool("systemd-socket-activate")
+    port = free_port()
+    daemon = ProxyDaemon(tmp_path, slapd, {"ldap": {"protocol": "ldap", "realm": "cloud",
+                                                    "tls": "none", "allow_plaintext_auth": True}})
+    daemon.config.write_text(daemon.config.read_text().replace(
+        f"tcp:{daemon.ports['ldap']}:interface=127.0.0.1", "systemd:domain=INET:index=0"))
+    process = subprocess.Popen(
+        [activate, "-l", f"127.0.0.1:{port}", "--fdname=ldap", "-E", "PYTHONPATH=" + str(ROOT),
+         sys.executable, "-m",
+         "proxy", "--config", str(daemon.config), "serve"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The first connection starts the daemon.
+        done = subprocess.run([require_tool("ldapwhoami"), "-x", "-H", f"ldap://127.0.0.1:{port}",
+                               "-D", slapd.user_dn("nobody"), "-w", "x"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 49, done.stdout + done.stderr  # answered by the proxy
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out = process.communicate(timeout=30)[0]
+    assert "listening: ldap" in out, out

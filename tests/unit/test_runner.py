@@ -25,3 +25,9 @@ def test_port_noise_is_dropped():
              "log_text": "IMAPListener starting on 10143", "message": ("IMAPListener starting on 10143",)}
     assert quiet_ports(noise) is PredicateResult.no
     assert quiet_ports(event(LogLevel.info)) is PredicateResult.maybe
+
+
+def test_directory_reconnection_attempts_are_not_logged_one_by_one():
+    retry = event(LogLevel.info, "Scheduling retry 1 to connect",
+                  "twisted.application._client_service.ClientService")
+    assert quiet_ports(retry) is PredicateResult.no
