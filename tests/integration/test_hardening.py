@@ -420,3 +420,82 @@ def test_a_clean_logout_gets_no_extra_goodbye(proxy, user):
         data += chunk
     assert data.count(b"* BYE") == 1 and b"z OK" in data
     assert b"closed the connection" not in data
+
+
+def test_a_hung_directory_times_out_and_the_daemon_keeps_answering(slapd, dovecot, unique,
+                                                                    tmp_path):
+    """slapd stopped with SIGSTOP (it takes connections, answers nothing):
+    primary passwords get the temporary failure within the directory's
+    timeout, app passwords of accounts seen recently go on (outage grace),
+    the daemon answers its health check meanwhile, and all is well again
+    after SIGCONT."""
+    import os
+    import signal as signals
+    import urllib.request
+
+    from tests.proxyd import free_port
+
+    metrics = free_port()
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")},
+                         directory="  timeout: 1s\n  outage_grace: 1h",
+                         extra=f"metrics:\n  endpoint: tcp:{metrics}:interface=127.0.0.1\n")
+    daemon.start()
+    pid = slapd._process.pid
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        assert imaps(daemon).login(uid, secret)[0] == "OK"
+        os.kill(pid, signals.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+                imaps(daemon).login(uid, PRIMARY)
+            assert time.monotonic() - started < 15  # bounded by the timeout, not by slapd
+            assert imaps(daemon).login(uid, secret)[0] == "OK"  # outage grace
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health/live", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            os.kill(pid, signals.SIGCONT)
+        assert wait_until(lambda: _logs_in(daemon, uid, PRIMARY), 40)
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_slapd_restarting_under_traffic_is_survived(slapd, dovecot, unique, tmp_path):
+    """slapd restarts while clients sign in: primary passwords get the
+    temporary failure meanwhile, app passwords go on, nothing stays stuck."""
+    import threading
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")},
+                         directory="  timeout: 2s\n  outage_grace: 1h")
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        assert _logs_in(daemon, uid, secret)
+        results = {"app": [], "primary": []}
+        stop = threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                results["app"].append(_logs_in(daemon, uid, secret))
+                results["primary"].append(_logs_in(daemon, uid, PRIMARY))
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        time.sleep(0.5)
+        slapd.stop()
+        time.sleep(1.5)
+        slapd.start()
+        assert wait_until(lambda: _logs_in(daemon, uid, PRIMARY), 40)
+        stop.set()
+        worker.join(60)
+        assert not worker.is_alive()
+        assert all(results["app"]), "an app password failed during the outage"
+        assert not all(results["primary"]), "no primary login failed: the outage was not seen"
+    finally:
+        assert daemon.stop() == 0
