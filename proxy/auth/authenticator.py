@@ -37,7 +37,7 @@ from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
-from proxy.store import AppPassword, Change, MfaState
+from proxy.store import AppPassword, Change, MfaState, StoreError
 from proxy.threads import Busy, Pool
 
 log = Logger(namespace="legacy_auth_proxy.auth")
@@ -106,7 +106,16 @@ class UsageRecorder:
         self._written[id] = self._clock.seconds()
         self.writes += 1
         d = self._store.record_use(id, at, address, protocol, count)
-        return d.addErrback(lambda f: log.failure("cannot record the use of {id}", f, id=id))
+        return d.addErrback(self._not_recorded, id)
+
+    @staticmethod
+    def _not_recorded(failure: Any, id: str) -> None:
+        """Sign-ins go on when the store cannot take a write (locked, disk
+        full): the last use is written next time."""
+        if failure.check(StoreError):
+            log.warn("cannot record the use of {id}: {error}", id=id, error=str(failure.value))
+        else:
+            log.failure("cannot record the use of {id}", failure, id=id)
 
     def flush(self) -> Deferred[Any]:
         from twisted.internet.defer import gatherResults

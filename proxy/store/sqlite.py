@@ -128,6 +128,8 @@ class SQLiteStore:
         adopt_parent_owner(path)
 
     def _migrate(self) -> None:
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return  # current: opening the store writes nothing (and needs no lock)
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -148,14 +150,38 @@ class SQLiteStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """One write transaction: all of it lands, or none of it."""
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._unusable(e) from None
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._unusable(e) from None
             raise
         else:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise self._unusable(e) from None
+
+    def _unusable(self, error: sqlite3.OperationalError) -> StoreError:
+        """What went wrong, in words for an operator; nothing was changed."""
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            why = "the store is locked by another process (a backup, a stuck command?); try again"
+        elif "full" in text:
+            why = "the disk is full"
+        elif "readonly" in text or "read-only" in text:
+            why = "the store cannot be written (a read-only file or file system)"
+        else:
+            why = f"the store cannot be used: {text}"
+        return StoreError(f"{self.path}: {why}; nothing was changed")
 
     def _log_change(self, now: float, username: str, kind: str, id: str | None) -> None:
         self._db.execute(

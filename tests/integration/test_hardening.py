@@ -499,3 +499,40 @@ def test_slapd_restarting_under_traffic_is_survived(slapd, dovecot, unique, tmp_
         assert not all(results["primary"]), "no primary login failed: the outage was not seen"
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_locked_store_refuses_writes_clearly_and_sign_ins_go_on(slapd, dovecot, unique,
+                                                                   tmp_path):
+    """Another process holds the store's write lock (a backup, a stuck
+    command): the command line tool says so and changes nothing, sign-ins
+    go on (their last-used writes wait), and the store stays whole."""
+    import sqlite3
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")},
+                         cache="  last_used_interval: 0")
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        holder = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            done = daemon.cli("app-password", "create", uid, "--name", "laptop")
+            assert done.returncode == 1
+            assert "the store is locked by another process" in done.stderr
+            assert "Traceback" not in done.stderr
+            for _ in range(3):
+                assert _logs_in(daemon, uid, secret)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        listing = daemon.cli("app-password", "list", uid)
+        assert "phone" in listing.stdout and "laptop" not in listing.stdout
+        check = sqlite3.connect(tmp_path / "store.sqlite3")
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        check.close()
+        assert "Traceback" not in daemon.log()
+    finally:
+        assert daemon.stop() == 0
