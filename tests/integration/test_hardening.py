@@ -536,3 +536,49 @@ def test_a_locked_store_refuses_writes_clearly_and_sign_ins_go_on(slapd, dovecot
         assert "Traceback" not in daemon.log()
     finally:
         assert daemon.stop() == 0
+
+
+def test_two_thousand_slow_clients_leave_room_for_real_ones(slapd, dovecot, unique, tmp_path):
+    """2,000 connections from ten addresses that send a byte now and then
+    and never log in: the daemon's memory stays bounded, a real client
+    still signs in and reads its mailbox, and the slow ones are cut off at
+    the login deadline."""
+    import ssl
+
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True, login_timeout=8,
+                     max_connections_per_source=1000),
+    })
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        pid, port = daemon.process.pid, daemon.ports["imap"]
+        before = rss_kib(pid)
+        slow = []
+        for i in range(2000):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + i % 10}", 0))
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            slow.append(sock)
+        for byte in (b"a", b" ", b"N"):  # a command that never ends
+            for sock in slow:
+                try:
+                    sock.send(byte)
+                except OSError:
+                    pass
+        held = rss_kib(pid)
+        client = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        assert client.login(uid, secret)[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+        client.logout()
+        print(f"2,000 slow clients: RSS {before} KiB before, {held} KiB with them")
+        assert held - before < 100 * 1024
+        assert wait_until(lambda: sum(closed(s) for s in slow) == len(slow), 60)
+        for sock in slow:
+            sock.close()
+    finally:
+        assert daemon.stop() == 0
