@@ -582,3 +582,38 @@ def test_two_thousand_slow_clients_leave_room_for_real_ones(slapd, dovecot, uniq
             sock.close()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_store_that_cannot_be_written_is_a_clear_error(slapd, dovecot, unique, tmp_path):
+    """The command line tool cannot write a byte (RLIMIT_FSIZE 0: as a full
+    disk is to it): it says what is wrong, without a traceback, changes
+    nothing, and the daemon's sign-ins go on."""
+    import resource
+    import signal as signals
+    import sqlite3
+    import sys
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")})
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+
+        def no_room():
+            signals.signal(signals.SIGXFSZ, signals.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+        done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(daemon.config),
+                               "app-password", "create", uid, "--name", "laptop"],
+                              capture_output=True, text=True, timeout=60, preexec_fn=no_room)
+        assert done.returncode != 0
+        assert "nothing was changed" in done.stderr and "Traceback" not in done.stderr
+        assert _logs_in(daemon, uid, secret)
+        assert "laptop" not in daemon.cli("app-password", "list", uid).stdout
+        check = sqlite3.connect(tmp_path / "store.sqlite3")
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        check.close()
+    finally:
+        assert daemon.stop() == 0
