@@ -617,3 +617,57 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(slapd, dovecot, unique,
         check.close()
     finally:
         assert daemon.stop() == 0
+
+
+def test_sigkill_of_the_daemon_amid_changes_leaves_the_store_whole(slapd, dovecot, unique,
+                                                                    tmp_path):
+    """The daemon is killed (SIGKILL) while it writes last-used times and
+    revokes app passwords, and the command line tool creates and deletes
+    them: the store is whole afterwards, every record complete, and the
+    daemon starts again on it."""
+    import signal as signals
+    import sqlite3
+    import threading
+
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")},
+                         cache="  last_used_interval: 0\n  app_password_ttl: 0")
+    daemon.start()
+    uid = unique()
+    slapd.add_user(uid, PRIMARY)
+    secret = daemon.create_app_password(uid, "phone")
+    stop = threading.Event()
+
+    def churn():
+        n = 0
+        while not stop.is_set():
+            daemon.cli("app-password", "create", uid, "--name", f"device {n}")
+            daemon.cli("app-password", "delete", uid, f"device {n}")
+            n += 1
+
+    def sign_in():
+        while not stop.is_set():
+            try:
+                _logs_in(daemon, uid, secret)
+            except OSError:
+                pass  # the daemon is gone
+
+    workers = [threading.Thread(target=churn), threading.Thread(target=sign_in)]
+    for worker in workers:
+        worker.start()
+    time.sleep(3)
+    daemon.process.send_signal(signals.SIGKILL)
+    daemon.process.wait(30)
+    stop.set()
+    for worker in workers:
+        worker.join(60)
+    db = sqlite3.connect(tmp_path / "store.sqlite3")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for row in db.execute("SELECT id, username, name, lookup_key, password_hash FROM app_passwords"):
+        assert all(row) and len(row[3]) == 32 and row[4].startswith("$argon2id$")
+    db.close()
+    daemon.start()
+    try:
+        assert _logs_in(daemon, uid, secret)
+    finally:
+        assert daemon.stop() == 0
