@@ -315,14 +315,30 @@ class Guard(TypingProtocol):
     def feed_backend(self, data: bytes) -> list[ToBackend | ToClient]: ...
 
 
-class LineDialogue:
+class Dialogue:
+    """What every dialogue before login keeps: a reader of the client's
+    bytes, and what it holds."""
+
+    reader: Any
+    closed = False
+    deciding = False
+
+    @property
+    def buffered(self) -> int:
+        return self.reader.buffered
+
+    def take_rest(self) -> bytes:
+        """After a successful login: the bytes pipelined behind it."""
+        self.closed = True
+        return self.reader.take_rest()
+
+
+class LineDialogue(Dialogue):
     """What the line-based dialogues before login (SMTP, POP3) share: CRLF
     lines of bounded length, an optional SASL exchange, and nothing more
     read while a login is decided. A subclass words the answers."""
 
     reader: LineReader
-    closed = False
-    deciding = False
     _sasl: sasl.Exchange | None = None
 
     def feed(self, data: bytes) -> list[Event]:
@@ -361,15 +377,6 @@ class LineDialogue:
 
     def _too_long(self) -> list[Event]:
         raise NotImplementedError
-
-    @property
-    def buffered(self) -> int:
-        return self.reader.buffered
-
-    def take_rest(self) -> bytes:
-        """After a successful login: the bytes pipelined behind it."""
-        self.closed = True
-        return self.reader.take_rest()
 
 
 class Machine(TypingProtocol):
@@ -457,6 +464,16 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def make_machine(self) -> Machine:
         raise NotImplementedError
+
+    def machine_settings(self, bad_commands: int) -> dict[str, Any]:
+        """What every dialogue before login takes from the listener's config."""
+        return dict(
+            tls=self.config.tls == "implicit",
+            starttls=self.config.tls == "starttls" and self.listener.tls is not None,
+            allow_plaintext=self.config.allow_plaintext_auth,
+            max_line=self.config.max_line_length,
+            max_bad=self.config.max_bad_commands or bad_commands,
+        )
 
     def bye(self, text: str) -> bytes:
         """The protocol's way of saying goodbye before closing."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.frontends.base import (
     Close,
+    Dialogue,
     Event,
     Listener,
     Login,
@@ -32,7 +33,7 @@ SERVER_NAME = "legacy-auth-proxy"
 # -- the pre-login state machine ------------------------------------------------------
 
 
-class PreLogin:
+class PreLogin(Dialogue):
     """The IMAP dialogue up to a successful login. No I/O.
 
     Offers CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and AUTHENTICATE
@@ -213,14 +214,6 @@ class PreLogin:
             answer = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
         return [Send(tag + answer)] + self._run()
 
-    @property
-    def buffered(self) -> int:
-        return self.reader.buffered
-
-    def take_rest(self) -> bytes:
-        """After a successful login: the bytes pipelined behind it."""
-        self.closed = True
-        return self.reader.take_rest()
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -230,14 +223,8 @@ class IMAPServer(RelayingServer):
     protocol_name = "imap"
 
     def make_machine(self) -> PreLogin:
-        return PreLogin(
-            tls=self.config.tls == "implicit",
-            starttls=self.config.tls == "starttls" and self.listener.tls is not None,
-            allow_plaintext=self.config.allow_plaintext_auth,
-            max_line=self.config.max_line_length,
-            max_literal=self.config.max_literal_size,
-            max_bad=self.config.max_bad_commands or 3,
-        )
+        return PreLogin(**self.machine_settings(bad_commands=3),
+                        max_literal=self.config.max_literal_size)
 
     def bye(self, text: str) -> bytes:
         return b"* BYE " + text.encode() + b"\r\n"

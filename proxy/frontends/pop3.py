@@ -178,13 +178,7 @@ class POP3Server(RelayingServer):
     protocol_name = "pop3"
 
     def make_machine(self) -> PreLogin:
-        return PreLogin(
-            tls=self.config.tls == "implicit",
-            starttls=self.config.tls == "starttls" and self.listener.tls is not None,
-            allow_plaintext=self.config.allow_plaintext_auth,
-            max_line=self.config.max_line_length,
-            max_bad=self.config.max_bad_commands or 3,
-        )
+        return PreLogin(**self.machine_settings(bad_commands=3))
 
     def bye(self, text: str) -> bytes:
         return b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n"

@@ -53,7 +53,7 @@ class PreAuth(LineDialogue):
         allow_plaintext: bool,
         extensions: Sequence[bytes] = DEFAULT_EXTENSIONS,
         max_line: int = 8192,
-        max_errors: int = 20,
+        max_bad: int = 20,
     ) -> None:
         self.hostname = hostname.encode()
         self.tls = tls
@@ -61,7 +61,7 @@ class PreAuth(LineDialogue):
         self.allow_plaintext = allow_plaintext
         self.extensions = list(extensions)
         self.max_line = max_line
-        self.max_errors = max_errors
+        self.max_bad = max_bad
         self.errors = 0
         self.helo = False
         self.closed = False
@@ -84,7 +84,7 @@ class PreAuth(LineDialogue):
     def _error(self, text: bytes) -> list[Event]:
         self.errors += 1
         events: list[Event] = [self._reply(text)]
-        if self.errors >= self.max_errors:
+        if self.errors >= self.max_bad:
             events += self._close(b"421 4.7.0 Error: too many errors")
         return events
 
@@ -428,15 +428,10 @@ class SMTPServer(RelayingServer):
     protocol_name = "smtp"
 
     def make_machine(self) -> PreAuth:
-        return PreAuth(
-            hostname=self.listener.backend.hostname,
-            tls=self.config.tls == "implicit",
-            starttls=self.config.tls == "starttls" and self.listener.tls is not None,
-            allow_plaintext=self.config.allow_plaintext_auth,
-            extensions=self.listener.backend.extensions,
-            max_line=self.config.max_line_length,
-            max_errors=self.config.max_bad_commands or 20,
-        )
+        # Postfix's hard error limit: 20.
+        return PreAuth(hostname=self.listener.backend.hostname,
+                       extensions=self.listener.backend.extensions,
+                       **self.machine_settings(bad_commands=20))
 
     def bye(self, text: str) -> bytes:
         return b"421 4.7.0 " + text.encode() + b"\r\n"

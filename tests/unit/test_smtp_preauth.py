@@ -106,7 +106,7 @@ def test_failures_and_the_rest_of_the_pipeline():
 
 
 def test_the_hard_error_limit():
-    m = machine(tls=True, max_errors=20)
+    m = machine(tls=True, max_bad=20)
     events = m.feed(b"XYZZY\r\n" * 25)
     text = sent(events)
     assert text.count(b"500 5.5.2") == 20
