@@ -5,6 +5,7 @@ what they were opened with stops being valid."""
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import re
 import socket
@@ -37,6 +38,21 @@ def proxy(slapd, dovecot, tmp_path_factory):
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
+
+
+@contextlib.contextmanager
+def imaps_daemon(slapd, dovecot, tmp_path, unique, **options):
+    """A daemon of its own with an IMAPS listener in front of Dovecot, and a
+    directory user with an app password: (daemon, uid, app password)."""
+    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
+                                                         tls="implicit")}, **options)
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, PRIMARY)
+        yield daemon, uid, daemon.create_app_password(uid, "phone")
+    finally:
+        assert daemon.stop() == 0
 
 
 # -- forged log lines ------------------------------------------------------------------
@@ -320,13 +336,7 @@ def test_a_primary_password_change_ends_older_sessions(proxy, slapd, unique):
 def test_blocking_legacy_authentication_ends_open_sessions(slapd, dovecot, unique, tmp_path):
     import signal
 
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")})
-    daemon.start()
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique) as (daemon, uid, secret):
         client = imaps(daemon)
         assert client.login(uid, secret)[0] == "OK"
         daemon.config.write_text(daemon.config.read_text()
@@ -336,8 +346,6 @@ def test_blocking_legacy_authentication_ends_open_sessions(slapd, dovecot, uniqu
         assert session_ends(client)
         with pytest.raises(imaplib.IMAP4.error):
             imaps(daemon).login(uid, secret)
-    finally:
-        assert daemon.stop() == 0
 
 
 def test_joining_the_modern_auth_only_group_ends_sessions(proxy, slapd, unique):
@@ -355,14 +363,8 @@ def test_one_user_from_one_address_holds_a_bounded_number_of_sessions(slapd, dov
     """Dovecot's mail_max_userip_connections, in front of it: the fourth
     session of one user from one address is a temporary failure; another
     address, or a session ended, makes room."""
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")},
-                         extra="limits:\n  max_sessions_per_user_and_source: 3\n")
-    daemon.start()
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique,
+                      extra="limits:\n  max_sessions_per_user_and_source: 3\n") as (daemon, uid, secret):
         held = [imaps(daemon) for _ in range(3)]
         for client in held:
             assert client.login(uid, secret)[0] == "OK"
@@ -372,8 +374,6 @@ def test_one_user_from_one_address_holds_a_bounded_number_of_sessions(slapd, dov
         held.pop().logout()
         assert wait_until(lambda: _logs_in(daemon, uid, secret), 10)
         assert "too_many_sessions" in (tmp_path / "audit.log").read_text()
-    finally:
-        assert daemon.stop() == 0
 
 
 def _logs_in(daemon, uid, secret):
@@ -436,16 +436,10 @@ def test_a_hung_directory_times_out_and_the_daemon_keeps_answering(slapd, doveco
     from tests.proxyd import free_port
 
     metrics = free_port()
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")},
-                         directory="  timeout: 1s\n  outage_grace: 1h",
-                         extra=f"metrics:\n  endpoint: tcp:{metrics}:interface=127.0.0.1\n")
-    daemon.start()
-    pid = slapd._process.pid
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique,
+                      directory="  timeout: 1s\n  outage_grace: 1h",
+                      extra=f"metrics:\n  endpoint: tcp:{metrics}:interface=127.0.0.1\n") as (daemon, uid, secret):
+        pid = slapd._process.pid
         assert imaps(daemon).login(uid, secret)[0] == "OK"
         os.kill(pid, signals.SIGSTOP)
         try:
@@ -459,8 +453,6 @@ def test_a_hung_directory_times_out_and_the_daemon_keeps_answering(slapd, doveco
         finally:
             os.kill(pid, signals.SIGCONT)
         assert wait_until(lambda: _logs_in(daemon, uid, PRIMARY), 40)
-    finally:
-        assert daemon.stop() == 0
 
 
 def test_slapd_restarting_under_traffic_is_survived(slapd, dovecot, unique, tmp_path):
@@ -468,14 +460,8 @@ def test_slapd_restarting_under_traffic_is_survived(slapd, dovecot, unique, tmp_
     temporary failure meanwhile, app passwords go on, nothing stays stuck."""
     import threading
 
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")},
-                         directory="  timeout: 2s\n  outage_grace: 1h")
-    daemon.start()
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique,
+                      directory="  timeout: 2s\n  outage_grace: 1h") as (daemon, uid, secret):
         assert _logs_in(daemon, uid, secret)
         results = {"app": [], "primary": []}
         stop = threading.Event()
@@ -497,8 +483,6 @@ def test_slapd_restarting_under_traffic_is_survived(slapd, dovecot, unique, tmp_
         assert not worker.is_alive()
         assert all(results["app"]), "an app password failed during the outage"
         assert not all(results["primary"]), "no primary login failed: the outage was not seen"
-    finally:
-        assert daemon.stop() == 0
 
 
 def test_a_locked_store_refuses_writes_clearly_and_sign_ins_go_on(slapd, dovecot, unique,
@@ -508,14 +492,8 @@ def test_a_locked_store_refuses_writes_clearly_and_sign_ins_go_on(slapd, dovecot
     go on (their last-used writes wait), and the store stays whole."""
     import sqlite3
 
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")},
-                         cache="  last_used_interval: 0")
-    daemon.start()
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique,
+                      cache="  last_used_interval: 0") as (daemon, uid, secret):
         holder = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         try:
@@ -534,8 +512,6 @@ def test_a_locked_store_refuses_writes_clearly_and_sign_ins_go_on(slapd, dovecot
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         check.close()
         assert "Traceback" not in daemon.log()
-    finally:
-        assert daemon.stop() == 0
 
 
 def test_two_thousand_slow_clients_leave_room_for_real_ones(slapd, dovecot, unique, tmp_path):
@@ -593,13 +569,7 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(slapd, dovecot, unique,
     import sqlite3
     import sys
 
-    daemon = ProxyDaemon(tmp_path, slapd, {"imaps": dict(mail_backend(tmp_path, dovecot, "imap"),
-                                                         tls="implicit")})
-    daemon.start()
-    try:
-        uid = unique()
-        slapd.add_user(uid, PRIMARY)
-        secret = daemon.create_app_password(uid, "phone")
+    with imaps_daemon(slapd, dovecot, tmp_path, unique) as (daemon, uid, secret):
 
         def no_room():
             signals.signal(signals.SIGXFSZ, signals.SIG_IGN)
@@ -615,8 +585,6 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(slapd, dovecot, unique,
         check = sqlite3.connect(tmp_path / "store.sqlite3")
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         check.close()
-    finally:
-        assert daemon.stop() == 0
 
 
 def test_sigkill_of_the_daemon_amid_changes_leaves_the_store_whole(slapd, dovecot, unique,
