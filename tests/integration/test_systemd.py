@@ -103,11 +103,14 @@ def test_a_listener_on_a_socket_systemd_holds(slapd, tmp_path):
          "proxy", "--config", str(daemon.config), "serve"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # The first connection starts the daemon.
+        # Once the socket is held, the first connection starts the daemon.
+        assert "Listening on" in process.stdout.readline()
         done = subprocess.run([require_tool("ldapwhoami"), "-x", "-H", f"ldap://127.0.0.1:{port}",
                                "-D", slapd.user_dn("nobody"), "-w", "x"], capture_output=True,
                               text=True, timeout=60)
-        assert done.returncode == 49, done.stdout + done.stderr  # answered by the proxy
+        if done.returncode != 49:  # 49: answered by the proxy
+            process.send_signal(signal.SIGTERM)
+            raise AssertionError(done.stderr + process.communicate(timeout=30)[0])
     finally:
         process.send_signal(signal.SIGTERM)
         out = process.communicate(timeout=30)[0]
