@@ -33,7 +33,7 @@ OUT = ROOT / "docs" / "benchmarks"
 PASSWORD = "Bench-Passw0rd"
 # The load generators open thousands of sessions of a few users from one
 # address, which the default limits refuse (as they should for real clients).
-BENCH_LIMITS = ("limits:\n  max_sessions_per_user_and_source: 1000000\n"
+BENCH_LIMITS = ("limits:\n  max_sessions_per_user_and_source: 100000\n"
                 "  max_connections_before_login: 1000000\n  max_connections: 1000000\n")
 
 
