@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 
 PREFIX = "legacy_auth_proxy"
@@ -112,6 +111,22 @@ def counter(name: str, documentation: str, labels: list[str],
 # -- the web side -------------------------------------------------------------------------
 
 
+class _Metrics(Resource):
+    """/metrics, rendered on the reactor thread: the state it reads (the
+    daemon's connections, pools, throttle) is only ever touched there.
+    prometheus_client's own Twisted resource runs in a thread pool."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
+
+
 class _Health(Resource):
     isLeaf = True
 
@@ -135,7 +150,7 @@ def site(metrics: Metrics, ready: Callable[[], list[str]]) -> Any:
     from twisted.web.server import Site
 
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", _Metrics(metrics.registry))
     health = Resource()
     health.putChild(b"live", _Health(lambda: []))
     health.putChild(b"ready", _Health(ready))

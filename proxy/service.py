@@ -302,14 +302,16 @@ class Daemon:
         else:
             backend = entry.load("backend")(**await self._backend_options(config))
             await backend.ready()
-        factory: Any = entry.load("frontend")(backend=backend, **common)
-        self.frontends.append(factory)
-        if config.tls == "implicit":
-            factory = TLSMemoryBIOFactory(tls, False, factory)
+        frontend: Any = entry.load("frontend")(backend=backend, **common)
+        factory = TLSMemoryBIOFactory(tls, False, frontend) if config.tls == "implicit" else frontend
         try:
             port = await serverFromString(self._reactor, config.endpoint).listen(factory)
         except Exception as e:
             raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
+        # Metrics follow it while it listens, and after a reload closed it,
+        # while it still holds sessions.
+        self.frontends = [f for f in self.frontends
+                          if f.connections or f.config in self._listener_parts] + [frontend]
         self.listeners.append((config, port, tls))
         self._listener_parts[config] = self._part(f"listener {config.label}", stop=port.stopListening)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
@@ -323,7 +325,9 @@ class Daemon:
         if self.config.directory is None:
             return
         for config in [c for c in old if c not in new]:
-            part = self._listener_parts.pop(config)
+            part = self._listener_parts.pop(config, None)
+            if part is None:
+                continue  # it never opened
             await maybeDeferred(part.disownServiceParent)
             self.listeners = [entry for entry in self.listeners if entry[0] != config]
             log.info("stopped listening: {label} (its sessions go on)", label=config.label)
@@ -390,14 +394,23 @@ class Daemon:
 
     def _state(self) -> Any:
         """What the metrics read when Prometheus scrapes."""
-        pairs = [(f.config.label, f) for f in self.frontends]
+        # By label: a listener changed by a reload may have two factories
+        # for a while, the old one finishing its sessions.
+        connections: dict[str, int] = {}
+        sessions: dict[str, int] = {}
+        relayed: dict[tuple[str, str], int] = {}
+        for f in list(self.frontends):
+            label = f.config.label
+            connections[label] = connections.get(label, 0) + len(f.connections)
+            sessions[label] = sessions.get(label, 0) + sum(1 for c in f.connections if c.username)
+            for i, direction in enumerate(("to_backend", "to_client")):
+                relayed[label, direction] = relayed.get((label, direction), 0) + f.relayed[i]
         yield gauge("connections", "Client connections open", ["listener"],
-                    [([label], len(f.connections)) for label, f in pairs])
+                    [([k], v) for k, v in connections.items()])
         yield gauge("sessions", "Signed-in sessions", ["listener"],
-                    [([label], sum(1 for c in f.connections if c.username)) for label, f in pairs])
+                    [([k], v) for k, v in sessions.items()])
         yield counter("relayed_bytes", "Bytes relayed after sign-in", ["listener", "direction"],
-                      [([label, d], f.relayed[i]) for label, f in pairs
-                       for i, d in enumerate(("to_backend", "to_client"))])
+                      [(list(k), v) for k, v in relayed.items()])
         pools = (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool)
         yield gauge("pool_calls", "Calls under way or waiting in a thread pool", ["pool"],
                     [([p.name], p.pending) for p in pools])

@@ -175,7 +175,15 @@ class DirectorySession:
             upstream = self.upstream
             if upstream is not None and not upstream.closed:
                 if upstream.bound_as != dn:
-                    await upstream.bind(dn, password, self._clock, self._timeout)
+                    try:
+                        await upstream.bind(dn, password, self._clock, self._timeout)
+                    except UpstreamRefused:
+                        raise
+                    except BaseException:
+                        # Timed out or lost: the directory may still finish
+                        # that bind, so the connection's identity is unknown.
+                        self.close()
+                        raise
                 return
             upstream = await self._opener(dn, password)
             upstream.bound_as = dn

@@ -109,8 +109,10 @@ class PreLoginBudget:
         self.bytes = 0
         self._held: dict[Any, int] = {}
 
-    def admit(self, connection: Any) -> bool:
-        if self.connections >= self.max_connections:
+    def admit(self, connection: Any, force: bool = False) -> bool:
+        """Count a connection not signed in; False past the limit, unless
+        ``force`` (a session that was signed in keeps its place)."""
+        if self.connections >= self.max_connections and not force:
             return False
         self.connections += 1
         self._held[connection] = 0

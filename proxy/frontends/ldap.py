@@ -72,6 +72,11 @@ class Upstream:
             return self.search_password
         return ""
 
+    def reads_for_others(self, dn: str | None) -> bool:
+        """Whether a connection bound as ``dn`` reads for app-password
+        sessions (the service or search account), whose answers are filtered."""
+        return dn is not None and normalise_dn(dn) in self.hidden
+
     def is_hidden(self, name: bytes) -> bool:
         text = name.decode("utf-8", "replace").lower()
         return any(h.split(",", 1)[0] in text.replace(" ", "") for h in self.hidden) \
@@ -593,7 +598,7 @@ class LDAPServer(ListenerConnection, Protocol):
         if self.decision is not None:
             self.listener.sessions.remove(self)
             self.decision = None
-            if not self._closing and not self.listener.budget.admit(self):
+            if not self._closing and not self.listener.budget.admit(self, force=True):
                 # Back among the connections not signed in, if there is room.
                 self.disconnect(ber.BUSY, "too busy, try again later")
                 return
@@ -622,6 +627,8 @@ class LDAPServer(ListenerConnection, Protocol):
 
     def _directory_connected(self, upstream: UpstreamLDAP) -> None:
         self._release("directory")
+        if self.session is not None:
+            self.session.ever_bound = True  # a directory connection exists: no StartTLS now
         if self._closing:
             return
         # Flow control both ways: a slow reader pauses the other side.
@@ -642,8 +649,11 @@ class LDAPServer(ListenerConnection, Protocol):
     def _from_directory(self, frame: bytes) -> None:
         self._touch()
         self.listener.relayed[1] += len(frame)
-        if self.session is not None and self.session.identity is not None \
-                and self.session.identity.kind == "app_password":
+        # By whom the connection is bound, not who the client is now: the
+        # answers to an app-password session's requests are filtered even
+        # when they arrive after the client began another bind.
+        upstream = self.directory.upstream if self.directory is not None else None
+        if upstream is None or self.listener.upstream.reads_for_others(upstream.bound_as):
             frame = readable_by_app_password(frame, self.listener.upstream)
             if not frame:
                 return  # the reading account's own entry

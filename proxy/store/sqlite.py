@@ -112,9 +112,11 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA trusted_schema = OFF")
-        except sqlite3.OperationalError as e:
+            current = self._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        except sqlite3.DatabaseError as e:  # locked, unreadable, not a database
             raise self._unusable(e) from None
-        self._migrate()
+        if not current:
+            self._migrate()
 
     @staticmethod
     def _create_private(path: Path) -> None:
@@ -131,8 +133,7 @@ class SQLiteStore:
         adopt_parent_owner(path)
 
     def _migrate(self) -> None:
-        if self._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
-            return  # current: opening the store writes nothing (and needs no lock)
+        # Only an old schema takes a write: opening a current store needs no lock.
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -173,7 +174,7 @@ class SQLiteStore:
                     self._db.execute("ROLLBACK")
                 raise self._unusable(e) from None
 
-    def _unusable(self, error: sqlite3.OperationalError) -> StoreError:
+    def _unusable(self, error: sqlite3.DatabaseError) -> StoreError:
         """What went wrong, in words for an operator; nothing was changed."""
         text = str(error)
         if "locked" in text or "busy" in text:

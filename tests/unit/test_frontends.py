@@ -263,3 +263,32 @@ def test_ldap_malformed_bytes_end_only_that_connection(core):
     other.dataReceived(bind(1, "alice", PRIMARY))
     settle(core)
     assert messages(other_client.take())[0].value.resultCode == 0
+
+
+def test_answers_arriving_during_a_new_bind_are_still_filtered(core):
+    """An app-password session's search is answered while the client has
+    begun another bind: the answers are filtered by how the directory
+    connection is bound, not by who the client is at that moment."""
+    from twisted.internet.defer import Deferred
+
+    secret = core.admin.create("alice", "printer").secret
+    server, client, upstream = connect(core, "ldap")
+    server.dataReceived(bind(1, "alice", secret))
+    settle(core)
+    server.dataReceived(pureldap.LDAPMessage(pureldap.LDAPSearchRequest(
+        baseObject=b"dc=example,dc=test"), id=2).toWire())
+    settle(core)
+    client.take()
+    ((_, connection),) = upstream.opened
+    core.directory.gate = Deferred()  # the next bind's password check waits
+    server.dataReceived(bind(3, "alice", PRIMARY))
+    settle(core)
+    entry = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
+        objectName=b"uid=alice,ou=people,dc=example,dc=test",
+        attributes=[(b"cn", [b"Alice"]), (b"userPassword", [b"{SSHA}x"])]), id=2).toWire()
+    hidden = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
+        objectName=b"cn=proxy,dc=example,dc=test", attributes=[(b"cn", [b"proxy"])]), id=2).toWire()
+    connection.dataReceived(entry + hidden)
+    (got,) = messages(client.take())
+    assert [a for a, _ in got.value.attributes] == [b"cn"]
+    core.directory.gate.callback(None)
