@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.proxyd import Output
 
 
@@ -296,5 +297,16 @@ def test_sighup_opens_and_closes_listeners_without_dropping_sessions(slapd, dove
         blocker.close()
         again = imaplib.IMAP4("127.0.0.1", new_port, timeout=30)
         again.logout()
+        # The next reload, with the listener that never opened taken out, works.
+        before = daemon.log().count("config reloaded")
+        daemon.config.write_text(text.replace("  - name: imap\n", "  - name: imap-new\n")
+                                 .replace(f"tcp:{old_port}:", f"tcp:{new_port}:")
+                                 + "policy:\n  block_legacy_auth: true\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: daemon.log().count("config reloaded") > before, 30)
+        with pytest.raises(imaplib.IMAP4.error):
+            blocked = imaplib.IMAP4("127.0.0.1", new_port, timeout=30)
+            blocked.starttls(context)
+            blocked.login(uid, secret)
     finally:
         assert daemon.stop() == 0
