@@ -9,7 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from proxy.config import ConfigError, parse
+from proxy.config import ConfigError
+from proxy.config import parse as parse_config
 from proxy.frontends import imap as imap_frontend
 from proxy.frontends import pop3 as pop3_frontend
 from proxy.frontends import smtp as smtp_frontend
@@ -122,7 +123,7 @@ def config(data: bytes) -> None:
     except UnicodeDecodeError:
         return
     try:
-        parse(text, _config_folder / "config.yaml")
+        parse_config(text, _config_folder / "config.yaml")
     except ConfigError:
         pass
 

@@ -92,20 +92,22 @@ class _State:
         return []
 
 
-def gauge(name: str, documentation: str, labels: list[str],
-          values: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
+def _family(kind: Any, name: str, documentation: str, labels: list[str],
+            values: Iterable[tuple[list[str], float]]) -> Any:
+    family = kind(f"{PREFIX}_{name}", documentation, labels=labels)
     for label_values, value in values:
         family.add_metric(label_values, value)
     return family
+
+
+def gauge(name: str, documentation: str, labels: list[str],
+          values: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
+    return _family(GaugeMetricFamily, name, documentation, labels, values)
 
 
 def counter(name: str, documentation: str, labels: list[str],
             values: Iterable[tuple[list[str], float]]) -> CounterMetricFamily:
-    family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=labels)
-    for label_values, value in values:
-        family.add_metric(label_values, value)
-    return family
+    return _family(CounterMetricFamily, name, documentation, labels, values)
 
 
 # -- the web side -------------------------------------------------------------------------

@@ -133,6 +133,11 @@ async def open_upstream(
     return protocol
 
 
+# refuse(code, text, fatal): what to tell the client about a request that
+# could not be relayed.
+Refuse = Callable[[int, str, bool], None]
+
+
 class DirectorySession:
     """A client session's own connection to the directory, bound as the
     session needs it: opened when first needed, re-bound (never reopened)

@@ -318,12 +318,36 @@ class Guard(TypingProtocol):
 
 
 class Dialogue:
-    """What every dialogue before login keeps: a reader of the client's
-    bytes, and what it holds."""
+    """What every dialogue before login keeps: whether TLS is up or on
+    offer, whether a login may be offered in the clear, the count of bad
+    commands, and a reader of the client's bytes."""
 
-    reader: Any
     closed = False
     deciding = False
+
+    def __init__(self, *, tls: bool, starttls: bool, allow_plaintext: bool, max_bad: int,
+                 reader: Any) -> None:
+        self.tls = tls
+        self.starttls = starttls
+        self.allow_plaintext = allow_plaintext
+        self.max_bad = max_bad
+        self.bad = 0
+        self.reader = reader
+
+    @property
+    def can_login(self) -> bool:
+        """Whether a login is offered (what it is decided by is the core's)."""
+        return self.tls or self.allow_plaintext
+
+    def _one_more_bad(self) -> bool:
+        """Count a bad command; True when it is one too many."""
+        self.bad += 1
+        return self.bad >= self.max_bad
+
+    def _close(self, line: bytes) -> list[Event]:
+        """Say ``line`` and close."""
+        self.closed = True
+        return [Send(line + b"\r\n"), Close()]
 
     @property
     def buffered(self) -> int:

@@ -54,21 +54,11 @@ class PreLogin(Dialogue):
         max_literal: int = 4096,
         max_bad: int = 3,
     ) -> None:
-        self.tls = tls
-        self.starttls = starttls
-        self.allow_plaintext = allow_plaintext
-        self.max_bad = max_bad
-        self.bad = 0
-        self.reader = imapwire.Reader(max_line, max_literal)
-        self.closed = False
-        self.deciding = False
+        super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
+                         max_bad=max_bad, reader=imapwire.Reader(max_line, max_literal))
         self._sasl: tuple[bytes, sasl.Exchange] | None = None  # the command's tag, the exchange
 
     # -- what the client is told ------------------------------------------------
-
-    @property
-    def can_login(self) -> bool:
-        return self.tls or self.allow_plaintext
 
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID"]
@@ -124,15 +114,13 @@ class PreLogin(Dialogue):
         return events
 
     def _bad(self, tag: bytes, text: str) -> list[Event]:
-        self.bad += 1
         events: list[Event] = [Send(tag + b" BAD " + text.encode() + b"\r\n")]
-        if self.bad >= self.max_bad:
+        if self._one_more_bad():
             events += self._bye("Too many invalid commands.")
         return events
 
     def _bye(self, text: str) -> list[Event]:
-        self.closed = True
-        return [Send(b"* BYE " + text.encode() + b"\r\n"), Close()]
+        return self._close(b"* BYE " + text.encode())
 
     @staticmethod
     def _ok(tag: bytes, text: bytes) -> Send:

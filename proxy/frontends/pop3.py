@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.frontends.base import (
-    Close,
     Event,
     LineDialogue,
     Listener,
@@ -45,20 +44,10 @@ class PreLogin(LineDialogue):
         max_line: int = 8192,
         max_bad: int = 3,
     ) -> None:
-        self.tls = tls
-        self.starttls = starttls
-        self.allow_plaintext = allow_plaintext
-        self.max_bad = max_bad
-        self.bad = 0
-        self.reader = LineReader(max_line)
-        self.closed = False
-        self.deciding = False
+        super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
+                         max_bad=max_bad, reader=LineReader(max_line))
         self._user: bytes | None = None  # USER's argument, waiting for PASS
         self._sasl: sasl.Exchange | None = None
-
-    @property
-    def can_login(self) -> bool:
-        return self.tls or self.allow_plaintext
 
     def greeting(self) -> bytes:
         return b"+OK " + SERVER_NAME.encode() + b" ready.\r\n"
@@ -70,15 +59,10 @@ class PreLogin(LineDialogue):
         return Send(b"+OK " + text + b"\r\n")
 
     def _err(self, text: bytes) -> list[Event]:
-        self.bad += 1
         events: list[Event] = [Send(b"-ERR " + text + b"\r\n")]
-        if self.bad >= self.max_bad:
+        if self._one_more_bad():
             events += self._close(b"-ERR Too many bad commands.")
         return events
-
-    def _close(self, line: bytes) -> list[Event]:
-        self.closed = True
-        return [Send(line + b"\r\n"), Close()]
 
     def _capabilities(self) -> bytes:
         lines = [b"CAPA", *SESSION_CAPABILITIES]

@@ -18,7 +18,6 @@ from typing import Any
 import attrs
 
 from proxy.frontends.base import (
-    Close,
     Event,
     LineDialogue,
     Listener,
@@ -55,23 +54,12 @@ class PreAuth(LineDialogue):
         max_line: int = 8192,
         max_bad: int = 20,
     ) -> None:
+        super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
+                         max_bad=max_bad, reader=LineReader(max_line))
         self.hostname = hostname.encode()
-        self.tls = tls
-        self.starttls = starttls
-        self.allow_plaintext = allow_plaintext
         self.extensions = list(extensions)
-        self.max_line = max_line
-        self.max_bad = max_bad
-        self.errors = 0
         self.helo = False
-        self.closed = False
-        self.deciding = False
-        self.reader = LineReader(max_line)
         self._sasl: sasl.Exchange | None = None
-
-    @property
-    def can_login(self) -> bool:
-        return self.tls or self.allow_plaintext
 
     def greeting(self) -> bytes:
         return b"220 " + self.hostname + b" ESMTP ready\r\n"
@@ -82,15 +70,10 @@ class PreAuth(LineDialogue):
         return Send(text + b"\r\n")
 
     def _error(self, text: bytes) -> list[Event]:
-        self.errors += 1
         events: list[Event] = [self._reply(text)]
-        if self.errors >= self.max_bad:
+        if self._one_more_bad():
             events += self._close(b"421 4.7.0 Error: too many errors")
         return events
-
-    def _close(self, text: bytes) -> list[Event]:
-        self.closed = True
-        return [self._reply(text), Close()]
 
     def _ehlo(self) -> list[Event]:
         lines = [self.hostname] + list(self.extensions) + [b"ENHANCEDSTATUSCODES"]

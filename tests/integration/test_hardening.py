@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import re
 import socket
 import subprocess
 import time
@@ -103,9 +102,9 @@ def trickle_until_closed(sock, data: bytes, limit: float) -> bool:
         for byte in data:
             try:
                 sock.sendall(bytes([byte]))
-                while chunk := sock.recv(4096):
-                    pass
-                return True  # EOF
+                while sock.recv(4096):
+                    pass  # answers, until EOF
+                return True
             except socket.timeout:
                 continue
             except OSError:
@@ -519,8 +518,6 @@ def test_two_thousand_slow_clients_leave_room_for_real_ones(slapd, dovecot, uniq
     and never log in: the daemon's memory stays bounded, a real client
     still signs in and reads its mailbox, and the slow ones are cut off at
     the login deadline."""
-    import ssl
-
     daemon = ProxyDaemon(tmp_path, slapd, {
         "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
                      allow_plaintext_auth=True, login_timeout=8,

@@ -86,7 +86,6 @@ def test_the_socket_unit_verifies(tmp_path):
 def test_a_listener_on_a_socket_systemd_holds(slapd, tmp_path):
     """Socket activation: systemd-socket-activate holds the port and starts
     the daemon with it (LISTEN_FDS), as the .socket unit does."""
-    import os
     import signal
 
     from tests.proxyd import ProxyDaemon, free_port

@@ -199,6 +199,15 @@ def messages(data):
     return out
 
 
+# The directory's answers to a search: the user's entry with a password
+# hash, and the service account's own entry.
+ANSWERS = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
+    objectName=b"uid=alice,ou=people,dc=example,dc=test",
+    attributes=[(b"cn", [b"Alice"]), (b"userPassword", [b"{SSHA}x"])]), id=2).toWire() + \
+    pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
+        objectName=b"cn=proxy,dc=example,dc=test", attributes=[(b"cn", [b"proxy"])]), id=2).toWire()
+
+
 def test_ldap_binds_answers_and_identity(core):
     secret = core.admin.create("alice", "printer").secret
     server, client, upstream = connect(core, "ldap")
@@ -229,12 +238,7 @@ def test_ldap_app_password_sessions_read_as_the_user_and_write_nothing(core):
     (sent,) = messages(connection.transport.value())
     assert sent.controls[-1][0] == ber.PROXIED_AUTHORIZATION.encode()
     assert sent.controls[-1][2] == b"dn:uid=alice,ou=people,dc=example,dc=test"
-    entry = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
-        objectName=b"uid=alice,ou=people,dc=example,dc=test",
-        attributes=[(b"cn", [b"Alice"]), (b"userPassword", [b"{SSHA}x"])]), id=2).toWire()
-    hidden = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
-        objectName=b"cn=proxy,dc=example,dc=test", attributes=[(b"cn", [b"proxy"])]), id=2).toWire()
-    connection.dataReceived(entry + hidden)
+    connection.dataReceived(ANSWERS)
     (got,) = messages(client.take())
     assert [a for a, _ in got.value.attributes] == [b"cn"]
     modify = pureldap.LDAPMessage(pureldap.LDAPModifyRequest(object=b"uid=alice", modification=[]),
@@ -283,12 +287,7 @@ def test_answers_arriving_during_a_new_bind_are_still_filtered(core):
     core.directory.gate = Deferred()  # the next bind's password check waits
     server.dataReceived(bind(3, "alice", PRIMARY))
     settle(core)
-    entry = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
-        objectName=b"uid=alice,ou=people,dc=example,dc=test",
-        attributes=[(b"cn", [b"Alice"]), (b"userPassword", [b"{SSHA}x"])]), id=2).toWire()
-    hidden = pureldap.LDAPMessage(pureldap.LDAPSearchResultEntry(
-        objectName=b"cn=proxy,dc=example,dc=test", attributes=[(b"cn", [b"proxy"])]), id=2).toWire()
-    connection.dataReceived(entry + hidden)
+    connection.dataReceived(ANSWERS)
     (got,) = messages(client.take())
     assert [a for a, _ in got.value.attributes] == [b"cn"]
     core.directory.gate.callback(None)

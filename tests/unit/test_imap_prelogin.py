@@ -4,7 +4,8 @@ import base64
 
 from hypothesis import given, settings, strategies as st
 
-from proxy.frontends.imap import Close, Login, PreLogin, Send, StartTLS
+from proxy.frontends.base import Close, Login, Send, StartTLS
+from proxy.frontends.imap import PreLogin
 
 
 def machine(tls=False, starttls=True, plaintext=False, **kw):

@@ -4,7 +4,8 @@ import base64
 
 from hypothesis import given, strategies as st
 
-from proxy.frontends.pop3 import Close, Login, PreLogin, Send, StartTLS
+from proxy.frontends.base import Close, Login, Send, StartTLS
+from proxy.frontends.pop3 import PreLogin
 
 
 def machine(tls=False, starttls=True, plaintext=False, **kw):

@@ -5,7 +5,8 @@ import base64
 from hypothesis import given, settings, strategies as st
 
 from proxy.wire.smtp import passed_extensions, xtext
-from proxy.frontends.smtp import Close, Login, PreAuth, Send, StartTLS
+from proxy.frontends.base import Close, Login, Send, StartTLS
+from proxy.frontends.smtp import PreAuth
 
 
 def machine(tls=False, starttls=True, plaintext=False, **kw):
