@@ -8,14 +8,21 @@ tool calls it directly; the daemon would call it on its pools.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 
 from proxy import apppasswords
-from proxy.audit import AuditLog
 from proxy.config import PolicyConfig
-from proxy.store import PROTOCOLS, AppPassword, MfaState, Store, User
+from proxy.store import PROTOCOLS, AppPassword, MfaState, Store, User, check_networks
+
+
+class Recorder(Protocol):
+    def record(self, event: str, **fields: Any) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class AdminError(Exception):
@@ -35,7 +42,7 @@ class Admin:
         store: Store,
         hasher: apppasswords.Hasher,
         pepper: bytes,
-        audit: AuditLog,
+        audit: Recorder,
         policy: PolicyConfig,
         clock: Callable[[], float],
         actor: str,
@@ -52,6 +59,13 @@ class Admin:
         self._store.close()
         self._audit.close()
 
+    def as_actor(self, actor: str) -> Admin:
+        """The same Admin, recording its actions as done by ``actor``
+        (``portal:NAME`` for the help desk and users themselves)."""
+        other = copy.copy(self)
+        other._actor = actor
+        return other
+
     @staticmethod
     def username(name: str) -> str:
         problem = apppasswords.check_username(name)
@@ -66,6 +80,7 @@ class Admin:
         *,
         expires_at: float | None = None,
         protocols: frozenset[str] | None = None,
+        networks: tuple[str, ...] | None = None,
     ) -> Created:
         """Generate an app password, store its lookup key and hash, and
         return the secret: the one and only time it exists outside a client."""
@@ -83,6 +98,12 @@ class Admin:
                     f"protocols must be some of {', '.join(PROTOCOLS)}"
                     + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
                 )
+        if networks is not None:
+            try:
+                networks = check_networks(networks)
+            except ValueError as e:
+                raise AdminError(str(e)) from None
+        self.sweep()  # what stopped by itself does not count towards the limit
         secret = apppasswords.generate()
         record = self._store.create_app_password(
             username=username,
@@ -94,6 +115,7 @@ class Admin:
             expires_at=expires_at,
             protocols=protocols,
             limit=self._policy.max_app_passwords_per_user,
+            networks=networks,
         )
         self._audit.record(
             "app_password_created",
@@ -103,11 +125,66 @@ class Admin:
             actor=self._actor,
             expires_at=expires_at,
             protocols=sorted(protocols) if protocols is not None else None,
+            networks=list(networks) if networks is not None else None,
         )
         return Created(record, secret)
 
     def list(self, username: str) -> list[AppPassword]:
+        """The user's app passwords, those that stopped working by themselves
+        in the last 30 days included (``AppPassword.stopped`` says why)."""
         return self._store.list_app_passwords(self.username(username))
+
+    def sweep(self) -> list[AppPassword]:
+        """Mark app passwords that expired or went unused as stopped, and
+        forget those stopped for 30 days (the daemon does it every hour)."""
+        stopped = self._store.sweep(self._clock(), self._policy.app_password_idle_expiry)
+        for record in stopped:
+            self._audit.record(
+                "app_password_stopped",
+                user=record.username,
+                app_password_id=record.id,
+                app_password_name=record.name,
+                reason=record.stopped_reason,
+            )
+        return stopped
+
+    def unlock(self, username: str) -> None:
+        """Lift the user's lockouts on every daemon (through the change feed)."""
+        username = self.username(username)
+        self._store.note_unlocked(username, self._clock())
+        self._audit.record("lockout_lifted", user=username, actor=self._actor)
+
+    def has_second_factor(self, username: str) -> bool:
+        return self._store.get_totp(self.username(username)) is not None
+
+    def sealed_second_factor(self, username: str) -> bytes | None:
+        """The user's TOTP key as stored (sealed), or None if not enrolled."""
+        found = self._store.get_totp(self.username(username))
+        return None if found is None else found[0]
+
+    def take_second_factor_step(self, username: str, step: int) -> bool:
+        """Use up a TOTP time step: False if it (or a later one) was used."""
+        return self._store.use_totp_step(self.username(username), step)
+
+    def enrol_second_factor(self, username: str, sealed: bytes, step: int) -> User:
+        """Keep the user's confirmed TOTP key (sealed) and register them for
+        MFA: state ``enforced``, as Entra moves a user once registration is done."""
+        username = self.username(username)
+        self._store.set_totp(username, sealed, step, self._clock())
+        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
+                           method="totp")
+        user = self.user(username)
+        if user.mfa_state is MfaState.ENFORCED:
+            return user
+        return self.set_mfa(username, MfaState.ENFORCED)
+
+    def reset_second_factor(self, username: str) -> bool:
+        """A lost phone: the user enrols again at their next sign-in."""
+        username = self.username(username)
+        gone = self._store.delete_totp(username, self._clock())
+        self._audit.record("second_factor_reset", user=username, actor=self._actor,
+                           had_one=gone)
+        return gone
 
     def delete(self, username: str, id_or_name: str) -> AppPassword:
         username = self.username(username)

@@ -149,8 +149,9 @@ class PepperError(Exception):
     """The pepper file is missing, unreadable, malformed or too widely readable."""
 
 
-def load_pepper(path: Path, *, create: bool) -> bytes:
-    """Read the pepper, creating it (mode 0600) if asked and it does not exist.
+def load_pepper(path: Path, *, create: bool, what: str = "pepper") -> bytes:
+    """Read the pepper (or another 32-byte key, named ``what`` in messages),
+    creating it (mode 0600) if asked and it does not exist.
 
     Refuses a pepper that anyone but its owner may read or write: whoever
     holds it and a copy of the database can test guesses at HMAC speed.
@@ -161,7 +162,7 @@ def load_pepper(path: Path, *, create: bool) -> bytes:
         except FileExistsError:
             pass
         except OSError as e:
-            raise PepperError(f"{path}: cannot create the pepper file: {e.strerror}") from None
+            raise PepperError(f"{path}: cannot create the {what} file: {e.strerror}") from None
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(PEPPER_BYTES))
@@ -171,21 +172,21 @@ def load_pepper(path: Path, *, create: bool) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise PepperError(f"{path}: the pepper file does not exist") from None
+        raise PepperError(f"{path}: the {what} file does not exist") from None
     except OSError as e:
-        raise PepperError(f"{path}: cannot open the pepper file: {e.strerror}") from None
+        raise PepperError(f"{path}: cannot open the {what} file: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise PepperError(f"{path}: the pepper must be a regular file")
+            raise PepperError(f"{path}: the {what} must be a regular file")
         if mode & 0o077:
             raise PepperError(
-                f"{path}: the pepper file has mode {stat.S_IMODE(mode):04o}; "
+                f"{path}: the {what} file has mode {stat.S_IMODE(mode):04o}; "
                 "it must be readable by its owner only (chmod 600)"
             )
         pepper = f.read(PEPPER_BYTES + 1)
     if len(pepper) != PEPPER_BYTES:
-        raise PepperError(f"{path}: the pepper file must hold exactly {PEPPER_BYTES} bytes")
+        raise PepperError(f"{path}: the {what} file must hold exactly {PEPPER_BYTES} bytes")
     return pepper
 
 

@@ -48,7 +48,7 @@ def _when(seconds: float | None, never: str = "never") -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
-def _app_password_json(a: AppPassword) -> dict[str, Any]:
+def _app_password_json(a: AppPassword, now: float, idle: float | None) -> dict[str, Any]:
     def at(seconds: float | None) -> str | None:
         return None if seconds is None else timestamp(seconds)
 
@@ -64,6 +64,9 @@ def _app_password_json(a: AppPassword) -> dict[str, Any]:
         "last_used_address": a.last_used_address,
         "last_used_protocol": a.last_used_protocol,
         "use_count": a.use_count,
+        "networks": list(a.networks) if a.networks is not None else None,
+        "stopped": a.stopped(now, idle),
+        "stopped_at": at(a.stopped_since(idle)) if a.stopped(now, idle) else None,
     }
 
 
@@ -74,15 +77,18 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def _app_password_table(records: list[AppPassword], now: float) -> str:
-    rows = [["ID", "NAME", "CREATED", "LAST USED", "EXPIRES", "PROTOCOLS", "USES"]]
+def _app_password_table(records: list[AppPassword], now: float, idle: float | None) -> str:
+    rows = [["ID", "NAME", "STATE", "CREATED", "LAST USED", "EXPIRES", "PROTOCOLS", "FROM", "USES"]]
     for a in records:
         used = _when(a.last_used_at)
         if a.last_used_at is not None:
             used += f" {a.last_used_protocol or ''} {a.last_used_address or ''}".rstrip()
-        expires = _when(a.expires_at) + (" (expired)" if a.expired(now) else "")
+        stopped = a.stopped(now, idle)
+        state = "working" if stopped is None else f"stopped {_when(a.stopped_since(idle))} ({stopped})"
         scope = ",".join(sorted(a.protocols)) if a.protocols is not None else "all"
-        rows.append([a.id, a.name, _when(a.created_at), used, expires, scope, str(a.use_count)])
+        networks = ",".join(a.networks) if a.networks is not None else "anywhere"
+        rows.append([a.id, a.name, state, _when(a.created_at), used, _when(a.expires_at), scope,
+                     networks, str(a.use_count)])
     return _table(rows)
 
 
@@ -93,7 +99,8 @@ def _print_json(value: Any) -> None:
 def _show_created(created: Created, as_json: bool) -> None:
     record = created.record
     if as_json:
-        _print_json({**_app_password_json(record), "secret": apppasswords.display(created.secret)})
+        _print_json({**_app_password_json(record, time.time(), None),
+                     "secret": apppasswords.display(created.secret)})
         return
     print(f"App password for {record.username}, device {record.name!r}, id {record.id}:")
     print()
@@ -178,7 +185,8 @@ def cmd_app_password_create(ctx: Context, args: argparse.Namespace) -> int:
     admin = ctx.admin()
     try:
         created = admin.create(
-            args.user, args.name, expires_at=expires_at, protocols=_protocols(args.protocols)
+            args.user, args.name, expires_at=expires_at, protocols=_protocols(args.protocols),
+            networks=tuple(args.network) if args.network else None,
         )
     except LimitReached as e:
         raise Failure(
@@ -193,12 +201,13 @@ def cmd_app_password_create(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_app_password_list(ctx: Context, args: argparse.Namespace) -> int:
     records = ctx.admin().list(args.user)
+    idle, now = ctx.config.policy.app_password_idle_expiry, time.time()
     if args.json:
-        _print_json([_app_password_json(a) for a in records])
+        _print_json([_app_password_json(a, now, idle) for a in records])
     elif not records:
         print(f"{Admin.username(args.user)} has no app passwords.")
     else:
-        print(_app_password_table(records, time.time()))
+        print(_app_password_table(records, now, idle))
     return EX_OK
 
 
@@ -253,6 +262,21 @@ def cmd_user_enroll(ctx: Context, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{user.username} is registered for MFA (state {user.mfa_state.value}).")
     _show_created(created, args.json)
+    return EX_OK
+
+
+def cmd_user_unlock(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.admin().unlock(args.user)
+    print(f"Lockouts of {Admin.username(args.user)} are lifted on every running daemon "
+          f"(within a second).")
+    return EX_OK
+
+
+def cmd_user_reset_second_factor(ctx: Context, args: argparse.Namespace) -> int:
+    had = ctx.admin().reset_second_factor(args.user)
+    name = Admin.username(args.user)
+    print(f"{name} sets up an authenticator app at their next portal sign-in." if had
+          else f"{name} had no authenticator app set up.")
     return EX_OK
 
 
@@ -315,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="when it stops working: 90d, 12h, or a date such as 2027-01-31")
     sub.add_argument("--protocols", metavar="LIST",
                      help="where it may be used: a comma-separated list of " + ", ".join(PROTOCOLS))
+    sub.add_argument("--network", action="append", metavar="CIDR",
+                     help="only from this network (192.0.2.0/24, 2001:db8::/32); repeat for more")
     sub = with_json(command(ap, "list", cmd_app_password_list,
                             "list a user's app passwords (never the secrets)"))
     sub.add_argument("user", metavar="USER")
@@ -333,6 +359,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = command(us, "set-mfa", cmd_user_set_mfa, "set a user's MFA state")
     sub.add_argument("user", metavar="USER")
     sub.add_argument("state", choices=[s.value for s in MfaState])
+    sub = command(us, "unlock", cmd_user_unlock,
+                  "lift a user's lockout after failed sign-ins, on every running daemon")
+    sub.add_argument("user", metavar="USER")
+    sub = command(us, "reset-second-factor", cmd_user_reset_second_factor,
+                  "forget a user's authenticator app (a lost phone): they set one up again "
+                  "at their next portal sign-in")
+    sub.add_argument("user", metavar="USER")
     sub = with_json(command(us, "enroll", cmd_user_enroll,
                             "register a user for MFA and issue their first app password"))
     sub.add_argument("user", metavar="USER")

@@ -61,6 +61,7 @@ class Account:
     modern_auth_only: bool = False
     admin: bool = False
     password_changed_at: float | None = None
+    mail: str | None = None  # where the portal's notifications go
     # The DN in one comparable form, parsed once: ldaptor's DN parser is slow.
     key: str = attrs.field(
         default=attrs.Factory(lambda self: normalise_dn(self.dn), takes_self=True), repr=False
@@ -328,6 +329,7 @@ class Directory:
                 config.username_attribute,
                 config.member_of_attribute,
                 config.password_changed_attribute,
+                config.mail_attribute,
             )
             if a
         ]
@@ -522,6 +524,7 @@ class Directory:
             modern_auth_only=self._groups["modern"] in groups,
             admin=self._groups["admin"] in groups,
             password_changed_at=parse_password_changed(changed) if changed else None,
+            mail=mail.decode("utf-8", "replace") if (mail := first(self.config.mail_attribute)) else None,
         )
 
     async def check_password(self, dn: str, password: str) -> bool:

@@ -37,6 +37,8 @@ class Reason(enum.Enum):
     ACCOUNT_INACTIVE = "account_inactive"
     LOCKED_OUT = "locked_out"
     EXPIRED = "expired"
+    UNUSED = "unused"  # an app password unused longer than policy.app_password_idle_expiry
+    WRONG_CODE = "wrong_code"  # the portal's second factor
     OUT_OF_SCOPE = "out_of_scope"
     REVOKED_BY_PASSWORD_CHANGE = "revoked_by_password_change"
     MALFORMED = "malformed"
@@ -69,6 +71,11 @@ class Attempt:
     # The listener's settings the core decides by.
     plaintext_allowed: bool = False
     anonymous_allowed: bool = False
+    # A legacy protocol (every listener's): False for the portal, which asks
+    # for a second factor itself, so that blocking legacy authentication does
+    # not lock users out of the page that tells them so, and where an app
+    # password is never accepted (it allows no administrative action).
+    legacy: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.realm not in REALMS:

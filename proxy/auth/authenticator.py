@@ -46,6 +46,12 @@ failures_log = Logger(namespace="legacy_auth_proxy.auth.failure")
 
 MAX_ACCOUNTS = 100_000
 
+_STOPPED = {
+    "expired": Reason.EXPIRED,
+    "password_change": Reason.REVOKED_BY_PASSWORD_CHANGE,
+    "unused": Reason.UNUSED,
+}
+
 
 class DirectoryLike(Protocol):
     async def resolve(self, username: str) -> Account | None: ...
@@ -218,10 +224,44 @@ class Authenticator:
             self.apply(change)
 
     def apply(self, change: Change) -> None:
-        if change.kind == "deleted" and change.app_password_id:
-            self._revoked(change.username, change.app_password_id, change.kind)
+        if change.kind == "unlocked":
+            self.unlock(change.username)
+        elif change.kind in ("deleted", "stopped") and change.app_password_id:
+            self._revoked(change.username, change.app_password_id, "deleted")
         else:
             self._revoked(change.username, None, change.kind)
+
+    def unlock(self, username: str) -> int:
+        """Lift every lockout of the account the store calls ``username``
+        (the help desk's "lift a lockout"); how many accounts were found."""
+        keys = [key for key, (account, _) in self._known.items() if account.username == username]
+        keys.append("unknown:" + username)
+        for key in keys:
+            self.throttle.forget(key)
+        return len(keys) - 1
+
+    def locked(self, account: Account, address: str | None = None) -> float:
+        """Seconds the account stays locked (from ``address``, or anywhere: the longest)."""
+        return self.throttle.locked_anywhere(account.key) if address is None \
+            else self.throttle.locked(account.key, address)
+
+    def second_factor_failed(self, attempt: Attempt, account: Account) -> float:
+        """A wrong code (``attempt.secret``) after a right password, at the
+        portal: counted against the account like a wrong secret, so codes
+        cannot be guessed at will; audited and logged for fail2ban. Returns
+        how long to hold the answer back."""
+        self.throttle.failed(account.key, attempt.client_address, "code:" + attempt.secret)
+        self._audit(attempt, Decision(Reason.WRONG_CODE, account.username, account))
+        if self.metrics is not None:
+            self.metrics.sign_in(attempt.protocol, attempt.realm, Outcome.REFUSED.value,
+                                 Reason.WRONG_CODE.value, 0.0)
+        return self.throttle.failure_delay(attempt.client_address)
+
+    async def account(self, name: str) -> Account | None:
+        """The account ``name`` (a user name or DN) stands for, as sign-ins
+        see it: cached for ``directory.account_cache``. Raises
+        :class:`DirectoryUnavailable`."""
+        return await self._account(name.strip())
 
     def revoked_since(self, decision: Decision) -> bool:
         """Whether something of the decision's user (or everyone's) was
@@ -269,7 +309,7 @@ class Authenticator:
         if decision.accepted and self.revoked_since(decision):
             # Revoked while it was being decided: decide again, from the store.
             decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
-        if (decision.accepted and self.sessions is not None
+        if (decision.accepted and attempt.legacy and self.sessions is not None
                 and self.sessions.count(decision.username, attempt.client_address) >= self.max_sessions):
             # Dovecot's mail_max_userip_connections: one device that opens
             # connection after connection cannot take the backend's.
@@ -330,7 +370,7 @@ class Authenticator:
         if attempt.authzid and apppasswords.canonical_username(attempt.authzid) != typed:
             # Acting as someone else is what master users do; clients may not.
             return Decision(Reason.FOREIGN_AUTHZID, typed)
-        if self.policy.block_legacy_auth:
+        if self.policy.block_legacy_auth and attempt.legacy:
             return Decision(Reason.LEGACY_BLOCKED, typed)
         app_password_form = apppasswords.normalise(attempt.secret)
         stale = False
@@ -350,12 +390,12 @@ class Authenticator:
         if not account.active:
             self._revoked(account.username, None, "account_inactive")
             return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
-        if account.modern_auth_only:
+        if account.modern_auth_only and attempt.legacy:
             return Decision(Reason.LEGACY_BLOCKED, account.username, account)
         key = account.key
         if self.throttle.locked(key, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
-        if attempt.realm == "cloud":
+        if attempt.realm == "cloud" and attempt.legacy:
             if app_password_form is not None:
                 decided = await self._app_password(attempt, account, app_password_form)
                 if decided is not None:
@@ -440,10 +480,11 @@ class Authenticator:
             if self._hasher.needs_rehash(encoded):
                 self._rehash(record, secret)
         now = self._clock.seconds()
-        if record.expired(now):
+        stopped = record.stopped(now, self.policy.app_password_idle_expiry)
+        if stopped is not None:
             self._app_cache.drop_tag(record.id)
-            return Decision(Reason.EXPIRED, account.username, account, record)
-        if not record.allows(attempt.protocol):
+            return Decision(_STOPPED[stopped], account.username, account, record)
+        if not record.allows(attempt.protocol) or not record.allows_from(attempt.client_address):
             return Decision(Reason.OUT_OF_SCOPE, account.username, account, record)
         changed = account.password_changed_at
         if changed is not None and record.created_at < changed:
@@ -487,17 +528,18 @@ class Authenticator:
             self._app_cache.drop_user(account.username)
 
     async def _revoke_older(self, account: Account, changed: float) -> None:
-        deleted = await self._store.delete_created_before(
+        stopped = await self._store.stop_created_before(
             account.username, changed, self._clock.seconds()
         )
-        for record in deleted:
+        for record in stopped:
             self._revoked(account.username, record.id, "password_change")
-        if deleted:
+        if stopped:
             self._record(
-                "app_passwords_revoked",
+                "app_passwords_stopped",
                 user=account.username,
-                count=len(deleted),
-                app_password_ids=[r.id for r in deleted],
+                count=len(stopped),
+                app_password_ids=[r.id for r in stopped],
+                reason="password_change",
                 actor="password_change",
             )
 

@@ -187,6 +187,22 @@ class Throttle:
         bucket = state.buckets[source in state.familiar]
         return max(0.0, bucket.locked_until - self._clock())
 
+    def locked_anywhere(self, account: str) -> float:
+        """Seconds the account stays locked for the place that is locked longest."""
+        state = self._table(account).peek(account)
+        if state is None:
+            return 0.0
+        return max(0.0, *(b.locked_until - self._clock() for b in state.buckets.values()))
+
+    def forget(self, account: str) -> None:
+        """Lift the account's lockouts and forget its failures (the help desk)."""
+        state = self._table(account).peek(account)
+        if state is None:
+            return
+        for bucket in state.buckets.values():
+            self._lockouts.pop(id(bucket), None)
+        state.buckets = {True: _Bucket(), False: _Bucket()}
+
     def recently_failed(self, account: str, address: str, secret: str) -> bool:
         """Whether ``secret`` is one of the account's last wrong ones from this
         kind of source: checking it again would only add a failure upstream

@@ -13,6 +13,8 @@ PostgreSQL store for several proxies would implement the same interface.
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 from typing import Protocol
 
 import attrs
@@ -20,6 +22,46 @@ import attrs
 from proxy import protocols
 
 PROTOCOLS = tuple(sorted(protocols.NAMES))
+
+# An app password that stopped working by itself (expired, stopped by a
+# primary password change, unused too long) stays listed this long, with the
+# reason, so that a user whose phone stopped syncing sees why; then it goes.
+STOPPED_KEPT = 30 * 86400.0
+
+# Why an app password stopped working by itself, in words for its owner.
+STOPPED_REASONS = {
+    "expired": "it expired",
+    "password_change": "the account's password was changed after it was made",
+    "unused": "it was not used for a long time",
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
+def check_networks(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """Source networks in CIDR form, normalised; raises ValueError naming the bad one."""
+    out = []
+    for text in texts:
+        try:
+            out.append(str(_network(text.strip())))
+        except ValueError:
+            raise ValueError(f"not a network in CIDR form (192.0.2.0/24, 2001:db8::/32): {text!r}") from None
+    if not out:
+        raise ValueError("no network given")
+    return tuple(dict.fromkeys(out))
+
+
+def address_in(address: str, networks: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in _network(n) for n in networks)
 
 
 class MfaState(enum.Enum):
@@ -59,12 +101,42 @@ class AppPassword:
     last_used_address: str | None = None
     last_used_protocol: str | None = None
     use_count: int = 0
+    networks: tuple[str, ...] | None = None  # CIDR; None: from anywhere
+    stopped_at: float | None = None
+    stopped_reason: str | None = None  # a key of STOPPED_REASONS
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
     def allows(self, protocol: str) -> bool:
         return self.protocols is None or protocol in self.protocols
+
+    def allows_from(self, address: str) -> bool:
+        return self.networks is None or address_in(address, self.networks)
+
+    def idle(self, now: float, idle_expiry: float | None) -> bool:
+        """Unused for longer than ``idle_expiry`` (never used: since made)."""
+        last = self.last_used_at if self.last_used_at is not None else self.created_at
+        return bool(idle_expiry) and now - last >= idle_expiry  # type: ignore[operator]
+
+    def stopped(self, now: float, idle_expiry: float | None = None) -> str | None:
+        """Why it no longer works by itself (a key of STOPPED_REASONS), or None."""
+        if self.stopped_reason is not None:
+            return self.stopped_reason
+        if self.expired(now):
+            return "expired"
+        if self.idle(now, idle_expiry):
+            return "unused"
+        return None
+
+    def stopped_since(self, idle_expiry: float | None = None) -> float:
+        """When it stopped working (call only if :meth:`stopped` says it did)."""
+        if self.stopped_at is not None:
+            return self.stopped_at
+        if self.expires_at is not None:
+            return self.expires_at
+        last = self.last_used_at if self.last_used_at is not None else self.created_at
+        return last + (idle_expiry or 0.0)
 
 
 @attrs.frozen
@@ -76,7 +148,7 @@ class Change:
     seq: int
     at: float
     username: str
-    kind: str  # "deleted", "revoked_all", "state_changed"
+    kind: str  # "deleted", "stopped", "revoked_all", "state_changed", "unlocked"
     app_password_id: str | None
 
 
@@ -118,6 +190,7 @@ class Store(Protocol):
         expires_at: float | None,
         protocols: frozenset[str] | None,
         limit: int,
+        networks: tuple[str, ...] | None = None,
     ) -> AppPassword: ...
 
     def list_app_passwords(self, username: str) -> list[AppPassword]: ...
@@ -132,7 +205,9 @@ class Store(Protocol):
 
     def revoke_all(self, username: str, now: float) -> list[AppPassword]: ...
 
-    def delete_created_before(self, username: str, when: float, now: float) -> list[AppPassword]: ...
+    def stop_created_before(self, username: str, when: float, now: float) -> list[AppPassword]: ...
+
+    def sweep(self, now: float, idle_expiry: float | None) -> list[AppPassword]: ...
 
     def record_use(self, id: str, at: float, address: str | None, protocol: str, count: int) -> None: ...
 
@@ -141,6 +216,16 @@ class Store(Protocol):
     def get_user(self, username: str) -> User: ...
 
     def set_user(self, user: User, now: float) -> User: ...
+
+    def get_totp(self, username: str) -> tuple[bytes, int] | None: ...
+
+    def set_totp(self, username: str, sealed: bytes, step: int, now: float) -> None: ...
+
+    def delete_totp(self, username: str, now: float) -> bool: ...
+
+    def use_totp_step(self, username: str, step: int) -> bool: ...
+
+    def note_unlocked(self, username: str, now: float) -> None: ...
 
     def changes_since(self, seq: int) -> list[Change]: ...
 

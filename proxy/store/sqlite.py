@@ -20,6 +20,7 @@ from pathlib import Path
 
 from proxy.apppasswords import adopt_parent_owner
 from proxy.store import (
+    STOPPED_KEPT,
     AppPassword,
     Change,
     LimitReached,
@@ -67,6 +68,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX changes_at ON changes (at);
     """,
+    # 2: source networks; app passwords that stopped by themselves, kept
+    # listed for a while; users' second factor (TOTP) for the portal.
+    """
+    ALTER TABLE app_passwords ADD COLUMN networks TEXT;
+    ALTER TABLE app_passwords ADD COLUMN stopped_at REAL;
+    ALTER TABLE app_passwords ADD COLUMN stopped_reason TEXT
+        CHECK (stopped_reason IN ('expired', 'password_change', 'unused'));
+
+    CREATE TABLE second_factors (
+        username   TEXT PRIMARY KEY,
+        totp       BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        last_step  INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
 )
 
 # How long the change feed keeps an entry: daemons poll it every second or
@@ -75,7 +91,8 @@ CHANGE_RETENTION = 86400.0
 
 _COLUMNS = (
     "id, username, name, created_at, created_by, expires_at, protocols, "
-    "last_used_at, last_used_address, last_used_protocol, use_count"
+    "last_used_at, last_used_address, last_used_protocol, use_count, networks, "
+    "stopped_at, stopped_reason"
 )
 
 
@@ -93,6 +110,9 @@ def _app_password(row: sqlite3.Row) -> AppPassword:
         last_used_address=row["last_used_address"],
         last_used_protocol=row["last_used_protocol"],
         use_count=row["use_count"],
+        networks=tuple(row["networks"].split(",")) if row["networks"] is not None else None,
+        stopped_at=row["stopped_at"],
+        stopped_reason=row["stopped_reason"],
     )
 
 
@@ -208,6 +228,7 @@ class SQLiteStore:
         expires_at: float | None,
         protocols: frozenset[str] | None,
         limit: int,
+        networks: tuple[str, ...] | None = None,
     ) -> AppPassword:
         record = AppPassword(
             id=secrets.token_hex(5),
@@ -217,18 +238,22 @@ class SQLiteStore:
             created_by=created_by,
             expires_at=expires_at,
             protocols=protocols,
+            networks=networks,
         )
         with self._write():
+            # Those that stopped working by themselves do not count.
             count = self._db.execute(
-                "SELECT count(*) FROM app_passwords WHERE username = ?", (username,)
+                "SELECT count(*) FROM app_passwords WHERE username = ? AND stopped_at IS NULL"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (username, now),
             ).fetchone()[0]
             if count >= limit:
                 raise LimitReached(username, count, limit)
             try:
                 self._db.execute(
                     "INSERT INTO app_passwords (id, username, name, lookup_key, password_hash,"
-                    " created_at, created_by, expires_at, protocols)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " created_at, created_by, expires_at, protocols, networks)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.id,
                         username,
@@ -239,6 +264,7 @@ class SQLiteStore:
                         created_by,
                         expires_at,
                         ",".join(sorted(protocols)) if protocols is not None else None,
+                        ",".join(networks) if networks is not None else None,
                     ),
                 )
             except sqlite3.IntegrityError as e:
@@ -300,17 +326,43 @@ class SQLiteStore:
             self._log_change(now, username, "revoked_all", None)
         return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
-    def delete_created_before(self, username: str, when: float, now: float) -> list[AppPassword]:
-        """Delete the user's app passwords made before ``when`` (a primary
-        password change): one transaction, one change-feed entry each."""
+    def stop_created_before(self, username: str, when: float, now: float) -> list[AppPassword]:
+        """Stop the user's working app passwords made before ``when`` (a
+        primary password change): kept listed as stopped, one change-feed
+        entry each, in one transaction."""
         with self._write():
             rows = self._db.execute(
-                f"DELETE FROM app_passwords WHERE username = ? AND created_at < ?"
-                f" RETURNING {_COLUMNS}",
-                (username, when),
+                f"UPDATE app_passwords SET stopped_at = ?, stopped_reason = 'password_change'"
+                f" WHERE username = ? AND created_at < ? AND stopped_at IS NULL"
+                f" AND (expires_at IS NULL OR expires_at > ?) RETURNING {_COLUMNS}",
+                (now, username, when, now),
             ).fetchall()
             for row in rows:
-                self._log_change(now, username, "deleted", row["id"])
+                self._log_change(now, username, "stopped", row["id"])
+        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
+    def sweep(self, now: float, idle_expiry: float | None) -> list[AppPassword]:
+        """Mark app passwords that expired or went unused for ``idle_expiry``
+        as stopped (returned), and delete those stopped longer than
+        :data:`STOPPED_KEPT`."""
+        with self._write():
+            rows = self._db.execute(
+                f"UPDATE app_passwords SET stopped_at = expires_at, stopped_reason = 'expired'"
+                f" WHERE stopped_at IS NULL AND expires_at <= ? RETURNING {_COLUMNS}",
+                (now,),
+            ).fetchall()
+            if idle_expiry:
+                rows += self._db.execute(
+                    f"UPDATE app_passwords SET stopped_at = coalesce(last_used_at, created_at) + ?,"
+                    f" stopped_reason = 'unused' WHERE stopped_at IS NULL"
+                    f" AND coalesce(last_used_at, created_at) <= ? RETURNING {_COLUMNS}",
+                    (idle_expiry, now - idle_expiry),
+                ).fetchall()
+            for row in rows:
+                self._log_change(now, row["username"], "stopped", row["id"])
+            self._db.execute(
+                "DELETE FROM app_passwords WHERE stopped_at < ?", (now - STOPPED_KEPT,)
+            )
         return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def record_use(
@@ -351,6 +403,49 @@ class SQLiteStore:
             )
             self._log_change(now, user.username, "state_changed", None)
         return user
+
+    # -- second factor -------------------------------------------------------
+
+    def get_totp(self, username: str) -> tuple[bytes, int] | None:
+        """The user's sealed TOTP key and the last time step used, if enrolled."""
+        row = self._db.execute(
+            "SELECT totp, last_step FROM second_factors WHERE username = ?", (username,)
+        ).fetchone()
+        return None if row is None else (bytes(row["totp"]), row["last_step"])
+
+    def set_totp(self, username: str, sealed: bytes, step: int, now: float) -> None:
+        """Enrol (or replace) the user's TOTP key; ``step`` is the one that confirmed it."""
+        with self._write():
+            self._db.execute(
+                "INSERT INTO second_factors (username, totp, created_at, last_step)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO UPDATE SET"
+                " totp = excluded.totp, created_at = excluded.created_at,"
+                " last_step = excluded.last_step",
+                (username, sealed, now, step),
+            )
+
+    def delete_totp(self, username: str, now: float) -> bool:
+        with self._write():
+            gone = self._db.execute(
+                "DELETE FROM second_factors WHERE username = ?", (username,)
+            ).rowcount
+        return bool(gone)
+
+    def use_totp_step(self, username: str, step: int) -> bool:
+        """Take time step ``step`` of the user's TOTP: True once, False if it
+        (or a later one) was used already: a code is never accepted twice,
+        by this process or any other sharing the store."""
+        with self._write():
+            taken = self._db.execute(
+                "UPDATE second_factors SET last_step = ? WHERE username = ? AND last_step < ?",
+                (step, username, step),
+            ).rowcount
+        return bool(taken)
+
+    def note_unlocked(self, username: str, now: float) -> None:
+        """Tell every daemon to lift the user's lockouts (the change feed)."""
+        with self._write():
+            self._log_change(now, username, "unlocked", None)
 
     # -- change feed ---------------------------------------------------------
 

@@ -107,8 +107,27 @@ def test_expiry_scope_and_a_password_change(core):
     core.directory.change("alice", password_changed_at=core.clock.seconds())
     assert decide(core, "alice", smtp_only, protocol="smtp").reason is (
         Reason.REVOKED_BY_PASSWORD_CHANGE)
-    # Revoked by the change (the policy's default): both were older.
-    assert core.store.list_app_passwords("alice") == []
+    # Stopped by the change (the policy's default), and listed with why; the
+    # one that had expired already stays expired.
+    now = core.clock.seconds()
+    assert {a.name: a.stopped(now) for a in core.store.list_app_passwords("alice")} == {
+        "soon": "expired", "printer": "password_change"}
+
+
+def test_source_networks_and_idle_expiry(core):
+    core.build(policy=PolicyConfig(app_password_idle_expiry=86400.0))
+    core.directory.add("alice", PRIMARY)
+    office = core.admin.create("alice", "scanner", networks=("192.0.2.0/24",)).secret
+    assert decide(core, "alice", office, address="192.0.2.99").accepted
+    assert decide(core, "alice", office, address="198.51.100.1").reason is Reason.OUT_OF_SCOPE
+    # Cached, and still out of scope from elsewhere.
+    assert decide(core, "alice", office, address="198.51.100.1").reason is Reason.OUT_OF_SCOPE
+    phone = core.admin.create("alice", "phone").secret
+    core.clock.advance(86400 + 1)
+    assert decide(core, "alice", phone).reason is Reason.UNUSED
+    stopped = core.store.sweep(core.clock.seconds(), 86400.0)
+    assert {a.name for a in stopped} >= {"phone"}
+    assert decide(core, "alice", phone).reason is Reason.UNUSED
 
 
 def test_the_success_cache_spares_argon2_until_a_revocation(core):

@@ -66,7 +66,8 @@ def test_a_password_change_ends_sessions_from_before_it(core):
     check(core)
     assert old_app.ended == ["password_change"] and old_primary.ended == ["password_change"]
     assert after.ended == []
-    assert core.store.list_app_passwords("alice") == []  # revoked, as the policy says
+    # Stopped, as the policy says, and listed with the reason.
+    assert [a.stopped_reason for a in core.store.list_app_passwords("alice")] == ["password_change"]
 
 
 def test_one_accounts_trouble_does_not_stop_the_others(core):

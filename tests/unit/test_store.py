@@ -21,7 +21,7 @@ def create(store, user="alice", name="phone", key=None, now=1000.0, limit=40, **
     return store.create_app_password(
         username=user, name=name, lookup_key=key, password_hash=HASH,
         created_by="test", now=now, expires_at=kw.get("expires_at"),
-        protocols=kw.get("protocols"), limit=limit,
+        protocols=kw.get("protocols"), limit=limit, networks=kw.get("networks"),
     )
 
 
@@ -133,3 +133,82 @@ def test_reopening_keeps_everything(tmp_path):
     s = SQLiteStore(path)
     assert s.list_app_passwords("alice") == [record]
     s.close()
+
+
+def test_a_version_1_store_is_migrated_with_everything_kept(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO app_passwords (id, username, name, lookup_key, password_hash,"
+               " created_at, created_by) VALUES ('a1', 'alice', 'phone', ?, ?, 1.0, 'cli')",
+               (b"k" * 32, HASH))
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    [record] = store.list_app_passwords("alice")
+    assert (record.id, record.networks, record.stopped_reason) == ("a1", None, None)
+    store.close()
+
+
+def test_networks_are_kept_and_checked(store):
+    from proxy.store import check_networks
+
+    record = create(store, networks=check_networks(("192.0.2.7/24", "2001:db8::/32")))
+    assert record.networks == ("192.0.2.0/24", "2001:db8::/32")
+    [listed] = store.list_app_passwords("alice")
+    assert listed.networks == record.networks
+    assert listed.allows_from("192.0.2.200") and listed.allows_from("::ffff:192.0.2.1")
+    assert listed.allows_from("2001:db8::1") and not listed.allows_from("198.51.100.1")
+    with pytest.raises(ValueError, match="not a network"):
+        check_networks(("192.0.2.0/33",))
+
+
+def test_stopped_ones_stay_listed_for_30_days_and_do_not_count(store):
+    from proxy.store import STOPPED_KEPT
+
+    create(store, name="printer", now=1000.0, expires_at=2000.0)
+    create(store, name="idle", now=1000.0)
+    used = create(store, name="used", now=1000.0)
+    store.record_use(used.id, 9000.0, "192.0.2.1", "imap", 1)
+    stopped = store.sweep(10_000.0, idle_expiry=5000.0)
+    assert {(a.name, a.stopped_reason, a.stopped_at) for a in stopped} == {
+        ("printer", "expired", 2000.0), ("idle", "unused", 6000.0)}
+    assert [c.kind for c in store.changes_since(0)] == ["stopped", "stopped"]
+    assert store.sweep(10_000.0, idle_expiry=5000.0) == []  # once
+    # Stopped ones do not count towards the limit.
+    create(store, name="new", now=10_000.0, limit=2)
+    store.sweep(2000.0 + STOPPED_KEPT + 1, idle_expiry=None)
+    assert {a.name for a in store.list_app_passwords("alice")} == {"idle", "used", "new"}
+    store.sweep(6000.0 + STOPPED_KEPT + 1, idle_expiry=None)
+    assert {a.name for a in store.list_app_passwords("alice")} == {"used", "new"}
+
+
+def test_a_password_change_stops_the_older_working_ones(store):
+    old = create(store, name="old", now=1000.0)
+    create(store, name="expired", now=1000.0, expires_at=1500.0)
+    create(store, name="new", now=3000.0)
+    stopped = store.stop_created_before("alice", 2000.0, now=4000.0)
+    assert [a.id for a in stopped] == [old.id]
+    listed = {a.name: a for a in store.list_app_passwords("alice")}
+    assert listed["old"].stopped(4000.0) == "password_change"
+    assert listed["expired"].stopped(4000.0) == "expired"
+    assert listed["new"].stopped(4000.0) is None
+
+
+def test_a_totp_step_is_taken_once(store):
+    assert store.get_totp("alice") is None
+    store.set_totp("alice", b"sealed", step=100, now=1.0)
+    assert store.get_totp("alice") == (b"sealed", 100)
+    assert not store.use_totp_step("alice", 100)  # the step that confirmed enrolment
+    assert store.use_totp_step("alice", 101)
+    assert not store.use_totp_step("alice", 101)
+    assert not store.use_totp_step("alice", 99)
+    assert not store.use_totp_step("bob", 500)
+    assert store.delete_totp("alice", now=2.0) and store.get_totp("alice") is None
+
+
+def test_unlocking_goes_through_the_change_feed(store):
+    store.note_unlocked("alice", now=5.0)
+    [change] = store.changes_since(0)
+    assert (change.username, change.kind, change.app_password_id) == ("alice", "unlocked", None)
