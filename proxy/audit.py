@@ -40,6 +40,37 @@ def timestamp(seconds: float) -> str:
     return f"{_last_second[1]}{int((seconds - whole) * 1000):03d}Z"
 
 
+def recent_events(path: Path, predicate: Callable[[dict[str, Any]], bool], limit: int,
+                  max_bytes: int) -> list[dict[str, Any]]:
+    """The last ``limit`` events of the audit file matching ``predicate``,
+    newest first, from at most its last ``max_bytes``. Blocks: the daemon
+    calls it on its files pool."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(size - start)
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first may be cut
+    found: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and predicate(event):
+            found.append(event)
+            if len(found) >= limit:
+                break
+    return found
+
+
 class AuditLog:
     """Writes audit events. ``path`` None: the Twisted log only."""
 

@@ -410,6 +410,17 @@ class StoreConfig:
         "the 32-byte secret key of the lookup HMAC; created (mode 0600) on first use, "
         "refused if anyone but its owner can read it; keep it out of the database's backups",
     )
+    totp_key_file: Path | None = _field(
+        None,
+        Optional(FilePath()),
+        "the 32-byte key that seals users' TOTP keys (the portal's second factor) in the "
+        "store; created (mode 0600) on first use, kept like the pepper; null: totp-key "
+        "beside the pepper file",
+    )
+
+    @property
+    def totp_key_path(self) -> Path:
+        return self.totp_key_file or self.pepper_file.parent / "totp-key"
 
 
 @attrs.frozen
@@ -433,8 +444,15 @@ class PolicyConfig:
     revoke_app_passwords_on_password_change: bool = _field(
         True,
         Bool(),
-        "delete a user's app passwords when the directory reports a primary password "
-        "change made after they were created",
+        "stop a user's app passwords when the directory reports a primary password "
+        "change made after they were created (they are listed as stopped for 30 days); "
+        "false: they are refused but stay listed as working",
+    )
+    app_password_idle_expiry: float | None = _field(
+        None,
+        Optional(Duration()),
+        "an app password unused this long stops working (listed as stopped for 30 days), "
+        "for example 90d; null: never",
     )
 
 
@@ -506,7 +524,13 @@ class DirectoryConfig:
         None, Optional(Dn()), "members may not sign in over legacy protocols at all"
     )
     admin_group: str | None = _field(
-        None, Optional(Dn()), "members are administrators: app passwords never act as them"
+        None,
+        Optional(Dn()),
+        "members are administrators: app passwords never act as them; the portal's help desk "
+        "is theirs",
+    )
+    mail_attribute: str = _field(
+        "mail", Str(), "the user's mail address, where the portal's notifications go"
     )
     password_changed_attribute: str | None = _field(
         "pwdChangedTime",
@@ -661,6 +685,73 @@ class MetricsConfig:
     )
 
 
+class MailRelay:
+    doc = "smtp://host[:port] (STARTTLS when offered) or smtps://host[:port]"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        try:
+            parts.port
+        except ValueError:
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname or parts.path not in ("", "/"):
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
+@attrs.frozen
+class PortalConfig:
+    """The self-service and help-desk web pages, over HTTPS."""
+
+    endpoint: str | None = _field(
+        None,
+        Optional(Endpoint()),
+        "where to serve the portal (tcp:443:interface=192.0.2.1); null: no portal",
+    )
+    certificate: Path | None = _field(
+        None, Optional(FilePath()), "the portal's certificate chain (PEM), leaf first; re-read on SIGHUP"
+    )
+    private_key: Path | None = _field(
+        None, Optional(FilePath()), "the certificate's private key (PEM)"
+    )
+    title: str = _field(
+        "Security info", Str(), "the name shown on every page and in authenticator apps"
+    )
+    session_idle: float = _field(
+        900.0, Duration(high=86400), "a signed-in page session ends after this long without a request"
+    )
+    session_max: float = _field(
+        28800.0, Duration(high=7 * 86400), "a signed-in page session ends this long after sign-in"
+    )
+    mail_relay: str | None = _field(
+        None,
+        Optional(MailRelay()),
+        "where to send notifications (smtp://127.0.0.1:25); null: none are sent",
+    )
+    mail_from: str = _field(
+        "legacy-auth-proxy@localhost", Str(), "the sender of notifications"
+    )
+    notify_on_create: bool = _field(
+        True,
+        Bool(),
+        "mail users when an app password is made for them (needs mail_relay and the "
+        "directory's mail attribute)",
+    )
+    audit_scan_bytes: int = _field(
+        16 * 1024 * 1024,
+        Int(0, 1 << 34),
+        "how much of the end of the audit file the help desk's page reads for a user's "
+        "recent refusals",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.endpoint is not None and (self.certificate is None or self.private_key is None):
+            raise ValueError("a portal endpoint needs certificate and private_key (it serves HTTPS only)")
+        if self.session_max < self.session_idle:
+            raise ValueError("session_max must be at least session_idle")
+
+
 @attrs.frozen
 class ListenerConfig:
     """One service legacy clients connect to."""
@@ -812,6 +903,7 @@ class Config:
     cache: CacheConfig = _section(CacheConfig)
     limits: LimitsConfig = _section(LimitsConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    portal: PortalConfig = _section(PortalConfig)
     shutdown: ShutdownConfig = _section(ShutdownConfig)
     listeners: tuple[ListenerConfig, ...] = attrs.field(
         default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
@@ -820,6 +912,8 @@ class Config:
     def __attrs_post_init__(self) -> None:
         if self.listeners and self.directory is None:
             raise ValueError("listeners need a directory section")
+        if self.portal.endpoint is not None and self.directory is None:
+            raise ValueError("the portal needs a directory section (users sign in with it)")
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:

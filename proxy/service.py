@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from proxy import apppasswords, config as configuration
+from proxy.admin import Admin
 from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
@@ -124,6 +125,24 @@ def sd_notify(state: str) -> None:
             log.warn("cannot notify systemd: {error}", error=e.strerror)
 
 
+SWEEP_INTERVAL = 3600.0
+
+
+class _FromThread:
+    """Audit events recorded by :class:`Admin` on the store's thread,
+    handed to the reactor thread's :meth:`Daemon.record`."""
+
+    def __init__(self, reactor: Any, record: Any) -> None:
+        self._reactor = reactor
+        self._record = record
+
+    def record(self, event: str, **fields: Any) -> None:
+        self._reactor.callFromThread(self._record, event, **fields)
+
+    def close(self) -> None:
+        pass
+
+
 class Ordered(MultiService):
     """Children start in the order they are added and stop in the reverse
     order, each stop finished before the next begins: the listeners stop
@@ -193,6 +212,8 @@ class Daemon:
         self._listener_parts: dict[configuration.ListenerConfig, Part] = {}
         self.metrics = Metrics()
         self.metrics.watch(self._state)
+        self.portal: Any = None
+        self.portal_tls: ServerTLS | None = None
 
     def _part(self, name: str, start: Any = None, stop: Any = None) -> Part:
         """Add a part to the tree; it starts at once (the tree is running)."""
@@ -210,6 +231,7 @@ class Daemon:
 
         self._part("pools", start=lambda: [pool.start() for pool in pools], stop=stop_pools)
         state = await self.store_pool.submit(open_state, self.config)
+        self._state_store = state.store  # for Admin, on the store's thread only
         self.store = Threaded(state.store, self.store_pool)
         self.pepper = state.pepper
         # Closed on the store's own thread, after whatever is queued there.
@@ -223,6 +245,8 @@ class Daemon:
                 await self._listen(listener)
         if self.config.metrics.endpoint is not None:
             await self._serve_metrics(self.config.metrics.endpoint)
+        if self.config.portal.endpoint is not None:
+            await self._serve_portal()
         self.record("daemon_started", config=str(self._config_path))
         log.info(
             "legacy-auth-proxy started: store {store}, directory {directory}",
@@ -275,6 +299,72 @@ class Daemon:
             await directory.stop()
 
         self._part("authentication", stop=lambda: Deferred.fromCoroutine(stop()))
+        from twisted.internet.task import LoopingCall
+
+        sweeping = LoopingCall(self._sweep)
+        sweeping.clock = self._reactor
+        self._part("sweep", start=lambda: sweeping.start(SWEEP_INTERVAL, now=True),
+                   stop=lambda: sweeping.running and sweeping.stop())
+
+    def admin(self, actor: str) -> Admin:
+        """The rules of app passwords and users (:class:`proxy.admin.Admin`)
+        for the portal and the sweep: call its methods on the store pool."""
+        return Admin(
+            store=self._state_store,
+            hasher=apppasswords.Hasher(hash_parameters(self.config)),
+            pepper=self.pepper,
+            audit=_FromThread(self._reactor, self.record),
+            policy=self.config.policy,
+            clock=self._reactor.seconds,
+            actor=actor,
+        )
+
+    async def _sweep(self) -> None:
+        """App passwords that expired or went unused are marked stopped (and
+        their sessions end); those stopped 30 days ago are forgotten."""
+        try:
+            stopped = await self.store_pool.submit(self.admin("sweep").sweep)
+        except Exception:
+            log.failure("cannot sweep the store")
+            return
+        if stopped and self.authenticator is not None:
+            await self.authenticator.poll_changes()
+
+    async def _serve_portal(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.task import LoopingCall
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from proxy.portal.app import Portal
+        from proxy.secondfactor import KeyBox
+
+        config = self.config.portal
+        assert config.certificate is not None and config.private_key is not None
+        try:
+            keybox = await self.store_pool.submit(
+                KeyBox.load, self.config.store.totp_key_path, create=True)
+        except apppasswords.PepperError as e:
+            raise StartupError(f"store.totp_key_file: {e}") from None
+        try:
+            tls = await self.files_pool.submit(ServerTLS, config.certificate, config.private_key)
+        except TLSFilesError as e:
+            raise StartupError(f"portal: {e}") from None
+        self.portal = Portal(
+            reactor=self._reactor, config=lambda: self.config, authenticator=self.authenticator,
+            admin=self.admin, store_pool=self.store_pool, files_pool=self.files_pool,
+            keybox=keybox, record=self.record,
+        )
+        try:
+            port = await serverFromString(self._reactor, config.endpoint).listen(
+                TLSMemoryBIOFactory(tls, False, self.portal.site()))
+        except Exception as e:
+            raise StartupError(f"portal.endpoint: cannot listen: {e}") from None
+        self.portal_tls = tls
+        expiring = LoopingCall(self.portal.sessions.expire)
+        expiring.clock = self._reactor
+        self._part("portal", start=lambda: expiring.start(60, now=False),
+                   stop=lambda: (expiring.running and expiring.stop(), port.stopListening())[1])
+        log.info("portal on {endpoint}", endpoint=config.endpoint)
 
     async def _listen(self, config: configuration.ListenerConfig) -> None:
         from twisted.internet.endpoints import serverFromString
@@ -508,7 +598,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
             return
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
-                 "shutdown")
+                 "shutdown", "portal")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(
@@ -532,6 +622,11 @@ class Daemon:
                 except TLSFilesError as e:
                     log.error("listener {label}: keeping the old certificate: {error}",
                               label=listener.label, error=str(e))
+        if self.portal_tls is not None:
+            try:
+                await self.files_pool.submit(self.portal_tls.reload)
+            except TLSFilesError as e:
+                log.error("portal: keeping the old certificate: {error}", error=str(e))
         self.audit.path = new.audit.file
         self.record("config_reloaded", config=str(self._config_path))
         log.info("config reloaded from {path}", path=str(self._config_path))

@@ -1,0 +1,80 @@
+"""Mail to users when an app password is made for them.
+
+A short plain-text message at the directory's mail address: which device,
+when, from which address, and what to do if it was not them. Sent through
+``portal.mail_relay`` (``smtp://``: a relay on this host or a trusted network,
+without TLS; ``smtps://``: TLS, the relay's certificate checked against the
+system's trust store) with Twisted's SMTP client, in the background: a relay
+that is down delays nobody's page and is logged.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import io
+import time
+import urllib.parse
+from typing import Any
+
+from twisted.internet import endpoints, ssl
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.mail.smtp import ESMTPSenderFactory
+
+from proxy.transports import tcp_endpoint
+
+log = Logger(namespace="legacy_auth_proxy.portal")
+
+
+def message(*, sender: str, to: str, username: str, device: str, at: float, address: str,
+            actor: str, title: str) -> bytes:
+    msg = email.message.EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = f"A new app password was created for {username}"
+    msg["Date"] = email.utils.formatdate(at, usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    who = "you" if actor == f"portal:{username}" else f"the help desk ({actor.partition(':')[2]})"
+    msg.set_content(
+        f"An app password named \"{device}\" was created for your account {username}\n"
+        f"on {time.strftime('%Y-%m-%d at %H:%M UTC', time.gmtime(at))}, by {who},\n"
+        f"from the address {address}.\n"
+        f"\n"
+        f"If this was you, there is nothing to do.\n"
+        f"\n"
+        f"If it was not, sign in to {title} now, delete the app password \"{device}\",\n"
+        f"change your password, and tell your help desk.\n"
+    )
+    return msg.as_bytes()
+
+
+def send(reactor: Any, relay: str, sender: str, to: str, data: bytes,
+         timeout: float = 30.0) -> Deferred[Any]:
+    """Hand one message to the relay; fires when it took it."""
+    parts = urllib.parse.urlsplit(relay)
+    host = parts.hostname or "localhost"
+    done: Deferred[Any] = Deferred()
+    factory = ESMTPSenderFactory(
+        None, None, sender, [to], io.BytesIO(data), done, retries=0, timeout=int(timeout),
+        contextFactory=None, requireAuthentication=False, requireTransportSecurity=False,
+    )
+    if parts.scheme == "smtps":
+        endpoint = endpoints.wrapClientTLS(
+            ssl.optionsForClientTLS(host), tcp_endpoint(reactor, host, parts.port or 465, timeout))
+    else:
+        endpoint = tcp_endpoint(reactor, host, parts.port or 25, timeout)
+    connecting = endpoint.connect(factory)
+    connecting.addErrback(lambda f: done.called or done.errback(f))
+    return done
+
+
+def notify_created(reactor: Any, relay: str, sender: str, to: str, **fields: Any) -> None:
+    """Send the notice in the background; a failure is logged, never raised."""
+    d = send(reactor, relay, sender, to, message(sender=sender, to=to, **fields))
+    d.addCallbacks(
+        lambda _: log.info("told {user} of a new app password", user=fields["username"]),
+        lambda f: log.warn("cannot mail {user} of a new app password: {error}",
+                           user=fields["username"], error=f.getErrorMessage()),
+    )

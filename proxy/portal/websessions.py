@@ -1,0 +1,107 @@
+"""The portal's page sessions: who is signed in to the web pages, in memory.
+
+A session is named by a random 256-bit token in a ``__Host-`` cookie
+(``Secure; HttpOnly; SameSite=Strict; Path=/``) and kept here, never in the
+store: a restart signs everyone out of the portal, which costs a user one
+sign-in. Each session ends after ``portal.session_idle`` without a request
+and ``portal.session_max`` after sign-in, whichever comes first, and holds a
+CSRF token that every form carries back.
+
+A session goes through stages: ``enrolling`` (the password was right, the
+user has no authenticator yet: the key being set up is held here, never
+stored until a code confirms it) and ``signed_in``. A new token is issued
+at each stage, so a token seen before sign-in is worth nothing after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+
+COOKIE = "__Host-portal-session"
+CSRF_COOKIE = "__Host-portal-csrf"  # the sign-in form's, before any session exists
+MAX_SESSIONS = 10_000
+
+
+def same(a: str, b: str) -> bool:
+    """Compare two tokens in constant time."""
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
+@attrs.define
+class WebSession:
+    username: str
+    dn: str
+    stage: str  # "enrolling" or "signed_in"
+    started: float
+    seen: float
+    csrf: str = attrs.field(factory=lambda: secrets.token_urlsafe(32), repr=False)
+    pending_key: str | None = attrs.field(default=None, repr=False)  # TOTP key being enrolled
+    notice: str | None = None  # one message for the next page ("Deleted ...")
+    admin: bool = False  # in directory.admin_group, as of the last request
+
+
+class WebSessions:
+    def __init__(self, clock: Any, idle: float, lifetime: float) -> None:
+        self._clock = clock
+        self.idle = idle
+        self.lifetime = lifetime
+        # Kept by a digest of the token: what is in memory does not open a session.
+        self._sessions: OrderedDict[bytes, WebSession] = OrderedDict()
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def start(self, username: str, dn: str, stage: str, pending_key: str | None = None,
+              started: float | None = None) -> tuple[str, WebSession]:
+        """A new session and its token (for the cookie)."""
+        now = self._clock.seconds()
+        token = secrets.token_urlsafe(32)
+        session = WebSession(username, dn, stage, started if started is not None else now, now,
+                             pending_key=pending_key)
+        self._sessions[self._key(token)] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return token, session
+
+    def get(self, token: str | None) -> WebSession | None:
+        """The live session a cookie names; an expired one is ended."""
+        if not token:
+            return None
+        key = self._key(token)
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        now = self._clock.seconds()
+        if now - session.seen >= self.idle or now - session.started >= self.lifetime:
+            del self._sessions[key]
+            return None
+        session.seen = now
+        self._sessions.move_to_end(key)
+        return session
+
+    def end(self, token: str | None) -> None:
+        if token:
+            self._sessions.pop(self._key(token), None)
+
+    def end_user(self, username: str) -> int:
+        """End every portal session of ``username`` (account disabled)."""
+        keys = [k for k, s in self._sessions.items() if s.username == username]
+        for key in keys:
+            del self._sessions[key]
+        return len(keys)
+
+    def expire(self) -> None:
+        now = self._clock.seconds()
+        for key, session in list(self._sessions.items()):
+            if now - session.seen >= self.idle or now - session.started >= self.lifetime:
+                del self._sessions[key]
