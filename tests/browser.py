@@ -6,12 +6,14 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
+import time
 import urllib.parse
 from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
@@ -64,9 +66,18 @@ class Browser:
         return self.find(css).text
 
     def fill(self, field_id: str, value: str) -> None:
-        element = self.find(f"#{field_id}")
-        element.clear()
-        element.send_keys(value)
+        # A page still settling (autofocus, a late layout) can swap the node
+        # under the driver: look it up again and retry.
+        for attempt in range(3):
+            try:
+                element = self.find(f"#{field_id}")
+                element.clear()
+                element.send_keys(value)
+                return
+            except WebDriverException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
 
     def press(self, label: str) -> None:
         """Press the button (or follow the link) whose text is ``label``."""

@@ -27,8 +27,10 @@ DEMO_USER = "demo"
 DEMO_MAIL = "demo@example.test"
 DEMO_DEVICE = "demo device"
 PRIMARY_PASSWORD = "demo-primary-password"
+HELPDESK_USER = "helpdesk"
+HELPDESK_PASSWORD = "helpdesk-primary-password"
 PORTS = {"ldap": 10389, "imap": 10143, "imaps": 10993, "pop3": 10110, "submission": 10587,
-         "metrics": 19464}
+         "metrics": 19464, "portal": 10443}
 
 CONFIG = """\
 # Written by `legacy-auth-proxy demo` on every run (edits are lost): the demo's
@@ -46,12 +48,20 @@ directory:
   bind_password_file: directory-password
   user_base: "{people}"
   mfa_group: "{mfa_group}"
+  admin_group: "{admin_group}"
   account_cache: 5s
+policy:
+  allow_user_app_passwords: true
 throttle:
   source_delay: 0.5s
   source_delay_max: 2s
 metrics:
   endpoint: "tcp:{metrics}:interface=127.0.0.1"
+portal:
+  endpoint: "tcp:{portal}:interface=127.0.0.1"
+  certificate: tls/server.pem
+  private_key: tls/server.key
+  title: legacy-auth-proxy demo
 listeners:
   - name: ldap
     protocol: ldap
@@ -142,7 +152,8 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     # The demo's own directory and mail server, on loopback, in this process.
     ldap_backend = reactor.listenTCP(0, directory.build(
         user=DEMO_USER, mail=DEMO_MAIL, password=PRIMARY_PASSWORD,
-        service_password=service_password), interface="127.0.0.1")
+        service_password=service_password, helpdesk=HELPDESK_USER,
+        helpdesk_password=HELPDESK_PASSWORD), interface="127.0.0.1")
     imap_factory, pop3_factory, smtp_factory, inbox = mail.build(
         user=DEMO_USER, master_user="legacy-auth-proxy", master_password=master_password)
     imap_backend = reactor.listenTCP(0, imap_factory, interface="127.0.0.1")
@@ -159,6 +170,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
         pop3_backend=pop3_backend.getHost().port,
         smtp_backend=smtp_backend.getHost().port,
         service_dn=directory.SERVICE_DN, people=directory.PEOPLE, mfa_group=directory.MFA_GROUP,
+        admin_group=directory.ADMIN_GROUP,
         **ports,
     ))
 
@@ -214,6 +226,11 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         "Metrics and health, as Prometheus and a load balancer see them:",
         f"    curl -s http://127.0.0.1:{ports['metrics']}/metrics | grep legacy_auth_proxy_sign_ins",
         f"    curl -s http://127.0.0.1:{ports['metrics']}/health/ready",
+        "",
+        f"Manage app passwords in a browser: https://127.0.0.1:{ports['portal']}/",
+        f"    sign in as {DEMO_USER} with {PRIMARY_PASSWORD} (first time: set up an authenticator",
+        f"    app from the QR code); the help desk is {HELPDESK_USER} with {HELPDESK_PASSWORD}.",
+        f"    The certificate is the demo's own: trust {ca} or accept the browser's warning.",
         "",
         "Manage app passwords in another terminal:",
         f"    {tool} app-password list {DEMO_USER}",

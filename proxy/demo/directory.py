@@ -19,6 +19,7 @@ SUFFIX = "dc=example,dc=test"
 PEOPLE = f"ou=people,{SUFFIX}"
 SERVICE_DN = f"cn=legacy-auth-proxy,ou=services,{SUFFIX}"
 MFA_GROUP = f"cn=mfa,ou=groups,{SUFFIX}"
+ADMIN_GROUP = f"cn=helpdesk,ou=groups,{SUFFIX}"
 
 
 class DirectoryFactory(ServerFactory):
@@ -38,7 +39,8 @@ class DirectoryFactory(ServerFactory):
 registerAdapter(lambda factory: factory.root, DirectoryFactory, IConnectedLDAPEntry)
 
 
-def build(*, user: str, mail: str, password: str, service_password: str) -> DirectoryFactory:
+def build(*, user: str, mail: str, password: str, service_password: str,
+          helpdesk: str, helpdesk_password: str) -> DirectoryFactory:
     root = inmemory.ReadOnlyInMemoryLDAPEntry(
         SUFFIX, {"objectClass": ["dcObject", "organization"], "dc": ["example"], "o": ["Example"]}
     )
@@ -61,5 +63,17 @@ def build(*, user: str, mail: str, password: str, service_password: str) -> Dire
         "mail": [mail],
         "userPassword": [password],
         "memberOf": [MFA_GROUP],
+    })
+    groups.addChild("cn=helpdesk", {
+        "objectClass": ["groupOfNames"], "cn": ["helpdesk"], "member": [f"uid={helpdesk},{PEOPLE}"],
+    })
+    people.addChild(f"uid={helpdesk}", {
+        "objectClass": ["inetOrgPerson"],
+        "uid": [helpdesk],
+        "cn": ["Help Desk"],
+        "sn": ["Desk"],
+        "mail": [f"{helpdesk}@example.test"],
+        "userPassword": [helpdesk_password],
+        "memberOf": [ADMIN_GROUP],
     })
     return DirectoryFactory(root)

@@ -14,6 +14,7 @@ audited with ``actor: portal:USER``.
 
 from __future__ import annotations
 
+import io
 import secrets
 import time
 import urllib.parse
@@ -77,28 +78,42 @@ REFUSAL_WORDS = {
 
 
 class Request(server.Request):
-    """Every answer's security headers; bodies over 64 KiB are refused
-    (nothing the portal takes is larger), chunked ones too."""
+    """Every answer's security headers. A body over 64 KiB (nothing the
+    portal takes is larger), chunked or not, is read and dropped, never
+    kept in memory or spooled to disk, and answered 413."""
 
     _received = 0
+    _too_large = False
 
     def process(self) -> None:
         for name, value in HEADERS.items():
             self.setHeader(name, value)
-        super().process()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > MAX_BODY:
-            self.channel._respondToBadRequestAndDisconnect()
+        if self._too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            self.write(b"The request is larger than any form here.\n")
+            self.finish()
             return
-        super().handleContentChunk(data)
+        super().process()
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
-            self.channel._respondToBadRequestAndDisconnect()
+            self._drop()
             return
         super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self._drop()
+            return
+        super().handleContentChunk(data)
+
+    def _drop(self) -> None:
+        self._too_large = True
+        self.content = io.BytesIO()
 
 
 class Site(server.Site):

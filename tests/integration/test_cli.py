@@ -119,6 +119,38 @@ def test_expiry_and_scope_are_recorded_and_listed(workdir, capsys):
     assert code == 2 and "--expires" in err
 
 
+def test_networks_stopped_ones_unlock_and_reset(workdir, capsys):
+    code, out, err = run(workdir, "app-password", "create", "erin", "--name", "scanner",
+                         "--network", "192.0.2.9/24", "--network", "2001:db8::/32", "--json",
+                         capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["networks"] == ["192.0.2.0/24", "2001:db8::/32"]
+    code, out, err = run(workdir, "app-password", "create", "erin", "--name", "x",
+                         "--network", "192.0.2.0/33", capsys=capsys)
+    assert code == 1 and "not a network in CIDR form" in err
+    code, out, err = run(workdir, "app-password", "create", "erin", "--name", "brief",
+                         "--expires", "1s", capsys=capsys)
+    assert code == 0, err
+    import time
+
+    time.sleep(1.2)
+    code, out, _ = run(workdir, "app-password", "list", "erin", capsys=capsys)
+    assert "192.0.2.0/24,2001:db8::/32" in out
+    [brief] = [line for line in out.splitlines() if " brief " in line]
+    assert "stopped" in brief and "(expired)" in brief
+    code, out, _ = run(workdir, "app-password", "list", "erin", "--json", capsys=capsys)
+    assert {a["name"]: a["stopped"] for a in json.loads(out)} == {"scanner": None, "brief": "expired"}
+    code, out, _ = run(workdir, "user", "unlock", "Erin", capsys=capsys)
+    assert code == 0 and "erin" in out
+    code, out, _ = run(workdir, "user", "reset-second-factor", "erin", capsys=capsys)
+    assert code == 0 and "had no authenticator" in out
+    audit = [json.loads(line) for line in (workdir / "audit.log").read_text().splitlines()]
+    assert {"lockout_lifted", "second_factor_reset"} <= {e["event"] for e in audit}
+    sent = sqlite3.connect(workdir / "store.sqlite3").execute(
+        "SELECT kind FROM changes WHERE username = 'erin'").fetchall()
+    assert ("unlocked",) in sent
+
+
 def test_names_are_checked_and_unique(workdir, capsys):
     code, _, err = run(workdir, "app-password", "create", "erin", "--name", "x" * 65,
                        capsys=capsys)
@@ -177,7 +209,8 @@ def test_the_config_comes_from_the_environment_when_not_given(workdir):
 @pytest.mark.parametrize("command", [
     [], ["app-password"], ["app-password", "create"], ["app-password", "list"],
     ["app-password", "delete"], ["app-password", "revoke-all"], ["user"], ["user", "show"],
-    ["user", "set-mfa"], ["user", "enroll"], ["check-config"], ["serve"], ["demo"],
+    ["user", "set-mfa"], ["user", "enroll"], ["user", "unlock"], ["user", "reset-second-factor"],
+    ["check-config"], ["serve"], ["demo"],
 ])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exited:

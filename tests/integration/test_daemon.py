@@ -156,6 +156,10 @@ def test_the_demo_serves_imap_pop3_submission_and_ldap_in_one_process(tmp_path):
             assert b'legacy_auth_proxy_sign_ins_total{outcome="accepted"' in answer.read()
         with urllib.request.urlopen(metrics_url + "/health/ready", timeout=30) as answer:
             assert answer.read() == b"ok\n"
+        portal_url = re.search(r"(https://127.0.0.1:\d+)/", text)[1]
+        with urllib.request.urlopen(portal_url + "/", timeout=30, context=context) as answer:
+            page = answer.read().decode()
+            assert answer.url.endswith("/sign-in") and "legacy-auth-proxy demo" in page
     finally:
         daemon.process.send_signal(signal.SIGINT)  # a second Ctrl-C is harmless
         assert daemon.stop(signal.SIGINT) == 0

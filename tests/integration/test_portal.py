@@ -277,7 +277,7 @@ def test_forms_are_protected_and_pages_are_strict(proxy, slapd, unique, browser)
     assert json.loads(proxy.cli("app-password", "list", uid, "--json").stdout) == []
     # A body larger than any form is refused.
     status, _, _ = b.request("POST", "/app-passwords", "x=" + "a" * 100_000)
-    assert status == 400
+    assert status == 413
     # The form's own checks answer in words.
     b.fill("name", "scanner")
     b.find("details summary").click()
