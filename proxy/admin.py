@@ -73,7 +73,7 @@ class Admin:
             raise AdminError(problem)
         return apppasswords.canonical_username(name)
 
-    def create(
+    def checked(
         self,
         username: str,
         name: str,
@@ -81,15 +81,14 @@ class Admin:
         expires_at: float | None = None,
         protocols: frozenset[str] | None = None,
         networks: tuple[str, ...] | None = None,
-    ) -> Created:
-        """Generate an app password, store its lookup key and hash, and
-        return the secret: the one and only time it exists outside a client."""
+    ) -> tuple[str, tuple[str, ...] | None]:
+        """Check what a new app password would be, with no I/O: the canonical
+        user name and networks. Raises :class:`AdminError` saying what is wrong."""
         username = self.username(username)
         problem = apppasswords.check_name(name)
         if problem:
             raise AdminError(problem)
-        now = self._clock()
-        if expires_at is not None and expires_at <= now:
+        if expires_at is not None and expires_at <= self._clock():
             raise AdminError("the expiry is in the past")
         if protocols is not None:
             unknown = protocols.difference(PROTOCOLS)
@@ -103,15 +102,36 @@ class Admin:
                 networks = check_networks(networks)
             except ValueError as e:
                 raise AdminError(str(e)) from None
-        self.sweep()  # what stopped by itself does not count towards the limit
-        secret = apppasswords.generate()
+        return username, networks
+
+    def create(
+        self,
+        username: str,
+        name: str,
+        *,
+        expires_at: float | None = None,
+        protocols: frozenset[str] | None = None,
+        networks: tuple[str, ...] | None = None,
+        secret: str | None = None,
+        password_hash: str | None = None,
+    ) -> Created:
+        """Generate an app password, store its lookup key and hash, and
+        return the secret: the one and only time it exists outside a client.
+        The daemon generates and hashes it in its argon2 pool first and
+        passes ``secret`` and ``password_hash``, so that the store's thread
+        never runs argon2."""
+        username, networks = self.checked(username, name, expires_at=expires_at,
+                                          protocols=protocols, networks=networks)
+        if secret is None or password_hash is None:
+            secret = apppasswords.generate()
+            password_hash = self._hasher.hash(secret)
         record = self._store.create_app_password(
             username=username,
             name=name,
             lookup_key=apppasswords.lookup_key(self._pepper, username, secret),
-            password_hash=self._hasher.hash(secret),
+            password_hash=password_hash,
             created_by=self._actor,
-            now=now,
+            now=self._clock(),
             expires_at=expires_at,
             protocols=protocols,
             limit=self._policy.max_app_passwords_per_user,
@@ -151,7 +171,7 @@ class Admin:
     def unlock(self, username: str) -> None:
         """Lift the user's lockouts on every daemon (through the change feed)."""
         username = self.username(username)
-        self._store.note_unlocked(username, self._clock())
+        self._store.note(username, "unlocked", self._clock())
         self._audit.record("lockout_lifted", user=username, actor=self._actor)
 
     def has_second_factor(self, username: str) -> bool:
@@ -170,7 +190,9 @@ class Admin:
         """Keep the user's confirmed TOTP key (sealed) and register them for
         MFA: state ``enforced``, as Entra moves a user once registration is done."""
         username = self.username(username)
-        self._store.set_totp(username, sealed, step, self._clock())
+        if not self._store.add_totp(username, sealed, step, self._clock()):
+            raise AdminError(f"{username} has an authenticator app already; the help desk "
+                             f"can reset it")
         self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
                            method="totp")
         user = self.user(username)

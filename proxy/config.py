@@ -686,7 +686,7 @@ class MetricsConfig:
 
 
 class MailRelay:
-    doc = "smtp://host[:port] (STARTTLS when offered) or smtps://host[:port]"
+    doc = "smtp://host[:port] (no TLS: a relay on this host or a trusted network) or smtps://host[:port]"
 
     def __call__(self, ctx: _Context) -> str:
         text = Str()(ctx)

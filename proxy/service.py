@@ -349,11 +349,22 @@ class Daemon:
             tls = await self.files_pool.submit(ServerTLS, config.certificate, config.private_key)
         except TLSFilesError as e:
             raise StartupError(f"portal: {e}") from None
+        hasher = apppasswords.Hasher(hash_parameters(self.config))
         self.portal = Portal(
             reactor=self._reactor, config=lambda: self.config, authenticator=self.authenticator,
             admin=self.admin, store_pool=self.store_pool, files_pool=self.files_pool,
             keybox=keybox, record=self.record,
+            hash_secret=lambda secret: self.hash_pool.submit(hasher.hash, secret),
         )
+        sessions = self.portal.sessions
+
+        def revoked(username: str, app_password_id: str | None, kind: str) -> None:
+            # What ends a user's sessions everywhere ends their page sessions too.
+            if kind in ("account_inactive", "password_change", "second_factor_reset"):
+                sessions.end_user(username)
+
+        assert self.authenticator is not None
+        self.authenticator.on_revoked(revoked)
         try:
             port = await serverFromString(self._reactor, config.endpoint).listen(
                 TLSMemoryBIOFactory(tls, False, self.portal.site()))

@@ -13,9 +13,8 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
@@ -81,6 +80,13 @@ class Browser:
 
     def press(self, label: str) -> None:
         """Press the button (or follow the link) whose text is ``label``."""
+        self._retrying(lambda: self._button(label))
+
+    def click(self, element) -> None:
+        """Click, and wait for the page it leads to."""
+        self._retrying(lambda: element)
+
+    def _button(self, label: str):
         elements = self.all("main button, main a.button, header button")
         texts = [" ".join(e.text.split()) for e in elements]
         # An exact match first; then one whose words go on (text only a
@@ -88,18 +94,32 @@ class Browser:
         for exact in (True, False):
             for element, text in zip(elements, texts):
                 if text == label or (not exact and text.startswith(label + " ")):
-                    self.click(element)
-                    return
-        seen = [e.text for e in self.all("main button, main a.button, header button")]
-        raise AssertionError(f"no button {label!r} on {self.path} (only {seen}):\n{self.text()}")
+                    return element
+        raise AssertionError(f"no button {label!r} on {self.path} (only {texts}):\n{self.text()}")
 
-    def click(self, element) -> None:
-        """Click, and wait for the page it leads to."""
-        page = self.find("html")
-        element.click()
-        WebDriverWait(self.driver, 15).until(expected_conditions.staleness_of(page))
-        WebDriverWait(self.driver, 15).until(
-            lambda d: d.execute_script("return document.readyState") == "complete")
+    def _retrying(self, target) -> None:
+        # A page still settling can swap nodes under the driver: finding the
+        # button again is safe; a click is never repeated (it may have sent
+        # a form). Chromium reports a node of a page it has left as "does
+        # not belong to the document": for a click, the page went on.
+        for attempt in range(3):
+            page = self.find("html")
+            try:
+                element = target()
+            except WebDriverException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.3)
+                continue
+            try:
+                element.click()
+            except WebDriverException as e:
+                if not _left(e):
+                    raise
+            WebDriverWait(self.driver, 15).until(lambda d: _gone(page))
+            WebDriverWait(self.driver, 15).until(
+                lambda d: d.execute_script("return document.readyState") == "complete")
+            return
 
     def cookie(self, name: str) -> str | None:
         found = self.driver.get_cookie(name)
@@ -138,6 +158,22 @@ class Browser:
             self.driver.set_window_size(width, max(height, int(full) + 10))
             self.driver.save_screenshot(str(self.shots / f"{name}-{label}.png"))
         self.driver.set_window_size(*DESKTOP)
+
+
+def _left(error: Exception) -> bool:
+    return isinstance(error, StaleElementReferenceException) or \
+        "does not belong to the document" in str(error)
+
+
+def _gone(element) -> bool:
+    """Whether the page ``element`` belongs to has been left."""
+    try:
+        element.is_enabled()
+    except WebDriverException as e:
+        if _left(e):
+            return True
+        raise
+    return False
 
 
 def screenshots_folder() -> Path | None:

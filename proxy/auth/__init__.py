@@ -76,6 +76,10 @@ class Attempt:
     # not lock users out of the page that tells them so, and where an app
     # password is never accepted (it allows no administrative action).
     legacy: bool = True
+    # The sign-in is complete only once a second factor passes (the portal):
+    # a right password neither clears the account's failures nor is audited
+    # as accepted until Authenticator.second_factor_passed says so.
+    second_factor: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.realm not in REALMS:

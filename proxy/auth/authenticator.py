@@ -245,12 +245,25 @@ class Authenticator:
         return self.throttle.locked_anywhere(account.key) if address is None \
             else self.throttle.locked(account.key, address)
 
-    def second_factor_failed(self, attempt: Attempt, account: Account) -> float:
-        """A wrong code (``attempt.secret``) after a right password, at the
-        portal: counted against the account like a wrong secret, so codes
-        cannot be guessed at will; audited and logged for fail2ban. Returns
-        how long to hold the answer back."""
-        self.throttle.failed(account.key, attempt.client_address, "code:" + attempt.secret)
+    def second_factor_passed(self, attempt: Attempt, decision: Decision) -> None:
+        """The second factor of an ``attempt.second_factor`` sign-in passed
+        (or the user has none yet and sets one up now): the sign-in is
+        complete. Its place becomes familiar and its failures start over."""
+        assert decision.account is not None
+        self.throttle.succeeded(decision.account.key, attempt.client_address)
+        self._audit(attempt, decision)
+        if self.metrics is not None:
+            self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
+                                 decision.reason.value, 0.0)
+
+    def second_factor_failed(self, attempt: Attempt, decision: Decision, code: str) -> float:
+        """A wrong ``code`` after a right password: counted against the
+        account like a wrong secret (only a right code clears it), audited
+        as ``wrong_code`` and logged for fail2ban. Returns the source's
+        failure delay, to be counted from when the attempt began."""
+        assert decision.account is not None
+        account = decision.account
+        self.throttle.failed(account.key, attempt.client_address, "code:" + code)
         self._audit(attempt, Decision(Reason.WRONG_CODE, account.username, account))
         if self.metrics is not None:
             self.metrics.sign_in(attempt.protocol, attempt.realm, Outcome.REFUSED.value,
@@ -317,13 +330,15 @@ class Authenticator:
                                 decision.app_password, decision.revision)
         if decision.accepted and attempt.protocol == "ldap":
             decision = self._reading(decision)
-        self._audit(attempt, decision)
+        pending = decision.accepted and attempt.second_factor
+        if not pending:
+            self._audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
             delay = self.throttle.failure_delay(attempt.client_address)
             remaining = started + delay - self._clock.seconds()
             if remaining > 0:
                 await deferLater(self._clock, remaining)
-        if self.metrics is not None:
+        if self.metrics is not None and not pending:
             self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
                                  decision.reason.value, self._clock.seconds() - started)
         return decision
@@ -555,7 +570,8 @@ class Authenticator:
         if self.metrics is not None:
             self.metrics.cache("primary", hit)
         if hit:
-            self.throttle.succeeded(key, attempt.client_address)
+            if not attempt.second_factor:
+                self.throttle.succeeded(key, attempt.client_address)
             return Decision(Reason.PRIMARY, account.username, account)
         if self.throttle.recently_failed(key, attempt.client_address, attempt.secret):
             # The same wrong secret again: answered without asking the
@@ -578,7 +594,8 @@ class Authenticator:
         # Kept with the password-change time it was checked at: a change in
         # the directory makes the entry worthless.
         self._primary_cache.put(cache_key, account.password_changed_at or 0.0, user=account.username)
-        self.throttle.succeeded(key, attempt.client_address)
+        if not attempt.second_factor:
+            self.throttle.succeeded(key, attempt.client_address)
         return Decision(Reason.PRIMARY, account.username, account)
 
     # -- audit ---------------------------------------------------------------------

@@ -46,6 +46,8 @@ log = Logger(namespace="legacy_auth_proxy.portal")
 
 HERE = Path(__file__).parent
 MAX_BODY = 64 * 1024
+MAX_DRAINED = 1024 * 1024  # past this, an oversized body is not read to its end either
+CREATIONS_PER_MINUTE = 10
 CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 HEADERS = {
@@ -103,9 +105,11 @@ class Request(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
         self._received += len(data)
+        if self._too_large:
+            if self._received > MAX_DRAINED:
+                self.channel.transport.abortConnection()
+            return
         if self._received > MAX_BODY:
             self._drop()
             return
@@ -172,6 +176,7 @@ class Portal:
         files_pool: Any,
         keybox: secondfactor.KeyBox,
         record: Callable[..., None],
+        hash_secret: Callable[[str], Any],
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -181,6 +186,9 @@ class Portal:
         self._files_pool = files_pool
         self._keybox = keybox
         self._record = record
+        self._hash = hash_secret  # argon2 in the hashing pool: a Deferred of the hash
+        self._checking: set[str] = set()  # accounts whose code is being checked
+        self._created: dict[str, list[float]] = {}  # user → recent creations, to pace them
         portal = config().portal
         self.sessions = WebSessions(reactor, portal.session_idle, portal.session_max)
         self._templates = jinja2.Environment(
@@ -275,7 +283,9 @@ class Portal:
         except DirectoryUnavailable:
             return self._render(request, "error.html", 503, heading="Try again in a minute",
                                 text="The directory does not answer just now.", session=None)
-        if account is None or not account.active:
+        changed = account.password_changed_at if account is not None else None
+        if account is None or not account.active or (changed is not None and changed > session.started):
+            # Gone, disabled, or its password changed since this session began.
             self.sessions.end(token)
             return self._redirect(request, "/sign-in")
         session.admin = account.admin
@@ -357,64 +367,58 @@ class Portal:
             return self._sign_in_form(request, 400, "Enter your user name and your password.",
                                       username)
         address = self._address(request)
+        started = self._reactor.seconds()
         attempt = Attempt(protocol="portal", realm="on-premises", username=username,
-                          secret=password, client_address=address, tls=True, legacy=False)
+                          secret=password, client_address=address, tls=True, legacy=False,
+                          second_factor=True)
         decision = await self._auth.authenticate(attempt)
         if decision.outcome is Outcome.TEMPORARY_FAILURE:
             return self._sign_in_form(request, 503, TRY_LATER, username)
         if not decision.accepted or decision.account is None:
             return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
         account = decision.account
-        try:
-            enrolled = await self._on_store(self._admin("portal").has_second_factor, account.username)
-        except (StoreError, Busy):
-            return self._sign_in_form(request, 503, TRY_LATER, username)
-        if not enrolled:
-            # First sign-in: set up an authenticator app before anything else.
-            token, _ = self.sessions.start(account.username, account.dn, "enrolling",
-                                           pending_key=secondfactor.new_key())
-            self._set_cookie(request, COOKIE, token)
-            self._record("portal_sign_in", user=account.username, client_address=address,
-                         outcome="enrolling")
-            return self._redirect(request, "/enrol")
-        if not await self._code_ok(account, code):
-            delay = self._auth.second_factor_failed(
-                attrs.evolve(attempt, secret=code or "-"), account)
-            await deferLater(self._reactor, delay)
+        if account.key in self._checking:
+            # One code check at a time per account: codes are not guessed in parallel.
             return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
-        self._auth.throttle.succeeded(account.key, address)
+        self._checking.add(account.key)
+        try:
+            key = await self._on_store(self._load_key, account.username)
+            if key is None:
+                # First sign-in: set up an authenticator app before anything else.
+                self._auth.second_factor_passed(attempt, decision)
+                token, _ = self.sessions.start(account.username, account.dn, "enrolling",
+                                               pending_key=secondfactor.new_key())
+                self._set_cookie(request, COOKIE, token)
+                self._record("portal_sign_in", user=account.username, client_address=address,
+                             outcome="enrolling")
+                return self._redirect(request, "/enrol")
+            step = secondfactor.matching_step(key, code, self._reactor.seconds())
+            if step is None or not await self._on_store(self._take_step, account.username, step):
+                delay = self._auth.second_factor_failed(attempt, decision, code or "-")
+                # Counted from when the attempt began, as the core counts a wrong
+                # password's: a wrong code takes no longer to be told.
+                remaining = started + delay - self._reactor.seconds()
+                if remaining > 0:
+                    await deferLater(self._reactor, remaining)
+                return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
+        except (StoreError, Busy, secondfactor.SealError) as e:
+            log.error("portal sign-in of {user}: {error}", user=account.username, error=str(e))
+            return self._sign_in_form(request, 503, TRY_LATER, username)
+        finally:
+            self._checking.discard(account.key)
+        self._auth.second_factor_passed(attempt, decision)
         token, _ = self.sessions.start(account.username, account.dn, "signed_in")
         self._set_cookie(request, COOKIE, token)
         self._record("portal_sign_in", user=account.username, client_address=address,
                      outcome="accepted")
         return self._redirect(request, "/")
 
-    async def _code_ok(self, account: Account, code: str) -> bool:
-        """The code is the user's for now, and its time step was not used yet."""
-        try:
-            found = await self._on_store(self._load_key, account.username)
-        except (StoreError, Busy):
-            return False
-        if found is None:
-            return False
-        step = secondfactor.matching_step(found, code, self._reactor.seconds())
-        if step is None:
-            return False
-        try:
-            return await self._on_store(self._take_step, account.username, step)
-        except (StoreError, Busy):
-            return False
-
     def _load_key(self, username: str) -> str | None:
-        """On the store's thread: the user's TOTP key, opened."""
+        """On the store's thread: the user's TOTP key, opened; None if they
+        have none. A key that does not open (another key file) raises
+        SealError: a fault to fix, not a wrong code."""
         sealed = self._admin("portal").sealed_second_factor(username)
-        if sealed is None:
-            return None
-        try:
-            return self._keybox.open(username, sealed)
-        except secondfactor.SealError as e:
-            log.error("{error}", error=str(e))
-            return None
+        return None if sealed is None else self._keybox.open(username, sealed)
 
     def _take_step(self, username: str, step: int) -> bool:
         return self._admin("portal").take_second_factor_step(username, step)
@@ -433,7 +437,8 @@ class Portal:
                                             self.config.portal.title)
         qr = segno.make(uri, error="m").svg_data_uri(scale=5, dark="#000", light="#fff")
         return self._render(request, "enrol.html", status, session=session, qr=qr,
-                            key=secondfactor.grouped(session.pending_key), error=error)
+                            key=secondfactor.grouped(session.pending_key), error=error,
+                            self_service=self.config.policy.allow_user_app_passwords)
 
     @app.route("/enrol", methods=["POST"])
     async def enrol(self, request: Any) -> bytes:
@@ -454,10 +459,16 @@ class Portal:
         try:
             await self._on_store(self._admin(actor).enrol_second_factor, session.username,
                                  sealed, step)
+        except AdminError:
+            # Enrolled meanwhile (another session): this one may not replace it.
+            self.sessions.end(token)
+            return self._sign_in_form(request, 409, "You have set up an authenticator app "
+                                      "already. Sign in with a code from it.", session.username)
         except (StoreError, Busy):
             return self._enrol_form(request, session, 503, TRY_LATER)
         await self._refresh()
         self.sessions.end(token)
+        self.sessions.end_user(session.username, stage="enrolling")
         token, fresh = self.sessions.start(session.username, session.dn, "signed_in",
                                            started=session.started)
         fresh.notice = "Your authenticator app is set up. You will be asked for a code at every sign-in."
@@ -468,11 +479,9 @@ class Portal:
 
     @app.route("/sign-out", methods=["POST"])
     def sign_out(self, request: Any) -> bytes:
-        token = self._token(request)
-        session = self.sessions.get(token)
-        if session is not None and self._csrf_ok(request, session):
-            self.sessions.end(token)
-            self._set_cookie(request, COOKIE, "", max_age=0)
+        # Whatever the form says: signing out can only ever help its user.
+        self.sessions.end(self._token(request))
+        self._set_cookie(request, COOKIE, "", max_age=0)
         return self._redirect(request, "/sign-in")
 
     # -- security info -----------------------------------------------------------------
@@ -529,27 +538,50 @@ class Portal:
             name, expires, chosen, networks_text)
         if problem:
             return await self._home(request, session, account, 400, problem, form)
-        actor = f"portal:{session.username}"
+        made = await self._make(session, session.username, name, expires_at, protocols, networks)
+        if isinstance(made, tuple):
+            status, problem = made
+            return await self._home(request, session, account, status, problem, form)
+        self._notify(account, made.record.name, request, f"portal:{session.username}")
+        return self._render(request, "created.html", 201, session=session, record=made.record,
+                            secret=apppasswords.display(made.secret), owner=None,
+                            row=self._rows([made.record])[0])
+
+    async def _make(self, session: WebSession, username: str, name: str,
+                    expires_at: float | None, protocols: frozenset[str] | None,
+                    networks: tuple[str, ...] | None) -> Any:
+        """Create an app password for ``username`` as the session's user:
+        the Created, or (status, what to tell them). The rules are Admin's;
+        argon2 runs in the hashing pool, never on the store's thread."""
+        admin = self._admin(f"portal:{session.username}")
+        now = self._reactor.seconds()
+        recent = [t for t in self._created.get(session.username, []) if now - t < 60]
+        if len(recent) >= CREATIONS_PER_MINUTE:
+            return 429, "That is many app passwords in a minute. Wait a minute, then try again."
         try:
-            created = await self._on_store(
-                self._admin(actor).create, session.username, name, expires_at=expires_at,
-                protocols=protocols, networks=networks)
-        except LimitReached as e:
-            return await self._home(request, session, account, 409,
-                                    f"You have {e.count} app passwords, the most allowed. Delete "
-                                    f"one you no longer use, then create the new one.", form)
-        except NameTaken:
-            return await self._home(request, session, account, 409,
-                                    f"You already have an app password named {name!r}. Choose "
-                                    f"another name, or delete that one first.", form)
+            username, networks = admin.checked(username, name, expires_at=expires_at,
+                                               protocols=protocols, networks=networks)
         except AdminError as e:
-            return await self._home(request, session, account, 400, f"{e}.", form)
+            text = str(e)
+            return 400, text[0].upper() + text[1:] + "."
+        self._created[session.username] = recent + [now]
+        secret = apppasswords.generate()
+        try:
+            encoded = await self._hash(secret)
+            return await self._on_store(admin.create, username, name, expires_at=expires_at,
+                                        protocols=protocols, networks=networks, secret=secret,
+                                        password_hash=encoded)
+        except LimitReached as e:
+            return 409, (f"{'You have' if username == session.username else username + ' has'} "
+                         f"{e.count} app passwords, the most allowed. Delete one that is no "
+                         f"longer used, then create the new one.")
+        except NameTaken:
+            return 409, (f"There is an app password named {name!r} already. Choose another "
+                         f"name, or delete that one first.")
+        except AdminError as e:
+            return 400, f"{e}."
         except (StoreError, Busy):
-            return await self._home(request, session, account, 503, TRY_LATER, form)
-        self._notify(account, created.record.name, request, actor)
-        return self._render(request, "created.html", 201, session=session, record=created.record,
-                            secret=apppasswords.display(created.secret),
-                            row=self._rows([created.record])[0])
+            return 503, TRY_LATER
 
     def _create_fields(self, name: str, expires: str, chosen: list[str], networks_text: str
                        ) -> tuple[str | None, float | None, frozenset[str] | None, tuple[str, ...] | None]:
@@ -564,6 +596,10 @@ class Portal:
                 expires_at = parse_expiry(expires, self._reactor.seconds())
             except ValueError:
                 return "Give the expiry as a date (2027-01-31), or leave it empty.", None, None, None
+            if len(expires) == 10:
+                expires_at += 86400  # "expires on" a day: it works all of that day (UTC)
+            if expires_at <= self._reactor.seconds():
+                return "The expiry is in the past: choose a later date.", None, None, None
         protocols = None
         if chosen:
             if not set(chosen) <= set(PROTOCOLS):
@@ -580,10 +616,14 @@ class Portal:
         portal = self.config.portal
         if not portal.notify_on_create or portal.mail_relay is None or not account.mail:
             return
-        notify.notify_created(
-            self._reactor, portal.mail_relay, portal.mail_from, account.mail,
-            username=account.username, device=device, at=self._reactor.seconds(),
-            address=self._address(request), actor=actor, title=portal.title)
+        try:
+            notify.notify_created(
+                self._reactor, portal.mail_relay, portal.mail_from, account.mail,
+                username=account.username, device=device, at=self._reactor.seconds(),
+                address=self._address(request), actor=actor, title=portal.title)
+        except Exception:
+            # The app password exists: its page must be shown whatever the mail does.
+            log.failure("cannot mail {user} of a new app password", user=account.username)
 
     @app.route("/app-passwords/<string:id>/delete", methods=["GET"])
     async def delete_page(self, request: Any, id: str) -> bytes:
@@ -605,7 +645,7 @@ class Portal:
     async def _own(self, username: str, id: str) -> AppPassword | None:
         try:
             records = await self._on_store(self._admin("portal").list, username)
-        except (StoreError, Busy):
+        except (AdminError, StoreError, Busy):
             return None
         return next((r for r in records if r.id == id), None)
 
@@ -782,6 +822,34 @@ class Portal:
             session.notice = f"That did not work: {e}" if str(e) else TRY_LATER
         await self._refresh()
         return self._redirect(request, f"/helpdesk/users/{urllib.parse.quote(user, safe='')}")
+
+    @app.route("/helpdesk/users/<string:name>/app-passwords", methods=["POST"])
+    async def help_desk_create(self, request: Any, name: str) -> bytes:
+        """The help desk makes an app password for a user (where users may
+        not, or for one who cannot): shown once, to the help desk."""
+        found = await self._help_desk(request)
+        if isinstance(found, bytes):
+            return found
+        session, _ = found
+        if not self._csrf_ok(request, session):
+            return self._bad_request(request)
+        subject = await self._subject(name)
+        if subject is None:
+            return self._redirect(request, "/helpdesk")
+        quoted = urllib.parse.quote(subject.username, safe="")
+        device = self._field(request, "name", required=False).strip()
+        problem, expires_at, protocols, networks = self._create_fields(
+            device, self._field(request, "expires", required=False).strip(),
+            self._fields(request, "protocols"), self._field(request, "networks", required=False))
+        made = problem or await self._make(session, subject.username, device, expires_at,
+                                           protocols, networks)
+        if isinstance(made, (str, tuple)):
+            session.notice = made if isinstance(made, str) else made[1]
+            return self._redirect(request, f"/helpdesk/users/{quoted}")
+        self._notify(subject, made.record.name, request, f"portal:{session.username}")
+        return self._render(request, "created.html", 201, session=session, record=made.record,
+                            secret=apppasswords.display(made.secret), owner=subject.username,
+                            row=self._rows([made.record])[0])
 
     @app.route("/helpdesk/users/<string:name>/app-passwords/<string:id>/delete", methods=["GET"])
     async def help_desk_delete_page(self, request: Any, name: str, id: str) -> bytes:

@@ -26,6 +26,8 @@ import attrs
 COOKIE = "__Host-portal-session"
 CSRF_COOKIE = "__Host-portal-csrf"  # the sign-in form's, before any session exists
 MAX_SESSIONS = 10_000
+PER_USER = 20  # one user's page sessions; their oldest go first
+ENROLLING = 600.0  # the longest a half-signed-in enrolment may take
 
 
 def same(a: str, b: str) -> bool:
@@ -68,10 +70,23 @@ class WebSessions:
         token = secrets.token_urlsafe(32)
         session = WebSession(username, dn, stage, started if started is not None else now, now,
                              pending_key=pending_key)
+        # One enrolment at a time per user, and a bounded number of sessions
+        # each: one password cannot push everyone else's sessions out.
+        mine = [k for k, s in self._sessions.items() if s.username == username]
+        if stage == "enrolling":
+            for key in [k for k in mine if self._sessions[k].stage == "enrolling"]:
+                del self._sessions[key]
+                mine.remove(key)
+        for key in mine[: max(0, len(mine) - PER_USER + 1)]:
+            del self._sessions[key]
         self._sessions[self._key(token)] = session
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return token, session
+
+    def _expired(self, session: WebSession, now: float) -> bool:
+        lifetime = min(self.lifetime, ENROLLING) if session.stage == "enrolling" else self.lifetime
+        return now - session.seen >= self.idle or now - session.started >= lifetime
 
     def get(self, token: str | None) -> WebSession | None:
         """The live session a cookie names; an expired one is ended."""
@@ -82,7 +97,7 @@ class WebSessions:
         if session is None:
             return None
         now = self._clock.seconds()
-        if now - session.seen >= self.idle or now - session.started >= self.lifetime:
+        if self._expired(session, now):
             del self._sessions[key]
             return None
         session.seen = now
@@ -93,9 +108,11 @@ class WebSessions:
         if token:
             self._sessions.pop(self._key(token), None)
 
-    def end_user(self, username: str) -> int:
-        """End every portal session of ``username`` (account disabled)."""
-        keys = [k for k, s in self._sessions.items() if s.username == username]
+    def end_user(self, username: str, stage: str | None = None) -> int:
+        """End every portal session of ``username`` (account disabled,
+        password changed, authenticator reset), or those at ``stage``."""
+        keys = [k for k, s in self._sessions.items()
+                if s.username == username and (stage is None or s.stage == stage)]
         for key in keys:
             del self._sessions[key]
         return len(keys)
@@ -103,5 +120,5 @@ class WebSessions:
     def expire(self) -> None:
         now = self._clock.seconds()
         for key, session in list(self._sessions.items()):
-            if now - session.seen >= self.idle or now - session.started >= self.lifetime:
+            if self._expired(session, now):
                 del self._sessions[key]

@@ -148,7 +148,9 @@ class Change:
     seq: int
     at: float
     username: str
-    kind: str  # "deleted", "stopped", "revoked_all", "state_changed", "unlocked"
+    # "deleted", "stopped" (with an app password's id), "revoked_all",
+    # "state_changed", "unlocked", "second_factor_reset"
+    kind: str
     app_password_id: str | None
 
 
@@ -219,13 +221,13 @@ class Store(Protocol):
 
     def get_totp(self, username: str) -> tuple[bytes, int] | None: ...
 
-    def set_totp(self, username: str, sealed: bytes, step: int, now: float) -> None: ...
+    def add_totp(self, username: str, sealed: bytes, step: int, now: float) -> bool: ...
 
     def delete_totp(self, username: str, now: float) -> bool: ...
 
     def use_totp_step(self, username: str, step: int) -> bool: ...
 
-    def note_unlocked(self, username: str, now: float) -> None: ...
+    def note(self, username: str, kind: str, now: float) -> None: ...
 
     def changes_since(self, seq: int) -> list[Change]: ...
 

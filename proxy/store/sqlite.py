@@ -413,22 +413,24 @@ class SQLiteStore:
         ).fetchone()
         return None if row is None else (bytes(row["totp"]), row["last_step"])
 
-    def set_totp(self, username: str, sealed: bytes, step: int, now: float) -> None:
-        """Enrol (or replace) the user's TOTP key; ``step`` is the one that confirmed it."""
+    def add_totp(self, username: str, sealed: bytes, step: int, now: float) -> bool:
+        """Enrol the user's TOTP key (``step`` is the one that confirmed it);
+        False if they have one already: a key is only ever replaced by
+        resetting it first (the help desk), never by a second enrolment."""
         with self._write():
-            self._db.execute(
+            added = self._db.execute(
                 "INSERT INTO second_factors (username, totp, created_at, last_step)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO UPDATE SET"
-                " totp = excluded.totp, created_at = excluded.created_at,"
-                " last_step = excluded.last_step",
+                " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
                 (username, sealed, now, step),
-            )
+            ).rowcount
+        return bool(added)
 
     def delete_totp(self, username: str, now: float) -> bool:
         with self._write():
             gone = self._db.execute(
                 "DELETE FROM second_factors WHERE username = ?", (username,)
             ).rowcount
+            self._log_change(now, username, "second_factor_reset", None)
         return bool(gone)
 
     def use_totp_step(self, username: str, step: int) -> bool:
@@ -442,10 +444,11 @@ class SQLiteStore:
             ).rowcount
         return bool(taken)
 
-    def note_unlocked(self, username: str, now: float) -> None:
-        """Tell every daemon to lift the user's lockouts (the change feed)."""
+    def note(self, username: str, kind: str, now: float) -> None:
+        """Tell every daemon something of the user through the change feed
+        (``unlocked``: lift their lockouts)."""
         with self._write():
-            self._log_change(now, username, "unlocked", None)
+            self._log_change(now, username, kind, None)
 
     # -- change feed ---------------------------------------------------------
 

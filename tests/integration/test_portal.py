@@ -16,6 +16,8 @@ import urllib.parse
 import pyotp
 import pytest
 
+from selenium.webdriver.support.select import Select
+
 from tests.browser import Browser, screenshots_folder
 from tests.conftest import require_tool
 from tests.integration.conftest import PRIMARY
@@ -194,6 +196,13 @@ def test_codes_are_single_use_and_wrong_codes_look_like_wrong_passwords(proxy, s
     sign_in(b, uid, code=next_code(totp))
     assert b.path == "/", b.text()
     b.click(b.find("header button"))
+    audit = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+    mine = [(e["outcome"], e["reason"]) for e in audit
+            if e["event"] == "authentication" and e.get("user") == uid]
+    # A right password with a replayed code is audited as the code's refusal
+    # only: enrolment and two completed sign-ins are the accepted ones.
+    assert mine.count(("refused", "wrong_code")) == 1
+    assert mine.count(("accepted", "primary")) in (2, 3)
     # A wrong password, an unknown user and a wrong code get the same answer.
     answers = set()
     for user, password, code in ((uid, "wrong", totp.now()), (unique("nobody"), PRIMARY, "123456"),
@@ -201,6 +210,40 @@ def test_codes_are_single_use_and_wrong_codes_look_like_wrong_passwords(proxy, s
         sign_in(b, user, password, code)
         answers.add(b.text("#error"))
     assert len(answers) == 1 and SIGN_IN_FAILED in answers.pop()
+
+
+def test_wrong_codes_lock_the_account_even_with_the_right_password(proxy, slapd, unique, browser):
+    uid = unique("portal")
+    slapd.add_user(uid, PRIMARY)
+    b = browser()
+    totp = enrol(b, uid)
+    b.click(b.find("header button"))
+    for wrong in ("000001", "000002", "000003"):  # account_failures: 3
+        sign_in(b, uid, code=wrong)
+        assert SIGN_IN_FAILED in b.text("#error")
+    sign_in(b, uid, code=next_code(totp))
+    assert b.path == "/sign-in" and SIGN_IN_FAILED in b.text("#error")  # locked
+    assert proxy.cli("user", "unlock", uid).returncode == 0
+    time.sleep(1.5)  # the change feed reaches the daemon
+    sign_in(b, uid, code=next_code(totp))
+    assert b.path == "/", b.text()
+
+
+def test_a_second_enrolment_cannot_replace_the_first(proxy, slapd, unique, browser):
+    uid = unique("portal")
+    slapd.add_user(uid, PRIMARY)
+    late = browser()
+    sign_in(late, uid)
+    assert late.path == "/enrol"
+    late_key = late.text("#totp-key").replace(" ", "")
+    first = browser()
+    totp = enrol(first, uid)  # its sign-in ended the other enrolment
+    late.fill("code", pyotp.TOTP(late_key).now())
+    late.press("Confirm")
+    assert late.path == "/sign-in"
+    first.click(first.find("header button"))
+    sign_in(first, uid, code=next_code(totp))
+    assert first.path == "/", first.text()  # the first authenticator still works
 
 
 def test_the_help_desk(proxy, slapd, unique, browser):
@@ -249,11 +292,32 @@ def test_the_help_desk(proxy, slapd, unique, browser):
     desk.press("Delete them all")
     assert f"Deleted all 2 app passwords of {target}." in desk.text()
     assert not imap_login(proxy, target, phone)
+    # The help desk makes one for the user, shown once to the help desk.
+    desk.fill("name", "printer")
+    desk.press("Create")
+    assert f"New app password of {target}" in desk.text()
+    assert imap_login(proxy, target, desk.text("#secret"))
+    desk.press("Done")
+    # Sets the MFA state; resets a lost authenticator (the user enrols again).
+    Select(desk.find("#state")).select_by_value("enforced")
+    desk.press("Set")
+    assert f"The MFA state of {target} is now enforced." in desk.text()
+    assert not imap_login(proxy, target, PRIMARY)  # enforced: app passwords only
+    desk.open(f"/helpdesk/users/{other}")
+    desk.press("Reset authenticator")
+    desk.press("Reset it")
+    assert f"{other} sets up an authenticator app at their next sign-in." in desk.text()
+    b.open("/")
+    assert b.path == "/sign-in"  # their page session ended
+    sign_in(b, other)
+    assert b.path == "/enrol"
 
     audit = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
     actions = {(e["event"], e.get("actor")) for e in audit if e.get("user") == target}
     assert ("lockout_lifted", f"portal:{helper}") in actions
     assert ("app_passwords_revoked", f"portal:{helper}") in actions
+    assert ("app_password_created", f"portal:{helper}") in actions
+    assert ("mfa_state_changed", f"portal:{helper}") in actions
 
 
 def test_forms_are_protected_and_pages_are_strict(proxy, slapd, unique, browser):
@@ -283,7 +347,7 @@ def test_forms_are_protected_and_pages_are_strict(proxy, slapd, unique, browser)
     b.find("details summary").click()
     b.fill("networks", "not-a-network")
     b.press("Create")
-    assert "not a network in CIDR form" in b.text("#error")
+    assert "Not a network in CIDR form" in b.text("#error")
     b.fill("networks", "192.0.2.0/24")
     b.press("Create")
     assert "shown only this once" in b.text()
@@ -291,6 +355,17 @@ def test_forms_are_protected_and_pages_are_strict(proxy, slapd, unique, browser)
     assert [a["name"] for a in listed] == ["scanner"]
     # Out of scope from 127.0.0.1.
     assert not imap_login(proxy, uid, b.text("#secret"))
+
+
+def test_a_page_session_ends_when_the_password_changes(proxy, slapd, unique, browser):
+    uid = unique("portal")
+    dn = slapd.add_user(uid, PRIMARY)
+    b = browser()
+    enrol(b, uid)
+    time.sleep(1.1)  # pwdChangedTime has whole seconds
+    slapd.set_password(dn, "Another-Passw0rd")
+    b.open("/")
+    assert b.path == "/sign-in"
 
 
 @pytest.fixture(scope="module")

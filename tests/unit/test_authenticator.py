@@ -241,3 +241,27 @@ def test_a_search_account_reads_for_app_passwords_where_configured(core, tmp_pat
     app = core.admin.create("alice", "appliance").secret
     by_app = decide(core, "alice", app, protocol="ldap")
     assert (by_app.reads_as, by_app.acting_for) == ("cn=reader,dc=example,dc=test", None)
+
+
+def test_a_right_password_awaiting_its_second_factor_clears_nothing(core):
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3))
+    core.directory.add("alice", PRIMARY)
+    portal = dict(protocol="portal", realm="on-premises", legacy=False, second_factor=True)
+    for code in ("111111", "222222", "333333"):
+        decision = decide(core, "alice", PRIMARY, **portal)
+        assert decision.accepted  # the password; not yet the sign-in
+        core.auth.second_factor_failed(attempt("alice", PRIMARY, **portal), decision, code)
+    # Three wrong codes lock the account, right passwords in between or not.
+    assert decide(core, "alice", PRIMARY, **portal).reason is Reason.LOCKED_OUT
+    audited = [(e["reason"]) for e in core.events if e["event"] == "authentication"]
+    assert audited == ["wrong_code", "wrong_code", "wrong_code", "locked_out"]
+
+
+def test_the_portal_is_not_a_legacy_sign_in_and_never_takes_an_app_password(core):
+    core.build(policy=PolicyConfig(block_legacy_auth=True))
+    core.directory.add("alice", PRIMARY, modern_auth_only=True)
+    app = core.admin.create("alice", "phone").secret
+    portal = dict(protocol="portal", realm="on-premises", legacy=False)
+    assert decide(core, "alice", PRIMARY, **portal).reason is Reason.PRIMARY
+    assert decide(core, "alice", app, **portal).reason is Reason.WRONG_SECRET
+    assert decide(core, "alice", app).reason is Reason.LEGACY_BLOCKED

@@ -198,7 +198,8 @@ def test_a_password_change_stops_the_older_working_ones(store):
 
 def test_a_totp_step_is_taken_once(store):
     assert store.get_totp("alice") is None
-    store.set_totp("alice", b"sealed", step=100, now=1.0)
+    assert store.add_totp("alice", b"sealed", step=100, now=1.0)
+    assert not store.add_totp("alice", b"other", step=200, now=1.0)  # never replaced
     assert store.get_totp("alice") == (b"sealed", 100)
     assert not store.use_totp_step("alice", 100)  # the step that confirmed enrolment
     assert store.use_totp_step("alice", 101)
@@ -206,9 +207,10 @@ def test_a_totp_step_is_taken_once(store):
     assert not store.use_totp_step("alice", 99)
     assert not store.use_totp_step("bob", 500)
     assert store.delete_totp("alice", now=2.0) and store.get_totp("alice") is None
+    assert store.changes_since(0)[-1].kind == "second_factor_reset"
 
 
 def test_unlocking_goes_through_the_change_feed(store):
-    store.note_unlocked("alice", now=5.0)
+    store.note("alice", "unlocked", now=5.0)
     [change] = store.changes_since(0)
     assert (change.username, change.kind, change.app_password_id) == ("alice", "unlocked", None)
