@@ -280,6 +280,21 @@ def cmd_user_reset_second_factor(ctx: Context, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
+    from proxy.service import StartupError, open_store
+
+    config = ctx.config
+    try:
+        store = open_store(config, migrate=True)
+    except StartupError as e:
+        raise Failure(str(e), EX_CONFIG) from None
+    where = getattr(store, "where", None) or str(config.store.path)
+    version = store.schema_version
+    store.close()
+    print(f"{where}: the schema is at version {version}, the latest")
+    return EX_OK
+
+
 def cmd_check_config(ctx: Context, args: argparse.Namespace) -> int:
     config = ctx.config
     print(f"{config.source}: the config is valid")
@@ -372,6 +387,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--name", default="first device",
                      help="the device the first app password is for (default: %(default)s)")
 
+    command(commands, "migrate", cmd_migrate,
+            "bring the store's schema up to date (serve only checks it); back it up first")
     command(commands, "check-config", cmd_check_config, "validate the config file and exit")
     command(commands, "serve", cmd_serve, "run the proxy in the foreground")
     sub = command(commands, "demo", cmd_demo,

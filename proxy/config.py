@@ -397,12 +397,40 @@ STATE_DIR = Path("/var/lib/legacy-auth-proxy")
 LOGS_DIR = Path("/var/log/legacy-auth-proxy")
 
 
+class PostgresUrl:
+    doc = "a postgresql://user@host[:port]/database URL (libpq's), without a password"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+            raise ctx.error(f"expected {self.doc}, got {parts.scheme or text[:20]!r}...")
+        if parts.password or "password=" in parts.query:
+            raise ctx.error("the URL holds a password: put it in store.password_file")
+        return text
+
+
 @attrs.frozen
 class StoreConfig:
     """Where app passwords and users' cloud state are kept."""
 
+    url: str | None = _field(
+        None,
+        Optional(PostgresUrl()),
+        "a shared PostgreSQL store for a fleet: postgresql://user@host:5432/database"
+        "?sslmode=verify-full; null: the SQLite file at path",
+    )
+    password_file: Path | None = _field(
+        None, Optional(FilePath()), "with url, a file holding the database user's password"
+    )
+    pool_size: int = _field(
+        4, Int(1, 100), "with url, connections to PostgreSQL (and threads that use them)"
+    )
+    timeout: float = _field(
+        5.0, Duration(high=120), "with url, the longest a connection or a query may take"
+    )
     path: Path = _field(
-        STATE_DIR / "store.sqlite3", FilePath(), "the SQLite database file"
+        STATE_DIR / "store.sqlite3", FilePath(), "the SQLite database file (when url is null)"
     )
     pepper_file: Path = _field(
         STATE_DIR / "pepper",
@@ -608,6 +636,12 @@ class ThrottleConfig:
     trusted_networks: tuple[Any, ...] = _field(
         (), ListOf(Network()), "sources exempt from throttling (monitoring, internal relays)"
     )
+    shared: bool | None = _field(
+        None,
+        Optional(Bool()),
+        "count failures in the store as well, so that every process sharing it locks an "
+        "account alike; null: with a PostgreSQL store (store.url) only",
+    )
 
 
 @attrs.frozen
@@ -791,6 +825,19 @@ class ListenerConfig:
     max_connections_per_source: int = _field(
         100, Int(1, 1_000_000), "connections one client address may hold at once"
     )
+    proxy_protocol: bool = _field(
+        False,
+        Bool(),
+        "connections start with a load balancer's PROXY header (HAProxy's send-proxy or "
+        "send-proxy-v2), naming the real client: its address drives throttling, audit and "
+        "what the backend is told",
+    )
+    trusted_proxies: tuple[Any, ...] = _field(
+        (),
+        ListOf(Network()),
+        "with proxy_protocol, the load balancers' addresses (CIDR); a connection from "
+        "anywhere else is closed unread",
+    )
     max_message_size_before_bind: int = _field(
         262144, Int(1024, 1 << 30), "LDAP: the largest message in bytes before a bind succeeds"
     )
@@ -848,6 +895,10 @@ class ListenerConfig:
     def __attrs_post_init__(self) -> None:
         if self.tls != "none" and (self.certificate is None or self.private_key is None):
             raise ValueError(f"tls: {self.tls} needs certificate and private_key")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies: the balancers' addresses")
+        if self.trusted_proxies and not self.proxy_protocol:
+            raise ValueError("trusted_proxies is only for proxy_protocol: true")
         entry = protocols.REGISTRY[self.protocol]
         own = set(protocols.COMMON_SETTINGS) | set(entry.settings)
         for f in attrs.fields(type(self)):

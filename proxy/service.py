@@ -29,6 +29,7 @@ from proxy.frontends.base import PreLoginBudget
 from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
+from proxy.transports import ProxyHeaderFactory
 from proxy.store import StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Pool, Threaded
@@ -44,24 +45,44 @@ class StartupError(Exception):
 class State:
     """The store and the pepper, opened and checked together."""
 
-    store: SQLiteStore
+    store: Any  # SQLiteStore or PostgresStore
     pepper: bytes
 
 
-def open_state(config: configuration.Config) -> State:
+def open_store(config: configuration.Config, *, migrate: bool = False) -> Any:
+    """The configured store, opened; blocking. An older schema is an error
+    unless ``migrate`` (``legacy-auth-proxy migrate``)."""
+    store_config = config.store
+    try:
+        if store_config.url is not None:
+            from proxy.store.postgres import PostgresStore
+
+            password = None
+            if store_config.password_file is not None:
+                try:
+                    password = store_config.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as e:
+                    raise StartupError(f"{store_config.password_file}: store.password_file: "
+                                       f"cannot read: {e.strerror}") from None
+            return PostgresStore(store_config.url, password=password,
+                                 pool_size=store_config.pool_size, timeout=store_config.timeout,
+                                 migrate=migrate)
+        folder = store_config.path.parent
+        if not folder.is_dir():
+            raise StartupError(f"{folder}: the store's folder does not exist")
+        return SQLiteStore(store_config.path, migrate=migrate)
+    except StoreError as e:
+        raise StartupError(str(e)) from None
+
+
+def open_state(config: configuration.Config, *, migrate: bool = False) -> State:
     """Open the store and read the pepper; blocking.
 
     The pepper is created on first use, but never beside a store that already
     holds app passwords: a new pepper would silently turn every one of them
     into a wrong secret, so a lost pepper is an error to put right by hand.
     """
-    folder = config.store.path.parent
-    if not folder.is_dir():
-        raise StartupError(f"{folder}: the store's folder does not exist")
-    try:
-        store = SQLiteStore(config.store.path)
-    except StoreError as e:
-        raise StartupError(str(e)) from None
+    store = open_store(config, migrate=migrate)
     try:
         create = not config.store.pepper_file.exists() and not store.has_app_passwords()
         pepper = apppasswords.load_pepper(config.store.pepper_file, create=create)
@@ -126,6 +147,7 @@ def sd_notify(state: str) -> None:
 
 
 SWEEP_INTERVAL = 3600.0
+FEED_SAFETY_POLL = 30.0  # while the store announces changes: a poll now and then all the same
 
 
 class _FromThread:
@@ -188,7 +210,10 @@ class Daemon:
         self._reactor = reactor
         self._config_path = config_path
         self.config = config
-        self.store_pool = Pool(reactor, "store", threads=1, queue=10_000)
+        # SQLite: one thread (its connection is not shared); PostgreSQL: one
+        # per pooled connection.
+        self.store_pool = Pool(reactor, "store", queue=10_000,
+                               threads=config.store.pool_size if config.store.url else 1)
         self.audit_pool = Pool(reactor, "audit", threads=1, queue=10_000)
         self.hash_pool = Pool(
             reactor, "argon2", threads=config.hashing.thread_count, queue=config.hashing.queue
@@ -214,6 +239,7 @@ class Daemon:
         self.metrics.watch(self._state)
         self.portal: Any = None
         self.portal_tls: ServerTLS | None = None
+        self.feed_listening = False
 
     def _part(self, name: str, start: Any = None, stop: Any = None) -> Part:
         """Add a part to the tree; it starts at once (the tree is running)."""
@@ -239,6 +265,8 @@ class Daemon:
         self._part("audit", stop=self._write_audit)
         if self.config.directory is not None:
             await self._start_authentication(self.config.directory)
+            if hasattr(state.store, "listen"):
+                self._listen_for_changes(state.store)
             # Stopped after the listeners stop taking connections.
             self._part("sessions", stop=lambda: Deferred.fromCoroutine(self._drain()))
             for listener in self.config.listeners:
@@ -250,7 +278,7 @@ class Daemon:
         self.record("daemon_started", config=str(self._config_path))
         log.info(
             "legacy-auth-proxy started: store {store}, directory {directory}",
-            store=str(self.config.store.path),
+            store=getattr(state.store, "where", None) or str(self.config.store.path),
             directory=self.config.directory.url if self.config.directory else "none",
         )
 
@@ -272,6 +300,8 @@ class Daemon:
             record=self.record,
             metrics=self.metrics,
             max_sessions=self.config.limits.max_sessions_per_user_and_source,
+            shared_failures=self.config.throttle.shared
+            if self.config.throttle.shared is not None else self.config.store.url is not None,
         )
         self.directory.metrics = self.metrics
         await self.authenticator.start()
@@ -305,6 +335,40 @@ class Daemon:
         sweeping.clock = self._reactor
         self._part("sweep", start=lambda: sweeping.start(SWEEP_INTERVAL, now=True),
                    stop=lambda: sweeping.running and sweeping.stop())
+
+    def _listen_for_changes(self, store: Any) -> None:
+        """A store that announces changes (PostgreSQL's NOTIFY): read the
+        feed when told, so a deletion on any node takes effect here at once;
+        poll every second only while the announcements are cut off, and
+        catch up whenever they resume, so nothing is missed."""
+        import threading
+
+        stop = threading.Event()
+        authenticator = self.authenticator
+        assert authenticator is not None
+
+        def changed() -> None:
+            Deferred.fromCoroutine(authenticator.poll_changes())
+
+        def listening(up: bool) -> None:
+            if up != self.feed_listening:
+                log.info("change feed: {state}", state="announced by the store" if up
+                         else "not announced (connection lost): polling every second")
+            self.feed_listening = up
+            authenticator.poll_every(FEED_SAFETY_POLL if up else 1.0)
+            if up:
+                changed()
+
+        thread = threading.Thread(
+            target=store.listen, name="change-feed", daemon=True,
+            args=(lambda: self._reactor.callFromThread(changed),
+                  lambda up: self._reactor.callFromThread(listening, up), stop))
+
+        def halt() -> Deferred[Any]:
+            stop.set()
+            return self.files_pool.submit(thread.join, 5.0)
+
+        self._part("change feed", start=thread.start, stop=halt)
 
     def admin(self, actor: str) -> Admin:
         """The rules of app passwords and users (:class:`proxy.admin.Admin`)
@@ -405,6 +469,9 @@ class Daemon:
             await backend.ready()
         frontend: Any = entry.load("frontend")(backend=backend, **common)
         factory = TLSMemoryBIOFactory(tls, False, frontend) if config.tls == "implicit" else frontend
+        if config.proxy_protocol:
+            # Outermost: the balancer's header comes before TLS.
+            factory = ProxyHeaderFactory(factory, config.trusted_proxies, self._reactor)
         try:
             port = await serverFromString(self._reactor, config.endpoint).listen(factory)
         except Exception as e:

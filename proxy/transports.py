@@ -100,3 +100,110 @@ def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     if address.version == 6:
         return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+# -- the PROXY protocol ---------------------------------------------------------
+
+HEADER_TIMEOUT = 10.0  # a balancer sends its header at once
+
+
+def trusted(address: Any, networks: Any) -> bool:
+    """Whether a connection from ``address`` may speak for another: from a
+    trusted network, or over a local (unix) socket."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class ProxyHeaderFactory:
+    """Listens for connections that start with a load balancer's PROXY
+    header (versions 1 and 2) and hands each to ``factory`` once the header
+    is read, as if it came from the client the header names: front ends,
+    throttling, audit and backends all see the real client. Connections from
+    anywhere but ``networks`` are closed at once, unread; so are those whose
+    header is malformed or does not arrive within :data:`HEADER_TIMEOUT`."""
+
+    def __init__(self, factory: Any, networks: Any, reactor: Any) -> None:
+        self.factory = factory
+        self.networks = tuple(networks)
+        self.reactor = reactor
+        self.refused = 0
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def logPrefix(self) -> str:
+        return "PROXY header"
+
+    def buildProtocol(self, address: Any) -> Any:
+        if not trusted(address, self.networks):
+            self.refused += 1
+            return None  # Twisted closes the connection
+        return _HeaderReader(self, address)
+
+
+class _HeaderReader:
+    """Reads the header, then gets out of the way: the real protocol is
+    attached to the transport itself (no wrapper on the relay's path), with
+    the transport's ``getPeer`` answering the client's address."""
+
+    def __init__(self, owner: ProxyHeaderFactory, address: Any) -> None:
+        self._owner = owner
+        self._address = address
+        self._buffer = b""
+        self._timer: Any = None
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self._timer = self._owner.reactor.callLater(HEADER_TIMEOUT, transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        from proxy.wire.proxyheader import BadHeader, parse
+
+        self._buffer += data
+        try:
+            header, used = parse(self._buffer)
+        except BadHeader:
+            self._done()
+            self.transport.abortConnection()
+            return
+        if header is None:
+            return
+        self._done()
+        peer = self._address
+        if header.source is not None:
+            host, port = header.source
+            from twisted.internet.address import IPv4Address, IPv6Address
+
+            peer = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+        protocol = self._owner.factory.buildProtocol(peer)
+        if protocol is None:
+            self.transport.loseConnection()
+            return
+        transport = self.transport
+        transport.getPeer = lambda: peer  # what every layer above asks
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        rest = self._buffer[used:]
+        self._buffer = b""
+        if rest:
+            protocol.dataReceived(rest)
+
+    def _done(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._done()

@@ -150,6 +150,7 @@ class Authenticator:
         record: Callable[..., None],
         metrics: Any = None,
         max_sessions: int = 1 << 30,
+        shared_failures: bool = False,
     ) -> None:
         self._clock = clock
         self.metrics = metrics
@@ -163,7 +164,15 @@ class Authenticator:
         self._hasher = hasher
         self._pepper = pepper
         self._record = record
-        self.throttle = Throttle(throttle, clock.seconds)
+        self._throttle_config = throttle
+        if shared_failures:
+            # Failures are counted in the store too, by every process that
+            # shares it: a wrong secret must digest alike on each of them.
+            self.throttle = Throttle(throttle, clock.seconds, digest_key=hmac.digest(
+                pepper, b"legacy-auth-proxy: digests of wrong secrets", hashlib.sha256))
+            self.throttle.on_failure = self._share_failure
+        else:
+            self.throttle = Throttle(throttle, clock.seconds)
         self._app_cache: SuccessCache[AppPassword] = SuccessCache(
             clock.seconds, cache.app_password_ttl, cache.max_entries
         )
@@ -201,6 +210,43 @@ class Authenticator:
             self._feed.stop()
         await self.usage.stop()
 
+    def poll_every(self, interval: float) -> None:
+        """Read the change feed every ``interval`` seconds (often while the
+        store cannot announce changes, seldom while it can)."""
+        if self._feed.running:
+            if self._feed.interval == interval:
+                return
+            self._feed.stop()
+        self._feed.start(interval, now=False)
+
+    # -- failures counted by every process sharing the store ----------------------
+
+    def _share_failure(self, account: str, familiar: bool, digest: bytes, now: float) -> None:
+        config = self._throttle_config
+        d = self._store.add_failure(account, familiar, digest[:8], now,
+                                    window=config.failure_window, limit=config.account_failures,
+                                    lockout=config.lockout, lockout_max=config.lockout_max)
+
+        def counted(until: float | None) -> None:
+            if until is not None:
+                self.throttle.impose(account, familiar, until)
+
+        def failed(failure: Any) -> None:
+            if not failure.check(Busy):
+                log.warn("cannot count a failure in the store: {error}",
+                         error=failure.getErrorMessage())
+
+        d.addCallbacks(counted, failed)
+
+    async def _locked_elsewhere(self, account: str) -> None:
+        try:
+            lockouts = await self._store.lockouts(account, self._clock.seconds())
+        except Exception as e:
+            log.warn("cannot read the lockouts of {account}: {error}", account=account, error=str(e))
+            return
+        for familiar, until in lockouts.items():
+            self.throttle.impose(account, familiar, until)
+
     def on_revoked(self, listener: Callable[[str, str | None, str], None]) -> None:
         """Call ``listener(username, app_password_id or None, kind)`` when
         what a session was opened with stops being valid. ``kind`` is
@@ -226,6 +272,10 @@ class Authenticator:
     def apply(self, change: Change) -> None:
         if change.kind == "unlocked":
             self.unlock(change.username)
+        elif change.kind == "locked":
+            # ``username`` is the account's key: locked by failures counted
+            # in the store, perhaps by another process.
+            Deferred.fromCoroutine(self._locked_elsewhere(change.username))
         elif change.kind in ("deleted", "stopped") and change.app_password_id:
             self._revoked(change.username, change.app_password_id, "deleted")
         else:
@@ -238,6 +288,9 @@ class Authenticator:
         keys.append("unknown:" + username)
         for key in keys:
             self.throttle.forget(key)
+            if self.throttle.on_failure is not None:
+                self._store.clear_failures(key).addErrback(
+                    lambda f: log.warn("cannot clear failures: {error}", error=f.getErrorMessage()))
         return len(keys) - 1
 
     def locked(self, account: Account, address: str | None = None) -> float:

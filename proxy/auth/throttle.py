@@ -108,10 +108,17 @@ class Reservation:
 
 
 class Throttle:
-    def __init__(self, config: ThrottleConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, config: ThrottleConfig, clock: Callable[[], float],
+                 digest_key: bytes | None = None) -> None:
         self.config = config
         self._clock = clock
-        self._key = secrets.token_bytes(32)  # keys digests of wrong secrets; never leaves memory
+        # Keys the digests of wrong secrets. Random (never leaves memory)
+        # unless failures are counted in a shared store: then every process
+        # must digest a secret alike (see docs/deployment.md).
+        self._key = digest_key or secrets.token_bytes(32)
+        # Told of each new failure counted (account, familiar place?, digest,
+        # when): the daemon counts it in the shared store too.
+        self.on_failure: Callable[[str, bool, bytes, float], None] | None = None
         self._known: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
         # Names that match no account are counted apart: spraying them cannot
         # push the lockouts of real accounts out of memory.
@@ -172,11 +179,18 @@ class Throttle:
         )
 
     def _bucket(self, account: str, address: str) -> _Bucket | None:
+        found = self._place(account, address)
+        return None if found is None else found[0]
+
+    def _place(self, account: str, address: str) -> tuple[_Bucket, bool] | None:
+        """The account's counter for the kind of place ``address`` is (one
+        it signed in from before, or another), and which kind it is."""
         source = self.source(address)
         if source is None:
             return None
         state = self._table(account).get(account)
-        return state.buckets[source in state.familiar]
+        familiar = source in state.familiar
+        return state.buckets[familiar], familiar
 
     def locked(self, account: str, address: str) -> float:
         """Seconds the account stays locked for this source; 0 if it is not."""
@@ -193,6 +207,14 @@ class Throttle:
         if state is None:
             return 0.0
         return max(0.0, *(b.locked_until - self._clock() for b in state.buckets.values()))
+
+    def impose(self, account: str, familiar: bool, until: float) -> None:
+        """A lockout decided elsewhere (another process sharing the store)."""
+        bucket = self._table(account).get(account).buckets[familiar]
+        if until > bucket.locked_until:
+            bucket.locked_until = until
+            bucket.failures.clear()
+            self._lockouts[id(bucket)] = until
 
     def forget(self, account: str) -> None:
         """Lift the account's lockouts and forget its failures (the help desk)."""
@@ -244,9 +266,10 @@ class Throttle:
     def failed(self, account: str, address: str, secret: str, upstream: bool = False) -> bool:
         """Count a wrong secret (``upstream``: the directory said so); True if
         this failure locked the account."""
-        bucket = self._bucket(account, address)
-        if bucket is None:
+        place = self._place(account, address)
+        if place is None:
             return False
+        bucket, familiar = place
         if upstream:
             digest = self.digest(account, secret)
             if digest not in bucket.refused_upstream:
@@ -267,6 +290,8 @@ class Throttle:
             while len(bucket.recent) > self.config.ignore_repeats:
                 bucket.recent.popleft()
         bucket.failures[digest] = now
+        if self.on_failure is not None:
+            self.on_failure(account, familiar, digest, now)
         if len(bucket.failures) < self.config.account_failures:
             return False
         length = self.config.lockout * 2 ** min(bucket.lockouts, 30)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -139,6 +139,34 @@ class AppPassword:
         return last + (idle_expiry or 0.0)
 
 
+COLUMNS = (
+    "id, username, name, created_at, created_by, expires_at, protocols, "
+    "last_used_at, last_used_address, last_used_protocol, use_count, networks, "
+    "stopped_at, stopped_reason"
+)
+
+
+def app_password_from(row: Any) -> AppPassword:
+    """An app password from a row of :data:`COLUMNS` (a mapping by column name)."""
+    protocols = row["protocols"]
+    return AppPassword(
+        id=row["id"],
+        username=row["username"],
+        name=row["name"],
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        expires_at=row["expires_at"],
+        protocols=frozenset(protocols.split(",")) if protocols is not None else None,
+        last_used_at=row["last_used_at"],
+        last_used_address=row["last_used_address"],
+        last_used_protocol=row["last_used_protocol"],
+        use_count=row["use_count"],
+        networks=tuple(row["networks"].split(",")) if row["networks"] is not None else None,
+        stopped_at=row["stopped_at"],
+        stopped_reason=row["stopped_reason"],
+    )
+
+
 @attrs.frozen
 class Change:
     """One entry of the store's change feed, which tells running daemons to
@@ -175,6 +203,10 @@ class NameTaken(StoreError):
 
 class SchemaTooNew(StoreError):
     pass
+
+
+class SchemaOutdated(StoreError):
+    """An older schema: ``legacy-auth-proxy migrate`` brings it up to date."""
 
 
 class Store(Protocol):
@@ -228,6 +260,14 @@ class Store(Protocol):
     def use_totp_step(self, username: str, step: int) -> bool: ...
 
     def note(self, username: str, kind: str, now: float) -> None: ...
+
+    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                    window: float, limit: int, lockout: float,
+                    lockout_max: float) -> float | None: ...
+
+    def lockouts(self, account: str, now: float) -> dict[bool, float]: ...
+
+    def clear_failures(self, account: str) -> None: ...
 
     def changes_since(self, seq: int) -> list[Change]: ...
 

@@ -20,15 +20,18 @@ from pathlib import Path
 
 from proxy.apppasswords import adopt_parent_owner
 from proxy.store import (
+    COLUMNS,
     STOPPED_KEPT,
     AppPassword,
     Change,
     LimitReached,
     MfaState,
     NameTaken,
+    SchemaOutdated,
     SchemaTooNew,
     StoreError,
     User,
+    app_password_from,
 )
 
 MIGRATIONS: tuple[str, ...] = (
@@ -83,43 +86,37 @@ MIGRATIONS: tuple[str, ...] = (
         last_step  INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
+    # 3: failed sign-ins and lockouts, shared by every process using the store.
+    """
+    CREATE TABLE failures (
+        account  TEXT NOT NULL,
+        familiar INTEGER NOT NULL,
+        digest   BLOB NOT NULL,
+        at       REAL NOT NULL,
+        PRIMARY KEY (account, familiar, digest)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE lockouts (
+        account  TEXT NOT NULL,
+        familiar INTEGER NOT NULL,
+        count    INTEGER NOT NULL,
+        until    REAL NOT NULL,
+        PRIMARY KEY (account, familiar)
+    ) WITHOUT ROWID;
+    """,
 )
 
 # How long the change feed keeps an entry: daemons poll it every second or
 # so; a day covers any daemon that is not hopelessly stuck.
 CHANGE_RETENTION = 86400.0
 
-_COLUMNS = (
-    "id, username, name, created_at, created_by, expires_at, protocols, "
-    "last_used_at, last_used_address, last_used_protocol, use_count, networks, "
-    "stopped_at, stopped_reason"
-)
-
-
-def _app_password(row: sqlite3.Row) -> AppPassword:
-    protocols = row["protocols"]
-    return AppPassword(
-        id=row["id"],
-        username=row["username"],
-        name=row["name"],
-        created_at=row["created_at"],
-        created_by=row["created_by"],
-        expires_at=row["expires_at"],
-        protocols=frozenset(protocols.split(",")) if protocols is not None else None,
-        last_used_at=row["last_used_at"],
-        last_used_address=row["last_used_address"],
-        last_used_protocol=row["last_used_protocol"],
-        use_count=row["use_count"],
-        networks=tuple(row["networks"].split(",")) if row["networks"] is not None else None,
-        stopped_at=row["stopped_at"],
-        stopped_reason=row["stopped_reason"],
-    )
-
-
 class SQLiteStore:
     """The default :class:`proxy.store.Store`. Not thread-safe: one thread at a time."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
+        """Open (or create) the store. An empty one is brought to the latest
+        schema; an older one only with ``migrate`` (``legacy-auth-proxy
+        migrate``), else :class:`SchemaOutdated` says what to run."""
         self.path = Path(path)
         if str(path) != ":memory:":
             self._create_private(self.path)
@@ -132,10 +129,17 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA trusted_schema = OFF")
-            current = self._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:  # locked, unreadable, not a database
             raise self._unusable(e) from None
-        if not current:
+        if 0 < version < len(MIGRATIONS) and not migrate:
+            self._db.close()
+            raise SchemaOutdated(
+                f"{self.path}: the store's schema is version {version}; this version of "
+                f"legacy-auth-proxy needs {len(MIGRATIONS)}: back it up, then run "
+                f"'legacy-auth-proxy migrate'"
+            )
+        if version != len(MIGRATIONS):
             self._migrate()
 
     @staticmethod
@@ -280,10 +284,10 @@ class SQLiteStore:
 
     def list_app_passwords(self, username: str) -> list[AppPassword]:
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM app_passwords WHERE username = ? ORDER BY created_at, id",
+            f"SELECT {COLUMNS} FROM app_passwords WHERE username = ? ORDER BY created_at, id",
             (username,),
         )
-        return [_app_password(row) for row in rows]
+        return [app_password_from(row) for row in rows]
 
     def has_app_passwords(self) -> bool:
         return self._db.execute("SELECT 1 FROM app_passwords LIMIT 1").fetchone() is not None
@@ -292,39 +296,39 @@ class SQLiteStore:
         """By id first, then by name: ids are what scripts use, names what people type."""
         for column in ("id", "name"):
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM app_passwords WHERE username = ? AND {column} = ?",
+                f"SELECT {COLUMNS} FROM app_passwords WHERE username = ? AND {column} = ?",
                 (username, id_or_name),
             ).fetchone()
             if row is not None:
-                return _app_password(row)
+                return app_password_from(row)
         return None
 
     def find_by_lookup_key(self, lookup_key: bytes) -> tuple[AppPassword, str] | None:
         row = self._db.execute(
-            f"SELECT {_COLUMNS}, password_hash FROM app_passwords WHERE lookup_key = ?",
+            f"SELECT {COLUMNS}, password_hash FROM app_passwords WHERE lookup_key = ?",
             (lookup_key,),
         ).fetchone()
-        return None if row is None else (_app_password(row), row["password_hash"])
+        return None if row is None else (app_password_from(row), row["password_hash"])
 
     def delete_app_password(self, username: str, id: str, now: float) -> AppPassword | None:
         with self._write():
             row = self._db.execute(
-                f"DELETE FROM app_passwords WHERE username = ? AND id = ? RETURNING {_COLUMNS}",
+                f"DELETE FROM app_passwords WHERE username = ? AND id = ? RETURNING {COLUMNS}",
                 (username, id),
             ).fetchone()
             if row is None:
                 return None
             self._log_change(now, username, "deleted", id)
-        return _app_password(row)
+        return app_password_from(row)
 
     def revoke_all(self, username: str, now: float) -> list[AppPassword]:
         with self._write():
             rows = self._db.execute(
-                f"DELETE FROM app_passwords WHERE username = ? RETURNING {_COLUMNS}",
+                f"DELETE FROM app_passwords WHERE username = ? RETURNING {COLUMNS}",
                 (username,),
             ).fetchall()
             self._log_change(now, username, "revoked_all", None)
-        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def stop_created_before(self, username: str, when: float, now: float) -> list[AppPassword]:
         """Stop the user's working app passwords made before ``when`` (a
@@ -334,12 +338,12 @@ class SQLiteStore:
             rows = self._db.execute(
                 f"UPDATE app_passwords SET stopped_at = ?, stopped_reason = 'password_change'"
                 f" WHERE username = ? AND created_at < ? AND stopped_at IS NULL"
-                f" AND (expires_at IS NULL OR expires_at > ?) RETURNING {_COLUMNS}",
+                f" AND (expires_at IS NULL OR expires_at > ?) RETURNING {COLUMNS}",
                 (now, username, when, now),
             ).fetchall()
             for row in rows:
                 self._log_change(now, username, "stopped", row["id"])
-        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def sweep(self, now: float, idle_expiry: float | None) -> list[AppPassword]:
         """Mark app passwords that expired or went unused for ``idle_expiry``
@@ -348,14 +352,14 @@ class SQLiteStore:
         with self._write():
             rows = self._db.execute(
                 f"UPDATE app_passwords SET stopped_at = expires_at, stopped_reason = 'expired'"
-                f" WHERE stopped_at IS NULL AND expires_at <= ? RETURNING {_COLUMNS}",
+                f" WHERE stopped_at IS NULL AND expires_at <= ? RETURNING {COLUMNS}",
                 (now,),
             ).fetchall()
             if idle_expiry:
                 rows += self._db.execute(
                     f"UPDATE app_passwords SET stopped_at = coalesce(last_used_at, created_at) + ?,"
                     f" stopped_reason = 'unused' WHERE stopped_at IS NULL"
-                    f" AND coalesce(last_used_at, created_at) <= ? RETURNING {_COLUMNS}",
+                    f" AND coalesce(last_used_at, created_at) <= ? RETURNING {COLUMNS}",
                     (idle_expiry, now - idle_expiry),
                 ).fetchall()
             for row in rows:
@@ -363,7 +367,7 @@ class SQLiteStore:
             self._db.execute(
                 "DELETE FROM app_passwords WHERE stopped_at < ?", (now - STOPPED_KEPT,)
             )
-        return sorted((_app_password(r) for r in rows), key=lambda a: (a.created_at, a.id))
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def record_use(
         self, id: str, at: float, address: str | None, protocol: str, count: int = 1
@@ -443,6 +447,48 @@ class SQLiteStore:
                 (step, username, step),
             ).rowcount
         return bool(taken)
+
+    # -- failed sign-ins, shared -----------------------------------------------
+
+    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
+        """Count a wrong secret for ``account`` from a familiar place or
+        not, as every process sharing the store counts it: the time the
+        account is now locked until, if this failure locked it, else None."""
+        with self._write():
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
+                             (account, familiar, now - window))
+            self._db.execute("INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
+                             (account, familiar, digest, now))
+            count = self._db.execute(
+                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()[0]
+            if count < limit:
+                return None
+            row = self._db.execute(
+                "SELECT count, until FROM lockouts WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()
+            before = row[0] if row is not None and now - row[1] <= window + lockout_max else 0
+            until = now + min(lockout * 2 ** min(before, 30), lockout_max)
+            self._db.execute(
+                "INSERT INTO lockouts VALUES (?, ?, ?, ?) ON CONFLICT (account, familiar)"
+                " DO UPDATE SET count = excluded.count, until = excluded.until",
+                (account, familiar, before + 1, until))
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ?",
+                             (account, familiar))
+            self._log_change(now, account, "locked", None)
+        return until
+
+    def lockouts(self, account: str, now: float) -> dict[bool, float]:
+        """Until when the account is locked, for familiar places and others."""
+        rows = self._db.execute(
+            "SELECT familiar, until FROM lockouts WHERE account = ? AND until > ?", (account, now))
+        return {bool(r[0]): r[1] for r in rows}
+
+    def clear_failures(self, account: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM failures WHERE account = ?", (account,))
+            self._db.execute("DELETE FROM lockouts WHERE account = ?", (account,))
 
     def note(self, username: str, kind: str, now: float) -> None:
         """Tell every daemon something of the user through the change feed

@@ -64,3 +64,21 @@ def dovecot(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL for the whole session (see tests/postgres.py);
+    each test that needs a store makes a database of its own."""
+    require_tool("setpriv")
+    from tests.postgres import Postgres, _bin
+
+    try:
+        _bin("initdb")
+    except FileNotFoundError:
+        require_tool("initdb")  # fails in CI, skips elsewhere
+    server = Postgres()
+    server.init()
+    server.start()
+    yield server
+    server.remove()

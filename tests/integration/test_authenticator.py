@@ -430,10 +430,12 @@ async def test_app_passwords_older_than_a_password_change_are_revoked(env, slapd
     new = env.admin.create(uid, "new").secret
     decision = await auth.authenticate(attempt(uid, old))
     assert decision.reason is Reason.REVOKED_BY_PASSWORD_CHANGE
-    assert [a.name for a in env.cli_store.list_app_passwords(uid)] == ["new"]
+    # Stopped, and listed as stopped with the reason.
+    assert [(a.name, a.stopped_reason) for a in env.cli_store.list_app_passwords(uid)] == [
+        ("old", "password_change"), ("new", None)]
     assert (await auth.authenticate(attempt(uid, new))).accepted
     assert (await auth.authenticate(attempt(uid, "New-Passw0rd"))).reason is Reason.PRIMARY
-    assert any(e["event"] == "app_passwords_revoked" and e["actor"] == "password_change"
+    assert any(e["event"] == "app_passwords_stopped" and e["actor"] == "password_change"
                for e in env.events)
 
 

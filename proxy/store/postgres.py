@@ -1,0 +1,468 @@
+"""The PostgreSQL store: one database shared by every proxy of a fleet.
+
+The same interface, records and rules as :mod:`proxy.store.sqlite`, on
+psycopg 3 with a bounded psycopg_pool of connections. Every method blocks:
+the daemon calls them on its store pool, never on the reactor thread. Every
+write is one transaction; the change feed is a table whose new rows are
+announced with ``NOTIFY`` (:meth:`PostgresStore.listen`), so a deletion on
+any node reaches every other node at once, and the table itself is what a
+node reads after a reconnect, so nothing is missed.
+
+Change-feed rows are numbered in the order their transactions commit (each
+writer takes one advisory lock for the insert): a reader that has seen
+number n has seen everything before it.
+
+The schema is versioned like SQLite's (table ``schema_version``); an empty
+database is created at the latest version, an older one is brought up to
+date only by ``legacy-auth-proxy migrate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+from psycopg import errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from proxy.store import (
+    COLUMNS,
+    STOPPED_KEPT,
+    AppPassword,
+    Change,
+    LimitReached,
+    MfaState,
+    NameTaken,
+    SchemaOutdated,
+    SchemaTooNew,
+    StoreError,
+    User,
+    app_password_from,
+)
+from proxy.store.sqlite import CHANGE_RETENTION
+
+CHANNEL = "legacy_auth_proxy_changes"
+FEED_LOCK = 0x6C61705F66656564  # pg_advisory_xact_lock key of the change feed ("lap_feed")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: app passwords, users' cloud state and the change feed.
+    """
+    CREATE TABLE users (
+        username          text PRIMARY KEY,
+        mfa_state         text NOT NULL DEFAULT 'disabled'
+                          CHECK (mfa_state IN ('disabled', 'enabled', 'enforced')),
+        mfa_registered_at double precision,
+        updated_at        double precision NOT NULL
+    );
+    CREATE TABLE app_passwords (
+        id                 text PRIMARY KEY,
+        username           text NOT NULL,
+        name               text NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+        lookup_key         bytea NOT NULL UNIQUE CHECK (length(lookup_key) = 32),
+        password_hash      text NOT NULL CHECK (password_hash LIKE '$argon2id$%'),
+        created_at         double precision NOT NULL,
+        created_by         text NOT NULL,
+        expires_at         double precision,
+        protocols          text,
+        last_used_at       double precision,
+        last_used_address  text,
+        last_used_protocol text,
+        use_count          bigint NOT NULL DEFAULT 0,
+        UNIQUE (username, name)
+    );
+    CREATE TABLE changes (
+        seq             bigserial PRIMARY KEY,
+        at              double precision NOT NULL,
+        username        text NOT NULL,
+        kind            text NOT NULL,
+        app_password_id text
+    );
+    CREATE INDEX changes_at ON changes (at);
+    """,
+    # 2: source networks; app passwords that stopped by themselves; TOTP.
+    """
+    ALTER TABLE app_passwords ADD COLUMN networks text;
+    ALTER TABLE app_passwords ADD COLUMN stopped_at double precision;
+    ALTER TABLE app_passwords ADD COLUMN stopped_reason text
+        CHECK (stopped_reason IN ('expired', 'password_change', 'unused'));
+    CREATE TABLE second_factors (
+        username   text PRIMARY KEY,
+        totp       bytea NOT NULL,
+        created_at double precision NOT NULL,
+        last_step  bigint NOT NULL DEFAULT 0
+    );
+    """,
+    # 3: failed sign-ins and lockouts, shared by the fleet.
+    """
+    CREATE TABLE failures (
+        account  text NOT NULL,
+        familiar boolean NOT NULL,
+        digest   bytea NOT NULL,
+        at       double precision NOT NULL,
+        PRIMARY KEY (account, familiar, digest)
+    );
+    CREATE TABLE lockouts (
+        account  text NOT NULL,
+        familiar boolean NOT NULL,
+        count    integer NOT NULL,
+        until    double precision NOT NULL,
+        PRIMARY KEY (account, familiar)
+    );
+    """,
+)
+
+
+def _what(error: Exception) -> str:
+    """An error's words for an operator, never a query's parameters."""
+    if isinstance(error, PoolTimeout):
+        return "no connection to the database within the timeout (is it down?)"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.replace("\n", " ")[:300]
+
+
+class PostgresStore:
+    """A :class:`proxy.store.Store` on PostgreSQL; safe to call from several threads."""
+
+    def __init__(self, url: str, *, password: str | None = None, pool_size: int = 4,
+                 timeout: float = 5.0, migrate: bool = False) -> None:
+        self.url = url
+        self._kwargs: dict[str, Any] = {"connect_timeout": max(1, int(timeout)),
+                                        "application_name": "legacy-auth-proxy"}
+        if password:
+            self._kwargs["password"] = password
+        self.where = self._describe(url)
+        self._timeout = timeout
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout,
+                                    kwargs=self._kwargs, open=False, name="legacy-auth-proxy",
+                                    reconnect_timeout=0, check=ConnectionPool.check_connection)
+        try:
+            self._pool.open(wait=True, timeout=timeout)
+        except Exception as e:
+            self._pool.close()
+            raise StoreError(f"{self.where}: cannot connect: {_what(e)}") from None
+        try:
+            self._check_schema(migrate)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @staticmethod
+    def _describe(url: str) -> str:
+        """The URL without any password, for messages."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            return "the PostgreSQL store"
+        host = info.get("host") or "localhost"
+        return f"postgresql://{info.get('user', '')}{'@' if info.get('user') else ''}{host}" \
+               f":{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn:
+                conn.row_factory = dict_row  # type: ignore[assignment]
+                yield conn
+        except StoreError:
+            raise
+        except (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError) as e:
+            raise StoreError(f"{self.where}: the store cannot be reached: {_what(e)}; "
+                             f"nothing was changed") from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction: all of it lands, or none of it."""
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _check_schema(self, migrate: bool) -> None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK + 1,))
+            exists = conn.execute(
+                "SELECT to_regclass('schema_version') IS NOT NULL AS present").fetchone()["present"]
+            version = 0
+            if exists:
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
+                version = row["version"] if row else 0
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"{self.where}: schema version {version} is newer than this version of "
+                    f"legacy-auth-proxy knows ({len(MIGRATIONS)})")
+            if 0 < version < len(MIGRATIONS) and not migrate:
+                raise SchemaOutdated(
+                    f"{self.where}: the store's schema is version {version}; this version of "
+                    f"legacy-auth-proxy needs {len(MIGRATIONS)}: back it up, then run "
+                    f"'legacy-auth-proxy migrate'")
+            if not exists:
+                conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                conn.execute(script)  # type: ignore[arg-type]
+                conn.execute("UPDATE schema_version SET version = %s", (number,))
+
+    @property
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT version FROM schema_version").fetchone()["version"]
+
+    def _log_change(self, conn: Any, now: float, username: str, kind: str, id: str | None) -> None:
+        # In commit order: the lock is held until this transaction ends.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
+        seq = conn.execute(
+            "INSERT INTO changes (at, username, kind, app_password_id) VALUES (%s, %s, %s, %s)"
+            " RETURNING seq", (now, username, kind, id)).fetchone()["seq"]
+        conn.execute("DELETE FROM changes WHERE at < %s", (now - CHANGE_RETENTION,))
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+
+    # -- app passwords -----------------------------------------------------------------
+
+    def create_app_password(self, *, username: str, name: str, lookup_key: bytes,
+                            password_hash: str, created_by: str, now: float,
+                            expires_at: float | None, protocols: frozenset[str] | None,
+                            limit: int, networks: tuple[str, ...] | None = None) -> AppPassword:
+        record = AppPassword(id=secrets.token_hex(5), username=username, name=name,
+                             created_at=now, created_by=created_by, expires_at=expires_at,
+                             protocols=protocols, networks=networks)
+        try:
+            with self._write() as conn:
+                # One creation per user at a time, across the fleet: the count holds.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (username,))
+                count = conn.execute(
+                    "SELECT count(*) AS n FROM app_passwords WHERE username = %s"
+                    " AND stopped_at IS NULL AND (expires_at IS NULL OR expires_at > %s)",
+                    (username, now)).fetchone()["n"]
+                if count >= limit:
+                    raise LimitReached(username, count, limit)
+                conn.execute(
+                    "INSERT INTO app_passwords (id, username, name, lookup_key, password_hash,"
+                    " created_at, created_by, expires_at, protocols, networks)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (record.id, username, name, lookup_key, password_hash, now, created_by,
+                     expires_at, ",".join(sorted(protocols)) if protocols is not None else None,
+                     ",".join(networks) if networks is not None else None))
+        except errors.UniqueViolation as e:
+            if e.diag.constraint_name == "app_passwords_username_name_key":
+                raise NameTaken(username, name) from None
+            raise StoreError("could not store the app password; try again") from None
+        return record
+
+    def list_app_passwords(self, username: str) -> list[AppPassword]:
+        with self._connection() as conn:
+            rows = conn.execute(f"SELECT {COLUMNS} FROM app_passwords WHERE username = %s"
+                                f" ORDER BY created_at, id", (username,)).fetchall()
+        return [app_password_from(r) for r in rows]
+
+    def has_app_passwords(self) -> bool:
+        with self._connection() as conn:
+            return conn.execute("SELECT 1 FROM app_passwords LIMIT 1").fetchone() is not None
+
+    def find_app_password(self, username: str, id_or_name: str) -> AppPassword | None:
+        with self._connection() as conn:
+            for column in ("id", "name"):
+                row = conn.execute(f"SELECT {COLUMNS} FROM app_passwords WHERE username = %s"
+                                   f" AND {column} = %s", (username, id_or_name)).fetchone()
+                if row is not None:
+                    return app_password_from(row)
+        return None
+
+    def find_by_lookup_key(self, lookup_key: bytes) -> tuple[AppPassword, str] | None:
+        with self._connection() as conn:
+            row = conn.execute(f"SELECT {COLUMNS}, password_hash FROM app_passwords"
+                               f" WHERE lookup_key = %s", (lookup_key,)).fetchone()
+        return None if row is None else (app_password_from(row), row["password_hash"])
+
+    def delete_app_password(self, username: str, id: str, now: float) -> AppPassword | None:
+        with self._write() as conn:
+            row = conn.execute(f"DELETE FROM app_passwords WHERE username = %s AND id = %s"
+                               f" RETURNING {COLUMNS}", (username, id)).fetchone()
+            if row is None:
+                return None
+            self._log_change(conn, now, username, "deleted", id)
+        return app_password_from(row)
+
+    def revoke_all(self, username: str, now: float) -> list[AppPassword]:
+        with self._write() as conn:
+            rows = conn.execute(f"DELETE FROM app_passwords WHERE username = %s"
+                                f" RETURNING {COLUMNS}", (username,)).fetchall()
+            self._log_change(conn, now, username, "revoked_all", None)
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
+    def stop_created_before(self, username: str, when: float, now: float) -> list[AppPassword]:
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE app_passwords SET stopped_at = %s, stopped_reason = 'password_change'"
+                f" WHERE username = %s AND created_at < %s AND stopped_at IS NULL"
+                f" AND (expires_at IS NULL OR expires_at > %s) RETURNING {COLUMNS}",
+                (now, username, when, now)).fetchall()
+            for row in rows:
+                self._log_change(conn, now, username, "stopped", row["id"])
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
+    def sweep(self, now: float, idle_expiry: float | None) -> list[AppPassword]:
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE app_passwords SET stopped_at = expires_at, stopped_reason = 'expired'"
+                f" WHERE stopped_at IS NULL AND expires_at <= %s RETURNING {COLUMNS}",
+                (now,)).fetchall()
+            if idle_expiry:
+                rows += conn.execute(
+                    f"UPDATE app_passwords SET stopped_at = coalesce(last_used_at, created_at) + %s,"
+                    f" stopped_reason = 'unused' WHERE stopped_at IS NULL"
+                    f" AND coalesce(last_used_at, created_at) <= %s RETURNING {COLUMNS}",
+                    (idle_expiry, now - idle_expiry)).fetchall()
+            for row in rows:
+                self._log_change(conn, now, row["username"], "stopped", row["id"])
+            conn.execute("DELETE FROM app_passwords WHERE stopped_at < %s", (now - STOPPED_KEPT,))
+        return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
+
+    def record_use(self, id: str, at: float, address: str | None, protocol: str,
+                   count: int = 1) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE app_passwords SET last_used_at = greatest(last_used_at, %s),"
+                " last_used_address = %s, last_used_protocol = %s, use_count = use_count + %s"
+                " WHERE id = %s", (at, address, protocol, count, id))
+
+    def replace_hash(self, id: str, password_hash: str) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE app_passwords SET password_hash = %s WHERE id = %s",
+                         (password_hash, id))
+
+    # -- users ---------------------------------------------------------------------------
+
+    def get_user(self, username: str) -> User:
+        with self._connection() as conn:
+            row = conn.execute("SELECT mfa_state, mfa_registered_at FROM users"
+                               " WHERE username = %s", (username,)).fetchone()
+        if row is None:
+            return User(username)
+        return User(username, MfaState(row["mfa_state"]), row["mfa_registered_at"])
+
+    def set_user(self, user: User, now: float) -> User:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO users (username, mfa_state, mfa_registered_at, updated_at)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (username) DO UPDATE SET"
+                " mfa_state = excluded.mfa_state, mfa_registered_at = excluded.mfa_registered_at,"
+                " updated_at = excluded.updated_at",
+                (user.username, user.mfa_state.value, user.mfa_registered_at, now))
+            self._log_change(conn, now, user.username, "state_changed", None)
+        return user
+
+    # -- second factor -----------------------------------------------------------------
+
+    def get_totp(self, username: str) -> tuple[bytes, int] | None:
+        with self._connection() as conn:
+            row = conn.execute("SELECT totp, last_step FROM second_factors WHERE username = %s",
+                               (username,)).fetchone()
+        return None if row is None else (bytes(row["totp"]), row["last_step"])
+
+    def add_totp(self, username: str, sealed: bytes, step: int, now: float) -> bool:
+        with self._write() as conn:
+            added = conn.execute(
+                "INSERT INTO second_factors (username, totp, created_at, last_step)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (username) DO NOTHING",
+                (username, sealed, now, step)).rowcount
+        return bool(added)
+
+    def delete_totp(self, username: str, now: float) -> bool:
+        with self._write() as conn:
+            gone = conn.execute("DELETE FROM second_factors WHERE username = %s",
+                                (username,)).rowcount
+            self._log_change(conn, now, username, "second_factor_reset", None)
+        return bool(gone)
+
+    def use_totp_step(self, username: str, step: int) -> bool:
+        with self._write() as conn:
+            taken = conn.execute("UPDATE second_factors SET last_step = %s"
+                                 " WHERE username = %s AND last_step < %s",
+                                 (step, username, step)).rowcount
+        return bool(taken)
+
+    # -- failed sign-ins, shared ---------------------------------------------------------
+
+    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
+                         (account, familiar, now - window))
+            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                         (account, familiar, digest, now))
+            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
+                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
+            if count < limit:
+                return None
+            row = conn.execute("SELECT count, until FROM lockouts WHERE account = %s"
+                               " AND familiar = %s", (account, familiar)).fetchone()
+            before = row["count"] if row is not None and now - row["until"] <= window + lockout_max else 0
+            until = now + min(lockout * 2 ** min(before, 30), lockout_max)
+            conn.execute("INSERT INTO lockouts VALUES (%s, %s, %s, %s) ON CONFLICT"
+                         " (account, familiar) DO UPDATE SET count = excluded.count,"
+                         " until = excluded.until", (account, familiar, before + 1, until))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s",
+                         (account, familiar))
+            self._log_change(conn, now, account, "locked", None)
+        return until
+
+    def lockouts(self, account: str, now: float) -> dict[bool, float]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT familiar, until FROM lockouts WHERE account = %s"
+                                " AND until > %s", (account, now)).fetchall()
+        return {bool(r["familiar"]): r["until"] for r in rows}
+
+    def clear_failures(self, account: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM failures WHERE account = %s", (account,))
+            conn.execute("DELETE FROM lockouts WHERE account = %s", (account,))
+
+    def note(self, username: str, kind: str, now: float) -> None:
+        with self._write() as conn:
+            self._log_change(conn, now, username, kind, None)
+
+    # -- change feed ---------------------------------------------------------------------
+
+    def changes_since(self, seq: int) -> list[Change]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT seq, at, username, kind, app_password_id FROM changes"
+                                " WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
+        return [Change(r["seq"], r["at"], r["username"], r["kind"], r["app_password_id"])
+                for r in rows]
+
+    def last_change(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT coalesce(max(seq), 0) AS seq FROM changes").fetchone()["seq"]
+
+    def listen(self, notified: Callable[[], None], listening: Callable[[bool], None],
+               stop: threading.Event) -> None:
+        """Block until ``stop`` is set: call ``notified()`` whenever another
+        process (or this one) writes to the change feed. ``listening(True)``
+        once the subscription is in place (read the feed then: what was
+        written before is not announced), ``listening(False)`` when the
+        connection is lost; it is made again, with backoff. Runs on a thread
+        of its own, outside the store's pool."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    listening(True)
+                    delay = 0.5
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            notified()
+                        conn.execute("SELECT 1")  # notice a dead connection within a turn
+            except Exception:
+                listening(False)
+                stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def close(self) -> None:
+        self._pool.close()

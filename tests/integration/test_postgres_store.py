@@ -1,0 +1,83 @@
+"""The store's contract (tests/unit/test_store.py) against a real PostgreSQL,
+and what only a shared database does: the change feed announced with
+LISTEN/NOTIFY, and a schema checked, not silently applied."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+
+import psycopg
+import pytest
+
+from proxy.store import SchemaOutdated, StoreError
+from proxy.store.postgres import MIGRATIONS, PostgresStore
+from tests.unit import test_store as contract
+
+# Every test of the contract: those that take only a store.
+for _name, _test in vars(contract).items():
+    if _name.startswith("test_") and list(inspect.signature(_test).parameters) == ["store"]:
+        globals()[_name] = _test
+create = contract.create
+
+
+@pytest.fixture
+def database(postgres, unique):
+    return postgres.create_database(unique("db"))
+
+
+@pytest.fixture
+def store(postgres, database):
+    s = PostgresStore(database, password=postgres.password)
+    yield s
+    s.close()
+
+
+def test_two_stores_on_one_database_see_each_others_changes_at_once(postgres, database):
+    a = PostgresStore(database, password=postgres.password)
+    b = PostgresStore(database, password=postgres.password)
+    heard = threading.Event()
+    up = threading.Event()
+    stop = threading.Event()
+    listener = threading.Thread(target=b.listen, args=(heard.set, lambda ok: ok and up.set(), stop))
+    listener.start()
+    try:
+        assert up.wait(10)
+        record = create(a, user="alice", name="phone")
+        started = time.monotonic()
+        a.delete_app_password("alice", record.id, now=2000.0)
+        assert heard.wait(5)
+        assert time.monotonic() - started < 0.5
+        assert [c.kind for c in b.changes_since(0)] == ["deleted"]
+    finally:
+        stop.set()
+        listener.join(10)
+        a.close()
+        b.close()
+
+
+def test_an_older_schema_is_checked_not_applied(postgres, database):
+    with psycopg.connect(database, password=postgres.password, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute(MIGRATIONS[0])
+        conn.execute("INSERT INTO app_passwords (id, username, name, lookup_key, password_hash,"
+                     " created_at, created_by) VALUES ('a1', 'alice', 'phone', %s, %s, 1, 'cli')",
+                     (os.urandom(32), contract.HASH))
+    with pytest.raises(SchemaOutdated, match="run 'legacy-auth-proxy migrate'"):
+        PostgresStore(database, password=postgres.password)
+    migrated = PostgresStore(database, password=postgres.password, migrate=True)
+    assert migrated.schema_version == len(MIGRATIONS)
+    assert [a.id for a in migrated.list_app_passwords("alice")] == ["a1"]
+    migrated.close()
+
+
+def test_a_wrong_password_or_an_unreachable_server_is_a_clear_error(postgres, database):
+    with pytest.raises(StoreError) as refused:
+        PostgresStore(database, password="wrong", timeout=3)
+    assert "cannot connect" in str(refused.value) and "wrong" not in str(refused.value)
+    nowhere = database.replace(f":{postgres.port}/", ":1/")
+    with pytest.raises(StoreError, match="cannot connect"):
+        PostgresStore(nowhere, password=postgres.password, timeout=2)
