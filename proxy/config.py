@@ -838,6 +838,12 @@ class ListenerConfig:
         "with proxy_protocol, the load balancers' addresses (CIDR); a connection from "
         "anywhere else is closed unread",
     )
+    reuse_port: bool = _field(
+        False,
+        Bool(),
+        "tcp and tcp6 endpoints: listen with SO_REUSEPORT, so that several processes on one "
+        "host serve the same port and the kernel spreads connections over them",
+    )
     max_message_size_before_bind: int = _field(
         262144, Int(1024, 1 << 30), "LDAP: the largest message in bytes before a bind succeeds"
     )
@@ -899,6 +905,8 @@ class ListenerConfig:
             raise ValueError("proxy_protocol needs trusted_proxies: the balancers' addresses")
         if self.trusted_proxies and not self.proxy_protocol:
             raise ValueError("trusted_proxies is only for proxy_protocol: true")
+        if self.reuse_port and self.endpoint.split(":", 1)[0] not in ("tcp", "tcp6"):
+            raise ValueError("reuse_port is only for tcp: and tcp6: endpoints")
         entry = protocols.REGISTRY[self.protocol]
         own = set(protocols.COMMON_SETTINGS) | set(entry.settings)
         for f in attrs.fields(type(self)):

@@ -19,7 +19,7 @@ import attrs
 COMMON_SETTINGS = (
     "protocol", "realm", "endpoint", "name", "tls", "certificate", "private_key",
     "allow_plaintext_auth", "login_timeout", "idle_timeout", "max_connections_per_source",
-    "proxy_protocol", "trusted_proxies",
+    "proxy_protocol", "trusted_proxies", "reuse_port",
 )
 _MAIL = (
     "max_line_length", "max_bad_commands", "backend", "backend_starttls", "backend_ca_file",

@@ -29,7 +29,7 @@ from proxy.frontends.base import PreLoginBudget
 from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
-from proxy.transports import ProxyHeaderFactory
+from proxy.transports import ProxyHeaderFactory, listen_reusing_port
 from proxy.store import StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Pool, Threaded
@@ -473,7 +473,10 @@ class Daemon:
             # Outermost: the balancer's header comes before TLS.
             factory = ProxyHeaderFactory(factory, config.trusted_proxies, self._reactor)
         try:
-            port = await serverFromString(self._reactor, config.endpoint).listen(factory)
+            if config.reuse_port:
+                port = listen_reusing_port(self._reactor, config.endpoint, factory)
+            else:
+                port = await serverFromString(self._reactor, config.endpoint).listen(factory)
         except Exception as e:
             raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
         # Metrics follow it while it listens, and after a reload closed it,
@@ -550,7 +553,9 @@ class Daemon:
         if len(self.listeners) < len(self.config.listeners):
             problems.append("not every listener is open")
         now = self._reactor.seconds()
-        if self.authenticator is not None:
+        if self.authenticator is not None and self.config.store.url is None:
+            # A shared store's outage is every node's alike: taking them all
+            # out of the balancer would end what cached sign-ins still allow.
             ok_at = self.authenticator.store_ok_at
             if ok_at is None or now - ok_at > 10:
                 problems.append("the store does not answer")

@@ -207,3 +207,31 @@ class _HeaderReader:
 
     def connectionLost(self, reason: Any = None) -> None:
         self._done()
+
+
+# -- several processes on one port ------------------------------------------------
+
+
+def listen_reusing_port(reactor: Any, endpoint: str, factory: Any) -> Any:
+    """Listen on a ``tcp:`` or ``tcp6:`` endpoint string with SO_REUSEPORT
+    set, so that other processes may listen on the same port; the kernel
+    spreads new connections over them. Twisted's endpoints do not set it."""
+    import re
+    import socket
+
+    kind, _, rest = endpoint.partition(":")
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
+    port = int(parts[0])
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    interface = options.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        sock.listen(int(options.get("backlog", 50)))
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    finally:
+        sock.close()  # the reactor holds its own copy

@@ -97,17 +97,18 @@ class ProxyDaemon:
                  hashing: str = "  time_cost: 1\n  memory_kib: 1024",
                  throttle: str = "  source_delay: 0.01\n  source_delay_max: 0.01\n"
                                  "  account_failures: 1000",
-                 account_cache: str = "0", cache: str = "", directory: str = ""):
+                 account_cache: str = "0", cache: str = "", directory: str = "",
+                 store: str = "", interface: str = "127.0.0.1", ports: dict | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.slapd = slapd
         self.pki = make_pki(self.folder / "pki")
-        self.ports = {name: free_port() for name in listeners}
+        self.ports = {name: (ports or {}).get(name) or free_port() for name in listeners}
         secret = self.folder / "directory-password"
         secret.write_text(slapd.service_password + "\n")
         secret.chmod(0o600)
         lines = [
-            "store:", "  path: store.sqlite3", "  pepper_file: pepper",
+            "store:", "  path: store.sqlite3", "  pepper_file: pepper", *store.splitlines(),
             "audit:", "  file: audit.log",
             "hashing:", *hashing.splitlines(),
             "directory:",
@@ -129,7 +130,7 @@ class ProxyDaemon:
         ]
         for name, settings in listeners.items():
             lines.append(f"  - name: {name}")
-            lines.append(f"    endpoint: tcp:{self.ports[name]}:interface=127.0.0.1")
+            lines.append(f"    endpoint: tcp:{self.ports[name]}:interface={interface}")
             settings = {"tls": "starttls", **settings}
             if settings["tls"] != "none":
                 settings.setdefault("certificate", str(self.pki.cert_file))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import socket
 import subprocess
 import time
@@ -325,7 +326,9 @@ def test_a_primary_password_change_ends_older_sessions(proxy, slapd, unique):
     assert session_ends(by_app_password)
     assert session_ends(by_primary)
     listing = proxy.cli("app-password", "list", uid, "--json")
-    assert listing.returncode == 0 and "phone" not in listing.stdout
+    assert listing.returncode == 0
+    assert [(a["name"], a["stopped"]) for a in json.loads(listing.stdout)] == [
+        ("phone", "password_change")]  # stopped, and listed with why
     fresh = imaps(proxy)
     assert fresh.login(uid, "Changed-Passw0rd")[0] == "OK"
     assert not session_ends(fresh, timeout=3)  # a session after the change stays
