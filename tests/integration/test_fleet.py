@@ -280,3 +280,48 @@ def test_the_fleet_rides_out_a_database_restart(fleet, postgres, slapd, unique):
     other = "b" if holder == "a" else "a"
     assert nodes[other].cli("app-password", "delete", uid, "cached").returncode == 0
     assert wait_until(lambda: _ended(client), timeout=2)
+
+
+def test_two_processes_serve_one_port_and_share_the_lockouts(slapd, dovecot, unique, tmp_path):
+    """SO_REUSEPORT: two processes of one host on one port and one SQLite
+    store, the kernel spreading connections; failures counted in the store."""
+    port = free_port()
+    backend = mail_backend(tmp_path, dovecot, "imap")
+    settings = {"imap": dict(backend, tls="none", allow_plaintext_auth=True, reuse_port=True)}
+    throttle = ("  source_delay: 0.01\n  source_delay_max: 0.01\n  account_failures: 4\n"
+                "  lockout: 10m\n  shared: true")
+    processes = []
+    try:
+        for _ in range(2):  # one folder, one config, one store
+            daemon = ProxyDaemon(tmp_path, slapd, settings, ports={"imap": port}, throttle=throttle)
+            daemon.start()
+            processes.append(daemon)
+        uid = unique("cores")
+        slapd.add_user(uid, PRIMARY)
+        secret = processes[0].create_app_password(uid, "phone")
+
+        def plain_login(password: str) -> bool:
+            client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+            try:
+                client.login(uid, password)
+            except imaplib.IMAP4.error:
+                return False
+            finally:
+                client.shutdown()
+            return True
+
+        for _ in range(12):
+            assert plain_login(secret)
+        assert plain_login("wrong-0") is False
+        served = [d.log().count(f"user={uid} ") for d in processes]
+        for n in range(1, 8):
+            assert plain_login(f"wrong-{n}") is False
+            served = [d.log().count(f"user={uid} ") for d in processes]
+            if all(served) and sum(served) >= 4:
+                break
+        assert all(served), served  # both processes took connections
+        time.sleep(1.5)  # SQLite has no NOTIFY: the other process polls the feed each second
+        assert not any(plain_login(secret) for _ in range(4))  # locked in both
+    finally:
+        for daemon in processes:
+            daemon.stop()
