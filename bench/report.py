@@ -67,6 +67,20 @@ def table(results: dict[str, Any]) -> str:
             f"{idle['rss_after_kib'] / 1024:.0f} MiB); NOOP p50 {idle['noop_p50_ms']:.1f} ms, "
             f"p99 {idle['noop_p99_ms']:.1f} ms while held",
             "≤ 16 KiB a session", idle["kib_per_session"] <= 16)
+    for temperature in ("warm", "cold"):
+        if f"fleet_{temperature}_binds_postgres" in results:
+            pg = results[f"fleet_{temperature}_binds_postgres"]
+            lite = results[f"fleet_{temperature}_binds_sqlite"]
+            row(f"7. {temperature} LDAP binds, PostgreSQL store against SQLite",
+                f"PostgreSQL {_fmt(pg['rate'], '/s')}, SQLite {_fmt(lite['rate'], '/s')}; "
+                f"ratio {pg['ratio_to_sqlite']:.2f}",
+                "warm: ≥ 0.95 (no store trip on a cached bind)" if temperature == "warm" else "—",
+                pg["ratio_to_sqlite"] >= 0.95 if temperature == "warm" else None)
+    if "fleet_processes_2" in results:
+        two, one = results["fleet_processes_2"], results["fleet_processes_1"]
+        row("7b. warm LDAP binds, two processes on one port (SO_REUSEPORT) against one",
+            f"two {_fmt(two['rate'], '/s')}, one {_fmt(one['rate'], '/s')}; ratio {two['ratio_to_one']:.2f}",
+            "> 1 (the generator shares the 2 cores)", two["ratio_to_one"] > 1.0)
     return "\n".join(rows) + "\n"
 
 

@@ -351,6 +351,74 @@ class Bench:
                 self.results["relay_proxy"]["mb_per_s"]["median"]
                 / self.results["relay_nginx"]["mb_per_s"]["median"])
 
+    def fleet(self) -> None:
+        """7. The fleet: warm and cold LDAP binds with the SQLite store and
+        with PostgreSQL (the shared store); one process against two on one
+        port (SO_REUSEPORT) with the same store."""
+        from tests.postgres import Postgres
+        from tests.proxyd import ProxyDaemon
+
+        postgres = Postgres()
+        postgres.init()
+        postgres.start()
+        try:
+            pw = postgres.password_file(self.folder)
+            for name in ("sqlite", "postgres"):
+                for temperature, cache in (("warm", ""), ("cold", "  app_password_ttl: 0")):
+                    store = ""
+                    if name == "postgres":
+                        url = postgres.create_database(f"bench_{temperature}")
+                        store = f"  url: {url}\n  password_file: {pw}"
+                    daemon = self.proxy(f"proxy-{name}-{temperature}", store=store, cache=cache)
+                    try:
+                        credentials = [(uid, daemon.secrets[uid]) for uid in self.users]
+                        load("ldap", daemon.ports["ldap"], credentials, connections=8, seconds=1)
+                        runs = [load("ldap", daemon.ports["ldap"], credentials,
+                                     connections=self.cores * 4, seconds=self.seconds)
+                                for _ in range(self.repeat)]
+                    finally:
+                        daemon.stop()
+                    self.measure(f"fleet_{temperature}_binds_{name}", runs)
+            for temperature in ("warm", "cold"):
+                figure = self.results[f"fleet_{temperature}_binds_postgres"]
+                figure["ratio_to_sqlite"] = (figure["rate"]["median"] /
+                                             self.results[f"fleet_{temperature}_binds_sqlite"]["rate"]["median"])
+            # One process, then two on the same port, one SQLite store.
+            for count in (1, 2):
+                folder = self.folder / f"proxy-reuse-{count}"
+                port = None
+                processes = []
+                try:
+                    for _ in range(count):
+                        daemon = ProxyDaemon(
+                            folder, self.slapd, {"ldap": {
+                                "protocol": "ldap", "realm": "cloud", "tls": "none",
+                                "allow_plaintext_auth": True, "reuse_port": True,
+                                "max_connections_per_source": 100000}},
+                            hashing="  threads: 0", account_cache="60", extra=BENCH_LIMITS,
+                            throttle="  source_delay: 0\n  source_delay_max: 0\n"
+                                     "  account_failures: 10000",
+                            ports={"ldap": port} if port else None)
+                        daemon.start()
+                        port = daemon.ports["ldap"]
+                        processes.append(daemon)
+                    secrets_ = {uid: processes[0].create_app_password(uid, "bench")
+                                for uid in self.users}
+                    credentials = [(uid, secrets_[uid]) for uid in self.users]
+                    # New connections for every bind would measure TCP; persistent
+                    # ones land on one process each: use many.
+                    load("ldap", port, credentials, connections=32, seconds=1)
+                    runs = [load("ldap", port, credentials, connections=32,
+                                 seconds=self.seconds) for _ in range(self.repeat)]
+                finally:
+                    for daemon in processes:
+                        daemon.stop()
+                self.measure(f"fleet_processes_{count}", runs)
+            two = self.results["fleet_processes_2"]
+            two["ratio_to_one"] = two["rate"]["median"] / self.results["fleet_processes_1"]["rate"]["median"]
+        finally:
+            postgres.remove()
+
     def run(self, scenarios: list[str]) -> None:
         self.results["machine"] = {
             "cpu": platform.processor() or platform.machine(), "cores": self.cores,
@@ -363,6 +431,8 @@ class Bench:
             self.fairness()
         if "idle" in scenarios:
             self.idle(self.idle_sessions)
+        if "fleet" in scenarios:
+            self.fleet()
         daemon = self.proxy("proxy")
         try:
             if "wrong" in scenarios:
@@ -382,7 +452,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay,idle")
+    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay,idle,fleet")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))

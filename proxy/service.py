@@ -603,6 +603,10 @@ class Daemon:
                         [([], self.authenticator.throttle.lockouts_in_force())])
         yield gauge("backend_up", "1 if the last login to the backend as a user worked",
                     ["listener"], [([k], 1 if v else 0) for k, v in self.metrics.backend_up.items()])
+        if self.config.store.url is not None:
+            yield gauge("change_feed_listening",
+                        "1 while the shared store announces changes (LISTEN/NOTIFY); 0: polling", [],
+                        [([], 1 if self.feed_listening else 0)])
         yield gauge("ready", "1 if the daemon is ready for clients (/health/ready)", [],
                     [([], 0 if self.not_ready() else 1)])
 

@@ -210,7 +210,7 @@ def test_the_config_comes_from_the_environment_when_not_given(workdir):
     [], ["app-password"], ["app-password", "create"], ["app-password", "list"],
     ["app-password", "delete"], ["app-password", "revoke-all"], ["user"], ["user", "show"],
     ["user", "set-mfa"], ["user", "enroll"], ["user", "unlock"], ["user", "reset-second-factor"],
-    ["check-config"], ["serve"], ["demo"],
+    ["migrate"], ["check-config"], ["serve"], ["demo"],
 ])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -265,3 +265,17 @@ def test_the_store_survives_sigkill_mid_creation(workdir):
         assert printed <= stored
         assert len(stored - printed) <= 1
         printed = stored
+
+
+def test_an_older_store_is_checked_and_migrate_brings_it_up_to_date(workdir, capsys):
+    from proxy.store.sqlite import MIGRATIONS
+
+    db = sqlite3.connect(workdir / "store.sqlite3")
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    db.close()
+    code, out, err = run(workdir, "app-password", "list", "alice", capsys=capsys)
+    assert code == 78 and "run 'legacy-auth-proxy migrate'" in err
+    code, out, err = run(workdir, "migrate", capsys=capsys)
+    assert code == 0 and f"version {len(MIGRATIONS)}, the latest" in out
+    code, out, err = run(workdir, "app-password", "list", "alice", capsys=capsys)
+    assert code == 0
