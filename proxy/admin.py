@@ -171,7 +171,7 @@ class Admin:
     def unlock(self, username: str) -> None:
         """Lift the user's lockouts on every daemon (through the change feed)."""
         username = self.username(username)
-        self._store.note(username, "unlocked", self._clock())
+        self._store.unlock(username, self._clock())
         self._audit.record("lockout_lifted", user=username, actor=self._actor)
 
     def has_second_factor(self, username: str) -> bool:

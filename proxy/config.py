@@ -772,6 +772,15 @@ class PortalConfig:
         "mail users when an app password is made for them (needs mail_relay and the "
         "directory's mail attribute)",
     )
+    proxy_protocol: bool = _field(
+        False,
+        Bool(),
+        "connections start with a load balancer's PROXY header naming the real client "
+        "(as listeners' proxy_protocol)",
+    )
+    trusted_proxies: tuple[Any, ...] = _field(
+        (), ListOf(Network()), "with proxy_protocol, the load balancers' addresses (CIDR)"
+    )
     audit_scan_bytes: int = _field(
         16 * 1024 * 1024,
         Int(0, 1 << 34),
@@ -784,6 +793,8 @@ class PortalConfig:
             raise ValueError("a portal endpoint needs certificate and private_key (it serves HTTPS only)")
         if self.session_max < self.session_idle:
             raise ValueError("session_max must be at least session_idle")
+        if self.proxy_protocol != bool(self.trusted_proxies):
+            raise ValueError("proxy_protocol and trusted_proxies go together")
 
 
 @attrs.frozen

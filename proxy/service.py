@@ -429,9 +429,11 @@ class Daemon:
 
         assert self.authenticator is not None
         self.authenticator.on_revoked(revoked)
+        factory: Any = TLSMemoryBIOFactory(tls, False, self.portal.site())
+        if config.proxy_protocol:
+            factory = ProxyHeaderFactory(factory, config.trusted_proxies, self._reactor)
         try:
-            port = await serverFromString(self._reactor, config.endpoint).listen(
-                TLSMemoryBIOFactory(tls, False, self.portal.site()))
+            port = await serverFromString(self._reactor, config.endpoint).listen(factory)
         except Exception as e:
             raise StartupError(f"portal.endpoint: cannot listen: {e}") from None
         self.portal_tls = tls

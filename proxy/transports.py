@@ -221,10 +221,18 @@ def listen_reusing_port(reactor: Any, endpoint: str, factory: Any) -> Any:
 
     kind, _, rest = endpoint.partition(":")
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
-    port = int(parts[0])
-    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    options: dict[str, str] = {}
+    for i, part in enumerate(parts):
+        name, equals, value = part.partition("=")
+        if not equals and i == 0:
+            name, value = "port", part
+        elif not equals or name not in ("port", "interface", "backlog"):
+            raise ValueError(f"{endpoint!r}: with reuse_port, only port, interface and backlog "
+                             f"are understood, not {part!r}")
+        options[name] = value
+    port = int(options["port"])
     interface = options.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

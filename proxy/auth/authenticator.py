@@ -196,11 +196,19 @@ class Authenticator:
         self._user_revision: OrderedDict[str, int] = OrderedDict()
         self._everyone_revision = 0
         self.store_ok_at: float | None = None  # the change feed last read the store
+        # Lockouts decided by failures counted in the store (by any process),
+        # by user; imposed on an account's counters when it next signs in.
+        self._fleet_lockouts: OrderedDict[str, dict[bool, float]] = OrderedDict()
+        self._unlocks: dict[str, int] = {}  # unlocks seen, by user: a late read loses to one
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self, poll_interval: float = 1.0) -> None:
         self._seq = await self._store.last_change()
+        if self.throttle.on_failure is not None:
+            # Lockouts in force now: what the feed says from here on adds to them.
+            for username, lockouts in (await self._store.lockouts(self._clock.seconds())).items():
+                self._fleet_lockouts[username] = lockouts
         self.store_ok_at = self._clock.seconds()
         self.usage.start()
         self._feed.start(poll_interval, now=False)
@@ -221,15 +229,25 @@ class Authenticator:
 
     # -- failures counted by every process sharing the store ----------------------
 
-    def _share_failure(self, account: str, familiar: bool, digest: bytes, now: float) -> None:
+    def _share_failure(self, key: str, familiar: bool, digest: bytes, now: float) -> None:
+        """Count a failure in the store too. Kept there by the user's store
+        name, with two bytes of the secret's keyed digest: enough to tell a
+        repeat from a new guess among a handful, too little to test
+        guesses against (docs/deployment.md). Names that match no account
+        are counted by each process alone."""
+        known = self._known.get(key)
+        if known is None:
+            return
+        username = known[0].username
         config = self._throttle_config
-        d = self._store.add_failure(account, familiar, digest[:8], now,
+        d = self._store.add_failure(username, familiar, digest[:2], now,
                                     window=config.failure_window, limit=config.account_failures,
                                     lockout=config.lockout, lockout_max=config.lockout_max)
 
         def counted(until: float | None) -> None:
             if until is not None:
-                self.throttle.impose(account, familiar, until)
+                self._fleet_lockouts.setdefault(username, {})[familiar] = until
+                self.throttle.impose(key, familiar, until)
 
         def failed(failure: Any) -> None:
             if not failure.check(Busy):
@@ -238,14 +256,28 @@ class Authenticator:
 
         d.addCallbacks(counted, failed)
 
-    async def _locked_elsewhere(self, account: str) -> None:
+    async def _locked_elsewhere(self, username: str) -> None:
+        unlocks = self._unlocks.get(username, 0)
         try:
-            lockouts = await self._store.lockouts(account, self._clock.seconds())
+            lockouts = await self._store.lockouts(self._clock.seconds(), username)
         except Exception as e:
-            log.warn("cannot read the lockouts of {account}: {error}", account=account, error=str(e))
+            log.warn("cannot read the lockouts of {user}: {error}", user=username, error=str(e))
             return
+        if self._unlocks.get(username, 0) != unlocks:
+            return  # unlocked while this was read
+        if username in lockouts:
+            self._remember(self._fleet_lockouts, username, lockouts[username])
+
+    def _impose_fleet_lockouts(self, account: Account) -> None:
+        lockouts = self._fleet_lockouts.get(account.username)
+        if lockouts is None:
+            return
+        now = self._clock.seconds()
         for familiar, until in lockouts.items():
-            self.throttle.impose(account, familiar, until)
+            if until > now:
+                self.throttle.impose(account.key, familiar, until)
+        if all(until <= now for until in lockouts.values()):
+            del self._fleet_lockouts[account.username]
 
     def on_revoked(self, listener: Callable[[str, str | None, str], None]) -> None:
         """Call ``listener(username, app_password_id or None, kind)`` when
@@ -266,16 +298,18 @@ class Authenticator:
             return
         self.store_ok_at = self._clock.seconds()
         for change in changes:
-            self._seq = max(self._seq, change.seq)
+            if change.seq <= self._seq:
+                continue  # applied by a poll that overlapped this one
+            self._seq = change.seq
             self.apply(change)
 
     def apply(self, change: Change) -> None:
         if change.kind == "unlocked":
             self.unlock(change.username)
         elif change.kind == "locked":
-            # ``username`` is the account's key: locked by failures counted
-            # in the store, perhaps by another process.
-            Deferred.fromCoroutine(self._locked_elsewhere(change.username))
+            # Locked by failures counted in the store, perhaps by another process.
+            if self.throttle.on_failure is not None:
+                Deferred.fromCoroutine(self._locked_elsewhere(change.username))
         elif change.kind in ("deleted", "stopped") and change.app_password_id:
             self._revoked(change.username, change.app_password_id, "deleted")
         else:
@@ -284,13 +318,12 @@ class Authenticator:
     def unlock(self, username: str) -> int:
         """Lift every lockout of the account the store calls ``username``
         (the help desk's "lift a lockout"); how many accounts were found."""
+        self._unlocks[username] = self._unlocks.get(username, 0) + 1
+        self._fleet_lockouts.pop(username, None)
         keys = [key for key, (account, _) in self._known.items() if account.username == username]
         keys.append("unknown:" + username)
         for key in keys:
             self.throttle.forget(key)
-            if self.throttle.on_failure is not None:
-                self._store.clear_failures(key).addErrback(
-                    lambda f: log.warn("cannot clear failures: {error}", error=f.getErrorMessage()))
         return len(keys) - 1
 
     def locked(self, account: Account, address: str | None = None) -> float:
@@ -366,15 +399,10 @@ class Authenticator:
     async def authenticate(self, attempt: Attempt) -> Decision:
         started = self._clock.seconds()
         revision = self.revision
-        try:
-            decision = await self._decide(attempt)
-        except Exception:
-            log.failure("authentication failed unexpectedly")
-            decision = Decision(Reason.BUSY, apppasswords.canonical_username(attempt.username))
-        decision = attrs.evolve(decision, revision=revision)
+        decision = attrs.evolve(await self._decide_safely(attempt), revision=revision)
         if decision.accepted and self.revoked_since(decision):
             # Revoked while it was being decided: decide again, from the store.
-            decision = attrs.evolve(await self._decide(attempt), revision=self.revision)
+            decision = attrs.evolve(await self._decide_safely(attempt), revision=self.revision)
         if (decision.accepted and attempt.legacy and self.sessions is not None
                 and self.sessions.count(decision.username, attempt.client_address) >= self.max_sessions):
             # Dovecot's mail_max_userip_connections: one device that opens
@@ -395,6 +423,16 @@ class Authenticator:
             self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
                                  decision.reason.value, self._clock.seconds() - started)
         return decision
+
+    async def _decide_safely(self, attempt: Attempt) -> Decision:
+        """The decision; a store that cannot answer is a temporary failure."""
+        try:
+            return await self._decide(attempt)
+        except StoreError as e:
+            log.warn("cannot decide a sign-in: {error}", error=str(e))
+        except Exception:
+            log.failure("authentication failed unexpectedly")
+        return Decision(Reason.BUSY, apppasswords.canonical_username(attempt.username))
 
     def _reading(self, decision: Decision) -> Decision:
         """With whose rights the LDAP session reads the directory: a primary
@@ -461,6 +499,8 @@ class Authenticator:
         if account.modern_auth_only and attempt.legacy:
             return Decision(Reason.LEGACY_BLOCKED, account.username, account)
         key = account.key
+        if self._fleet_lockouts:
+            self._impose_fleet_lockouts(account)
         if self.throttle.locked(key, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
         if attempt.realm == "cloud" and attempt.legacy:
@@ -474,7 +514,8 @@ class Authenticator:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
             user = await self._store.get_user(account.username)
             if user.mfa_state is MfaState.ENFORCED or account.mfa_enforced:
-                self.throttle.failed(key, attempt.client_address, attempt.secret)
+                # Often the user's right password: counted here, never stored.
+                self.throttle.failed(key, attempt.client_address, attempt.secret, share=False)
                 return Decision(Reason.MFA_REQUIRED, account.username, account)
         return await self._primary(attempt, account, key)
 

@@ -263,9 +263,10 @@ class Throttle:
             if now - when > window:
                 del bucket.failures[digest]
 
-    def failed(self, account: str, address: str, secret: str, upstream: bool = False) -> bool:
+    def failed(self, account: str, address: str, secret: str, upstream: bool = False,
+               share: bool = True) -> bool:
         """Count a wrong secret (``upstream``: the directory said so); True if
-        this failure locked the account."""
+        this failure locked the account. ``share``: also tell ``on_failure``."""
         place = self._place(account, address)
         if place is None:
             return False
@@ -290,7 +291,7 @@ class Throttle:
             while len(bucket.recent) > self.config.ignore_repeats:
                 bucket.recent.popleft()
         bucket.failures[digest] = now
-        if self.on_failure is not None:
+        if self.on_failure is not None and share:
             self.on_failure(account, familiar, digest, now)
         if len(bucket.failures) < self.config.account_failures:
             return False

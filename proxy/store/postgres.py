@@ -20,8 +20,11 @@ date only by ``legacy-auth-proxy migrate``.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,7 +47,7 @@ from proxy.store import (
     User,
     app_password_from,
 )
-from proxy.store.sqlite import CHANGE_RETENTION
+from proxy.store.sqlite import CHANGE_RETENTION, FAILURES_KEPT
 
 CHANNEL = "legacy_auth_proxy_changes"
 FEED_LOCK = 0x6C61705F66656564  # pg_advisory_xact_lock key of the change feed ("lap_feed")
@@ -117,6 +120,57 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+class _Watchdog:
+    """Closes the socket of a connection whose call outlives its deadline.
+
+    Server-side timeouts (statement_timeout) need a server that runs; TCP
+    keepalives need a host that is gone. A server that is frozen (SIGSTOP, a
+    VM paused, a disk stuck) answers neither, and libpq would wait forever:
+    one thread here shuts such sockets down, so the waiting call fails and
+    its thread is free."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[Any, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Any, timeout: float) -> int:
+        token = id(conn)
+        with self._lock:
+            self._calls[token] = (conn, time.monotonic() + timeout)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="store-watchdog",
+                                                daemon=True)
+                self._thread.start()
+        return token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            self._calls.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, deadline in self._calls.values() if deadline < now]
+                for conn in late:
+                    self._calls.pop(id(conn), None)
+            for conn in late:
+                try:
+                    fd = conn.pgconn.socket
+                    peer = socket.socket(fileno=os.dup(fd))
+                    try:
+                        peer.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        peer.close()
+                except Exception:
+                    pass
+
+
+_watchdog = _Watchdog()
+
+
 def _what(error: Exception) -> str:
     """An error's words for an operator, never a query's parameters."""
     if isinstance(error, PoolTimeout):
@@ -131,15 +185,29 @@ class PostgresStore:
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 4,
                  timeout: float = 5.0, migrate: bool = False) -> None:
         self.url = url
-        self._kwargs: dict[str, Any] = {"connect_timeout": max(1, int(timeout)),
-                                        "application_name": "legacy-auth-proxy"}
+        milliseconds = int(timeout * 1000)
+        # Every wait is bounded: connecting, each statement, each lock, a
+        # server or network that stops answering mid-query (TCP keepalives
+        # and TCP_USER_TIMEOUT), so a store that hangs is an error in
+        # ``timeout``, not a stuck thread.
+        self._kwargs: dict[str, Any] = {
+            "connect_timeout": max(1, int(timeout)),
+            "application_name": "legacy-auth-proxy",
+            "keepalives": 1, "keepalives_idle": max(1, int(timeout)),
+            "keepalives_interval": 1, "keepalives_count": 3,
+            "tcp_user_timeout": milliseconds,
+            "options": f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds}"
+                       f" -c idle_in_transaction_session_timeout={milliseconds * 2}",
+        }
+        self._down_until = 0.0  # while the store is known down, calls fail at once
+        self._checking = threading.Lock()
         if password:
             self._kwargs["password"] = password
         self.where = self._describe(url)
         self._timeout = timeout
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout,
                                     kwargs=self._kwargs, open=False, name="legacy-auth-proxy",
-                                    reconnect_timeout=0, check=ConnectionPool.check_connection)
+                                    reconnect_timeout=0)
         try:
             self._pool.open(wait=True, timeout=timeout)
         except Exception as e:
@@ -166,15 +234,48 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        # While the database is known to be down, fail at once: one call a
+        # second finds out whether it is back (the others would each wait
+        # the whole timeout, and the pool's threads with them).
+        now = time.monotonic()
+        if now < self._down_until:
+            raise StoreError(f"{self.where}: the store cannot be reached; nothing was changed")
         try:
             with self._pool.connection() as conn:
                 conn.row_factory = dict_row  # type: ignore[assignment]
-                yield conn
+                watched = _watchdog.watch(conn, self._timeout + 1.0)
+                try:
+                    yield conn
+                finally:
+                    _watchdog.done(watched)
         except StoreError:
             raise
         except (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError) as e:
+            self._down_until = time.monotonic() + 1.0
+            self._check_in_background()
             raise StoreError(f"{self.where}: the store cannot be reached: {_what(e)}; "
                              f"nothing was changed") from None
+        except errors.IntegrityError:
+            raise  # a row the schema refuses: the caller's to handle
+        except psycopg.Error as e:  # read-only after a failover, serialization, ...
+            raise StoreError(f"{self.where}: the store refused: {_what(e)}; "
+                             f"nothing was changed") from None
+        self._down_until = 0.0
+
+    def _check_in_background(self) -> None:
+        """After a failure, test the pooled connections (and replace the
+        broken ones) on a thread of its own, so that a restarted server is
+        used again at once rather than one stale connection per call."""
+        if self._checking.acquire(blocking=False):
+            def check() -> None:
+                try:
+                    self._pool.check()
+                except Exception:
+                    pass
+                finally:
+                    self._checking.release()
+
+            threading.Thread(target=check, name="store-check", daemon=True).start()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[psycopg.Connection[Any]]:
@@ -307,6 +408,11 @@ class PostgresStore:
 
     def sweep(self, now: float, idle_expiry: float | None) -> list[AppPassword]:
         with self._write() as conn:
+            # Forgotten first, before the feed's lock is taken: a deletion
+            # holding one of these rows waits for that lock.
+            conn.execute("DELETE FROM app_passwords WHERE stopped_at < %s", (now - STOPPED_KEPT,))
+            conn.execute("DELETE FROM failures WHERE at < %s", (now - FAILURES_KEPT,))
+            conn.execute("DELETE FROM lockouts WHERE until < %s", (now - FAILURES_KEPT,))
             rows = conn.execute(
                 f"UPDATE app_passwords SET stopped_at = expires_at, stopped_reason = 'expired'"
                 f" WHERE stopped_at IS NULL AND expires_at <= %s RETURNING {COLUMNS}",
@@ -319,7 +425,6 @@ class PostgresStore:
                     (idle_expiry, now - idle_expiry)).fetchall()
             for row in rows:
                 self._log_change(conn, now, row["username"], "stopped", row["id"])
-            conn.execute("DELETE FROM app_passwords WHERE stopped_at < %s", (now - STOPPED_KEPT,))
         return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def record_use(self, id: str, at: float, address: str | None, protocol: str,
@@ -392,6 +497,10 @@ class PostgresStore:
                     window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
         with self._write() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            row = conn.execute("SELECT until FROM lockouts WHERE account = %s AND familiar = %s"
+                               " AND until > %s", (account, familiar, now)).fetchone()
+            if row is not None:
+                return row["until"]
             conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
                          (account, familiar, now - window))
             conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -412,16 +521,25 @@ class PostgresStore:
             self._log_change(conn, now, account, "locked", None)
         return until
 
-    def lockouts(self, account: str, now: float) -> dict[bool, float]:
+    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
         with self._connection() as conn:
-            rows = conn.execute("SELECT familiar, until FROM lockouts WHERE account = %s"
-                                " AND until > %s", (account, now)).fetchall()
-        return {bool(r["familiar"]): r["until"] for r in rows}
+            if account is None:
+                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
+                                    " WHERE until > %s", (now,)).fetchall()
+            else:
+                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
+                                    " WHERE until > %s AND account = %s", (now, account)).fetchall()
+        found: dict[str, dict[bool, float]] = {}
+        for r in rows:
+            found.setdefault(r["account"], {})[bool(r["familiar"])] = r["until"]
+        return found
 
-    def clear_failures(self, account: str) -> None:
+    def unlock(self, account: str, now: float) -> None:
         with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
             conn.execute("DELETE FROM failures WHERE account = %s", (account,))
             conn.execute("DELETE FROM lockouts WHERE account = %s", (account,))
+            self._log_change(conn, now, account, "unlocked", None)
 
     def note(self, username: str, kind: str, now: float) -> None:
         with self._write() as conn:
@@ -458,7 +576,12 @@ class PostgresStore:
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             notified()
-                        conn.execute("SELECT 1")  # notice a dead connection within a turn
+                        # Notice a dead (or frozen) server within a turn.
+                        watched = _watchdog.watch(conn, self._timeout)
+                        try:
+                            conn.execute("SELECT 1")
+                        finally:
+                            _watchdog.done(watched)
             except Exception:
                 listening(False)
                 stop.wait(delay)

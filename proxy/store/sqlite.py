@@ -106,6 +106,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# Failures and lockouts older than this are forgotten by the sweep (they count
+# for throttle.failure_window and lockout_max only; this bounds both).
+FAILURES_KEPT = 86400.0
+
 # How long the change feed keeps an entry: daemons poll it every second or
 # so; a day covers any daemon that is not hopelessly stuck.
 CHANGE_RETENTION = 86400.0
@@ -350,6 +354,12 @@ class SQLiteStore:
         as stopped (returned), and delete those stopped longer than
         :data:`STOPPED_KEPT`."""
         with self._write():
+            # Forgotten first: what is being stopped now is never among them.
+            self._db.execute(
+                "DELETE FROM app_passwords WHERE stopped_at < ?", (now - STOPPED_KEPT,)
+            )
+            self._db.execute("DELETE FROM failures WHERE at < ?", (now - FAILURES_KEPT,))
+            self._db.execute("DELETE FROM lockouts WHERE until < ?", (now - FAILURES_KEPT,))
             rows = self._db.execute(
                 f"UPDATE app_passwords SET stopped_at = expires_at, stopped_reason = 'expired'"
                 f" WHERE stopped_at IS NULL AND expires_at <= ? RETURNING {COLUMNS}",
@@ -364,9 +374,6 @@ class SQLiteStore:
                 ).fetchall()
             for row in rows:
                 self._log_change(now, row["username"], "stopped", row["id"])
-            self._db.execute(
-                "DELETE FROM app_passwords WHERE stopped_at < ?", (now - STOPPED_KEPT,)
-            )
         return sorted((app_password_from(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     def record_use(
@@ -452,10 +459,15 @@ class SQLiteStore:
 
     def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
                     window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
-        """Count a wrong secret for ``account`` from a familiar place or
-        not, as every process sharing the store counts it: the time the
-        account is now locked until, if this failure locked it, else None."""
+        """Count a wrong secret for the user ``account`` from a familiar place
+        or not, as every process sharing the store counts it: until when the
+        account is locked (by this failure, or still), else None."""
         with self._write():
+            row = self._db.execute(
+                "SELECT until FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
+                (account, familiar, now)).fetchone()
+            if row is not None:
+                return row[0]
             self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
                              (account, familiar, now - window))
             self._db.execute("INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
@@ -479,16 +491,25 @@ class SQLiteStore:
             self._log_change(now, account, "locked", None)
         return until
 
-    def lockouts(self, account: str, now: float) -> dict[bool, float]:
-        """Until when the account is locked, for familiar places and others."""
+    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
+        """Lockouts in force (of ``account``, or everyone's): user → {familiar
+        place?: until when}."""
         rows = self._db.execute(
-            "SELECT familiar, until FROM lockouts WHERE account = ? AND until > ?", (account, now))
-        return {bool(r[0]): r[1] for r in rows}
+            "SELECT account, familiar, until FROM lockouts WHERE until > ?"
+            + (" AND account = ?" if account is not None else ""),
+            (now, account) if account is not None else (now,))
+        found: dict[str, dict[bool, float]] = {}
+        for r in rows:
+            found.setdefault(r[0], {})[bool(r[1])] = r[2]
+        return found
 
-    def clear_failures(self, account: str) -> None:
+    def unlock(self, account: str, now: float) -> None:
+        """Forget the user's failures and lift their lockouts, and tell every
+        daemon (``unlocked`` in the change feed), in one transaction."""
         with self._write():
             self._db.execute("DELETE FROM failures WHERE account = ?", (account,))
             self._db.execute("DELETE FROM lockouts WHERE account = ?", (account,))
+            self._log_change(now, account, "unlocked", None)
 
     def note(self, username: str, kind: str, now: float) -> None:
         """Tell every daemon something of the user through the change feed

@@ -81,3 +81,30 @@ def test_a_wrong_password_or_an_unreachable_server_is_a_clear_error(postgres, da
     nowhere = database.replace(f":{postgres.port}/", ":1/")
     with pytest.raises(StoreError, match="cannot connect"):
         PostgresStore(nowhere, password=postgres.password, timeout=2)
+
+
+def test_a_frozen_server_is_an_error_within_the_timeout_not_a_hang(postgres, database):
+    import signal
+
+    store = PostgresStore(database, password=postgres.password, timeout=2)
+    store.list_app_passwords("alice")  # a pooled connection exists
+    pid = int((postgres.data / "postmaster.pid").read_text().split()[0])
+    children = [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    frozen = [pid, *children]
+    for p in frozen:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="cannot be reached"):
+            store.list_app_passwords("alice")
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(StoreError):  # known down: at once
+            store.list_app_passwords("alice")
+        assert time.monotonic() - started < 0.5
+    finally:
+        for p in frozen:
+            os.kill(p, signal.SIGCONT)
+    time.sleep(1.1)
+    assert store.list_app_passwords("alice") == []  # back by itself
+    store.close()

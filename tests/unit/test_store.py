@@ -236,11 +236,18 @@ def test_failures_are_counted_by_every_process_sharing_the_store(store):
     assert store.add_failure("uid=a", True, b"2" * 32, 1002.0, **limits) is None  # elsewhere
     assert store.add_failure("uid=a", False, b"3" * 32, 1003.0, **limits) is None
     assert store.add_failure("uid=a", False, b"4" * 32, 1004.0, **limits) == 1064.0
-    assert store.lockouts("uid=a", 1005.0) == {False: 1064.0}
+    assert store.lockouts(1005.0, "uid=a") == {"uid=a": {False: 1064.0}}
     assert store.changes_since(0)[-1].kind == "locked"
+    # Still locked: another failure says until when, and counts nothing.
+    assert store.add_failure("uid=a", False, b"9" * 32, 1010.0, **limits) == 1064.0
     for n, digest in enumerate((b"5", b"6", b"7")):  # locked again: twice as long
         until = store.add_failure("uid=a", False, digest * 32, 1100.0 + n, **limits)
     assert until == 1102.0 + 120.0
+    assert store.lockouts(1103.0) == {"uid=a": {False: 1222.0}}
     assert store.add_failure("uid=a", False, b"8" * 32, 3000.0, **limits) is None  # old ones gone
-    store.clear_failures("uid=a")
-    assert store.lockouts("uid=a", 1005.0) == {}
+    store.unlock("uid=a", 3001.0)
+    assert store.lockouts(1005.0, "uid=a") == {}
+    assert store.changes_since(0)[-1].kind == "unlocked"
+    store.add_failure("uid=b", False, b"1" * 32, 1000.0, **limits)
+    store.sweep(1000.0 + 86400.0 + 1, idle_expiry=None)  # the sweep forgets old failures
+    assert store.add_failure("uid=b", False, b"2" * 32, 90000.0, **limits) is None
