@@ -200,14 +200,13 @@ class PostgresStore:
                        f" -c idle_in_transaction_session_timeout={milliseconds * 2}",
         }
         self._down_until = 0.0  # while the store is known down, calls fail at once
-        self._checking = threading.Lock()
         if password:
             self._kwargs["password"] = password
         self.where = self._describe(url)
         self._timeout = timeout
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout,
                                     kwargs=self._kwargs, open=False, name="legacy-auth-proxy",
-                                    reconnect_timeout=0)
+                                    reconnect_timeout=0, check=self._check)
         try:
             self._pool.open(wait=True, timeout=timeout)
         except Exception as e:
@@ -252,7 +251,6 @@ class PostgresStore:
             raise
         except (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError) as e:
             self._down_until = time.monotonic() + 1.0
-            self._check_in_background()
             raise StoreError(f"{self.where}: the store cannot be reached: {_what(e)}; "
                              f"nothing was changed") from None
         except errors.IntegrityError:
@@ -262,20 +260,14 @@ class PostgresStore:
                              f"nothing was changed") from None
         self._down_until = 0.0
 
-    def _check_in_background(self) -> None:
-        """After a failure, test the pooled connections (and replace the
-        broken ones) on a thread of its own, so that a restarted server is
-        used again at once rather than one stale connection per call."""
-        if self._checking.acquire(blocking=False):
-            def check() -> None:
-                try:
-                    self._pool.check()
-                except Exception:
-                    pass
-                finally:
-                    self._checking.release()
-
-            threading.Thread(target=check, name="store-check", daemon=True).start()
+    def _check(self, conn: Any) -> None:
+        """The pool's test of a connection before handing it out (a server
+        restarted since leaves stale ones), itself bounded by the watchdog."""
+        watched = _watchdog.watch(conn, self._timeout)
+        try:
+            conn.execute("")
+        finally:
+            _watchdog.done(watched)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[psycopg.Connection[Any]]:
