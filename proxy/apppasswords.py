@@ -38,6 +38,7 @@ PEPPER_BYTES = 32
 # Characters clients put between the groups when a user types or pastes the
 # secret: spaces, tabs, non-breaking spaces and hyphens.
 _SEPARATORS = frozenset(" \t\u00a0\u2009\u202f-")
+_DROP_SEPARATORS = {ord(c): None for c in _SEPARATORS}
 
 
 def generate() -> str:
@@ -59,8 +60,9 @@ def normalise(candidate: str) -> str | None:
     """
     if len(candidate) > 4 * SECRET_LENGTH:
         return None
-    folded = "".join(c for c in candidate if c not in _SEPARATORS).lower()
-    if len(folded) != SECRET_LENGTH or not all(c in ALPHABET for c in folded):
+    folded = candidate.translate(_DROP_SEPARATORS).lower()
+    # ASCII and alphabetic after lower(): exactly a to z.
+    if len(folded) != SECRET_LENGTH or not folded.isascii() or not folded.isalpha():
         return None
     return folded
 

@@ -219,7 +219,7 @@ class Daemon:
             reactor, "argon2", threads=config.hashing.thread_count, queue=config.hashing.queue
         )
         self.audit = AuditLog(config.audit.file, reactor.seconds)
-        self._audit_batch: list[str] = []
+        self._audit_batch: list[Any] = []  # JSON lines, or events to make into lines
         self.store: Any = None
         self.pepper = b""
         self.files_pool = Pool(reactor, "files", threads=1, queue=1000)
@@ -664,17 +664,22 @@ class Daemon:
         record = self.audit.event(event, **fields)
         if event == "authentication" and not self.config.audit.log_authentications:
             # Every sign-in is an event: the file has them all; the daemon's
-            # log has a line for each failure (for fail2ban) already.
-            line = self.audit.line(record)
+            # log has a line for each failure (for fail2ban) already. Its
+            # JSON is made on the audit thread, off the sign-in's path.
+            self._audit_batch.append(record)
         else:
-            line = self.audit.log(record)
-        self._audit_batch.append(line)
+            self._audit_batch.append(self.audit.log(record))
         if len(self._audit_batch) == 1:
             self._reactor.callLater(0, self._write_audit)
 
     def _write_audit(self) -> Deferred[None]:
         batch, self._audit_batch = self._audit_batch, []
-        return self.audit_pool.submit(self.audit.append_lines, batch).addErrback(
+        line = self.audit.line
+
+        def write() -> None:
+            self.audit.append_lines([r if isinstance(r, str) else line(r) for r in batch])
+
+        return self.audit_pool.submit(write).addErrback(
             lambda f: log.failure("cannot write the audit log", f)
         )
 

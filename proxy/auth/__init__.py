@@ -53,6 +53,11 @@ class Reason(enum.Enum):
 
 _TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY, Reason.TOO_MANY_SESSIONS}
 _ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY, Reason.ANONYMOUS}
+_OUTCOMES = {
+    reason: Outcome.ACCEPTED if reason in _ACCEPTED
+    else Outcome.TEMPORARY_FAILURE if reason in _TEMPORARY else Outcome.REFUSED
+    for reason in Reason
+}
 # Refusals that say nothing of a guess: not counted for fail2ban, not delayed.
 NOT_GUESSES = {Reason.PLAINTEXT, Reason.ANONYMOUS_REFUSED}
 
@@ -101,11 +106,7 @@ class Decision:
 
     @property
     def outcome(self) -> Outcome:
-        if self.reason in _ACCEPTED:
-            return Outcome.ACCEPTED
-        if self.reason in _TEMPORARY:
-            return Outcome.TEMPORARY_FAILURE
-        return Outcome.REFUSED
+        return _OUTCOMES[self.reason]
 
     @property
     def accepted(self) -> bool:

@@ -435,16 +435,74 @@ class Authenticator:
         return Decision(Reason.BUSY, apppasswords.canonical_username(attempt.username))
 
     def _reading(self, decision: Decision) -> Decision:
+        assert decision.account is not None
+        reads_as, acting_for = self._reads(decision.account, decision.read_only)
+        return attrs.evolve(decision, reads_as=reads_as, acting_for=acting_for)
+
+    def _reads(self, account: Account, read_only: bool) -> tuple[str | None, str | None]:
         """With whose rights the LDAP session reads the directory: a primary
         password's, the user's own; an app password's, never more than the
         user's (directory.app_password_reads)."""
-        assert decision.account is not None
         config = self._directory_config
-        if not decision.read_only:
-            return attrs.evolve(decision, reads_as=decision.account.dn)
+        if not read_only:
+            return account.dn, None
         if config.app_password_reads == "proxied_authorization":
-            return attrs.evolve(decision, reads_as=config.bind_dn, acting_for=decision.account.dn)
-        return attrs.evolve(decision, reads_as=config.search_bind_dn)
+            return config.bind_dn, account.dn
+        return config.search_bind_dn, None
+
+    def decide_cached(self, attempt: Attempt) -> Decision | None:
+        """The decision for a sign-in whose every fact is in memory, at once:
+        an app password in the success cache, of an account looked up within
+        ``directory.account_cache``, on a cloud listener. No coroutine, no
+        Deferred, no thread. None when anything would have to be asked (the
+        store, the directory, argon2) or the answer is not a plain yes:
+        :meth:`authenticate` then decides, by the same rules, so the fast
+        answer is never a different one. Audited and counted alike."""
+        if (not attempt.legacy or attempt.realm != "cloud" or attempt.authzid
+                or attempt.second_factor or (not attempt.tls and not attempt.plaintext_allowed)
+                or self.policy.block_legacy_auth):
+            return None
+        name = attempt.username.strip()
+        secret = apppasswords.normalise(attempt.secret)
+        if secret is None or not name or len(attempt.username) > 256 \
+                or any(c in attempt.username for c in "\x00\r\n"):
+            return None
+        now = self._clock.seconds()
+        named = self._names.get(name)
+        if named is None or named[0] is None or now - named[1] >= self._directory_config.account_cache:
+            return None
+        known = self._known.get(named[0])
+        if known is None:
+            return None
+        account = known[0]
+        if not account.active or account.modern_auth_only:
+            return None
+        key, address = account.key, attempt.client_address
+        if self._fleet_lockouts:
+            self._impose_fleet_lockouts(account)
+        if self.throttle.locked(key, address):
+            return None
+        record = self._app_cache.get(apppasswords.lookup_key(self._pepper, account.username, secret))
+        if (record is None or record.stopped(now, self.policy.app_password_idle_expiry) is not None
+                or not record.allows(attempt.protocol) or not record.allows_from(address)):
+            return None
+        changed = account.password_changed_at
+        if changed is not None and record.created_at < changed:
+            return None
+        if self.sessions is not None and \
+                self.sessions.count(account.username, address) >= self.max_sessions:
+            return None
+        reads_as, acting_for = (self._reads(account, True) if attempt.protocol == "ldap"
+                                else (None, None))
+        decision = Decision(Reason.APP_PASSWORD, account.username, account, record, self.revision,
+                            reads_as, acting_for)
+        self.throttle.succeeded(key, address)
+        self.usage.used(record.id, now, address, attempt.protocol)
+        self._audit(attempt, decision)
+        if self.metrics is not None:
+            self.metrics.cache("app_password", True)
+            self.metrics.sign_in(attempt.protocol, attempt.realm, "accepted", "app_password", 0.0)
+        return decision
 
     def anonymous(self, attempt: Attempt) -> Decision:
         """An anonymous LDAP bind: accepted where the listener allows it

@@ -422,8 +422,11 @@ class LDAPServer(ListenerConnection, Protocol):
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.listener.reactor.callLater(seconds, self._idle)
+            # Moving a timer later is cheap in Twisted (no heap work until it
+            # is due); binds re-arm it every time.
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.listener.reactor.callLater(seconds, self._idle)
 
     def _past_login(self) -> bool:
         return self.session is not None and self.session.identity is not None
@@ -478,6 +481,10 @@ class LDAPServer(ListenerConnection, Protocol):
                 if self.directory.busy:
                     self._hold("directory")
             elif isinstance(action, DecideBind):
+                answer = self._bind_at_once(action)
+                if answer is not None:
+                    self._act(self.session.bound(action.message, *answer))
+                    continue
                 d = Deferred.fromCoroutine(self._bind(action))
                 d.addErrback(self._crashed)
                 if not d.called:
@@ -520,6 +527,20 @@ class LDAPServer(ListenerConnection, Protocol):
         if self._closing or self.session is None:
             return
         self._act(self.session.bound(action.message, code, text, identity))
+
+    def _bind_at_once(self, action: DecideBind) -> tuple[int, str, Identity] | None:
+        """A bind the core can decide from memory alone (an app password in
+        its success cache): answered in this turn, without a coroutine.
+        None: decide it the usual way."""
+        if not action.name or not action.password or self.directory is None:
+            return None
+        decision = self.listener.authenticator.decide_cached(self._attempt(action.name, action.password))
+        if decision is None:
+            return None
+        assert decision.account is not None
+        wanted = decision.reads_as
+        self._become(decision, wanted, self.listener.upstream.password_of(wanted), lazy=True)
+        return ber.SUCCESS, "", Identity("app_password", decision.account.dn, decision.acting_for)
 
     async def _bind_result(self, action: DecideBind) -> tuple[int, str, Identity | None]:
         authenticator = self.listener.authenticator

@@ -265,3 +265,54 @@ def test_the_portal_is_not_a_legacy_sign_in_and_never_takes_an_app_password(core
     assert decide(core, "alice", PRIMARY, **portal).reason is Reason.PRIMARY
     assert decide(core, "alice", app, **portal).reason is Reason.WRONG_SECRET
     assert decide(core, "alice", app).reason is Reason.LEGACY_BLOCKED
+
+
+def test_the_fast_path_answers_only_what_the_core_would_and_nothing_revoked(core):
+    core.build(account_cache=3600.0)
+    core.directory.add("alice", PRIMARY)
+    fast = lambda secret, **kw: core.auth.decide_cached(attempt("alice", secret, **kw))  # noqa: E731
+    app = core.admin.create("alice", "phone").secret
+    assert fast(app) is None  # nothing in memory yet: the core asks
+    assert decide(core, "alice", app).accepted
+    decision = fast(app)
+    assert decision.reason is Reason.APP_PASSWORD and decision.app_password.name == "phone"
+    assert decision.revision == core.auth.revision
+    assert fast(app.upper()) is not None  # any case, as the core takes it
+    assert fast(PRIMARY) is None and fast("wrong-secret") is None
+    audited = [e for e in core.events if e["event"] == "authentication"]
+    assert [e["reason"] for e in audited][-3:] == ["app_password", "app_password", "app_password"]
+    # Deleted: the change feed drops it from the cache at once.
+    core.admin.delete("alice", "phone")
+    ensureDeferred(core.auth.poll_changes())
+    assert fast(app) is None and decide(core, "alice", app).reason is Reason.WRONG_SECRET
+    # Expired.
+    soon = core.admin.create("alice", "soon", expires_at=core.clock.seconds() + 90).secret
+    assert decide(core, "alice", soon).accepted and fast(soon) is not None
+    core.clock.advance(31)
+    assert fast(soon) is None and decide(core, "alice", soon).reason is Reason.EXPIRED
+    # All revoked; out of scope; out of its network.
+    other = core.admin.create("alice", "other", protocols=frozenset({"imap"}),
+                              networks=("192.0.2.0/24",)).secret
+    assert decide(core, "alice", other).accepted and fast(other) is not None
+    assert fast(other, protocol="smtp") is None and fast(other, address="198.51.100.1") is None
+    core.admin.revoke_all("alice")
+    ensureDeferred(core.auth.poll_changes())
+    assert fast(other) is None
+    # Blocked legacy authentication; a lockout; a disabled account once the
+    # account cache expires; a password change.
+    last = core.admin.create("alice", "last").secret
+    assert decide(core, "alice", last).accepted and fast(last) is not None
+    core.auth.policy = attrs.evolve(core.auth.policy, block_legacy_auth=True)
+    assert fast(last) is None
+    core.auth.policy = attrs.evolve(core.auth.policy, block_legacy_auth=False)
+    for familiar in (True, False):
+        core.auth.throttle.impose(core.directory.accounts["alice"].key, familiar,
+                                  core.clock.seconds() + 60)
+    assert fast(last) is None
+    core.auth.unlock("alice")
+    assert fast(last) is not None
+    core.directory.change("alice", password_changed_at=core.clock.seconds() + 1)
+    core.clock.advance(3601)
+    assert fast(last) is None
+    assert decide(core, "alice", last).reason is Reason.REVOKED_BY_PASSWORD_CHANGE
+    assert fast(last) is None
