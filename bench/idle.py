@@ -36,7 +36,7 @@ def backend(users: list[str], master: str, password: str) -> None:
 
     # One account per user name would cost memory on the backend only; the
     # demo's server keeps one mailbox and accepts the listed users.
-    imap_factory, _, inbox = mail.build(user=users[0], master_user=master, master_password=password)
+    imap_factory, _, _, inbox = mail.build(user=users[0], master_user=master, master_password=password)
     for checker in imap_factory.portal.checkers.values():
         checker.users.update(users)
     inbox.add(b"Subject: idle\r\n\r\nHello.\r\n")
