@@ -17,6 +17,7 @@ from proxy.frontends import smtp as smtp_frontend
 from proxy.frontends.base import Login
 from proxy.frontends.ldap import DecideBind, Identity, LDAPSession
 from proxy.wire import ber
+from proxy.wire import proxyheader
 from proxy.wire import sasl as sasl_exchange
 
 
@@ -128,7 +129,24 @@ def config(data: bytes) -> None:
         pass
 
 
+def proxy_header(data: bytes) -> None:
+    """A balancer's PROXY header, as the reader gets it: growing read by
+    read until it is whole, waiting, or refused."""
+    buffer = b""
+    for chunk in _chunks(data):
+        buffer += chunk
+        try:
+            header, used = proxyheader.parse(buffer)
+        except proxyheader.BadHeader:
+            return
+        if header is not None:
+            assert 0 < used <= len(buffer)
+            return
+        assert len(buffer) <= proxyheader.MAX
+
+
 TARGETS = {
     "ldap": ldap, "ber": ber_messages, "imap": imap, "pop3": pop3, "smtp": smtp,
     "smtp-after-auth": smtp_after_auth, "sasl": sasl, "config": config,
+    "proxy-header": proxy_header,
 }
