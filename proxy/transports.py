@@ -26,6 +26,8 @@ from typing import Any
 
 from twisted.internet import endpoints
 
+from proxy.wire import addresses
+
 # How long an orderly close may stand still (no byte leaving) before the
 # connection is aborted. A client that answers TLS's close alert does so
 # within a round trip; one that does not gets this long.
@@ -113,13 +115,8 @@ def trusted(address: Any, networks: Any) -> bool:
     host = getattr(address, "host", None)
     if host is None:
         return True
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    ip = addresses.ip(host)
+    return ip is not None and any(ip in net for net in networks)
 
 
 class ProxyHeaderFactory:

@@ -33,6 +33,7 @@ from typing import Generic, TypeVar
 import attrs
 
 from proxy.config import ThrottleConfig
+from proxy.wire import addresses
 
 FAMILIAR_SOURCES = 16
 MAX_TRACKED = 200_000
@@ -141,12 +142,9 @@ class Throttle:
         return source
 
     def _source(self, address: str) -> str | None:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
+        ip = addresses.ip(address)
+        if ip is None:
             return address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
         if any(ip in net for net in self.config.trusted_networks):
             return None
         if isinstance(ip, ipaddress.IPv6Address):

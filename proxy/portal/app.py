@@ -518,12 +518,10 @@ class Portal:
 
     @app.route("/app-passwords", methods=["POST"])
     async def create(self, request: Any) -> bytes:
-        found = await self._signed_in(request)
+        found = await self._entry(request, form=True)
         if isinstance(found, bytes):
             return found
         session, account = found
-        if not self._csrf_ok(request, session):
-            return self._bad_request(request)
         if not self.config.policy.allow_user_app_passwords:
             return self._forbidden(request, "App passwords are managed by the help desk here.")
         try:
@@ -651,12 +649,10 @@ class Portal:
 
     @app.route("/app-passwords/<string:id>/delete", methods=["POST"])
     async def delete(self, request: Any, id: str) -> bytes:
-        found = await self._signed_in(request)
+        found = await self._entry(request, form=True)
         if isinstance(found, bytes):
             return found
         session, account = found
-        if not self._csrf_ok(request, session):
-            return self._bad_request(request)
         if not self.config.policy.allow_user_app_passwords:
             return self._forbidden(request, "App passwords are managed by the help desk here.")
         record = await self._own(session.username, id)
@@ -674,11 +670,20 @@ class Portal:
     # -- help desk ----------------------------------------------------------------------
 
     async def _help_desk(self, request: Any) -> tuple[WebSession, Account] | bytes:
+        return await self._entry(request, help_desk=True)
+
+    async def _entry(self, request: Any, *, help_desk: bool = False,
+                     form: bool = False) -> tuple[WebSession, Account] | bytes:
+        """Who may see this page: the signed-in session and its account, or
+        the answer instead (sign-in, 403 for the help desk's pages to anyone
+        else, 400 for a form without its CSRF token or from another site)."""
         found = await self._signed_in(request)
         if isinstance(found, bytes):
             return found
-        if not found[1].admin:
+        if help_desk and not found[1].admin:
             return self._forbidden(request)
+        if form and not self._csrf_ok(request, found[0]):
+            return self._bad_request(request)
         return found
 
     @app.route("/helpdesk", methods=["GET"])
@@ -788,12 +793,10 @@ class Portal:
 
     @app.route("/helpdesk/users/<string:name>/<string:action>", methods=["POST"])
     async def help_desk_act(self, request: Any, name: str, action: str) -> bytes:
-        found = await self._help_desk(request)
+        found = await self._entry(request, help_desk=True, form=True)
         if isinstance(found, bytes):
             return found
         session, _ = found
-        if not self._csrf_ok(request, session):
-            return self._bad_request(request)
         subject = await self._subject(name)
         if subject is None:
             return self._redirect(request, "/helpdesk")
@@ -827,12 +830,10 @@ class Portal:
     async def help_desk_create(self, request: Any, name: str) -> bytes:
         """The help desk makes an app password for a user (where users may
         not, or for one who cannot): shown once, to the help desk."""
-        found = await self._help_desk(request)
+        found = await self._entry(request, help_desk=True, form=True)
         if isinstance(found, bytes):
             return found
         session, _ = found
-        if not self._csrf_ok(request, session):
-            return self._bad_request(request)
         subject = await self._subject(name)
         if subject is None:
             return self._redirect(request, "/helpdesk")
@@ -871,12 +872,10 @@ class Portal:
 
     @app.route("/helpdesk/users/<string:name>/app-passwords/<string:id>/delete", methods=["POST"])
     async def help_desk_delete(self, request: Any, name: str, id: str) -> bytes:
-        found = await self._help_desk(request)
+        found = await self._entry(request, help_desk=True, form=True)
         if isinstance(found, bytes):
             return found
         session, _ = found
-        if not self._csrf_ok(request, session):
-            return self._bad_request(request)
         quoted = urllib.parse.quote(name, safe="")
         record = await self._own(name, id)
         if record is not None:

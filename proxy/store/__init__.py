@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import attrs
 
 from proxy import protocols
+from proxy.wire import addresses
 
 PROTOCOLS = tuple(sorted(protocols.NAMES))
 
@@ -55,13 +56,8 @@ def check_networks(texts: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def address_in(address: str, networks: tuple[str, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in _network(n) for n in networks)
+    found = addresses.ip(address)
+    return found is not None and any(found in _network(n) for n in networks)
 
 
 class MfaState(enum.Enum):
