@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,13 @@ def timestamp(seconds: float) -> str:
         moment = datetime.fromtimestamp(whole, timezone.utc)
         _last_second[:] = [whole, moment.strftime("%Y-%m-%dT%H:%M:%S.")]
     return f"{_last_second[1]}{int((seconds - whole) * 1000):03d}Z"
+
+
+def minute(seconds: float | None, never: str = "never") -> str:
+    """A time for people to read, to the minute: ``2026-12-01 04:32 UTC``."""
+    if seconds is None:
+        return never
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 def recent_events(path: Path, predicate: Callable[[dict[str, Any]], bool], limit: int,

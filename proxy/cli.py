@@ -22,7 +22,7 @@ import attrs
 
 from proxy import __version__, apppasswords, config as configuration
 from proxy.admin import Admin, AdminError, Created
-from proxy.audit import AuditLog, timestamp
+from proxy.audit import AuditLog, minute, timestamp
 from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, User
 
 EX_OK = 0
@@ -40,12 +40,6 @@ class Failure(Exception):
 
 
 # -- output ------------------------------------------------------------------
-
-
-def _when(seconds: float | None, never: str = "never") -> str:
-    if seconds is None:
-        return never
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 def _app_password_json(a: AppPassword, now: float, idle: float | None) -> dict[str, Any]:
@@ -80,14 +74,14 @@ def _table(rows: list[list[str]]) -> str:
 def _app_password_table(records: list[AppPassword], now: float, idle: float | None) -> str:
     rows = [["ID", "NAME", "STATE", "CREATED", "LAST USED", "EXPIRES", "PROTOCOLS", "FROM", "USES"]]
     for a in records:
-        used = _when(a.last_used_at)
+        used = minute(a.last_used_at)
         if a.last_used_at is not None:
             used += f" {a.last_used_protocol or ''} {a.last_used_address or ''}".rstrip()
         stopped = a.stopped(now, idle)
-        state = "working" if stopped is None else f"stopped {_when(a.stopped_since(idle))} ({stopped})"
+        state = "working" if stopped is None else f"stopped {minute(a.stopped_since(idle))} ({stopped})"
         scope = ",".join(sorted(a.protocols)) if a.protocols is not None else "all"
         networks = ",".join(a.networks) if a.networks is not None else "anywhere"
-        rows.append([a.id, a.name, state, _when(a.created_at), used, _when(a.expires_at), scope,
+        rows.append([a.id, a.name, state, minute(a.created_at), used, minute(a.expires_at), scope,
                      networks, str(a.use_count)])
     return _table(rows)
 
@@ -245,9 +239,9 @@ def cmd_user_show(ctx: Context, args: argparse.Namespace) -> int:
     limit = ctx.config.policy.max_app_passwords_per_user
     print(f"user:           {user.username}")
     print(f"MFA state:      {user.mfa_state.value}")
-    print(f"registered:     {_when(user.mfa_registered_at, 'no')}")
+    print(f"registered:     {minute(user.mfa_registered_at, 'no')}")
     print(f"app passwords:  {len(records)} of {limit}")
-    print(f"last used:      {_when(max(used) if used else None)}")
+    print(f"last used:      {minute(max(used) if used else None)}")
     return EX_OK
 
 

@@ -6,6 +6,7 @@ imports the global one.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -59,11 +60,7 @@ def open_store(config: configuration.Config, *, migrate: bool = False) -> Any:
 
             password = None
             if store_config.password_file is not None:
-                try:
-                    password = store_config.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-                except OSError as e:
-                    raise StartupError(f"{store_config.password_file}: store.password_file: "
-                                       f"cannot read: {e.strerror}") from None
+                password = _read_password(store_config.password_file, "store.password_file")
             return PostgresStore(store_config.url, password=password,
                                  pool_size=store_config.pool_size, timeout=store_config.timeout,
                                  migrate=migrate)
@@ -99,23 +96,25 @@ def open_state(config: configuration.Config, *, migrate: bool = False) -> State:
 
 
 def _read_password(path: Path, key: str) -> str:
+    """A password kept in a file of its own (``key`` names the setting);
+    blocking. The trailing newline is not part of it; an empty one is an error."""
     try:
         password = Directory.read_bind_password(path)
     except OSError as e:
-        raise StartupError(f"{path}: directory.{key}: cannot read: {e.strerror}") from None
+        raise StartupError(f"{path}: {key}: cannot read: {e.strerror}") from None
     if not password:
-        raise StartupError(f"{path}: directory.{key} is empty")
+        raise StartupError(f"{path}: {key} is empty")
     return password
 
 
 def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, str, bytes | None]:
     """The service account's password, the search account's (or ""), and
     the CA certificates; blocking."""
-    password = _read_password(config.bind_password_file, "bind_password_file")
+    password = _read_password(config.bind_password_file, "directory.bind_password_file")
     search_password = ""
     if config.search_bind_password_file is not None:
         search_password = _read_password(config.search_bind_password_file,
-                                         "search_bind_password_file")
+                                         "directory.search_bind_password_file")
     ca = None
     if config.ca_file is not None:
         try:
@@ -414,12 +413,14 @@ class Daemon:
         except TLSFilesError as e:
             raise StartupError(f"portal: {e}") from None
         hasher = apppasswords.Hasher(hash_parameters(self.config))
-        self.portal = Portal(
-            reactor=self._reactor, config=lambda: self.config, authenticator=self.authenticator,
+        # Built on the files pool: it reads its templates and static files.
+        self.portal = await self.files_pool.submit(functools.partial(
+            Portal, reactor=self._reactor, config=lambda: self.config,
+            authenticator=self.authenticator,
             admin=self.admin, store_pool=self.store_pool, files_pool=self.files_pool,
             keybox=keybox, record=self.record,
             hash_secret=lambda secret: self.hash_pool.submit(hasher.hash, secret),
-        )
+        ))
         sessions = self.portal.sessions
 
         def revoked(username: str, app_password_id: str | None, kind: str) -> None:

@@ -10,10 +10,11 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.proxyd import free_port
 
 
 def _bin(name: str) -> str:
@@ -26,17 +27,11 @@ def _bin(name: str) -> str:
     raise FileNotFoundError(f"{name} (Debian package postgresql)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Postgres:
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="lap-postgres-"))
         self.data = self.folder / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "lap"
         self.password = secrets.token_urlsafe(18)
         self.database = "lap"

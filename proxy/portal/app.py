@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import secrets
-import time
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from twisted.web import server
 
 from proxy import apppasswords, secondfactor
 from proxy.admin import AdminError
-from proxy.audit import recent_events
+from proxy.audit import minute, recent_events
 from proxy.auth import Attempt, Outcome
 from proxy.config import Config, parse_expiry
 from proxy.directory import Account, DirectoryUnavailable
@@ -133,12 +132,6 @@ class BadForm(Exception):
     """A form that cannot be taken as sent (not UTF-8, a field missing)."""
 
 
-def when(seconds: float | None, never: str = "never") -> str:
-    if seconds is None:
-        return never
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
-
-
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
@@ -191,15 +184,21 @@ class Portal:
         self._created: dict[str, list[float]] = {}  # user → recent creations, to pace them
         portal = config().portal
         self.sessions = WebSessions(reactor, portal.session_idle, portal.session_max)
+        # Read and compiled once, here (the daemon builds the portal on its
+        # files pool): never a file read or stat on the reactor per page.
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
+            auto_reload=False,
+            cache_size=-1,
         )
-        self._templates.filters["when"] = when
+        self._templates.filters["when"] = minute
         self._templates.filters["iso"] = iso
         self._templates.filters["quote"] = lambda s: urllib.parse.quote(s, safe="")
         self._static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.is_file()}
+        for name in self._templates.list_templates():
+            self._templates.get_template(name)
 
     def site(self) -> Site:
         return Site(self.app.resource(), timeout=60)

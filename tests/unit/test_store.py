@@ -248,6 +248,11 @@ def test_failures_are_counted_by_every_process_sharing_the_store(store):
     store.unlock("uid=a", 3001.0)
     assert store.lockouts(1005.0, "uid=a") == {}
     assert store.changes_since(0)[-1].kind == "unlocked"
-    store.add_failure("uid=b", False, b"1" * 32, 1000.0, **limits)
-    store.sweep(1000.0 + 86400.0 + 1, idle_expiry=None)  # the sweep forgets old failures
-    assert store.add_failure("uid=b", False, b"2" * 32, 90000.0, **limits) is None
+    # The sweep forgets failures older than a day, whatever the window: with
+    # a window of a year and a limit of two, the second failure would lock.
+    long = dict(limits, window=365 * 86400.0, limit=2)
+    store.add_failure("uid=b", False, b"1" * 32, 1000.0, **long)
+    store.sweep(1000.0 + 86400.0 + 1, idle_expiry=None)
+    assert store.add_failure("uid=b", False, b"2" * 32, 90000.0, **long) is None
+    store.add_failure("uid=c", False, b"1" * 32, 1000.0, **long)
+    assert store.add_failure("uid=c", False, b"2" * 32, 90000.0, **long) is not None  # unswept
