@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
-def fetch(port: int, user: str, password: str) -> tuple[int, float]:
-    """Log in, FETCH the first message whole; (bytes received, seconds for the FETCH)."""
+def fetch(port: int, user: str, password: str, tls: Any = None) -> tuple[int, float]:
+    """Log in, FETCH the first message whole; (bytes received, seconds for
+    the FETCH). With ``tls`` (an SSLContext), over implicit TLS."""
     s = socket.create_connection(("127.0.0.1", port), timeout=120)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="localhost")
 
     def answer(tag: bytes) -> bytes:
         data = b""
@@ -69,7 +72,7 @@ class _Auth(BaseHTTPRequestHandler):
 class Nginx:
     """nginx's mail proxy (Debian's libnginx-mod-mail) on loopback."""
 
-    def __init__(self, folder: Path, backend_port: int) -> None:
+    def __init__(self, folder: Path, backend_port: int, certificate: tuple[Path, Path]) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         handler = type("Auth", (_Auth,), {"backend_port": backend_port})
@@ -78,6 +81,9 @@ class Nginx:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.tls_port = probe.getsockname()[1]
         module = "/usr/lib/nginx/modules/ngx_mail_module.so"
         (folder / "nginx.conf").write_text(f"""
 load_module {module};
@@ -95,6 +101,13 @@ mail {{
         listen 127.0.0.1:{self.port};
         protocol imap;
         proxy on;
+    }}
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl;
+        protocol imap;
+        proxy on;
+        ssl_certificate {certificate[0]};
+        ssl_certificate_key {certificate[1]};
     }}
 }}
 """)

@@ -110,6 +110,8 @@ class Bench:
             self.folder / name, self.slapd, {
                 "ldap": dict(plain, protocol="ldap", realm="cloud"),
                 "imap": dict(mail_backend(self.folder, self.dovecot, "imap"), **plain),
+                "imaps": dict(mail_backend(self.folder, self.dovecot, "imap"),
+                              **dict(plain, tls="implicit")),
                 "smtp": dict(mail_backend(self.folder, self.dovecot, "smtp"), **plain),
             },
             hashing="  threads: 0",
@@ -317,7 +319,10 @@ class Bench:
               f"{figures['noop_p99_ms']:.1f} ms", flush=True)
 
     def relay(self, daemon: Any) -> None:
-        """5. One 50 MB message over IMAP: direct, through the proxy, through nginx."""
+        """5. One 50 MB message over IMAP: direct, through the proxy, through
+        nginx; then with TLS between the client and the proxy or nginx."""
+        import ssl
+
         from bench.relay import Nginx, fetch
 
         user = self.users[0]
@@ -328,16 +333,20 @@ class Bench:
             print("nginx is not installed: relay measured without it", flush=True)
             nginx = None
         else:
-            nginx = Nginx(self.folder / "nginx", self.dovecot.imap_port)
-        paths = {"direct": (self.dovecot.imap_port, PASSWORD),
-                 "proxy": (daemon.ports["imap"], daemon.secrets[user])}
+            nginx = Nginx(self.folder / "nginx", self.dovecot.imap_port,
+                          certificate=(daemon.pki.cert_file, daemon.pki.key_file))
+        tls = ssl.create_default_context(cafile=str(daemon.pki.ca_file))
+        paths = {"direct": (self.dovecot.imap_port, PASSWORD, None),
+                 "proxy": (daemon.ports["imap"], daemon.secrets[user], None),
+                 "proxy_tls": (daemon.ports["imaps"], daemon.secrets[user], tls)}
         if nginx is not None:
-            paths["nginx"] = (nginx.port, PASSWORD)
+            paths["nginx"] = (nginx.port, PASSWORD, None)
+            paths["nginx_tls"] = (nginx.tls_port, PASSWORD, tls)
         rates: dict[str, list[float]] = {name: [] for name in paths}
         try:
             for _ in range(self.repeat):
-                for name, (port, password) in paths.items():
-                    received, seconds = fetch(port, user, password)
+                for name, (port, password, context) in paths.items():
+                    received, seconds = fetch(port, user, password, context)
                     assert received > len(message), (name, received)
                     rates[name].append(received / seconds / 1e6)
         finally:
@@ -346,10 +355,12 @@ class Bench:
         for name, values in rates.items():
             self.results[f"relay_{name}"] = {"mb_per_s": summary(values), "runs": values}
             print(f"relay_{name}: {statistics.median(values):.0f} MB/s", flush=True)
-        if "relay_nginx" in self.results:
-            self.results["relay_proxy"]["ratio_to_nginx"] = (
-                self.results["relay_proxy"]["mb_per_s"]["median"]
-                / self.results["relay_nginx"]["mb_per_s"]["median"])
+        for proxy, nginx_name in (("relay_proxy", "relay_nginx"),
+                                  ("relay_proxy_tls", "relay_nginx_tls")):
+            if nginx_name in self.results:
+                self.results[proxy]["ratio_to_nginx"] = (
+                    self.results[proxy]["mb_per_s"]["median"]
+                    / self.results[nginx_name]["mb_per_s"]["median"])
 
     def fleet(self) -> None:
         """7. The fleet: warm and cold LDAP binds with the SQLite store and

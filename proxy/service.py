@@ -575,18 +575,24 @@ class Daemon:
         connections: dict[str, int] = {}
         sessions: dict[str, int] = {}
         relayed: dict[tuple[str, str], int] = {}
+        paths: dict[tuple[str, str], int] = {}
         for f in list(self.frontends):
             label = f.config.label
             connections[label] = connections.get(label, 0) + len(f.connections)
             sessions[label] = sessions.get(label, 0) + sum(1 for c in f.connections if c.username)
             for i, direction in enumerate(("to_backend", "to_client")):
                 relayed[label, direction] = relayed.get((label, direction), 0) + f.relayed[i]
+            for i, path in enumerate(("kernel", "python")):
+                paths[label, path] = paths.get((label, path), 0) + f.relay_paths[i]
         yield gauge("connections", "Client connections open", ["listener"],
                     [([k], v) for k, v in connections.items()])
         yield gauge("sessions", "Signed-in sessions", ["listener"],
                     [([k], v) for k, v in sessions.items()])
         yield counter("relayed_bytes", "Bytes relayed after sign-in", ["listener", "direction"],
                       [(list(k), v) for k, v in relayed.items()])
+        yield counter("relayed_sessions", "Sessions relayed after sign-in, by how: in the kernel "
+                      "(splice, plain TCP on both sides) or in Python", ["listener", "path"],
+                      [(list(k), v) for k, v in paths.items()])
         pools = (self.store_pool, self.audit_pool, self.hash_pool, self.files_pool)
         yield gauge("pool_calls", "Calls under way or waiting in a thread pool", ["pool"],
                     [([p.name], p.pending) for p in pools])

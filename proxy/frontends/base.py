@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from proxy.backends import splice
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.transports import hang_up
@@ -435,6 +436,9 @@ class Listener(Factory):
         # Bytes relayed, client to backend and back: plain integers on the
         # hot path, read when metrics are scraped.
         self.relayed = [0, 0]
+        # Whether plain TCP sessions without a guard are relayed by splice(2).
+        self.kernel_relay = splice.available()
+        self.relay_paths = [0, 0]  # sessions relayed in the kernel, in Python
         self.budget = budget or PreLoginBudget(LimitsConfig().max_connections_before_login,
                                                LimitsConfig().max_bytes_before_login)
         self.config = config
@@ -470,6 +474,7 @@ class RelayingServer(ListenerConnection, Protocol):
     """A client connection: pre-login dialogue, login, then relay."""
 
     protocol_name = ""
+    kernel: splice.KernelRelay | None = None  # relaying in the kernel, while it does
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -543,6 +548,8 @@ class RelayingServer(ListenerConnection, Protocol):
         if self._closing:
             return
         self._closing = True
+        if self.kernel is not None:
+            self.kernel.stop()
         if self.backend is not None:
             # Stop relaying first, so that the goodbye does not land inside a response.
             self.backend.detach()
@@ -651,20 +658,49 @@ class RelayingServer(ListenerConnection, Protocol):
         self.backend = backend
         self.guard = self.make_guard()
         backend.attach(self)
-        self.transport.write(self.logged_in(event, backend))
+        answer = self.logged_in(event, backend)
+        stop_controlling_reading(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.idle_timeout)
+        if (self.guard is None and self.listener.kernel_relay
+                and splice.plain_tcp(self.transport) and splice.plain_tcp(backend.transport)):
+            self.kernel = splice.KernelRelay(
+                self.listener.reactor, self.transport, backend.transport,
+                moved=self._moved, handed_back=self._relay_in_python)
+            self.listener.relay_paths[0] += 1
+            self.kernel.start(to_client=answer, to_backend=rest)
+            return
+        self.listener.relay_paths[1] += 1
+        self.transport.write(answer)
+        self._relay_in_python()
+        if rest:
+            self.dataReceived(rest)
+
+    def _relay_in_python(self) -> None:
+        """Relay through Twisted: from login, or when the kernel's relay
+        hands the session back."""
+        if self.kernel is not None:
+            self._backend_tail = self.kernel.backend_tail
+            self.kernel = None
+        if self._closing or self.backend is None:
+            return
         # From here on, flow control is between the two sides: a slow reader
         # pauses the other side.
-        stop_controlling_reading(self)
+        backend = self.backend
         # Larger reads mean fewer trips through Python for a large message.
         for transport in (self.transport, backend.transport):
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = RELAY_READ_SIZE
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.idle_timeout)
-        if rest:
-            self.dataReceived(rest)
+        # Reading again, if the kernel's relay had stopped it.
+        self.transport.resumeProducing()
+        backend.transport.resumeProducing()
+
+    def _moved(self, index: int, n: int) -> None:
+        """The kernel relayed ``n`` bytes (index 0: from the client)."""
+        self.listener.relayed[index] += n
+        self._touch()
 
     def handshakeCompleted(self) -> None:
         if self.reading is None and self.backend is None and not self._closing:

@@ -160,7 +160,7 @@ def test_the_dashboard_and_the_alert_rules_use_only_families_the_daemon_exports(
         if family.type == "counter":
             exported.add(family.name + "_total")
         exported.update(sample.name for sample in family.samples)
-    for name in ("connections", "sessions", "relayed_bytes_total", "pool_calls", "pool_capacity",
+    for name in ("connections", "sessions", "relayed_bytes_total", "relayed_sessions_total", "pool_calls", "pool_capacity",
                  "pool_refusals_total", "connections_before_login", "bytes_before_login",
                  "directory_up", "lockouts", "backend_up", "ready"):
         exported.add("legacy_auth_proxy_" + name)  # read at scrape time from the daemon

@@ -1,0 +1,304 @@
+"""Relaying a session's bytes in the kernel, where both sides are plain TCP.
+
+After login, an IMAP or POP3 session is bytes passed both ways unchanged.
+Through Twisted, every chunk is copied from the kernel into a Python bytes
+object, queued, re-joined and copied back, with an epoll change on each side
+for every pause and resume. Here, ``splice(2)`` moves the bytes from one
+socket into a pipe and from the pipe into the other socket without their
+ever reaching Python; the reactor only watches readiness.
+
+A pipe is held by a direction only while bytes wait in it (the other side
+is slow to take them); otherwise it goes back to a small pool, so idle
+sessions hold no pipe and no extra file descriptor. While bytes wait, the
+source is not read: flow control is the kernel's socket buffers and the pipe.
+
+Small chunks (an IMAP response line, a goodbye) are read into Python and
+sent from there, so that the last words of the backend are known when it
+closes (to tell a goodbye from a crash, as the relay in Python does).
+
+Anything out of the ordinary hands the session back to Twisted
+(:meth:`KernelRelay.stop`): end of stream or an error on either side, the
+proxy itself having something to say (idle timeout, revocation, shutdown),
+or a pipe that cannot be had. What waits in a pipe is then read out and
+written through the transports, in order; Twisted then sees the end of
+stream or the error itself and ends the session as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReadWriteDescriptor, ISSLTransport
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger(namespace="legacy_auth_proxy.relay")
+
+# A pipe of 1 MiB (the unprivileged limit, /proc/sys/fs/pipe-max-size)
+# moves a large message in few system calls; a kernel that refuses keeps
+# its default of 64 KiB.
+PIPE_SIZE = 1 << 20
+# Chunks up to this size are read into Python and sent from there (see above).
+SMALL = 1024
+TAIL = 512
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT,
+         errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+def available() -> bool:
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+def plain_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a TCP connection without TLS, whose bytes
+    Twisted holds nowhere (so that nothing can be overtaken)."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and not ISSLTransport.providedBy(transport)
+        and transport.connected
+        and not transport.disconnecting
+        and hasattr(transport, "dataBuffer")
+        and not transport.dataBuffer
+        and not getattr(transport, "_tempDataBuffer", True)
+    )
+
+
+class Pipes:
+    """Pipes kept for reuse, at most ``keep`` of them."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+        self.opened = 0
+
+    def take(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError):
+            pass  # the kernel's default size
+        self.opened += 1
+        return read, write
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Back to the pool; only ever an empty pipe."""
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            self.close(pipe)
+
+    def close(self, pipe: tuple[int, int]) -> None:
+        self.opened -= 1
+        for fd in pipe:
+            os.close(fd)
+
+
+PIPES = Pipes()
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Direction:
+    """Bytes from one socket to the other, and what waits to be sent."""
+
+    def __init__(self, relay: KernelRelay, source: _End, sink: _End, index: int) -> None:
+        self.relay = relay
+        self.source = source
+        self.sink = sink
+        self.index = index  # 0: client to backend, 1: backend to client
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # bytes in the pipe, not yet sent
+        self.held = b""  # bytes in Python, not yet sent (small chunks)
+        self.tail = b""  # the last small chunk(s); b"" after a large one
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.held or self.in_pipe)
+
+    def readable(self) -> None:
+        if self.waiting:  # a spurious wake-up: the sink has not taken the last chunk
+            return
+        pipe = self.pipe = self.pipe or self.relay.pipes.take()
+        try:
+            n = os.splice(self.source.fd, pipe[1], PIPE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            self._release()
+            return
+        if n == 0:
+            self._release()
+            raise _Stopped("end of stream")
+        self.relay.moved(self.index, n)
+        if n <= SMALL:
+            data = os.read(pipe[0], n)
+            self._release()
+            self.tail = (self.tail + data)[-TAIL:]
+            self.held = data
+        else:
+            self.in_pipe = n
+            self.tail = b""
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what waits; while some still does, read no more from the source."""
+        if self.held:
+            try:
+                sent = self.sink.socket.send(self.held)
+            except BlockingIOError:
+                sent = 0
+            self.held = self.held[sent:]
+        while self.in_pipe:
+            assert self.pipe is not None
+            try:
+                n = os.splice(self.pipe[0], self.sink.fd, self.in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                break
+            self.in_pipe -= n
+        if self.waiting:
+            self.source.want_read(False)
+            self.sink.want_write(True)
+        else:
+            self._release()
+            self.sink.want_write(False)
+            self.source.want_read(True)
+
+    def take_rest(self) -> bytes:
+        """What still waits, out of the kernel; the pipe goes back."""
+        rest = self.held
+        self.held = b""
+        while self.in_pipe and self.pipe is not None:
+            chunk = os.read(self.pipe[0], self.in_pipe)
+            if not chunk:
+                break
+            rest += chunk
+            self.in_pipe -= len(chunk)
+        self.in_pipe = 0
+        self._release()
+        return rest
+
+    def _release(self) -> None:
+        if self.pipe is not None and not self.in_pipe:
+            self.relay.pipes.give(self.pipe)
+            self.pipe = None
+
+
+@implementer(IReadWriteDescriptor)
+class _End:
+    """One socket as the reactor sees it while the kernel relays."""
+
+    def __init__(self, relay: KernelRelay, transport: Any, name: str) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.socket = transport.socket
+        self.fd = transport.fileno()
+        self.name = name
+        self.outgoing: _Direction
+        self.incoming: _Direction
+        self.reading = False
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return f"kernel relay ({self.name})"
+
+    def want_read(self, on: bool) -> None:
+        if on != self.reading and not self.relay.stopped:
+            self.reading = on
+            (self.relay.reactor.addReader if on else self.relay.reactor.removeReader)(self)
+
+    def want_write(self, on: bool) -> None:
+        if on != self.writing and not self.relay.stopped:
+            self.writing = on
+            (self.relay.reactor.addWriter if on else self.relay.reactor.removeWriter)(self)
+
+    def doRead(self) -> None:
+        self.relay.run(self.outgoing.readable)
+
+    def doWrite(self) -> None:
+        self.relay.run(self.incoming.flush)
+
+    def connectionLost(self, reason: Any) -> None:
+        # The reactor saw the socket fail and no longer watches it.
+        self.reading = self.writing = False
+        self.relay.stop()
+
+
+class KernelRelay:
+    """Relays between a client's and a backend's plain TCP transports until
+    :meth:`stop`, then calls ``handed_back`` (the caller relays in Python
+    from there on). ``moved(index, n)`` is told of every chunk: index 0
+    from the client, 1 from the backend."""
+
+    def __init__(self, reactor: Any, client: Any, backend: Any, *,
+                 moved: Callable[[int, int], None], handed_back: Callable[[], None],
+                 pipes: Pipes = PIPES) -> None:
+        self.reactor = reactor
+        self.pipes = pipes
+        self.moved = moved
+        self._handed_back = handed_back
+        self.stopped = False
+        self.client = _End(self, client, "client")
+        self.backend = _End(self, backend, "backend")
+        self.up = _Direction(self, self.client, self.backend, 0)
+        self.down = _Direction(self, self.backend, self.client, 1)
+        self.client.outgoing = self.backend.incoming = self.up
+        self.backend.outgoing = self.client.incoming = self.down
+
+    @property
+    def backend_tail(self) -> bytes:
+        return self.down.tail
+
+    def start(self, to_client: bytes = b"", to_backend: bytes = b"") -> None:
+        """Take both sockets from Twisted, first sending ``to_client`` and
+        ``to_backend`` (the login's answer, bytes the client pipelined)."""
+        for end in (self.client, self.backend):
+            end.transport.stopReading()
+            end.transport.stopWriting()
+        self.down.held = to_client
+        self.up.held = to_backend
+        self.run(self.down.flush)
+        self.run(self.up.flush)
+
+    def run(self, step: Callable[[], None]) -> None:
+        if self.stopped:
+            return
+        try:
+            step()
+        except _Stopped:
+            self.stop()
+        except OSError as e:
+            if e.errno not in _GONE:
+                log.warn("kernel relay stopped: {error}", error=os.strerror(e.errno or 0))
+            self.stop()
+
+    def stop(self) -> None:
+        """Hand both sockets back to Twisted, with whatever still waits
+        written through their transports, in order."""
+        if self.stopped:
+            return
+        for end in (self.client, self.backend):
+            end.want_read(False)
+            end.want_write(False)
+        self.stopped = True
+        for direction in (self.up, self.down):
+            try:
+                rest = direction.take_rest()
+            except OSError:
+                rest = b""
+            if rest:
+                direction.sink.transport.write(rest)
+        self._handed_back()
