@@ -23,7 +23,7 @@ COMMON_SETTINGS = (
 )
 _MAIL = (
     "max_line_length", "max_bad_commands", "backend", "backend_starttls", "backend_ca_file",
-    "backend_timeout", "backend_login", "master_user", "master_password_file",
+    "backend_timeout", "backend_pool", "backend_pool_max_age", "backend_login", "master_user", "master_password_file",
     "pass_client_address",
 )
 

@@ -481,13 +481,20 @@ class Daemon:
             else:
                 port = await serverFromString(self._reactor, config.endpoint).listen(factory)
         except Exception as e:
+            if entry.backend is not None:
+                backend.stop()
             raise StartupError(f"listener {config.label}: cannot listen: {e}") from None
         # Metrics follow it while it listens, and after a reload closed it,
         # while it still holds sessions.
         self.frontends = [f for f in self.frontends
                           if f.connections or f.config in self._listener_parts] + [frontend]
         self.listeners.append((config, port, tls))
-        self._listener_parts[config] = self._part(f"listener {config.label}", stop=port.stopListening)
+        def stop() -> Any:
+            if entry.backend is not None:
+                backend.stop()  # its pooled connections
+            return port.stopListening()
+
+        self._listener_parts[config] = self._part(f"listener {config.label}", stop=stop)
         log.info("listening: {label} ({protocol}, {realm}, TLS {tls})", label=config.label,
                  protocol=config.protocol, realm=config.realm, tls=config.tls)
 
@@ -657,6 +664,8 @@ class Daemon:
             login_style=config.backend_login,
             pass_client_address=config.pass_client_address,
             timeout=config.backend_timeout,
+            pool_size=config.backend_pool,
+            pool_max_age=config.backend_pool_max_age,
             hostname=await self._hostname(),
         )
 

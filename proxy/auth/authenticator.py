@@ -45,6 +45,8 @@ log = Logger(namespace="legacy_auth_proxy.auth")
 failures_log = Logger(namespace="legacy_auth_proxy.auth.failure")
 
 MAX_ACCOUNTS = 100_000
+MISS_TTL = 60.0
+MAX_MISSES = 50_000
 
 _STOPPED = {
     "expired": Reason.EXPIRED,
@@ -180,6 +182,16 @@ class Authenticator:
             clock.seconds, cache.primary_password_ttl, cache.max_entries
         )
         self._cache_key = secrets.token_bytes(32)
+        # Lookup keys the store had no app password for → until when that is
+        # trusted. A device with a deleted app password retries the same
+        # secret for ever; a key missing now can only appear if the server
+        # generates that very secret (2**-75) or a backup is restored, which
+        # the time bounds.
+        self._misses: OrderedDict[bytes, float] = OrderedDict()
+        self._miss_ttl = min(MISS_TTL, cache.app_password_ttl)
+        # store user name → (the user's state in the store, when read); kept
+        # as long as accounts are, dropped on every change to the user.
+        self._users: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         # name as typed → (account key or None for no account, when looked up)
         self._names: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         # account key → (the account as last seen, when)
@@ -375,6 +387,8 @@ class Authenticator:
         self._everyone_revision = self.revision
         self._app_cache.clear()
         self._primary_cache.clear()
+        self._misses.clear()
+        self._users.clear()
 
     def _revoked(self, username: str, id: str | None, kind: str) -> None:
         self.revision += 1
@@ -382,6 +396,7 @@ class Authenticator:
         self._user_revision.move_to_end(username)
         while len(self._user_revision) > MAX_ACCOUNTS:
             self._user_revision.popitem(last=False)
+        self._users.pop(username, None)
         if id is not None:
             self._app_cache.drop_tag(id)
             self.usage.forget(id)
@@ -570,12 +585,26 @@ class Authenticator:
                     return decided
             if stale:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
-            user = await self._store.get_user(account.username)
+            user = await self._user(account.username)
             if user.mfa_state is MfaState.ENFORCED or account.mfa_enforced:
                 # Often the user's right password: counted here, never stored.
                 self.throttle.failed(key, attempt.client_address, attempt.secret, share=False)
                 return Decision(Reason.MFA_REQUIRED, account.username, account)
         return await self._primary(attempt, account, key)
+
+    async def _user(self, username: str) -> Any:
+        """The user's state in the store (MFA), kept for ``directory.account_cache``
+        and dropped on every change to the user."""
+        ttl = self._directory_config.account_cache
+        now = self._clock.seconds()
+        kept = self._users.get(username)
+        if kept is not None and now - kept[1] < ttl:
+            return kept[0]
+        revision = self.revision
+        user = await self._store.get_user(username)
+        if ttl > 0 and self.revision == revision:  # nothing changed meanwhile
+            self._remember(self._users, username, (user, now))
+        return user
 
     # -- accounts ----------------------------------------------------------------
 
@@ -632,8 +661,17 @@ class Authenticator:
         verified_now = False
         revision = self._user_revision.get(account.username, 0)
         if record is None:
+            now = self._clock.seconds()
+            until = self._misses.get(key)
+            if until is not None and now < until:
+                return None
             found = await self._store.find_by_lookup_key(key)
             if found is None or found[0].username != account.username:
+                if self._miss_ttl > 0:
+                    self._misses[key] = now + self._miss_ttl
+                    self._misses.move_to_end(key)
+                    while len(self._misses) > MAX_MISSES:
+                        self._misses.popitem(last=False)
                 return None
             record, encoded = found
             try:

@@ -48,6 +48,8 @@ class BackendConnection(Protocol):
         self._waiting: Deferred[bytes] | None = None
         self._client: Any = None
         self.capabilities = b""
+        self.offered: set[bytes] = set()  # what the server offers (SMTP's EHLO keywords)
+        self.on_lost: Any = None  # while pooled: called when the backend closes it
 
     # -- set-up --------------------------------------------------------------------
 
@@ -74,6 +76,9 @@ class BackendConnection(Protocol):
         waiting.callback(line)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.errback(ConnectionError("the backend closed the connection"))
@@ -106,20 +111,32 @@ class BackendConnection(Protocol):
     def detach(self) -> None:
         self._client = None
 
+    @property
+    def quiet(self) -> bool:
+        """Connected, and nothing unasked for has arrived (a server that
+        speaks first is about to close: a timeout's or a shutdown's goodbye)."""
+        return not self._buffer and self.transport is not None and self.transport.connected
+
     def close(self) -> None:
         self._client = None
         hang_up(self.transport, self.clock)
 
 
-
-
-
 @attrs.define
 class MasterLogin:
-    """What the IMAP and SMTP backends share: where the server is, TLS, the
-    master identity it trusts, and how long a login may take. A subclass
-    writes the dialogue (:meth:`dialogue`); this runs it on a new connection
-    within ``timeout`` and drops the connection if it fails."""
+    """What the IMAP, POP3 and SMTP backends share: where the server is, TLS,
+    the master identity it trusts, how long a login may take, and a few
+    connections opened and greeted ahead of the logins that will need them.
+
+    A login is two halves, written by each protocol: :meth:`prepare` (connect,
+    the greeting, STARTTLS, what the server offers: nothing about the user)
+    and :meth:`finish` (the client's address and the login as the user, in as
+    few round trips as the protocol allows). Up to ``pool_size`` prepared
+    connections wait for logins, each for at most ``pool_max_age`` seconds
+    (less than the backend's own timeout for clients that do not log in);
+    one taken is replaced at once, one that ages is replaced only while
+    logins keep coming, so a quiet proxy holds none. A pooled connection the
+    backend dropped meanwhile costs a retry on a new one, never the login."""
 
     reactor: Any
     endpoint: Any
@@ -130,28 +147,131 @@ class MasterLogin:
     pass_client_address: bool
     timeout: float
     hostname: str = "localhost"  # the proxy's name, where a protocol says it (EHLO)
+    pool_size: int = 0
+    pool_max_age: float = 30.0
+    goodbye: bytes = b""  # what a pooled connection says when it is let go
+    _idle: list[tuple[float, BackendConnection]] = attrs.field(factory=list, init=False)
+    _filling: int = attrs.field(default=0, init=False)
+    _last_login: float = attrs.field(default=0.0, init=False)
+    _retry_at: float = attrs.field(default=0.0, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
 
     async def ready(self) -> None:
         """Called once before the listener opens: learn what the backend offers."""
+
+    def stop(self) -> None:
+        """The listener is gone: let the pooled connections go."""
+        self._stopped = True
+        while self._idle:
+            self._let_go(self._idle.pop()[1])
 
     async def login(self, username: str, address: str, port: int) -> BackendConnection:
         d = Deferred.fromCoroutine(self._session(username, address, port))
         return await d.addTimeout(self.timeout, self.reactor)
 
     async def _session(self, username: str, address: str, port: int) -> BackendConnection:
-        connection = BackendConnection(self.reactor)
-        await connect(self.endpoint, connection)
+        connection = self._take()
+        if connection is not None:
+            try:
+                await self.finish(connection, username, address, port)
+                return connection
+            except BackendRefused:
+                connection.transport.abortConnection()
+                raise
+            except ConnectionError:
+                # The backend dropped it while it waited (its timeout, a
+                # restart): a new connection, once.
+                connection.transport.abortConnection()
+        connection = await self._prepared()
         try:
-            await self.dialogue(connection, username, address, port)
+            await self.finish(connection, username, address, port)
         except BaseException:
             connection.transport.abortConnection()
             raise
         return connection
 
-    async def dialogue(
+    async def _prepared(self) -> BackendConnection:
+        connection = BackendConnection(self.reactor)
+        await connect(self.endpoint, connection)
+        try:
+            await self.prepare(connection)
+        except BaseException:
+            connection.transport.abortConnection()
+            raise
+        return connection
+
+    async def prepare(self, connection: BackendConnection) -> None:
+        """Everything before the login that is not about the user."""
+        raise NotImplementedError
+
+    async def finish(
         self, connection: BackendConnection, username: str, address: str, port: int
     ) -> None:
+        """The client's address, and the login as ``username``."""
         raise NotImplementedError
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _take(self) -> BackendConnection | None:
+        now = self.reactor.seconds()
+        self._last_login = now
+        taken = None
+        while self._idle and taken is None:
+            born, connection = self._idle.pop()  # the newest first
+            if now - born < self.pool_max_age and connection.quiet:
+                taken = connection
+                connection.on_lost = None
+            else:
+                self._let_go(connection)
+        self._fill()
+        return taken
+
+    def _fill(self) -> None:
+        now = self.reactor.seconds()
+        if self._stopped or now < self._retry_at:
+            return
+        while len(self._idle) + self._filling < self.pool_size:
+            self._filling += 1
+            Deferred.fromCoroutine(self._one())
+
+    async def _one(self) -> None:
+        try:
+            connection = await Deferred.fromCoroutine(self._prepared()).addTimeout(
+                self.timeout, self.reactor)
+        except Exception:
+            # Down or refusing: logins connect on their own (and say why)
+            # until a while has passed.
+            self._filling -= 1
+            self._retry_at = self.reactor.seconds() + 5.0
+            return
+        self._filling -= 1
+        if self._stopped:
+            self._let_go(connection)
+            return
+        entry = (self.reactor.seconds(), connection)
+        self._idle.append(entry)
+
+        def lost() -> None:
+            if entry in self._idle:
+                self._idle.remove(entry)
+
+        connection.on_lost = lost
+        self.reactor.callLater(self.pool_max_age, self._aged, entry)
+
+    def _aged(self, entry: tuple[float, BackendConnection]) -> None:
+        if entry not in self._idle:
+            return
+        self._idle.remove(entry)
+        self._let_go(entry[1])
+        if self.reactor.seconds() - self._last_login < self.pool_max_age:
+            self._fill()
+
+    def _let_go(self, connection: BackendConnection) -> None:
+        connection.on_lost = None
+        if connection.transport is not None and connection.transport.connected:
+            if self.goodbye:
+                connection.transport.write(self.goodbye)
+            connection.close()
 
     def plain(self, username: str) -> bytes:
         """SASL PLAIN (RFC 4616) as the master user on behalf of ``username``, base64."""

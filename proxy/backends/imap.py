@@ -21,37 +21,47 @@ from proxy.wire.imap import quote
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 
-async def command(
-    connection: BackendConnection, tag: bytes, line: bytes, continuation: bytes | None = None
-) -> bytes:
-    """Send an IMAP command; the tagged answer's line. Untagged lines are read
-    and kept only for capabilities; a continuation request gets ``continuation``."""
+def send(connection: BackendConnection, tag: bytes, line: bytes) -> None:
     connection.transport.write(tag + b" " + line + b"\r\n")
+
+
+async def answer(connection: BackendConnection, tag: bytes, continuation: bytes | None = None) -> bytes:
+    """The tagged answer's line to the command tagged ``tag``. Untagged lines
+    are read and kept only for capabilities; a continuation request gets
+    ``continuation``."""
     while True:
-        answer = await connection.line()
-        if answer.startswith(b"+") and continuation is not None:
+        line = await connection.line()
+        if line.startswith(b"+") and continuation is not None:
             connection.transport.write(continuation + b"\r\n")
             continuation = None
             continue
-        if answer.upper().startswith(b"* CAPABILITY "):
-            connection.capabilities = answer[len(b"* CAPABILITY ") :]
-        if answer.startswith(tag + b" "):
-            status = answer[len(tag) + 1 :].split(b" ", 1)[0].upper()
+        if line.upper().startswith(b"* CAPABILITY "):
+            connection.capabilities = line[len(b"* CAPABILITY ") :]
+        if line.startswith(tag + b" "):
+            status = line[len(tag) + 1 :].split(b" ", 1)[0].upper()
             if status != b"OK":
-                raise BackendRefused(answer[len(tag) + 1 :].decode("utf-8", "replace")[:200])
-            found = _CAPABILITY.search(answer)
+                raise BackendRefused(line[len(tag) + 1 :].decode("utf-8", "replace")[:200])
+            found = _CAPABILITY.search(line)
             if found:
                 connection.capabilities = found.group(1)
-            return answer
+            return line
+
+
+async def command(
+    connection: BackendConnection, tag: bytes, line: bytes, continuation: bytes | None = None
+) -> bytes:
+    """Send an IMAP command; the tagged answer's line."""
+    send(connection, tag, line)
+    return await answer(connection, tag, continuation)
 
 
 @attrs.define
 class IMAPBackend(MasterLogin):
     """login_style: "sasl" or "dovecot"."""
 
-    async def dialogue(
-        self, connection: BackendConnection, username: str, address: str, port: int
-    ) -> None:
+    goodbye: bytes = b"lapz LOGOUT\r\n"
+
+    async def prepare(self, connection: BackendConnection) -> None:
         greeting = await connection.line()
         if not greeting.upper().startswith(b"* OK"):
             raise BackendRefused("the IMAP backend did not greet with OK")
@@ -62,6 +72,13 @@ class IMAPBackend(MasterLogin):
             await command(connection, b"lap0", b"STARTTLS")
             connection.start_tls(self.starttls)
             connection.capabilities = b""
+        if not connection.capabilities:
+            await command(connection, b"lap2", b"CAPABILITY")
+
+    async def finish(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
+        # ID and the login go together: one round trip (RFC 3501 5.5).
         if self.pass_client_address:
             fields = [
                 (b"x-originating-ip", address.encode()),
@@ -69,23 +86,20 @@ class IMAPBackend(MasterLogin):
                 (b"x-session-ext-id", secrets.token_hex(8).encode()),
             ]
             pairs = b" ".join(quote(k) + b" " + quote(v) for k, v in fields)
-            await command(connection, b"lap1", b"ID (" + pairs + b")")
-        if not connection.capabilities:
-            await command(connection, b"lap2", b"CAPABILITY")
-        await self._authenticate(connection, username)
-        if not connection.capabilities:
-            await command(connection, b"lap4", b"CAPABILITY")
-
-    async def _authenticate(self, connection: BackendConnection, username: str) -> None:
-        if self.login_style == "dovecot":
-            login = quote(f"{username}*{self.master_user}") + b" " + quote(self.master_password)
-            connection.capabilities = b""
-            await command(connection, b"lap3", b"LOGIN " + login)
-            return
-        response = self.plain(username)
+            send(connection, b"lap1", b"ID (" + pairs + b")")
         offered = connection.capabilities.upper().split()
         connection.capabilities = b""
-        if b"SASL-IR" in offered:
-            await command(connection, b"lap3", b"AUTHENTICATE PLAIN " + response)
+        continuation = None
+        if self.login_style == "dovecot":
+            login = quote(f"{username}*{self.master_user}") + b" " + quote(self.master_password)
+            send(connection, b"lap3", b"LOGIN " + login)
+        elif b"SASL-IR" in offered:
+            send(connection, b"lap3", b"AUTHENTICATE PLAIN " + self.plain(username))
         else:
-            await command(connection, b"lap3", b"AUTHENTICATE PLAIN", continuation=response)
+            send(connection, b"lap3", b"AUTHENTICATE PLAIN")
+            continuation = self.plain(username)
+        if self.pass_client_address:
+            await answer(connection, b"lap1")
+        await answer(connection, b"lap3", continuation)
+        if not connection.capabilities:
+            await command(connection, b"lap4", b"CAPABILITY")

@@ -30,13 +30,17 @@ async def command(connection: BackendConnection, line: bytes | None) -> bytes:
 class POP3Backend(MasterLogin):
     """login_style: "sasl" or "dovecot"."""
 
-    async def dialogue(
-        self, connection: BackendConnection, username: str, address: str, port: int
-    ) -> None:
+    goodbye: bytes = b"QUIT\r\n"
+
+    async def prepare(self, connection: BackendConnection) -> None:
         await command(connection, None)
         if self.starttls is not None:
             await command(connection, b"STLS")
             connection.start_tls(self.starttls)
+
+    async def finish(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
         if self.pass_client_address:
             await command(connection, b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode())
         if self.login_style == "dovecot":

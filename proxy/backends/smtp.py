@@ -47,6 +47,7 @@ class SMTPBackend(MasterLogin):
     """login_style: "sasl" or "xclient"."""
 
     extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
+    goodbye: bytes = b"QUIT\r\n"
 
     async def ready(self) -> None:
         await self.probe()
@@ -76,14 +77,16 @@ class SMTPBackend(MasterLogin):
         connection.start_tls(self.starttls)
         return await self._ehlo(connection)
 
-    async def dialogue(
-        self, connection: BackendConnection, username: str, address: str, port: int
-    ) -> None:
+    async def prepare(self, connection: BackendConnection) -> None:
         await expect(connection, None, 220)
         lines = await self._ehlo(connection)
         if self.starttls is not None:
             lines = await self._starttls(connection)
-        offered = keywords(lines)
+        connection.offered = keywords(lines)
+
+    async def finish(
+        self, connection: BackendConnection, username: str, address: str, port: int
+    ) -> None:
         if self.login_style == "xclient":
             command = b"XCLIENT LOGIN=" + xtext(username)
             if self.pass_client_address:
@@ -91,7 +94,7 @@ class SMTPBackend(MasterLogin):
             await expect(connection, command, 220)
             await self._ehlo(connection)
             return
-        if self.pass_client_address and b"XCLIENT" in offered:
+        if self.pass_client_address and b"XCLIENT" in connection.offered:
             command = b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
             await expect(connection, command, 220)
             await self._ehlo(connection)

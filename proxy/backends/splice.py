@@ -114,6 +114,8 @@ class _Stopped(Exception):
 class _Direction:
     """Bytes from one socket to the other, and what waits to be sent."""
 
+    __slots__ = ("relay", "source", "sink", "index", "pipe", "in_pipe", "held", "tail")
+
     def __init__(self, relay: KernelRelay, source: _End, sink: _End, index: int) -> None:
         self.relay = relay
         self.source = source
@@ -198,6 +200,9 @@ class _Direction:
 class _End:
     """One socket as the reactor sees it while the kernel relays."""
 
+    __slots__ = ("relay", "transport", "socket", "fd", "name", "outgoing", "incoming",
+                 "reading", "writing")
+
     def __init__(self, relay: KernelRelay, transport: Any, name: str) -> None:
         self.relay = relay
         self.transport = transport
@@ -242,6 +247,9 @@ class KernelRelay:
     :meth:`stop`, then calls ``handed_back`` (the caller relays in Python
     from there on). ``moved(index, n)`` is told of every chunk: index 0
     from the client, 1 from the backend."""
+
+    __slots__ = ("reactor", "pipes", "moved", "_handed_back", "stopped", "client", "backend",
+                 "up", "down")
 
     def __init__(self, reactor: Any, client: Any, backend: Any, *,
                  moved: Callable[[int, int], None], handed_back: Callable[[], None],

@@ -316,3 +316,37 @@ def test_the_fast_path_answers_only_what_the_core_would_and_nothing_revoked(core
     assert fast(last) is None
     assert decide(core, "alice", last).reason is Reason.REVOKED_BY_PASSWORD_CHANGE
     assert fast(last) is None
+
+
+def test_a_secret_retried_costs_one_store_lookup_and_a_new_state_is_seen_at_once(core):
+    core.build(account_cache=60.0)
+
+    def at_once(core, *args):
+        d = ensureDeferred(core.auth.authenticate(attempt(*args)))
+        assert d.called  # no failure delays here: the clock stands still
+        return d.result
+
+    core.directory.add("alice", PRIMARY)
+    created = core.admin.create("alice", "phone")
+    pool = core.auth._store._pool
+    stale = "abcd efgh ijkl mnop"  # a deleted app password's, retried by its device
+    assert at_once(core, "alice", stale).reason is Reason.WRONG_SECRET
+    calls = pool.calls
+    for _ in range(5):
+        assert at_once(core, "alice", stale).reason is Reason.WRONG_SECRET
+    assert pool.calls == calls  # no store lookup, no user read: both remembered
+    # Every refusal still counted and audited.
+    refused = [e for e in core.events if e.get("reason") == "wrong_secret"]
+    assert len(refused) == 6
+    # The real one still passes: remembering misses spares nothing else.
+    assert at_once(core, "alice", created.secret).accepted
+    # The user made MFA-required in the store: seen with the next change, at once.
+    assert at_once(core, "alice", PRIMARY).accepted
+    core.admin.set_mfa("alice", MfaState.ENFORCED)
+    ensureDeferred(core.auth.poll_changes())
+    assert at_once(core, "alice", PRIMARY).reason is Reason.MFA_REQUIRED
+    # Misses are forgotten after a minute.
+    core.clock.advance(61)
+    calls = pool.calls
+    assert at_once(core, "alice", stale).reason is Reason.MFA_REQUIRED
+    assert pool.calls == calls + 2  # looked up again, and the user read again
