@@ -76,6 +76,11 @@ def log_observer() -> ILogObserver:
     )
 
 
+# Buffers from this size up get a mapping of their own (see below). The
+# relay's reads and TLS's record reads stay under it (frontends.base, tls).
+MMAP_THRESHOLD = 128 * 1024
+
+
 def give_memory_back() -> None:
     """glibc raises its mmap threshold each time a large block is freed, and
     from then on keeps large buffers in its heap: memory that clients made
@@ -84,7 +89,7 @@ def give_memory_back() -> None:
     mapping of its own, returned to the system when it is freed."""
     M_MMAP_THRESHOLD = -3
     try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass  # not glibc
 

@@ -448,6 +448,8 @@ class Daemon:
         from twisted.internet.endpoints import serverFromString
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
+        from proxy.tls import RelayTLS
+
         tls = None
         if config.tls != "none":
             assert config.certificate is not None and config.private_key is not None
@@ -471,7 +473,10 @@ class Daemon:
             backend = entry.load("backend")(**await self._backend_options(config))
             await backend.ready()
         frontend: Any = entry.load("frontend")(backend=backend, **common)
-        factory = TLSMemoryBIOFactory(tls, False, frontend) if config.tls == "implicit" else frontend
+        factory = frontend
+        if config.tls == "implicit":
+            factory = TLSMemoryBIOFactory(tls, False, frontend)
+            factory.protocol = RelayTLS
         if config.proxy_protocol:
             # Outermost: the balancer's header comes before TLS.
             factory = ProxyHeaderFactory(factory, config.trusted_proxies, self._reactor)

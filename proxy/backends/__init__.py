@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from proxy.protocols import BACKEND_PORTS
-from proxy.tls import client_options
+from proxy.tls import client_options, faster_tls
 from proxy.transports import hang_up, tcp_endpoint
 
 MAX_SETUP_LINE = 65536
@@ -101,6 +101,7 @@ class BackendConnection(Protocol):
             self.transport.abortConnection()
             raise BackendRefused("the backend sent more than its STARTTLS answer")
         self.transport.startTLS(options)
+        faster_tls(self.transport)
 
     def attach(self, client: Any) -> None:
         self._client = client
@@ -175,13 +176,13 @@ class MasterLogin:
             try:
                 await self.finish(connection, username, address, port)
                 return connection
-            except BackendRefused:
-                connection.transport.abortConnection()
-                raise
             except ConnectionError:
                 # The backend dropped it while it waited (its timeout, a
                 # restart): a new connection, once.
                 connection.transport.abortConnection()
+            except BaseException:
+                connection.transport.abortConnection()
+                raise
         connection = await self._prepared()
         try:
             await self.finish(connection, username, address, port)

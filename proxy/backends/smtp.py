@@ -36,6 +36,9 @@ async def expect(connection: BackendConnection, command: bytes | None, code: int
     if command is not None:
         connection.transport.write(command + b"\r\n")
     got, lines = await reply(connection)
+    if got == 421 and code != 421:
+        # Closing the channel (RFC 5321 3.8): as good as closed.
+        raise ConnectionError("the submission server is closing the connection")
     if got != code:
         verb = command.split(b" ", 1)[0].decode() if command else "greeting"
         raise BackendRefused(f"{verb}: {got} {b' '.join(lines)[:200].decode('utf-8', 'replace')}")

@@ -33,6 +33,7 @@ from proxy.backends.ldap import (
 )
 from proxy.config import DirectoryConfig
 from proxy.directory import normalise_dn
+from proxy.tls import faster_tls
 from proxy.wire import ber
 from proxy.frontends.base import (
     Listener,
@@ -498,6 +499,7 @@ class LDAPServer(ListenerConnection, Protocol):
             elif isinstance(action, BeginTLS):
                 stop_controlling_reading(self)
                 self.transport.startTLS(self.listener.tls)
+                faster_tls(self.transport)
             elif isinstance(action, Disconnect):
                 self.disconnect(action.code, action.text)
             elif isinstance(action, Hangup):

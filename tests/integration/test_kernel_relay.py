@@ -7,6 +7,7 @@ from __future__ import annotations
 import imaplib
 import os
 import poplib
+import re
 import socket
 import time
 
@@ -240,3 +241,31 @@ def test_pop3_retrieves_a_large_message_in_the_kernel(proxy, dovecot, unique):
     assert b"\r\n".join(lines) + b"\r\n" == big
     client.quit()
     assert paths(proxy, "pop3")["kernel"] == before["kernel"] + 1
+
+
+def test_a_slow_reader_over_tls_gets_every_byte_in_order(proxy, dovecot, user):
+    """The relay in Python, over TLS: records read out together and sent as
+    the kernel takes them, the rest queued; a reader slower than the backend."""
+    import ssl
+    uid, _, secret = user
+    big = message("slow-tls", 6_000_000)
+    dovecot.deliver(uid, big)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", proxy.ports["starttls"]))
+    raw.recv(4096)
+    raw.sendall(b"s STARTTLS\r\n")
+    assert b"s OK" in until(raw, b"s ")
+    s = ssl.create_default_context(cafile=str(proxy.pki.ca_file)).wrap_socket(
+        raw, server_hostname="localhost")
+    s.sendall(b"a LOGIN " + uid.encode() + b' "' + secret.encode() + b'"\r\n')
+    assert b"a OK" in until(s, b"a ")
+    s.sendall(b"b SELECT INBOX\r\n")
+    count = int(re.search(rb"\* (\d+) EXISTS", until(s, b"b ")).group(1))
+    s.sendall(b"c FETCH %d BODY.PEEK[]\r\n" % count)
+    data = until(s, b"c ", slow=True)
+    assert big in data
+    s.sendall(b"d LOGOUT\r\n")
+    until(s, b"d ")
+    s.close()
