@@ -7,15 +7,16 @@ import urllib.parse
 from typing import Any
 
 import attrs
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from proxy.protocols import BACKEND_PORTS
 from proxy.tls import client_options, faster_tls
 from proxy.transports import hang_up, tcp_endpoint
 
 MAX_SETUP_LINE = 65536
+NOTHING: frozenset[bytes] = frozenset()
 
 
 class _One(Factory):
@@ -30,9 +31,33 @@ class _One(Factory):
         return self._protocol
 
 
+class _Connected(ClientFactory):
+    """What a connection's connector tells once connected: nothing."""
+
+    noisy = False
+
+
+_CONNECTED = _Connected()
+
+
 def connect(endpoint: Any, protocol: Protocol) -> Deferred[Protocol]:
-    """``connectProtocol`` without a log line for every connection."""
-    return endpoint.connect(_One(protocol))
+    """``connectProtocol`` without a log line for every connection. On a
+    plain TCP connection, the endpoint's wrapper between the transport and
+    ``protocol`` is taken out once connected: one call less for every chunk
+    relayed, and about 300 bytes less for every session."""
+
+    def connected(protocol: Protocol) -> Protocol:
+        transport = protocol.transport
+        wrapper = getattr(transport, "protocol", None)
+        if isinstance(transport, tcp.Connection) and \
+                getattr(wrapper, "_wrappedProtocol", None) is protocol:
+            transport.protocol = protocol
+            connector = getattr(transport, "connector", None)
+            if connector is not None:
+                connector.factory = _CONNECTED  # not the endpoint's, with its Deferred
+        return protocol
+
+    return endpoint.connect(_One(protocol)).addCallback(connected)
 
 
 class BackendRefused(Exception):
@@ -43,12 +68,18 @@ class BackendConnection(Protocol):
     """A line-based set-up dialogue, then bytes relayed to the attached client."""
 
     def __init__(self, clock: Any) -> None:
+        # Set by Twisted later; set now, so that every connection's
+        # attributes share one dict layout (see frontends.base).
+        self.connected = 0
+        self.transport: Any = None
         self.clock = clock
         self._buffer = bytearray()
         self._waiting: Deferred[bytes] | None = None
         self._client: Any = None
         self.capabilities = b""
-        self.offered: set[bytes] = set()  # what the server offers (SMTP's EHLO keywords)
+        # What the server offers (SMTP's EHLO keywords): one empty set shared
+        # by all, not 216 bytes for every session.
+        self.offered: frozenset[bytes] = NOTHING
         self.on_lost: Any = None  # while pooled: called when the backend closes it
 
     # -- set-up --------------------------------------------------------------------
@@ -123,6 +154,17 @@ class BackendConnection(Protocol):
         hang_up(self.transport, self.clock)
 
 
+class _Pooled:
+    """A prepared connection waiting in the pool, and its end."""
+
+    __slots__ = ("born", "connection", "timer")
+
+    def __init__(self, born: float, connection: BackendConnection) -> None:
+        self.born = born
+        self.connection = connection
+        self.timer: Any = None
+
+
 @attrs.define
 class MasterLogin:
     """What the IMAP, POP3 and SMTP backends share: where the server is, TLS,
@@ -151,7 +193,7 @@ class MasterLogin:
     pool_size: int = 0
     pool_max_age: float = 30.0
     goodbye: bytes = b""  # what a pooled connection says when it is let go
-    _idle: list[tuple[float, BackendConnection]] = attrs.field(factory=list, init=False)
+    _idle: list[_Pooled] = attrs.field(factory=list, init=False)
     _filling: int = attrs.field(default=0, init=False)
     _last_login: float = attrs.field(default=0.0, init=False)
     _retry_at: float = attrs.field(default=0.0, init=False)
@@ -164,7 +206,10 @@ class MasterLogin:
         """The listener is gone: let the pooled connections go."""
         self._stopped = True
         while self._idle:
-            self._let_go(self._idle.pop()[1])
+            entry = self._idle.pop()
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            self._let_go(entry.connection)
 
     async def login(self, username: str, address: str, port: int) -> BackendConnection:
         d = Deferred.fromCoroutine(self._session(username, address, port))
@@ -218,12 +263,14 @@ class MasterLogin:
         self._last_login = now
         taken = None
         while self._idle and taken is None:
-            born, connection = self._idle.pop()  # the newest first
-            if now - born < self.pool_max_age and connection.quiet:
-                taken = connection
-                connection.on_lost = None
+            entry = self._idle.pop()  # the newest first
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            if now - entry.born < self.pool_max_age and entry.connection.quiet:
+                taken = entry.connection
+                taken.on_lost = None
             else:
-                self._let_go(connection)
+                self._let_go(entry.connection)
         self._fill()
         return taken
 
@@ -249,21 +296,23 @@ class MasterLogin:
         if self._stopped:
             self._let_go(connection)
             return
-        entry = (self.reactor.seconds(), connection)
+        entry = _Pooled(self.reactor.seconds(), connection)
         self._idle.append(entry)
 
         def lost() -> None:
             if entry in self._idle:
                 self._idle.remove(entry)
+                if entry.timer is not None and entry.timer.active():
+                    entry.timer.cancel()
 
         connection.on_lost = lost
-        self.reactor.callLater(self.pool_max_age, self._aged, entry)
+        entry.timer = self.reactor.callLater(self.pool_max_age, self._aged, entry)
 
-    def _aged(self, entry: tuple[float, BackendConnection]) -> None:
+    def _aged(self, entry: _Pooled) -> None:
         if entry not in self._idle:
             return
         self._idle.remove(entry)
-        self._let_go(entry[1])
+        self._let_go(entry.connection)
         if self.reactor.seconds() - self._last_login < self.pool_max_age:
             self._fill()
 

@@ -85,7 +85,7 @@ class SMTPBackend(MasterLogin):
         lines = await self._ehlo(connection)
         if self.starttls is not None:
             lines = await self._starttls(connection)
-        connection.offered = keywords(lines)
+        connection.offered = frozenset(keywords(lines))
 
     async def finish(
         self, connection: BackendConnection, username: str, address: str, port: int

@@ -30,8 +30,7 @@ import errno
 import fcntl
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReadWriteDescriptor, ISSLTransport
@@ -111,42 +110,89 @@ class _Stopped(Exception):
     pass
 
 
-class _Direction:
-    """Bytes from one socket to the other, and what waits to be sent."""
+class Owner(Protocol):
+    """What the relay tells: bytes moved, and the session handed back."""
 
-    __slots__ = ("relay", "source", "sink", "index", "pipe", "in_pipe", "held", "tail")
+    def relayed(self, index: int, count: int) -> None: ...
 
-    def __init__(self, relay: KernelRelay, source: _End, sink: _End, index: int) -> None:
+    def handed_back(self, backend_tail: bytes) -> None: ...
+
+
+@implementer(IReadWriteDescriptor)
+class _End:
+    """One socket as the reactor sees it while the kernel relays, and the
+    bytes read from it that wait to be sent to the other end (its peer)."""
+
+    __slots__ = ("relay", "transport", "socket", "fd", "peer", "index", "pipe", "in_pipe",
+                 "held", "tail", "reading", "writing")
+
+    def __init__(self, relay: KernelRelay, transport: Any, index: int) -> None:
         self.relay = relay
-        self.source = source
-        self.sink = sink
-        self.index = index  # 0: client to backend, 1: backend to client
+        self.transport = transport
+        self.socket = transport.socket
+        self.fd = transport.fileno()
+        self.peer: _End = self
+        self.index = index  # 0: the client (its bytes go to the backend), 1: the backend
         self.pipe: tuple[int, int] | None = None
-        self.in_pipe = 0  # bytes in the pipe, not yet sent
-        self.held = b""  # bytes in Python, not yet sent (small chunks)
-        self.tail = b""  # the last small chunk(s); b"" after a large one
+        self.in_pipe = 0  # bytes in the pipe, not yet sent to the peer
+        self.held = b""  # bytes in Python, not yet sent to the peer (small chunks)
+        self.tail = b""  # the backend's last small chunk(s); b"" after a large one
+        self.reading = False
+        self.writing = False
+
+    # -- the reactor's side --------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "kernel relay"
+
+    def doRead(self) -> None:
+        self.relay.run(self.readable)
+
+    def doWrite(self) -> None:
+        self.relay.run(self.peer.flush)
+
+    def connectionLost(self, reason: Any) -> None:
+        # The reactor saw the socket fail and no longer watches it.
+        self.reading = self.writing = False
+        self.relay.stop()
+
+    def want_read(self, on: bool) -> None:
+        if on != self.reading and not self.relay.stopped:
+            self.reading = on
+            (self.relay.reactor.addReader if on else self.relay.reactor.removeReader)(self)
+
+    def want_write(self, on: bool) -> None:
+        if on != self.writing and not self.relay.stopped:
+            self.writing = on
+            (self.relay.reactor.addWriter if on else self.relay.reactor.removeWriter)(self)
+
+    # -- bytes from this end to its peer ---------------------------------------------
 
     @property
     def waiting(self) -> bool:
         return bool(self.held or self.in_pipe)
 
     def readable(self) -> None:
-        if self.waiting:  # a spurious wake-up: the sink has not taken the last chunk
+        if self.waiting:  # a spurious wake-up: the peer has not taken the last chunk
             return
         pipe = self.pipe = self.pipe or self.relay.pipes.take()
         try:
-            n = os.splice(self.source.fd, pipe[1], PIPE_SIZE, flags=_FLAGS)
+            n = os.splice(self.fd, pipe[1], PIPE_SIZE, flags=_FLAGS)
         except BlockingIOError:
             self._release()
             return
         if n == 0:
             self._release()
             raise _Stopped("end of stream")
-        self.relay.moved(self.index, n)
+        self.relay.owner.relayed(self.index, n)
         if n <= SMALL:
             data = os.read(pipe[0], n)
             self._release()
-            self.tail = (self.tail + data)[-TAIL:]
+            if self.index == 1:  # only the backend's last words are looked at
+                self.tail = (self.tail + data)[-TAIL:]
             self.held = data
         else:
             self.in_pipe = n
@@ -154,27 +200,27 @@ class _Direction:
         self.flush()
 
     def flush(self) -> None:
-        """Send what waits; while some still does, read no more from the source."""
+        """Send what waits to the peer; while some still does, read no more."""
         if self.held:
             try:
-                sent = self.sink.socket.send(self.held)
+                sent = self.peer.socket.send(self.held)
             except BlockingIOError:
                 sent = 0
             self.held = self.held[sent:]
         while self.in_pipe:
             assert self.pipe is not None
             try:
-                n = os.splice(self.pipe[0], self.sink.fd, self.in_pipe, flags=_FLAGS)
+                n = os.splice(self.pipe[0], self.peer.fd, self.in_pipe, flags=_FLAGS)
             except BlockingIOError:
                 break
             self.in_pipe -= n
         if self.waiting:
-            self.source.want_read(False)
-            self.sink.want_write(True)
+            self.want_read(False)
+            self.peer.want_write(True)
         else:
             self._release()
-            self.sink.want_write(False)
-            self.source.want_read(True)
+            self.peer.want_write(False)
+            self.want_read(True)
 
     def take_rest(self) -> bytes:
         """What still waits, out of the kernel; the pipe goes back."""
@@ -196,79 +242,24 @@ class _Direction:
             self.pipe = None
 
 
-@implementer(IReadWriteDescriptor)
-class _End:
-    """One socket as the reactor sees it while the kernel relays."""
-
-    __slots__ = ("relay", "transport", "socket", "fd", "name", "outgoing", "incoming",
-                 "reading", "writing")
-
-    def __init__(self, relay: KernelRelay, transport: Any, name: str) -> None:
-        self.relay = relay
-        self.transport = transport
-        self.socket = transport.socket
-        self.fd = transport.fileno()
-        self.name = name
-        self.outgoing: _Direction
-        self.incoming: _Direction
-        self.reading = False
-        self.writing = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def logPrefix(self) -> str:
-        return f"kernel relay ({self.name})"
-
-    def want_read(self, on: bool) -> None:
-        if on != self.reading and not self.relay.stopped:
-            self.reading = on
-            (self.relay.reactor.addReader if on else self.relay.reactor.removeReader)(self)
-
-    def want_write(self, on: bool) -> None:
-        if on != self.writing and not self.relay.stopped:
-            self.writing = on
-            (self.relay.reactor.addWriter if on else self.relay.reactor.removeWriter)(self)
-
-    def doRead(self) -> None:
-        self.relay.run(self.outgoing.readable)
-
-    def doWrite(self) -> None:
-        self.relay.run(self.incoming.flush)
-
-    def connectionLost(self, reason: Any) -> None:
-        # The reactor saw the socket fail and no longer watches it.
-        self.reading = self.writing = False
-        self.relay.stop()
-
-
 class KernelRelay:
     """Relays between a client's and a backend's plain TCP transports until
-    :meth:`stop`, then calls ``handed_back`` (the caller relays in Python
-    from there on). ``moved(index, n)`` is told of every chunk: index 0
-    from the client, 1 from the backend."""
+    :meth:`stop`, then tells ``owner.handed_back`` (the owner relays in
+    Python from there on). ``owner.relayed(index, n)`` is told of every
+    chunk: index 0 from the client, 1 from the backend."""
 
-    __slots__ = ("reactor", "pipes", "moved", "_handed_back", "stopped", "client", "backend",
-                 "up", "down")
+    __slots__ = ("reactor", "pipes", "owner", "stopped", "client", "backend")
 
-    def __init__(self, reactor: Any, client: Any, backend: Any, *,
-                 moved: Callable[[int, int], None], handed_back: Callable[[], None],
+    def __init__(self, reactor: Any, client: Any, backend: Any, owner: Owner,
                  pipes: Pipes = PIPES) -> None:
         self.reactor = reactor
         self.pipes = pipes
-        self.moved = moved
-        self._handed_back = handed_back
+        self.owner = owner
         self.stopped = False
-        self.client = _End(self, client, "client")
-        self.backend = _End(self, backend, "backend")
-        self.up = _Direction(self, self.client, self.backend, 0)
-        self.down = _Direction(self, self.backend, self.client, 1)
-        self.client.outgoing = self.backend.incoming = self.up
-        self.backend.outgoing = self.client.incoming = self.down
-
-    @property
-    def backend_tail(self) -> bytes:
-        return self.down.tail
+        self.client = _End(self, client, 0)
+        self.backend = _End(self, backend, 1)
+        self.client.peer = self.backend
+        self.backend.peer = self.client
 
     def start(self, to_client: bytes = b"", to_backend: bytes = b"") -> None:
         """Take both sockets from Twisted, first sending ``to_client`` and
@@ -276,12 +267,12 @@ class KernelRelay:
         for end in (self.client, self.backend):
             end.transport.stopReading()
             end.transport.stopWriting()
-        self.down.held = to_client
-        self.up.held = to_backend
-        self.run(self.down.flush)
-        self.run(self.up.flush)
+        self.backend.held = to_client
+        self.client.held = to_backend
+        self.run(self.backend.flush)
+        self.run(self.client.flush)
 
-    def run(self, step: Callable[[], None]) -> None:
+    def run(self, step: Any) -> None:
         if self.stopped:
             return
         try:
@@ -302,11 +293,11 @@ class KernelRelay:
             end.want_read(False)
             end.want_write(False)
         self.stopped = True
-        for direction in (self.up, self.down):
+        for end in (self.client, self.backend):
             try:
-                rest = direction.take_rest()
+                rest = end.take_rest()
             except OSError:
                 rest = b""
             if rest:
-                direction.sink.transport.write(rest)
-        self._handed_back()
+                end.peer.transport.write(rest)
+        self.owner.handed_back(self.backend.tail)

@@ -375,6 +375,7 @@ class LDAPServer(ListenerConnection, Protocol):
     :class:`proxy.backends.ldap.DirectorySession`) and the timers."""
 
     def __init__(self, listener: LDAPListener) -> None:
+        self._attributes()
         self.listener = listener
         self.config = listener.config
         self.session: LDAPSession | None = None
