@@ -334,6 +334,11 @@ class Daemon:
         sweeping.clock = self._reactor
         self._part("sweep", start=lambda: sweeping.start(SWEEP_INTERVAL, now=True),
                    stop=lambda: sweeping.running and sweeping.stop())
+        # argon2's memory, kept between runs while sign-ins need it.
+        releasing = LoopingCall(apppasswords.release_idle_memory)
+        releasing.clock = self._reactor
+        self._part("argon2 memory", start=lambda: releasing.start(30, now=False),
+                   stop=lambda: releasing.running and releasing.stop())
 
     def _listen_for_changes(self, store: Any) -> None:
         """A store that announces changes (PostgreSQL's NOTIFY): read the

@@ -146,3 +146,35 @@ def test_a_missing_or_malformed_pepper_is_refused(tmp_path):
     link.symlink_to(short)
     with pytest.raises(PepperError):
         load_pepper(link, create=False)
+
+
+def test_verify_agrees_with_argon2_and_keeps_its_memory_between_runs():
+    import argon2
+
+    from proxy import apppasswords as ap
+
+    for parameters in (ap.HashParameters(time_cost=1, memory_kib=1024, parallelism=1),
+                       ap.HashParameters(time_cost=2, memory_kib=2048, parallelism=2)):
+        hasher = ap.Hasher(parameters)
+        secret = ap.generate()
+        encoded = hasher.hash(secret)
+        assert hasher.verify(encoded, secret)
+        assert argon2.PasswordHasher().verify(encoded, secret)
+        for wrong in (ap.generate(), secret[:-1], secret + "a", ""):
+            assert not hasher.verify(encoded, wrong)
+        # Malformed or foreign forms never pass, and never raise.
+        for bad in (encoded.replace("$v=19", ""), encoded[:-2], encoded.replace("argon2id", "argon2i"),
+                    encoded + "$x", "", "$argon2id$v=19$m=1,t=1,p=1$$", "garbage"):
+            assert not hasher.verify(bad, secret)
+    memory = ap._memory()
+    before = len(memory._free)
+    assert before >= 1
+    hasher.verify(encoded, secret)
+    assert len(memory._free) == before  # the buffer was taken and handed back, not made anew
+    memory.keep_for, kept = 0.0, memory.keep_for
+    try:
+        assert ap.release_idle_memory() == before
+        assert memory._free == [] and memory._lent == {}
+    finally:
+        memory.keep_for = kept
+    assert hasher.verify(encoded, secret)
