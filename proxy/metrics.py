@@ -34,6 +34,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self._sign_ins = Counter(f"{PREFIX}_sign_ins", "Sign-ins decided, by outcome and reason",
                                  ["protocol", "realm", "outcome", "reason"], registry=r)
@@ -57,12 +58,21 @@ class Metrics:
 
     # -- events ----------------------------------------------------------------------
 
+    def _child(self, family: Any, *labels: str) -> Any:
+        """``family.labels(*labels)``, kept: finding a child by its labels
+        costs more than counting, and a sign-in counts three."""
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def sign_in(self, protocol: str, realm: str, outcome: str, reason: str, seconds: float) -> None:
-        self._sign_ins.labels(protocol, realm, outcome, reason).inc()
-        self._decision.labels(protocol, outcome).observe(seconds)
+        self._child(self._sign_ins, protocol, realm, outcome, reason).inc()
+        self._child(self._decision, protocol, outcome).observe(seconds)
 
     def cache(self, cache: str, hit: bool) -> None:
-        self._cache.labels(cache, "hit" if hit else "miss").inc()
+        self._child(self._cache, cache, "hit" if hit else "miss").inc()
 
     def backend_login(self, listener: str, ok: bool, seconds: float) -> None:
         self._backend_logins.labels(listener, "ok" if ok else "failed").inc()

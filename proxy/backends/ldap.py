@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from proxy.backends import connect
 from proxy.wire import ber
-from proxy.transports import hang_up
+from proxy.transports import hang_up, write_now
 
 log = Logger(namespace="legacy_auth_proxy.backends.ldap")
 
@@ -81,7 +81,7 @@ class UpstreamLDAP(Protocol):
         """Send one of the proxy's own requests (id ``OWN_ID``); its answer."""
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
-        self.transport.write(frame)
+        write_now(self.transport, frame)
         return ber.parse_message(await waiting)
 
     async def bind(self, dn: str | None, password: str, reactor: Any, timeout: float) -> None:
@@ -96,7 +96,7 @@ class UpstreamLDAP(Protocol):
         self.bound_as = dn
 
     def send(self, frame: bytes) -> None:
-        self.transport.write(frame)
+        write_now(self.transport, frame)
 
     def close(self) -> None:
         self.closed = True

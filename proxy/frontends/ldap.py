@@ -34,6 +34,7 @@ from proxy.backends.ldap import (
 from proxy.config import DirectoryConfig
 from proxy.directory import normalise_dn
 from proxy.tls import faster_tls
+from proxy.transports import write_now
 from proxy.wire import ber
 from proxy.frontends.base import (
     Listener,
@@ -474,7 +475,7 @@ class LDAPServer(ListenerConnection, Protocol):
             if self._closing:
                 return
             if isinstance(action, Reply):
-                self.transport.write(action.data)
+                write_now(self.transport, action.data)
             elif isinstance(action, Relay):
                 self.listener.relayed[0] += len(action.frame)
                 message = action.message
@@ -681,7 +682,7 @@ class LDAPServer(ListenerConnection, Protocol):
             frame = readable_by_app_password(frame, self.listener.upstream)
             if not frame:
                 return  # the reading account's own entry
-        self.transport.write(frame)
+        write_now(self.transport, frame)
 
     def _directory_lost(self) -> None:
         self._read_on_our_own()
