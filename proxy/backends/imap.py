@@ -16,13 +16,14 @@ import secrets
 import attrs
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin
+from proxy.transports import write_now
 from proxy.wire.imap import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 
 def send(connection: BackendConnection, tag: bytes, line: bytes) -> None:
-    connection.transport.write(tag + b" " + line + b"\r\n")
+    write_now(connection.transport, tag + b" " + line + b"\r\n")
 
 
 async def answer(connection: BackendConnection, tag: bytes, continuation: bytes | None = None) -> bytes:
@@ -32,7 +33,7 @@ async def answer(connection: BackendConnection, tag: bytes, continuation: bytes 
     while True:
         line = await connection.line()
         if line.startswith(b"+") and continuation is not None:
-            connection.transport.write(continuation + b"\r\n")
+            write_now(connection.transport, continuation + b"\r\n")
             continuation = None
             continue
         if line.upper().startswith(b"* CAPABILITY "):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import attrs
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin
+from proxy.transports import write_now
 from proxy.wire.smtp import xtext
 
 
 async def command(connection: BackendConnection, line: bytes | None) -> bytes:
     """Send a command (None: read the greeting); its +OK line, or BackendRefused."""
     if line is not None:
-        connection.transport.write(line + b"\r\n")
+        write_now(connection.transport, line + b"\r\n")
     answer = await connection.line()
     if not answer.startswith(b"+OK"):
         verb = line.split(b" ", 1)[0].decode() if line else "greeting"

@@ -15,6 +15,7 @@ import attrs
 from twisted.logger import Logger
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin, connect
+from proxy.transports import write_now
 from proxy.wire.smtp import DEFAULT_EXTENSIONS, passed_extensions, xtext
 
 log = Logger(namespace="legacy_auth_proxy.backends.smtp")
@@ -34,7 +35,7 @@ async def reply(connection: BackendConnection) -> tuple[int, list[bytes]]:
 
 async def expect(connection: BackendConnection, command: bytes | None, code: int) -> list[bytes]:
     if command is not None:
-        connection.transport.write(command + b"\r\n")
+        write_now(connection.transport, command + b"\r\n")
     got, lines = await reply(connection)
     if got == 421 and code != 421:
         # Closing the channel (RFC 5321 3.8): as good as closed.

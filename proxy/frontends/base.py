@@ -559,7 +559,7 @@ class RelayingServer(ListenerConnection, Protocol):
         if self.config.tls != "implicit":
             control_reading(self)
         self.machine = self.make_machine()
-        self.transport.write(self.machine.greeting())
+        write_now(self.transport, self.machine.greeting())
         self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -624,7 +624,7 @@ class RelayingServer(ListenerConnection, Protocol):
             if self._closing:
                 return
             if isinstance(event, Send):
-                self.transport.write(event.data)
+                write_now(self.transport, event.data)
             elif isinstance(event, StartTLS):
                 stop_controlling_reading(self)
                 self.transport.startTLS(self.listener.tls)
@@ -704,7 +704,7 @@ class RelayingServer(ListenerConnection, Protocol):
             self.kernel.start(to_client=answer, to_backend=rest)
             return
         self.listener.relay_paths[1] += 1
-        self.transport.write(answer)
+        write_now(self.transport, answer)
         self._relay_in_python()
         if rest:
             self.dataReceived(rest)
