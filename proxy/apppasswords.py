@@ -253,19 +253,24 @@ class Hasher:
         pool = _memory()
         memory, time_cost, lanes, salt, digest = decoded
         password = secret.encode("utf-8")
+        # Each buffer is held by a name until argon2 is done: cffi frees one
+        # made inline in the dict below as soon as the context is built.
         out = ffi.new("uint8_t[]", len(digest))
+        c_password = ffi.new("uint8_t[]", password)
+        c_salt = ffi.new("uint8_t[]", salt)
         context = ffi.new("argon2_context *", dict(
             version=ARGON2_VERSION, out=out, outlen=len(digest),
-            pwd=ffi.new("uint8_t[]", password), pwdlen=len(password),
-            salt=ffi.new("uint8_t[]", salt), saltlen=len(salt),
+            pwd=c_password, pwdlen=len(password),
+            salt=c_salt, saltlen=len(salt),
             secret=ffi.NULL, secretlen=0, ad=ffi.NULL, adlen=0,
             t_cost=time_cost, m_cost=memory, lanes=lanes, threads=lanes,
             allocate_cbk=pool.allocate, free_cbk=pool.free,
             flags=lib.ARGON2_DEFAULT_FLAGS,
         ))
-        if core(context, Type.ID.value) != lib.ARGON2_OK:
-            return False
-        return hmac.compare_digest(bytes(ffi.buffer(out)), digest)
+        ok = core(context, Type.ID.value) == lib.ARGON2_OK
+        computed = bytes(ffi.buffer(out))
+        del context, c_password, c_salt, out  # only now
+        return ok and hmac.compare_digest(computed, digest)
 
     def needs_rehash(self, encoded: str) -> bool:
         return self._hasher.check_needs_rehash(encoded)

@@ -14,7 +14,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -98,13 +98,14 @@ def client_options(host: str, ca_pem: bytes | None) -> Any:
 RECORDS_READ = 4 * (16384 + 256)
 
 
-class RelayTLS(TLSMemoryBIOProtocol):
-    """Twisted's TLS layer, writing a relayed chunk in one go: Twisted's
-    hands OpenSSL 16 KiB at a time, copying the rest of the chunk each time,
-    and reads each record out and queues it on its own. Here the chunk is
-    passed as a view, OpenSSL makes its records (16 KiB each, as before), and
-    they are read out and sent together (:func:`proxy.transports.write_now`).
-    Errors and writes before the handshake take Twisted's own paths."""
+class RelayTLS(BufferingTLSTransport):
+    """Twisted's TLS layer (small writes still gathered into one per reactor
+    turn), writing a chunk in one go: Twisted's hands OpenSSL 16 KiB at a
+    time, copying the rest of the chunk each time, and reads each record out
+    and queues it on its own. Here the chunk is passed as a view, OpenSSL
+    makes its records (16 KiB each, as before), and they are read out and
+    sent together (:func:`proxy.transports.write_now`). Errors and writes
+    before the handshake take Twisted's own paths."""
 
     def _write(self, bytes: bytes) -> None:  # noqa: A002 (Twisted's name)
         if self._lostTLSConnection:
@@ -140,5 +141,5 @@ def faster_tls(transport: Any) -> None:
     protocol writes as :class:`RelayTLS` does (the same class, one method
     more)."""
     layer = getattr(transport, "protocol", None)
-    if type(layer) is TLSMemoryBIOProtocol:
+    if type(layer) is BufferingTLSTransport:
         layer.__class__ = RelayTLS

@@ -104,7 +104,7 @@ def write_now(transport: Any, data: bytes | list[bytes]) -> None:
     parts = data if isinstance(data, list) else [data]
     raw = getattr(transport, "_connection", transport)  # under Twisted's STARTTLS layer
     if (isinstance(raw, tcp.Connection) and raw.connected and not raw.disconnecting
-            and not raw.dataBuffer and not raw._tempDataBuffer
+            and not raw._aborting and not raw.dataBuffer and not raw._tempDataBuffer
             and (raw is not transport or not getattr(raw, "TLS", False))):
         try:
             sent = raw.socket.send(parts[0]) if len(parts) == 1 else raw.socket.sendmsg(parts)

@@ -101,6 +101,7 @@ class IMAPBackend(MasterLogin):
             continuation = self.plain(username)
         if self.pass_client_address:
             await answer(connection, b"lap1")
+            connection.capabilities = b""  # only what the login's answer says counts
         await answer(connection, b"lap3", continuation)
         if not connection.capabilities:
             await command(connection, b"lap4", b"CAPABILITY")

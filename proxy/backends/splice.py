@@ -39,10 +39,10 @@ from zope.interface import implementer
 
 log = Logger(namespace="legacy_auth_proxy.relay")
 
-# A pipe of 1 MiB (the unprivileged limit, /proc/sys/fs/pipe-max-size)
-# moves a large message in few system calls; a kernel that refuses keeps
-# its default of 64 KiB.
-PIPE_SIZE = 1 << 20
+# A pipe of 256 KiB moves a large message in few system calls, and bounds
+# what a client that stops reading pins in the kernel (twice the relay's
+# reads in Python); a kernel that refuses keeps its default of 64 KiB.
+PIPE_SIZE = 256 * 1024
 # Chunks up to this size are read into Python and sent from there (see above).
 SMALL = 1024
 TAIL = 512
@@ -65,6 +65,7 @@ def plain_tcp(transport: Any) -> bool:
         and not ISSLTransport.providedBy(transport)
         and transport.connected
         and not transport.disconnecting
+        and not getattr(transport, "_aborting", True)
         and hasattr(transport, "dataBuffer")
         and not transport.dataBuffer
         and not getattr(transport, "_tempDataBuffer", True)
@@ -115,7 +116,7 @@ class Owner(Protocol):
 
     def relayed(self, index: int, count: int) -> None: ...
 
-    def handed_back(self, backend_tail: bytes) -> None: ...
+    def handed_back(self, backend_tail: bytes | None) -> None: ...
 
 
 @implementer(IReadWriteDescriptor)
@@ -136,7 +137,9 @@ class _End:
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0  # bytes in the pipe, not yet sent to the peer
         self.held = b""  # bytes in Python, not yet sent to the peer (small chunks)
-        self.tail = b""  # the backend's last small chunk(s); b"" after a large one
+        # The backend's last small chunk(s); None after a large one, whose
+        # end is not seen (then no goodbye of the proxy's is added).
+        self.tail: bytes | None = b""
         self.reading = False
         self.writing = False
 
@@ -192,11 +195,11 @@ class _End:
             data = os.read(pipe[0], n)
             self._release()
             if self.index == 1:  # only the backend's last words are looked at
-                self.tail = (self.tail + data)[-TAIL:]
+                self.tail = ((self.tail or b"") + data)[-TAIL:]
             self.held = data
         else:
             self.in_pipe = n
-            self.tail = b""
+            self.tail = None  # unknown: the end of it is not seen
         self.flush()
 
     def flush(self) -> None:
@@ -223,15 +226,21 @@ class _End:
             self.want_read(True)
 
     def take_rest(self) -> bytes:
-        """What still waits, out of the kernel; the pipe goes back."""
+        """What still waits, out of the kernel; the pipe goes back (or, if
+        it cannot be read, is closed)."""
         rest = self.held
         self.held = b""
-        while self.in_pipe and self.pipe is not None:
-            chunk = os.read(self.pipe[0], self.in_pipe)
-            if not chunk:
-                break
-            rest += chunk
-            self.in_pipe -= len(chunk)
+        try:
+            while self.in_pipe and self.pipe is not None:
+                chunk = os.read(self.pipe[0], self.in_pipe)
+                if not chunk:
+                    break
+                rest += chunk
+                self.in_pipe -= len(chunk)
+        except OSError:
+            if self.pipe is not None:
+                self.relay.pipes.close(self.pipe)
+                self.pipe = None
         self.in_pipe = 0
         self._release()
         return rest

@@ -709,7 +709,7 @@ class RelayingServer(ListenerConnection, Protocol):
         if rest:
             self.dataReceived(rest)
 
-    def handed_back(self, backend_tail: bytes) -> None:
+    def handed_back(self, backend_tail: bytes | None) -> None:
         """The kernel's relay ends: relay in Python from here on."""
         self._backend_tail = backend_tail
         self.kernel = None
@@ -748,13 +748,14 @@ class RelayingServer(ListenerConnection, Protocol):
 
     # -- proxy ← backend ------------------------------------------------------------------------
 
-    _backend_tail = b""
+    _backend_tail: bytes | None = b""
 
     def from_backend(self, data: bytes) -> None:
         self._touch()
         self.listener.relayed[1] += len(data)
         # The end of it, for backend_lost to know how the session ended.
-        self._backend_tail = (self._backend_tail + data)[-512:] if len(data) < 512 else data[-512:]
+        tail = self._backend_tail or b""
+        self._backend_tail = (tail + data)[-512:] if len(data) < 512 else data[-512:]
         if self.guard is not None:
             self._guarded(self.guard.feed_backend(data))
         else:
@@ -782,7 +783,9 @@ class RelayingServer(ListenerConnection, Protocol):
         client's logout), close; if it died without one, tell the client."""
         if self._closing:
             return
-        if not self.backend_said_goodbye(self._backend_tail):
+        # None: the kernel relayed the end unseen; say nothing rather than
+        # risk a second goodbye after the backend's own.
+        if self._backend_tail is not None and not self.backend_said_goodbye(self._backend_tail):
             self.transport.write(self.bye("The mail server closed the connection."))
         self._hang_up()
 

@@ -178,3 +178,36 @@ def test_verify_agrees_with_argon2_and_keeps_its_memory_between_runs():
     finally:
         memory.keep_for = kept
     assert hasher.verify(encoded, secret)
+
+
+def test_verify_holds_its_buffers_while_argon2_runs():
+    """The secret and salt given to argon2 stay alive until it is done: with
+    other threads allocating meanwhile, a right secret is never refused."""
+    import threading
+
+    from proxy import apppasswords as ap
+
+    hasher = ap.Hasher(ap.HashParameters(time_cost=1, memory_kib=256, parallelism=1))
+    secret = ap.generate()
+    encoded = hasher.hash(secret)
+    results: list[bool] = []
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            [bytes(64) for _ in range(200)]
+
+    def check() -> None:
+        for _ in range(100):
+            results.append(hasher.verify(encoded, secret))
+
+    threads = [threading.Thread(target=churn) for _ in range(2)]
+    threads += [threading.Thread(target=check) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads[2:]:
+        t.join()
+    stop.set()
+    for t in threads[:2]:
+        t.join()
+    assert results == [True] * 300
