@@ -66,6 +66,14 @@ def login(proxy, uid, secret, listener="imap", rcvbuf=None):
     return s
 
 
+def to_the_end(s) -> bytes:
+    """Everything until the proxy closes the connection."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
 def until(s, tag: bytes, slow: bool = False) -> bytes:
     """Read until the tagged answer's line has arrived whole."""
     data = b""
@@ -123,9 +131,7 @@ def test_logout_ends_both_connections_with_the_backends_goodbye_only(proxy, user
     uid, _, secret = user
     s = login(proxy, uid, secret)
     s.sendall(b"b LOGOUT\r\n")
-    rest = b""
-    while chunk := s.recv(65536):
-        rest += chunk
+    rest = to_the_end(s)
     assert rest.startswith(b"* BYE Logging out\r\nb OK Logout completed")
     assert rest.count(b"\r\n") == 2
     assert b"closed the connection" not in rest
@@ -138,9 +144,7 @@ def test_pipelined_commands_behind_the_login_arrive_in_order(proxy, user):
     s.recv(4096)
     s.sendall(b"a LOGIN " + uid.encode() + b' "' + secret.encode() + b'"\r\n'
               + b"".join(b"n%d NOOP\r\n" % i for i in range(50)) + b"z LOGOUT\r\n")
-    answer = b""
-    while chunk := s.recv(65536):
-        answer += chunk
+    answer = to_the_end(s)
     lines = answer.split(b"\r\n")
     tags = [line.split(b" ", 1)[0] for line in lines if line[:1] in (b"a", b"n", b"z")]
     assert tags == [b"a"] + [b"n%d" % i for i in range(50)] + [b"z"]
@@ -155,9 +159,7 @@ def test_deleting_the_app_password_ends_a_kernel_relayed_session_with_bye(proxy,
     s.sendall(b"b SELECT INBOX\r\n")
     until(s, b"b ")
     assert proxy.cli("app-password", "delete", uid, "Printer").returncode == 0
-    rest = b""
-    while chunk := s.recv(65536):
-        rest += chunk
+    rest = to_the_end(s)
     assert b"* BYE Session ended" in rest
     s.close()
 
@@ -167,9 +169,7 @@ def test_the_idle_timeout_ends_a_kernel_relayed_session(proxy, user):
     s = login(proxy, uid, secret, listener="idle")
     s.sendall(b"b NOOP\r\n")
     until(s, b"b ")
-    rest = b""
-    while chunk := s.recv(65536):
-        rest += chunk
+    rest = to_the_end(s)
     assert rest == b"* BYE Idle for too long.\r\n"
     s.close()
 
@@ -180,9 +180,7 @@ def test_a_session_the_backend_ends_is_closed_for_the_client(proxy, dovecot, use
     s.sendall(b"b SELECT INBOX\r\n")
     until(s, b"b ")
     dovecot._doveadm("kick", dovecot_username(uid))
-    rest = b""
-    while chunk := s.recv(65536):
-        rest += chunk
+    rest = to_the_end(s)
     assert b"* BYE" in rest
     s.close()
 
