@@ -27,7 +27,6 @@ import secrets
 import stat
 import string
 import threading
-import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -137,28 +136,27 @@ class _Memory:
     its own (:func:`proxy.runner.give_memory_back`), so each verify would map
     19 MiB afresh and fault every page in: 36 ms a verify instead of 22 here.
     argon2 takes the memory from these callbacks instead: buffers handed back
-    after a run are kept for the next, and let go once unused for
-    ``keep_for`` seconds (:meth:`release_idle`), so an idle daemon holds none.
-    Called from the hashing threads; the free list is under a lock."""
+    after a run are kept for the next. :meth:`release_idle`, called now and
+    then (the daemon: every 30 s, on its clock), lets go of those no run has
+    taken since the call before, so an idle daemon holds none. Called from
+    the hashing threads; the free list is under a lock."""
 
-    def __init__(self, keep_for: float = 60.0) -> None:
+    def __init__(self) -> None:
         from argon2.low_level import ffi
 
-        self.keep_for = keep_for
         self._lock = threading.Lock()
-        self._free: list[tuple[int, Any, float]] = []  # (size, buffer, when handed back)
+        self._free: list[list[Any]] = []  # [size, buffer, taken since the last release]
         self._lent: dict[int, tuple[int, Any]] = {}  # address → (size, buffer)
         self._new = ffi.new_allocator(should_clear_after_alloc=False)
 
         @ffi.callback("int(uint8_t **, size_t)")
         def allocate(memory: Any, size: int) -> int:
+            buffer = None
             with self._lock:
-                for i, (kept_size, buffer, _) in enumerate(self._free):
-                    if kept_size == size:
-                        del self._free[i]
+                for i, entry in enumerate(self._free):
+                    if entry[0] == size:
+                        buffer = self._free.pop(i)[1]
                         break
-                else:
-                    buffer = None
             if buffer is None:
                 try:
                     buffer = self._new("uint8_t[]", size)
@@ -176,17 +174,18 @@ class _Memory:
             with self._lock:
                 lent = self._lent.pop(address, None)
                 if lent is not None:
-                    self._free.append((lent[0], lent[1], time.monotonic()))
+                    self._free.append([lent[0], lent[1], True])
 
         self.allocate = allocate
         self.free = free
 
     def release_idle(self) -> int:
-        """Let go of buffers unused for ``keep_for`` seconds; how many."""
-        now = time.monotonic()
+        """Let go of buffers no run has taken since the last call; how many."""
         with self._lock:
-            kept = [entry for entry in self._free if now - entry[2] < self.keep_for]
+            kept = [entry for entry in self._free if entry[2]]
             released = len(self._free) - len(kept)
+            for entry in kept:
+                entry[2] = False
             self._free = kept
         return released
 
@@ -205,8 +204,8 @@ def _memory() -> _Memory:
 
 
 def release_idle_memory() -> int:
-    """Let go of argon2 memory unused for a minute (the daemon calls this
-    now and then); how many buffers."""
+    """Let go of argon2 memory no verify has used since the last call (the
+    daemon calls this every 30 s); how many buffers."""
     return _MEMORY.release_idle() if _MEMORY is not None else 0
 
 

@@ -92,6 +92,17 @@ def hang_up(transport: Any, clock: Any, grace: float = CLOSE_GRACE) -> _Deadline
     return _Deadline(transport, clock, grace)
 
 
+def idle_tcp(connection: Any, tls_below: bool = False) -> bool:
+    """Whether ``connection`` is an open TCP connection with nothing queued
+    in Twisted's write buffer, so that bytes sent on its socket now overtake
+    nothing. Without ``tls_below`` (bytes from a TLS layer above it), TLS
+    must not have been started on it."""
+    return (isinstance(connection, tcp.Connection) and bool(connection.connected)
+            and not connection.disconnecting and not connection._aborting
+            and not connection.dataBuffer and not connection._tempDataBuffer
+            and (tls_below or not getattr(connection, "TLS", False)))
+
+
 def write_now(transport: Any, data: bytes | list[bytes]) -> None:
     """``transport.write(data)`` (or ``writeSequence``, for a list), except
     that on a TCP connection with nothing queued, what the kernel takes at
@@ -103,9 +114,7 @@ def write_now(transport: Any, data: bytes | list[bytes]) -> None:
     queued, an error) goes the usual way, which also reports the error."""
     parts = data if isinstance(data, list) else [data]
     raw = getattr(transport, "_connection", transport)  # under Twisted's STARTTLS layer
-    if (isinstance(raw, tcp.Connection) and raw.connected and not raw.disconnecting
-            and not raw._aborting and not raw.dataBuffer and not raw._tempDataBuffer
-            and (raw is not transport or not getattr(raw, "TLS", False))):
+    if idle_tcp(raw, tls_below=raw is not transport):
         try:
             sent = raw.socket.send(parts[0]) if len(parts) == 1 else raw.socket.sendmsg(parts)
         except OSError:

@@ -32,10 +32,11 @@ import os
 import sys
 from typing import Any, Protocol
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IReadWriteDescriptor, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from proxy.transports import idle_tcp
 
 log = Logger(namespace="legacy_auth_proxy.relay")
 
@@ -59,17 +60,7 @@ def available() -> bool:
 def plain_tcp(transport: Any) -> bool:
     """Whether ``transport`` is a TCP connection without TLS, whose bytes
     Twisted holds nowhere (so that nothing can be overtaken)."""
-    return (
-        isinstance(transport, tcp.Connection)
-        and not getattr(transport, "TLS", False)
-        and not ISSLTransport.providedBy(transport)
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_aborting", True)
-        and hasattr(transport, "dataBuffer")
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-    )
+    return idle_tcp(transport) and not ISSLTransport.providedBy(transport)
 
 
 class Pipes:

@@ -57,13 +57,18 @@ def dovecot(tmp_path_factory):
     names from `unique`, compare logs and sink messages from the point where
     they started (`since`), and must leave it running (a test that stops it
     starts it again)."""
-    from tests.dovecot import Dovecot
-
-    server = Dovecot(tmp_path_factory.mktemp("dovecot"),
-                     dovecot_bin=require_tool("dovecot"), doveadm_bin=require_tool("doveadm"))
-    server.start()
+    server = started_dovecot(tmp_path_factory.mktemp("dovecot"))
     yield server
     server.stop()
+
+
+def started_dovecot(folder):
+    """A real Dovecot in ``folder``, running (the caller stops it)."""
+    from tests.dovecot import Dovecot
+
+    server = Dovecot(folder, dovecot_bin=require_tool("dovecot"), doveadm_bin=require_tool("doveadm"))
+    server.start()
+    return server
 
 
 @pytest.fixture(scope="session")

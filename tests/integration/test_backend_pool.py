@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.dovecot import Dovecot
+from tests.integration.conftest import started_dovecot
 from tests.proxyd import ProxyDaemon, mail_backend
 
 MAX_AGE = 2.0
@@ -21,9 +20,7 @@ MAX_AGE = 2.0
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    server = Dovecot(tmp_path_factory.mktemp("dovecot-pool"),
-                     dovecot_bin=require_tool("dovecot"), doveadm_bin=require_tool("doveadm"))
-    server.start()
+    server = started_dovecot(tmp_path_factory.mktemp("dovecot-pool"))
     yield server
     server.stop()
 

@@ -74,3 +74,47 @@ def test_pending_output_counts_tls_and_tcp_buffers():
     TLS.transport.offset = 2
     TLS.transport._tempDataLen = 4
     assert pending_output(TLS()) == 3 + 3 + 4
+
+
+def test_the_relays_tls_layer_delivers_large_and_small_writes_in_order(tmp_path):
+    """RelayTLS (Twisted's buffering TLS layer, a chunk written whole and
+    its records read out together), both ends in memory: what the server
+    writes, large and small, arrives whole and in order; and Twisted still
+    builds the class ``faster_tls`` swaps after STARTTLS."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+    from twisted.test.iosim import connectedServerAndClient
+
+    from proxy.pki import make_pki
+    from proxy.tls import RelayTLS, ServerTLS, client_options, faster_tls
+
+    assert TLSMemoryBIOFactory.protocol is BufferingTLSTransport
+    pki = make_pki(tmp_path / "pki")
+    received = bytearray()
+
+    class Reader(Protocol):
+        def dataReceived(self, data):
+            received.extend(data)
+
+    server_factory = TLSMemoryBIOFactory(ServerTLS(pki.cert_file, pki.key_file), False,
+                                         Factory.forProtocol(Protocol))
+    server_factory.protocol = RelayTLS
+    clock = server_factory._clock = Clock()  # small writes are gathered until its next turn
+    client_factory = TLSMemoryBIOFactory(client_options("localhost", pki.ca_file.read_bytes()),
+                                         True, Factory.forProtocol(Reader))
+    client, server, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None))
+    pump.flush()
+    assert type(server) is RelayTLS
+    chunks = [bytes([i % 251]) * size for i, size in enumerate((5, 300_000, 1, 70_000, 16_384))]
+    for chunk in chunks:
+        server.write(chunk)
+        clock.advance(0)
+        pump.flush()
+    assert bytes(received) == b"".join(chunks)
+
+    class Upgraded:
+        protocol = BufferingTLSTransport.__new__(BufferingTLSTransport)
+
+    faster_tls(Upgraded)
+    assert type(Upgraded.protocol) is RelayTLS
