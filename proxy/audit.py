@@ -22,6 +22,7 @@ from typing import Any
 from twisted.logger import Logger, LogLevel
 
 from proxy.apppasswords import adopt_parent_owner
+from proxy.wire.text import json_printable
 
 log = Logger(namespace="legacy_auth_proxy.audit")
 
@@ -99,7 +100,10 @@ class AuditLog:
 
     @staticmethod
     def line(record: dict[str, Any]) -> str:
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        # Readable UTF-8, except what is not printable (U+2028 in a user
+        # name, an escape sequence in an address): escaped, so that the line
+        # stays one line for every reader and shows as text on a terminal.
+        return json_printable(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
 
     def log(self, record: dict[str, Any], level: LogLevel = LogLevel.info) -> str:
         """Send one event to the Twisted log (on the reactor thread, in the

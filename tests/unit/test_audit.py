@@ -22,6 +22,26 @@ def test_events_are_one_json_object_a_line(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o640
 
 
+SPLITTERS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def test_a_value_with_a_line_break_of_any_kind_stays_on_its_line(tmp_path):
+    """JSON leaves U+0085, U+2028 and U+2029 raw; str.splitlines() splits
+    there. Every such character, and an escape sequence, is escaped: one
+    event is one line for every reader, and the same value when decoded."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, clock=lambda: 0.0)
+    names = [f"a{c}b" for c in SPLITTERS] + ["bøb\u202e", "x\x1b[31mred", "emoji\U0001f600\U000e0001"]
+    for name in names:
+        audit.record("sign_in", user=name, client_address="fe80::1%\x1b[31mZONE\nX")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert len(lines) == len(names)
+    assert [json.loads(line)["user"] for line in lines] == names
+    assert all(line.isprintable() for line in lines)
+    assert "bøb" in text and "\U0001f600" in text  # printable text stays readable
+
+
 @pytest.mark.parametrize("field", ["secret", "password", "password_hash", "lookup_key"])
 def test_an_event_never_carries_a_secret(tmp_path, field):
     audit = AuditLog(tmp_path / "audit.log", clock=lambda: 0.0)
