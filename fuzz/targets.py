@@ -141,6 +141,9 @@ def proxy_header(data: bytes) -> None:
             return
         if header is not None:
             assert 0 < used <= len(buffer)
+            # Plain addresses only: no zone, nothing for a log line or a terminal to act on.
+            for address in (header.source, header.destination):
+                assert address is None or set(address[0]) <= set("0123456789abcdef.:"), address
             return
         assert len(buffer) <= proxyheader.MAX
 

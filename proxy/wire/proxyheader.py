@@ -21,6 +21,11 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest version 1 line, CRLF included
 V2_MAX = 16 + 2048  # TLVs beyond the addresses are skipped; no balancer sends more
 MAX = V2_MAX
+# What a version 1 address is written with. ``ipaddress`` also takes an IPv6
+# zone (``fe80::1%eth0``) of any characters but ``%``, escape sequences and
+# line breaks included: the protocol carries plain addresses only, and the
+# address goes on to log lines and the operator's terminal.
+_ADDRESS_BYTES = frozenset(b"0123456789abcdefABCDEF.:")
 
 
 class BadHeader(ValueError):
@@ -59,6 +64,8 @@ def _v1(buffer: bytes) -> tuple[Header | None, int]:
         return Header(None), end + 2
     if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
         raise BadHeader("a malformed version 1 header")
+    if not _ADDRESS_BYTES.issuperset(words[2] + words[3]):
+        raise BadHeader("a version 1 header with an address zone or other characters no address has")
     try:
         version = 4 if words[1] == b"TCP4" else 6
         source = ipaddress.ip_address(words[2].decode("ascii"))
@@ -96,6 +103,7 @@ def _v2(buffer: bytes) -> tuple[Header | None, int]:
         return Header(None), 16 + length
     else:
         raise BadHeader("a malformed version 2 header")
+    # Addresses from 4 or 16 bytes: never a zone, always printable.
     source = str(ipaddress.ip_address(src))
     destination = str(ipaddress.ip_address(dst))
     return Header((source, sport), (destination, dport)), 16 + length

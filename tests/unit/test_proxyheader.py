@@ -44,10 +44,21 @@ def test_a_header_is_read_whole_or_in_pieces(header, expected):
     V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\x00" * 4,  # too short for TCP4
     V2_SIGNATURE + b"\x21\x11\xff\xff",  # longer than taken
     b"\r\n\r\nX",
+    # Zone ids: ipaddress takes any characters but % after one.
+    b"PROXY TCP6 fe80::1%eth0 2001:db8::1 1 2\r\n",
+    b"PROXY TCP6 fe80::1%\x1b[31mZONE\nX 2001:db8::1 1 2\r\n",
+    b"PROXY TCP6 2001:db8::7 fe80::1%1 1 2\r\n",
 ])
 def test_anything_else_is_refused(bad):
     with pytest.raises(BadHeader):
         parse(bad)
+
+
+def plain(address: tuple[str, int] | None) -> bool:
+    """An address with no zone and nothing a log line or a terminal could
+    take for anything but an address."""
+    return address is None or (
+        "%" not in address[0] and set(address[0]) <= set("0123456789abcdef.:"))
 
 
 @given(st.binary(max_size=300))
@@ -57,3 +68,19 @@ def test_any_bytes_are_a_header_a_wait_or_a_refusal(data):
     except BadHeader:
         return
     assert (header is None and used == 0) or 0 < used <= len(data)
+    if header is not None:
+        assert plain(header.source) and plain(header.destination)
+
+
+@given(st.binary(min_size=36, max_size=36), st.sampled_from([0x11, 0x21]))
+def test_version_2_addresses_are_always_plain(body, family):
+    """Version 2 carries addresses as 4 or 16 bytes: whatever they are, no zone."""
+    header = V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+    found, _ = parse(header)
+    assert found is not None and plain(found.source) and plain(found.destination)
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="% \r\n"), min_size=1, max_size=20))
+def test_a_version_1_address_with_a_zone_is_refused(zone):
+    with pytest.raises(BadHeader):
+        parse(f"PROXY TCP6 fe80::1%{zone} 2001:db8::1 1 2\r\n".encode("utf-8", "surrogatepass"))
