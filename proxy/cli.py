@@ -24,6 +24,7 @@ from proxy import __version__, apppasswords, config as configuration
 from proxy.admin import Admin, AdminError, Created
 from proxy.audit import AuditLog, minute, timestamp
 from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, User
+from proxy.wire.text import json_printable, printable
 
 EX_OK = 0
 EX_REFUSED = 1
@@ -65,6 +66,9 @@ def _app_password_json(a: AppPassword, now: float, idle: float | None) -> dict[s
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Every cell escaped: a name or an address (an old row, a balancer's
+    # header) may hold an escape sequence or a line break for the terminal.
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
@@ -87,7 +91,8 @@ def _app_password_table(records: list[AppPassword], now: float, idle: float | No
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    print("\n".join(json_printable(line) for line in text.split("\n")))  # the indent's own breaks kept
 
 
 def _show_created(created: Created, as_json: bool) -> None:

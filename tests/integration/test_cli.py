@@ -151,6 +151,33 @@ def test_networks_stopped_ones_unlock_and_reset(workdir, capsys):
     assert ("unlocked",) in sent
 
 
+@pytest.mark.integration
+def test_what_the_store_holds_is_listed_escaped(workdir, capsys):
+    """An old row (written before PROXY headers with zone ids were refused,
+    or by hand) with an escape sequence and a line break in its last-used
+    address and its name: the table shows them as escapes, on one line, and
+    the JSON keeps its value with no raw control or line separator."""
+    code, out, err = run(workdir, "app-password", "create", "frank", "--name", "tablet", "--json",
+                         capsys=capsys)
+    assert code == 0, err
+    db = sqlite3.connect(workdir / "store.sqlite3")
+    with db:
+        db.execute("UPDATE app_passwords SET name = ?, last_used_at = 1794787200,"
+                   " last_used_address = ?, last_used_protocol = 'imap' WHERE id = ?",
+                   ("tab\u2028let", "fe80::1%\x1b[31mZONE\nX", json.loads(out)["id"]))
+    db.close()
+    code, out, err = run(workdir, "app-password", "list", "frank", capsys=capsys)
+    assert code == 0, err
+    assert "\x1b" not in out and "\u2028" not in out
+    [row] = out.splitlines()[1:]
+    assert "fe80::1%\\x1b[31mZONE\\x0aX" in row and "tab\\u2028let" in row
+    code, out, err = run(workdir, "app-password", "list", "frank", "--json", capsys=capsys)
+    assert code == 0, err
+    assert "\u2028" not in out
+    [listed] = json.loads(out)
+    assert listed["last_used_address"] == "fe80::1%\x1b[31mZONE\nX" and listed["name"] == "tab\u2028let"
+
+
 def test_names_are_checked_and_unique(workdir, capsys):
     code, _, err = run(workdir, "app-password", "create", "erin", "--name", "x" * 65,
                        capsys=capsys)
