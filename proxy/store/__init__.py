@@ -182,6 +182,12 @@ class StoreError(Exception):
     """A store operation that cannot be done as asked. Texts carry no secrets."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (the connection refused or timed out,
+    a name that does not resolve, a server starting, stopping or full):
+    trying again later may work. Every other StoreError needs a person."""
+
+
 class LimitReached(StoreError):
     def __init__(self, username: str, count: int, limit: int) -> None:
         self.username = username

@@ -44,6 +44,7 @@ from proxy.store import (
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
+    StoreUnavailable,
     User,
     app_password_from,
 )
@@ -176,7 +177,40 @@ def _what(error: Exception) -> str:
     if isinstance(error, PoolTimeout):
         return "no connection to the database within the timeout (is it down?)"
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.replace("\n", " ")[:300]
+    return text.removeprefix("connection failed: ").replace("\n", " ")[:300]
+
+
+# What libpq or the server says when a connection fails because the config
+# is wrong, not the moment: the user, its password, the database, pg_hba.conf,
+# TLS. Trying again cannot mend these (exit 78: systemd does not restart).
+# Every other failure to connect (refused, timed out, a name that does not
+# resolve, a server starting, stopping or out of connection slots) is taken
+# as temporary: a wrong guess that way costs restarts with the reason in the
+# log each time; the other way, a node that stays down after the database
+# comes back. psycopg has no SQLSTATE for a connection that failed, so the
+# words are matched: libpq's are English in Python (which sets no
+# LC_MESSAGES), the server's are in its lc_messages (English by default).
+_CONFIGURATION_WORDS = (
+    "authentication failed",  # password, SCRAM, md5, ident, peer, PAM, certificate
+    "no pg_hba.conf entry",
+    "does not exist",  # the database or the role
+    "is not permitted to log in",
+    "permission denied",  # no CONNECT on the database
+    "no password supplied",  # the server asks for one: store.password_file
+    "SSL was required",
+    "certificate",  # verify failed, a CA file that cannot be read
+)
+
+
+def unavailable(error: Exception) -> bool:
+    """Whether a failure to connect is temporary: the store cannot be reached
+    now, and trying again later may work."""
+    if isinstance(error, PoolTimeout):
+        return True
+    if not isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return False  # a malformed URL, an unknown option: the config
+    text = str(error).lower()
+    return not any(words.lower() in text for words in _CONFIGURATION_WORDS)
 
 
 class PostgresStore:
@@ -208,15 +242,42 @@ class PostgresStore:
                                     kwargs=self._kwargs, open=False, name="legacy-auth-proxy",
                                     reconnect_timeout=0, check=self._check)
         try:
-            self._pool.open(wait=True, timeout=timeout)
-        except Exception as e:
-            self._pool.close()
-            raise StoreError(f"{self.where}: cannot connect: {_what(e)}") from None
-        try:
-            self._check_schema(migrate)
+            self._first_connection(migrate)
+            try:
+                self._pool.open(wait=True, timeout=timeout)
+            except Exception as e:  # gone since the first connection
+                raise StoreUnavailable(f"{self.where}: the store cannot be reached: "
+                                       f"{_what(e)}") from None
         except BaseException:
             self._pool.close()
             raise
+
+    def _first_connection(self, migrate: bool) -> None:
+        """Connect once, directly, and check the schema. The pool would try
+        again and again until ``timeout``, logging each try, to say at the
+        end only that no connection came: this fails at once when the
+        connection is refused, and says whether waiting can mend it."""
+        try:
+            conn = psycopg.connect(self.url, row_factory=dict_row, **self._kwargs)
+        except psycopg.Error as e:
+            if unavailable(e):
+                raise StoreUnavailable(f"{self.where}: the store cannot be reached: "
+                                       f"{_what(e)}") from None
+            raise StoreError(f"{self.where}: cannot connect: {_what(e)}") from None
+        watched = _watchdog.watch(conn, self._timeout + 1.0)
+        try:
+            with conn.transaction():
+                self._check_schema(conn, migrate)
+        except StoreError:
+            raise
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:  # lost, timed out
+            raise StoreUnavailable(f"{self.where}: the store cannot be reached: "
+                                   f"{_what(e)}") from None
+        except psycopg.Error as e:  # no right to create the tables, ...
+            raise StoreError(f"{self.where}: the store refused: {_what(e)}") from None
+        finally:
+            _watchdog.done(watched)
+            conn.close()  # not its context: a rollback on a broken one logs a warning
 
     @staticmethod
     def _describe(url: str) -> str:
@@ -238,7 +299,7 @@ class PostgresStore:
         # the whole timeout, and the pool's threads with them).
         now = time.monotonic()
         if now < self._down_until:
-            raise StoreError(f"{self.where}: the store cannot be reached; nothing was changed")
+            raise StoreUnavailable(f"{self.where}: the store cannot be reached; nothing was changed")
         try:
             with self._pool.connection() as conn:
                 conn.row_factory = dict_row  # type: ignore[assignment]
@@ -251,7 +312,7 @@ class PostgresStore:
             raise
         except (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError) as e:
             self._down_until = time.monotonic() + 1.0
-            raise StoreError(f"{self.where}: the store cannot be reached: {_what(e)}; "
+            raise StoreUnavailable(f"{self.where}: the store cannot be reached: {_what(e)}; "
                              f"nothing was changed") from None
         except errors.IntegrityError:
             raise  # a row the schema refuses: the caller's to handle
@@ -275,30 +336,30 @@ class PostgresStore:
         with self._connection() as conn, conn.transaction():
             yield conn
 
-    def _check_schema(self, migrate: bool) -> None:
-        with self._write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK + 1,))
-            exists = conn.execute(
-                "SELECT to_regclass('schema_version') IS NOT NULL AS present").fetchone()["present"]
-            version = 0
-            if exists:
-                row = conn.execute("SELECT version FROM schema_version").fetchone()
-                version = row["version"] if row else 0
-            if version > len(MIGRATIONS):
-                raise SchemaTooNew(
-                    f"{self.where}: schema version {version} is newer than this version of "
-                    f"legacy-auth-proxy knows ({len(MIGRATIONS)})")
-            if 0 < version < len(MIGRATIONS) and not migrate:
-                raise SchemaOutdated(
-                    f"{self.where}: the store's schema is version {version}; this version of "
-                    f"legacy-auth-proxy needs {len(MIGRATIONS)}: back it up, then run "
-                    f"'legacy-auth-proxy migrate'")
-            if not exists:
-                conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
-                conn.execute("INSERT INTO schema_version VALUES (0)")
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                conn.execute(script)  # type: ignore[arg-type]
-                conn.execute("UPDATE schema_version SET version = %s", (number,))
+    def _check_schema(self, conn: psycopg.Connection[Any], migrate: bool) -> None:
+        """In the caller's transaction."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK + 1,))
+        exists = conn.execute(
+            "SELECT to_regclass('schema_version') IS NOT NULL AS present").fetchone()["present"]
+        version = 0
+        if exists:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = row["version"] if row else 0
+        if version > len(MIGRATIONS):
+            raise SchemaTooNew(
+                f"{self.where}: schema version {version} is newer than this version of "
+                f"legacy-auth-proxy knows ({len(MIGRATIONS)})")
+        if 0 < version < len(MIGRATIONS) and not migrate:
+            raise SchemaOutdated(
+                f"{self.where}: the store's schema is version {version}; this version of "
+                f"legacy-auth-proxy needs {len(MIGRATIONS)}: back it up, then run "
+                f"'legacy-auth-proxy migrate'")
+        if not exists:
+            conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (0)")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.execute(script)  # type: ignore[arg-type]
+            conn.execute("UPDATE schema_version SET version = %s", (number,))
 
     @property
     def schema_version(self) -> int:

@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from proxy.store import SchemaOutdated, StoreError
+from proxy.store import SchemaOutdated, StoreError, StoreUnavailable
 from proxy.store.postgres import MIGRATIONS, PostgresStore
 from tests.unit import test_store as contract
 
@@ -75,12 +75,21 @@ def test_an_older_schema_is_checked_not_applied(postgres, database):
 
 
 def test_a_wrong_password_or_an_unreachable_server_is_a_clear_error(postgres, database):
+    """A wrong password or database is configuration; a server that refuses
+    the connection is an outage (StoreUnavailable), said at once, not after
+    the pool's timeout."""
     with pytest.raises(StoreError) as refused:
         PostgresStore(database, password="wrong", timeout=3)
     assert "cannot connect" in str(refused.value) and "wrong" not in str(refused.value)
+    assert not isinstance(refused.value, StoreUnavailable)
+    with pytest.raises(StoreError, match="does not exist") as missing:
+        PostgresStore(database + "_missing", password=postgres.password, timeout=3)
+    assert not isinstance(missing.value, StoreUnavailable)
     nowhere = database.replace(f":{postgres.port}/", ":1/")
-    with pytest.raises(StoreError, match="cannot connect"):
-        PostgresStore(nowhere, password=postgres.password, timeout=2)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="the store cannot be reached"):
+        PostgresStore(nowhere, password=postgres.password, timeout=30)
+    assert time.monotonic() - started < 15  # refused at once; the pool would wait 30 s
 
 
 def test_a_frozen_server_is_an_error_within_the_timeout_not_a_hang(postgres, database):
