@@ -2,8 +2,9 @@
 
 Operators and the help desk manage app passwords and users' MFA state here;
 ``serve`` runs the daemon and ``demo`` the embedded default. Exit codes:
-0 done, 1 refused (the message says why), 2 bad usage, 78 bad config
-(EX_CONFIG: systemd does not restart the daemon for it).
+0 done, 1 refused (the message says why), 2 bad usage, 75 the store cannot
+be reached now (EX_TEMPFAIL: try again; systemd restarts the daemon), 78 bad
+config or state (EX_CONFIG: systemd does not restart the daemon for it).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import attrs
 from proxy import __version__, apppasswords, config as configuration
 from proxy.admin import Admin, AdminError, Created
 from proxy.audit import AuditLog, minute, timestamp
-from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, User
+from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, StoreUnavailable, User
 from proxy.wire.text import json_printable, printable
 
 EX_OK = 0
 EX_REFUSED = 1
 EX_USAGE = 2
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
+TEMPORARY = "a temporary failure: try again once it answers"
 
 
 class Failure(Exception):
@@ -38,6 +41,16 @@ class Failure(Exception):
     def __init__(self, message: str, code: int = EX_REFUSED) -> None:
         super().__init__(message)
         self.code = code
+
+    @classmethod
+    def cannot_start(cls, error: Exception) -> Failure:
+        """A store that cannot be reached now is temporary; any other reason
+        a command cannot start is the config's or the state's."""
+        from proxy.service import StoreUnreachable
+
+        if isinstance(error, StoreUnreachable):
+            return cls(f"{error}; {TEMPORARY}", EX_TEMPFAIL)
+        return cls(str(error), EX_CONFIG)
 
 
 # -- output ------------------------------------------------------------------
@@ -132,7 +145,7 @@ class Context:
             try:
                 state = open_state(self.config)
             except StartupError as e:
-                raise Failure(str(e), EX_CONFIG) from None
+                raise Failure.cannot_start(e) from None
             self._admin = Admin(
                 store=state.store,
                 hasher=apppasswords.Hasher(hash_parameters(self.config)),
@@ -286,7 +299,7 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     try:
         store = open_store(config, migrate=True)
     except StartupError as e:
-        raise Failure(str(e), EX_CONFIG) from None
+        raise Failure.cannot_start(e) from None
     where = getattr(store, "where", None) or str(config.store.path)
     version = store.schema_version
     store.close()
@@ -410,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Failure as e:
         print(f"legacy-auth-proxy: {e}", file=sys.stderr)
         return e.code
+    except StoreUnavailable as e:  # lost after it was opened
+        print(f"legacy-auth-proxy: {e}; {TEMPORARY}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (AdminError, StoreError) as e:
         print(f"legacy-auth-proxy: {e}", file=sys.stderr)
         return EX_REFUSED

@@ -24,8 +24,9 @@ from twisted.logger import (
 )
 
 from proxy import config as configuration
-from proxy.service import StartupError, serve
+from proxy.service import StartupError, StoreUnreachable, serve
 
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
@@ -104,6 +105,17 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
     async def main(reactor: Any) -> None:
         try:
             await serve(reactor, config_path, config)
+        except StoreUnreachable as e:
+            # Exit and be started again rather than wait in the process: the
+            # supervisor already does the waiting (systemd's Restart=, the
+            # unit's RestartSec=; a container's restart policy), every start
+            # is a clean one (no half-built daemon waiting with its pools and
+            # directory connections), and a daemon that waited before
+            # READY=1 would hold `systemctl start` and the boot's ordering
+            # until TimeoutStartSec, then be killed as a start that hung.
+            print(f"legacy-auth-proxy: cannot start now: {e}; temporary: exit 75, "
+                  f"to be started again", file=sys.stderr)
+            raise SystemExit(EX_TEMPFAIL) from None
         except StartupError as e:
             print(f"legacy-auth-proxy: cannot start: {e}", file=sys.stderr)
             raise SystemExit(EX_CONFIG) from None

@@ -31,7 +31,7 @@ from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
 from proxy.transports import ProxyHeaderFactory, listen_reusing_port
-from proxy.store import StoreError
+from proxy.store import StoreError, StoreUnavailable
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Pool, Threaded
 
@@ -40,6 +40,11 @@ log = Logger(namespace="legacy_auth_proxy.service")
 
 class StartupError(Exception):
     """The daemon cannot start with this config and state; the text says why."""
+
+
+class StoreUnreachable(StartupError):
+    """The store cannot be reached now: starting again later may work
+    (EX_TEMPFAIL), unlike the other startup errors, which need a person."""
 
 
 @attrs.frozen
@@ -68,6 +73,8 @@ def open_store(config: configuration.Config, *, migrate: bool = False) -> Any:
         if not folder.is_dir():
             raise StartupError(f"{folder}: the store's folder does not exist")
         return SQLiteStore(store_config.path, migrate=migrate)
+    except StoreUnavailable as e:
+        raise StoreUnreachable(str(e)) from None
     except StoreError as e:
         raise StartupError(str(e)) from None
 
@@ -83,6 +90,9 @@ def open_state(config: configuration.Config, *, migrate: bool = False) -> State:
     try:
         create = not config.store.pepper_file.exists() and not store.has_app_passwords()
         pepper = apppasswords.load_pepper(config.store.pepper_file, create=create)
+    except StoreUnavailable as e:  # gone since it was opened
+        store.close()
+        raise StoreUnreachable(str(e)) from None
     except apppasswords.PepperError as e:
         store.close()
         hint = ""

@@ -18,7 +18,7 @@ def test_the_unit_verifies(tmp_path):
     program = shutil.which("legacy-auth-proxy") or (str(beside) if beside.exists() else None)
     assert program, "the package's console script is not installed"
     text = (ROOT / "systemd" / "legacy-auth-proxy.service").read_text()
-    assert text.count("/usr/bin/legacy-auth-proxy") == 2
+    assert text.count("/usr/bin/legacy-auth-proxy") == 1
     unit = tmp_path / "legacy-auth-proxy.service"
     unit.write_text(text.replace("/usr/bin/legacy-auth-proxy", program))
     done = subprocess.run([analyze, "verify", "--man=no", str(unit)],
@@ -37,6 +37,19 @@ def test_the_unit_has_the_hardening_we_promise():
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
                  "SystemCallFilter=@system-service", "RestartPreventExitStatus=78"):
         assert line in text.splitlines(), line
+
+
+def test_the_unit_starts_the_daemon_again_until_the_store_answers():
+    """Exit 75 (the store cannot be reached) is restarted, with no start
+    limit to give up at; 78 (bad config or state) is not. RestartPreventExitStatus=
+    reads only the main process's status: no ExecStartPre= could fail with 78
+    and be restarted for ever."""
+    lines = (ROOT / "systemd" / "legacy-auth-proxy.service").read_text().splitlines()
+    for line in ("Restart=on-failure", "StartLimitIntervalSec=0", "RestartPreventExitStatus=78"):
+        assert line in lines, line
+    prevented = [line for line in lines if line.startswith("RestartPreventExitStatus=")]
+    assert not any("75" in line or "TEMPFAIL" in line for line in prevented)
+    assert not any(line.startswith("ExecStartPre=") for line in lines)
 
 
 def test_sysusers_and_tmpfiles_create_the_account_and_folders(tmp_path):
