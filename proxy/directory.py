@@ -10,7 +10,9 @@ Twisted ``ClientService`` (reconnects with backoff):
   check binds again on the same connection (re-bound, not reopened).
 
 Every operation has a timeout; a connection whose operation timed out is
-dropped, since its state is no longer known. While connections fail, calls
+dropped, since its state is no longer known. Callers wait their turn for a
+connection (:class:`Lender`) at most that timeout too, and every waiter is
+answered, however long the queue, whatever fails. While connections fail, calls
 fail at once with :class:`DirectoryUnavailable` instead of queueing behind
 the backoff, so the authentication core can answer with a temporary failure
 (or, for app passwords, go on with what it last knew).
@@ -47,6 +49,11 @@ log = Logger(namespace="legacy_auth_proxy.directory")
 
 class DirectoryUnavailable(Exception):
     """The directory could not answer in time: a temporary failure, not a refusal."""
+
+
+class DirectoryBusy(DirectoryUnavailable):
+    """Every pooled connection stayed in use for ``directory.timeout``: the
+    proxy is short of connections, which says nothing of the directory."""
 
 
 @attrs.frozen
@@ -206,6 +213,13 @@ class _Connection:
 
         def failed(failure: Any) -> Any:
             self.pool.down(self, failure.getErrorMessage())
+            # ClientService schedules its retry as soon as this fails; the
+            # loss of the connection, reported to it afterwards too, would be
+            # a transition its machine does not have (NoTransition,
+            # _clientDisconnected in Waiting, logged as critical). Its proxy
+            # of our protocol carries that report: silence it first.
+            if hasattr(client, "_lostNotification"):
+                client._lostNotification = _ignore
             client.transport.abortConnection()
             return failure
 
@@ -217,18 +231,198 @@ class _Connection:
             # the service keeps retrying and notices the directory's return.
             raise DirectoryUnavailable(f"{self.pool.name}: {self.pool.last_error}")
         try:
-            return await self.pool.timed(self.service.whenConnected(failAfterFailures=1))
+            client = await self.pool.timed(self.service.whenConnected(failAfterFailures=1))
         except Exception as e:
             self.pool.down(self, str(e) or type(e).__name__)
             raise DirectoryUnavailable(f"{self.pool.name}: cannot connect") from None
+        if client is not self.current:
+            # Dropped a moment ago; ClientService hears of the loss on the
+            # next turn of the reactor.
+            raise DirectoryUnavailable(f"{self.pool.name}: reconnecting")
+        return client
 
     def drop(self, client: LDAPClient) -> None:
+        if self.current is client:
+            self.current = None
         if client.transport is not None:
             client.transport.abortConnection()
 
 
+def _ignore(*args: Any) -> None:
+    pass
+
+
+# A holder connects (timed) then runs one operation (timed): held longer than
+# this many timeouts, a connection is taken to be stuck.
+STUCK_AFTER = 4
+
+
+class _Waiter:
+    """A caller waiting for a connection; ``offered`` is set while the pool
+    hands it one, and taken back by the caller as it wakes."""
+
+    __slots__ = ("deferred", "offered", "queued", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.deferred: Deferred[None] = Deferred()
+        self.offered: Any = None
+        self.queued = True
+        self.deadline = deadline
+
+
+class Lender:
+    """A fixed set of connections lent one holder at a time, to callers in
+    the order they asked; no I/O, the clock passed in.
+
+    A returned connection goes to the next waiter within the same call, but
+    never by recursion: a waiter that gives it back at once (the directory
+    is down, say) only puts it back, and the loop already handing out passes
+    it on. A queue of any length drains in flat stack depth. A hand-off
+    that breaks before its waiter took the connection puts it back, and a
+    waiter that wakes to find nothing offered fails instead of using what
+    another holds: a connection is idle, or held by exactly one caller.
+    """
+
+    def __init__(self, clock: Any, name: str, connections: Iterable[Any], timeout: float) -> None:
+        self._clock = clock
+        self.name = name
+        self.timeout = timeout
+        self._idle: deque[Any] = deque(connections)
+        self.size = len(self._idle)
+        self._held: dict[Any, float] = {}  # connection → since when
+        self._waiting: deque[_Waiter] = deque()
+        self._gone = 0  # waiters in _waiting that stopped waiting
+        self._handing = False
+        # One timer for the whole queue: waiters wait the same time, so the
+        # first in line is always the first due.
+        self._timer: Any = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) - self._gone
+
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def held(self) -> int:
+        return len(self._held)
+
+    def longest_held(self) -> float:
+        """How long the connection held longest has been held (0: none is)."""
+        return self._clock.seconds() - min(self._held.values()) if self._held else 0.0
+
+    async def acquire(self) -> Any:
+        """A connection, lent until :meth:`release`. Raises
+        :class:`DirectoryBusy` if none comes back within the timeout."""
+        if self._idle and not self._handing:
+            connection = self._idle.popleft()
+            self._held[connection] = self._clock.seconds()
+            return connection
+        waiter = _Waiter(self._clock.seconds() + self.timeout)
+        self._waiting.append(waiter)
+        if self._timer is None:
+            self._timer = self._clock.callLater(self.timeout, self._expire)
+        try:
+            await waiter.deferred
+        except BaseException:
+            if waiter.queued:
+                # Cancelled by its caller: its entry is skipped when reached.
+                self._gone += 1
+                self._compact()
+            raise
+        connection, waiter.offered = waiter.offered, None
+        if connection is None:
+            # Woken after its hand-off was taken back: nothing is ours.
+            raise DirectoryUnavailable(f"{self.name}: hand-off lost")
+        return connection
+
+    def release(self, connection: Any) -> None:
+        if self._held.pop(connection, None) is None:
+            log.error("{pool}: a connection given back twice", pool=self.name)
+            return
+        self._idle.append(connection)
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        if self._handing:
+            return  # the loop below, further up the stack, passes it on
+        self._handing = True
+        try:
+            while self._idle and self._waiting:
+                waiter = self._waiting.popleft()
+                waiter.queued = False
+                if waiter.deferred.called:
+                    self._gone -= 1
+                    continue
+                connection = self._idle.popleft()
+                self._held[connection] = self._clock.seconds()
+                waiter.offered = connection
+                try:
+                    self._deliver(waiter)
+                except BaseException:
+                    log.failure("{pool}: a hand-off failed", pool=self.name)
+                finally:
+                    if waiter.offered is connection:
+                        # The waiter never took it: back to the front.
+                        waiter.offered = None
+                        del self._held[connection]
+                        self._idle.appendleft(connection)
+                        if not waiter.deferred.called:
+                            waiter.deferred.errback(
+                                DirectoryUnavailable(f"{self.name}: hand-off lost"))
+        finally:
+            self._handing = False
+
+    def _deliver(self, waiter: _Waiter) -> None:
+        """Wake ``waiter``, which takes ``waiter.offered`` as it runs."""
+        waiter.deferred.callback(None)
+
+    def _expire(self) -> None:
+        """Fail the waiters that waited their whole timeout, first in line
+        first, one after the other."""
+        self._timer = None
+        now = self._clock.seconds()
+        while self._waiting:
+            waiter = self._waiting[0]
+            if waiter.deferred.called:
+                self._waiting.popleft()
+                waiter.queued = False
+                self._gone -= 1
+                continue
+            if waiter.deadline > now:
+                break
+            self._waiting.popleft()
+            waiter.queued = False
+            waiter.deferred.errback(DirectoryBusy(f"{self.name}: every connection is busy"))
+        if self._waiting and self._timer is None:
+            self._timer = self._clock.callLater(
+                max(0.0, self._waiting[0].deadline - now), self._expire)
+
+    def _compact(self) -> None:
+        # Waiters that timed out stay queued until reached; keep them from
+        # outnumbering the live ones.
+        if self._gone > 64 and self._gone * 2 > len(self._waiting):
+            self._waiting = deque(w for w in self._waiting if not w.deferred.called)
+            self._gone = 0
+
+    def problems(self) -> list[str]:
+        """Why this pool cannot serve, if it cannot. Every step of a holder
+        is timed (connecting, the operation), so a connection held for
+        more than a few timeouts is one nobody will give back."""
+        problems = []
+        if len(self._idle) + len(self._held) != self.size:
+            problems.append(f"{self.name}: {self.size - len(self._idle) - len(self._held)} "
+                            f"connection(s) lost")
+        stuck = sum(1 for since in self._held.values()
+                    if self._clock.seconds() - since > STUCK_AFTER * self.timeout)
+        if stuck:
+            problems.append(f"{self.name}: {stuck} connection(s) held for more than "
+                            f"{STUCK_AFTER * self.timeout:g} s")
+        return problems
+
+
 class _Pool:
-    """``size`` connections handed out one caller at a time."""
+    """``size`` connections to the directory, lent one caller at a time."""
 
     def __init__(
         self,
@@ -248,10 +442,8 @@ class _Pool:
         self.endpoint = client_endpoint(reactor, config, tls)
         self.bind_dn = bind_dn
         self.bind_password = bind_password
-        self._idle: deque[_Connection] = deque()
-        self._waiting: deque[Deferred[_Connection]] = deque()
         self._all = [_Connection(self, i) for i in range(size)]
-        self._idle.extend(self._all)
+        self.lender = Lender(reactor, name, self._all, config.timeout)
         self.failing_since: float | None = None
         self.last_error = ""
 
@@ -277,24 +469,11 @@ class _Pool:
         await defer.gatherResults([c.service.stopService() for c in self._all])
 
     async def acquire(self) -> _Connection:
-        if self._idle:
-            return self._idle.popleft()
-        waiter: Deferred[_Connection] = Deferred()
-        self._waiting.append(waiter)
-        try:
-            return await self.timed(waiter)
-        except defer.TimeoutError:
-            if waiter in self._waiting:
-                self._waiting.remove(waiter)
-            raise DirectoryUnavailable(f"{self.name}: every connection is busy") from None
+        connection: _Connection = await self.lender.acquire()
+        return connection
 
     def release(self, connection: _Connection) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.called:
-                waiter.callback(connection)
-                return
-        self._idle.append(connection)
+        self.lender.release(connection)
 
 
 # -- the directory ---------------------------------------------------------------
@@ -351,6 +530,19 @@ class Directory:
     def up(self) -> bool:
         """Whether the directory answered the last time it was asked."""
         return self._search.failing_since is None and self._bind.failing_since is None
+
+    def answering(self) -> bool:
+        """Whether the directory answers account look-ups: nothing failed on
+        the search pool since it last connected. While this holds, a
+        :class:`DirectoryUnavailable` from :meth:`resolve` means the pool was
+        busy or the directory answered with an error, not that it is out of
+        reach: no reason to go on with what it said before."""
+        return self._search.failing_since is None
+
+    def pool_problems(self) -> list[str]:
+        """Why the pools cannot serve (empty: they can): a connection held
+        far longer than any operation may take, or one gone missing."""
+        return self._search.lender.problems() + self._bind.lender.problems()
 
     def down_since(self) -> float | None:
         """Since when the directory has not answered (None: it does)."""
