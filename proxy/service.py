@@ -593,6 +593,9 @@ class Daemon:
             since = self.directory.down_since()
             if since is not None and now - since > self.config.directory.outage_grace:
                 problems.append("the directory does not answer, past the outage grace")
+            # A pool that cannot serve fails sign-ins on this node alone,
+            # whatever the directory does: no grace for that.
+            problems.extend(self.directory.pool_problems())
         return problems
 
     def _state(self) -> Any:

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from proxy.directory import DirectoryUnavailable
+from proxy.directory import STUCK_AFTER, DirectoryUnavailable
 
 log = Logger(namespace="legacy_auth_proxy.sessions")
 
@@ -52,6 +53,11 @@ class Sessions:
         self._loop.clock = clock
         self._interval = max(check_interval, 1.0)
         self._checking = False
+        # The directory times each of its steps; a look-up that still has no
+        # answer after this long is given up, so that no call it never
+        # answers stops the checks (LoopingCall waits for each round).
+        timeout = getattr(getattr(directory, "config", None), "timeout", None)
+        self._lookup_limit = STUCK_AFTER * timeout if timeout else 60.0
 
     def start(self) -> None:
         self._loop.start(self._interval, now=False)
@@ -124,9 +130,10 @@ class Sessions:
                 sessions = self.of(username)
                 if not sessions:
                     continue
+                lookup = defer.ensureDeferred(self._directory.resolve(sessions[0].dn))
                 try:
-                    account = await self._directory.resolve(sessions[0].dn)
-                except DirectoryUnavailable:
+                    account = await lookup.addTimeout(self._lookup_limit, self._clock)
+                except (DirectoryUnavailable, defer.TimeoutError):
                     return  # keep serving; try again next round
                 try:
                     await self._check(username, account)

@@ -323,3 +323,23 @@ def test_a_busy_pool_is_not_an_unreachable_directory(directory):
     assert not directory.answering()
     for connection in held:
         search.release(connection)
+
+
+def test_readiness_names_a_pool_that_cannot_serve(directory):
+    """/health/ready: a connection held far longer than any operation may
+    take makes the node not ready, whatever the directory does."""
+    from types import SimpleNamespace
+
+    from proxy.service import Daemon
+
+    config = SimpleNamespace(listeners=[], directory=directory.config)
+    daemon = SimpleNamespace(listeners=[], config=config, _reactor=directory.clock,
+                             authenticator=None, directory=directory)
+    assert Daemon.not_ready(daemon) == []
+    held = outcome_value(run(directory._search.acquire()))
+    directory.clock.advance(TIMEOUT * 5)
+    assert directory.up()  # nothing failed: the pool alone is stuck
+    assert Daemon.not_ready(daemon) == [
+        "directory-search: 1 connection(s) held for more than 20 s"]
+    directory._search.release(held)
+    assert Daemon.not_ready(daemon) == []
