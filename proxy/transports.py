@@ -32,6 +32,12 @@ from proxy.wire import addresses
 # connection is aborted. A client that answers TLS's close alert does so
 # within a round trip; one that does not gets this long.
 CLOSE_GRACE = 2.0
+# What is still read from a client after its goodbye (TLS reads on, for the
+# client's close alert): enough for that alert behind what was already on
+# its way, not the stream a condemned client may keep pouring in until the
+# deadline, every byte of it decrypted and dropped. Past this, the one who
+# hangs up stops reading; the deadline then ends the connection.
+AFTER_GOODBYE = 64 * 1024
 
 
 def pending_output(transport: Any) -> int:

@@ -23,7 +23,7 @@ from proxy.backends import splice
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.tls import faster_tls
-from proxy.transports import hang_up, write_now
+from proxy.transports import AFTER_GOODBYE, hang_up, write_now
 from proxy.wire import sasl
 from proxy.wire.lines import LineReader, TooLong
 
@@ -185,6 +185,7 @@ class ListenerConnection:
         self.password_changed_at = None
         self._touched = 0.0
         self._deadline = None
+        self._after_goodbye = 0
 
     def _enter(self, refusal: bytes) -> bool:
         """Count this connection; False (and the client told ``refusal``) past
@@ -224,6 +225,14 @@ class ListenerConnection:
     password_changed_at: float | None = None
 
     _touched = 0.0
+    _after_goodbye = 0
+
+    def _dropped(self, data: bytes) -> None:
+        """Bytes that came after the goodbye: dropped unread, and past
+        :data:`proxy.transports.AFTER_GOODBYE` not read at all."""
+        self._after_goodbye += len(data)
+        if self._after_goodbye > AFTER_GOODBYE and self.transport is not None:
+            self.transport.pauseProducing()
 
     def _past_login(self) -> bool:
         """Whether the idle timeout applies (not the login deadline)."""
@@ -603,6 +612,7 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
+            self._dropped(data)
             return
         self._touch()
         if self.backend is not None:

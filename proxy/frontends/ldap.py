@@ -461,6 +461,7 @@ class LDAPServer(ListenerConnection, Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self.session is None:
+            self._dropped(data)
             return
         self._touch()
         actions = self.session.feed(data)

@@ -34,6 +34,7 @@ def proxy(slapd, dovecot, tmp_path_factory):
                  "max_connections_per_source": 1000},
         "imap": dict(imap, **plain),
         "imaps": dict(imap, tls="implicit"),
+        "ldaps": {"protocol": "ldap", "realm": "cloud", "tls": "implicit"},
     })
     daemon.start()
     yield daemon
@@ -129,6 +130,37 @@ def test_the_login_timeout_is_a_deadline_from_connect(proxy, listener, data):
     sock.close()
 
 
+@pytest.mark.integration
+def test_a_refused_client_is_read_no_further(proxy):
+    """An LDAPS message of 2 GiB is refused at its header; the client then
+    pours bytes in. TLS reads on after the goodbye only for the client's
+    close alert: a little more, then not at all, so what the client gets
+    into the connection is bounded by the sockets' buffers, not by how
+    fast it sends until the close deadline (it was 16 MB and more)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(proxy.pki.ca_file))
+    raw = socket.create_connection(("127.0.0.1", proxy.ports["ldaps"]), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    sock.sendall(b"\x30\x84\x7f\xff\xff\xff")
+    time.sleep(0.2)  # refused: the notice, then the close alert
+    sock.setblocking(False)
+    junk, sent = b"\x02" * 16384, 0
+    until = time.monotonic() + 1.5  # within the close deadline (2 s)
+    while time.monotonic() < until:
+        try:
+            sent += sock.send(junk)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            time.sleep(0.01)
+        except OSError:
+            break
+    print(f"the proxy took {sent:,} bytes after refusing")
+    assert sent < 8 * 1024 * 1024
+    sock.close()
+
+
+# -- memory before login ------------------------------------------------------------------
 # -- memory before login ------------------------------------------------------------------
 
 

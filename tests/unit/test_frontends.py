@@ -269,6 +269,32 @@ def test_ldap_malformed_bytes_end_only_that_connection(core):
     assert messages(other_client.take())[0].value.resultCode == 0
 
 
+@pytest.mark.parametrize("protocol, goodbye", [
+    ("ldap", b"\x30\x84\x7f\xff\xff\xff"),  # a message of 2 GiB: refused at once
+    ("imap", None), ("pop3", None), ("smtp", None),  # None: the daemon stops
+])
+def test_after_the_goodbye_little_more_is_read(core, protocol, goodbye):
+    """TLS reads on after the goodbye, for the client's close alert; a client
+    that pours bytes in instead is read no further than AFTER_GOODBYE."""
+    from proxy.transports import AFTER_GOODBYE
+
+    server, client, _ = connect(core, protocol)
+    paused = []
+    client.pauseProducing = lambda: paused.append(True)  # StringTransport refuses once closing
+    if goodbye is None:
+        server.shut_down()
+    else:
+        server.dataReceived(goodbye)
+    assert client.disconnecting and not paused
+    server.dataReceived(b"\x15\x03\x03\x00\x1a" + b"x" * 26)  # what a close alert costs
+    assert not paused
+    sent = 0
+    while not paused and sent < 100 * AFTER_GOODBYE:
+        server.dataReceived(b"x" * 16384)
+        sent += 16384
+    assert paused and sent <= AFTER_GOODBYE + 16384
+
+
 def test_answers_arriving_during_a_new_bind_are_still_filtered(core):
     """An app-password session's search is answered while the client has
     begun another bind: the answers are filtered by how the directory
