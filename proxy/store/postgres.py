@@ -199,6 +199,7 @@ _CONFIGURATION_WORDS = (
     "no password supplied",  # the server asks for one: store.password_file
     "SSL was required",
     "certificate",  # verify failed, a CA file that cannot be read
+    "invalid",  # a value in the URL (sslmode=...) libpq does not take
 )
 
 

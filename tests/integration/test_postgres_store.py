@@ -83,7 +83,8 @@ def test_a_wrong_password_or_an_unreachable_server_is_a_clear_error(postgres, da
     assert "cannot connect" in str(refused.value) and "wrong" not in str(refused.value)
     assert not isinstance(refused.value, StoreUnavailable)
     with pytest.raises(StoreError, match="does not exist") as missing:
-        PostgresStore(database + "_missing", password=postgres.password, timeout=3)
+        PostgresStore(database.replace("?", "_missing?"), password=postgres.password,
+                      timeout=3)
     assert not isinstance(missing.value, StoreUnavailable)
     nowhere = database.replace(f":{postgres.port}/", ":1/")
     started = time.monotonic()

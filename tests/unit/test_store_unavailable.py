@@ -39,6 +39,7 @@ def test_what_waiting_can_mend_is_temporary(text):
     AT + "fe_sendauth: no password supplied",
     AT + "server does not support SSL, but SSL was required",
     AT + "SSL error: certificate verify failed",
+    'connection is bad: invalid sslmode value: "disabled"',
 ])
 def test_what_needs_a_person_is_configuration(text):
     assert not unavailable(psycopg.OperationalError(text))
