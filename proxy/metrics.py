@@ -123,6 +123,18 @@ def counter(name: str, documentation: str, labels: list[str],
 # -- the web side -------------------------------------------------------------------------
 
 
+class NoServerHeader:
+    """Mixed into a twisted.web ``Request``: answers without the ``Server:
+    TwistedWeb/VERSION`` header Twisted puts on every one (as nginx's
+    ``server_tokens off``): which version of what runs here is no one's
+    business. Used by this listener and the portal."""
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:  # type: ignore[attr-defined]
+            self.responseHeaders.removeHeader(b"Server")  # type: ignore[attr-defined]
+        super().write(data)  # type: ignore[misc]
+
+
 class _Metrics(Resource):
     """/metrics, rendered on the reactor thread: the state it reads (the
     daemon's connections, pools, throttle) is only ever touched there.
@@ -159,7 +171,10 @@ class _Health(Resource):
 def site(metrics: Metrics, ready: Callable[[], list[str]]) -> Any:
     """The metrics listener's site: /metrics, /health/live, /health/ready
     (``ready()`` lists what is wrong; empty when ready)."""
-    from twisted.web.server import Site
+    from twisted.web.server import Request, Site
+
+    class _Request(NoServerHeader, Request):
+        pass
 
     root = Resource()
     root.putChild(b"metrics", _Metrics(metrics.registry))
@@ -167,7 +182,7 @@ def site(metrics: Metrics, ready: Callable[[], list[str]]) -> Any:
     health.putChild(b"live", _Health(lambda: []))
     health.putChild(b"ready", _Health(ready))
     root.putChild(b"health", health)
-    factory = Site(root)
+    factory = Site(root, requestFactory=_Request)
     factory.noisy = False
     factory.displayTracebacks = False
     # No access log: scrapes every few seconds are noise, not an event.

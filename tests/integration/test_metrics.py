@@ -38,6 +38,16 @@ def curl(proxy, path):
     return int(code), body
 
 
+@pytest.mark.integration
+def test_no_answer_names_the_server_software(proxy):
+    for path in ("/metrics", "/health/live", "/nothing"):
+        done = subprocess.run([require_tool("curl"), "-sS", "-D", "-", "-o", "/dev/null",
+                               f"http://127.0.0.1:{proxy.metrics_port}{path}"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.startswith("HTTP/1.1 "), done.stderr
+        assert "server:" not in done.stdout.lower() and "twisted" not in done.stdout.lower(), done.stdout
+
+
 def value(text, name, **labels):
     """The sum of a family's samples whose labels include ``labels``."""
     total, found = 0.0, False

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import imaplib
 import json
+import os
 import ssl
+import subprocess
 import time
 import urllib.parse
 
@@ -355,6 +357,44 @@ def test_forms_are_protected_and_pages_are_strict(proxy, slapd, unique, browser)
     assert [a["name"] for a in listed] == ["scanner"]
     # Out of scope from 127.0.0.1.
     assert not imap_login(proxy, uid, b.text("#secret"))
+
+
+def portal_curl(proxy, tmp_path, *args: str, path: str = "/sign-in"):
+    """curl on the portal: (curl's exit code, the status, the headers, stderr)."""
+    headers = tmp_path / "headers"
+    done = subprocess.run([require_tool("curl"), "-sS", "--cacert", str(proxy.pki.ca_file),
+                           "-D", str(headers), "-o", os.devnull, "-w", "%{http_code}", *args,
+                           f"https://127.0.0.1:{proxy.ports['portal']}{path}"],
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, headers.read_text() if headers.exists() else "", done.stderr
+
+
+@pytest.mark.integration
+def test_no_answer_names_the_server_software(proxy, tmp_path):
+    code, status, headers, err = portal_curl(proxy, tmp_path)
+    assert code == 0 and status == "200", err
+    assert "server:" not in headers.lower() and "twisted" not in headers.lower(), headers
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("size, extra", [
+    (500_000, []),  # read and dropped, then answered
+    (4 << 20, []),  # curl asks for "100 Continue": answered at once, no body sent
+    (4 << 20, ["-H", "Expect:"]),  # answered at once while the body comes
+    (4 << 20, ["-H", "Transfer-Encoding: chunked"]),  # answered once 1 MiB has come
+])
+def test_a_body_too_large_is_answered_413_and_the_connection_closed_cleanly(proxy, tmp_path, size,
+                                                                            extra):
+    """docs/portal.md: 413, whatever the size; curl gets the whole answer and
+    no reset (its exit code would say so)."""
+    body = tmp_path / "body"
+    body.write_bytes(b"x=" + b"a" * size)
+    started = time.monotonic()
+    code, status, headers, err = portal_curl(proxy, tmp_path, "--data-binary", f"@{body}", *extra,
+                                             path="/app-passwords")
+    assert (code, status) == (0, "413"), err
+    assert "content-security-policy" in headers.lower() and "server:" not in headers.lower()
+    assert time.monotonic() - started < 10
 
 
 def test_a_page_session_ends_when_the_password_changes(proxy, slapd, unique, browser):
