@@ -42,6 +42,7 @@ from proxy.portal.websessions import COOKIE, CSRF_COOKIE, WebSession, WebSession
 from proxy.store import PROTOCOLS, STOPPED_REASONS, AppPassword, LimitReached, MfaState, NameTaken, StoreError
 from proxy.threads import Busy
 from proxy.transports import AFTER_GOODBYE, hang_up
+from proxy.wire.text import printable
 
 log = Logger(namespace="legacy_auth_proxy.portal")
 
@@ -231,6 +232,10 @@ class Portal:
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
+            # Every text a page shows, escaped for people too: an address
+            # or a name from the store or the audit file (an old row, a
+            # balancer's header) may hold controls or bidirectional overrides.
+            finalize=lambda value: printable(value) if type(value) is str else value,
             undefined=jinja2.StrictUndefined,
             auto_reload=False,
             cache_size=-1,

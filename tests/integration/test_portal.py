@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import json
 import os
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -395,6 +396,26 @@ def test_a_body_too_large_is_answered_413_and_the_connection_closed_cleanly(prox
     assert (code, status) == (0, "413"), err
     assert "content-security-policy" in headers.lower() and "server:" not in headers.lower()
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
+def test_what_the_store_and_audit_hold_is_shown_escaped(proxy, slapd, unique, browser):
+    """A last-used address with an escape sequence and a line break (an old
+    row, or a balancer's header before zone ids were refused) is shown as
+    escapes on the user's page."""
+    uid = unique("portal")
+    slapd.add_user(uid, PRIMARY)
+    b = browser()
+    enrol(b, uid)
+    proxy.create_app_password(uid, "laptop")
+    db = sqlite3.connect(proxy.folder / "store.sqlite3")
+    with db:
+        db.execute("UPDATE app_passwords SET last_used_at = 1794787200, last_used_address = ?,"
+                   " last_used_protocol = 'imap' WHERE username = ?", ("fe80::1%\x1b[31mZONE\nX", uid))
+    db.close()
+    b.open("/")
+    assert "from fe80::1%\\x1b[31mZONE\\x0aX over IMAP" in b.text()
+    assert "\x1b" not in b.driver.page_source
 
 
 def test_a_page_session_ends_when_the_password_changes(proxy, slapd, unique, browser):
