@@ -495,8 +495,8 @@ class Authenticator:
         key, address = account.key, attempt.client_address
         if self._fleet_lockouts:
             self._impose_fleet_lockouts(account)
-        if self.throttle.locked(key, address):
-            return None
+        if not self.throttle.admits(key, address, attempt.secret):
+            return None  # locked, or as many guesses under way as would lock it
         record = self._app_cache.get(apppasswords.lookup_key(self._pepper, account.username, secret))
         if (record is None or record.stopped(now, self.policy.app_password_idle_expiry) is not None
                 or not record.allows(attempt.protocol) or not record.allows_from(address)):
@@ -576,12 +576,29 @@ class Authenticator:
             self._impose_fleet_lockouts(account)
         if self.throttle.locked(key, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
+        # The secret is counted before it is checked, whichever check it
+        # meets (the app-password store, the directory): with the checks
+        # under way, one that could pass the lockout is not made at all.
+        reservation = self.throttle.reserve(key, attempt.client_address, attempt.secret)
+        if reservation is None:
+            return Decision(Reason.LOCKED_OUT, account.username, account)
+        try:
+            return await self._check(attempt, account, app_password_form, stale,
+                                     reservation.order)
+        finally:
+            reservation.release()
+
+    async def _check(self, attempt: Attempt, account: Account, app_password_form: str | None,
+                     stale: bool, since: int) -> Decision:
+        """The secret against the account: an app password, or the primary
+        password. ``since``: when the check began, in the throttle's order."""
+        key = account.key
         if attempt.realm == "cloud" and attempt.legacy:
             if app_password_form is not None:
                 decided = await self._app_password(attempt, account, app_password_form)
                 if decided is not None:
                     if decided.accepted:
-                        self.throttle.succeeded(key, attempt.client_address)
+                        self.throttle.succeeded(key, attempt.client_address, since)
                     return decided
             if stale:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
@@ -590,7 +607,7 @@ class Authenticator:
                 # Often the user's right password: counted here, never stored.
                 self.throttle.failed(key, attempt.client_address, attempt.secret, share=False)
                 return Decision(Reason.MFA_REQUIRED, account.username, account)
-        return await self._primary(attempt, account, key)
+        return await self._primary(attempt, account, key, since)
 
     async def _user(self, username: str) -> Any:
         """The user's state in the store (MFA), kept for ``directory.account_cache``
@@ -750,7 +767,7 @@ class Authenticator:
 
     # -- primary passwords -----------------------------------------------------------
 
-    async def _primary(self, attempt: Attempt, account: Account, key: str) -> Decision:
+    async def _primary(self, attempt: Attempt, account: Account, key: str, since: int) -> Decision:
         cache_key = hmac.digest(
             self._cache_key,
             account.dn.encode() + b"\x00" + attempt.secret.encode("utf-8", "surrogateescape"),
@@ -761,23 +778,17 @@ class Authenticator:
             self.metrics.cache("primary", hit)
         if hit:
             if not attempt.second_factor:
-                self.throttle.succeeded(key, attempt.client_address)
+                self.throttle.succeeded(key, attempt.client_address, since)
             return Decision(Reason.PRIMARY, account.username, account)
         if self.throttle.recently_failed(key, attempt.client_address, attempt.secret):
             # The same wrong secret again: answered without asking the
             # directory, whose own lockout would otherwise count every retry.
             self.throttle.failed(key, attempt.client_address, attempt.secret)
             return Decision(Reason.WRONG_SECRET, account.username, account)
-        reservation = self.throttle.reserve(key, attempt.client_address, attempt.secret)
-        if reservation is None:
-            # As many other guesses are being checked as would lock the account.
-            return Decision(Reason.LOCKED_OUT, account.username, account)
         try:
             accepted = await self._directory.check_password(account.dn, attempt.secret)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
-        finally:
-            reservation.release()
         if not accepted:
             self.throttle.failed(key, attempt.client_address, attempt.secret, upstream=True)
             return Decision(Reason.WRONG_SECRET, account.username, account)
@@ -785,7 +796,7 @@ class Authenticator:
         # the directory makes the entry worthless.
         self._primary_cache.put(cache_key, account.password_changed_at or 0.0, user=account.username)
         if not attempt.second_factor:
-            self.throttle.succeeded(key, attempt.client_address)
+            self.throttle.succeeded(key, attempt.client_address, since)
         return Decision(Reason.PRIMARY, account.username, account)
 
     # -- audit ---------------------------------------------------------------------

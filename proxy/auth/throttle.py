@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -68,20 +69,30 @@ class _Bounded(Generic[K, V]):
 
 
 @attrs.define
+class _Failure:
+    when: float
+    order: int  # when it was counted, in the Throttle's order of events
+    source: str
+
+
+@attrs.define
 class _Bucket:
-    failures: dict[bytes, float] = attrs.Factory(dict)  # digest → when
+    failures: dict[bytes, _Failure] = attrs.Factory(dict)  # by the secret's digest
     recent: deque[bytes] = attrs.Factory(deque)
     refused_upstream: deque[bytes] = attrs.Factory(deque)  # wrong by the directory's word
     locked_until: float = 0.0
     lockouts: int = 0
     last_failure: float = 0.0
-    checking: dict[bytes, int] = attrs.Factory(dict)  # digest → checks under way
 
 
 @attrs.define
 class _Account:
     familiar: OrderedDict[str, float] = attrs.Factory(OrderedDict)
     buckets: dict[bool, _Bucket] = attrs.Factory(lambda: {True: _Bucket(), False: _Bucket()})
+    # Checks under way, by (source, digest): counted against the place their
+    # source counts under *now*, so a source that becomes familiar while its
+    # guesses are being checked takes them along.
+    checking: dict[tuple[str, bytes], int] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -92,20 +103,29 @@ class _Source:
 
 @attrs.define
 class Reservation:
-    """A directory check under way, counted by :meth:`Throttle.reserve`."""
+    """A secret being checked, counted by :meth:`Throttle.reserve` until
+    :meth:`release`; ``order`` is when the check began."""
 
-    bucket: _Bucket | None
-    digest: bytes
+    account: _Account | None
+    key: tuple[str, bytes]
+    order: int
 
     def release(self) -> None:
-        if self.bucket is None:
+        if self.account is None:
             return
-        left = self.bucket.checking.get(self.digest, 0) - 1
+        checking = self.account.checking
+        left = checking.get(self.key, 0) - 1
         if left > 0:
-            self.bucket.checking[self.digest] = left
+            checking[self.key] = left
         else:
-            self.bucket.checking.pop(self.digest, None)
-        self.bucket = None
+            checking.pop(self.key, None)
+        self.account = None
+
+
+def lockout_length(config: ThrottleConfig, lockouts: int) -> float:
+    """How long the account is locked after ``lockouts`` earlier lockouts:
+    ``lockout``, doubling on each repeat up to ``lockout_max``."""
+    return min(config.lockout * 2 ** min(lockouts, 30), config.lockout_max)
 
 
 class Throttle:
@@ -127,6 +147,7 @@ class Throttle:
         self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
         self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
+        self._order = itertools.count(1)
 
     # -- sources ---------------------------------------------------------------
 
@@ -176,20 +197,6 @@ class Throttle:
             self._key, account.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"), hashlib.sha256
         )
 
-    def _bucket(self, account: str, address: str) -> _Bucket | None:
-        found = self._place(account, address)
-        return None if found is None else found[0]
-
-    def _place(self, account: str, address: str) -> tuple[_Bucket, bool] | None:
-        """The account's counter for the kind of place ``address`` is (one
-        it signed in from before, or another), and which kind it is."""
-        source = self.source(address)
-        if source is None:
-            return None
-        state = self._table(account).get(account)
-        familiar = source in state.familiar
-        return state.buckets[familiar], familiar
-
     def locked(self, account: str, address: str) -> float:
         """Seconds the account stays locked for this source; 0 if it is not."""
         source = self.source(address)
@@ -235,40 +242,76 @@ class Throttle:
         return self.digest(account, secret) in bucket.refused_upstream
 
     def reserve(self, account: str, address: str, secret: str) -> Reservation | None:
-        """Count a secret about to be checked by the directory before the
-        check is made: None if, with the checks already under way, it could
-        take the account past its lockout (the check must not be made).
-        Concurrent guesses therefore reach the directory no more often than
-        sequential ones. Release the reservation when the answer is in."""
-        bucket = self._bucket(account, address)
-        if bucket is None:
-            return Reservation(None, b"")
+        """Count a secret about to be checked (by the directory, or against
+        the app-password store) before the check is made: None if, with the
+        checks already under way, it could take the account past its lockout
+        (the check must not be made). Concurrent guesses therefore reach a
+        check no more often than sequential ones, in whatever order their
+        answers come. Release the reservation when the outcome is counted."""
+        source = self.source(address)
+        if source is None:
+            return Reservation(None, ("", b""), next(self._order))
+        state = self._table(account).get(account)
+        familiar = source in state.familiar
+        bucket = state.buckets[familiar]
         now = self._clock()
         if bucket.locked_until > now:
             return None  # locked while this attempt was on its way
         self._forget_old(bucket, now)
         digest = self.digest(account, secret)
-        new = digest not in bucket.failures and digest not in bucket.recent \
-            and digest not in bucket.checking
-        if new and len(bucket.failures) + len(bucket.checking) >= self.config.account_failures:
+        counted = self._counted(state, familiar)
+        if digest not in counted and digest not in bucket.recent \
+                and len(counted) >= self.config.account_failures:
             return None
-        bucket.checking[digest] = bucket.checking.get(digest, 0) + 1
-        return Reservation(bucket, digest)
+        key = (source, digest)
+        state.checking[key] = state.checking.get(key, 0) + 1
+        return Reservation(state, key, next(self._order))
+
+    def admits(self, account: str, address: str, secret: str) -> bool:
+        """Whether a check of ``secret`` would be reserved now (a decision
+        made at once, from memory, must respect the same budget). Cheap
+        while the account has no failures to speak of."""
+        source = self.source(address)
+        state = self._table(account).peek(account)
+        if source is None or state is None:
+            return True
+        familiar = source in state.familiar
+        bucket = state.buckets[familiar]
+        if bucket.locked_until > self._clock():
+            return False
+        if len(bucket.failures) + len(state.checking) < self.config.account_failures:
+            return True
+        digest = self.digest(account, secret)
+        counted = self._counted(state, familiar)
+        return digest in counted or digest in bucket.recent \
+            or len(counted) < self.config.account_failures
+
+    @staticmethod
+    def _counted(state: _Account, familiar: bool) -> set[bytes]:
+        """The distinct secrets that count against a place now: its
+        failures, and the checks under way from sources counted there."""
+        counted = set(state.buckets[familiar].failures)
+        for source, digest in state.checking:
+            if (source in state.familiar) == familiar:
+                counted.add(digest)
+        return counted
 
     def _forget_old(self, bucket: _Bucket, now: float) -> None:
         window = self.config.failure_window
-        for digest, when in list(bucket.failures.items()):
-            if now - when > window:
+        for digest, failure in list(bucket.failures.items()):
+            if now - failure.when > window:
                 del bucket.failures[digest]
 
     def failed(self, account: str, address: str, secret: str, upstream: bool = False,
                share: bool = True) -> bool:
         """Count a wrong secret (``upstream``: the directory said so); True if
         this failure locked the account. ``share``: also tell ``on_failure``."""
-        place = self._place(account, address)
-        if place is None:
+        source = self.source(address)
+        if source is None:
             return False
-        bucket, familiar = place
+        state = self._table(account).get(account)
+        familiar = source in state.familiar
+        bucket = state.buckets[familiar]
         if upstream:
             digest = self.digest(account, secret)
             if digest not in bucket.refused_upstream:
@@ -288,13 +331,15 @@ class Throttle:
             bucket.recent.append(digest)
             while len(bucket.recent) > self.config.ignore_repeats:
                 bucket.recent.popleft()
-        bucket.failures[digest] = now
+        bucket.failures[digest] = _Failure(now, next(self._order), source)
         if self.on_failure is not None and share:
             self.on_failure(account, familiar, digest, now)
+        return self._lock_if_full(bucket, now)
+
+    def _lock_if_full(self, bucket: _Bucket, now: float) -> bool:
         if len(bucket.failures) < self.config.account_failures:
             return False
-        length = self.config.lockout * 2 ** min(bucket.lockouts, 30)
-        bucket.locked_until = now + min(length, self.config.lockout_max)
+        bucket.locked_until = now + lockout_length(self.config, bucket.lockouts)
         bucket.lockouts += 1
         self._lockouts[id(bucket)] = bucket.locked_until
         bucket.failures.clear()
@@ -307,18 +352,42 @@ class Throttle:
             del self._lockouts[key]
         return len(self._lockouts)
 
-    def succeeded(self, account: str, address: str) -> None:
-        """A sign-in worked: the source becomes familiar, its counters start over."""
+    def succeeded(self, account: str, address: str, since: int | None = None) -> None:
+        """A sign-in worked: the source becomes familiar, and that place
+        forgives the failures counted before the sign-in's check began
+        (``since``, a :class:`Reservation`'s order; None: now). Failures
+        counted while it was under way, and checks still under way, are
+        guesses made beside it: they stay counted, so a right secret
+        among a burst of guesses does not open the way for more."""
         source = self.source(address)
         if source is None:
             return
+        now = self._clock()
+        since = next(self._order) if since is None else since
         state = self._table(account).get(account)
-        familiar = source in state.familiar
-        state.familiar[source] = self._clock()
+        was_familiar = source in state.familiar
+        state.familiar[source] = now
         state.familiar.move_to_end(source)
         while len(state.familiar) > FAMILIAR_SOURCES:
             state.familiar.popitem(last=False)
-        if familiar:
-            # A success from a familiar place clears that place's counter; one
-            # from elsewhere leaves the familiar counter as it is.
-            state.buckets[True] = _Bucket()
+        home = state.buckets[True]
+        if was_familiar:
+            if home.locked_until > now:
+                return  # locked by guesses made beside this sign-in
+            kept = {d: f for d, f in home.failures.items() if f.order > since}
+            self._lockouts.pop(id(home), None)
+            state.buckets[True] = _Bucket(
+                failures=kept,
+                recent=deque(d for d in home.recent if d in kept),
+                refused_upstream=deque(d for d in home.refused_upstream if d in kept),
+                last_failure=home.last_failure,
+            )
+        else:
+            # A new familiar place: its guesses made beside this sign-in go
+            # with it; a success from elsewhere leaves the familiar counter
+            # as it is otherwise.
+            for digest, failure in state.buckets[False].failures.items():
+                if failure.source == source and failure.order > since:
+                    home.failures.setdefault(digest, failure)
+            if home.locked_until <= now:
+                self._lock_if_full(home, now)
