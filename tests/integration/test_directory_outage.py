@@ -193,6 +193,9 @@ def test_a_stall_under_hundreds_of_waiting_sign_ins_is_survived(daemon, slapd, u
             # Answered as the directory's timeouts run out, not when it comes back.
             all_answered = waiting.collect(timeout=10 * TIMEOUT)
             assert health(daemon, "/health/ready") == (200, "ok")  # within the outage grace
+            # The outage goes on a while: long enough for the pools' new
+            # connections to time out while being prepared (StartTLS, bind).
+            time.sleep(3 * TIMEOUT)
         finally:
             os.kill(pid, signal.SIGCONT)
         if not all_answered:
