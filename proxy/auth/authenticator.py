@@ -60,6 +60,8 @@ class DirectoryLike(Protocol):
 
     async def check_password(self, dn: str, password: str) -> bool: ...
 
+    def answering(self) -> bool: ...
+
 
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:256]
@@ -556,8 +558,12 @@ class Authenticator:
         try:
             account = await self._account(name.strip())
         except DirectoryUnavailable:
+            # The outage grace is for a directory out of reach, never for one
+            # that answers while only the proxy's connections are busy: an
+            # account it disabled meanwhile must not sign in on old news.
             remembered = self._remembered(name.strip())
-            if attempt.realm != "cloud" or app_password_form is None or remembered is None:
+            if (attempt.realm != "cloud" or app_password_form is None or remembered is None
+                    or self._directory.answering()):
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
             account, stale = remembered, True
         if account is None:

@@ -51,6 +51,7 @@ class FakeDirectory:
         self.accounts: dict[str, Account] = {}
         self.passwords: dict[str, str] = {}
         self.down = False
+        self.busy = False  # with down: calls fail, but the directory itself answers
         self.gate: Deferred[None] | None = None
         self.checks = 0
         self.resolves = 0
@@ -65,6 +66,9 @@ class FakeDirectory:
         account = attrs.evolve(self.accounts[uid], **fields)
         self.accounts[uid] = account
         return account
+
+    def answering(self) -> bool:
+        return not self.down or self.busy
 
     async def resolve(self, username: str) -> Account | None:
         self.resolves += 1

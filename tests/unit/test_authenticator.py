@@ -196,6 +196,20 @@ def test_an_outage_keeps_app_passwords_of_accounts_seen_active(core):
     assert decide(core, "alice", alice).outcome is Outcome.TEMPORARY_FAILURE
 
 
+def test_the_outage_grace_is_not_for_a_directory_that_answers(core):
+    """Calls that fail because the proxy's connections are busy, while the
+    directory answers: what it said before is not used (the account may have
+    been disabled since)."""
+    core.build(outage_grace=3600)
+    core.directory.add("alice", PRIMARY)
+    alice = core.admin.create("alice", "phone").secret
+    assert decide(core, "alice", alice).accepted
+    core.directory.down = core.directory.busy = True
+    assert decide(core, "alice", alice).reason is Reason.DIRECTORY_UNAVAILABLE
+    core.directory.busy = False  # out of reach: the grace applies
+    assert decide(core, "alice", alice).reason is Reason.APP_PASSWORD
+
+
 def test_blocking_legacy_authentication_and_revoking_everyone(core):
     core.build()
     core.directory.add("alice", PRIMARY)

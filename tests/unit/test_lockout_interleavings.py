@@ -55,6 +55,9 @@ class ScriptedDirectory:
         self.passwords[account.dn] = password
         return account
 
+    def answering(self) -> bool:
+        return True
+
     def resolve(self, username: str) -> Deferred:
         d: Deferred = Deferred()
         self.pending.append((d, self.accounts.get(username.lower())))
