@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from proxy.apppasswords import canonical_username
 from proxy.config import DirectoryConfig
 from proxy.transports import tcp_endpoint
+from proxy.wire.dn import normalise_dn
 from proxy.tls import client_options
 
 log = Logger(namespace="legacy_auth_proxy.directory")
@@ -91,14 +92,6 @@ def escape_filter_value(value: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def normalise_dn(dn: str) -> str:
-    """A comparable form of a DN: ldaptor's parsing, then lowercase."""
-    try:
-        return DistinguishedName(dn).getText().lower()
-    except Exception:
-        return dn.strip().lower()
 
 
 def parse_password_changed(value: bytes) -> float | None:

@@ -24,10 +24,10 @@ from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.backends import backend_endpoint
+from proxy.backends.ldap import Upstream
 from proxy import protocols
 from proxy.metrics import Metrics, counter, gauge, site
 from proxy.frontends.base import PreLoginBudget
-from proxy.frontends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.tls import ServerTLS, TLSFilesError
 from proxy.transports import ProxyHeaderFactory, listen_reusing_port

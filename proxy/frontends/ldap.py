@@ -28,11 +28,10 @@ from proxy.backends.ldap import (
     OWN_ID,
     DirectorySession,
     UpstreamLDAP,
+    Upstream,
     UpstreamRefused,
     open_upstream,
 )
-from proxy.config import DirectoryConfig
-from proxy.directory import normalise_dn
 from proxy.tls import faster_tls
 from proxy.transports import write_now
 from proxy.wire import ber
@@ -45,49 +44,6 @@ from proxy.frontends.base import (
 )
 
 log = Logger(namespace="legacy_auth_proxy.frontends.ldap")
-
-
-@attrs.define
-class Upstream:
-    """How sessions reach the directory."""
-
-    reactor: Any
-    config: DirectoryConfig
-    endpoint: Any
-    start_tls: Any | None  # client TLS options when StartTLS is wanted
-    service_password: str = attrs.field(repr=False)
-    search_password: str = attrs.field(default="", repr=False)
-    # The accounts whose own entries app-password sessions never see.
-    hidden: frozenset[str] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.hidden = frozenset(
-            normalise_dn(dn) for dn in (self.config.bind_dn, self.config.search_bind_dn) if dn
-        )
-
-    def password_of(self, dn: str | None) -> str:
-        """The password of an account the proxy binds as for app-password
-        sessions (the core says which)."""
-        if dn == self.config.bind_dn:
-            return self.service_password
-        if dn is not None and dn == self.config.search_bind_dn:
-            return self.search_password
-        return ""
-
-    def reads_for_others(self, dn: str | None) -> bool:
-        """Whether a connection bound as ``dn`` reads for app-password
-        sessions (the service or search account), whose answers are filtered."""
-        return dn is not None and normalise_dn(dn) in self.hidden
-
-    def is_hidden(self, name: bytes) -> bool:
-        text = name.decode("utf-8", "replace").lower()
-        return any(h.split(",", 1)[0] in text.replace(" ", "") for h in self.hidden) \
-            and normalise_dn(text) in self.hidden
-
-    async def open(self, dn: str | None, password: str) -> UpstreamLDAP:
-        return await open_upstream(
-            self.reactor, self.endpoint, self.start_tls, dn, password, self.config.timeout
-        )
 
 
 # -- the session as a state machine ---------------------------------------------------

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 from ldaptor.ldapfilter import parseFilter
 
-from proxy.directory import escape_filter_value, looks_like_dn, normalise_dn, parse_password_changed
+from proxy.directory import escape_filter_value, looks_like_dn, parse_password_changed
+from proxy.wire.dn import normalise_dn
 
 
 @pytest.mark.parametrize("raw, escaped", [

@@ -15,7 +15,7 @@ from proxy import protocols
 from proxy.backends import BackendConnection
 from proxy.backends.ldap import UpstreamLDAP
 from proxy.config import ListenerConfig
-from proxy.frontends.ldap import Upstream
+from proxy.backends.ldap import Upstream
 from proxy.sessions import Sessions
 from proxy.wire import ber
 from tests.unit.fakes import Core
