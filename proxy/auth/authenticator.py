@@ -35,6 +35,7 @@ from proxy import apppasswords
 from proxy.auth import NOT_GUESSES, Attempt, Decision, Outcome, Reason
 from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
+from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
 from proxy.store import AppPassword, Change, MfaState, StoreError
@@ -76,65 +77,6 @@ def _one_word(text: str) -> str:
         c if c.isalnum() or c in "._@+-" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
         for c in text[:256]
     )
-
-
-class UsageRecorder:
-    """Coalesces last-used updates: at most one store write per app password
-    per ``interval``; uses in between are added up and written later."""
-
-    def __init__(self, clock: Any, store: Any, interval: float) -> None:
-        self._clock = clock
-        self._store = store
-        self._interval = interval
-        self._written: dict[str, float] = {}
-        self._pending: dict[str, tuple[float, str | None, str, int]] = {}
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = clock
-        self.writes = 0
-
-    def start(self) -> None:
-        if self._interval > 0:
-            self._loop.start(self._interval, now=False)
-
-    def stop(self) -> Deferred[Any]:
-        if self._loop.running:
-            self._loop.stop()
-        return self.flush()
-
-    def used(self, id: str, at: float, address: str | None, protocol: str) -> None:
-        _, _, _, count = self._pending.get(id, (0.0, None, "", 0))
-        self._pending[id] = (at, address, protocol, count + 1)
-        if at - self._written.get(id, float("-inf")) >= self._interval:
-            self._write(id)
-
-    def forget(self, id: str) -> None:
-        self._pending.pop(id, None)
-        self._written.pop(id, None)
-
-    def _write(self, id: str) -> Deferred[Any]:
-        at, address, protocol, count = self._pending.pop(id)
-        self._written[id] = self._clock.seconds()
-        self.writes += 1
-        d = self._store.record_use(id, at, address, protocol, count)
-        return d.addErrback(self._not_recorded, id)
-
-    @staticmethod
-    def _not_recorded(failure: Any, id: str) -> None:
-        """Sign-ins go on when the store cannot take a write (locked, disk
-        full): the last use is written next time."""
-        if failure.check(StoreError):
-            log.warn("cannot record the use of {id}: {error}", id=id, error=str(failure.value))
-        else:
-            log.failure("cannot record the use of {id}", failure, id=id)
-
-    def flush(self) -> Deferred[Any]:
-        from twisted.internet.defer import gatherResults
-
-        now = self._clock.seconds()
-        for id, written in list(self._written.items()):
-            if now - written > 10 * self._interval and id not in self._pending:
-                del self._written[id]
-        return gatherResults([self._write(id) for id in list(self._pending)])
 
 
 class Authenticator:

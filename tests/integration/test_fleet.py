@@ -91,6 +91,7 @@ def fleet(slapd, dovecot, postgres, tmp_path_factory):
             store=f"  url: {database}\n  password_file: {password_file}\n  timeout: 3s",
             throttle="  source_delay: 0.01\n  source_delay_max: 0.01\n  account_failures: 4\n"
                      "  lockout: 10m",
+            cache="  last_used_interval: 1s",
             extra=f"metrics:\n  endpoint: tcp:{env['LAP_HEALTH_PORT']}:interface={address}\n")
         node.config_address, node.health_port = address, int(env["LAP_HEALTH_PORT"])
         node.start()
@@ -276,6 +277,15 @@ def test_the_fleet_rides_out_a_database_restart(fleet, postgres, slapd, unique):
     client = login(port, uid, unseen)
     assert client is not None
     client.logout()
+    # Every use, those during the outage too, is in the store once it answers.
+    def uses_written():
+        listed = json.loads(nodes["a"].cli("app-password", "list", uid, "--json").stdout)
+        counts = {a["name"]: a["use_count"] for a in listed}
+        accepted = [e for node in nodes.values() for e in audit(node)
+                    if e["event"] == "authentication" and e.get("user") == uid
+                    and e["outcome"] == "accepted" and e.get("app_password_name") == "cached"]
+        return counts.get("cached") == len(accepted) == 9
+    assert wait_until(uses_written, 15)
     holder = served_by(nodes, uid)[-1]
     client = login(port, uid, cached)
     assert client is not None and client.select("INBOX")[0] == "OK"
