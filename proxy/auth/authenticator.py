@@ -152,6 +152,7 @@ class Authenticator:
         self._user_revision: OrderedDict[str, int] = OrderedDict()
         self._everyone_revision = 0
         self.store_ok_at: float | None = None  # the change feed last read the store
+        self._feed_error: str | None = None  # why the feed cannot be read, while it cannot
         # Lockouts decided by failures counted in the store (by any process),
         # by user; imposed on an account's counters when it next signs in.
         self._fleet_lockouts: OrderedDict[str, dict[bool, float]] = OrderedDict()
@@ -249,9 +250,20 @@ class Authenticator:
         """Apply the store's change feed: what the command line tool changed."""
         try:
             changes = await self._store.changes_since(self._seq)
+        except (StoreError, Busy) as e:
+            # An outage the node rides out: said once, and once when it ends
+            # (an alert on critical lines must not fire for it).
+            if self._feed_error is None:
+                log.warn("cannot read the store's change feed: {error}; retrying",
+                         error=str(e))
+            self._feed_error = str(e)
+            return
         except Exception:
             log.failure("cannot read the store's change feed")
             return
+        if self._feed_error is not None:
+            log.info("the store's change feed is read again")
+            self._feed_error = None
         self.store_ok_at = self._clock.seconds()
         for change in changes:
             if change.seq <= self._seq:

@@ -364,3 +364,31 @@ def test_a_secret_retried_costs_one_store_lookup_and_a_new_state_is_seen_at_once
     calls = pool.calls
     assert at_once(core, "alice", stale).reason is Reason.MFA_REQUIRED
     assert pool.calls == calls + 2  # looked up again, and the user read again
+
+
+def test_a_change_feed_outage_is_said_once_as_a_warning_and_once_when_it_ends(core):
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from proxy.store import StoreError
+
+    core.build()
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    read = core.store.changes_since
+
+    def down(seq):
+        raise StoreError("the store does not answer")
+
+    try:
+        core.store.changes_since = down
+        for _ in range(5):
+            ensureDeferred(core.auth.poll_changes())
+        core.store.changes_since = read
+        ensureDeferred(core.auth.poll_changes())
+        ensureDeferred(core.auth.poll_changes())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [(e["log_level"], e["log_format"]) for e in events
+            if e.get("log_namespace") == "legacy_auth_proxy.auth"]
+    assert said == [(LogLevel.warn, "cannot read the store's change feed: {error}; retrying"),
+                    (LogLevel.info, "the store's change feed is read again")]
