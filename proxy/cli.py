@@ -10,9 +10,7 @@ config or state (EX_CONFIG: systemd does not restart the daemon for it).
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +21,8 @@ import attrs
 
 from proxy import __version__, apppasswords, config as configuration
 from proxy.admin import Admin, AdminError, Created
-from proxy.audit import AuditLog, minute, timestamp
+from proxy.audit import minute, timestamp
+from proxy.bootstrap import StartupError, StoreUnreachable, command_line_actor, open_admin, open_store
 from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, StoreUnavailable, User
 from proxy.wire.text import json_printable, printable
 
@@ -46,8 +45,6 @@ class Failure(Exception):
     def cannot_start(cls, error: Exception) -> Failure:
         """A store that cannot be reached now is temporary; any other reason
         a command cannot start is the config's or the state's."""
-        from proxy.service import StoreUnreachable
-
         if isinstance(error, StoreUnreachable):
             return cls(f"{error}; {TEMPORARY}", EX_TEMPFAIL)
         return cls(str(error), EX_CONFIG)
@@ -140,38 +137,16 @@ class Context:
 
     def admin(self) -> Admin:
         if self._admin is None:
-            from proxy.service import StartupError, hash_parameters, open_state
-
             try:
-                state = open_state(self.config)
+                self._admin = open_admin(self.config, command_line_actor())
             except StartupError as e:
                 raise Failure.cannot_start(e) from None
-            self._admin = Admin(
-                store=state.store,
-                hasher=apppasswords.Hasher(hash_parameters(self.config)),
-                pepper=state.pepper,
-                audit=AuditLog(self.config.audit.file, time.time),
-                policy=self.config.policy,
-                clock=time.time,
-                actor=_actor(),
-            )
         return self._admin
 
     def close(self) -> None:
         if self._admin is not None:
             self._admin.close()
             self._admin = None
-
-
-def _actor() -> str:
-    """Who runs the command, for the audit log: the person behind sudo if any."""
-    who = os.environ.get("SUDO_USER")
-    if not who:
-        try:
-            who = getpass.getuser()
-        except (KeyError, OSError):
-            who = f"uid {os.getuid()}"
-    return f"cli:{who}"
 
 
 def _protocols(text: str | None) -> frozenset[str] | None:
@@ -293,8 +268,6 @@ def cmd_user_reset_second_factor(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
-    from proxy.service import StartupError, open_store
-
     config = ctx.config
     try:
         store = open_store(config, migrate=True)

@@ -24,7 +24,8 @@ from twisted.logger import (
 )
 
 from proxy import config as configuration
-from proxy.service import StartupError, StoreUnreachable, serve
+from proxy.bootstrap import StartupError, StoreUnreachable
+from proxy.service import serve
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

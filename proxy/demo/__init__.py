@@ -20,7 +20,7 @@ from pathlib import Path
 
 from proxy import config as configuration
 from proxy.apppasswords import display
-from proxy.cli import Context
+from proxy.bootstrap import command_line_actor, open_admin
 from proxy.pki import make_pki
 
 DEMO_USER = "demo"
@@ -174,13 +174,12 @@ def run_demo(folder: Path, *, serve: bool) -> int:
         **ports,
     ))
 
-    ctx = Context(config_path)
-    admin = ctx.admin()
+    admin = open_admin(configuration.load(config_path), command_line_actor())
     # The demo's app password cannot be shown again: every run makes a new one.
     if any(a.name == DEMO_DEVICE for a in admin.list(DEMO_USER)):
         admin.delete(DEMO_USER, DEMO_DEVICE)
     user, created = admin.enroll(DEMO_USER, DEMO_DEVICE)
-    ctx.close()
+    admin.close()
     _explain(folder, config_path, ports, display(created.secret))
     if not serve:
         for port in (ldap_backend, imap_backend, pop3_backend, smtp_backend):

@@ -7,7 +7,7 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from proxy.cli import EX_CONFIG, EX_TEMPFAIL, Failure
-from proxy.service import StartupError, StoreUnreachable
+from proxy.bootstrap import StartupError, StoreUnreachable
 from proxy.store.postgres import _what, unavailable
 
 AT = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
