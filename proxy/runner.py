@@ -26,6 +26,7 @@ from twisted.logger import (
 from proxy import config as configuration
 from proxy.bootstrap import StartupError, StoreUnreachable
 from proxy.service import serve
+from proxy.twistedcheck import TwistedMismatch, check_twisted
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -100,6 +101,11 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
     """Start logging and run the reactor until SIGTERM or SIGINT; exits the process."""
     from twisted.internet import task
 
+    try:
+        check_twisted()
+    except TwistedMismatch as e:
+        print(f"legacy-auth-proxy: cannot start: {e}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
     give_memory_back()
     globalLogBeginner.beginLoggingTo([log_observer()], redirectStandardIO=False)
 

@@ -43,7 +43,9 @@ AFTER_GOODBYE = 64 * 1024
 def pending_output(transport: Any) -> int:
     """Bytes written to ``transport`` (TLS, then TCP below it) not yet taken
     by the kernel. Reads Twisted's private buffers; a transport without them
-    counts as empty, which only makes the deadline stricter."""
+    counts as empty, which only makes the deadline stricter. Twisted's own
+    transports have every one of them: :mod:`proxy.twistedcheck` refuses to
+    start on a Twisted that lacks one, so the defaults serve only stand-ins."""
     pending = 0
     while transport is not None:
         pending += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()))
@@ -119,7 +121,8 @@ def write_now(transport: Any, data: bytes | list[bytes]) -> None:
     before. Anything else (TLS started on the connection, bytes already
     queued, an error) goes the usual way, which also reports the error."""
     parts = data if isinstance(data, list) else [data]
-    raw = getattr(transport, "_connection", transport)  # under Twisted's STARTTLS layer
+    # Under Twisted's STARTTLS layer (its name checked at start: proxy.twistedcheck).
+    raw = getattr(transport, "_connection", transport)
     if idle_tcp(raw, tls_below=raw is not transport):
         try:
             sent = raw.socket.send(parts[0]) if len(parts) == 1 else raw.socket.sendmsg(parts)

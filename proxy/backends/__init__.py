@@ -49,8 +49,9 @@ def connect(endpoint: Any, protocol: Protocol) -> Deferred[Protocol]:
     def connected(protocol: Protocol) -> Protocol:
         transport = protocol.transport
         wrapper = getattr(transport, "protocol", None)
+        # Twisted's private wrapper, checked at start (proxy.twistedcheck).
         if isinstance(transport, tcp.Connection) and \
-                getattr(wrapper, "_wrappedProtocol", None) is protocol:
+                isinstance(wrapper, endpoints._WrappingProtocol) and wrapper._wrappedProtocol is protocol:
             transport.protocol = protocol
             connector = getattr(transport, "connector", None)
             if connector is not None:

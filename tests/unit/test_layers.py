@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 LAYERS = [
     ("codecs and the protocol registry", ["proxy", "proxy.wire", "proxy.protocols"]),
     ("plumbing", ["proxy.transports", "proxy.threads", "proxy.apppasswords", "proxy.config",
-                  "proxy.pki", "proxy.metrics"]),
+                  "proxy.pki", "proxy.metrics", "proxy.twistedcheck"]),
     ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
