@@ -120,9 +120,21 @@ def test_a_message_larger_than_allowed_before_a_bind_ends_the_session():
 
 
 @given(st.lists(st.binary(max_size=40), max_size=8))
-def test_any_bytes_give_actions_never_exceptions(chunks):
-    s = session()
+def test_any_bytes_keep_the_buffer_bounded_and_nothing_follows_the_end(chunks):
+    """Whatever the client sends before a bind: what is held never passes
+    the limit before a bind, a Disconnect or Hangup is the last action, and
+    nothing comes after it."""
+    s = session(max_before_bind=64)
+    ended = False
     for chunk in chunks:
-        for action in s.feed(chunk):
+        actions = s.feed(chunk)
+        assert not (ended and actions), f"actions after the end: {actions}"
+        for index, action in enumerate(actions):
+            if isinstance(action, (Disconnect, Hangup)):
+                ended = True
+                assert index == len(actions) - 1, "the end is the last action"
             if isinstance(action, DecideBind):
-                s.bound(action.message, ber.INVALID_CREDENTIALS)
+                after = s.bound(action.message, ber.INVALID_CREDENTIALS)
+                assert not (ended and after)
+                ended = ended or any(isinstance(a, (Disconnect, Hangup)) for a in after)
+        assert s.buffered <= 64

@@ -99,9 +99,22 @@ def test_long_lines_end_the_connection():
 
 
 @given(st.lists(st.binary(max_size=60), max_size=8), st.booleans())
-def test_any_bytes_give_events_never_exceptions(chunks, tls):
-    m = machine(tls=tls)
+def test_any_bytes_keep_the_buffer_bounded_and_nothing_follows_a_close(chunks, tls):
+    """Whatever the client sends: while the dialogue is open, what is held
+    never passes the longest line allowed; a Close is the last event there
+    is, and nothing is read or answered after it."""
+    m = machine(tls=tls, max_line=64)
+    closed = False
     for chunk in chunks:
-        for event in m.feed(chunk):
+        events = m.feed(chunk)
+        assert not (closed and events), f"events after a Close: {events}"
+        for index, event in enumerate(events):
+            if isinstance(event, Close):
+                closed = True
+                assert index == len(events) - 1, "a Close is the last event"
             if isinstance(event, Login):
-                m.login_failed(b"", temporary=False)
+                events_after = m.login_failed(b"", temporary=False)
+                assert not closed
+                if any(isinstance(e, Close) for e in events_after or []):
+                    closed = True
+        assert closed or m.buffered <= 64

@@ -35,10 +35,35 @@ def test_the_secret_is_not_in_the_repr():
     assert "hunter2" not in repr(sasl.Credentials(b"alice", b"hunter2", "plain"))
 
 
-@given(st.sampled_from(sasl.MECHANISMS), st.lists(st.binary(max_size=40), max_size=4))
-def test_any_answers_give_a_step_never_an_exception(mechanism, answers):
+ANSWERS = st.one_of(st.binary(max_size=40), st.binary(max_size=40).map(b64), st.just(b"*"),
+                    st.lists(st.binary(max_size=12), min_size=1, max_size=4)
+                    .map(lambda parts: b64(b"\x00".join(parts))))
+
+
+@given(st.sampled_from(sasl.MECHANISMS), st.lists(ANSWERS, max_size=4))
+def test_any_answers_give_challenges_then_one_end_that_says_what_was_sent(mechanism, answers):
+    """However the client answers: challenges only until the exchange ends
+    (PLAIN asks once, LOGIN twice), then one end, and credentials hold
+    exactly what the client's base64 said."""
     exchange = sasl.Exchange(mechanism)
-    exchange.start()
+    steps = [exchange.start()]
     for answer in answers:
-        if not isinstance(exchange.answer(answer), sasl.Challenge):
+        if not isinstance(steps[-1], sasl.Challenge):
             break
+        steps.append(exchange.answer(answer))
+    assert all(isinstance(step, sasl.Challenge) for step in steps[:-1])
+    assert len(steps) - 1 <= {"PLAIN": 1, "LOGIN": 2}[mechanism]
+    last = steps[-1]
+    if isinstance(last, sasl.Challenge):
+        assert len(steps) - 1 == len(answers)  # only when the client has not finished
+        return
+    if isinstance(last, sasl.Credentials):
+        decoded = [base64.b64decode(a) for a in answers[:len(steps) - 1]]
+        if mechanism == "LOGIN":
+            assert (last.authcid, last.secret, last.mechanism) == (decoded[0], decoded[1], "login")
+        else:
+            assert b"\x00".join([last.authzid, last.authcid, last.secret]) == decoded[0]
+            assert last.mechanism == "plain"
+    else:
+        assert isinstance(last, sasl.Failed) and last.kind in ("cancelled", "base64", "malformed")
+        assert last.kind != "cancelled" or answers[len(steps) - 2] == b"*"
