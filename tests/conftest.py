@@ -4,6 +4,7 @@ tests/integration/conftest.py."""
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,18 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{name} is not installed; tests/run installs it")
     pytest.skip(f"{name} is not installed (tests/run installs it)")
+
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration/ needs real servers or tools: it is
+    marked ``integration`` here, in one place, so that
+    ``tests/run -m "not integration"`` runs the fast layer alone."""
+    for item in items:
+        if INTEGRATION in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
