@@ -103,6 +103,9 @@ class Decision:
     # authorization control on each request (None: no control).
     reads_as: str | None = None
     acting_for: str | None = None
+    # The directory checked a password for it (an answer that took a real
+    # check's time); not part of what is decided.
+    checked: bool = attrs.field(default=False, eq=False, repr=False)
 
     @property
     def outcome(self) -> Outcome:

@@ -35,6 +35,7 @@ from proxy import apppasswords
 from proxy.auth import NOT_GUESSES, Attempt, Decision, Outcome, Reason
 from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
+from proxy.auth.timing import CheckTime
 from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
@@ -62,6 +63,12 @@ class DirectoryLike(Protocol):
     async def check_password(self, dn: str, password: str) -> bool: ...
 
     def answering(self) -> bool: ...
+
+
+def _phantom(typed: str) -> Account:
+    """The stand-in for a name that matches no account: no DN (so nothing is
+    ever checked for it, and nothing accepted), counted under its own key."""
+    return Account(dn="", username=typed, active=True, key="unknown:" + typed)
 
 
 def _printable(text: str) -> str:
@@ -141,6 +148,7 @@ class Authenticator:
         # account key → (the account as last seen, when)
         self._known: OrderedDict[str, tuple[Account, float]] = OrderedDict()
         self.usage = UsageRecorder(clock, store, cache.last_used_interval)
+        self._check_time = CheckTime()
         self._seq = 0
         self._feed = LoopingCall(self.poll_changes)
         self._feed.clock = clock
@@ -386,10 +394,13 @@ class Authenticator:
         if not pending:
             self._audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
+            now = self._clock.seconds()
             delay = self.throttle.failure_delay(attempt.client_address)
-            remaining = started + delay - self._clock.seconds()
-            if remaining > 0:
-                await deferLater(self._clock, remaining)
+            hold = self._check_time.hold(decision, now - started)
+            if hold > delay:
+                await self._check_time.wait(self._clock, started + hold - now)
+            elif started + delay > now:
+                await deferLater(self._clock, started + delay - now)
         if self.metrics is not None and not pending:
             self.metrics.sign_in(attempt.protocol, attempt.realm, decision.outcome.value,
                                  decision.reason.value, self._clock.seconds() - started)
@@ -521,19 +532,27 @@ class Authenticator:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
             account, stale = remembered, True
         if account is None:
-            key = "unknown:" + typed
-            if self.throttle.locked(key, attempt.client_address):
-                return Decision(Reason.LOCKED_OUT, typed)
-            self.throttle.failed(key, attempt.client_address, attempt.secret)
-            return Decision(Reason.UNKNOWN_USER, typed)
+            # A name that matches no account goes the way a real account's
+            # wrong secret goes, step by step (the same look-ups, the same
+            # counting), and its answer waits as long as a check would
+            # (authenticate): neither the answer, nor its time, nor the
+            # lockout tells which names exist.
+            decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
+            if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
+                return Decision(Reason.UNKNOWN_USER, typed)
+            return attrs.evolve(decided, account=None)
         if not account.active:
             self._revoked(account.username, None, "account_inactive")
             return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
         if account.modern_auth_only and attempt.legacy:
             return Decision(Reason.LEGACY_BLOCKED, account.username, account)
-        key = account.key
         if self._fleet_lockouts:
             self._impose_fleet_lockouts(account)
+        return await self._checked(attempt, account, app_password_form, stale)
+
+    async def _checked(self, attempt: Attempt, account: Account, app_password_form: str | None,
+                       stale: bool) -> Decision:
+        key = account.key
         if self.throttle.locked(key, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
         # The secret is counted before it is checked, whichever check it
@@ -643,7 +662,8 @@ class Authenticator:
             if until is not None and now < until:
                 return None
             found = await self._store.find_by_lookup_key(key)
-            if found is None or found[0].username != account.username:
+            if found is None or found[0].username != account.username or not account.dn:
+                # (A name with no account: looked up all the same, never accepted.)
                 if self._miss_ttl > 0:
                     self._misses[key] = now + self._miss_ttl
                     self._misses.move_to_end(key)
@@ -745,19 +765,22 @@ class Authenticator:
             # directory, whose own lockout would otherwise count every retry.
             self.throttle.failed(key, attempt.client_address, attempt.secret)
             return Decision(Reason.WRONG_SECRET, account.username, account)
+        if not account.dn:  # a name with no account: nothing to check
+            self.throttle.failed(key, attempt.client_address, attempt.secret, upstream=True)
+            return Decision(Reason.WRONG_SECRET, account.username, account)
         try:
             accepted = await self._directory.check_password(account.dn, attempt.secret)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
         if not accepted:
             self.throttle.failed(key, attempt.client_address, attempt.secret, upstream=True)
-            return Decision(Reason.WRONG_SECRET, account.username, account)
+            return Decision(Reason.WRONG_SECRET, account.username, account, checked=True)
         # Kept with the password-change time it was checked at: a change in
         # the directory makes the entry worthless.
         self._primary_cache.put(cache_key, account.password_changed_at or 0.0, user=account.username)
         if not attempt.second_factor:
             self.throttle.succeeded(key, attempt.client_address, since)
-        return Decision(Reason.PRIMARY, account.username, account)
+        return Decision(Reason.PRIMARY, account.username, account, checked=True)
 
     # -- audit ---------------------------------------------------------------------
 

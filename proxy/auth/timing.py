@@ -1,0 +1,56 @@
+"""How long an answer takes must not tell who exists.
+
+A wrong password of a real account is checked by the directory; a name
+that matches no account, or a refusal decided before any check (a primary
+password where an app password is needed, a repeat of a recent wrong
+secret), has nothing to check and would be answered sooner: from a source
+with no failure delay (``throttle.trusted_networks``), a way to tell which
+names are accounts. Such a refusal is held until a check would have ended:
+for as long as a refusal after a real check took, drawn from the latest
+ones, so that both kinds of answer come from one distribution of times.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+from twisted.internet.task import deferLater
+
+from proxy.auth import Decision, Reason
+
+SAMPLES = 128
+
+
+class CheckTime:
+    """The times of the latest refusals that a directory check decided."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._times: deque[float] = deque(maxlen=SAMPLES)
+        self._random = rng or random.Random()
+        # How late the reactor's timers fire, on average: the event loop
+        # waits in whole milliseconds, rounded up, which alone would make a
+        # held answer a little later than a checked one.
+        self.lateness = 0.0
+
+    def hold(self, decision: Decision, elapsed: float) -> float:
+        """How long after it began a refusal is answered, at the soonest
+        (``elapsed``: how long deciding it took)."""
+        if decision.checked:
+            if decision.reason is Reason.WRONG_SECRET:
+                self._times.append(elapsed)
+            return 0.0
+        if decision.reason is Reason.LOCKED_OUT or not self._times:
+            return 0.0  # a lockout is answered at once for every name alike
+        return self._random.choice(self._times)
+
+    async def wait(self, clock: Any, seconds: float) -> None:
+        """Wait ``seconds``, as closely as the event loop allows."""
+        wait = seconds - self.lateness
+        if wait <= 0:
+            return
+        due = clock.seconds() + wait
+        await deferLater(clock, wait)
+        late = clock.seconds() - due
+        self.lateness += (min(late, 0.01) - self.lateness) / 16

@@ -1,0 +1,57 @@
+"""Refusals with nothing checked are held as long as a checked one took."""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+
+from proxy.auth import Attempt, Decision, Reason
+from proxy.auth.timing import CheckTime
+from tests.unit.fakes import Core
+
+PRIMARY = "Primary-Passw0rd"
+
+
+def test_held_for_a_time_drawn_from_checked_refusals():
+    timing = CheckTime(random.Random(1))
+    unknown = Decision(Reason.UNKNOWN_USER, "nobody")
+    assert timing.hold(unknown, 0.001) == 0.0  # nothing measured yet
+    for elapsed in (0.010, 0.012, 0.014):
+        assert timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), elapsed) == 0
+    assert {timing.hold(unknown, 0.001) for _ in range(50)} == {0.010, 0.012, 0.014}
+    assert timing.hold(Decision(Reason.MFA_REQUIRED, "eve"), 0.001) in {0.010, 0.012, 0.014}
+    assert timing.hold(Decision(Reason.LOCKED_OUT, "nobody"), 0.001) == 0.0
+
+
+def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
+    """On a clock: a wrong password checked by the directory in 5 s of the
+    clock; an unknown name then waits as long."""
+    core = Core(tmp_path)
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.directory.gate = gate = Deferred()
+
+    def attempt(name):
+        return Attempt(protocol="ldap", realm="on-premises", username=name, secret="wrong",
+                       client_address="192.0.2.1", tls=True)
+
+    known = ensureDeferred(core.auth.authenticate(attempt("alice")))
+    core.clock.advance(5)
+    gate.callback(None)
+    core.directory.gate = None
+    assert known.result.reason is Reason.WRONG_SECRET
+    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
+    core.clock.advance(4.9)
+    assert not unknown.called
+    core.clock.advance(0.2)
+    assert unknown.result.reason is Reason.UNKNOWN_USER
+
+
+def test_waits_are_shortened_by_how_late_timers_fire():
+    clock, timing = Clock(), CheckTime()
+    timing.lateness = 0.002
+    d = ensureDeferred(timing.wait(clock, 0.010))
+    clock.advance(0.008)
+    assert d.called
