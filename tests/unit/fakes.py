@@ -52,7 +52,6 @@ class FakeDirectory:
         self.passwords: dict[str, str] = {}
         self.down = False
         self.busy = False  # with down: calls fail, but the directory itself answers
-        self.dummies = 0  # checks of nothing (check_nothing)
         self.gate: Deferred[None] | None = None
         self.checks = 0
         self.resolves = 0
@@ -70,11 +69,6 @@ class FakeDirectory:
 
     def answering(self) -> bool:
         return not self.down or self.busy
-
-    async def check_nothing(self) -> None:
-        self.dummies += 1
-        if self.gate is not None and not self.down:
-            await self.gate
 
     async def resolve(self, username: str) -> Account | None:
         self.resolves += 1

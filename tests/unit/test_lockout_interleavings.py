@@ -58,11 +58,6 @@ class ScriptedDirectory:
     def answering(self) -> bool:
         return True
 
-    def check_nothing(self) -> Deferred:
-        d: Deferred = Deferred()
-        self.pending.append((d, None))
-        return d
-
     def resolve(self, username: str) -> Deferred:
         d: Deferred = Deferred()
         self.pending.append((d, self.accounts.get(username.lower())))
