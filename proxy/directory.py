@@ -564,7 +564,10 @@ class Directory:
             except ldaperrors.LDAPException:
                 raise
             except Exception as e:
+                # The connection went away under the operation (a directory
+                # stopped or restarting): out of reach until one connects again.
                 connection.drop(client)
+                pool.down(connection, type(e).__name__)
                 raise DirectoryUnavailable(f"{pool.name}: {type(e).__name__}") from None
         finally:
             pool.release(connection)

@@ -561,11 +561,39 @@ class Authenticator:
         reservation = self.throttle.reserve(key, attempt.client_address, attempt.secret)
         if reservation is None:
             return Decision(Reason.LOCKED_OUT, account.username, account)
+        shared: tuple[str, bool, bytes] | None = None
+        decision: Decision | None = None
         try:
-            return await self._check(attempt, account, app_password_form, stale,
-                                     reservation.order)
+            if self.throttle.on_failure is not None and account.dn and reservation.account:
+                # Counted in the shared store too, so that guesses spread over
+                # every process sharing it meet one budget.
+                shared = (account.username, reservation.familiar, reservation.key[1][:2])
+                if not await self._reserve_shared(*shared):
+                    shared = None
+                    decision = Decision(Reason.LOCKED_OUT, account.username, account)
+                    return decision
+            decision = await self._check(attempt, account, app_password_form, stale,
+                                         reservation.order)
+            return decision
         finally:
             reservation.release()
+            if shared is not None and (decision is None or decision.reason is not Reason.WRONG_SECRET):
+                # Not a wrong secret (a wrong one stays, as the failure).
+                self._store.release_failure(*shared).addErrback(
+                    lambda f: log.warn("cannot release a check in the store: {error}",
+                                       error=f.getErrorMessage()))
+
+    async def _reserve_shared(self, username: str, familiar: bool, digest: bytes) -> bool:
+        """The store's part of a reservation: False if, counted with every
+        process's failures and checks, the check could pass the lockout. A
+        store that cannot answer leaves the budget to this process alone."""
+        config = self._throttle_config
+        try:
+            return await self._store.reserve_failure(
+                username, familiar, digest, self._clock.seconds(),
+                window=config.failure_window, limit=config.account_failures)
+        except (StoreError, Busy):
+            return True
 
     async def _check(self, attempt: Attempt, account: Account, app_password_form: str | None,
                      stale: bool, since: int) -> Decision:
@@ -651,7 +679,9 @@ class Authenticator:
     async def _app_password(self, attempt: Attempt, account: Account, secret: str) -> Decision | None:
         """A decision if ``secret`` is one of the account's app passwords; None if not."""
         key = apppasswords.lookup_key(self._pepper, account.username, secret)
-        record = self._app_cache.get(key)
+        # A name with no account (no DN) is never accepted, whatever a cache
+        # or the store still holds for it: it only pays for the look-up.
+        record = self._app_cache.get(key) if account.dn else None
         if self.metrics is not None:
             self.metrics.cache("app_password", record is not None)
         verified_now = False

@@ -33,6 +33,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
+from proxy import store
 from proxy.config import ThrottleConfig
 from proxy.wire import addresses
 
@@ -109,6 +110,7 @@ class Reservation:
     account: _Account | None
     key: tuple[str, bytes]
     order: int
+    familiar: bool = False  # the place it was counted against, when it was made
 
     def release(self) -> None:
         if self.account is None:
@@ -123,9 +125,8 @@ class Reservation:
 
 
 def lockout_length(config: ThrottleConfig, lockouts: int) -> float:
-    """How long the account is locked after ``lockouts`` earlier lockouts:
-    ``lockout``, doubling on each repeat up to ``lockout_max``."""
-    return min(config.lockout * 2 ** min(lockouts, 30), config.lockout_max)
+    """How long the account is locked after ``lockouts`` earlier lockouts."""
+    return store.lockout_length(config.lockout, config.lockout_max, lockouts)
 
 
 class Throttle:
@@ -265,7 +266,7 @@ class Throttle:
             return None
         key = (source, digest)
         state.checking[key] = state.checking.get(key, 0) + 1
-        return Reservation(state, key, next(self._order))
+        return Reservation(state, key, next(self._order), familiar)
 
     def admits(self, account: str, address: str, secret: str) -> bool:
         """Whether a check of ``secret`` would be reserved now (a decision

@@ -178,6 +178,13 @@ class Change:
     app_password_id: str | None
 
 
+def lockout_length(lockout: float, lockout_max: float, before: int) -> float:
+    """The one lockout schedule: ``lockout`` the first time, doubling on
+    each of the ``before`` lockouts that came before, up to ``lockout_max``.
+    The throttle and both stores call it."""
+    return min(lockout * 2 ** min(before, 30), lockout_max)
+
+
 class StoreError(Exception):
     """A store operation that cannot be done as asked. Texts carry no secrets."""
 
@@ -266,6 +273,11 @@ class Store(Protocol):
     def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
                     window: float, limit: int, lockout: float,
                     lockout_max: float) -> float | None: ...
+
+    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                        window: float, limit: int) -> bool: ...
+
+    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None: ...
 
     def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]: ...
 

@@ -36,6 +36,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from proxy.store import (
     COLUMNS,
     STOPPED_KEPT,
+    lockout_length,
     AppPassword,
     Change,
     LimitReached,
@@ -566,7 +567,7 @@ class PostgresStore:
             row = conn.execute("SELECT count, until FROM lockouts WHERE account = %s"
                                " AND familiar = %s", (account, familiar)).fetchone()
             before = row["count"] if row is not None and now - row["until"] <= window + lockout_max else 0
-            until = now + min(lockout * 2 ** min(before, 30), lockout_max)
+            until = now + lockout_length(lockout, lockout_max, before)
             conn.execute("INSERT INTO lockouts VALUES (%s, %s, %s, %s) ON CONFLICT"
                          " (account, familiar) DO UPDATE SET count = excluded.count,"
                          " until = excluded.until", (account, familiar, before + 1, until))
@@ -574,6 +575,33 @@ class PostgresStore:
                          (account, familiar))
             self._log_change(conn, now, account, "locked", None)
         return until
+
+    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                        window: float, limit: int) -> bool:
+        """See :meth:`proxy.store.sqlite.SQLiteStore.reserve_failure`."""
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            if conn.execute("SELECT 1 FROM lockouts WHERE account = %s AND familiar = %s"
+                            " AND until > %s", (account, familiar, now)).fetchone() is not None:
+                return False
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
+                         (account, familiar, now - window))
+            if conn.execute("SELECT 1 FROM failures WHERE account = %s AND familiar = %s"
+                            " AND digest = %s", (account, familiar, digest)).fetchone() is not None:
+                return True
+            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
+                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
+            if count >= limit:
+                return False
+            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s)",
+                         (account, familiar, digest, now))
+        return True
+
+    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s"
+                         " AND digest = %s", (account, familiar, digest))
 
     def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
         with self._connection() as conn:

@@ -22,6 +22,7 @@ from proxy.apppasswords import adopt_parent_owner
 from proxy.store import (
     COLUMNS,
     STOPPED_KEPT,
+    lockout_length,
     AppPassword,
     Change,
     LimitReached,
@@ -481,7 +482,7 @@ class SQLiteStore:
                 "SELECT count, until FROM lockouts WHERE account = ? AND familiar = ?",
                 (account, familiar)).fetchone()
             before = row[0] if row is not None and now - row[1] <= window + lockout_max else 0
-            until = now + min(lockout * 2 ** min(before, 30), lockout_max)
+            until = now + lockout_length(lockout, lockout_max, before)
             self._db.execute(
                 "INSERT INTO lockouts VALUES (?, ?, ?, ?) ON CONFLICT (account, familiar)"
                 " DO UPDATE SET count = excluded.count, until = excluded.until",
@@ -490,6 +491,43 @@ class SQLiteStore:
                              (account, familiar))
             self._log_change(now, account, "locked", None)
         return until
+
+    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                        window: float, limit: int) -> bool:
+        """Count a secret about to be checked as a failure before the check
+        is made, as every process sharing the store counts it: False if the
+        account is locked, or if, with the failures and the checks under way
+        in every process, it could take the account past ``limit`` (the
+        check must not be made). The row stays as the failure if the secret
+        was wrong (:meth:`add_failure` finds it), and goes with
+        :meth:`release_failure` otherwise; one left by a process that died
+        mid-check counts as a failure until ``window`` forgets it."""
+        with self._write():
+            if self._db.execute(
+                    "SELECT 1 FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
+                    (account, familiar, now)).fetchone() is not None:
+                return False
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
+                             (account, familiar, now - window))
+            if self._db.execute(
+                    "SELECT 1 FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
+                    (account, familiar, digest)).fetchone() is not None:
+                return True  # counted already: not a new guess
+            count = self._db.execute(
+                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()[0]
+            if count >= limit:
+                return False
+            self._db.execute("INSERT INTO failures VALUES (?, ?, ?, ?)",
+                             (account, familiar, digest, now))
+        return True
+
+    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
+        """The reserved secret was not wrong (or not checked): not a failure."""
+        with self._write():
+            self._db.execute(
+                "DELETE FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
+                (account, familiar, digest))
 
     def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
         """Lockouts in force (of ``account``, or everyone's): user → {familiar

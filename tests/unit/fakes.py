@@ -103,9 +103,12 @@ class Core:
     admin: Admin | None = None
     auth: Authenticator | None = None
     sessions: Any = None
+    # Another Authenticator on the same store and directory: a second process.
+    sibling: Any = None
 
     def build(self, *, policy: PolicyConfig | None = None, throttle: ThrottleConfig | None = None,
-              cache: CacheConfig | None = None, **directory: Any) -> Authenticator:
+              cache: CacheConfig | None = None, shared_failures: bool = False,
+              **directory: Any) -> Authenticator:
         pepper = apppasswords.load_pepper(self.folder / "pepper", create=True)
         self.store = SQLiteStore(self.folder / "store.sqlite3")
         self.admin = Admin(store=self.store, hasher=apppasswords.Hasher(FAST), pepper=pepper,
@@ -116,7 +119,7 @@ class Core:
             "bind_password_file": self.folder / "unused", "user_base": PEOPLE,
             "account_cache": 0.0, **directory,
         })
-        self.auth = Authenticator(
+        self.sibling = lambda: Authenticator(
             clock=self.clock,
             policy=policy or PolicyConfig(),
             throttle=throttle or ThrottleConfig(source_delay=0, source_delay_max=0),
@@ -128,5 +131,7 @@ class Core:
             hasher=apppasswords.Hasher(FAST),
             pepper=pepper,
             record=lambda event, **fields: self.events.append({"event": event, **fields}),
+            shared_failures=shared_failures,
         )
+        self.auth = self.sibling()
         return self.auth

@@ -227,3 +227,28 @@ def test_every_order_of_a_small_burst(tmp_path, order):
     burst = Burst(tmp_path, Scripted(), account_cache=0.0, threshold=2)
     decisions, secrets, checked = burst.run(2, count=3)
     check_budget(decisions, secrets, checked, PRIMARY, threshold=2)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_processes_sharing_a_store_meet_one_budget(tmp_path, seed):
+    """Two processes on one store (failures shared, as in a fleet), forty
+    wrong guesses spread over both, answered in any order: no more secrets
+    checked than one process alone would allow."""
+    rng = random.Random(seed)
+    trail: list = []
+    core = Core(tmp_path)
+    directory = ScriptedDirectory(trail)
+    core.directory = directory  # type: ignore[assignment]
+    core.build(throttle=ThrottleConfig(account_failures=THRESHOLD, source_delay=0,
+                                       source_delay_max=0),
+               account_cache=rng.choice([0.0, 60.0]), shared_failures=True)
+    processes = [core.auth, core.sibling()]
+    directory.add("alice", PRIMARY)
+    pending = [ensureDeferred(rng.choice(processes).authenticate(
+        attempt(f"guess-{i}", ATTACKER, "on-premises"))) for i in range(40)]
+    while directory.pending:
+        directory.answer(rng.randrange(len(directory.pending)))
+    core.clock.advance(60)
+    reasons = [d.result.reason for d in pending]
+    assert len(set(trail)) <= THRESHOLD, reasons
+    assert reasons.count(Reason.WRONG_SECRET) == len(set(trail))

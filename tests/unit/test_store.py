@@ -229,6 +229,29 @@ def test_unlocking_goes_through_the_change_feed(store):
     assert (change.username, change.kind, change.app_password_id) == ("alice", "unlocked", None)
 
 
+def test_checks_under_way_are_counted_by_every_process_sharing_the_store(store):
+    """A secret about to be checked is counted first: at the limit, with
+    failures and checks of every process, a new one is not checked."""
+    limits = dict(window=900.0, limit=3, lockout=60.0, lockout_max=900.0)
+    reserve = dict(window=900.0, limit=3)
+    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve)
+    assert store.reserve_failure("uid=a", False, b"2" * 2, 1000.0, **reserve)
+    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve)  # the same guess
+    assert store.reserve_failure("uid=a", True, b"3" * 2, 1000.0, **reserve)  # elsewhere
+    assert store.add_failure("uid=a", True, b"3" * 2, 1001.0, **limits) is None
+    assert store.reserve_failure("uid=a", False, b"4" * 2, 1002.0, **reserve)
+    assert not store.reserve_failure("uid=a", False, b"5" * 2, 1002.0, **reserve)
+    store.release_failure("uid=a", False, b"2" * 2)  # that one was right
+    assert store.reserve_failure("uid=a", False, b"5" * 2, 1003.0, **reserve)
+    # A reserved wrong one becomes a failure, and the third locks.
+    assert store.add_failure("uid=a", False, b"5" * 2, 1004.0, **limits) == 1064.0
+    assert not store.reserve_failure("uid=a", False, b"1" * 2, 1005.0, **reserve)  # locked
+    # A check that never came back counts until the window forgets it.
+    assert store.reserve_failure("uid=b", False, b"1" * 2, 1000.0, window=900.0, limit=1)
+    assert not store.reserve_failure("uid=b", False, b"2" * 2, 1500.0, window=900.0, limit=1)
+    assert store.reserve_failure("uid=b", False, b"2" * 2, 1901.0, window=900.0, limit=1)
+
+
 def test_failures_are_counted_by_every_process_sharing_the_store(store):
     limits = dict(window=900.0, limit=3, lockout=60.0, lockout_max=900.0)
     assert store.add_failure("uid=a", False, b"1" * 32, 1000.0, **limits) is None
