@@ -1,0 +1,101 @@
+"""A user's own security info: their app passwords, read-only or, where the
+operator allows self-service, created and deleted by them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy import apppasswords
+from proxy.admin import AdminError
+from proxy.directory import Account
+from proxy.portal.making import CannotCreate, Maker
+from proxy.portal.pages import TRY_LATER, Context, Forbidden, Pages, Unavailable, page, quote
+from proxy.portal.websessions import WebSession
+from proxy.store import PROTOCOLS, StoreError
+from proxy.threads import Busy
+
+MANAGED = "App passwords are managed by the help desk here."
+
+
+class SecurityInfo(Pages):
+    def __init__(self, context: Context, maker: Maker) -> None:
+        super().__init__(context)
+        self._maker = maker
+
+    @page("/", "GET")
+    async def home(self, request: Any) -> bytes:
+        session, account = await self._signed_in(request)
+        return await self._home(request, session, account)
+
+    async def _home(self, request: Any, session: WebSession, account: Account, status: int = 200,
+                    error: str | None = None, form: dict[str, Any] | None = None) -> bytes:
+        admin = self._admin(f"portal:{session.username}")
+        try:
+            records = await self._on_store(admin.list, session.username)
+        except (StoreError, Busy):
+            raise Unavailable("The app-password store does not answer just now.",
+                              session=session) from None
+        policy = self.config.policy
+        rows = self._rows(records)
+        working = sum(1 for r in rows if r.stopped is None)
+        notice, session.notice = session.notice, None
+        return self._render(
+            request, "home.html", status, session=session, account=account, rows=rows,
+            working=working, limit=policy.max_app_passwords_per_user,
+            self_service=policy.allow_user_app_passwords,
+            blocked=policy.block_legacy_auth or account.modern_auth_only,
+            blocked_for_all=policy.block_legacy_auth,
+            notice=notice, error=error, form=form or {}, protocols=PROTOCOLS,
+        )
+
+    @page("/app-passwords", "POST")
+    async def create(self, request: Any) -> bytes:
+        session, account = await self._signed_in(request, form=True)
+        if not self.config.policy.allow_user_app_passwords:
+            raise Forbidden(MANAGED)
+        name = self._field(request, "name", required=False).strip()
+        expires = self._field(request, "expires", required=False).strip()
+        chosen = self._fields(request, "protocols")
+        networks = self._field(request, "networks", required=False)
+        form = {"name": name, "expires": expires, "protocols": chosen, "networks": networks}
+        try:
+            wanted = self._maker.wanted(name, expires, chosen, networks)
+            made = await self._maker.make(session.username, session.username, wanted)
+        except CannotCreate as e:
+            return await self._home(request, session, account, e.status, e.text, form)
+        self._maker.notify(account, made.record.name, self._address(request),
+                           f"portal:{session.username}")
+        return self._render(request, "created.html", 201, session=session, record=made.record,
+                            secret=apppasswords.display(made.secret), owner=None,
+                            row=self._rows([made.record])[0])
+
+    @page("/app-passwords/<string:id>/delete", "GET")
+    async def delete_page(self, request: Any, id: str) -> bytes:
+        session, _ = await self._signed_in(request)
+        record = await self._own(session.username, id)
+        if record is None or not self.config.policy.allow_user_app_passwords:
+            return self._redirect(request, "/")
+        return self._render(request, "confirm.html", session=session,
+                            heading=f"Delete the app password “{record.name}”?",
+                            text=f"The device that uses it ({record.name}) stops at once: its "
+                                 f"open connections end and it cannot sign in again. This "
+                                 f"cannot be undone; you can create a new one.",
+                            action=f"/app-passwords/{quote(id)}/delete",
+                            button="Delete it", cancel="/")
+
+    @page("/app-passwords/<string:id>/delete", "POST")
+    async def delete(self, request: Any, id: str) -> bytes:
+        session, account = await self._signed_in(request, form=True)
+        if not self.config.policy.allow_user_app_passwords:
+            raise Forbidden(MANAGED)
+        record = await self._own(session.username, id)
+        if record is None:
+            return self._redirect(request, "/")
+        try:
+            await self._on_store(self._admin(f"portal:{session.username}").delete,
+                                 session.username, record.id)
+        except (AdminError, StoreError, Busy):
+            return await self._home(request, session, account, 503, TRY_LATER)
+        await self._refresh()
+        session.notice = f"Deleted the app password “{record.name}”."
+        return self._redirect(request, "/")
