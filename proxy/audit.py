@@ -80,6 +80,13 @@ def recent_events(path: Path, predicate: Callable[[dict[str, Any]], bool], limit
     return found
 
 
+class _Same:
+    """For :meth:`AuditLog.reopen`: the path stays."""
+
+
+SAME = _Same()
+
+
 class AuditLog:
     """Writes audit events. ``path`` None: the Twisted log only."""
 
@@ -145,9 +152,15 @@ class AuditLog:
             adopt_parent_owner(self.path)
         return fd
 
-    def reopen(self) -> None:
-        """Close the file so that the next event opens it anew (after logrotate)."""
+    def reopen(self, path: Path | None | _Same = SAME) -> None:
+        """Close the file so that the next event opens it anew (after
+        logrotate), at ``path`` if one is given (a reload that changed
+        ``audit.file``). Blocks. The path changes with the file closed, under
+        the lock the writes take: a write never reopens the old path after
+        a reload has moved it."""
         with self._lock:
+            if not isinstance(path, _Same):
+                self.path = path
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -644,12 +644,16 @@ class Daemon:
         blocked_now = new.policy.block_legacy_auth and not self.config.policy.block_legacy_auth
         old_listeners = self.config.listeners
         self.config = new
+        # Before any await: the audit pool runs its calls in order, so every
+        # batch sent from here on is written to the new file (and the old
+        # one, rotated by logrotate, is let go).
+        reopened = self.audit_pool.submit(self.audit.reopen, new.audit.file)
         await self._reload_listeners(old_listeners, new.listeners)
         if self.authenticator is not None:
             self.authenticator.policy = new.policy
         if blocked_now and self.sessions is not None:
             self.sessions.end_all("legacy_blocked")
-        await self.audit_pool.submit(self.audit.reopen)
+        await reopened
         for listener, _, tls in self.listeners:
             if tls is not None:
                 try:
@@ -662,7 +666,6 @@ class Daemon:
                 await self.files_pool.submit(self.portal_tls.reload)
             except TLSFilesError as e:
                 log.error("portal: keeping the old certificate: {error}", error=str(e))
-        self.audit.path = new.audit.file
         self.record("config_reloaded", config=str(self._config_path))
         log.info("config reloaded from {path}", path=str(self._config_path))
 

@@ -314,3 +314,57 @@ def test_sighup_opens_and_closes_listeners_without_dropping_sessions(slapd, dove
             blocked.login(uid, secret)
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_reload_that_moves_the_audit_file_writes_the_next_events_there(slapd, tmp_path, unique):
+    """SIGHUP with a new audit.file, while sign-ins go on: from the reload on,
+    events go to the new file, including those of sign-ins that were written
+    while the reload was still reloading certificates (they used to reopen
+    the old file, which then stayed in use until the next SIGHUP)."""
+    import threading
+
+    from tests.integration.test_directory_outage import ldap_bind
+    from tests.proxyd import ProxyDaemon
+
+    # Listeners with TLS: the reload awaits each certificate's reload.
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none", "allow_plaintext_auth": True},
+        **{f"ldaps{i}": {"protocol": "ldap", "realm": "cloud"} for i in range(6)},
+    })
+    daemon.start()
+    uid = unique()
+    slapd.add_user(uid, "Primary-Passw0rd")
+    secret = daemon.create_app_password(uid, "phone")
+    dn = f"uid={uid},{slapd.people_dn}"
+    old, new = tmp_path / "audit.log", tmp_path / "audit-new.log"
+    stop = threading.Event()
+
+    def sign_in_again_and_again() -> None:
+        while not stop.is_set():
+            assert ldap_bind(daemon, dn, secret) == 0
+
+    signing_in = [threading.Thread(target=sign_in_again_and_again) for _ in range(6)]
+    try:
+        for thread in signing_in:
+            thread.start()
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "  file: audit.log", f"  file: {new.name}"))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("config reloaded")
+        stop.set()
+        for thread in signing_in:
+            thread.join(30)
+        assert ldap_bind(daemon, dn, "not the secret") not in (0, None)
+
+        def refused(path):
+            return path.exists() and any(json.loads(line).get("outcome") == "refused"
+                                         for line in path.read_text().splitlines())
+
+        assert wait_until(lambda: refused(new), 10), daemon.log()
+    finally:
+        stop.set()
+        assert daemon.stop() == 0
+    old_events = [json.loads(line)["event"] for line in old.read_text().splitlines()]
+    new_events = [json.loads(line)["event"] for line in new.read_text().splitlines()]
+    assert "config_reloaded" in new_events and "config_reloaded" not in old_events
+    assert not refused(old)
