@@ -25,6 +25,7 @@ from proxy.auth.authenticator import Authenticator
 from proxy.bootstrap import (
     StartupError,
     StoreUnreachable,
+    _read_password as read_password,
     hash_parameters,
     open_state,
     read_directory_secrets,
@@ -556,12 +557,9 @@ class Daemon:
             password = ""
             if config.master_password_file is not None:
                 try:
-                    password = config.master_password_file.read_text(encoding="utf-8").rstrip("\r\n")
-                except OSError as e:
-                    raise StartupError(
-                        f"listener {config.label}: {config.master_password_file}: "
-                        f"master_password_file: cannot read: {e.strerror}"
-                    ) from None
+                    password = read_password(config.master_password_file, "master_password_file")
+                except StartupError as e:
+                    raise StartupError(f"listener {config.label}: {e}") from None
             ca = None
             if config.backend_ca_file is not None:
                 try:

@@ -368,3 +368,20 @@ def test_a_reload_that_moves_the_audit_file_writes_the_next_events_there(slapd, 
     new_events = [json.loads(line)["event"] for line in new.read_text().splitlines()]
     assert "config_reloaded" in new_events and "config_reloaded" not in old_events
     assert not refused(old)
+
+
+def test_serve_refuses_an_empty_master_password_file(slapd, tmp_path):
+    """The backend's master password is read as the directory's are: an
+    empty file is refused at start, naming the listener, the file and the key."""
+    from tests.proxyd import ProxyDaemon
+
+    master = tmp_path / "master-password"
+    master.write_text("\n")
+    master.chmod(0o600)
+    daemon = ProxyDaemon(tmp_path, slapd, {"imap": {
+        "protocol": "imap", "realm": "cloud", "backend": "imap://127.0.0.1:1",
+        "master_user": "proxy", "master_password_file": str(master)}})
+    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(daemon.config), "serve"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert f"listener imap: {master}: master_password_file is empty" in done.stderr
