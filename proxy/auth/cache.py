@@ -16,6 +16,68 @@ from typing import Generic, TypeVar
 import attrs
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A dict that forgets its least recently used entries past ``limit``:
+    the one bounded table of the core (accounts, users, misses, revisions,
+    the throttle's counters)."""
+
+    def __init__(self, limit: int, factory: Callable[[], V] | None = None) -> None:
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+        self._factory = factory
+
+    def get(self, key: K) -> V | None:
+        """The value, now the most recently used; None if absent."""
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def peek(self, key: K) -> V | None:
+        """The value, leaving the order alone."""
+        return self._data.get(key)
+
+    def obtain(self, key: K) -> V:
+        """The value, made by the factory if absent."""
+        value = self.get(key)
+        if value is None:
+            assert self._factory is not None
+            value = self._factory()
+            self.put(key, value)
+        return value
+
+    def obtain_or(self, key: K, default: V) -> V:
+        """The value; ``default``, now stored, if absent."""
+        value = self.get(key)
+        if value is None:
+            value = default
+            self.put(key, value)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._limit:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        return self._data.pop(key, None)
+
+    def values(self) -> list[V]:
+        return list(self._data.values())
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
 
 
 @attrs.frozen

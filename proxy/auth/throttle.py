@@ -29,44 +29,16 @@ import itertools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
 
 import attrs
 
 from proxy import store
+from proxy.auth.cache import LRU
 from proxy.config import ThrottleConfig
 from proxy.wire import addresses
 
 FAMILIAR_SOURCES = 16
 MAX_TRACKED = 200_000
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _Bounded(Generic[K, V]):
-    """A dict that forgets its least recently used entries past ``limit``."""
-
-    def __init__(self, limit: int, factory: Callable[[], V]) -> None:
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._limit = limit
-        self._factory = factory
-
-    def get(self, key: K) -> V:
-        value = self._data.get(key)
-        if value is None:
-            value = self._data[key] = self._factory()
-            if len(self._data) > self._limit:
-                self._data.popitem(last=False)
-        else:
-            self._data.move_to_end(key)
-        return value
-
-    def peek(self, key: K) -> V | None:
-        return self._data.get(key)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 @attrs.define
@@ -141,11 +113,11 @@ class Throttle:
         # Told of each new failure counted (account, familiar place?, digest,
         # when): the daemon counts it in the shared store too.
         self.on_failure: Callable[[str, bool, bytes, float], None] | None = None
-        self._known: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
+        self._known: LRU[str, _Account] = LRU(MAX_TRACKED, _Account)
         # Names that match no account are counted apart: spraying them cannot
         # push the lockouts of real accounts out of memory.
-        self._unknown: _Bounded[str, _Account] = _Bounded(MAX_TRACKED, _Account)
-        self._sources: _Bounded[str, _Source] = _Bounded(MAX_TRACKED, _Source)
+        self._unknown: LRU[str, _Account] = LRU(MAX_TRACKED, _Account)
+        self._sources: LRU[str, _Source] = LRU(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
         self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
         self._order = itertools.count(1)
@@ -180,7 +152,7 @@ class Throttle:
         if source is None:
             return 0.0
         now = self._clock()
-        state = self._sources.get(source)
+        state = self._sources.obtain(source)
         if now - state.last_failure > self.config.failure_window:
             state.failures = 0
         state.failures += 1
@@ -190,7 +162,7 @@ class Throttle:
 
     # -- accounts --------------------------------------------------------------
 
-    def _table(self, account: str) -> _Bounded[str, _Account]:
+    def _table(self, account: str) -> LRU[str, _Account]:
         return self._unknown if account.startswith("unknown:") else self._known
 
     def digest(self, account: str, secret: str) -> bytes:
@@ -216,7 +188,7 @@ class Throttle:
 
     def impose(self, account: str, familiar: bool, until: float) -> None:
         """A lockout decided elsewhere (another process sharing the store)."""
-        bucket = self._table(account).get(account).buckets[familiar]
+        bucket = self._table(account).obtain(account).buckets[familiar]
         if until > bucket.locked_until:
             bucket.locked_until = until
             bucket.failures.clear()
@@ -252,7 +224,7 @@ class Throttle:
         source = self.source(address)
         if source is None:
             return Reservation(None, ("", b""), next(self._order))
-        state = self._table(account).get(account)
+        state = self._table(account).obtain(account)
         familiar = source in state.familiar
         bucket = state.buckets[familiar]
         now = self._clock()
@@ -310,7 +282,7 @@ class Throttle:
         source = self.source(address)
         if source is None:
             return False
-        state = self._table(account).get(account)
+        state = self._table(account).obtain(account)
         familiar = source in state.familiar
         bucket = state.buckets[familiar]
         if upstream:
@@ -365,7 +337,7 @@ class Throttle:
             return
         now = self._clock()
         since = next(self._order) if since is None else since
-        state = self._table(account).get(account)
+        state = self._table(account).obtain(account)
         was_familiar = source in state.familiar
         state.familiar[source] = now
         state.familiar.move_to_end(source)

@@ -9,7 +9,6 @@ import secrets
 from typing import Any
 
 import segno
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from proxy import secondfactor
@@ -85,12 +84,9 @@ class SignIn(Pages):
                 return self._redirect(request, "/enrol")
             step = secondfactor.matching_step(key, code, self._reactor.seconds())
             if step is None or not await self._on_store(self._take_step, account.username, step):
-                delay = self._auth.second_factor_failed(attempt, decision, code or "-")
-                # Counted from when the attempt began, as the core counts a wrong
-                # password's: a wrong code takes no longer to be told.
-                remaining = started + delay - self._reactor.seconds()
-                if remaining > 0:
-                    await deferLater(self._reactor, remaining)
+                # Held by the core as a wrong password is, from when the
+                # attempt began: a wrong code takes no longer to be told.
+                await self._auth.second_factor_failed(attempt, decision, code or "-", started)
                 return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
         except (StoreError, Busy, secondfactor.SealError) as e:
             log.error("portal sign-in of {user}: {error}", user=account.username, error=str(e))

@@ -163,6 +163,22 @@ def app_password_from(row: Any) -> AppPassword:
     )
 
 
+class ChangeKind(enum.StrEnum):
+    """What changed of a user: the change feed's kinds, and the revocations
+    the authentication core decides itself (never in the feed)."""
+
+    DELETED = "deleted"  # one app password (the change names it)
+    STOPPED = "stopped"  # one app password stopped by itself (expiry, unused)
+    REVOKED_ALL = "revoked_all"  # all of the user's app passwords
+    STATE_CHANGED = "state_changed"  # the user's MFA state
+    SECOND_FACTOR_RESET = "second_factor_reset"  # the portal's authenticator forgotten
+    LOCKED = "locked"  # locked by failures counted in the store
+    UNLOCKED = "unlocked"  # the help desk lifted the user's lockouts
+    # decided by the core, from what the directory says
+    PASSWORD_CHANGE = "password_change"  # app passwords older than the password stop
+    ACCOUNT_INACTIVE = "account_inactive"  # disabled, locked or deleted in the directory
+
+
 @attrs.frozen
 class Change:
     """One entry of the store's change feed, which tells running daemons to
@@ -172,9 +188,7 @@ class Change:
     seq: int
     at: float
     username: str
-    # "deleted", "stopped" (with an app password's id), "revoked_all",
-    # "state_changed", "unlocked", "second_factor_reset"
-    kind: str
+    kind: ChangeKind
     app_password_id: str | None
 
 

@@ -39,6 +39,7 @@ from proxy.store import (
     lockout_length,
     AppPassword,
     Change,
+    ChangeKind,
     LimitReached,
     MfaState,
     NameTaken,
@@ -373,7 +374,7 @@ class PostgresStore:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
         seq = conn.execute(
             "INSERT INTO changes (at, username, kind, app_password_id) VALUES (%s, %s, %s, %s)"
-            " RETURNING seq", (now, username, kind, id)).fetchone()["seq"]
+            " RETURNING seq", (now, username, ChangeKind(kind).value, id)).fetchone()["seq"]
         conn.execute("DELETE FROM changes WHERE at < %s", (now - CHANGE_RETENTION,))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
 
@@ -633,7 +634,7 @@ class PostgresStore:
         with self._connection() as conn:
             rows = conn.execute("SELECT seq, at, username, kind, app_password_id FROM changes"
                                 " WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
-        return [Change(r["seq"], r["at"], r["username"], r["kind"], r["app_password_id"])
+        return [Change(r["seq"], r["at"], r["username"], ChangeKind(r["kind"]), r["app_password_id"])
                 for r in rows]
 
     def last_change(self) -> int:

@@ -25,6 +25,7 @@ from proxy.store import (
     lockout_length,
     AppPassword,
     Change,
+    ChangeKind,
     LimitReached,
     MfaState,
     NameTaken,
@@ -219,7 +220,7 @@ class SQLiteStore:
     def _log_change(self, now: float, username: str, kind: str, id: str | None) -> None:
         self._db.execute(
             "INSERT INTO changes (at, username, kind, app_password_id) VALUES (?, ?, ?, ?)",
-            (now, username, kind, id),
+            (now, username, ChangeKind(kind).value, id),
         )
         self._db.execute("DELETE FROM changes WHERE at < ?", (now - CHANGE_RETENTION,))
 
@@ -563,7 +564,7 @@ class SQLiteStore:
             " WHERE seq > ? ORDER BY seq",
             (seq,),
         )
-        return [Change(r["seq"], r["at"], r["username"], r["kind"], r["app_password_id"]) for r in rows]
+        return [Change(r["seq"], r["at"], r["username"], ChangeKind(r["kind"]), r["app_password_id"]) for r in rows]
 
     def last_change(self) -> int:
         row = self._db.execute("SELECT max(seq) FROM changes").fetchone()

@@ -264,7 +264,9 @@ def test_a_right_password_awaiting_its_second_factor_clears_nothing(core):
     for code in ("111111", "222222", "333333"):
         decision = decide(core, "alice", PRIMARY, **portal)
         assert decision.accepted  # the password; not yet the sign-in
-        core.auth.second_factor_failed(attempt("alice", PRIMARY, **portal), decision, code)
+        held = ensureDeferred(core.auth.second_factor_failed(
+            attempt("alice", PRIMARY, **portal), decision, code, core.clock.seconds()))
+        assert held.called  # no failure delay here
     # Three wrong codes lock the account, right passwords in between or not.
     assert decide(core, "alice", PRIMARY, **portal).reason is Reason.LOCKED_OUT
     audited = [(e["reason"]) for e in core.events if e["event"] == "authentication"]

@@ -1,0 +1,120 @@
+"""Failures counted by every process sharing the store (a fleet, or several
+processes on one host), so that each locks an account alike.
+
+Kept there by the user's store name, with two bytes of the secret's keyed
+digest: enough to tell a repeat from a new guess among a handful, too little
+to test guesses against (docs/deployment.md). Names that match no account
+are counted by each process alone. A check is counted in the store before
+it is made (:meth:`Fleet.reserve`), so guesses spread over every process
+meet one budget; lockouts decided there reach each process through the
+change feed and are imposed on the account's counters at its next sign-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from proxy.auth.cache import LRU
+from proxy.auth.throttle import Throttle
+from proxy.config import ThrottleConfig
+from proxy.directory import Account
+from proxy.store import StoreError
+from proxy.threads import Busy
+
+log = Logger(namespace="legacy_auth_proxy.auth")
+
+MAX_USERS = 100_000
+
+
+class Fleet:
+    def __init__(self, clock: Any, store: Any, throttle: Throttle, config: ThrottleConfig,
+                 username_of: Callable[[str], str | None]) -> None:
+        self._clock = clock
+        self._store = store
+        self._throttle = throttle
+        self._config = config
+        self._username_of = username_of
+        # Lockouts decided by failures counted in the store, by user.
+        self._lockouts: LRU[str, dict[bool, float]] = LRU(MAX_USERS)
+        self._unlocks: dict[str, int] = {}  # unlocks seen, by user: a late read loses to one
+        throttle.on_failure = self.failed
+
+    async def start(self) -> None:
+        """Lockouts in force now: what the feed says from here on adds to them."""
+        for username, lockouts in (await self._store.lockouts(self._clock.seconds())).items():
+            self._lockouts.put(username, lockouts)
+
+    def failed(self, key: str, familiar: bool, digest: bytes, now: float) -> None:
+        """Count a failure in the store too (the throttle's ``on_failure``)."""
+        username = self._username_of(key)
+        if username is None:
+            return
+        config = self._config
+        d = self._store.add_failure(username, familiar, digest[:2], now,
+                                    window=config.failure_window, limit=config.account_failures,
+                                    lockout=config.lockout, lockout_max=config.lockout_max)
+
+        def counted(until: float | None) -> None:
+            if until is not None:
+                self._lockouts.obtain_or(username, {})[familiar] = until
+                self._throttle.impose(key, familiar, until)
+
+        def failed(failure: Any) -> None:
+            if not failure.check(Busy):
+                log.warn("cannot count a failure in the store: {error}",
+                         error=failure.getErrorMessage())
+
+        d.addCallbacks(counted, failed)
+
+    async def reserve(self, username: str, familiar: bool, digest: bytes) -> bool:
+        """The store's part of a reservation: False if, counted with every
+        process's failures and checks, the check could pass the lockout. A
+        store that cannot answer leaves the budget to this process alone."""
+        try:
+            return await self._store.reserve_failure(
+                username, familiar, digest[:2], self._clock.seconds(),
+                window=self._config.failure_window, limit=self._config.account_failures)
+        except (StoreError, Busy):
+            return True
+
+    def release(self, username: str, familiar: bool, digest: bytes) -> None:
+        """The reserved secret was not a wrong one: not a failure."""
+        self._store.release_failure(username, familiar, digest[:2]).addErrback(
+            lambda f: log.warn("cannot release a check in the store: {error}",
+                               error=f.getErrorMessage()))
+
+    def locked_elsewhere(self, username: str) -> None:
+        """The feed says the user was locked by failures counted in the store."""
+        Deferred.fromCoroutine(self._read_lockouts(username))
+
+    async def _read_lockouts(self, username: str) -> None:
+        unlocks = self._unlocks.get(username, 0)
+        try:
+            lockouts = await self._store.lockouts(self._clock.seconds(), username)
+        except Exception as e:
+            log.warn("cannot read the lockouts of {user}: {error}", user=username, error=str(e))
+            return
+        if self._unlocks.get(username, 0) != unlocks:
+            return  # unlocked while this was read
+        if username in lockouts:
+            self._lockouts.put(username, lockouts[username])
+
+    def impose(self, account: Account) -> None:
+        """Lockouts decided elsewhere, imposed on the account's counters."""
+        lockouts = self._lockouts.peek(account.username)
+        if lockouts is None:
+            return
+        now = self._clock.seconds()
+        for familiar, until in lockouts.items():
+            if until > now:
+                self._throttle.impose(account.key, familiar, until)
+        if all(until <= now for until in lockouts.values()):
+            self._lockouts.pop(account.username)
+
+    def unlocked(self, username: str) -> None:
+        self._unlocks[username] = self._unlocks.get(username, 0) + 1
+        self._lockouts.pop(username)
