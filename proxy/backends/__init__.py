@@ -7,8 +7,9 @@ import urllib.parse
 from typing import Any
 
 import attrs
-from twisted.internet import endpoints, tcp
-from twisted.internet.defer import Deferred
+from OpenSSL import SSL
+from twisted.internet import endpoints, error, tcp
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from proxy.protocols import BACKEND_PORTS
@@ -63,6 +64,15 @@ def connect(endpoint: Any, protocol: Protocol) -> Deferred[Protocol]:
 
 class BackendRefused(Exception):
     """The backend refused the proxy's login as the user."""
+
+
+# What a backend login is expected to fail with: the backend refused it,
+# could not be reached or was lost (the OS's errors, Twisted's connection
+# errors, TLS), or did not answer in time. Anything else is a bug, and the
+# front end says so with its traceback.
+LOGIN_FAILURES: tuple[type[BaseException], ...] = (
+    BackendRefused, OSError, error.ConnectError, error.ConnectionClosed, DeferredTimeout, SSL.Error,
+)
 
 
 class BackendConnection(Protocol):

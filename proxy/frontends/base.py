@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from proxy.backends import splice
+from proxy.backends import LOGIN_FAILURES, splice
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.tls import faster_tls
@@ -675,12 +675,25 @@ class RelayingServer(ListenerConnection, Protocol):
             backend = await self.listener.backend.login(decision.username, self.address, self.port)
             if metrics is not None:
                 metrics.backend_login(self.config.label, True, self.listener.reactor.seconds() - started)
-        except Exception as e:
+        except LOGIN_FAILURES as e:
+            # The backend said no, or could not be reached in time.
             if metrics is not None:
                 metrics.backend_login(self.config.label, False, 0.0)
             log.warn("{address}: the {protocol} backend did not log {user} in: {error}",
                      address=self.address, protocol=self.protocol_name, user=decision.username,
                      error=str(e) or type(e).__name__)
+            if not self._closing:
+                self._resume()
+                self._run(self.machine.login_failed(event.tag, temporary=True))
+            return
+        except Exception:
+            # A bug in the backend's login, not the backend's answer: said as
+            # one, with its traceback; the client may try again.
+            if metrics is not None:
+                metrics.backend_login(self.config.label, False, 0.0)
+            log.failure("{address}: logging {user} in to the {protocol} backend failed "
+                        "unexpectedly", address=self.address, protocol=self.protocol_name,
+                        user=decision.username)
             if not self._closing:
                 self._resume()
                 self._run(self.machine.login_failed(event.tag, temporary=True))

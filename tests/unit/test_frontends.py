@@ -12,7 +12,7 @@ from ldaptor.protocols import pureber, pureldap
 from twisted.internet.testing import StringTransport
 
 from proxy import protocols
-from proxy.backends import BackendConnection
+from proxy.backends import BackendConnection, BackendRefused
 from proxy.backends.ldap import UpstreamLDAP
 from proxy.config import ListenerConfig
 from proxy.backends.ldap import Upstream
@@ -317,3 +317,46 @@ def test_answers_arriving_during_a_new_bind_are_still_filtered(core):
     (got,) = messages(client.take())
     assert [a for a, _ in got.value.attributes] == [b"cn"]
     core.directory.gate.callback(None)
+
+
+# -- a backend login that fails --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
+@pytest.mark.parametrize("failure, bug", [
+    (lambda: BackendRefused("NO [AUTHENTICATIONFAILED]"), False),
+    (lambda: ConnectionRefusedError(111, "Connection refused"), False),
+    (lambda: KeyError("capabilities"), True),  # a bug in the backend's login code
+])
+def test_a_backend_bug_is_logged_with_its_traceback(core, protocol, failure, bug):
+    """A backend that refuses, or cannot be reached, is one warning; any
+    other exception is a bug, logged as one with its traceback. Either way
+    the client is told to try again later, and may."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    secret = core.admin.create("alice", "phone").secret
+    server, client, backend = connect(core, protocol)
+
+    async def login(username, address, port):
+        raise failure()
+
+    backend.login = login
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server.dataReceived(LOGINS[protocol][0]("alice", secret))
+        settle(core)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    answer = client.take()
+    assert {"imap": b"a NO [UNAVAILABLE]", "pop3": b"-ERR [SYS/TEMP]",
+            "smtp": b"454 4.7.0"}[protocol] in answer
+    assert not client.disconnecting
+    mine = [e for e in events if e.get("log_namespace") == "legacy_auth_proxy.frontends"]
+    (said,) = [e for e in mine if e["log_level"] >= LogLevel.warn]
+    if bug:
+        assert said["log_level"] is LogLevel.critical
+        assert isinstance(said["log_failure"].value, KeyError)
+        assert "Traceback" in said["log_failure"].getTraceback()
+    else:
+        assert said["log_level"] is LogLevel.warn and "log_failure" not in said
