@@ -10,7 +10,9 @@ revoked.
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol
+import enum
+from collections.abc import Iterator, Mapping
+from typing import Any, Generic, Protocol as TypingProtocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -35,6 +37,60 @@ log = Logger(namespace="legacy_auth_proxy.frontends")
 # mapping (page faults, then munmap) on every read: 256 KiB reads relayed
 # TLS at 400 MB/s here, 120 KiB reads at 600-670 MB/s.
 RELAY_READ_SIZE = 120 * 1024
+
+
+class IllegalMove(RuntimeError):
+    """A machine was told of an event its phase does not take: a bug in
+    the code that drives it, never something a client or backend can cause."""
+
+
+P = TypeVar("P", bound=enum.Enum)
+
+
+class Moves(Generic[P]):
+    """Every legal move of one machine in one table, as h11 keeps its
+    (python-hyper/h11 ``h11/_state.py``): ``after(phase, event)`` is the
+    next phase, and any move not in the table raises :class:`IllegalMove`.
+    A self-loop written in the table (an event that changes nothing in that
+    phase) is legal; one left out is not."""
+
+    def __init__(self, machine: str, table: Mapping[P, Mapping[str, P]]) -> None:
+        self.machine = machine
+        self._table = {phase: dict(moves) for phase, moves in table.items()}
+
+    def after(self, phase: P, event: str) -> P:
+        try:
+            return self._table[phase][event]
+        except KeyError:
+            raise IllegalMove(f"{self.machine}: no move {event!r} from {phase.name}") from None
+
+    def legal(self) -> Iterator[tuple[P, str, P]]:
+        """Every legal move: (phase, event, next phase)."""
+        for phase, moves in self._table.items():
+            for event, after in moves.items():
+                yield phase, event, after
+
+    def events(self) -> set[str]:
+        return {event for _, event, _ in self.legal()}
+
+
+class Connection(enum.Enum):
+    """A client connection's phase on its listener, where the dialogue keeps
+    its own (LDAP: :class:`proxy.frontends.ldap.LDAPSession`)."""
+
+    NEW = "new"  # built, not yet connected
+    OPEN = "open"
+    CLOSING = "closing"  # hung up: the goodbye, then TLS's close, then the socket
+    GONE = "gone"  # the connection is lost
+
+
+CONNECTION_MOVES: Moves[Connection] = Moves("connection", {
+    Connection.NEW: {"connect": Connection.OPEN, "hang_up": Connection.CLOSING,
+                     "lost": Connection.GONE},
+    Connection.OPEN: {"hang_up": Connection.CLOSING, "lost": Connection.GONE},
+    Connection.CLOSING: {"hang_up": Connection.CLOSING, "lost": Connection.GONE},
+    Connection.GONE: {"hang_up": Connection.GONE},
+})
 
 
 @implementer(IPushProducer)
@@ -158,7 +214,10 @@ class ListenerConnection:
     address = "unknown"
     port = 0
     _counted = False
-    _closing = False
+    # The phase and its table; a subclass with more phases names its own.
+    MOVES: Moves[Any] = CONNECTION_MOVES
+    ENDED: frozenset[Any] = frozenset({Connection.CLOSING, Connection.GONE})
+    phase: Any = Connection.NEW
     _timer: Any = None
     _deadline: Any = None
     reading: ReadControl | None = None
@@ -175,7 +234,7 @@ class ListenerConnection:
         self.address = "unknown"
         self.port = 0
         self._counted = False
-        self._closing = False
+        self.phase = self.phase  # the class's first phase, in this instance's dict
         self._timer = None
         self.reading = None
         self.username = ""
@@ -186,6 +245,16 @@ class ListenerConnection:
         self._touched = 0.0
         self._deadline = None
         self._after_goodbye = 0
+
+    def _move(self, event: str) -> None:
+        """Tell the connection's phase of ``event`` (IllegalMove if its
+        table has no such move)."""
+        self.phase = self.MOVES.after(self.phase, event)
+
+    @property
+    def _closing(self) -> bool:
+        """Hung up, or gone: nothing more is read or answered."""
+        return self.phase in self.ENDED
 
     def _enter(self, refusal: bytes) -> bool:
         """Count this connection; False (and the client told ``refusal``) past
@@ -273,14 +342,14 @@ class ListenerConnection:
     def _hang_up(self) -> None:
         """Close the client connection, whatever is registered on it: every
         path that ends a session ends here (see :mod:`proxy.transports`)."""
-        self._closing = True
+        self._move("hang_up")
         self.reading = None
         self.listener.budget.hold(self, 0)  # what it held is not kept for it
         if self._deadline is None:
             self._deadline = hang_up(self.transport, self.listener.reactor)
 
     def _leave(self) -> None:
-        self._closing = True
+        self._move("lost")
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._deadline is not None:
@@ -507,11 +576,49 @@ def stop_controlling_reading(protocol: Any) -> None:
         protocol.transport.resumeProducing()
 
 
+class Phase(enum.Enum):
+    """Where a relaying server's client connection is (:data:`PHASES` says
+    how it gets on)."""
+
+    NEW = "new"  # built, not yet connected
+    BEFORE_LOGIN = "before login"  # the dialogue runs (``machine``)
+    LOGGING_IN = "logging in"  # the core decides, then the backend logs the user in
+    RELAYING = "relaying"  # in Python, both ways (``backend``)
+    HELD = "relaying, held"  # in Python, the client unread until the guard's backlog is answered
+    IN_KERNEL = "relaying in the kernel"  # by splice(2) (``kernel``)
+    CLOSING = "closing"  # hung up: the goodbye, then TLS's close, then the socket
+    GONE = "gone"  # the connection is lost
+
+
+_SIGNED_IN = {"close": Phase.CLOSING, "hang_up": Phase.CLOSING, "lost": Phase.GONE}
+PHASES: Moves[Phase] = Moves("relaying server", {
+    Phase.NEW: {"connect": Phase.BEFORE_LOGIN, "hang_up": Phase.CLOSING, "lost": Phase.GONE},
+    Phase.BEFORE_LOGIN: {"login": Phase.LOGGING_IN, **_SIGNED_IN},
+    # A refusal (or a failed backend login) is answered by the dialogue,
+    # which reads on; a success relays, in the kernel where it can.
+    Phase.LOGGING_IN: {"refused": Phase.BEFORE_LOGIN, "relay": Phase.RELAYING,
+                       "splice": Phase.IN_KERNEL, **_SIGNED_IN},
+    Phase.RELAYING: {"hold": Phase.HELD, **_SIGNED_IN},
+    Phase.HELD: {"release": Phase.RELAYING, **_SIGNED_IN},
+    Phase.IN_KERNEL: {"handed_back": Phase.RELAYING, **_SIGNED_IN},
+    # Closing stops the kernel's relay, which hands the session back.
+    Phase.CLOSING: {"handed_back": Phase.CLOSING, "hang_up": Phase.CLOSING, "lost": Phase.GONE},
+    Phase.GONE: {"handed_back": Phase.GONE, "hang_up": Phase.GONE},
+})
+_PAST_LOGIN = frozenset({Phase.RELAYING, Phase.HELD, Phase.IN_KERNEL})
+
+
 @implementer(IHandshakeListener)
 class RelayingServer(ListenerConnection, Protocol):
-    """A client connection: pre-login dialogue, login, then relay."""
+    """A client connection: pre-login dialogue, login, then relay. Its
+    phase is one :class:`Phase`, moved only as :data:`PHASES` allows;
+    ``machine``, ``backend`` and ``kernel`` are what the phase works with,
+    not what says where it is."""
 
     protocol_name = ""
+    MOVES = PHASES
+    ENDED = frozenset({Phase.CLOSING, Phase.GONE})
+    phase = Phase.NEW
     kernel: splice.KernelRelay | None = None  # relaying in the kernel, while it does
 
     def __init__(self, listener: Listener) -> None:
@@ -526,11 +633,8 @@ class RelayingServer(ListenerConnection, Protocol):
         self.backend: Any = None
         self.reading: ReadControl | None = None
         self.guard: Guard | None = None
-        self._guard_paused = False
         self._timer: Any = None
         self._counted = False
-        self._closing = False
-        self._registered = False
 
     # -- what a front end supplies ----------------------------------------------------------
 
@@ -565,6 +669,7 @@ class RelayingServer(ListenerConnection, Protocol):
     def connectionMade(self) -> None:
         if not self._enter(self.bye("Too many connections from your address.")):
             return
+        self._move("connect")
         if self.config.tls != "implicit":
             control_reading(self)
         self.machine = self.make_machine()
@@ -573,14 +678,12 @@ class RelayingServer(ListenerConnection, Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._leave()
-        if self._registered:
-            self.listener.sessions.remove(self)
-            self._registered = False
+        self.listener.sessions.remove(self)  # if it signed in; nothing if not
         if self.backend is not None:
             self.backend.close()
 
     def _past_login(self) -> bool:
-        return self.backend is not None
+        return self.phase in _PAST_LOGIN
 
     def _idle(self) -> None:
         self.close("Idle for too long.")
@@ -588,7 +691,7 @@ class RelayingServer(ListenerConnection, Protocol):
     def close(self, text: str) -> None:
         if self._closing:
             return
-        self._closing = True
+        self._move("close")
         if self.kernel is not None:
             self.kernel.stop()
         if self.backend is not None:
@@ -615,7 +718,7 @@ class RelayingServer(ListenerConnection, Protocol):
             self._dropped(data)
             return
         self._touch()
-        if self.backend is not None:
+        if self.phase in _PAST_LOGIN:
             self.listener.relayed[0] += len(data)
             if self.guard is not None:
                 self._guarded(self.guard.feed_client(data))
@@ -640,6 +743,7 @@ class RelayingServer(ListenerConnection, Protocol):
                 self.transport.startTLS(self.listener.tls)
                 faster_tls(self.transport)
             elif isinstance(event, Login):
+                self._move("login")
                 d = Deferred.fromCoroutine(self._login(event)).addErrback(self._crashed)
                 if not d.called and self.reading is not None:
                     # Decided later (cache hits are decided at once): stop
@@ -665,9 +769,7 @@ class RelayingServer(ListenerConnection, Protocol):
             return
         if not decision.accepted:
             temporary = decision.outcome is Outcome.TEMPORARY_FAILURE
-            self._resume()
-            self._run(self.machine.login_failed(event.tag, temporary,
-                                                plaintext=decision.reason is Reason.PLAINTEXT))
+            self._refused(event, temporary, plaintext=decision.reason is Reason.PLAINTEXT)
             return
         started = self.listener.reactor.seconds()
         metrics = self.listener.metrics
@@ -683,8 +785,7 @@ class RelayingServer(ListenerConnection, Protocol):
                      address=self.address, protocol=self.protocol_name, user=decision.username,
                      error=str(e) or type(e).__name__)
             if not self._closing:
-                self._resume()
-                self._run(self.machine.login_failed(event.tag, temporary=True))
+                self._refused(event, temporary=True)
             return
         except Exception:
             # A bug in the backend's login, not the backend's answer: said as
@@ -695,8 +796,7 @@ class RelayingServer(ListenerConnection, Protocol):
                         "unexpectedly", address=self.address, protocol=self.protocol_name,
                         user=decision.username)
             if not self._closing:
-                self._resume()
-                self._run(self.machine.login_failed(event.tag, temporary=True))
+                self._refused(event, temporary=True)
             return
         if self._closing:
             backend.close()
@@ -704,11 +804,9 @@ class RelayingServer(ListenerConnection, Protocol):
         if not self.listener.sessions.still_valid(decision):
             # Revoked while the backend logged the user in.
             backend.close()
-            self._resume()
-            self._run(self.machine.login_failed(event.tag, temporary=False))
+            self._refused(event, temporary=False)
             return
         self._signed_in(decision)
-        self._registered = True
         rest = self.machine.take_rest()
         self.machine = None
         self.backend = backend
@@ -721,27 +819,38 @@ class RelayingServer(ListenerConnection, Protocol):
             self._timer.reset(self.config.idle_timeout)
         if (self.guard is None and self.listener.kernel_relay
                 and splice.plain_tcp(self.transport) and splice.plain_tcp(backend.transport)):
+            self._move("splice")
             self.kernel = splice.KernelRelay(
                 self.listener.reactor, self.transport, backend.transport, self)
             self.listener.relay_paths[0] += 1
             self.kernel.start(to_client=answer, to_backend=rest)
             return
+        self._move("relay")
         self.listener.relay_paths[1] += 1
         write_now(self.transport, answer)
         self._relay_in_python()
         if rest:
             self.dataReceived(rest)
 
+    def _refused(self, event: Login, temporary: bool, plaintext: bool = False) -> None:
+        """The login failed: the dialogue says so, and reads on."""
+        assert self.machine is not None
+        self._move("refused")
+        self._resume()
+        self._run(self.machine.login_failed(event.tag, temporary, plaintext=plaintext))
+
     def handed_back(self, backend_tail: bytes | None) -> None:
-        """The kernel's relay ends: relay in Python from here on."""
+        """The kernel's relay ends: relay in Python from here on (unless it
+        ended because the session is closing)."""
         self._backend_tail = backend_tail
         self.kernel = None
+        self._move("handed_back")
         self._relay_in_python()
 
     def _relay_in_python(self) -> None:
         """Relay through Twisted: from login, or when the kernel's relay
         hands the session back."""
-        if self._closing or self.backend is None:
+        if self.phase is not Phase.RELAYING:
             return
         # From here on, flow control is between the two sides: a slow reader
         # pauses the other side.
@@ -762,7 +871,7 @@ class RelayingServer(ListenerConnection, Protocol):
         self._touch()
 
     def handshakeCompleted(self) -> None:
-        if self.reading is None and self.backend is None and not self._closing:
+        if self.reading is None and self.phase in (Phase.BEFORE_LOGIN, Phase.LOGGING_IN):
             control_reading(self)
 
     def _resume(self) -> None:
@@ -794,12 +903,12 @@ class RelayingServer(ListenerConnection, Protocol):
         # The guard holds client bytes while the backend has yet to answer:
         # past one read's worth, stop reading the client until it has.
         hold = self.guard.waiting > RELAY_READ_SIZE
-        if hold != self._guard_paused and not self._closing:
-            self._guard_paused = hold
-            if hold:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
+        if hold and self.phase is Phase.RELAYING:
+            self._move("hold")
+            self.transport.pauseProducing()
+        elif not hold and self.phase is Phase.HELD:
+            self._move("release")
+            self.transport.resumeProducing()
 
     def backend_lost(self) -> None:
         """The backend closed the session: after its own goodbye (the

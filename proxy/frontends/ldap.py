@@ -13,6 +13,7 @@ session is read-only because the Decision says so.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Any
 
@@ -38,6 +39,7 @@ from proxy.wire import ber
 from proxy.frontends.base import (
     Listener,
     ListenerConnection,
+    Moves,
     ReadControl,
     control_reading,
     stop_controlling_reading,
@@ -72,6 +74,8 @@ class DecideBind:
 @attrs.frozen
 class Forget:
     """A bind begins: whoever the client was, it is no longer."""
+
+    was_bound: bool = False  # a bind had succeeded (anonymous ones too)
 
 
 @attrs.frozen
@@ -116,13 +120,37 @@ class Identity:
         return self.kind != "primary"
 
 
+class Bind(enum.Enum):
+    """Where an LDAP session is with its binds (:data:`BINDS` says how it
+    gets on)."""
+
+    UNBOUND = "unbound"  # no identity: never bound, or the last bind failed
+    BINDING = "binding"  # a bind is decided; what follows it waits
+    BOUND = "bound"  # an identity (an anonymous bind's too)
+    CLOSED = "closed"  # nothing more is read
+
+
+BINDS: Moves[Bind] = Moves("LDAP session", {
+    Bind.UNBOUND: {"bind": Bind.BINDING, "close": Bind.CLOSED},
+    Bind.BINDING: {"accepted": Bind.BOUND, "refused": Bind.UNBOUND, "close": Bind.CLOSED},
+    Bind.BOUND: {"bind": Bind.BINDING, "close": Bind.CLOSED},
+    # A bind decided after the close is dropped unanswered.
+    Bind.CLOSED: {"accepted": Bind.CLOSED, "refused": Bind.CLOSED, "close": Bind.CLOSED},
+})
+
+
 class LDAPSession:
     """An LDAP client connection as the proxy sees it, with no I/O: bytes and
     decided binds in, actions out. It frames and checks messages, answers
     what the proxy answers itself (StartTLS, "Who am I?", refusals), queues
     what arrives while a bind is decided, and says what goes to the
     directory, rewritten for app-password sessions so that they read with
-    their user's rights and nothing more."""
+    their user's rights and nothing more.
+
+    Its phase is one :class:`Bind`, moved only as :data:`BINDS` allows.
+    Beside it, one fact that only ever turns true: a connection to the
+    directory may exist (a bind succeeded, or the connection says so through
+    :meth:`directory_connected`), after which StartTLS is refused."""
 
     def __init__(self, *, tls: bool, starttls: bool, max_before_bind: int,
                  max_after_bind: int, max_depth: int) -> None:
@@ -132,11 +160,21 @@ class LDAPSession:
         self.max_after_bind = max_after_bind
         self.max_depth = max_depth
         self.framer = ber.Framer(max_before_bind, max_depth)
-        self.identity: Identity | None = None
-        self.binding = False
-        self.closed = False
-        self.ever_bound = False  # a directory connection may exist: no StartTLS now
+        self.identity: Identity | None = None  # set in BOUND, and only there
+        self.phase = Bind.UNBOUND
+        self._directory_may_exist = False
         self._queued: deque[bytes] = deque()
+
+    def _move(self, event: str) -> None:
+        self.phase = BINDS.after(self.phase, event)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Bind.CLOSED
+
+    @property
+    def binding(self) -> bool:
+        return self.phase is Bind.BINDING
 
     @property
     def buffered(self) -> int:
@@ -144,9 +182,14 @@ class LDAPSession:
 
     def close(self) -> None:
         """Nothing more is read; what was held is let go at once."""
-        self.closed = True
+        self._move("close")
         self.framer = ber.Framer(0, self.max_depth)
         self._queued.clear()
+
+    def directory_connected(self) -> None:
+        """The session's connection to the directory is open: StartTLS can
+        no longer come first."""
+        self._directory_may_exist = True
 
     @property
     def signed_in(self) -> bool:
@@ -177,12 +220,14 @@ class LDAPSession:
               identity: Identity | None = None) -> list[Action]:
         """The bind of :class:`DecideBind` is decided: answer it, become
         ``identity`` (if it succeeded), and go on with what was queued."""
-        self.binding = False
+        accepted = identity is not None and code == ber.SUCCESS
+        self._move("accepted" if accepted else "refused")
         if self.closed:
             return []
-        if identity is not None and code == ber.SUCCESS:
+        if accepted:
+            assert identity is not None
             self.identity = identity
-            self.ever_bound = True
+            self._directory_may_exist = True
             if identity.kind != "anonymous":  # anonymous sessions keep the limits before a bind
                 self.framer.max_size = self.max_after_bind
         actions: list[Action] = [Reply(ber.result(message.id, ber.BIND_RESPONSE, code, text))]
@@ -195,7 +240,7 @@ class LDAPSession:
     def _disconnect(self, code: int, text: str, why: str = "") -> list[Action]:
         if why:
             log.info("malformed LDAP: {error}", error=why)
-        self.closed = True
+        self._move("close")
         return [Disconnect(code, text)]
 
     def _frame(self, frame: bytes) -> list[Action]:
@@ -210,7 +255,7 @@ class LDAPSession:
         if tag == ber.BIND_REQUEST:
             return self._bind(message)
         if tag == ber.UNBIND_REQUEST:
-            self.closed = True
+            self._move("close")
             return [Hangup()]
         if tag == ber.EXTENDED_REQUEST:
             return self._extended(message, frame)
@@ -228,9 +273,11 @@ class LDAPSession:
     def _bind(self, message: ber.Message) -> list[Action]:
         # A new bind first drops the old identity; a failed one leaves the
         # connection anonymous (RFC 4511 4.2.1).
+        was_bound = self.phase is Bind.BOUND
+        self._move("bind")
         self.identity = None
         self.framer.max_size = self.max_before_bind
-        actions: list[Action] = [Forget()]
+        actions: list[Action] = [Forget(was_bound)]
         try:
             bind = ber.parse_bind(message)
         except ber.BERError:
@@ -245,13 +292,13 @@ class LDAPSession:
             # RFC 4513 5.1.2: an unauthenticated bind; never passed on.
             return actions + [self._bind_answer(message, ber.UNWILLING_TO_PERFORM,
                                                 "unauthenticated binds are not allowed")]
-        self.binding = True
         # The password's bytes reach the directory unchanged, even if not UTF-8.
         return actions + [DecideBind(message, bind.name.decode("utf-8", "replace"),
                                      bind.password.decode("utf-8", "surrogateescape"))]
 
-    @staticmethod
-    def _bind_answer(message: ber.Message, code: int, text: str) -> Reply:
+    def _bind_answer(self, message: ber.Message, code: int, text: str) -> Reply:
+        """A bind the session refuses itself, without the core."""
+        self._move("refused")
         return Reply(ber.result(message.id, ber.BIND_RESPONSE, code, text))
 
     def _extended(self, message: ber.Message, frame: bytes) -> list[Action]:
@@ -276,7 +323,7 @@ class LDAPSession:
             return [self._answer(message, ber.OPERATIONS_ERROR, "TLS is already in use")]
         if not self.starttls:
             return [self._answer(message, ber.PROTOCOL_ERROR, "StartTLS is not offered here")]
-        if self.identity is not None or self.ever_bound or self._queued:
+        if self.phase is not Bind.UNBOUND or self._directory_may_exist or self._queued:
             return [self._answer(message, ber.OPERATIONS_ERROR, "StartTLS must come before a bind")]
         self.tls = True
         # Whatever the client sent after the request, in the clear, is
@@ -339,7 +386,6 @@ class LDAPServer(ListenerConnection, Protocol):
         self.directory: DirectorySession | None = None
         self.decision: Decision | None = None  # the signed-in identity's decision
         self.reading: ReadControl | None = None
-        self._bound = False  # a bind succeeded (anonymous ones too)
 
     # -- connection ------------------------------------------------------------
 
@@ -362,6 +408,7 @@ class LDAPServer(ListenerConnection, Protocol):
             log.info("{address}: too many connections to {listener}", address=self.address,
                      listener=config.label)
             return
+        self._move("connect")
         if not self.session.tls:
             control_reading(self)
         self._arm(config.login_timeout)
@@ -452,7 +499,7 @@ class LDAPServer(ListenerConnection, Protocol):
                     # reading until then.
                     self._hold("bind")
             elif isinstance(action, Forget):
-                self._forget()
+                self._forget(rearm=action.was_bound)
             elif isinstance(action, Abandon):
                 self.directory.abandon(action.frame)
             elif isinstance(action, BeginTLS):
@@ -567,16 +614,15 @@ class LDAPServer(ListenerConnection, Protocol):
         # the reading account or anonymously. A primary-password session's
         # connection is bound with the user's password once, at the bind.
         self.directory.want(wanted, password if lazy else "", lazy)
-        self._bound = True
         if decision is not None:
             self.decision = decision
             self._signed_in(decision)
         self._arm(self.config.idle_timeout)
 
-    def _forget(self) -> None:
+    def _forget(self, rearm: bool = False) -> None:
         """Forget who the client is. The connection to the directory stays
-        open for the next identity (it is re-bound before it is used)."""
-        was_bound, self._bound = self._bound, False
+        open for the next identity (it is re-bound before it is used).
+        ``rearm``: the client was bound, and binds again: a new deadline."""
         if self.decision is not None:
             self.listener.sessions.remove(self)
             self.decision = None
@@ -588,7 +634,7 @@ class LDAPServer(ListenerConnection, Protocol):
         self.app_password_id = None
         if self.directory is not None:
             self.directory.want(None, "", lazy=True)
-        if was_bound and not self._closing and self.transport is not None:
+        if rearm and not self._closing and self.transport is not None:
             # A new deadline to bind again; failed binds do not extend it.
             self._arm(self.config.login_timeout)
 
@@ -610,7 +656,7 @@ class LDAPServer(ListenerConnection, Protocol):
     def _directory_connected(self, upstream: UpstreamLDAP) -> None:
         self._release("directory")
         if self.session is not None:
-            self.session.ever_bound = True  # a directory connection exists: no StartTLS now
+            self.session.directory_connected()
         if self._closing:
             return
         # Flow control both ways: a slow reader pauses the other side.

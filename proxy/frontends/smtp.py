@@ -10,6 +10,7 @@ code (RFC 4954 section 6).
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from proxy.frontends.base import (
     LineDialogue,
     Listener,
     Login,
+    Moves,
     RelayingServer,
     Send,
     StartTLS,
@@ -188,6 +190,27 @@ _BDAT = re.compile(rb"BDAT ([0-9]{1,18})( LAST)?", re.IGNORECASE)
 _EHLO_KEPT = frozenset(PASSED_EXTENSIONS) | {b"ENHANCEDSTATUSCODES"}
 
 
+class Reading(enum.Enum):
+    """What the client's next bytes are, after AUTH (:data:`READING` says
+    how it changes)."""
+
+    COMMAND = "command"  # command lines
+    MESSAGE = "message"  # a message, after the backend's 354 to DATA
+    CHUNK = "chunk"  # a BDAT chunk, passed on
+    SKIP_CHUNK = "skip chunk"  # a refused BDAT's chunk, dropped
+    SKIP_LINE = "skip line"  # the rest of a line too long, dropped
+
+
+READING: Moves[Reading] = Moves("SMTP after AUTH", {
+    Reading.COMMAND: {"too_long": Reading.SKIP_LINE, "go_ahead": Reading.MESSAGE,
+                      "chunk": Reading.CHUNK, "skip_chunk": Reading.SKIP_CHUNK},
+    Reading.SKIP_LINE: {"line_end": Reading.COMMAND},
+    Reading.MESSAGE: {"message_end": Reading.COMMAND},
+    Reading.CHUNK: {"chunk_end": Reading.COMMAND},
+    Reading.SKIP_CHUNK: {"chunk_end": Reading.COMMAND},
+})
+
+
 @attrs.frozen
 class _Own:
     """A reply the proxy gives in its turn, after the backend's to what came before."""
@@ -211,16 +234,16 @@ class AfterAuth:
     is passed on only where the backend offers CHUNKING and a MAIL and a
     RCPT were accepted, for otherwise a backend may read the chunk as
     commands. The backend's EHLO answers offer only what clients may use.
-    No I/O: bytes in, :class:`ToBackend` and :class:`ToClient` out.
+    No I/O: bytes in, :class:`ToBackend` and :class:`ToClient` out. What
+    the client's bytes are is one :class:`Reading`, moved only as
+    :data:`READING` allows.
     """
 
     def __init__(self, chunking: bool = False, max_line: int = 4096) -> None:
         self.chunking = chunking
         self.max_line = max_line
         self._client = bytearray()  # client bytes not yet passed on
-        # "command", "data" (a message), "chunk" (BDAT's bytes passed on),
-        # "skip-chunk" (refused BDAT's bytes dropped), "skip-line" (too long)
-        self._mode = "command"
+        self.reading = Reading.COMMAND
         self._left = 0  # bytes of a chunk still to come
         self._tail = b"\r\n"  # the message's last bytes passed on, normalised
         self._queue: deque[bytes | _Own] = deque()  # commands passed on, awaiting replies
@@ -233,6 +256,9 @@ class AfterAuth:
     def waiting(self) -> int:
         """Client bytes held back until the backend answers (for flow control)."""
         return len(self._client)
+
+    def _move(self, event: str) -> None:
+        self.reading = READING.after(self.reading, event)
 
     # -- client → backend ----------------------------------------------------------------
 
@@ -257,23 +283,25 @@ class AfterAuth:
                     break
                 self._start_chunk(self._hold, passed, own)
                 continue
-            if self._mode == "data":
+            if self.reading is Reading.MESSAGE:
                 passed += self._take_message()
-            elif self._mode in ("chunk", "skip-chunk"):
+            elif self.reading in (Reading.CHUNK, Reading.SKIP_CHUNK):
                 take = min(self._left, len(self._client))
-                if self._mode == "chunk":
+                if self.reading is Reading.CHUNK:
                     passed += self._client[:take]
                 del self._client[:take]
                 self._left -= take
                 if not self._left:
-                    self._mode = "command"
+                    self._move("chunk_end")
             else:
                 end = self._client.find(b"\n")
-                if self._mode == "skip-line" or (end < 0 and len(self._client) > self.max_line):
+                if self.reading is Reading.SKIP_LINE or (end < 0 and len(self._client) > self.max_line):
                     del self._client[: end + 1 if end >= 0 else len(self._client)]
-                    if self._mode != "skip-line":
+                    if self.reading is Reading.COMMAND:
                         own(_TOO_LONG)
-                    self._mode = "command" if end >= 0 else "skip-line"
+                        self._move("too_long")
+                    if end >= 0:
+                        self._move("line_end")
                     continue
                 if end < 0:
                     break
@@ -313,11 +341,13 @@ class AfterAuth:
         last = found.group(2) is not None
         if not self.chunking or not (self._mail and self._rcpt):
             own(_BDAT_UNAVAILABLE if not self.chunking else _BDAT_SEQUENCE)
-            self._mode = "skip-chunk" if self._left else "command"
+            if self._left:
+                self._move("skip_chunk")
             return
         passed += line + b"\r\n"
         self._queue.append(b"BDAT LAST" if last else b"BDAT")
-        self._mode = "chunk" if self._left else "command"
+        if self._left:
+            self._move("chunk")
 
     def _take_message(self) -> bytes:
         """Message bytes, bare LFs made CRLF, up to and including the lone
@@ -338,7 +368,7 @@ class AfterAuth:
         # What followed the dot is commands: back to be read as such.
         rest = normal[upto:]
         self._client[:0] = rest
-        self._mode = "command"
+        self._move("message_end")
         self._tail = b"\r\n"
         self._queue.append(b".")  # the message gets a reply of its own
         return normal[:upto]
@@ -381,7 +411,7 @@ class AfterAuth:
         if verb == b"DATA":
             self._hold = None
             if code == b"354":
-                self._mode = "data"
+                self._move("go_ahead")
                 self._tail = b"\r\n"
             else:
                 self._mail = self._rcpt = False
