@@ -22,13 +22,14 @@ that lockouts do not tell which accounts exist.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import itertools
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -121,6 +122,7 @@ class Throttle:
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
         self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
         self._order = itertools.count(1)
+        self._alone: set[str] = set()  # accounts with a check that must run alone
 
     # -- sources ---------------------------------------------------------------
 
@@ -317,6 +319,21 @@ class Throttle:
         self._lockouts[id(bucket)] = bucket.locked_until
         bucket.failures.clear()
         return True
+
+    @contextlib.contextmanager
+    def alone(self, account: str) -> Iterator[bool]:
+        """One check at a time for the account where checks must not run in
+        parallel (the portal's second-factor codes, which a reservation by
+        secret would not hold back): yields False, and holds nothing, while
+        another is under way."""
+        if account in self._alone:
+            yield False
+            return
+        self._alone.add(account)
+        try:
+            yield True
+        finally:
+            self._alone.discard(account)
 
     def lockouts_in_force(self) -> int:
         """Accounts (or their familiar or other places) locked now."""

@@ -29,7 +29,6 @@ class SignIn(Pages):
     def __init__(self, context: Context, keybox: secondfactor.KeyBox) -> None:
         super().__init__(context)
         self._keybox = keybox
-        self._checking: set[str] = set()  # accounts whose code is being checked
 
     @page("/sign-in", "GET")
     def sign_in_page(self, request: Any) -> bytes:
@@ -67,10 +66,16 @@ class SignIn(Pages):
         if not decision.accepted or decision.account is None:
             return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
         account = decision.account
-        if account.key in self._checking:
-            # One code check at a time per account: codes are not guessed in parallel.
-            return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
-        self._checking.add(account.key)
+        with self._auth.throttle.alone(account.key) as alone:
+            if not alone:
+                # One code check at a time per account: codes are not guessed in parallel.
+                return self._sign_in_form(request, 401, SIGN_IN_FAILED, username)
+            return await self._second_factor(request, attempt, decision, username, code, started)
+
+    async def _second_factor(self, request: Any, attempt: Any, decision: Any, username: str,
+                             code: str, started: float) -> bytes:
+        account = decision.account
+        address = attempt.client_address
         try:
             key = await self._on_store(self._load_key, account.username)
             if key is None:
@@ -91,8 +96,6 @@ class SignIn(Pages):
         except (StoreError, Busy, secondfactor.SealError) as e:
             log.error("portal sign-in of {user}: {error}", user=account.username, error=str(e))
             return self._sign_in_form(request, 503, TRY_LATER, username)
-        finally:
-            self._checking.discard(account.key)
         self._auth.second_factor_passed(attempt, decision)
         token, _ = self.sessions.start(account.username, account.dn, "signed_in")
         self._set_cookie(request, COOKIE, token)

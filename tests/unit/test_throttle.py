@@ -175,3 +175,14 @@ def test_trusted_sources_reserve_freely(clock):
     throttle = Throttle(ThrottleConfig(trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),)),
                         clock.seconds)
     assert all(throttle.reserve("alice", "10.1.2.3", f"g{i}") for i in range(50))
+
+
+def test_a_check_that_must_run_alone(throttle):
+    with throttle.alone("alice") as first:
+        assert first
+        with throttle.alone("alice") as second:
+            assert not second  # held back while the first runs
+        with throttle.alone("bob") as other:
+            assert other
+    with throttle.alone("alice") as again:
+        assert again
