@@ -15,6 +15,7 @@ from proxy.frontends import imap as imap_frontend
 from proxy.frontends import pop3 as pop3_frontend
 from proxy.frontends import smtp as smtp_frontend
 from proxy.frontends.base import Login
+from proxy.auth.ldappolicy import SessionPolicy
 from proxy.frontends.ldap import DecideBind, Identity, LDAPSession
 from proxy.wire import ber
 from proxy.wire import proxyheader
@@ -37,7 +38,7 @@ def ldap(data: bytes) -> None:
     for chunk in _chunks(data):
         for action in session.feed(chunk):
             if isinstance(action, DecideBind):
-                identity = Identity("app_password", "uid=a,dc=x", "uid=a,dc=x")
+                identity = Identity("app_password", "uid=a,dc=x", SessionPolicy(True, True, "uid=a,dc=x"))
                 session.bound(action.message, ber.SUCCESS, "", identity)
 
 

@@ -91,7 +91,7 @@ class Authenticator:
         self._directory = directory
         self._store = store
         self._record = record
-        self._events = DecisionEvents(record, metrics)
+        self.events = DecisionEvents(record, metrics)
         self.accounts = Accounts(clock, directory, store, directory_config)
         self.apps = AppPasswords(clock, store, hash_pool, hasher, pepper, cache, metrics)
         self._fleet: Fleet | None = None
@@ -112,11 +112,11 @@ class Authenticator:
 
     @property
     def metrics(self) -> Any:
-        return self._events.metrics
+        return self.events.metrics
 
     @metrics.setter
     def metrics(self, metrics: Any) -> None:
-        self._events.metrics = self.apps.metrics = self.primary.metrics = metrics
+        self.events.metrics = self.apps.metrics = self.primary.metrics = metrics
 
     @property
     def argon2_runs(self) -> int:
@@ -219,7 +219,7 @@ class Authenticator:
         complete. Its place becomes familiar and its failures start over."""
         assert decision.account is not None
         self.throttle.succeeded(decision.account.key, attempt.client_address)
-        self._events.told(attempt, decision)
+        self.events.told(attempt, decision)
 
     async def second_factor_failed(self, attempt: Attempt, decision: Decision, code: str,
                                    started: float) -> None:
@@ -231,7 +231,7 @@ class Authenticator:
         account = decision.account
         self.throttle.failed(account.key, attempt.client_address, "code:" + code)
         refused = Decision(Reason.WRONG_CODE, account.username, account, checked=True)
-        self._events.told(attempt, refused)
+        self.events.told(attempt, refused)
         await self._hold(attempt, refused, started)
 
     async def _hold(self, attempt: Attempt, decision: Decision, started: float) -> None:
@@ -262,11 +262,11 @@ class Authenticator:
             decision = self._reading(decision)
         pending = decision.accepted and attempt.second_factor
         if not pending:
-            self._events.audit(attempt, decision)
+            self.events.audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
             await self._hold(attempt, decision, started)
         if not pending:
-            self._events.told(attempt, decision, self._clock.seconds() - started, audit=False)
+            self.events.told(attempt, decision, self._clock.seconds() - started, audit=False)
         return decision
 
     def _crowded(self, username: str, attempt: Attempt) -> bool:
@@ -324,7 +324,7 @@ class Authenticator:
         self.usage.used(record.id, now, address, attempt.protocol)
         if self.metrics is not None:
             self.metrics.cache("app_password", True)
-        self._events.told(attempt, decision)
+        self.events.told(attempt, decision)
         return decision
 
     def anonymous(self, attempt: Attempt) -> Decision:
@@ -334,7 +334,7 @@ class Authenticator:
             decision = Decision(Reason.ANONYMOUS_REFUSED, "")
         else:
             decision = Decision(Reason.ANONYMOUS, "", revision=self.revision)
-        self._events.told(attempt, decision)
+        self.events.told(attempt, decision)
         return decision
 
     async def _decide(self, attempt: Attempt) -> Decision:

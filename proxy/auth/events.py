@@ -67,3 +67,10 @@ class DecisionEvents:
                 realm=attempt.realm,
                 reason=decision.reason.value,
             )
+
+    def session_refused(self, *, user: str, protocol: str, realm: str, client_address: str,
+                        why: str) -> None:
+        """A request the session's policy refused after its bind (an
+        app-password session writing, comparing a password, ...)."""
+        self._record("session_refusal", user=user, protocol=protocol, realm=realm,
+                     client_address=client_address, reason=why)

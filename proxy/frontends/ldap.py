@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from proxy.auth import Attempt, Decision, Outcome, Reason
+from proxy.auth import Attempt, Decision, Outcome, Reason, ldappolicy
 from proxy.backends.ldap import (
     OWN_ID,
     DirectorySession,
@@ -104,20 +104,31 @@ class Hangup:
     """The client unbound: close without a word."""
 
 
-Action = Reply | BeginTLS | DecideBind | Forget | Relay | Abandon | Disconnect | Hangup
+
+
+@attrs.frozen
+class Refused:
+    """A request the session's policy refuses: answered, and reported to be
+    audited."""
+
+    message: ber.Message
+    refusal: ldappolicy.Refusal
+
+
+Action = (Reply | BeginTLS | DecideBind | Forget | Relay | Abandon | Disconnect | Hangup
+          | Refused)
 
 
 @attrs.frozen
 class Identity:
     kind: str  # "primary", "app_password" or "anonymous"
     dn: str = ""
-    acting_for: str | None = None  # the DN of the proxied authorization control, if any
+    # What the session may do, as the core decided with the bind.
+    policy: ldappolicy.SessionPolicy = ldappolicy.PRIMARY
 
     @property
     def read_only(self) -> bool:
-        """App passwords never allow administrative actions; anonymous
-        sessions write nothing either."""
-        return self.kind != "primary"
+        return self.policy.read_only
 
 
 class Bind(enum.Enum):
@@ -313,9 +324,9 @@ class LDAPSession:
             return [Reply(ber.extended_response(message.id, ber.SUCCESS, value=identity))]
         if self.identity is None:
             return [self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")]
-        if self.identity.read_only:
-            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                                 "sessions opened with an app password are read-only")]
+        refusal = self.identity.policy.extended()
+        if refusal is not None:
+            return [Refused(message, refusal)]
         return [Relay(message, frame)]
 
     def _start_tls(self, message: ber.Message) -> list[Action]:
@@ -334,39 +345,13 @@ class LDAPSession:
     def _operation(self, message: ber.Message, frame: bytes) -> list[Action]:
         if self.identity is None:
             return [self._answer(message, ber.OPERATIONS_ERROR, "a successful bind is needed first")]
-        if message.op_tag in ber.WRITE_REQUESTS and self.identity.read_only:
-            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                                 "sessions opened with an app password are read-only")]
-        if self.identity.kind == "app_password":
-            return self._read_as_user(message)
-        return [Relay(message, frame)]
-
-    def _read_as_user(self, message: ber.Message) -> list[Action]:
-        """An app-password session's request: never with more rights than
-        its user. Proxied authorization of the client's own would act with
-        the reading account's right to act for others: refused."""
-        assert self.identity is not None
         try:
-            controls = ber.control_types(message)
-            compared = (ber.compared_attribute(message)
-                        if message.op_tag == ber.COMPARE_REQUEST else None)
+            verdict = self.identity.policy.request(message)
         except ber.BERError:
             return self._disconnect(ber.PROTOCOL_ERROR, "malformed request")
-        if ber.PROXIED_AUTHORIZATION in controls or ber.PROXIED_AUTHORIZATION_V1 in controls:
-            return [self._answer(message, ber.AUTHORIZATION_DENIED,
-                                 "proxied authorization is not allowed")]
-        if any(c not in APP_PASSWORD_CONTROLS for c in controls):
-            return [self._answer(message, ber.UNAVAILABLE_CRITICAL_EXTENSION,
-                                 "that control is not available to sessions opened with an app password")]
-        if compared in PASSWORD_ATTRIBUTES:
-            # A compare of a password is a password check, past the throttle.
-            return [self._answer(message, ber.INSUFFICIENT_ACCESS_RIGHTS,
-                                 "sessions opened with an app password cannot check passwords")]
-        frame = message.frame
-        if self.identity.acting_for is not None:
-            frame = ber.with_control(message, ber.PROXIED_AUTHORIZATION,
-                                     b"dn:" + self.identity.acting_for.encode())
-        return [Relay(message, frame)]
+        if isinstance(verdict, ldappolicy.Refusal):
+            return [Refused(message, verdict)]
+        return [Relay(message, verdict)]
 
 
 # -- the connection ---------------------------------------------------------------------
@@ -498,6 +483,8 @@ class LDAPServer(ListenerConnection, Protocol):
                     # Decided later (cache hits are decided at once): stop
                     # reading until then.
                     self._hold("bind")
+            elif isinstance(action, Refused):
+                self._refuse(action)
             elif isinstance(action, Forget):
                 self._forget(rearm=action.was_bound)
             elif isinstance(action, Abandon):
@@ -512,6 +499,16 @@ class LDAPServer(ListenerConnection, Protocol):
                 self._hang_up()
                 self._forget()
                 self.directory.close()
+
+    def _refuse(self, action: Refused) -> None:
+        """Answer a request the session's policy refuses, and have it audited."""
+        refusal = action.refusal
+        write_now(self.transport, LDAPSession._answer(action.message, refusal.code,
+                                                      refusal.text).data)
+        decision = self.decision
+        self.listener.authenticator.events.session_refused(
+            user=decision.username if decision is not None else "", protocol="ldap",
+            realm=self.config.realm, client_address=self.address, why=refusal.why)
 
     def _refused(self, message: ber.Message, code: int, text: str, fatal: bool) -> None:
         """A request the directory session could not relay."""
@@ -548,7 +545,8 @@ class LDAPServer(ListenerConnection, Protocol):
         assert decision.account is not None
         wanted = decision.reads_as
         self._become(decision, wanted, self.listener.upstream.password_of(wanted), lazy=True)
-        return ber.SUCCESS, "", Identity("app_password", decision.account.dn, decision.acting_for)
+        return ber.SUCCESS, "", Identity("app_password", decision.account.dn,
+                                         ldappolicy.for_decision(decision))
 
     async def _bind_result(self, action: DecideBind) -> tuple[int, str, Identity | None]:
         authenticator = self.listener.authenticator
@@ -557,7 +555,7 @@ class LDAPServer(ListenerConnection, Protocol):
             if not authenticator.anonymous(attempt).accepted:
                 return ber.INAPPROPRIATE_AUTHENTICATION, "anonymous binds are not allowed", None
             self._become(None, None, "", lazy=True)
-            return ber.SUCCESS, "", Identity("anonymous")
+            return ber.SUCCESS, "", Identity("anonymous", policy=ldappolicy.ANONYMOUS)
         decision = await authenticator.authenticate(attempt)
         if self._closing:
             return ber.UNAVAILABLE, "", None
@@ -593,7 +591,8 @@ class LDAPServer(ListenerConnection, Protocol):
             return ber.INVALID_CREDENTIALS, "", None  # revoked while the bind was under way
         self._become(decision, wanted, password, lazy=decision.read_only)
         kind = "app_password" if decision.read_only else "primary"
-        return ber.SUCCESS, "", Identity(kind, decision.account.dn, decision.acting_for)
+        return ber.SUCCESS, "", Identity(kind, decision.account.dn,
+                                         ldappolicy.for_decision(decision))
 
     def _attempt(self, name: str, password: str) -> Attempt:
         return Attempt(
@@ -682,7 +681,7 @@ class LDAPServer(ListenerConnection, Protocol):
         # when they arrive after the client began another bind.
         upstream = self.directory.upstream if self.directory is not None else None
         if upstream is None or self.listener.upstream.reads_for_others(upstream.bound_as):
-            frame = readable_by_app_password(frame, self.listener.upstream)
+            frame = ldappolicy.readable(frame, self.listener.upstream.is_hidden)
             if not frame:
                 return  # the reading account's own entry
         write_now(self.transport, frame)
@@ -707,38 +706,3 @@ class LDAPListener(Listener):
     def __init__(self, *, backend: Upstream, **common: Any) -> None:
         super().__init__(backend=backend, **common)
         self.upstream = backend
-
-
-# Attributes that hold a primary password or its hash. A device's app
-# password must not be a way to the user's primary password, not even to a
-# hash to crack offline: app-password sessions never see them.
-PASSWORD_ATTRIBUTES = frozenset({
-    b"userpassword", b"authpassword", b"unicodepwd", b"sambantpassword", b"sambalmpassword",
-    b"ntpassword", b"lmpassword", b"krbprincipalkey",
-    # the same by their OIDs (an attribute may be named either way)
-    b"2.5.4.35", b"1.3.6.1.4.1.4203.1.3.4", b"1.2.840.113556.1.4.90",
-    b"1.3.6.1.4.1.7165.2.1.25", b"1.3.6.1.4.1.7165.2.1.24", b"2.16.840.1.113719.1.301.4.2.1",
-})
-# Request controls an app-password session may use: paging, sorting, and
-# manageDsaIT. Others may read more than the entries do (dereference, for
-# one, returns attributes of other entries inside a control).
-APP_PASSWORD_CONTROLS = frozenset({
-    "1.2.840.113556.1.4.319",  # simple paged results (RFC 2696)
-    "1.2.840.113556.1.4.473",  # server-side sorting (RFC 2891)
-    "2.16.840.1.113730.3.4.2",  # manageDsaIT (RFC 3296)
-})
-
-
-def readable_by_app_password(frame: bytes, upstream: Upstream) -> bytes:
-    """What an app-password session may see of a message from the
-    directory: search results without password attributes, and nothing
-    (b"") of the reading account's own entry."""
-    try:
-        message = ber.parse_message(frame)
-        if message.op_tag != ber.SEARCH_RESULT_ENTRY:
-            return frame
-        if upstream.is_hidden(ber.entry_name(message)):
-            return b""
-        return ber.without_attributes(message, PASSWORD_ATTRIBUTES) or frame
-    except ber.BERError:
-        return b""  # nothing unreadable reaches the client

@@ -4,6 +4,8 @@ the Python ldap3 library), plus raw bytes for what no client sends."""
 
 from __future__ import annotations
 
+import json
+
 import socket
 import ssl
 import subprocess
@@ -203,6 +205,11 @@ def test_writes_after_an_app_password_bind_are_refused(proxy, slapd, user):
     assert conn.result["result"] == 50
     conn.unbind()
     assert slapd.search(dn)  # still there
+    # Each refusal is the core's rule, and audited.
+    refusals = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()
+                if '"session_refusal"' in line]
+    mine = [(e["user"], e["reason"], e["protocol"]) for e in refusals if e["user"] == uid]
+    assert mine == [(uid, "write", "ldap")] * 4
 
 
 def test_writes_after_a_primary_bind_go_to_the_directory(proxy, slapd, user):

@@ -4,7 +4,9 @@ out, with no I/O."""
 from hypothesis import given, strategies as st
 from ldaptor.protocols import pureldap
 
+from proxy.auth.ldappolicy import SessionPolicy
 from proxy.frontends.ldap import (
+    Refused,
     Abandon,
     BeginTLS,
     DecideBind,
@@ -41,7 +43,10 @@ def search(id=2, **kw):
 
 
 def codes(actions):
-    return [ber.parse_result_code(ber.parse_message(a.data)) for a in actions if isinstance(a, Reply)]
+    """The result codes the session answers with: its own replies, and the
+    refusals of the core's session policy (answered and audited by the server)."""
+    return [ber.parse_result_code(ber.parse_message(a.data)) if isinstance(a, Reply)
+            else a.refusal.code for a in actions if isinstance(a, (Reply, Refused))]
 
 
 def test_a_bind_is_decided_and_what_follows_waits_for_it():
@@ -50,7 +55,7 @@ def test_a_bind_is_decided_and_what_follows_waits_for_it():
     assert isinstance(actions[0], Forget) and isinstance(actions[1], DecideBind)
     assert (actions[1].name, actions[1].password) == ("alice", "secret")
     assert len(actions) == 2 and s.binding  # the search waits
-    after = s.bound(actions[1].message, ber.SUCCESS, "", Identity("app_password", DN, DN))
+    after = s.bound(actions[1].message, ber.SUCCESS, "", Identity("app_password", DN, SessionPolicy(True, True, DN)))
     assert codes(after) == [0]
     (relay,) = [a for a in after if isinstance(a, Relay)]
     assert ber.control_types(ber.parse_message(relay.frame)) == [ber.PROXIED_AUTHORIZATION]
@@ -71,7 +76,7 @@ def test_operations_need_a_bind_and_app_passwords_write_nothing():
     s = session()
     assert codes(s.feed(search())) == [ber.OPERATIONS_ERROR]
     decide = s.feed(bind())[1]
-    s.bound(decide.message, ber.SUCCESS, "", Identity("app_password", DN))
+    s.bound(decide.message, ber.SUCCESS, "", Identity("app_password", DN, SessionPolicy(True, True)))
     modify = wire(pureldap.LDAPModifyRequest(object=DN.encode(), modification=[]), 3)
     assert codes(s.feed(modify)) == [ber.INSUFFICIENT_ACCESS_RIGHTS]
     compare = wire(pureldap.LDAPCompareRequest(entry=DN.encode(), ava=pureldap.LDAPAttributeValueAssertion(
