@@ -528,9 +528,47 @@ class Machine(TypingProtocol):
     def buffered(self) -> int: ...
 
 
+@attrs.frozen
+class ListenerCounts:
+    """What a listener holds and has relayed, for the metrics."""
+
+    connections: int
+    sessions: int  # signed in
+    to_backend: int  # bytes
+    to_client: int
+    in_kernel: int  # sessions relayed by splice(2)
+    in_python: int
+
+
+class Connections(set[Any]):
+    """A listener's open connections; :meth:`when_empty` fires when the
+    last one leaves (the daemon's drain waits on it instead of polling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[Deferred[None]] = []
+
+    def discard(self, connection: Any) -> None:
+        super().discard(connection)
+        if not self and self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)  # ignored by one cancelled at its timeout
+
+    def when_empty(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self:
+            self._waiting.append(d)
+        else:
+            d.callback(None)
+        return d
+
+
 class Listener(Factory):
     """One listener of a front end, and what its connections share. A
-    front end names its connection class in ``server``."""
+    front end names its connection class in ``server``; the daemon reads
+    it through :meth:`counts`, :meth:`open_connections` and
+    :meth:`when_empty`."""
 
     noisy = False
     server: type = Protocol
@@ -554,12 +592,27 @@ class Listener(Factory):
         self.backend = backend
         self.tls = tls
         self.per_source = PerSource(config.max_connections_per_source)
-        self.connections: set[Any] = set()
+        self.connections = Connections()
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = self.server(self)
         protocol.factory = self
         return protocol
+
+    def counts(self) -> ListenerCounts:
+        return ListenerCounts(
+            connections=len(self.connections),
+            sessions=sum(1 for c in self.connections if c.username),
+            to_backend=self.relayed[0], to_client=self.relayed[1],
+            in_kernel=self.relay_paths[0], in_python=self.relay_paths[1])
+
+    def open_connections(self) -> list[Any]:
+        """The connections open now (a copy: shutting one down changes the set)."""
+        return list(self.connections)
+
+    def when_empty(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        return self.connections.when_empty()
 
 
 def control_reading(protocol: Any) -> None:

@@ -24,6 +24,7 @@ LAYERS = [
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
     ("front ends and the portal", ["proxy.frontends", "proxy.portal"]),
     ("opening the store and secrets", ["proxy.bootstrap"]),
+    ("the daemon's parts", ["proxy.daemon"]),
     ("the daemon", ["proxy.service"]),
     ("running the daemon", ["proxy.runner"]),
     ("the demo", ["proxy.demo"]),

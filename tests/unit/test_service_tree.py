@@ -3,7 +3,7 @@ stop finished before the next begins."""
 
 from twisted.internet.defer import Deferred
 
-from proxy.service import Ordered, Part
+from proxy.daemon.tree import Ordered, Part
 
 
 def test_parts_stop_in_reverse_one_after_another():
