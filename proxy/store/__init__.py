@@ -163,6 +163,37 @@ def app_password_from(row: Any) -> AppPassword:
     )
 
 
+# What an API token may do: read (GET only), manage (app passwords too),
+# helpdesk (users' state too). See docs/api.md.
+API_SCOPES = ("read", "manage", "helpdesk")
+
+
+@attrs.frozen
+class ApiToken:
+    """An API token's metadata: everything but its lookup key. The token
+    itself is shown once when made and never stored."""
+
+    name: str
+    scope: str  # one of API_SCOPES
+    created_at: float
+    created_by: str
+    expires_at: float | None = None
+    rate: int = 600  # requests a minute
+    last_used_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+API_TOKEN_COLUMNS = "name, scope, created_at, created_by, expires_at, rate, last_used_at"
+
+
+def api_token_from(row: Any) -> ApiToken:
+    return ApiToken(name=row["name"], scope=row["scope"], created_at=row["created_at"],
+                    created_by=row["created_by"], expires_at=row["expires_at"],
+                    rate=row["rate"], last_used_at=row["last_used_at"])
+
+
 class ChangeKind(enum.StrEnum):
     """What changed of a user: the change feed's kinds, and the revocations
     the authentication core decides itself (never in the feed)."""
@@ -224,6 +255,17 @@ class NameTaken(StoreError):
         super().__init__(f"{username} already has an app password named {name!r}")
 
 
+class TokenNameTaken(StoreError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"there is an API token named {name!r} already")
+
+
+class Conflict(StoreError):
+    """The record changed since the caller read it (an ``If-Match`` that no
+    longer holds): nothing was changed."""
+
+
 class SchemaTooNew(StoreError):
     pass
 
@@ -252,6 +294,12 @@ class Store(Protocol):
 
     def list_app_passwords(self, username: str) -> list[AppPassword]: ...
 
+    def page_app_passwords(self, after: str | None, limit: int) -> list[AppPassword]:
+        """Every user's app passwords in the order of their ids, the first
+        ``limit`` after the id ``after``: a cursor that stays right while
+        others are made and deleted."""
+        ...
+
     def has_app_passwords(self) -> bool: ...
 
     def find_app_password(self, username: str, id_or_name: str) -> AppPassword | None: ...
@@ -272,7 +320,10 @@ class Store(Protocol):
 
     def get_user(self, username: str) -> User: ...
 
-    def set_user(self, user: User, now: float) -> User: ...
+    def set_user(self, user: User, now: float, expected: User | None = None) -> User:
+        """Keep the user's state; with ``expected``, only if the stored state
+        is still that (else :class:`Conflict`), in the same transaction."""
+        ...
 
     def get_totp(self, username: str) -> tuple[bytes, int] | None: ...
 
@@ -298,6 +349,17 @@ class Store(Protocol):
     def unlock(self, account: str, now: float) -> None: ...
 
     def changes_since(self, seq: int) -> list[Change]: ...
+
+    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
+                         now: float, expires_at: float | None, rate: int) -> ApiToken: ...
+
+    def list_api_tokens(self) -> list[ApiToken]: ...
+
+    def find_api_token(self, lookup_key: bytes) -> ApiToken | None: ...
+
+    def revoke_api_token(self, name: str) -> ApiToken | None: ...
+
+    def record_api_token_use(self, name: str, at: float) -> None: ...
 
     def last_change(self) -> int: ...
 

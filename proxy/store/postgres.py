@@ -34,12 +34,15 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from proxy.store import (
+    API_TOKEN_COLUMNS,
     COLUMNS,
     STOPPED_KEPT,
     lockout_length,
+    ApiToken,
     AppPassword,
     Change,
     ChangeKind,
+    Conflict,
     LimitReached,
     MfaState,
     NameTaken,
@@ -47,7 +50,9 @@ from proxy.store import (
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
+    TokenNameTaken,
     User,
+    api_token_from,
     app_password_from,
 )
 from proxy.store.sqlite import CHANGE_RETENTION, FAILURES_KEPT
@@ -118,6 +123,19 @@ MIGRATIONS: tuple[str, ...] = (
         count    integer NOT NULL,
         until    double precision NOT NULL,
         PRIMARY KEY (account, familiar)
+    );
+    """,
+    # 4: the REST API's tokens, kept as keyed hashes (lookup keys) only.
+    """
+    CREATE TABLE api_tokens (
+        name         text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+        lookup_key   bytea NOT NULL UNIQUE CHECK (length(lookup_key) = 32),
+        scope        text NOT NULL CHECK (scope IN ('read', 'manage', 'helpdesk')),
+        created_at   double precision NOT NULL,
+        created_by   text NOT NULL,
+        expires_at   double precision,
+        rate         integer NOT NULL CHECK (rate > 0),
+        last_used_at double precision
     );
     """,
 )
@@ -416,6 +434,15 @@ class PostgresStore:
                                 f" ORDER BY created_at, id", (username,)).fetchall()
         return [app_password_from(r) for r in rows]
 
+    def page_app_passwords(self, after: str | None, limit: int) -> list[AppPassword]:
+        with self._connection() as conn:
+            # Ids are lowercase hex: in the same order under any collation
+            # as in SQLite's, so the primary key's index serves the page.
+            rows = conn.execute(f"SELECT {COLUMNS} FROM app_passwords"
+                                f" WHERE id > %s ORDER BY id LIMIT %s",
+                                (after or "", limit)).fetchall()
+        return [app_password_from(r) for r in rows]
+
     def has_app_passwords(self) -> bool:
         with self._connection() as conn:
             return conn.execute("SELECT 1 FROM app_passwords LIMIT 1").fetchone() is not None
@@ -506,8 +533,15 @@ class PostgresStore:
             return User(username)
         return User(username, MfaState(row["mfa_state"]), row["mfa_registered_at"])
 
-    def set_user(self, user: User, now: float) -> User:
+    def set_user(self, user: User, now: float, expected: User | None = None) -> User:
         with self._write() as conn:
+            if expected is not None:
+                row = conn.execute("SELECT mfa_state, mfa_registered_at FROM users"
+                                   " WHERE username = %s FOR UPDATE", (user.username,)).fetchone()
+                found = User(user.username) if row is None else \
+                    User(user.username, MfaState(row["mfa_state"]), row["mfa_registered_at"])
+                if found != expected:
+                    raise Conflict(f"the state of {user.username} changed since it was read")
             conn.execute(
                 "INSERT INTO users (username, mfa_state, mfa_registered_at, updated_at)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (username) DO UPDATE SET"
@@ -640,6 +674,44 @@ class PostgresStore:
     def last_change(self) -> int:
         with self._connection() as conn:
             return conn.execute("SELECT coalesce(max(seq), 0) AS seq FROM changes").fetchone()["seq"]
+
+    # -- API tokens ----------------------------------------------------------------------
+
+    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
+                         now: float, expires_at: float | None, rate: int) -> ApiToken:
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
+                             " VALUES (%s, %s, %s, %s, %s, %s, NULL, %s)",
+                             (name, scope, now, created_by, expires_at, rate, lookup_key))
+        except errors.UniqueViolation as e:
+            if e.diag.constraint_name == "api_tokens_pkey":
+                raise TokenNameTaken(name) from None
+            raise StoreError("could not store the API token; try again") from None
+        return ApiToken(name, scope, now, created_by, expires_at, rate)
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        with self._connection() as conn:
+            rows = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
+                                f" ORDER BY name COLLATE \"C\"").fetchall()
+        return [api_token_from(r) for r in rows]
+
+    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
+        with self._connection() as conn:
+            row = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
+                               f" WHERE lookup_key = %s", (lookup_key,)).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def revoke_api_token(self, name: str) -> ApiToken | None:
+        with self._write() as conn:
+            row = conn.execute(f"DELETE FROM api_tokens WHERE name = %s"
+                               f" RETURNING {API_TOKEN_COLUMNS}", (name,)).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def record_api_token_use(self, name: str, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE api_tokens SET last_used_at = greatest(last_used_at, %s)"
+                         " WHERE name = %s", (at, name))
 
     def listen(self, notified: Callable[[], None], listening: Callable[[bool], None],
                stop: threading.Event) -> None:

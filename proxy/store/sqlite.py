@@ -20,19 +20,24 @@ from pathlib import Path
 
 from proxy.apppasswords import adopt_parent_owner
 from proxy.store import (
+    API_TOKEN_COLUMNS,
     COLUMNS,
     STOPPED_KEPT,
     lockout_length,
+    ApiToken,
     AppPassword,
     Change,
     ChangeKind,
+    Conflict,
     LimitReached,
     MfaState,
     NameTaken,
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
+    TokenNameTaken,
     User,
+    api_token_from,
     app_password_from,
 )
 
@@ -104,6 +109,19 @@ MIGRATIONS: tuple[str, ...] = (
         count    INTEGER NOT NULL,
         until    REAL NOT NULL,
         PRIMARY KEY (account, familiar)
+    ) WITHOUT ROWID;
+    """,
+    # 4: the REST API's tokens, kept as keyed hashes (lookup keys) only.
+    """
+    CREATE TABLE api_tokens (
+        name         TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+        lookup_key   BLOB NOT NULL UNIQUE CHECK (length(lookup_key) = 32),
+        scope        TEXT NOT NULL CHECK (scope IN ('read', 'manage', 'helpdesk')),
+        created_at   REAL NOT NULL,
+        created_by   TEXT NOT NULL,
+        expires_at   REAL,
+        rate         INTEGER NOT NULL CHECK (rate > 0),
+        last_used_at REAL
     ) WITHOUT ROWID;
     """,
 )
@@ -295,6 +313,13 @@ class SQLiteStore:
         )
         return [app_password_from(row) for row in rows]
 
+    def page_app_passwords(self, after: str | None, limit: int) -> list[AppPassword]:
+        rows = self._db.execute(
+            f"SELECT {COLUMNS} FROM app_passwords WHERE id > ? ORDER BY id LIMIT ?",
+            (after or "", limit),
+        )
+        return [app_password_from(row) for row in rows]
+
     def has_app_passwords(self) -> bool:
         return self._db.execute("SELECT 1 FROM app_passwords LIMIT 1").fetchone() is not None
 
@@ -404,8 +429,10 @@ class SQLiteStore:
             return User(username)
         return User(username, MfaState(row["mfa_state"]), row["mfa_registered_at"])
 
-    def set_user(self, user: User, now: float) -> User:
+    def set_user(self, user: User, now: float, expected: User | None = None) -> User:
         with self._write():
+            if expected is not None and self.get_user(user.username) != expected:
+                raise Conflict(f"the state of {user.username} changed since it was read")
             self._db.execute(
                 "INSERT INTO users (username, mfa_state, mfa_registered_at, updated_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO UPDATE SET"
@@ -569,6 +596,47 @@ class SQLiteStore:
     def last_change(self) -> int:
         row = self._db.execute("SELECT max(seq) FROM changes").fetchone()
         return row[0] or 0
+
+    # -- API tokens -----------------------------------------------------------
+
+    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
+                         now: float, expires_at: float | None, rate: int) -> ApiToken:
+        with self._write():
+            try:
+                self._db.execute(
+                    f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                    (name, scope, now, created_by, expires_at, rate, lookup_key))
+            except sqlite3.IntegrityError as e:
+                if "api_tokens.name" in str(e):
+                    raise TokenNameTaken(name) from None
+                if str(e).startswith("UNIQUE"):
+                    raise StoreError("could not store the API token; try again") from None
+                raise
+        return ApiToken(name, scope, now, created_by, expires_at, rate)
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        rows = self._db.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        return [api_token_from(row) for row in rows]
+
+    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
+        row = self._db.execute(
+            f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens WHERE lookup_key = ?", (lookup_key,)
+        ).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def revoke_api_token(self, name: str) -> ApiToken | None:
+        with self._write():
+            row = self._db.execute(
+                f"DELETE FROM api_tokens WHERE name = ? RETURNING {API_TOKEN_COLUMNS}", (name,)
+            ).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def record_api_token_use(self, name: str, at: float) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE api_tokens SET last_used_at = max(coalesce(last_used_at, 0), ?)"
+                " WHERE name = ?", (at, name))
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -3,7 +3,18 @@ import sqlite3
 
 import pytest
 
-from proxy.store import LimitReached, MfaState, NameTaken, SchemaOutdated, SchemaTooNew, User
+from proxy.store import (
+    ApiToken,
+    Conflict,
+    LimitReached,
+    MfaState,
+    NameTaken,
+    SchemaOutdated,
+    SchemaTooNew,
+    StoreError,
+    TokenNameTaken,
+    User,
+)
 from proxy.store.sqlite import MIGRATIONS, SQLiteStore
 
 HASH = "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaA"
@@ -279,3 +290,60 @@ def test_failures_are_counted_by_every_process_sharing_the_store(store):
     assert store.add_failure("uid=b", False, b"2" * 32, 90000.0, **long) is None
     store.add_failure("uid=c", False, b"1" * 32, 1000.0, **long)
     assert store.add_failure("uid=c", False, b"2" * 32, 90000.0, **long) is not None  # unswept
+
+
+def test_api_tokens_are_found_by_lookup_key_only_and_revoked(store):
+    key = os.urandom(32)
+    made = store.create_api_token(name="printers", lookup_key=key, scope="manage",
+                                  created_by="cli:root", now=1000.0, expires_at=5000.0, rate=60)
+    assert made == ApiToken("printers", "manage", 1000.0, "cli:root", 5000.0, 60)
+    assert store.find_api_token(key) == made
+    assert store.find_api_token(os.urandom(32)) is None
+    store.record_api_token_use("printers", 1500.0)
+    store.record_api_token_use("printers", 1200.0)  # a late write never goes back in time
+    assert store.find_api_token(key).last_used_at == 1500.0
+    other = store.create_api_token(name="desk", lookup_key=os.urandom(32), scope="read",
+                                   created_by="cli:root", now=1100.0, expires_at=None, rate=600)
+    assert [t.name for t in store.list_api_tokens()] == ["desk", "printers"]
+    assert store.revoke_api_token("printers").name == "printers"
+    assert store.revoke_api_token("printers") is None
+    assert store.find_api_token(key) is None
+    assert store.list_api_tokens() == [other]
+
+
+def test_api_token_names_and_keys_are_unique_and_scopes_checked(store):
+    key = os.urandom(32)
+    store.create_api_token(name="a", lookup_key=key, scope="read", created_by="t", now=1.0,
+                           expires_at=None, rate=600)
+    with pytest.raises(TokenNameTaken):
+        store.create_api_token(name="a", lookup_key=os.urandom(32), scope="read",
+                               created_by="t", now=1.0, expires_at=None, rate=600)
+    with pytest.raises(StoreError):
+        store.create_api_token(name="b", lookup_key=key, scope="read", created_by="t", now=1.0,
+                               expires_at=None, rate=600)
+    with pytest.raises(REFUSED + (StoreError,)):
+        store.create_api_token(name="c", lookup_key=os.urandom(32), scope="root",
+                               created_by="t", now=1.0, expires_at=None, rate=600)
+
+
+def test_every_users_app_passwords_in_pages_by_id(store):
+    made = [create(store, user=f"user{i % 3}", name=f"device {i}") for i in range(7)]
+    ids = sorted(r.id for r in made)
+    first = store.page_app_passwords(None, 3)
+    assert [r.id for r in first] == ids[:3]
+    # One made and one deleted between pages change nothing already seen.
+    store.delete_app_password(first[0].username, first[0].id, now=2000.0)
+    rest = store.page_app_passwords(first[-1].id, 100)
+    assert [r.id for r in rest if r.id in ids] == ids[3:]
+    assert store.page_app_passwords(ids[-1], 10) == [r for r in rest if r.id > ids[-1]]
+
+
+def test_a_users_state_is_set_only_if_it_is_still_what_was_read(store):
+    before = store.get_user("alice")
+    enforced = User("alice", MfaState.ENFORCED, 10.0)
+    store.set_user(enforced, 10.0, expected=before)
+    with pytest.raises(Conflict):
+        store.set_user(User("alice", MfaState.DISABLED), 11.0, expected=before)
+    assert store.get_user("alice") == enforced
+    store.set_user(User("alice", MfaState.DISABLED), 12.0, expected=enforced)
+    assert store.get_user("alice").mfa_state is MfaState.DISABLED
