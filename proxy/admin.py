@@ -9,14 +9,43 @@ tool calls it directly; the daemon would call it on its pools.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
 
 from proxy import apppasswords
 from proxy.config import PolicyConfig
-from proxy.store import PROTOCOLS, AppPassword, MfaState, Store, User, check_networks
+from proxy.store import (
+    API_SCOPES,
+    PROTOCOLS,
+    ApiToken,
+    AppPassword,
+    Conflict,
+    MfaState,
+    Store,
+    StoreError,
+    User,
+    check_networks,
+)
+
+# An API token: a prefix that secret scanners can match, then 256 bits from
+# the OS's CSPRNG. Only HMAC-SHA256(pepper, "api-token" NUL token) is stored,
+# indexed: a token is checked on every call, and at 256 bits no guess is
+# worth slowing down, so argon2 (which app passwords need) would only cost.
+API_TOKEN_PREFIX = "lap_"
+API_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+API_TOKEN_RATE = 600  # requests a minute, unless made with another
+API_TOKEN_USE_EVERY = 60.0  # a token's last use is written at most this often
+
+
+def api_token_key(pepper: bytes, token: str) -> bytes:
+    return hmac.digest(pepper, b"api-token\x00" + token.encode("utf-8", "replace"),
+                       hashlib.sha256)
 
 
 class Recorder(Protocol):
@@ -29,10 +58,29 @@ class AdminError(Exception):
     """A request that cannot be carried out; the text says why and what to do."""
 
 
+class NotFound(AdminError):
+    """What was asked for does not exist (an app password, an API token)."""
+
+
 @attrs.frozen
 class Created:
     record: AppPassword
     secret: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class CreatedToken:
+    record: ApiToken
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Page:
+    """One page of app passwords: ``after`` is where the next one starts
+    (an id), None at the end."""
+
+    records: list[AppPassword]
+    after: str | None
 
 
 class Admin:
@@ -213,7 +261,7 @@ class Admin:
         found = self._store.find_app_password(username, id_or_name)
         deleted = found and self._store.delete_app_password(username, found.id, self._clock())
         if not deleted:
-            raise AdminError(f"{username} has no app password with the id or name {id_or_name!r}")
+            raise NotFound(f"{username} has no app password with the id or name {id_or_name!r}")
         self._audit.record(
             "app_password_deleted",
             user=username,
@@ -239,15 +287,21 @@ class Admin:
     def user(self, username: str) -> User:
         return self._store.get_user(self.username(username))
 
-    def set_mfa(self, username: str, state: MfaState) -> User:
+    def set_mfa(self, username: str, state: MfaState, expected: User | None = None) -> User:
+        """Set the user's MFA state; with ``expected`` (what the caller read:
+        the API's If-Match), only if it is still that, else
+        :class:`proxy.store.Conflict` and nothing changes."""
         before = self.user(username)
+        if expected is not None and before != expected:
+            raise Conflict(f"the state of {before.username} changed since it was read")
         registered = before.mfa_registered_at
         if state is MfaState.DISABLED:
             registered = None
         elif state is MfaState.ENFORCED and registered is None:
             registered = self._clock()
         after = self._store.set_user(
-            attrs.evolve(before, mfa_state=state, mfa_registered_at=registered), self._clock()
+            attrs.evolve(before, mfa_state=state, mfa_registered_at=registered), self._clock(),
+            expected=before if expected is not None else None,
         )
         self._audit.record(
             "mfa_state_changed",
@@ -263,3 +317,154 @@ class Admin:
         once registration is done) and issue the first app password."""
         created = self.create(username, name)
         return self.set_mfa(username, MfaState.ENFORCED), created
+
+    # -- every user's app passwords, and in bulk ------------------------------------
+
+    def app_password(self, username: str, id: str) -> AppPassword:
+        """The user's app password with this id (not a name: ids are what
+        scripts hold). Raises :class:`NotFound`."""
+        username = self.username(username)
+        found = self._store.find_app_password(username, id)
+        if found is None or found.id != id:
+            raise NotFound(f"{username} has no app password with the id {id!r}")
+        return found
+
+    def app_passwords_page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        username: str | None = None,
+        stopped: bool | None = None,
+        protocol: str | None = None,
+        last_used_protocol: str | None = None,
+        unused_for: float | None = None,
+        scan: int = 5000,
+    ) -> Page:
+        """App passwords in the order of their ids (every user's, or one
+        user's), after the id ``after``, those that pass every filter given:
+        ``stopped`` (working or not, by :meth:`AppPassword.stopped`: the same
+        rule as every listing), ``protocol`` (it may be used there),
+        ``last_used_protocol``, ``unused_for`` (seconds without a use; never
+        used counts from its creation). At most ``scan`` records are read for
+        one page: a page may then be short, with ``after`` to go on from."""
+        now = self._clock()
+        idle = self._policy.app_password_idle_expiry
+
+        def wanted(r: AppPassword) -> bool:
+            if stopped is not None and (r.stopped(now, idle) is not None) != stopped:
+                return False
+            if protocol is not None and not r.allows(protocol):
+                return False
+            if last_used_protocol is not None and r.last_used_protocol != last_used_protocol:
+                return False
+            if unused_for is not None:
+                last = r.last_used_at if r.last_used_at is not None else r.created_at
+                if now - last < unused_for:
+                    return False
+            return True
+
+        if username is not None:
+            mine = sorted(self._store.list_app_passwords(self.username(username)),
+                          key=lambda r: r.id)
+            batches: Iterable[list[AppPassword]] = [[r for r in mine if r.id > (after or "")]]
+        else:
+            batches = self._batches(after, min(500, scan), scan)
+        found: list[AppPassword] = []
+        last = after
+        for batch in batches:
+            for record in batch:
+                last = record.id
+                if wanted(record):
+                    found.append(record)
+                    if len(found) == limit:
+                        return Page(found, record.id)
+        # Out of records (no next page), or at the scan's bound (go on from the last read).
+        scanned_all = username is not None or last is None or not self._more_after(last)
+        return Page(found, None if scanned_all else last)
+
+    def _batches(self, after: str | None, size: int, scan: int) -> Iterable[list[AppPassword]]:
+        read = 0
+        while read < scan:
+            batch = self._store.page_app_passwords(after, size)
+            if not batch:
+                return
+            yield batch
+            read += len(batch)
+            after = batch[-1].id
+            if len(batch) < size:
+                return
+
+    def _more_after(self, id: str) -> bool:
+        return bool(self._store.page_app_passwords(id, 1))
+
+    def delete_many(self, items: Iterable[tuple[str, str]]) -> list[AppPassword | AdminError]:
+        """Delete each (user, id): what was deleted, or why not, item by item;
+        each deletion is its own (audited) change."""
+        results: list[AppPassword | AdminError] = []
+        for username, id in items:
+            try:
+                self.app_password(username, id)  # by id only, never a name
+                results.append(self.delete(username, id))
+            except AdminError as e:
+                results.append(e)
+        return results
+
+    def revoke_all_many(self, usernames: Iterable[str]) -> list[list[AppPassword] | AdminError]:
+        """:meth:`revoke_all` for each user: what was deleted, or why not."""
+        results: list[list[AppPassword] | AdminError] = []
+        for username in usernames:
+            try:
+                results.append(self.revoke_all(username))
+            except AdminError as e:
+                results.append(e)
+        return results
+
+    # -- API tokens ----------------------------------------------------------------
+
+    def create_api_token(self, name: str, scope: str, *, expires_at: float | None = None,
+                         rate: int = API_TOKEN_RATE) -> CreatedToken:
+        """Make an API token and return it: the one and only time it exists
+        outside the caller. The store keeps its keyed hash."""
+        if not API_TOKEN_NAME.fullmatch(name):
+            raise AdminError("an API token's name is 1 to 64 letters, digits, dots, dashes and "
+                             "underscores, starting with a letter or digit")
+        if scope not in API_SCOPES:
+            raise AdminError(f"the scope is one of {', '.join(API_SCOPES)}")
+        if expires_at is not None and expires_at <= self._clock():
+            raise AdminError("the expiry is in the past")
+        if not 1 <= rate <= 100_000:
+            raise AdminError("the rate is 1 to 100000 requests a minute")
+        token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        record = self._store.create_api_token(
+            name=name, lookup_key=api_token_key(self._pepper, token), scope=scope,
+            created_by=self._actor, now=self._clock(), expires_at=expires_at, rate=rate)
+        self._audit.record("api_token_created", api_token=name, scope=scope,
+                           expires_at=expires_at, rate=rate, actor=self._actor)
+        return CreatedToken(record, token)
+
+    def api_tokens(self) -> list[ApiToken]:
+        return self._store.list_api_tokens()
+
+    def revoke_api_token(self, name: str) -> ApiToken:
+        gone = self._store.revoke_api_token(name)
+        if gone is None:
+            raise NotFound(f"there is no API token named {name!r}")
+        self._audit.record("api_token_revoked", api_token=name, actor=self._actor)
+        return gone
+
+    def api_token(self, token: str) -> ApiToken | None:
+        """The API token presented, or None (unknown, revoked or expired).
+        Its last use is written at most once a minute."""
+        if not token.startswith(API_TOKEN_PREFIX) or len(token) > 128:
+            return None
+        found = self._store.find_api_token(api_token_key(self._pepper, token))
+        now = self._clock()
+        if found is None or found.expired(now):
+            return None
+        if found.last_used_at is None or now - found.last_used_at >= API_TOKEN_USE_EVERY:
+            try:
+                self._store.record_api_token_use(found.name, now)
+            except StoreError:
+                pass  # a last use is worth no refusal
+        return found

@@ -20,10 +20,20 @@ from typing import Any
 import attrs
 
 from proxy import __version__, apppasswords, config as configuration
-from proxy.admin import Admin, AdminError, Created
+from proxy.admin import API_TOKEN_RATE, Admin, AdminError, Created
 from proxy.audit import minute, timestamp
 from proxy.bootstrap import StartupError, StoreUnreachable, command_line_actor, open_admin, open_store
-from proxy.store import PROTOCOLS, AppPassword, LimitReached, MfaState, StoreError, StoreUnavailable, User
+from proxy.store import (
+    API_SCOPES,
+    PROTOCOLS,
+    ApiToken,
+    AppPassword,
+    LimitReached,
+    MfaState,
+    StoreError,
+    StoreUnavailable,
+    User,
+)
 from proxy.wire.text import json_printable, printable
 
 EX_OK = 0
@@ -267,6 +277,58 @@ def cmd_user_reset_second_factor(ctx: Context, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _api_token_json(t: ApiToken) -> dict[str, Any]:
+    return {
+        "name": t.name, "scope": t.scope, "created_at": timestamp(t.created_at),
+        "created_by": t.created_by,
+        "expires_at": timestamp(t.expires_at) if t.expires_at is not None else None,
+        "rate_per_minute": t.rate,
+        "last_used_at": timestamp(t.last_used_at) if t.last_used_at is not None else None,
+    }
+
+
+def cmd_api_token_create(ctx: Context, args: argparse.Namespace) -> int:
+    expires_at = None
+    if args.expires is not None:
+        try:
+            expires_at = configuration.parse_expiry(args.expires, time.time())
+        except ValueError as e:
+            raise Failure(f"--expires: {e}", EX_USAGE) from None
+    made = ctx.admin().create_api_token(args.name, args.scope, expires_at=expires_at,
+                                        rate=args.rate)
+    if args.json:
+        _print_json({**_api_token_json(made.record), "token": made.token})
+        return EX_OK
+    print(f"API token {made.record.name!r}, scope {made.record.scope}"
+          f"{', expires ' + minute(expires_at) if expires_at is not None else ''}:")
+    print()
+    print(f"    {made.token}")
+    print()
+    print("Send it as 'Authorization: Bearer TOKEN'. It is shown only this once.")
+    return EX_OK
+
+
+def cmd_api_token_list(ctx: Context, args: argparse.Namespace) -> int:
+    tokens = ctx.admin().api_tokens()
+    if args.json:
+        _print_json([_api_token_json(t) for t in tokens])
+    elif not tokens:
+        print("There are no API tokens.")
+    else:
+        rows = [["NAME", "SCOPE", "CREATED", "BY", "EXPIRES", "RATE/MIN", "LAST USED"]]
+        for t in tokens:
+            rows.append([t.name, t.scope, minute(t.created_at), t.created_by, minute(t.expires_at),
+                         str(t.rate), minute(t.last_used_at)])
+        print(_table(rows))
+    return EX_OK
+
+
+def cmd_api_token_revoke(ctx: Context, args: argparse.Namespace) -> int:
+    gone = ctx.admin().revoke_api_token(args.name)
+    print(f"Revoked API token {gone.name!r}: it is refused from the next request on.")
+    return EX_OK
+
+
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     config = ctx.config
     try:
@@ -371,6 +433,24 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("user", metavar="USER")
     sub.add_argument("--name", default="first device",
                      help="the device the first app password is for (default: %(default)s)")
+
+    at = commands.add_parser(
+        "api-token", help="create, list and revoke tokens of the REST API",
+        description="Tokens of the REST API (docs/api.md)."
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = with_json(command(at, "create", cmd_api_token_create,
+                            "create an API token and show it once"))
+    sub.add_argument("name", metavar="NAME",
+                     help="who or what uses it (audited as api:NAME): letters, digits, . _ -")
+    sub.add_argument("--scope", required=True, choices=API_SCOPES,
+                     help="read: GET only; manage: app passwords too; helpdesk: users too")
+    sub.add_argument("--expires", metavar="DURATION|DATE",
+                     help="when it stops working: 90d, 12h, or a date such as 2027-01-31")
+    sub.add_argument("--rate", type=int, default=API_TOKEN_RATE, metavar="N",
+                     help="requests a minute it may make (default: %(default)s); past it, 429")
+    with_json(command(at, "list", cmd_api_token_list, "list the API tokens (never the tokens)"))
+    sub = command(at, "revoke", cmd_api_token_revoke, "revoke an API token at once")
+    sub.add_argument("name", metavar="NAME")
 
     command(commands, "migrate", cmd_migrate,
             "bring the store's schema up to date (serve only checks it); back it up first")
