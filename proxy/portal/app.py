@@ -28,6 +28,7 @@ import jinja2
 from klein import Klein
 
 from proxy import secondfactor
+from proxy.api.app import Api
 from proxy.audit import minute
 from proxy.config import Config
 from proxy.portal.helpdesk import HelpDesk
@@ -96,6 +97,12 @@ class Portal(Pages):
                      HelpDesk(context, maker, files_pool)):
             part.mount(self.app)
         self.app.handle_errors(PageError, Redirect)(self.failed)
+        # The REST API (docs/api.md) on the same listener: its own Klein app,
+        # its own gate (API tokens) and errors (problem details).
+        self.api = Api(reactor=reactor, config=config, authenticator=authenticator, admin=admin,
+                       store_pool=store_pool, hash_secret=hash_secret, record=record,
+                       end_portal_sessions=context.sessions.end_user)
+        self.app.route("/api/v1/", branch=True, endpoint="api")(lambda request: self.api.resource())
 
     def site(self) -> Site:
         return Site(self.app.resource(), timeout=60, reactor=self._reactor)

@@ -22,6 +22,8 @@ LAYERS = [
     ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
+    # Beside the portal, one step below it: the portal's app mounts it.
+    ("the REST API", ["proxy.api"]),
     ("front ends and the portal", ["proxy.frontends", "proxy.portal"]),
     ("opening the store and secrets", ["proxy.bootstrap"]),
     ("the daemon's parts", ["proxy.daemon"]),
