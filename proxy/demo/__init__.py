@@ -26,6 +26,7 @@ from proxy.pki import make_pki
 DEMO_USER = "demo"
 DEMO_MAIL = "demo@example.test"
 DEMO_DEVICE = "demo device"
+DEMO_TOKEN = "demo"  # the REST API's token printed at start, read-only
 PRIMARY_PASSWORD = "demo-primary-password"
 HELPDESK_USER = "helpdesk"
 HELPDESK_PASSWORD = "helpdesk-primary-password"
@@ -179,8 +180,12 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     if any(a.name == DEMO_DEVICE for a in admin.list(DEMO_USER)):
         admin.delete(DEMO_USER, DEMO_DEVICE)
     user, created = admin.enroll(DEMO_USER, DEMO_DEVICE)
+    # The same for the REST API's token: a new one, shown once, every run.
+    if any(t.name == DEMO_TOKEN for t in admin.api_tokens()):
+        admin.revoke_api_token(DEMO_TOKEN)
+    token = admin.create_api_token(DEMO_TOKEN, "read").token
     admin.close()
-    _explain(folder, config_path, ports, display(created.secret))
+    _explain(folder, config_path, ports, display(created.secret), token)
     if not serve:
         for port in (ldap_backend, imap_backend, pop3_backend, smtp_backend):
             port.stopListening()
@@ -191,7 +196,8 @@ def run_demo(folder: Path, *, serve: bool) -> int:
     return run_daemon(config_path, configuration.load(config_path))
 
 
-def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str) -> None:
+def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str,
+             token: str) -> None:
     ca = shlex.quote(str(folder / "tls" / "ca.pem"))
     quoted = shlex.quote(f"{DEMO_USER}:{secret}")
     tool = f"legacy-auth-proxy --config {shlex.quote(str(config_path))}"
@@ -230,6 +236,11 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         f"    sign in as {DEMO_USER} with {PRIMARY_PASSWORD} (first time: set up an authenticator",
         f"    app from the QR code); the help desk is {HELPDESK_USER} with {HELPDESK_PASSWORD}.",
         f"    The certificate is the demo's own: trust {ca} or accept the browser's warning.",
+        "",
+        f"List {DEMO_USER}'s app passwords through the REST API (docs/api.md), with the",
+        f"demo's read-only token ({tool} api-token create makes others):",
+        f"    curl -s --cacert {ca} -H {shlex.quote('Authorization: Bearer ' + token)} "
+        f"https://127.0.0.1:{ports['portal']}/api/v1/users/{DEMO_USER}/app-passwords",
         "",
         "Manage app passwords in another terminal:",
         f"    {tool} app-password list {DEMO_USER}",
