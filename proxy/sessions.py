@@ -41,14 +41,29 @@ class Session(Protocol):
         """End the session, telling the client in the protocol's own way."""
 
 
+class Registry:
+    """The live sessions, by user: what the authentication core counts (a
+    device may hold only so many) and :class:`Sessions` ends. Built first
+    and handed to both, so that neither is given the other after the fact."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, set[Session]] = {}
+
+    def count(self, username: str, address: str) -> int:
+        """Sessions ``username`` holds from ``address``."""
+        return sum(1 for s in self.by_user.get(username, ()) if s.address == address)
+
+
 class Sessions:
     def __init__(
-        self, clock: Any, directory: Any, check_interval: float, authenticator: Any = None
+        self, clock: Any, directory: Any, check_interval: float, authenticator: Any = None,
+        registry: Registry | None = None,
     ) -> None:
         self._clock = clock
         self._directory = directory
         self._authenticator = authenticator
-        self._by_user: dict[str, set[Session]] = {}
+        self.registry = registry if registry is not None else Registry()
+        self._by_user = self.registry.by_user
         self._loop = LoopingCall(self.check_accounts)
         self._loop.clock = clock
         self._interval = max(check_interval, 1.0)
@@ -89,7 +104,7 @@ class Sessions:
 
     def count(self, username: str, address: str) -> int:
         """Sessions ``username`` holds from ``address``."""
-        return sum(1 for s in self._by_user.get(username, ()) if s.address == address)
+        return self.registry.count(username, address)
 
     def _end(self, sessions: Iterable[Session], reason: str) -> int:
         ended = 0

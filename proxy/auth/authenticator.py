@@ -82,11 +82,13 @@ class Authenticator:
         metrics: Any = None,
         max_sessions: int = 1 << 30,
         shared_failures: bool = False,
+        sessions: Any = None,
     ) -> None:
         self._clock = clock
         self.policy = policy
         self.max_sessions = max_sessions
-        self.sessions: Any = None  # proxy.sessions.Sessions, to count a user's sessions
+        # The live sessions (proxy.sessions.Registry), to count a device's.
+        self.sessions = sessions
         self._directory_config = directory_config
         self._directory = directory
         self._store = store

@@ -16,7 +16,7 @@ from proxy.bootstrap import hash_parameters, read_directory_secrets
 from proxy.daemon.tree import Ordered
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.metrics import Metrics
-from proxy.sessions import Sessions
+from proxy.sessions import Registry, Sessions
 from proxy.threads import Pool
 
 @attrs.frozen
@@ -66,6 +66,7 @@ async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools
     directory = Directory(reactor, directory_config, password, ca)
     directory.metrics = metrics  # TODO: a constructor argument (the lead's directory.py)
     directory.start()
+    registry = Registry()  # the live sessions, counted by the core and ended by Sessions
     authenticator = Authenticator(
         clock=reactor,
         policy=config.policy,
@@ -82,12 +83,12 @@ async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools
         max_sessions=config.limits.max_sessions_per_user_and_source,
         shared_failures=config.throttle.shared
         if config.throttle.shared is not None else config.store.url is not None,
+        sessions=registry,
     )
     await authenticator.start()
-    sessions = Sessions(reactor, directory, directory_config.account_cache, authenticator)
+    sessions = Sessions(reactor, directory, directory_config.account_cache, authenticator,
+                        registry)
     authenticator.on_revoked(sessions.revoked)
-    # TODO: a constructor argument (the lead's auth/authenticator.py)
-    authenticator.sessions = sessions
     sessions.start()
     upstream = Upstream(
         reactor=reactor,

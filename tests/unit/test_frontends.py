@@ -87,6 +87,7 @@ def core(tmp_path):
     core.build()
     core.directory.add("alice", PRIMARY)
     core.sessions = Sessions(core.clock, core.directory, 1.0, core.auth)
+    core.auth.sessions = core.sessions.registry
     core.auth.on_revoked(core.sessions.revoked)
     return core
 

@@ -30,6 +30,7 @@ def core(tmp_path):
     core = Core(tmp_path)
     core.build()
     core.sessions = Sessions(core.clock, core.directory, 1.0, core.auth)
+    core.auth.sessions = core.sessions.registry
     core.auth.on_revoked(core.sessions.revoked)
     return core
 
