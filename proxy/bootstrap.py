@@ -50,7 +50,7 @@ def open_store(config: configuration.Config, *, migrate: bool = False) -> Any:
 
             password = None
             if store_config.password_file is not None:
-                password = _read_password(store_config.password_file, "store.password_file")
+                password = read_password(store_config.password_file, "store.password_file")
             return PostgresStore(store_config.url, password=password,
                                  pool_size=store_config.pool_size, timeout=store_config.timeout,
                                  migrate=migrate)
@@ -90,7 +90,7 @@ def open_state(config: configuration.Config, *, migrate: bool = False) -> State:
     return State(store, pepper)
 
 
-def _read_password(path: Path, key: str) -> str:
+def read_password(path: Path, key: str) -> str:
     """A password kept in a file of its own (``key`` names the setting);
     blocking. The trailing newline is not part of it; an empty one is an error."""
     try:
@@ -105,10 +105,10 @@ def _read_password(path: Path, key: str) -> str:
 def read_directory_secrets(config: configuration.DirectoryConfig) -> tuple[str, str, bytes | None]:
     """The service account's password, the search account's (or ""), and
     the CA certificates; blocking."""
-    password = _read_password(config.bind_password_file, "directory.bind_password_file")
+    password = read_password(config.bind_password_file, "directory.bind_password_file")
     search_password = ""
     if config.search_bind_password_file is not None:
-        search_password = _read_password(config.search_bind_password_file,
+        search_password = read_password(config.search_bind_password_file,
                                          "directory.search_bind_password_file")
     ca = None
     if config.ca_file is not None:

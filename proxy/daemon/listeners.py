@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from proxy import config as configuration, protocols
 from proxy.backends import backend_endpoint
-from proxy.bootstrap import StartupError, _read_password as read_password
+from proxy.bootstrap import StartupError, read_password
 from proxy.daemon.tree import Ordered, Part
 from proxy.frontends.base import PreLoginBudget
 from proxy.metrics import Metrics
