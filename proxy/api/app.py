@@ -16,7 +16,6 @@ the caller hears 204.
 from __future__ import annotations
 
 import json
-import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,12 +28,11 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from proxy import apppasswords
 from proxy.admin import API_TOKEN_PREFIX, Admin, AdminError, NotFound as NothingThere
-from proxy.api import problems, views
+from proxy.api import problems, reading, views
 from proxy.api.limits import Limits
-from proxy.config import Config, parse_expiry
+from proxy.config import Config
 from proxy.directory import Account, DirectoryUnavailable
 from proxy.store import (
-    PROTOCOLS,
     ApiToken,
     Conflict,
     LimitReached,
@@ -52,9 +50,7 @@ JSON = b"application/json"
 SCOPES_ALLOWED = {"read": {"read", "manage", "helpdesk"}, "manage": {"manage", "helpdesk"},
                   "helpdesk": {"helpdesk"}}
 FAILURES_PER_MINUTE = 30  # unknown tokens of our form, per address, before 429
-PAGE_SIZE, PAGE_SIZE_MAX = 100, 500
 BULK_MAX = 100
-LONGEST_EXPIRY = 100 * 365 * 86400.0
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -135,7 +131,7 @@ class Api:
 
     async def _run(self, request: Any, scope: str, handler: Callable[..., Awaitable[Answer]],
                    kwargs: dict[str, Any]) -> bytes:
-        address = self._address(request)
+        address = reading.address(request)
         token: ApiToken | None = None
         try:
             token = await self._token(request, address)
@@ -242,73 +238,6 @@ class Api:
             f"{request.method.decode('ascii', 'replace')} is not allowed here",
             headers={b"Allow": ", ".join(allowed).encode()}).answer(request)
 
-    # -- reading the request ------------------------------------------------------------
-
-    @staticmethod
-    def _address(request: Any) -> str:
-        return getattr(request.getClientAddress(), "host", None) or "unknown"
-
-    @staticmethod
-    def _body(request: Any) -> dict[str, Any]:
-        kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if kind != JSON:
-            raise problems.UnsupportedMediaType("send the body as application/json")
-        try:
-            body = json.loads(request.content.read() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise problems.BadRequest("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise problems.BadRequest("the body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _query(request: Any, name: str) -> str | None:
-        values = request.args.get(name.encode())
-        if not values:
-            return None
-        try:
-            return values[0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise problems.BadRequest(f"{name} is not UTF-8") from None
-
-    def _filters(self, request: Any) -> dict[str, Any]:
-        """The listing's query: its page and filters, checked."""
-        found: dict[str, Any] = {}
-        size = self._query(request, "page_size")
-        try:
-            found["limit"] = PAGE_SIZE if size is None else int(size)
-        except ValueError:
-            raise problems.BadRequest("page_size is a whole number") from None
-        if not 1 <= found["limit"] <= PAGE_SIZE_MAX:
-            raise problems.BadRequest(f"page_size is 1 to {PAGE_SIZE_MAX}")
-        page = self._query(request, "page_token")
-        found["after"] = None
-        if page is not None:
-            found["after"] = views.after_of(page)
-            if found["after"] is None:
-                raise problems.BadRequest("page_token is not one this API gave")
-        stopped = self._query(request, "stopped")
-        if stopped is not None:
-            if stopped not in ("true", "false"):
-                raise problems.BadRequest("stopped is true or false")
-            found["stopped"] = stopped == "true"
-        for name in ("protocol", "last_used_protocol"):
-            value = self._query(request, name)
-            if value is not None:
-                if value not in PROTOCOLS:
-                    raise problems.BadRequest(f"{name} is one of {', '.join(PROTOCOLS)}")
-                found[name] = value
-        days = self._query(request, "unused_days")
-        if days is not None:
-            try:
-                number = int(days)
-            except ValueError:
-                raise problems.BadRequest("unused_days is a whole number of days") from None
-            if not 0 <= number <= 36500:
-                raise problems.BadRequest("unused_days is 0 to 36500")
-            found["unused_for"] = number * 86400.0
-        return found
-
     def _page(self, request: Any, page: Any) -> Answer:
         now, idle = self._reactor.seconds(), self._config().policy.app_password_idle_expiry
         return Answer(200, {
@@ -368,7 +297,7 @@ class Api:
     async def put_mfa(self, request: Any, admin: Any, name: str) -> Answer:
         """Set the MFA state, only if it is still the one read (If-Match):
         two help desks changing one user never overwrite each other unseen."""
-        body = self._body(request)
+        body = reading.body(request)
         if set(body) != {"state"} or body["state"] not in [s.value for s in MfaState]:
             raise problems.BadRequest("the body is {\"state\": \"disabled\" | \"enabled\" | "
                                       "\"enforced\"}")
@@ -409,8 +338,8 @@ class Api:
 
     @operation("/app-passwords", "GET")
     async def list_all(self, request: Any, admin: Any) -> Answer:
-        filters = self._filters(request)
-        user = self._query(request, "user")
+        filters = reading.filters(request)
+        user = reading.query(request, "user")
         if user is not None:
             filters["username"], _ = await self._account(user, required=False)
         return self._page(request, await self._on_store(
@@ -418,7 +347,7 @@ class Api:
 
     @operation("/users/<string:name>/app-passwords", "GET")
     async def list_users(self, request: Any, admin: Any, name: str) -> Answer:
-        filters = self._filters(request)
+        filters = reading.filters(request)
         filters["username"], _ = await self._account(name, required=False)
         return self._page(request, await self._on_store(
             lambda: admin.app_passwords_page(**filters)))
@@ -436,8 +365,8 @@ class Api:
         secret is in this answer only. The help desk's rules: the user must
         be in the directory, the limit and names hold; argon2 runs in the
         hashing pool, never on the store's thread."""
-        body = self._body(request)
-        wanted = self._wanted(body)
+        body = reading.body(request)
+        wanted = reading.wanted(body, self._reactor.seconds())
         username, _ = await self._account(name)
         username, networks = admin.checked(username, wanted["name"], **{
             k: wanted[k] for k in ("expires_at", "protocols", "networks")})
@@ -452,37 +381,6 @@ class Api:
         shown["secret"] = apppasswords.display(made.secret)
         return Answer(201, shown, Location=f"/api/v1/users/{_quote(username)}/app-passwords/"
                                            f"{made.record.id}")
-
-    def _wanted(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(body) - {"name", "expires", "protocols", "networks"}
-        if unknown:
-            raise problems.BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-        name = body.get("name")
-        if not isinstance(name, str):
-            raise problems.BadRequest("name (the device's) is needed, as a string")
-        expires, expires_at = body.get("expires"), None
-        if expires is not None:
-            if not isinstance(expires, str):
-                raise problems.BadRequest("expires is a duration (90d, 12h) or a date")
-            now = self._reactor.seconds()
-            try:
-                expires_at = parse_expiry(expires, now)
-            except (ValueError, OverflowError) as e:
-                raise problems.BadRequest(f"expires: {e}") from None
-            if not math.isfinite(expires_at) or expires_at - now > LONGEST_EXPIRY:
-                raise problems.BadRequest("expires is at most 100 years away")
-        protocols = body.get("protocols")
-        if protocols is not None:
-            if not isinstance(protocols, list) or not all(isinstance(p, str) for p in protocols):
-                raise problems.BadRequest("protocols is a list of protocol names")
-            protocols = frozenset(protocols)
-        networks = body.get("networks")
-        if networks is not None:
-            if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
-                raise problems.BadRequest("networks is a list of networks in CIDR form")
-            networks = tuple(networks)
-        return {"name": name, "expires_at": expires_at, "protocols": protocols,
-                "networks": networks}
 
     @operation("/users/<string:name>/app-passwords/<string:id>", "DELETE", "manage")
     async def delete(self, request: Any, admin: Any, name: str, id: str) -> Answer:
@@ -507,7 +405,7 @@ class Api:
     async def bulk_delete(self, request: Any, admin: Any) -> Answer:
         """Delete up to 100 app passwords, each named by user and id: one
         result each, in order; one that cannot be deleted stops no other."""
-        body = self._body(request)
+        body = reading.body(request)
         items = body.get("items")
         if set(body) != {"items"} or not isinstance(items, list) or not items \
                 or len(items) > BULK_MAX or not all(
@@ -535,7 +433,7 @@ class Api:
     @operation("/app-passwords/bulk-revoke", "POST", "manage")
     async def bulk_revoke(self, request: Any, admin: Any) -> Answer:
         """Delete every app password of up to 100 users: one result each."""
-        body = self._body(request)
+        body = reading.body(request)
         users = body.get("users")
         if set(body) != {"users"} or not isinstance(users, list) or not users \
                 or len(users) > BULK_MAX or not all(isinstance(u, str) for u in users):

@@ -121,10 +121,6 @@ class Authenticator:
         self.events.metrics = self.apps.metrics = self.primary.metrics = metrics
 
     @property
-    def argon2_runs(self) -> int:
-        return self.apps.argon2_runs
-
-    @property
     def store_ok_at(self) -> float | None:
         return self.feed.ok_at
 

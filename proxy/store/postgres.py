@@ -234,7 +234,128 @@ def unavailable(error: Exception) -> bool:
     return not any(words.lower() in text for words in _CONFIGURATION_WORDS)
 
 
-class PostgresStore:
+class _Counts:
+    """Failures counted by every process sharing the store, and the lockouts
+    they decide: part of :class:`PostgresStore`."""
+
+    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            row = conn.execute("SELECT until FROM lockouts WHERE account = %s AND familiar = %s"
+                               " AND until > %s", (account, familiar, now)).fetchone()
+            if row is not None:
+                return row["until"]
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
+                         (account, familiar, now - window))
+            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                         (account, familiar, digest, now))
+            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
+                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
+            if count < limit:
+                return None
+            row = conn.execute("SELECT count, until FROM lockouts WHERE account = %s"
+                               " AND familiar = %s", (account, familiar)).fetchone()
+            before = row["count"] if row is not None and now - row["until"] <= window + lockout_max else 0
+            until = now + lockout_length(lockout, lockout_max, before)
+            conn.execute("INSERT INTO lockouts VALUES (%s, %s, %s, %s) ON CONFLICT"
+                         " (account, familiar) DO UPDATE SET count = excluded.count,"
+                         " until = excluded.until", (account, familiar, before + 1, until))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s",
+                         (account, familiar))
+            self._log_change(conn, now, account, "locked", None)
+        return until
+
+    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                        window: float, limit: int) -> bool:
+        """See :meth:`proxy.store.sqlite.SQLiteStore.reserve_failure`."""
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            if conn.execute("SELECT 1 FROM lockouts WHERE account = %s AND familiar = %s"
+                            " AND until > %s", (account, familiar, now)).fetchone() is not None:
+                return False
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
+                         (account, familiar, now - window))
+            if conn.execute("SELECT 1 FROM failures WHERE account = %s AND familiar = %s"
+                            " AND digest = %s", (account, familiar, digest)).fetchone() is not None:
+                return True
+            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
+                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
+            if count >= limit:
+                return False
+            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s)",
+                         (account, familiar, digest, now))
+        return True
+
+    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s"
+                         " AND digest = %s", (account, familiar, digest))
+
+    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
+        with self._connection() as conn:
+            if account is None:
+                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
+                                    " WHERE until > %s", (now,)).fetchall()
+            else:
+                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
+                                    " WHERE until > %s AND account = %s", (now, account)).fetchall()
+        found: dict[str, dict[bool, float]] = {}
+        for r in rows:
+            found.setdefault(r["account"], {})[bool(r["familiar"])] = r["until"]
+        return found
+
+    def unlock(self, account: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
+            conn.execute("DELETE FROM failures WHERE account = %s", (account,))
+            conn.execute("DELETE FROM lockouts WHERE account = %s", (account,))
+            self._log_change(conn, now, account, "unlocked", None)
+
+
+class _Tokens:
+    """The management API's tokens, kept by a keyed hash of the token, never
+    the token: part of :class:`PostgresStore`."""
+
+    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
+                         now: float, expires_at: float | None, rate: int) -> ApiToken:
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
+                             " VALUES (%s, %s, %s, %s, %s, %s, NULL, %s)",
+                             (name, scope, now, created_by, expires_at, rate, lookup_key))
+        except errors.UniqueViolation as e:
+            if e.diag.constraint_name == "api_tokens_pkey":
+                raise TokenNameTaken(name) from None
+            raise StoreError("could not store the API token; try again") from None
+        return ApiToken(name, scope, now, created_by, expires_at, rate)
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        with self._connection() as conn:
+            rows = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
+                                f" ORDER BY name COLLATE \"C\"").fetchall()
+        return [api_token_from(r) for r in rows]
+
+    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
+        with self._connection() as conn:
+            row = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
+                               f" WHERE lookup_key = %s", (lookup_key,)).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def revoke_api_token(self, name: str) -> ApiToken | None:
+        with self._write() as conn:
+            row = conn.execute(f"DELETE FROM api_tokens WHERE name = %s"
+                               f" RETURNING {API_TOKEN_COLUMNS}", (name,)).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def record_api_token_use(self, name: str, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE api_tokens SET last_used_at = greatest(last_used_at, %s)"
+                         " WHERE name = %s", (at, name))
+
+
+class PostgresStore(_Counts, _Tokens):
     """A :class:`proxy.store.Store` on PostgreSQL; safe to call from several threads."""
 
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 4,
@@ -583,81 +704,6 @@ class PostgresStore:
 
     # -- failed sign-ins, shared ---------------------------------------------------------
 
-    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
-        with self._write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
-            row = conn.execute("SELECT until FROM lockouts WHERE account = %s AND familiar = %s"
-                               " AND until > %s", (account, familiar, now)).fetchone()
-            if row is not None:
-                return row["until"]
-            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
-                         (account, familiar, now - window))
-            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                         (account, familiar, digest, now))
-            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
-                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
-            if count < limit:
-                return None
-            row = conn.execute("SELECT count, until FROM lockouts WHERE account = %s"
-                               " AND familiar = %s", (account, familiar)).fetchone()
-            before = row["count"] if row is not None and now - row["until"] <= window + lockout_max else 0
-            until = now + lockout_length(lockout, lockout_max, before)
-            conn.execute("INSERT INTO lockouts VALUES (%s, %s, %s, %s) ON CONFLICT"
-                         " (account, familiar) DO UPDATE SET count = excluded.count,"
-                         " until = excluded.until", (account, familiar, before + 1, until))
-            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s",
-                         (account, familiar))
-            self._log_change(conn, now, account, "locked", None)
-        return until
-
-    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                        window: float, limit: int) -> bool:
-        """See :meth:`proxy.store.sqlite.SQLiteStore.reserve_failure`."""
-        with self._write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
-            if conn.execute("SELECT 1 FROM lockouts WHERE account = %s AND familiar = %s"
-                            " AND until > %s", (account, familiar, now)).fetchone() is not None:
-                return False
-            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
-                         (account, familiar, now - window))
-            if conn.execute("SELECT 1 FROM failures WHERE account = %s AND familiar = %s"
-                            " AND digest = %s", (account, familiar, digest)).fetchone() is not None:
-                return True
-            count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
-                                 " AND familiar = %s", (account, familiar)).fetchone()["n"]
-            if count >= limit:
-                return False
-            conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s)",
-                         (account, familiar, digest, now))
-        return True
-
-    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
-        with self._write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
-            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s"
-                         " AND digest = %s", (account, familiar, digest))
-
-    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
-        with self._connection() as conn:
-            if account is None:
-                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
-                                    " WHERE until > %s", (now,)).fetchall()
-            else:
-                rows = conn.execute("SELECT account, familiar, until FROM lockouts"
-                                    " WHERE until > %s AND account = %s", (now, account)).fetchall()
-        found: dict[str, dict[bool, float]] = {}
-        for r in rows:
-            found.setdefault(r["account"], {})[bool(r["familiar"])] = r["until"]
-        return found
-
-    def unlock(self, account: str, now: float) -> None:
-        with self._write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
-            conn.execute("DELETE FROM failures WHERE account = %s", (account,))
-            conn.execute("DELETE FROM lockouts WHERE account = %s", (account,))
-            self._log_change(conn, now, account, "unlocked", None)
-
     def note(self, username: str, kind: str, now: float) -> None:
         with self._write() as conn:
             self._log_change(conn, now, username, kind, None)
@@ -676,42 +722,6 @@ class PostgresStore:
             return conn.execute("SELECT coalesce(max(seq), 0) AS seq FROM changes").fetchone()["seq"]
 
     # -- API tokens ----------------------------------------------------------------------
-
-    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
-                         now: float, expires_at: float | None, rate: int) -> ApiToken:
-        try:
-            with self._write() as conn:
-                conn.execute(f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
-                             " VALUES (%s, %s, %s, %s, %s, %s, NULL, %s)",
-                             (name, scope, now, created_by, expires_at, rate, lookup_key))
-        except errors.UniqueViolation as e:
-            if e.diag.constraint_name == "api_tokens_pkey":
-                raise TokenNameTaken(name) from None
-            raise StoreError("could not store the API token; try again") from None
-        return ApiToken(name, scope, now, created_by, expires_at, rate)
-
-    def list_api_tokens(self) -> list[ApiToken]:
-        with self._connection() as conn:
-            rows = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
-                                f" ORDER BY name COLLATE \"C\"").fetchall()
-        return [api_token_from(r) for r in rows]
-
-    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
-        with self._connection() as conn:
-            row = conn.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens"
-                               f" WHERE lookup_key = %s", (lookup_key,)).fetchone()
-        return None if row is None else api_token_from(row)
-
-    def revoke_api_token(self, name: str) -> ApiToken | None:
-        with self._write() as conn:
-            row = conn.execute(f"DELETE FROM api_tokens WHERE name = %s"
-                               f" RETURNING {API_TOKEN_COLUMNS}", (name,)).fetchone()
-        return None if row is None else api_token_from(row)
-
-    def record_api_token_use(self, name: str, at: float) -> None:
-        with self._write() as conn:
-            conn.execute("UPDATE api_tokens SET last_used_at = greatest(last_used_at, %s)"
-                         " WHERE name = %s", (at, name))
 
     def listen(self, notified: Callable[[], None], listening: Callable[[bool], None],
                stop: threading.Event) -> None:

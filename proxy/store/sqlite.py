@@ -134,7 +134,148 @@ FAILURES_KEPT = 86400.0
 # so; a day covers any daemon that is not hopelessly stuck.
 CHANGE_RETENTION = 86400.0
 
-class SQLiteStore:
+
+class _Counts:
+    """Failures counted by every process sharing the store, and the lockouts
+    they decide: part of :class:`SQLiteStore`."""
+
+    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
+        """Count a wrong secret for the user ``account`` from a familiar place
+        or not, as every process sharing the store counts it: until when the
+        account is locked (by this failure, or still), else None."""
+        with self._write():
+            row = self._db.execute(
+                "SELECT until FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
+                (account, familiar, now)).fetchone()
+            if row is not None:
+                return row[0]
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
+                             (account, familiar, now - window))
+            self._db.execute("INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
+                             (account, familiar, digest, now))
+            count = self._db.execute(
+                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()[0]
+            if count < limit:
+                return None
+            row = self._db.execute(
+                "SELECT count, until FROM lockouts WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()
+            before = row[0] if row is not None and now - row[1] <= window + lockout_max else 0
+            until = now + lockout_length(lockout, lockout_max, before)
+            self._db.execute(
+                "INSERT INTO lockouts VALUES (?, ?, ?, ?) ON CONFLICT (account, familiar)"
+                " DO UPDATE SET count = excluded.count, until = excluded.until",
+                (account, familiar, before + 1, until))
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ?",
+                             (account, familiar))
+            self._log_change(now, account, "locked", None)
+        return until
+
+    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
+                        window: float, limit: int) -> bool:
+        """Count a secret about to be checked as a failure before the check
+        is made, as every process sharing the store counts it: False if the
+        account is locked, or if, with the failures and the checks under way
+        in every process, it could take the account past ``limit`` (the
+        check must not be made). The row stays as the failure if the secret
+        was wrong (:meth:`add_failure` finds it), and goes with
+        :meth:`release_failure` otherwise; one left by a process that died
+        mid-check counts as a failure until ``window`` forgets it."""
+        with self._write():
+            if self._db.execute(
+                    "SELECT 1 FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
+                    (account, familiar, now)).fetchone() is not None:
+                return False
+            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
+                             (account, familiar, now - window))
+            if self._db.execute(
+                    "SELECT 1 FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
+                    (account, familiar, digest)).fetchone() is not None:
+                return True  # counted already: not a new guess
+            count = self._db.execute(
+                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
+                (account, familiar)).fetchone()[0]
+            if count >= limit:
+                return False
+            self._db.execute("INSERT INTO failures VALUES (?, ?, ?, ?)",
+                             (account, familiar, digest, now))
+        return True
+
+    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
+        """The reserved secret was not wrong (or not checked): not a failure."""
+        with self._write():
+            self._db.execute(
+                "DELETE FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
+                (account, familiar, digest))
+
+    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
+        """Lockouts in force (of ``account``, or everyone's): user → {familiar
+        place?: until when}."""
+        rows = self._db.execute(
+            "SELECT account, familiar, until FROM lockouts WHERE until > ?"
+            + (" AND account = ?" if account is not None else ""),
+            (now, account) if account is not None else (now,))
+        found: dict[str, dict[bool, float]] = {}
+        for r in rows:
+            found.setdefault(r[0], {})[bool(r[1])] = r[2]
+        return found
+
+    def unlock(self, account: str, now: float) -> None:
+        """Forget the user's failures and lift their lockouts, and tell every
+        daemon (``unlocked`` in the change feed), in one transaction."""
+        with self._write():
+            self._db.execute("DELETE FROM failures WHERE account = ?", (account,))
+            self._db.execute("DELETE FROM lockouts WHERE account = ?", (account,))
+            self._log_change(now, account, "unlocked", None)
+
+
+class _Tokens:
+    """The management API's tokens, kept by a keyed hash of the token, never
+    the token: part of :class:`SQLiteStore`."""
+
+    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
+                         now: float, expires_at: float | None, rate: int) -> ApiToken:
+        with self._write():
+            try:
+                self._db.execute(
+                    f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                    (name, scope, now, created_by, expires_at, rate, lookup_key))
+            except sqlite3.IntegrityError as e:
+                if "api_tokens.name" in str(e):
+                    raise TokenNameTaken(name) from None
+                if str(e).startswith("UNIQUE"):
+                    raise StoreError("could not store the API token; try again") from None
+                raise
+        return ApiToken(name, scope, now, created_by, expires_at, rate)
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        rows = self._db.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        return [api_token_from(row) for row in rows]
+
+    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
+        row = self._db.execute(
+            f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens WHERE lookup_key = ?", (lookup_key,)
+        ).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def revoke_api_token(self, name: str) -> ApiToken | None:
+        with self._write():
+            row = self._db.execute(
+                f"DELETE FROM api_tokens WHERE name = ? RETURNING {API_TOKEN_COLUMNS}", (name,)
+            ).fetchone()
+        return None if row is None else api_token_from(row)
+
+    def record_api_token_use(self, name: str, at: float) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE api_tokens SET last_used_at = max(coalesce(last_used_at, 0), ?)"
+                " WHERE name = ?", (at, name))
+
+
+class SQLiteStore(_Counts, _Tokens):
     """The default :class:`proxy.store.Store`. Not thread-safe: one thread at a time."""
 
     def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
@@ -486,97 +627,6 @@ class SQLiteStore:
 
     # -- failed sign-ins, shared -----------------------------------------------
 
-    def add_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                    window: float, limit: int, lockout: float, lockout_max: float) -> float | None:
-        """Count a wrong secret for the user ``account`` from a familiar place
-        or not, as every process sharing the store counts it: until when the
-        account is locked (by this failure, or still), else None."""
-        with self._write():
-            row = self._db.execute(
-                "SELECT until FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
-                (account, familiar, now)).fetchone()
-            if row is not None:
-                return row[0]
-            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
-                             (account, familiar, now - window))
-            self._db.execute("INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
-                             (account, familiar, digest, now))
-            count = self._db.execute(
-                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
-                (account, familiar)).fetchone()[0]
-            if count < limit:
-                return None
-            row = self._db.execute(
-                "SELECT count, until FROM lockouts WHERE account = ? AND familiar = ?",
-                (account, familiar)).fetchone()
-            before = row[0] if row is not None and now - row[1] <= window + lockout_max else 0
-            until = now + lockout_length(lockout, lockout_max, before)
-            self._db.execute(
-                "INSERT INTO lockouts VALUES (?, ?, ?, ?) ON CONFLICT (account, familiar)"
-                " DO UPDATE SET count = excluded.count, until = excluded.until",
-                (account, familiar, before + 1, until))
-            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ?",
-                             (account, familiar))
-            self._log_change(now, account, "locked", None)
-        return until
-
-    def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                        window: float, limit: int) -> bool:
-        """Count a secret about to be checked as a failure before the check
-        is made, as every process sharing the store counts it: False if the
-        account is locked, or if, with the failures and the checks under way
-        in every process, it could take the account past ``limit`` (the
-        check must not be made). The row stays as the failure if the secret
-        was wrong (:meth:`add_failure` finds it), and goes with
-        :meth:`release_failure` otherwise; one left by a process that died
-        mid-check counts as a failure until ``window`` forgets it."""
-        with self._write():
-            if self._db.execute(
-                    "SELECT 1 FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
-                    (account, familiar, now)).fetchone() is not None:
-                return False
-            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
-                             (account, familiar, now - window))
-            if self._db.execute(
-                    "SELECT 1 FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
-                    (account, familiar, digest)).fetchone() is not None:
-                return True  # counted already: not a new guess
-            count = self._db.execute(
-                "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
-                (account, familiar)).fetchone()[0]
-            if count >= limit:
-                return False
-            self._db.execute("INSERT INTO failures VALUES (?, ?, ?, ?)",
-                             (account, familiar, digest, now))
-        return True
-
-    def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
-        """The reserved secret was not wrong (or not checked): not a failure."""
-        with self._write():
-            self._db.execute(
-                "DELETE FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
-                (account, familiar, digest))
-
-    def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]:
-        """Lockouts in force (of ``account``, or everyone's): user → {familiar
-        place?: until when}."""
-        rows = self._db.execute(
-            "SELECT account, familiar, until FROM lockouts WHERE until > ?"
-            + (" AND account = ?" if account is not None else ""),
-            (now, account) if account is not None else (now,))
-        found: dict[str, dict[bool, float]] = {}
-        for r in rows:
-            found.setdefault(r[0], {})[bool(r[1])] = r[2]
-        return found
-
-    def unlock(self, account: str, now: float) -> None:
-        """Forget the user's failures and lift their lockouts, and tell every
-        daemon (``unlocked`` in the change feed), in one transaction."""
-        with self._write():
-            self._db.execute("DELETE FROM failures WHERE account = ?", (account,))
-            self._db.execute("DELETE FROM lockouts WHERE account = ?", (account,))
-            self._log_change(now, account, "unlocked", None)
-
     def note(self, username: str, kind: str, now: float) -> None:
         """Tell every daemon something of the user through the change feed
         (``unlocked``: lift their lockouts)."""
@@ -598,45 +648,6 @@ class SQLiteStore:
         return row[0] or 0
 
     # -- API tokens -----------------------------------------------------------
-
-    def create_api_token(self, *, name: str, lookup_key: bytes, scope: str, created_by: str,
-                         now: float, expires_at: float | None, rate: int) -> ApiToken:
-        with self._write():
-            try:
-                self._db.execute(
-                    f"INSERT INTO api_tokens ({API_TOKEN_COLUMNS}, lookup_key)"
-                    " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
-                    (name, scope, now, created_by, expires_at, rate, lookup_key))
-            except sqlite3.IntegrityError as e:
-                if "api_tokens.name" in str(e):
-                    raise TokenNameTaken(name) from None
-                if str(e).startswith("UNIQUE"):
-                    raise StoreError("could not store the API token; try again") from None
-                raise
-        return ApiToken(name, scope, now, created_by, expires_at, rate)
-
-    def list_api_tokens(self) -> list[ApiToken]:
-        rows = self._db.execute(f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
-        return [api_token_from(row) for row in rows]
-
-    def find_api_token(self, lookup_key: bytes) -> ApiToken | None:
-        row = self._db.execute(
-            f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens WHERE lookup_key = ?", (lookup_key,)
-        ).fetchone()
-        return None if row is None else api_token_from(row)
-
-    def revoke_api_token(self, name: str) -> ApiToken | None:
-        with self._write():
-            row = self._db.execute(
-                f"DELETE FROM api_tokens WHERE name = ? RETURNING {API_TOKEN_COLUMNS}", (name,)
-            ).fetchone()
-        return None if row is None else api_token_from(row)
-
-    def record_api_token_use(self, name: str, at: float) -> None:
-        with self._write():
-            self._db.execute(
-                "UPDATE api_tokens SET last_used_at = max(coalesce(last_used_at, 0), ?)"
-                " WHERE name = ?", (at, name))
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -59,7 +59,7 @@ def test_the_decision_table(core):
     ]
     for args, reason in cases:
         assert decide(core, *args).reason is reason, args
-    assert core.auth.argon2_runs == 2  # wrong secrets never cost one
+    assert core.auth.apps.argon2_runs == 2  # wrong secrets never cost one
 
 
 def test_app_passwords_are_read_only_and_primary_sessions_are_not(core):
@@ -136,7 +136,7 @@ def test_the_success_cache_spares_argon2_until_a_revocation(core):
     created = core.admin.create("alice", "phone")
     for _ in range(5):
         assert decide(core, "alice", created.secret).accepted
-    assert core.auth.argon2_runs == 1
+    assert core.auth.apps.argon2_runs == 1
     revoked = []
     core.auth.on_revoked(lambda *change: revoked.append(change))
     core.admin.delete("alice", "phone")
