@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.pki import make_pki
+from tests.ports import free_port
 from tests.serverlog import ServerLog
 
 START_TIMEOUT = 15.0  # a healthy dovecot answers in well under a second
@@ -98,14 +99,6 @@ SINK_MAX_SIZE = 200 * 1024 * 1024
 
 class DovecotError(RuntimeError):
     """Dovecot, doveadm or the SMTP sink failed; the message has the log tail."""
-
-
-def _free_port() -> int:
-    """A loopback port nobody listens on right now. Dovecot binds it moments
-    later; start() retries with new ports if another process was quicker."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _find_tool(name: str) -> str:
@@ -564,11 +557,11 @@ class Dovecot(ServerLog):
         _write_private(self.users_file, "")
         _write_private(self.master_users_file,
                        _passwd_line(self.master_user, self.master_password))
-        self.imap_port = _free_port()
-        self.imaps_port = _free_port()
-        self.pop3_port = _free_port()
-        self.pop3s_port = _free_port()
-        self.submission_port = _free_port()
+        self.imap_port = free_port()
+        self.imaps_port = free_port()
+        self.pop3_port = free_port()
+        self.pop3s_port = free_port()
+        self.submission_port = free_port()
         self.sink = SmtpSink(self.host, hostname="sink.example.test")
         self._process: subprocess.Popen | None = None
         self._has_run = False  # once Dovecot ran, its ports are kept for good
@@ -897,9 +890,9 @@ service anvil {{
                 if attempt + 1 == attempts or not in_use:
                     self.sink.stop()
                     raise
-                self.imap_port, self.imaps_port = _free_port(), _free_port()
-                self.pop3_port, self.pop3s_port = _free_port(), _free_port()
-                self.submission_port = _free_port()
+                self.imap_port, self.imaps_port = free_port(), free_port()
+                self.pop3_port, self.pop3s_port = free_port(), free_port()
+                self.submission_port = free_port()
             else:
                 self._has_run = True
                 return

@@ -8,7 +8,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,12 +15,7 @@ import time
 from pathlib import Path
 
 from tests.pki import make_pki
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port  # noqa: F401 (tests import it from here too)
 
 
 def mail_backend(folder: Path, dovecot, protocol: str) -> dict:

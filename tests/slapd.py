@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from tests.pki import make_pki
+from tests.ports import free_port
 from tests.serverlog import ServerLog
 
 SUFFIX = "dc=example,dc=test"
@@ -101,14 +102,6 @@ def _ldif(dn: str, *lines: str) -> str:
     return "\n".join([_ldif_line("dn", dn), *lines]) + "\n\n"
 
 
-def _free_port() -> int:
-    """A loopback port nobody listens on right now. slapd binds it moments
-    later; start() retries with new ports if another process was quicker."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _find_tool(name: str) -> str:
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
@@ -150,8 +143,8 @@ class Slapd(ServerLog):
         self.log_path = self.folder / "slapd.log"
         self.pki = make_pki(self.folder / "pki")
         self.ca_file = self.pki.ca_file
-        self.port = _free_port()
-        self.ldaps_port = _free_port()
+        self.port = free_port()
+        self.ldaps_port = free_port()
         self._process: subprocess.Popen | None = None
         self._has_run = False  # once slapd ran, its ports are kept for good
         self._log_offset = 0  # size of the log when slapd was last started
@@ -336,7 +329,7 @@ memberof-refint TRUE
                 in_use = "Address already in use" in self._log_since(self._log_offset)
                 if attempt + 1 == attempts or not in_use:
                     raise
-                self.port, self.ldaps_port = _free_port(), _free_port()
+                self.port, self.ldaps_port = free_port(), free_port()
             else:
                 self._has_run = True
                 return
