@@ -233,12 +233,32 @@ def test_notice_of_disconnection_closes_ldaps_in_order(proxy):
     sock.close()
 
 
+# What the proxy says when the login deadline passes (the LDAP one inside a
+# notice of disconnection).
+TIMEOUT_GOODBYES = {
+    "imap": b"* BYE Idle for too long.\r\n",
+    "smtp": b"421 4.7.0 Idle for too long.\r\n",
+    "ldap": b"idle for too long",
+}
+
+
 @pytest.mark.parametrize("listener", ["imap", "imaps", "submission", "submissions", "ldap", "ldaps"])
 def test_login_timeout_closes_a_silent_tls_connection(proxy, listener):
+    """A TLS client that says nothing more gets the timeout's goodbye at the
+    login deadline (counted from connect), then an orderly close: close
+    alert, then EOF (read_to_close raises on an EOF without the alert)."""
+    started = time.monotonic()
     sock = tls_socket(proxy, listener)
     sock.settimeout(LOGIN_TIMEOUT + 15)
-    read_to_close(sock)  # the timeout's goodbye, then an orderly close
+    data = read_to_close(sock)
+    elapsed = time.monotonic() - started
     sock.close()
+    goodbye = TIMEOUT_GOODBYES[PROTOCOL[listener]]
+    if PROTOCOL[listener] == "ldap":
+        assert goodbye in data and b"1.3.6.1.4.1.1466.20036" in data, data
+    else:
+        assert data.endswith(goodbye), data
+    assert LOGIN_TIMEOUT - 0.1 <= elapsed < LOGIN_TIMEOUT + 10, elapsed
 
 
 def open_descriptors(pid: int) -> int:
