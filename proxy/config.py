@@ -506,6 +506,40 @@ class HashingConfig:
         return self.threads or os.cpu_count() or 1
 
 
+# What ``directory.kind`` sets, for the keys an operator leaves out: the
+# filters and attributes that are easy to get subtly wrong by hand.
+DIRECTORY_PRESETS: dict[str, dict[str, str | None]] = {
+    "openldap": {
+        "user_filter": "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))",
+        "username_attribute": "uid",
+        "active_filter": "(!(pwdAccountLockedTime=*))",
+        "member_of_attribute": "memberOf",
+        "mail_attribute": "mail",
+        "password_changed_attribute": "pwdChangedTime",
+    },
+    "active_directory": {
+        # sAMAccountName, the UPN (its own suffix or an alternative one) and
+        # mail; DOMAIN\sam and sam@<the domain's DNS name> are reduced to
+        # sAMAccountName by the directory client before this is filled in.
+        "user_filter": "(&(objectCategory=person)(objectClass=user)"
+                       "(|(sAMAccountName={username})(userPrincipalName={username})"
+                       "(mail={username})))",
+        "username_attribute": "sAMAccountName",
+        # Read from userAccountControl, lockoutTime and accountExpires by the
+        # directory client, which knows the domain's lockout duration.
+        "active_filter": None,
+        "member_of_attribute": "memberOf",
+        "mail_attribute": "mail",
+        "password_changed_attribute": "pwdLastSet",
+    },
+}
+
+
+def _preset(key: str) -> Any:
+    """The default of ``key``: the value ``kind`` (a field declared before it) sets."""
+    return attrs.Factory(lambda self: DIRECTORY_PRESETS[self.kind][key], takes_self=True)
+
+
 @attrs.frozen
 class DirectoryConfig:
     """The upstream directory (OpenLDAP, Active Directory): accounts, groups, primary passwords."""
@@ -524,26 +558,41 @@ class DirectoryConfig:
         Optional(FilePath()),
         "PEM certificates to trust for the directory's certificate; null: the system's",
     )
+    kind: str = _field(
+        "openldap",
+        Choice(tuple(DIRECTORY_PRESETS)),
+        "what the directory is: openldap, or active_directory (sign-in names in every form AD "
+        "takes, account state from userAccountControl, lockoutTime, accountExpires and "
+        "pwdLastSet, nested groups); sets the defaults of the keys below",
+    )
+    netbios_domain: str | None = _field(
+        None,
+        Optional(Str()),
+        "Active Directory: the domain's NetBIOS name, stripped from DOMAIN\\user sign-in names "
+        "(any case); null: read from the directory",
+    )
     user_filter: str = _field(
-        "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))",
+        _preset("user_filter"),
         LdapFilter(placeholder=True),
         "finds a user by the name a client signs in with; {username} is escaped (RFC 4515). "
         "A client may also sign in with the user's full DN",
     )
     username_attribute: str = _field(
-        "uid",
+        _preset("username_attribute"),
         Str(),
         "the attribute whose value names the user in the app-password store "
         "(uid, sAMAccountName, userPrincipalName)",
     )
     active_filter: str | None = _field(
-        "(!(pwdAccountLockedTime=*))",
+        _preset("active_filter"),
         Optional(LdapFilter()),
-        "an account that does not match is inactive and refused on every path; for Active "
-        "Directory (!(userAccountControl:1.2.840.113556.1.4.803:=2)); null: every account found",
+        "an account that does not match is inactive and refused on every path; "
+        "null: every account found (active_directory reads the account's state itself)",
     )
     member_of_attribute: str = _field(
-        "memberOf", Str(), "the user's attribute that lists the DNs of their groups"
+        _preset("member_of_attribute"),
+        Str(),
+        "the user's attribute that lists the DNs of their groups",
     )
     mfa_group: str | None = _field(
         None, Optional(Dn()), "members are MFA-enforced, whatever the store says"
@@ -558,10 +607,10 @@ class DirectoryConfig:
         "is theirs",
     )
     mail_attribute: str = _field(
-        "mail", Str(), "the user's mail address, where the portal's notifications go"
+        _preset("mail_attribute"), Str(), "the user's mail address, where the portal's notifications go"
     )
     password_changed_attribute: str | None = _field(
-        "pwdChangedTime",
+        _preset("password_changed_attribute"),
         Optional(Str()),
         "when the primary password last changed: pwdChangedTime (GeneralizedTime) or "
         "pwdLastSet (Active Directory's FILETIME); null: not tracked",

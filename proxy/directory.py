@@ -70,6 +70,9 @@ class Account:
     admin: bool = False
     password_changed_at: float | None = None
     mail: str | None = None  # where the portal's notifications go
+    # Why the account is not active, when the directory said why (Active
+    # Directory: disabled, locked, expired, password_must_change).
+    inactive_reason: str | None = None
     # The DN in one comparable form, parsed once: ldaptor's DN parser is slow.
     key: str = attrs.field(
         default=attrs.Factory(lambda self: normalise_dn(self.dn), takes_self=True), repr=False
@@ -108,6 +111,75 @@ def parse_password_changed(value: bytes) -> float | None:
         except ValueError:
             return None
         return moment.timestamp() + (float("0." + fraction) if fraction.isdigit() else 0.0)
+    return None
+
+
+# Active Directory's marks (MS-ADTS 2.2.16, MS-ADA1): the flag of a disabled
+# account in userAccountControl, and accountExpires' two values for never.
+UF_ACCOUNTDISABLE = 0x2
+NEVER_EXPIRES = (0, 0x7FFFFFFFFFFFFFFF)
+
+
+def filetime(ticks: int) -> float:
+    """Active Directory's 100 ns ticks since 1601 → POSIX seconds."""
+    return ticks / 10_000_000 - 11_644_473_600
+
+
+@attrs.frozen
+class Domain:
+    """What an Active Directory domain says of itself, read once."""
+
+    dn: str
+    dns_name: str  # samdom.example.com, from the domain's DN
+    netbios: str | None  # SAMDOM
+    # How long AD keeps an account locked after its lockoutTime (None: until
+    # an administrator unlocks it), and after how many wrong passwords.
+    lockout_duration: float | None
+    lockout_threshold: int
+    # The configured groups' objectSid → their normalised DN.
+    group_sids: dict[bytes, str] = attrs.field(factory=dict)
+
+    def names_for(self, typed: str) -> list[str] | None:
+        """The names a typed sign-in name stands for: ``DOMAIN\\sam`` is
+        ``sam`` (None: another domain's user, nobody here), and
+        ``sam@<the domain's DNS name>`` is that UPN or the ``sam`` AD takes
+        it for when no UPN claims it."""
+        if "\\" in typed:
+            prefix, _, rest = typed.partition("\\")
+            if self.netbios is None or prefix.casefold() != self.netbios.casefold() or not rest:
+                return None
+            return [rest]
+        local, at, suffix = typed.rpartition("@")
+        if at and local and suffix.casefold() == self.dns_name.casefold():
+            return [typed, local]
+        return [typed]
+
+
+def ad_inactive_reason(first: Any, now: float, domain: Domain) -> str | None:
+    """Why Active Directory would not let this account sign in, read from
+    its entry (``first(attribute)``: the attribute's first value): None if
+    nothing stops it."""
+
+    def number(attribute: str) -> int | None:
+        value = first(attribute)
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    if (number("userAccountControl") or 0) & UF_ACCOUNTDISABLE:
+        return "disabled"
+    locked_at = number("lockoutTime") or 0
+    # lockoutTime stays set after the lockout lapses until the next sign-in:
+    # locked only within the domain's lockout duration.
+    if locked_at and (domain.lockout_duration is None
+                      or now < filetime(locked_at) + domain.lockout_duration):
+        return "locked"
+    expires = number("accountExpires")
+    if expires is not None and expires not in NEVER_EXPIRES and filetime(expires) <= now:
+        return "expired"
+    if number("pwdLastSet") == 0:
+        return "password_must_change"
     return None
 
 
@@ -472,6 +544,10 @@ class _Pool:
 # -- the directory ---------------------------------------------------------------
 
 
+# What an Active Directory account's state is read from.
+AD_STATE_ATTRIBUTES = ("userAccountControl", "lockoutTime", "accountExpires", "pwdLastSet")
+
+
 class Directory:
     """Resolves accounts and checks primary passwords against the directory."""
 
@@ -505,6 +581,10 @@ class Directory:
             )
             if a
         ]
+        self._active_directory = config.kind == "active_directory"
+        if self._active_directory:
+            self._attributes += [a for a in AD_STATE_ATTRIBUTES if a not in self._attributes]
+        self._domain: Domain | None = None
 
     @staticmethod
     def read_bind_password(path: Path) -> str:
@@ -573,7 +653,8 @@ class Directory:
             pool.release(connection)
 
     async def _search_entries(
-        self, client: LDAPClient, base: str, scope: int, filter_text: str, attributes: Iterable[str]
+        self, client: LDAPClient, base: str, scope: int, filter_text: str, attributes: Iterable[str],
+        size_limit: int = 2,
     ) -> list[pureldap.LDAPSearchResultEntry | None]:
         entries: list[pureldap.LDAPSearchResultEntry | None] = []  # None: more matches
         done: Deferred[None] = Deferred()
@@ -599,7 +680,7 @@ class Directory:
             baseObject=base,
             scope=scope,
             derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
-            sizeLimit=2,
+            sizeLimit=size_limit,
             timeLimit=max(1, int(self.config.timeout)),
             typesOnly=False,
             filter=parseFilter(filter_text),
@@ -620,16 +701,25 @@ class Directory:
         """The account a client's user name stands for, or None if there is
         no such user (or the name matches more than one). Raises
         :class:`DirectoryUnavailable`."""
-        if self._under_user_base(username):
+        by_dn = self._under_user_base(username)
+        if by_dn:
             # A sign-in by full DN: that entry itself.
             base, scope, user_filter = username, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)"
         else:
             base, scope = self.config.user_base, pureldap.LDAP_SCOPE_wholeSubtree
-            user_filter = self.config.user_filter.replace(
-                "{username}", escape_filter_value(username)
-            )
+            user_filter = self._user_filter(username)
 
         async def operation(client: LDAPClient) -> Account | None:
+            nonlocal user_filter
+            domain = await self._domain_of(client) if self._active_directory else None
+            if domain is not None and not by_dn:
+                names = domain.names_for(username)
+                if names is None:
+                    return None  # DOMAIN\user of another domain
+                # Every form names one account: more than one match is none.
+                user_filter = "".join(self._user_filter(n) for n in names)
+                if len(names) > 1:
+                    user_filter = f"(|{user_filter})"
             found = await self._search_entries(client, base, scope, user_filter, self._attributes)
             if len(found) != 1 or found[0] is None:
                 return None
@@ -644,7 +734,7 @@ class Directory:
                     client,
                     self.config.user_base,
                     pureldap.LDAP_SCOPE_wholeSubtree,
-                    self.config.user_filter.replace("{username}", escape_filter_value(name)),
+                    self._user_filter(name),
                     self._attributes,
                 )
                 if (len(again) != 1 or again[0] is None
@@ -661,13 +751,109 @@ class Directory:
                     ["1.1"],
                 )
                 active = len(still) == 1
-            return self._account(entry, active)
+            token_groups = None
+            if domain is not None and domain.group_sids:
+                token_groups = await self._token_groups(client, _text(entry.objectName))
+            return self._account(entry, active, domain, token_groups)
 
         try:
             return await self._run(self._search, operation)
         except ldaperrors.LDAPException as e:
             log.warn("directory search failed: {error}", error=str(e))
             raise DirectoryUnavailable("search failed") from None
+
+    def _user_filter(self, name: str) -> str:
+        return self.config.user_filter.replace("{username}", escape_filter_value(name))
+
+    async def _domain_of(self, client: LDAPClient) -> Domain:
+        """The Active Directory domain's facts, read on the first look-up
+        (and again until that succeeds): its name and NetBIOS name, its
+        lockout duration and threshold, the configured groups' SIDs."""
+        if self._domain is not None:
+            return self._domain
+        root = await self._search_entries(
+            client, "", pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)",
+            ["defaultNamingContext", "configurationNamingContext"])
+        if len(root) != 1 or root[0] is None:
+            raise ldaperrors.LDAPOther("no root DSE")
+        domain_dn = self._value(root[0], "defaultNamingContext") or ""
+        configuration = self._value(root[0], "configurationNamingContext") or ""
+        found = await self._search_entries(
+            client, domain_dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=domain)",
+            ["lockoutDuration", "lockoutThreshold"])
+        if len(found) != 1 or found[0] is None:
+            raise ldaperrors.LDAPOther(f"cannot read the domain object {domain_dn}")
+        duration = int(self._value(found[0], "lockoutDuration") or 0)
+        threshold = int(self._value(found[0], "lockoutThreshold") or 0)
+        netbios = self.config.netbios_domain
+        if netbios is None:
+            crossref = await self._search_entries(
+                client, f"CN=Partitions,{configuration}", pureldap.LDAP_SCOPE_singleLevel,
+                f"(&(objectClass=crossRef)(nCName={escape_filter_value(domain_dn)}))",
+                ["nETBIOSName"])
+            if len(crossref) == 1 and crossref[0] is not None:
+                netbios = self._value(crossref[0], "nETBIOSName")
+            if netbios is None:
+                log.warn("the domain's NetBIOS name cannot be read: DOMAIN\\user names "
+                         "match nobody; set directory.netbios_domain")
+        group_sids = {}
+        for key in ("mfa", "modern", "admin"):
+            group = self._groups[key]
+            if group is None:
+                continue
+            entries = await self._search_entries(
+                client, group, pureldap.LDAP_SCOPE_baseObject, "(objectClass=group)", ["objectSid"])
+            sid = self._raw(entries[0], "objectSid") if len(entries) == 1 and entries[0] else None
+            if sid is None:
+                # Fail closed: a group whose members cannot be told would
+                # let its members sign in as if outside it.
+                log.error("the group {group} is not in the directory, or has no objectSid "
+                          "the service account may read", group=group)
+                raise ldaperrors.LDAPOther(f"group {group} not found")
+            group_sids[sid] = group
+        self._domain = Domain(
+            dn=domain_dn,
+            dns_name=".".join(v for k, v in (part.split("=", 1) for part in
+                              normalise_dn(domain_dn).split(",")) if k == "dc"),
+            netbios=netbios,
+            # lockoutDuration is negative ticks; 0 and the most negative
+            # value both mean until an administrator unlocks it.
+            lockout_duration=-duration / 10_000_000 if -(1 << 63) < duration < 0 else None,
+            lockout_threshold=threshold,
+            group_sids=group_sids,
+        )
+        log.info("Active Directory domain {dns} ({netbios}): accounts lock after {threshold} "
+                 "wrong passwords", dns=self._domain.dns_name, netbios=netbios,
+                 threshold=threshold)
+        return self._domain
+
+    async def _token_groups(self, client: LDAPClient, dn: str) -> set[bytes]:
+        """The SIDs of every group the user is in, nested groups and the
+        primary group included: AD's ``tokenGroups``, read on the entry
+        itself (AD constructs it only for a base search)."""
+        entries = await self._search_entries(
+            client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", ["tokenGroups"])
+        sids: set[bytes] = set()
+        if len(entries) == 1 and entries[0] is not None:
+            for name, values in entries[0].attributes:
+                if _text(name).lower() == "tokengroups":
+                    sids.update(v if isinstance(v, bytes) else str(v).encode("latin-1")
+                                for v in values)
+        if not sids:
+            # Every account is in its primary group at least: none at all
+            # means the service account may not read them. Refuse to guess.
+            log.error("cannot read tokenGroups of {dn}: the service account needs to "
+                      "(see docs/active-directory.md)", dn=dn)
+            raise ldaperrors.LDAPInsufficientAccessRights("tokenGroups not readable")
+        return sids
+
+    @staticmethod
+    def _raw(entry: pureldap.LDAPSearchResultEntry, attribute: str) -> bytes | None:
+        for name, values in entry.attributes:
+            if _text(name).lower() == attribute.lower() and values:
+                value = values[0]
+                return value if isinstance(value, bytes) else str(value).encode("latin-1")
+        return None
 
     @staticmethod
     def _value(entry: pureldap.LDAPSearchResultEntry, attribute: str) -> str | None:
@@ -682,7 +868,9 @@ class Directory:
             return False
         return normalise_dn(name).endswith("," + normalise_dn(self.config.user_base))
 
-    def _account(self, entry: pureldap.LDAPSearchResultEntry, active: bool) -> Account | None:
+    def _account(self, entry: pureldap.LDAPSearchResultEntry, active: bool,
+                 domain: Domain | None = None,
+                 token_groups: set[bytes] | None = None) -> Account | None:
         dn = _text(entry.objectName)
         values: dict[str, list[bytes]] = {}
         for name, vals in entry.attributes:
@@ -702,11 +890,19 @@ class Directory:
             normalise_dn(v.decode("utf-8", "replace"))
             for v in values.get(self.config.member_of_attribute.lower(), [])
         )
+        reason = None if active else "inactive"
+        if domain is not None:
+            # Nested groups and the primary group: memberOf lists neither.
+            groups |= {dn for sid, dn in domain.group_sids.items() if sid in (token_groups or ())}
+            if active:
+                reason = ad_inactive_reason(first, self._reactor.seconds(), domain)
+                active = reason is None
         changed = first(self.config.password_changed_attribute)
         return Account(
             dn=dn,
             username=canonical_username(username.decode("utf-8", "replace")),
             active=active,
+            inactive_reason=reason,
             groups=groups,
             mfa_enforced=self._groups["mfa"] in groups,
             modern_auth_only=self._groups["modern"] in groups,
