@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from proxy.cli import main
+from tests.conftest import wait_until
 
 SECRET_LINE = re.compile(r"^    ([a-z]{4}) ([a-z]{4}) ([a-z]{4}) ([a-z]{4})$", re.MULTILINE)
 
@@ -131,10 +132,13 @@ def test_networks_stopped_ones_unlock_and_reset(workdir, capsys):
     code, out, err = run(workdir, "app-password", "create", "erin", "--name", "brief",
                          "--expires", "1s", capsys=capsys)
     assert code == 0, err
-    import time
 
-    time.sleep(1.2)
-    code, out, _ = run(workdir, "app-password", "list", "erin", capsys=capsys)
+    def listing() -> str:
+        return run(workdir, "app-password", "list", "erin", capsys=capsys)[1]
+
+    # It lapses a second from now: polled, with a deadline, not slept for.
+    assert wait_until(lambda: "(expired)" in listing(), 5)
+    out = listing()
     assert "192.0.2.0/24,2001:db8::/32" in out
     [brief] = [line for line in out.splitlines() if " brief " in line]
     assert "stopped" in brief and "(expired)" in brief
