@@ -621,10 +621,12 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(slapd, dovecot, unique,
 
 def test_sigkill_of_the_daemon_amid_changes_leaves_the_store_whole(slapd, dovecot, unique,
                                                                     tmp_path):
-    """The daemon is killed (SIGKILL) while it writes last-used times and
-    revokes app passwords, and the command line tool creates and deletes
-    them: the store is whole afterwards, every record complete, and the
-    daemon starts again on it."""
+    """The daemon is killed (SIGKILL) while it writes last-used times (a
+    sign-in in flight), and the command line tool creates and deletes app
+    passwords before, during and after: every sign-in before the kill
+    succeeded, every command succeeded (a daemon killed mid-write leaves the
+    store locked for no one), the store is whole afterwards, every record
+    complete, and the daemon starts again on it."""
     import signal as signals
     import sqlite3
     import threading
@@ -637,34 +639,58 @@ def test_sigkill_of_the_daemon_amid_changes_leaves_the_store_whole(slapd, doveco
     slapd.add_user(uid, PRIMARY)
     secret = daemon.create_app_password(uid, "phone")
     stop = threading.Event()
+    # (started, ended, outcome), on the monotonic clock.
+    logins: list[tuple[float, float, object]] = []
+    commands: list[tuple[float, float, subprocess.CompletedProcess, subprocess.CompletedProcess]] = []
 
     def churn():
         n = 0
         while not stop.is_set():
-            daemon.cli("app-password", "create", uid, "--name", f"device {n}")
-            daemon.cli("app-password", "delete", uid, f"device {n}")
+            started = time.monotonic()
+            created = daemon.cli("app-password", "create", uid, "--name", f"device {n}")
+            deleted = daemon.cli("app-password", "delete", uid, f"device {n}")
+            commands.append((started, time.monotonic(), created, deleted))
             n += 1
 
     def sign_in():
         while not stop.is_set():
+            started = time.monotonic()
             try:
-                _logs_in(daemon, uid, secret)
-            except (OSError, imaplib.IMAP4.abort):
-                pass  # the daemon is gone, perhaps mid-login
+                outcome = _logs_in(daemon, uid, secret)
+            except OSError as e:
+                outcome = e  # the daemon is gone
+            logins.append((started, time.monotonic(), outcome))
 
     workers = [threading.Thread(target=churn), threading.Thread(target=sign_in)]
     for worker in workers:
         worker.start()
-    time.sleep(3)
-    daemon.process.send_signal(signals.SIGKILL)
-    daemon.process.wait(30)
-    stop.set()
-    for worker in workers:
-        worker.join(60)
+    try:
+        # Writes under way on both sides before the kill.
+        assert wait_until(lambda: sum(o is True for *_, o in logins) >= 10 and len(commands) >= 2,
+                          60), (logins, commands)
+        killed = time.monotonic()
+        daemon.process.send_signal(signals.SIGKILL)
+        assert daemon.process.wait(30) == -signals.SIGKILL
+        dead = time.monotonic()
+        # The command line tool goes on writing the store the daemon died on.
+        assert wait_until(lambda: any(started > dead for started, *_ in commands), 60), commands
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+    before = [o for _, ended, o in logins if ended < killed]
+    assert before and all(o is True for o in before), before
+    assert any(started < killed < ended for started, ended, _ in logins), \
+        "no sign-in was in flight when the daemon was killed"
+    assert all(o is not True for started, _, o in logins if started > dead)
+    for *_, created, deleted in commands:
+        assert (created.returncode, deleted.returncode) == (0, 0), created.stderr + deleted.stderr
     db = sqlite3.connect(tmp_path / "store.sqlite3")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     for row in db.execute("SELECT id, username, name, lookup_key, password_hash FROM app_passwords"):
         assert all(row) and len(row[3]) == 32 and row[4].startswith("$argon2id$")
+    names = [name for (name,) in db.execute("SELECT name FROM app_passwords")]
+    assert names == ["phone"], names  # every device created was deleted
     db.close()
     daemon.start()
     try:
