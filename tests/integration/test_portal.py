@@ -22,7 +22,7 @@ import pytest
 from selenium.webdriver.support.select import Select
 
 from tests.browser import Browser, screenshots_folder
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, free_port, mail_backend
 
@@ -446,7 +446,8 @@ def test_with_self_service_off_the_page_is_read_only_and_app_passwords_keep_work
     slapd.add_to_group(slapd.add_user(blocked, PRIMARY), "modern-auth-only")
     secret = managed.create_app_password(uid, "Outlook 2010")
     managed.create_app_password(uid, "old scanner", "--expires", "1s")
-    time.sleep(1.5)
+    assert wait_until(  # it lapses a second from now: polled, not slept for
+        lambda: "(expired)" in managed.cli("app-password", "list", uid).stdout, 5)
     b = Browser(f"https://127.0.0.1:{managed.ports['portal']}", tmp_path / "p",
                 screenshots_folder())
     try:
