@@ -209,6 +209,8 @@ def test_install_run_upgrade_remove_purge(packages, slapd, unique, cleanup):
     assert "deb-systemd-invoke try-restart" in postinst
     assert "deb-systemd-invoke start" not in postinst
     assert "deb-systemd-invoke restart" not in postinst
+    prerm = Path(f"/var/lib/dpkg/info/{NAME}.prerm").read_text()
+    assert f"deb-systemd-invoke stop {NAME}.socket {NAME}.service" in prerm
 
     # The shipped config is valid as it stands, for the default path.
     assert "the config is valid" in run(f"/usr/bin/{NAME}", "check-config").stdout
