@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.proxyd import Output, free_port
+from tests.ports import free_port
+from tests.proxyd import Output
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "legacy-auth-proxy"
