@@ -21,7 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from proxy.backends import LOGIN_FAILURES, splice
+from proxy import splice
+from proxy.backends import LOGIN_FAILURES
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.tls import faster_tls

@@ -19,7 +19,8 @@ LAYERS = [
     ("codecs and the protocol registry", ["proxy", "proxy.wire", "proxy.protocols"]),
     ("plumbing", ["proxy.transports", "proxy.threads", "proxy.apppasswords", "proxy.config",
                   "proxy.pki", "proxy.metrics", "proxy.twistedcheck"]),
-    ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor"]),
+    ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor",
+                                "proxy.splice"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
     # Beside the portal, one step below it: the portal's app mounts it.
