@@ -258,6 +258,9 @@ class Daemon:
             new = await self.pools.store.submit(configuration.load, self._config_path)
         except configuration.ConfigError as e:
             log.error("reload refused, keeping the running config: {error}", error=str(e))
+            # The audit file is reopened all the same: a SIGHUP after a log
+            # rotation must not leave events going to the rotated file.
+            await self.audit.reopen(self.config.audit)
             return
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
                  "shutdown", "portal")

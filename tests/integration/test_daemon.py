@@ -370,6 +370,37 @@ def test_a_reload_that_moves_the_audit_file_writes_the_next_events_there(slapd, 
     assert not refused(old)
 
 
+def test_a_rotated_audit_log_is_let_go_even_when_the_new_config_is_refused(slapd, tmp_path,
+                                                                            unique):
+    """logrotate moves the audit file and sends SIGHUP while the config on
+    disk is broken: the reload is refused, but the next events go to a new
+    audit.log, not to the rotated one."""
+    from tests.integration.test_directory_outage import ldap_bind
+    from tests.proxyd import ProxyDaemon
+
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none", "allow_plaintext_auth": True},
+    })
+    daemon.start()
+    try:
+        uid = unique()
+        slapd.add_user(uid, "Primary-Passw0rd")
+        dn = f"uid={uid},{slapd.people_dn}"
+        audit, rotated = tmp_path / "audit.log", tmp_path / "audit.log.1"
+        assert ldap_bind(daemon, dn, "Primary-Passw0rd") == 0
+        assert wait_until(lambda: audit.exists() and uid in audit.read_text(), 10)
+        audit.rename(rotated)
+        daemon.config.write_text(daemon.config.read_text() + "\nno_such_section: 1\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("reload refused")
+        assert ldap_bind(daemon, dn, "not the password") not in (0, None)
+        assert wait_until(lambda: audit.exists() and "refused" in audit.read_text(), 10), \
+            daemon.log()
+        assert '"refused"' not in rotated.read_text()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_serve_refuses_an_empty_master_password_file(slapd, tmp_path):
     """The backend's master password is read as the directory's are: an
     empty file is refused at start, naming the listener, the file and the key."""
