@@ -311,13 +311,13 @@ class Authenticator:
         if record is None or self._crowded(account.username, attempt):
             return None
         now = self._clock.seconds()
-        decision = rules.app_password(attempt, account, record, now, self.policy)
-        if not decision.accepted:
+        if rules.app_password_reason(attempt, account, record, now, self.policy) \
+                is not Reason.APP_PASSWORD:
             return None
         reads_as, acting_for = (rules.reads(self._directory_config, account, True)
                                 if attempt.protocol == "ldap" else (None, None))
-        decision = attrs.evolve(decision, revision=self.revision, reads_as=reads_as,
-                                acting_for=acting_for)
+        decision = Decision(Reason.APP_PASSWORD, account.username, account, record,
+                            self.revision, reads_as, acting_for)
         self.throttle.succeeded(account.key, address)
         self.usage.used(record.id, now, address, attempt.protocol)
         if self.metrics is not None:

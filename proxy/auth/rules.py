@@ -38,18 +38,20 @@ def screen(attempt: Attempt, policy: PolicyConfig) -> Decision | None:
     """What is refused before anything is looked up: a sign-in sent in the
     clear, a malformed name or secret, another's authorization identity,
     legacy authentication blocked for everyone. None: go on."""
-    typed = apppasswords.canonical_username(attempt.username)
     if not attempt.tls and not attempt.plaintext_allowed:
         # Before anything else: nothing sent in the clear is looked at.
         return Decision(Reason.PLAINTEXT, "")
     if (malformed_name(attempt.username) or not attempt.secret.strip()
             or len(attempt.secret) > MAX_SECRET):
-        return Decision(Reason.MALFORMED, printable(typed))
-    if attempt.authzid and apppasswords.canonical_username(attempt.authzid) != typed:
+        return Decision(Reason.MALFORMED,
+                        printable(apppasswords.canonical_username(attempt.username)))
+    if attempt.authzid and apppasswords.canonical_username(attempt.authzid) \
+            != apppasswords.canonical_username(attempt.username):
         # Acting as someone else is what master users do; clients may not.
-        return Decision(Reason.FOREIGN_AUTHZID, typed)
+        return Decision(Reason.FOREIGN_AUTHZID,
+                        apppasswords.canonical_username(attempt.username))
     if policy.block_legacy_auth and attempt.legacy:
-        return Decision(Reason.LEGACY_BLOCKED, typed)
+        return Decision(Reason.LEGACY_BLOCKED, apppasswords.canonical_username(attempt.username))
     return None
 
 
@@ -69,19 +71,26 @@ def takes_app_passwords(attempt: Attempt) -> bool:
     return attempt.realm == "cloud" and attempt.legacy
 
 
-def app_password(attempt: Attempt, account: Account, record: AppPassword, now: float,
-                 policy: PolicyConfig) -> Decision:
-    """The decision for a secret that is ``record`` (its hash verified, or
-    found in the success cache)."""
+def app_password_reason(attempt: Attempt, account: Account, record: AppPassword, now: float,
+                        policy: PolicyConfig) -> Reason:
+    """Why a secret that is ``record`` (its hash verified, or found in the
+    success cache) is accepted or refused."""
     stopped = record.stopped(now, policy.app_password_idle_expiry)
     if stopped is not None:
-        return Decision(STOPPED[stopped], account.username, account, record)
+        return STOPPED[stopped]
     if not record.allows(attempt.protocol) or not record.allows_from(attempt.client_address):
-        return Decision(Reason.OUT_OF_SCOPE, account.username, account, record)
+        return Reason.OUT_OF_SCOPE
     changed = account.password_changed_at
     if changed is not None and record.created_at < changed:
-        return Decision(Reason.REVOKED_BY_PASSWORD_CHANGE, account.username, account, record)
-    return Decision(Reason.APP_PASSWORD, account.username, account, record)
+        return Reason.REVOKED_BY_PASSWORD_CHANGE
+    return Reason.APP_PASSWORD
+
+
+def app_password(attempt: Attempt, account: Account, record: AppPassword, now: float,
+                 policy: PolicyConfig) -> Decision:
+    """The decision for a secret that is ``record``."""
+    return Decision(app_password_reason(attempt, account, record, now, policy),
+                    account.username, account, record)
 
 
 def mfa_required(account: Account, enforced_in_store: bool) -> bool:

@@ -364,6 +364,8 @@ class Throttle:
         if was_familiar:
             if home.locked_until > now:
                 return  # locked by guesses made beside this sign-in
+            if not home.failures and not home.lockouts and not home.recent:
+                return  # nothing to forgive (a device signing in, again and again)
             kept = {d: f for d, f in home.failures.items() if f.order > since}
             self._lockouts.pop(id(home), None)
             state.buckets[True] = _Bucket(
