@@ -21,6 +21,27 @@ def slapd(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def samba(tmp_path_factory):
+    """One real Samba Active Directory domain controller for the whole
+    session (see tests/samba.py). A DC serves the standard ports (389, 636),
+    so there is only ever this one; if another process holds them, the
+    tests that need it fail and say so. Tests share it: they create their
+    own users with names from `unique`, and a test that stops it starts it
+    again."""
+    for tool in ("samba", "samba-tool", "ldbmodify", "ldbsearch", "ldapsearch"):
+        require_tool(tool)
+    from tests.samba import Samba, SambaError
+
+    server = Samba(tmp_path_factory.mktemp("samba"))
+    try:
+        server.start()
+    except SambaError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
+
+
 PRIMARY = "Primary-Passw0rd"
 
 
