@@ -56,6 +56,10 @@ class DecisionEvents:
             tls=attempt.tls,
             **({"reads_as": decision.reads_as, "acting_for": decision.acting_for}
                if decision.reads_as else {}),
+            # Why the directory says the account is not active (Active
+            # Directory: disabled, locked, expired, password_must_change).
+            **({"account_state": decision.account.inactive_reason}
+               if decision.account is not None and decision.account.inactive_reason else {}),
         )
         if decision.outcome is not Outcome.ACCEPTED and decision.reason not in NOT_GUESSES:
             failures_log.info(

@@ -394,3 +394,12 @@ def test_a_change_feed_outage_is_said_once_as_a_warning_and_once_when_it_ends(co
             if e.get("log_namespace") == "legacy_auth_proxy.auth"]
     assert said == [(LogLevel.warn, "cannot read the store's change feed: {error}; retrying"),
                     (LogLevel.info, "the store's change feed is read again")]
+
+
+def test_an_inactive_accounts_refusal_says_why_in_the_audit(core):
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.directory.change("alice", active=False, inactive_reason="password_must_change")
+    assert decide(core, "alice", PRIMARY, realm="on-premises").reason is Reason.ACCOUNT_INACTIVE
+    (event,) = [e for e in core.events if e["event"] == "authentication"]
+    assert event["account_state"] == "password_must_change"
