@@ -21,6 +21,7 @@ import attrs
 
 from proxy import __version__, apppasswords, config as configuration
 from proxy.admin import API_TOKEN_RATE, Admin, AdminError, Created
+from proxy.api.views import app_password as app_password_json
 from proxy.audit import minute, timestamp
 from proxy.bootstrap import StartupError, StoreUnreachable, command_line_actor, open_admin, open_store
 from proxy.store import (
@@ -63,28 +64,6 @@ class Failure(Exception):
 # -- output ------------------------------------------------------------------
 
 
-def _app_password_json(a: AppPassword, now: float, idle: float | None) -> dict[str, Any]:
-    def at(seconds: float | None) -> str | None:
-        return None if seconds is None else timestamp(seconds)
-
-    return {
-        "id": a.id,
-        "user": a.username,
-        "name": a.name,
-        "created_at": at(a.created_at),
-        "created_by": a.created_by,
-        "expires_at": at(a.expires_at),
-        "protocols": sorted(a.protocols) if a.protocols is not None else None,
-        "last_used_at": at(a.last_used_at),
-        "last_used_address": a.last_used_address,
-        "last_used_protocol": a.last_used_protocol,
-        "use_count": a.use_count,
-        "networks": list(a.networks) if a.networks is not None else None,
-        "stopped": a.stopped(now, idle),
-        "stopped_at": at(a.stopped_since(idle)) if a.stopped(now, idle) else None,
-    }
-
-
 def _table(rows: list[list[str]]) -> str:
     # Every cell escaped: a name or an address (an old row, a balancer's
     # header) may hold an escape sequence or a line break for the terminal.
@@ -118,7 +97,7 @@ def _print_json(value: Any) -> None:
 def _show_created(created: Created, as_json: bool) -> None:
     record = created.record
     if as_json:
-        _print_json({**_app_password_json(record, time.time(), None),
+        _print_json({**app_password_json(record, time.time(), None),
                      "secret": apppasswords.display(created.secret)})
         return
     print(f"App password for {record.username}, device {record.name!r}, id {record.id}:")
@@ -200,7 +179,7 @@ def cmd_app_password_list(ctx: Context, args: argparse.Namespace) -> int:
     records = ctx.admin().list(args.user)
     idle, now = ctx.config.policy.app_password_idle_expiry, time.time()
     if args.json:
-        _print_json([_app_password_json(a, now, idle) for a in records])
+        _print_json([app_password_json(a, now, idle) for a in records])
     elif not records:
         print(f"{Admin.username(args.user)} has no app passwords.")
     else:
