@@ -10,6 +10,8 @@ boundaries, such as a notice of disconnection.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable
 from typing import Any
 
@@ -264,6 +266,9 @@ class DirectorySession:
             upstream.close()
 
 
+_WORDLESS = re.compile(r"\W+")
+
+
 @attrs.define
 class Upstream:
     """How sessions reach the directory."""
@@ -276,11 +281,16 @@ class Upstream:
     search_password: str = attrs.field(default="", repr=False)
     # The accounts whose own entries app-password sessions never see.
     hidden: frozenset[str] = attrs.field(init=False)
+    # A cheap first look before a DN is parsed: the word characters of each
+    # hidden DN's first value (``cn=LDAP Proxy,...`` → ``ldapproxy``).
+    _hints: frozenset[str] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.hidden = frozenset(
             normalise_dn(dn) for dn in (self.config.bind_dn, self.config.search_bind_dn) if dn
         )
+        self._hints = frozenset(_WORDLESS.sub("", h.split(",", 1)[0].split("=", 1)[-1])
+                                for h in self.hidden)
 
     def password_of(self, dn: str | None) -> str:
         """The password of an account the proxy binds as for app-password
@@ -297,9 +307,15 @@ class Upstream:
         return dn is not None and normalise_dn(dn) in self.hidden
 
     def is_hidden(self, name: bytes) -> bool:
+        """Whether an entry the directory returned is a reading account's
+        own, however its DN is written (case, spaces, escapes: Active
+        Directory's ``CN=LDAP Proxy,OU=Service Accounts,...`` included)."""
         text = name.decode("utf-8", "replace").lower()
-        return any(h.split(",", 1)[0] in text.replace(" ", "") for h in self.hidden) \
-            and normalise_dn(text) in self.hidden
+        if "\\" not in text:
+            squeezed = _WORDLESS.sub("", text)
+            if not any(hint in squeezed for hint in self._hints):
+                return False
+        return normalise_dn(text) in self.hidden
 
     async def open(self, dn: str | None, password: str) -> UpstreamLDAP:
         return await open_upstream(
