@@ -151,13 +151,18 @@ def _protocols(text: str | None) -> frozenset[str] | None:
     return chosen
 
 
+def _expires(args: argparse.Namespace) -> float | None:
+    """``--expires`` (90d, 12h, a date) as a time, or None."""
+    if args.expires is None:
+        return None
+    try:
+        return configuration.parse_expiry(args.expires, time.time())
+    except ValueError as e:
+        raise Failure(f"--expires: {e}", EX_USAGE) from None
+
+
 def cmd_app_password_create(ctx: Context, args: argparse.Namespace) -> int:
-    expires_at = None
-    if args.expires is not None:
-        try:
-            expires_at = configuration.parse_expiry(args.expires, time.time())
-        except ValueError as e:
-            raise Failure(f"--expires: {e}", EX_USAGE) from None
+    expires_at = _expires(args)
     admin = ctx.admin()
     try:
         created = admin.create(
@@ -267,12 +272,7 @@ def _api_token_json(t: ApiToken) -> dict[str, Any]:
 
 
 def cmd_api_token_create(ctx: Context, args: argparse.Namespace) -> int:
-    expires_at = None
-    if args.expires is not None:
-        try:
-            expires_at = configuration.parse_expiry(args.expires, time.time())
-        except ValueError as e:
-            raise Failure(f"--expires: {e}", EX_USAGE) from None
+    expires_at = _expires(args)
     made = ctx.admin().create_api_token(args.name, args.scope, expires_at=expires_at,
                                         rate=args.rate)
     if args.json:
