@@ -32,11 +32,7 @@ async def ad(samba, tmp_path):
     """An Env (see test_authenticator) whose directory is the Samba DC."""
     e = Env(samba, tmp_path)
     yield e
-    for step in reversed(e.teardown):
-        result = step()
-        if result is not None:
-            await result
-    e.cli_store.close()
+    await e.close()
 
 
 def names_of(samba, sam: str, dn: str) -> list[str]:

@@ -105,6 +105,14 @@ class Env:
         values.update(overrides)
         return DirectoryConfig(**values)
 
+    async def close(self) -> None:
+        """Undo what make() started, last first."""
+        for step in reversed(self.teardown):
+            result = step()
+            if result is not None:
+                await result
+        self.cli_store.close()
+
     async def make(self, *, policy=None, throttle=None, cache=None, hasher=None,
                    hash_threads=2, hash_queue=16, **directory):
         config = self.directory_config(**directory)
@@ -146,11 +154,7 @@ class Env:
 async def env(slapd, tmp_path):
     e = Env(slapd, tmp_path)
     yield e
-    for step in reversed(e.teardown):
-        result = step()
-        if result is not None:
-            await result
-    e.cli_store.close()
+    await e.close()
 
 
 def attempt(username, secret, realm="cloud", protocol="imap", address="192.0.2.10"):
