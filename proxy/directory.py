@@ -554,10 +554,12 @@ class Directory:
     ATTRIBUTES_ALWAYS = ("objectClass",)
 
     def __init__(
-        self, reactor: Any, config: DirectoryConfig, bind_password: str, ca_pem: bytes | None
+        self, reactor: Any, config: DirectoryConfig, bind_password: str, ca_pem: bytes | None,
+        metrics: Any = None,
     ) -> None:
         self.config = config
         self._reactor = reactor
+        self.metrics = metrics  # proxy.metrics.Metrics, where the daemon exports them
         tls = tls_options(config, ca_pem)
         size = config.pool_size
         self._search = _Pool(
@@ -597,8 +599,6 @@ class Directory:
     async def stop(self) -> None:
         await self._search.stop()
         await self._bind.stop()
-
-    metrics: Any = None  # proxy.metrics.Metrics, where the daemon exports them
 
     def up(self) -> bool:
         """Whether the directory answered the last time it was asked."""

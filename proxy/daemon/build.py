@@ -63,8 +63,7 @@ async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools
     assert directory_config is not None
     password, search_password, ca = await pools.store.submit(
         read_directory_secrets, directory_config)
-    directory = Directory(reactor, directory_config, password, ca)
-    directory.metrics = metrics  # TODO: a constructor argument (the lead's directory.py)
+    directory = Directory(reactor, directory_config, password, ca, metrics=metrics)
     directory.start()
     registry = Registry()  # the live sessions, counted by the core and ended by Sessions
     authenticator = Authenticator(
