@@ -46,6 +46,11 @@ class WebSession:
     pending_key: str | None = attrs.field(default=None, repr=False)  # TOTP key being enrolled
     notice: str | None = None  # one message for the next page ("Deleted ...")
     admin: bool = False  # in directory.admin_group, as of the last request
+    address: str = ""  # where its last request came from (the user's list of their sessions)
+    agent: str = ""  # the browser's User-Agent at that request, cut short
+    # A new app password to show on the next page, once (the form's answer
+    # is a redirect, so a reload never posts it again); popped when shown.
+    shown: Any = attrs.field(default=None, repr=False)
 
 
 class WebSessions:
@@ -116,6 +121,13 @@ class WebSessions:
         for key in keys:
             del self._sessions[key]
         return len(keys)
+
+    def of_user(self, username: str) -> list[WebSession]:
+        """The live sessions of ``username``, the latest seen first."""
+        now = self._clock.seconds()
+        return sorted((s for s in self._sessions.values()
+                       if s.username == username and not self._expired(s, now)),
+                      key=lambda s: -s.seen)
 
     def expire(self) -> None:
         now = self._clock.seconds()
