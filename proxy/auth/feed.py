@@ -27,6 +27,11 @@ class ChangeFeed:
         self.ok_at: float | None = None  # when the feed last read the store
         self._error: str | None = None  # why it cannot be read, while it cannot
 
+    @property
+    def position(self) -> int:
+        """The last change applied (the store numbers them in order)."""
+        return self._seq
+
     async def start(self, interval: float) -> None:
         self._seq = await self._store.last_change()
         self.ok_at = self._clock.seconds()

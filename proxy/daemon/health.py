@@ -101,6 +101,9 @@ class StateMetrics:
                         [([], 1 if parts.directory.up() else 0)])
             yield gauge("lockouts", "Account lockouts in force", [],
                         [([], parts.authenticator.throttle.lockouts_in_force())])
+            yield gauge("change_feed_position",
+                        "The last change of the store's feed this node has applied", [],
+                        [([], parts.authenticator.feed.position)])
         yield gauge("backend_up", "1 if the last login to the backend as a user worked",
                     ["listener"],
                     [([k], 1 if v else 0) for k, v in self._metrics.backend_up.items()])

@@ -145,6 +145,25 @@ def audit(node: ProxyDaemon) -> list[dict]:
     return [json.loads(line) for line in (node.folder / "audit.log").read_text().splitlines()]
 
 
+def feed_position(node: ProxyDaemon) -> int:
+    """The last change of the store's feed ``node`` has applied, from its metrics."""
+    with urllib.request.urlopen(
+            f"http://{node.config_address}:{node.health_port}/metrics") as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("legacy_auth_proxy_change_feed_position "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no change_feed_position in the metrics")
+
+
+def caught_up(nodes, postgres) -> bool:
+    """Whether every node has applied every change the store holds now."""
+    import psycopg
+
+    with psycopg.connect(postgres.url("fleet"), password=postgres.password) as conn:
+        last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+    return wait_until(lambda: all(feed_position(n) >= last for n in nodes.values()), timeout=10)
+
+
 def served_by(nodes, user: str) -> list[str]:
     """The nodes that accepted a sign-in of ``user``, one entry a sign-in."""
     return [name for name, node in nodes.items() for e in audit(node)
@@ -198,7 +217,7 @@ def test_a_deletion_on_one_node_ends_a_session_on_the_other_within_a_second(flee
     assert login(port, uid, secret) is None
 
 
-def test_failures_spread_over_both_nodes_lock_the_account(fleet, slapd, unique):
+def test_failures_spread_over_both_nodes_lock_the_account(fleet, slapd, postgres, unique):
     nodes, _, port = fleet
     uid = unique("fleet")
     slapd.add_user(uid, PRIMARY)
@@ -208,14 +227,14 @@ def test_failures_spread_over_both_nodes_lock_the_account(fleet, slapd, unique):
     refused = {name for name, node in nodes.items() for e in audit(node)
                if e.get("user") == uid and e.get("reason") == "wrong_secret"}
     assert refused == {"a", "b"}  # spread over both
-    time.sleep(0.3)  # the lockout reaches the other node through the feed
+    assert caught_up(nodes, postgres)  # the lockout reaches the other node through the feed
     for _ in range(4):
         assert login(port, uid, secret) is None
     locked = {name for name, node in nodes.items() for e in audit(node)
               if e.get("user") == uid and e.get("reason") == "locked_out"}
     assert locked == {"a", "b"}
     assert nodes["b"].cli("user", "unlock", uid).returncode == 0
-    time.sleep(0.5)
+    assert caught_up(nodes, postgres)
     for _ in range(2):
         client = login(port, uid, secret)
         assert client is not None
