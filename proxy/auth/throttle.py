@@ -40,6 +40,9 @@ from proxy.wire import addresses
 
 FAMILIAR_SOURCES = 16
 MAX_TRACKED = 200_000
+# App passwords one person may make in a minute: each costs an argon2 hash.
+CREATIONS_PER_MINUTE = 10
+MAX_CREATORS = 10_000
 
 
 @attrs.define
@@ -121,8 +124,12 @@ class Throttle:
         self._sources: LRU[str, _Source] = LRU(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
         self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
+        # Accounts with a lockout, → until when (the help desk's list of them).
+        self._locked: dict[str, float] = {}
         self._order = itertools.count(1)
         self._alone: set[str] = set()  # accounts with a check that must run alone
+        # Recent creations of app passwords, by who made them (an actor).
+        self._creations: LRU[str, deque[float]] = LRU(MAX_CREATORS, deque)
 
     # -- sources ---------------------------------------------------------------
 
@@ -195,6 +202,7 @@ class Throttle:
             bucket.locked_until = until
             bucket.failures.clear()
             self._lockouts[id(bucket)] = until
+            self._note_locked(account, until)
 
     def forget(self, account: str) -> None:
         """Lift the account's lockouts and forget its failures (the help desk)."""
@@ -204,6 +212,7 @@ class Throttle:
         for bucket in state.buckets.values():
             self._lockouts.pop(id(bucket), None)
         state.buckets = {True: _Bucket(), False: _Bucket()}
+        self._locked.pop(account, None)
 
     def recently_failed(self, account: str, address: str, secret: str) -> bool:
         """Whether ``secret`` is one of the account's last wrong ones from this
@@ -309,7 +318,16 @@ class Throttle:
         bucket.failures[digest] = _Failure(now, next(self._order), source)
         if self.on_failure is not None and share:
             self.on_failure(account, familiar, digest, now)
-        return self._lock_if_full(bucket, now)
+        if not self._lock_if_full(bucket, now):
+            return False
+        self._note_locked(account, bucket.locked_until)
+        return True
+
+    def _note_locked(self, account: str, until: float) -> None:
+        # Names that match no account are not listed: spraying them cannot
+        # grow the list.
+        if not account.startswith("unknown:"):
+            self._locked[account] = max(until, self._locked.get(account, 0.0))
 
     def _lock_if_full(self, bucket: _Bucket, now: float) -> bool:
         if len(bucket.failures) < self.config.account_failures:
@@ -341,6 +359,33 @@ class Throttle:
         for key in [k for k, until in self._lockouts.items() if until <= now]:
             del self._lockouts[key]
         return len(self._lockouts)
+
+    # -- making app passwords ---------------------------------------------------------
+
+    def may_create(self, actor: str) -> bool:
+        """Count an app password ``actor`` is about to make: False, and
+        nothing counted, past :data:`CREATIONS_PER_MINUTE` in the last
+        minute. A forgotten actor (past :data:`MAX_CREATORS`) starts again,
+        gaining at most one minute's worth."""
+        now = self._clock()
+        made = self._creations.obtain(actor)
+        while made and now - made[0] >= 60.0:
+            made.popleft()
+        if len(made) >= CREATIONS_PER_MINUTE:
+            return False
+        made.append(now)
+        return True
+
+    # -- the help desk -------------------------------------------------------------
+
+    def locked_accounts(self) -> list[tuple[str, float]]:
+        """The accounts locked now (somewhere: their familiar places or the
+        rest) and the seconds each stays locked, longest first."""
+        now = self._clock()
+        for account in [a for a, until in self._locked.items() if until <= now]:
+            del self._locked[account]
+        return sorted(((a, until - now) for a, until in self._locked.items()),
+                      key=lambda pair: -pair[1])
 
     def succeeded(self, account: str, address: str, since: int | None = None) -> None:
         """A sign-in worked: the source becomes familiar, and that place

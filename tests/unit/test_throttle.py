@@ -186,3 +186,29 @@ def test_a_check_that_must_run_alone(throttle):
             assert other
     with throttle.alone("alice") as again:
         assert again
+
+
+def test_the_help_desk_lists_locked_accounts_until_they_are_unlocked_or_the_lockout_ends(
+        throttle, clock):
+    assert throttle.locked_accounts() == []
+    fail_distinct(throttle, 10, account="alice")
+    fail_distinct(throttle, 10, account="unknown:mallory")  # a name with no account: never listed
+    clock.advance(10)
+    fail_distinct(throttle, 10, account="bob")
+    assert throttle.locked_accounts() == [("bob", 60), ("alice", 50)]
+    throttle.forget("bob")
+    assert throttle.locked_accounts() == [("alice", 50)]
+    clock.advance(50)
+    assert throttle.locked_accounts() == []
+    throttle.impose("carol", False, clock.seconds() + 30)  # decided by another process
+    assert throttle.locked_accounts() == [("carol", 30)]
+
+
+def test_app_password_creations_are_paced_per_actor(throttle, clock):
+    assert all(throttle.may_create("portal:alice") for _ in range(10))
+    assert not throttle.may_create("portal:alice")
+    assert throttle.may_create("portal:bob")  # each actor their own
+    clock.advance(59)
+    assert not throttle.may_create("portal:alice")  # a refusal is not counted, nor lets one through
+    clock.advance(1)
+    assert throttle.may_create("portal:alice")
