@@ -762,6 +762,31 @@ class Directory:
             log.warn("directory search failed: {error}", error=str(e))
             raise DirectoryUnavailable("search failed") from None
 
+    async def find(self, text: str, limit: int) -> list[str]:
+        """The user names (``directory.username_attribute``, canonical) of
+        up to ``limit`` accounts whose name, mail or any name form the user
+        filter matches contains ``text``: the help desk's search. Raises
+        :class:`DirectoryUnavailable`."""
+        wanted = text.strip()
+        if not wanted:
+            return []
+        substring = self.config.user_filter.replace(
+            "{username}", "*" + escape_filter_value(wanted) + "*")
+
+        async def operation(client: LDAPClient) -> list[str]:
+            found = await self._search_entries(
+                client, self.config.user_base, pureldap.LDAP_SCOPE_wholeSubtree, substring,
+                [self.config.username_attribute], size_limit=limit)
+            names = {canonical_username(name) for entry in found if entry is not None
+                     if (name := self._value(entry, self.config.username_attribute))}
+            return sorted(names)
+
+        try:
+            return await self._run(self._search, operation)
+        except ldaperrors.LDAPException as e:
+            log.warn("directory search failed: {error}", error=str(e))
+            raise DirectoryUnavailable("search failed") from None
+
     def _user_filter(self, name: str) -> str:
         return self.config.user_filter.replace("{username}", escape_filter_value(name))
 

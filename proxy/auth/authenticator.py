@@ -203,6 +203,11 @@ class Authenticator:
         return self.throttle.locked_anywhere(account.key) if address is None \
             else self.throttle.locked(account.key, address)
 
+    async def find_names(self, text: str, limit: int = 20) -> list[str]:
+        """User names that contain ``text`` (the help desk's search).
+        Raises :class:`DirectoryUnavailable`."""
+        return await self._directory.find(text, limit)
+
     async def account(self, name: str) -> Account | None:
         """The account ``name`` (a user name or DN) stands for, as sign-ins
         see it: cached for ``directory.account_cache``. Raises
