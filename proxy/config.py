@@ -210,6 +210,22 @@ class Endpoint:
         return text
 
 
+class Workers:
+    """``auto`` (one process per core the daemon may run on) or a count."""
+
+    doc = "auto (one worker process per core), or a number of worker processes from 1 to 256"
+
+    def __call__(self, ctx: _Context) -> int | str:
+        node = ctx.node
+        if isinstance(node, yaml.nodes.ScalarNode) and node.tag == _STR and node.value == "auto":
+            return "auto"
+        if isinstance(node, yaml.nodes.ScalarNode) and node.tag == _INT:
+            value = _constructor.construct_object(node)
+            if 1 <= value <= 256:
+                return value
+        raise ctx.error(f"expected {self.doc}, got {_describe(node)}")
+
+
 class Network:
     doc = "a network in CIDR form (192.0.2.0/24, 2001:db8::/32) or an address"
 
@@ -689,7 +705,7 @@ class ThrottleConfig:
         None,
         Optional(Bool()),
         "count failures in the store as well, so that every process sharing it locks an "
-        "account alike; null: with a PostgreSQL store (store.url) only",
+        "account alike; null: with a PostgreSQL store (store.url) or several workers only",
     )
 
 
@@ -1022,6 +1038,12 @@ class Config:
     """The whole configuration, as read from one file."""
 
     source: Path = attrs.field(default=Path("<defaults>"), metadata={"internal": True})
+    workers: int | str = _field(
+        1,
+        Workers(),
+        "worker processes serving the listeners, under one supervisor (as nginx's "
+        "worker_processes): auto for one per core; 1 runs one process, with no supervisor",
+    )
     store: StoreConfig = _section(StoreConfig)
     policy: PolicyConfig = _section(PolicyConfig)
     hashing: HashingConfig = _section(HashingConfig)
@@ -1042,6 +1064,20 @@ class Config:
             raise ValueError("listeners need a directory section")
         if self.portal.endpoint is not None and self.directory is None:
             raise ValueError("the portal needs a directory section (users sign in with it)")
+        if self.workers != 1:
+            if self.throttle.shared is False:
+                raise ValueError("workers: several processes need throttle.shared (null or "
+                                 "true): a lockout made by one must hold in all")
+            for i, listener in enumerate(self.listeners):
+                if listener.endpoint.split(":", 1)[0] not in WORKER_ENDPOINTS:
+                    raise ValueError(
+                        f"listeners[{i}].endpoint: with workers, only tcp:, tcp6: and systemd: "
+                        f"endpoints, opened once and shared by every worker; got "
+                        f"{listener.endpoint!r}")
+
+
+# What the supervisor of several workers opens once and hands to each.
+WORKER_ENDPOINTS = ("tcp", "tcp6", "systemd")
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
