@@ -81,7 +81,8 @@ async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools
         metrics=metrics,
         max_sessions=config.limits.max_sessions_per_user_and_source,
         shared_failures=config.throttle.shared
-        if config.throttle.shared is not None else config.store.url is not None,
+        if config.throttle.shared is not None
+        else config.store.url is not None or config.workers != 1,
         sessions=registry,
     )
     await authenticator.start()
