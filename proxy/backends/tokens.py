@@ -1,0 +1,275 @@
+"""Access tokens for backends that take only OAuth: obtained from the
+identity provider's token endpoint with the client-credentials grant (the
+organisation's app registration, as Exchange Online's ``IMAP.AccessAsApp``
+works), kept until shortly before they expire, renewed ahead of time.
+
+:class:`TokenCache` is the policy, with no I/O and the clock passed in: one
+request in flight per key, a token renewed in the background once it is
+near its end while logins go on with it, a provider that fails remembered
+for a few seconds so that logins do not queue behind it. :class:`ClientCredentials`
+is the request, over Twisted's HTTP client (never blocking the reactor).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from proxy.tls import client_options
+
+log = Logger(namespace="legacy_auth_proxy.backends.tokens")
+
+# How long before its end a token is renewed: at most this, at least a fifth
+# of its lifetime (a five-minute token is renewed after four).
+RENEW_AHEAD = 60.0
+# A token with less than this left is not handed out: the backend checks it
+# a moment later, with a clock that may be a little ahead.
+MARGIN = 5.0
+# After the provider failed, logins fail at once for this long instead of
+# each waiting for it; then the next one asks again.
+RETRY_AFTER = 5.0
+MAX_BODY = 65536  # a token endpoint's answer; JWTs are a few kB
+# RFC 6750's b64token: what a bearer token may be made of.
+_BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+class TokenUnavailable(Exception):
+    """No token: the provider is down or refused. ``reason`` is a few
+    words for the audit log and the metric's label; never a secret."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.frozen
+class Token:
+    value: str = attrs.field(repr=False)
+    obtained: float
+    expires: float
+
+    @property
+    def renew_at(self) -> float:
+        lifetime = self.expires - self.obtained
+        return self.expires - min(RENEW_AHEAD, lifetime / 5)
+
+    def usable(self, now: float) -> bool:
+        margin = min(MARGIN, (self.expires - self.obtained) / 10)
+        return now < self.expires - margin
+
+
+@attrs.define
+class _Entry:
+    token: Token | None = None
+    asking: bool = False  # a request is in flight
+    waiters: list[Deferred[Token]] = attrs.Factory(list)
+    failed_at: float | None = None
+    failure: str = ""
+
+
+Fetch = Callable[[Hashable], Awaitable[tuple[str, float]]]
+
+
+@attrs.define
+class TokenCache:
+    """Tokens by key. ``fetch(key)`` asks the provider and returns the
+    token and its lifetime in seconds; ``on_failure(key, reason)`` is told
+    each time it fails (a metric counts it)."""
+
+    clock: Any  # IReactorTime
+    fetch: Fetch
+    on_failure: Callable[[Hashable, str], None] | None = None
+    _entries: dict[Hashable, _Entry] = attrs.field(factory=dict, init=False)
+
+    async def get(self, key: Hashable) -> str:
+        """A token for ``key``: the cached one while usable (renewed in the
+        background once near its end), else the answer of the one request
+        in flight. Raises :class:`TokenUnavailable`."""
+        now = self.clock.seconds()
+        entry = self._entries.setdefault(key, _Entry())
+        token = entry.token
+        if token is not None and token.usable(now):
+            if now >= token.renew_at and not entry.asking and not self._resting(entry, now):
+                self._request(key, entry)
+            return token.value
+        if not entry.asking and self._resting(entry, now):
+            raise TokenUnavailable(entry.failure)
+        waiting: Deferred[Token] = Deferred()
+        entry.waiters.append(waiting)
+        if not entry.asking:
+            self._request(key, entry)
+        return (await waiting).value
+
+    def forget(self, key: Hashable, value: str) -> None:
+        """The backend refused ``value``: the next login asks for a new one
+        (unless one is already newer)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.token is not None and entry.token.value == value:
+            entry.token = None
+
+    def _resting(self, entry: _Entry, now: float) -> bool:
+        return entry.failed_at is not None and now - entry.failed_at < RETRY_AFTER
+
+    def _request(self, key: Hashable, entry: _Entry) -> None:
+        entry.asking = True
+        Deferred.fromCoroutine(self._ask(key, entry))
+
+    async def _ask(self, key: Hashable, entry: _Entry) -> None:
+        started = self.clock.seconds()
+        try:
+            value, lifetime = await self.fetch(key)
+        except Exception as e:
+            reason = e.reason if isinstance(e, TokenUnavailable) else "token request failed"
+            if not isinstance(e, TokenUnavailable):
+                log.failure("asking for an access token failed unexpectedly")
+            entry.asking = False
+            entry.failed_at = self.clock.seconds()
+            entry.failure = reason
+            if self.on_failure is not None:
+                self.on_failure(key, reason)
+            waiters, entry.waiters = entry.waiters, []
+            for waiting in waiters:
+                if not waiting.called:  # a login that timed out cancelled its wait
+                    waiting.errback(TokenUnavailable(reason))
+            return
+        # Its lifetime runs from when it was asked for, not from when it came.
+        token = Token(value, started, started + max(0.0, lifetime))
+        entry.asking = False
+        entry.failed_at = None
+        entry.failure = ""
+        entry.token = token
+        waiters, entry.waiters = entry.waiters, []
+        for waiting in waiters:
+            if not waiting.called:
+                waiting.callback(token)
+
+
+# -- the request --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Grant:
+    """One app registration's client-credentials grant: the cache's key."""
+
+    token_url: str
+    client_id: str
+    client_secret: str = attrs.field(repr=False)
+    scope: str = ""
+    # client_secret_basic (RFC 6749 2.3.1, what every provider takes) or
+    # client_secret_post (the secret in the form: Entra's documented way).
+    client_auth: str = "client_secret_basic"
+
+
+class _Body(Protocol):
+    """A response's body, up to MAX_BODY bytes."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.data = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > MAX_BODY and self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if len(self.data) > MAX_BODY:
+            self.done.errback(TokenUnavailable("the token endpoint's answer is too large"))
+        else:
+            self.done.callback(bytes(self.data))
+
+
+def _form(fields: dict[str, str]) -> bytes:
+    return urllib.parse.urlencode(fields).encode()
+
+
+@attrs.define
+class ClientCredentials:
+    """Asks token endpoints for tokens: ``fetch`` for :class:`TokenCache`.
+    ``agent`` is Twisted's ``twisted.web.client.Agent`` (or anything with
+    its ``request``), trusting the provider's CA."""
+
+    clock: Any
+    agent: Any
+    timeout: float = 10.0
+
+    async def fetch(self, grant: Grant) -> tuple[str, float]:
+        form = {"grant_type": "client_credentials"}
+        if grant.scope:
+            form["scope"] = grant.scope
+        headers = {b"Content-Type": [b"application/x-www-form-urlencoded"],
+                   b"Accept": [b"application/json"]}
+        if grant.client_auth == "client_secret_post":
+            form["client_id"] = grant.client_id
+            form["client_secret"] = grant.client_secret
+        else:
+            # RFC 6749 2.3.1: each form-encoded, then joined by a colon.
+            pair = (urllib.parse.quote(grant.client_id, safe="") + ":"
+                    + urllib.parse.quote(grant.client_secret, safe=""))
+            headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair.encode())]
+        try:
+            d = self.agent.request(b"POST", grant.token_url.encode(), Headers(headers),
+                                   FileBodyProducer(io.BytesIO(_form(form))))
+            d.addTimeout(self.timeout, self.clock)
+            response = await d
+            done: Deferred[bytes] = Deferred()
+            response.deliverBody(_Body(done))
+            done.addTimeout(self.timeout, self.clock)
+            body = await done
+        except TokenUnavailable:
+            raise
+        except Exception as e:
+            # Refused, unreachable, TLS, timed out: the kind, never a URL
+            # with credentials in it.
+            raise TokenUnavailable(f"token endpoint unreachable: {type(e).__name__}") from None
+        return self._read(response.code, body)
+
+    @staticmethod
+    def _read(code: int, body: bytes) -> tuple[str, float]:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise TokenUnavailable(f"token endpoint answered {code} without JSON")
+        if code != 200:
+            error = answer.get("error")
+            word = "".join(c for c in str(error)[:40] if c.isalnum() or c in "_-.") if error else ""
+            raise TokenUnavailable(f"token endpoint refused: {code} {word}".rstrip())
+        token = answer.get("access_token")
+        kind = str(answer.get("token_type", "bearer")).lower()
+        lifetime = answer.get("expires_in", 3600)
+        if not isinstance(token, str) or not _BEARER.fullmatch(token) or kind != "bearer":
+            raise TokenUnavailable("token endpoint answered without a bearer token")
+        if isinstance(lifetime, str) and lifetime.isdigit():
+            lifetime = int(lifetime)  # Entra's v1 endpoint says it as a string
+        if not isinstance(lifetime, (int, float)) or isinstance(lifetime, bool) or lifetime <= 0:
+            raise TokenUnavailable("token endpoint answered without a lifetime")
+        return token, float(lifetime)
+
+
+def agent(reactor: Any, ca_pem: bytes | None, timeout: float) -> Any:
+    """Twisted's HTTP client, trusting ``ca_pem`` (the system's store if None)."""
+    @implementer(IPolicyForHTTPS)
+    class Trust:
+        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+            return client_options(hostname.decode("idna"), ca_pem)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 2
+    pool.retryAutomatically = False
+    return Agent(reactor, contextFactory=Trust(), connectTimeout=timeout, pool=pool)
