@@ -262,10 +262,23 @@ def listen_reusing_port(reactor: Any, endpoint: str, factory: Any) -> Any:
     """Listen on a ``tcp:`` or ``tcp6:`` endpoint string with SO_REUSEPORT
     set, so that other processes may listen on the same port; the kernel
     spreads new connections over them. Twisted's endpoints do not set it."""
+    sock = listening_socket(endpoint, reuse_port=True)
+    try:
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()  # the reactor holds its own copy
+
+
+def listening_socket(endpoint: str, *, reuse_port: bool) -> Any:
+    """A listening, non-blocking socket for a ``tcp:`` or ``tcp6:`` endpoint
+    string (port, interface, backlog): for SO_REUSEPORT, and for the
+    supervisor of several workers, which opens each once and hands it on."""
     import re
     import socket
 
     kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        raise ValueError(f"{endpoint!r}: not a tcp: or tcp6: endpoint")
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
     options: dict[str, str] = {}
     for i, part in enumerate(parts):
@@ -273,8 +286,8 @@ def listen_reusing_port(reactor: Any, endpoint: str, factory: Any) -> Any:
         if not equals and i == 0:
             name, value = "port", part
         elif not equals or name not in ("port", "interface", "backlog"):
-            raise ValueError(f"{endpoint!r}: with reuse_port, only port, interface and backlog "
-                             f"are understood, not {part!r}")
+            raise ValueError(f"{endpoint!r}: only port, interface and backlog "
+                             f"are understood here, not {part!r}")
         options[name] = value
     port = int(options["port"])
     interface = options.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
@@ -282,10 +295,12 @@ def listen_reusing_port(reactor: Any, endpoint: str, factory: Any) -> Any:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
         sock.listen(int(options.get("backlog", 50)))
         sock.setblocking(False)
-        return reactor.adoptStreamPort(sock.fileno(), family, factory)
-    finally:
-        sock.close()  # the reactor holds its own copy
+    except BaseException:
+        sock.close()
+        raise
+    return sock
