@@ -532,6 +532,7 @@ DIRECTORY_PRESETS: dict[str, dict[str, str | None]] = {
         "member_of_attribute": "memberOf",
         "mail_attribute": "mail",
         "password_changed_attribute": "pwdChangedTime",
+        "app_password_reads": "proxied_authorization",
     },
     "active_directory": {
         # sAMAccountName, the UPN (its own suffix or an alternative one) and
@@ -547,6 +548,8 @@ DIRECTORY_PRESETS: dict[str, dict[str, str | None]] = {
         "member_of_attribute": "memberOf",
         "mail_attribute": "mail",
         "password_changed_attribute": "pwdLastSet",
+        # AD has no proxied authorization (RFC 4370): a search account.
+        "app_password_reads": "search_account",
     },
 }
 
@@ -648,12 +651,13 @@ class DirectoryConfig:
         "for accounts seen active within this long; 0: not at all",
     )
     app_password_reads: str = _field(
-        "proxied_authorization",
+        _preset("app_password_reads"),
         Choice(("proxied_authorization", "search_account")),
         "with whose rights an LDAP session opened with an app password reads the directory: "
         "proxied_authorization (the service account's connection, every request carrying "
         "RFC 4370's proxied authorization control for the user: the user's own rights); "
-        "search_account (bound as search_bind_dn, an account with no more rights than a user)",
+        "search_account (bound as search_bind_dn, an account with no more rights than a user; "
+        "the only choice with kind: active_directory, which has no proxied authorization)",
     )
     search_bind_dn: str | None = _field(
         None, Optional(Dn()), "with app_password_reads: search_account, the account to read as"
@@ -663,12 +667,18 @@ class DirectoryConfig:
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.app_password_reads == "search_account" and (
-            self.search_bind_dn is None or self.search_bind_password_file is None
-        ):
+        if self.kind == "active_directory" and self.app_password_reads != "search_account":
             raise ValueError(
-                "app_password_reads: search_account needs search_bind_dn and search_bind_password_file"
+                "app_password_reads: Active Directory has no proxied authorization (RFC 4370); "
+                "use search_account (the default with kind: active_directory) and search_bind_dn"
             )
+
+    @property
+    def search_account_missing(self) -> bool:
+        """LDAP sessions opened with app passwords would read as a search
+        account that is not configured (only LDAP listeners need one)."""
+        return self.app_password_reads == "search_account" and (
+            self.search_bind_dn is None or self.search_bind_password_file is None)
 
 
 @attrs.frozen
@@ -1064,6 +1074,12 @@ class Config:
             raise ValueError("listeners need a directory section")
         if self.portal.endpoint is not None and self.directory is None:
             raise ValueError("the portal needs a directory section (users sign in with it)")
+        if self.directory is not None and self.directory.search_account_missing and any(
+                listener.protocol == "ldap" for listener in self.listeners):
+            raise ValueError(
+                "directory.app_password_reads: search_account (the default with kind: "
+                "active_directory) needs directory.search_bind_dn and search_bind_password_file "
+                "for the ldap listeners: the account LDAP sessions opened with app passwords read as")
         if self.workers != 1:
             if self.throttle.shared is False:
                 raise ValueError("workers: several processes need throttle.shared (null or "
