@@ -177,3 +177,23 @@ def test_the_dashboard_and_the_alert_rules_use_only_families_the_daemon_exports(
     texts.append((ROOT / "config" / "alerts.yml").read_text())
     used = set(re.findall(r"legacy_auth_proxy_[a-z_]+", "\n".join(texts)))
     assert used and used <= exported, used - exported
+
+
+AD_DIRECTORY = ("directory:\n  kind: active_directory\n  url: ldaps://dc.example.test\n"
+                "  bind_dn: CN=proxy-svc,DC=example,DC=test\n  bind_password_file: /dev/null\n"
+                "  user_base: DC=example,DC=test\n")
+LDAP_LISTENER = ("listeners:\n  - name: ldap\n    protocol: ldap\n    endpoint: tcp:3389\n"
+                 "    realm: cloud\n    tls: none\n")
+
+
+def test_active_directory_reads_for_app_passwords_as_a_search_account(tmp_path):
+    # Without an LDAP listener no search account is needed.
+    assert parse(AD_DIRECTORY, tmp_path / "c.yaml").directory.app_password_reads == "search_account"
+    problem = error(AD_DIRECTORY + LDAP_LISTENER, tmp_path)
+    assert "needs directory.search_bind_dn" in str(problem)
+    problem = error(AD_DIRECTORY + "  app_password_reads: proxied_authorization\n", tmp_path)
+    assert problem.key == "directory" and "no proxied authorization" in problem.problem
+    loaded = parse(AD_DIRECTORY + "  search_bind_dn: CN=LDAP Proxy,OU=Service Accounts,DC=example,"
+                   "DC=test\n  search_bind_password_file: /dev/null\n" + LDAP_LISTENER,
+                   tmp_path / "c.yaml")
+    assert loaded.directory.search_bind_dn.startswith("CN=LDAP Proxy")
