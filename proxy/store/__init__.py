@@ -223,6 +223,38 @@ class Change:
     app_password_id: str | None
 
 
+@attrs.frozen
+class OutboxEvent:
+    """One event waiting in the outbox for one webhook: its JSON body as it
+    will be sent, and where it stands. Events of one ``lane`` (a user; ""
+    for events of no user) go to their webhook in the order of ``seq``."""
+
+    seq: int
+    webhook: str
+    lane: str
+    event: str
+    body: str
+    created_at: float
+    attempts: int = 0
+
+
+OUTBOX_COLUMNS = "seq, webhook, lane, event, body, created_at, attempts"
+
+
+def outbox_event_from(row: Any) -> OutboxEvent:
+    return OutboxEvent(seq=row["seq"], webhook=row["webhook"], lane=row["lane"],
+                       event=row["event"], body=row["body"], created_at=row["created_at"],
+                       attempts=row["attempts"])
+
+
+@attrs.frozen
+class OutboxStats:
+    """A webhook's undelivered events: how many, and since when the oldest waits."""
+
+    waiting: int
+    oldest: float | None
+
+
 def lockout_length(lockout: float, lockout_max: float, before: int) -> float:
     """The one lockout schedule: ``lockout`` the first time, doubling on
     each of the ``before`` lockouts that came before, up to ``lockout_max``.
@@ -362,5 +394,44 @@ class Store(Protocol):
     def record_api_token_use(self, name: str, at: float) -> None: ...
 
     def last_change(self) -> int: ...
+
+    # -- the events' outbox (webhooks; docs/events.md) --
+
+    def add_events(self, rows: list[tuple[str, str, str, str]], now: float) -> None:
+        """Keep events for delivery, in one transaction: (webhook, lane,
+        event, JSON body) each, in the order given, which is the order of
+        their lane."""
+        ...
+
+    def claim_events(self, webhooks: tuple[str, ...], node: str, now: float, lease: float,
+                     limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` events due for ``webhooks``, each the first
+        undelivered event of its lane, none claimed by another node whose
+        lease still runs: claimed for ``node`` until ``now + lease``."""
+        ...
+
+    def settle_events(self, delivered: list[int], failed: list[tuple[int, float, str]],
+                      now: float) -> None:
+        """Mark events delivered (after a 2xx), or failed (seq, when to try
+        again, why), and release their claims, in one transaction."""
+        ...
+
+    def forget_claims(self) -> None:
+        """A store only one daemon delivers from (SQLite): release claims a
+        daemon killed mid-delivery left. PostgreSQL: nothing (other nodes'
+        claims are theirs until their lease ends)."""
+        ...
+
+    def outbox_stats(self) -> dict[str, OutboxStats]:
+        """Undelivered events, by webhook."""
+        ...
+
+    def prune_events(self, delivered_before: float, give_up: dict[str, float],
+                     default_give_up: float) -> tuple[int, int]:
+        """Delete delivered events delivered before ``delivered_before``, and
+        undelivered ones made before their webhook's ``give_up`` time
+        (``default_give_up`` for webhooks no longer configured): how many of
+        each."""
+        ...
 
     def close(self) -> None: ...

@@ -46,6 +46,9 @@ from proxy.store import (
     LimitReached,
     MfaState,
     NameTaken,
+    OUTBOX_COLUMNS,
+    OutboxEvent,
+    OutboxStats,
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
@@ -54,11 +57,13 @@ from proxy.store import (
     User,
     api_token_from,
     app_password_from,
+    outbox_event_from,
 )
 from proxy.store.sqlite import CHANGE_RETENTION, FAILURES_KEPT
 
 CHANNEL = "legacy_auth_proxy_changes"
 FEED_LOCK = 0x6C61705F66656564  # pg_advisory_xact_lock key of the change feed ("lap_feed")
+OUTBOX_LOCK = 0x6C61705F6F757478  # and of the outbox's inserts ("lap_outx")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: app passwords, users' cloud state and the change feed.
@@ -137,6 +142,25 @@ MIGRATIONS: tuple[str, ...] = (
         rate         integer NOT NULL CHECK (rate > 0),
         last_used_at double precision
     );
+    """,
+    # 5: the outbox of events for webhooks (see proxy/store/sqlite.py).
+    """
+    CREATE TABLE outbox (
+        seq           bigserial PRIMARY KEY,
+        webhook       text NOT NULL,
+        lane          text NOT NULL,
+        event         text NOT NULL,
+        body          text NOT NULL,
+        created_at    double precision NOT NULL,
+        attempts      integer NOT NULL DEFAULT 0,
+        next_at       double precision NOT NULL,
+        claimed_by    text,
+        claimed_until double precision,
+        last_error    text,
+        delivered_at  double precision
+    );
+    CREATE INDEX outbox_waiting ON outbox (webhook, lane, seq) WHERE delivered_at IS NULL;
+    CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE delivered_at IS NOT NULL;
     """,
 )
 
@@ -355,7 +379,91 @@ class _Tokens:
                          " WHERE name = %s", (at, name))
 
 
-class PostgresStore(_Counts, _Tokens):
+class _Outbox:
+    """Events waiting for webhooks, shared by the fleet: part of
+    :class:`PostgresStore`. Each event is claimed by one node at a time
+    (``FOR UPDATE SKIP LOCKED``, then a lease while it is posted), so each
+    is delivered by one node; a node that dies mid-delivery leaves a lease
+    that runs out, and another node delivers the event again."""
+
+    def add_events(self, rows: list[tuple[str, str, str, str]], now: float) -> None:
+        if not rows:
+            return
+        with self._write() as conn:
+            # Numbered in commit order, as the change feed is: a lane's next
+            # event is never visible before the one it follows.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO outbox (webhook, lane, event, body, created_at, next_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)", [(*row, now, now) for row in rows])
+
+    def claim_events(self, webhooks: tuple[str, ...], node: str, now: float, lease: float,
+                     limit: int) -> list[OutboxEvent]:
+        if not webhooks:
+            return []
+        with self._write() as conn:
+            # A lane's first undelivered event only; rows another node is
+            # claiming this instant are skipped, not waited for, and their
+            # lane stays blocked for us (the row is still undelivered).
+            rows = conn.execute(
+                f"UPDATE outbox SET claimed_by = %s, claimed_until = %s WHERE seq IN ("
+                f" SELECT o.seq FROM outbox o WHERE o.delivered_at IS NULL"
+                f" AND o.webhook = ANY(%s) AND o.next_at <= %s"
+                f" AND (o.claimed_until IS NULL OR o.claimed_until <= %s)"
+                f" AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.webhook = o.webhook"
+                f"  AND p.lane = o.lane AND p.delivered_at IS NULL AND p.seq < o.seq)"
+                f" ORDER BY o.seq LIMIT %s FOR UPDATE SKIP LOCKED)"
+                f" AND delivered_at IS NULL AND (claimed_until IS NULL OR claimed_until <= %s)"
+                f" RETURNING {OUTBOX_COLUMNS}",
+                (node, now + lease, list(webhooks), now, now, limit, now)).fetchall()
+        return sorted((outbox_event_from(r) for r in rows), key=lambda e: e.seq)
+
+    def settle_events(self, delivered: list[int], failed: list[tuple[int, float, str]],
+                      now: float) -> None:
+        if not delivered and not failed:
+            return
+        with self._write() as conn, conn.cursor() as cursor:
+            if delivered:
+                cursor.executemany(
+                    "UPDATE outbox SET delivered_at = %s, attempts = attempts + 1,"
+                    " claimed_by = NULL, claimed_until = NULL, last_error = NULL WHERE seq = %s",
+                    [(now, seq) for seq in delivered])
+            if failed:
+                cursor.executemany(
+                    "UPDATE outbox SET attempts = attempts + 1, next_at = %s, last_error = %s,"
+                    " claimed_by = NULL, claimed_until = NULL"
+                    " WHERE seq = %s AND delivered_at IS NULL",
+                    [(retry_at, why, seq) for seq, retry_at, why in failed])
+
+    def forget_claims(self) -> None:
+        pass  # other nodes' claims are theirs until their lease ends
+
+    def outbox_stats(self) -> dict[str, OutboxStats]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT webhook, count(*) AS n, min(created_at) AS oldest FROM outbox"
+                " WHERE delivered_at IS NULL GROUP BY webhook").fetchall()
+        return {r["webhook"]: OutboxStats(r["n"], r["oldest"]) for r in rows}
+
+    def prune_events(self, delivered_before: float, give_up: dict[str, float],
+                     default_give_up: float) -> tuple[int, int]:
+        with self._write() as conn:
+            delivered = conn.execute(
+                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < %s",
+                (delivered_before,)).rowcount
+            dropped = 0
+            for webhook, before in give_up.items():
+                dropped += conn.execute(
+                    "DELETE FROM outbox WHERE delivered_at IS NULL AND webhook = %s"
+                    " AND created_at < %s", (webhook, before)).rowcount
+            dropped += conn.execute(
+                "DELETE FROM outbox WHERE delivered_at IS NULL AND created_at < %s"
+                " AND NOT (webhook = ANY(%s))", (default_give_up, list(give_up))).rowcount
+        return delivered, dropped
+
+
+class PostgresStore(_Counts, _Tokens, _Outbox):
     """A :class:`proxy.store.Store` on PostgreSQL; safe to call from several threads."""
 
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 4,

@@ -32,6 +32,9 @@ from proxy.store import (
     LimitReached,
     MfaState,
     NameTaken,
+    OUTBOX_COLUMNS,
+    OutboxEvent,
+    OutboxStats,
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
@@ -39,6 +42,7 @@ from proxy.store import (
     User,
     api_token_from,
     app_password_from,
+    outbox_event_from,
 )
 
 MIGRATIONS: tuple[str, ...] = (
@@ -123,6 +127,26 @@ MIGRATIONS: tuple[str, ...] = (
         rate         INTEGER NOT NULL CHECK (rate > 0),
         last_used_at REAL
     ) WITHOUT ROWID;
+    """,
+    # 5: the outbox of events for webhooks: one row per event and webhook,
+    # delivered in order per lane (a user), kept a while after delivery.
+    """
+    CREATE TABLE outbox (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook       TEXT NOT NULL,
+        lane          TEXT NOT NULL,
+        event         TEXT NOT NULL,
+        body          TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        next_at       REAL NOT NULL,
+        claimed_by    TEXT,
+        claimed_until REAL,
+        last_error    TEXT,
+        delivered_at  REAL
+    );
+    CREATE INDEX outbox_waiting ON outbox (webhook, lane, seq) WHERE delivered_at IS NULL;
+    CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE delivered_at IS NOT NULL;
     """,
 )
 
@@ -275,7 +299,81 @@ class _Tokens:
                 " WHERE name = ?", (at, name))
 
 
-class SQLiteStore(_Counts, _Tokens):
+class _Outbox:
+    """Events waiting for webhooks, and where each stands: part of
+    :class:`SQLiteStore`. One daemon delivers from a SQLite store."""
+
+    def add_events(self, rows: list[tuple[str, str, str, str]], now: float) -> None:
+        if not rows:
+            return
+        with self._write():
+            self._db.executemany(
+                "INSERT INTO outbox (webhook, lane, event, body, created_at, next_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)", [(*row, now, now) for row in rows])
+
+    def claim_events(self, webhooks: tuple[str, ...], node: str, now: float, lease: float,
+                     limit: int) -> list[OutboxEvent]:
+        if not webhooks:
+            return []
+        marks = ", ".join("?" * len(webhooks))
+        with self._write():
+            # Only the first undelivered event of each lane: the next waits
+            # for its 2xx, so a lane's events arrive in order.
+            rows = self._db.execute(
+                f"UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE seq IN ("
+                f" SELECT o.seq FROM outbox o WHERE o.delivered_at IS NULL"
+                f" AND o.webhook IN ({marks}) AND o.next_at <= ?"
+                f" AND (o.claimed_until IS NULL OR o.claimed_until <= ?)"
+                f" AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.webhook = o.webhook"
+                f"  AND p.lane = o.lane AND p.delivered_at IS NULL AND p.seq < o.seq)"
+                f" ORDER BY o.seq LIMIT ?) RETURNING {OUTBOX_COLUMNS}",
+                (node, now + lease, *webhooks, now, now, limit)).fetchall()
+        return sorted((outbox_event_from(r) for r in rows), key=lambda e: e.seq)
+
+    def settle_events(self, delivered: list[int], failed: list[tuple[int, float, str]],
+                      now: float) -> None:
+        if not delivered and not failed:
+            return
+        with self._write():
+            self._db.executemany(
+                "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, claimed_by = NULL,"
+                " claimed_until = NULL, last_error = NULL WHERE seq = ?",
+                [(now, seq) for seq in delivered])
+            self._db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
+                " claimed_by = NULL, claimed_until = NULL WHERE seq = ? AND delivered_at IS NULL",
+                [(retry_at, why, seq) for seq, retry_at, why in failed])
+
+    def forget_claims(self) -> None:
+        with self._write():
+            self._db.execute("UPDATE outbox SET claimed_by = NULL, claimed_until = NULL"
+                             " WHERE claimed_until IS NOT NULL AND delivered_at IS NULL")
+
+    def outbox_stats(self) -> dict[str, OutboxStats]:
+        rows = self._db.execute(
+            "SELECT webhook, count(*) AS n, min(created_at) AS oldest FROM outbox"
+            " WHERE delivered_at IS NULL GROUP BY webhook")
+        return {r["webhook"]: OutboxStats(r["n"], r["oldest"]) for r in rows}
+
+    def prune_events(self, delivered_before: float, give_up: dict[str, float],
+                     default_give_up: float) -> tuple[int, int]:
+        with self._write():
+            delivered = self._db.execute(
+                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
+                (delivered_before,)).rowcount
+            dropped = 0
+            for webhook, before in give_up.items():
+                dropped += self._db.execute(
+                    "DELETE FROM outbox WHERE delivered_at IS NULL AND webhook = ?"
+                    " AND created_at < ?", (webhook, before)).rowcount
+            marks = ", ".join("?" * len(give_up))
+            dropped += self._db.execute(
+                f"DELETE FROM outbox WHERE delivered_at IS NULL AND created_at < ?"
+                f" AND webhook NOT IN ({marks})", (default_give_up, *give_up)).rowcount
+        return delivered, dropped
+
+
+class SQLiteStore(_Counts, _Tokens, _Outbox):
     """The default :class:`proxy.store.Store`. Not thread-safe: one thread at a time."""
 
     def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
