@@ -413,6 +413,24 @@ STATE_DIR = Path("/var/lib/legacy-auth-proxy")
 LOGS_DIR = Path("/var/log/legacy-auth-proxy")
 
 
+class HttpUrl:
+    doc = "an https:// URL (http:// only to a loopback address)"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        try:
+            parts.port
+        except ValueError:
+            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        if parts.username or parts.password:
+            raise ctx.error("a URL with credentials in it: put the secret in its own file")
+        loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+            raise ctx.error(f"expected {self.doc}, got {text!r}")
+        return text
+
+
 class PostgresUrl:
     doc = "a postgresql://user@host[:port]/database URL (libpq's), without a password"
 
@@ -847,6 +865,13 @@ class PortalConfig:
         "mail users when an app password is made for them (needs mail_relay and the "
         "directory's mail attribute)",
     )
+    help_desk_app_passwords: bool = _field(
+        False,
+        Bool(),
+        "the help desk may create app passwords for users, and so see their secrets (and "
+        "read and send their mail); each user is told by mail and on their page, and it is "
+        "audited",
+    )
     proxy_protocol: bool = _field(
         False,
         Bool(),
@@ -975,10 +1000,36 @@ class ListenerConfig:
     )
     backend_login: str = _field(
         "sasl",
-        Choice(("sasl", "dovecot", "xclient")),
+        Choice(("sasl", "dovecot", "xclient", "oauth2")),
         "how the proxy logs in as the user: sasl (SASL PLAIN with the user as authorization "
         "identity), dovecot (IMAP LOGIN, POP3 USER: user*master), xclient (SMTP: Postfix "
-        "XCLIENT LOGIN=)",
+        "XCLIENT LOGIN=), oauth2 (SASL XOAUTH2 or OAUTHBEARER as the user, with an access "
+        "token of the proxy's app registration: the oauth2_ keys)",
+    )
+    oauth2_token_url: str | None = _field(
+        None, Optional(HttpUrl()), "backend_login: oauth2: the identity provider's token endpoint"
+    )
+    oauth2_client_id: str | None = _field(
+        None, Optional(Str()), "backend_login: oauth2: the proxy's app registration (client id)"
+    )
+    oauth2_client_secret_file: Path | None = _field(
+        None, Optional(FilePath()), "backend_login: oauth2: a file holding the client's secret"
+    )
+    oauth2_scope: str | None = _field(
+        None, Optional(Str()), "backend_login: oauth2: the scope asked for; null: none"
+    )
+    oauth2_client_auth: str = _field(
+        "client_secret_basic",
+        Choice(("client_secret_basic", "client_secret_post")),
+        "backend_login: oauth2: how the secret is sent to the token endpoint",
+    )
+    oauth2_mechanism: str = _field(
+        "xoauth2", Choice(("xoauth2", "oauthbearer")),
+        "backend_login: oauth2: the SASL mechanism the backend takes",
+    )
+    oauth2_ca_file: Path | None = _field(
+        None, Optional(FilePath()), "backend_login: oauth2: certificates to trust for the token "
+        "endpoint; null: the system's",
     )
     master_user: str | None = _field(
         None, Optional(Str()), "IMAP, POP3, SMTP: the master user the backend trusts"
@@ -1016,7 +1067,19 @@ class ListenerConfig:
                                  f"{' or '.join(s + '://' for s in entry.backend_ports)} backend")
             if self.backend_login not in entry.backend_logins:
                 raise ValueError(f"backend_login: {self.backend_login} is not for {self.protocol}")
-            if self.backend_login != "xclient" and (
+            oauth2 = [f.name for f in attrs.fields(type(self)) if f.name.startswith("oauth2_")
+                      and getattr(self, f.name) != f.default]
+            if self.backend_login == "oauth2":
+                missing = [k for k in ("oauth2_token_url", "oauth2_client_id", "oauth2_client_secret_file")
+                           if getattr(self, k) is None]
+                if missing:
+                    raise ValueError(f"backend_login: oauth2 needs {', '.join(missing)}")
+                if self.master_user is not None or self.master_password_file is not None:
+                    raise ValueError("backend_login: oauth2 logs in with a token: no master_user "
+                                     "or master_password_file")
+            elif oauth2:
+                raise ValueError(f"{oauth2[0]} is only for backend_login: oauth2")
+            elif self.backend_login != "xclient" and (
                 self.master_user is None or self.master_password_file is None
             ):
                 raise ValueError(f"backend_login: {self.backend_login} needs master_user and master_password_file")
@@ -1041,6 +1104,59 @@ class AuditConfig:
         "also send every authentication event to the daemon's log (the file has them all; "
         "the log always has a line for each failure)",
     )
+
+
+class WebhookUrl:
+    doc = "an http:// or https:// URL, with no user or password in it"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ctx.error(f"expected {self.doc}")
+        if parts.username or parts.password:
+            raise ctx.error("the URL holds a user or password: the receiver checks the "
+                            "signature made with secret_file instead")
+        return text
+
+
+class WebhookName:
+    doc = "a name of letters, digits and . _ - (at most 64)"
+
+    def __call__(self, ctx: _Context) -> str:
+        text = Str()(ctx)
+        if len(text) > 64 or not all(c.isascii() and (c.isalnum() or c in "._-") for c in text):
+            raise ctx.error(f"expected {self.doc}, got {_describe(ctx.node)}")
+        return text
+
+
+@attrs.frozen
+class WebhookConfig:
+    """One receiver of audit events (docs/events.md)."""
+
+    name: str = _required(WebhookName(), "names the webhook in the outbox, the metrics and the log")
+    url: str = _required(WebhookUrl(), "where events are posted")
+    secret_file: Path = _required(
+        FilePath(), "a file holding the secret events are signed with (at least 16 bytes)")
+    events: tuple[str, ...] = _field(
+        ("*",), ListOf(Str()), "the audit events sent, by name; \"*\": every one")
+    timeout: float = _field(10.0, Duration(high=300), "the longest one delivery may take")
+    retry_initial: float = _field(
+        1.0, Duration(high=3600), "the first retry's delay; it doubles on each failure")
+    retry_max: float = _field(600.0, Duration(high=86400), "the longest delay between retries")
+    give_up_after: float = _field(
+        7 * 86400.0, Duration(), "an event not delivered this long after it happened is dropped")
+    concurrency: int = _field(8, Int(1, 256), "users whose events are posted at once")
+    ca_file: Path | None = _field(
+        None, Optional(FilePath()), "https: certificates to trust for the receiver; null: the system's")
+
+    def __attrs_post_init__(self) -> None:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must be at least retry_initial")
+        if self.give_up_after and self.give_up_after < self.retry_max:
+            raise ValueError("give_up_after must be at least retry_max")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be more than 0")
 
 
 @attrs.frozen
@@ -1068,12 +1184,18 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = attrs.field(
         default=(), metadata={"parse": ListOf(Section(ListenerConfig)), "doc": ListenerConfig.__doc__}
     )
+    webhooks: tuple[WebhookConfig, ...] = attrs.field(
+        default=(), metadata={"parse": ListOf(Section(WebhookConfig)), "doc": WebhookConfig.__doc__}
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.listeners and self.directory is None:
             raise ValueError("listeners need a directory section")
         if self.portal.endpoint is not None and self.directory is None:
             raise ValueError("the portal needs a directory section (users sign in with it)")
+        names = [w.name for w in self.webhooks]
+        if len(set(names)) != len(names):
+            raise ValueError("webhooks: two have the same name")
         if self.directory is not None and self.directory.search_account_missing and any(
                 listener.protocol == "ldap" for listener in self.listeners):
             raise ValueError(
