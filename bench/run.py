@@ -123,7 +123,7 @@ class Bench:
         return daemon
 
     def stop(self) -> None:
-        for part in ("dovecot", "slapd"):
+        for part in ("nginx", "dovecot", "slapd"):
             server = getattr(self, part, None)
             if server is not None:
                 server.stop()
@@ -197,28 +197,68 @@ class Bench:
         figure = self.measure("wrong_secret_binds", runs)
         figure["proxy_cpu_ms_per_attempt"] = summary([r["proxy_cpu_ms"] for r in runs])
 
+    def peer(self) -> Any:
+        """nginx's mail proxy in front of the same Dovecot, started once; None
+        (said aloud) when it is not installed."""
+        from bench.nginx import Nginx, missing
+
+        if getattr(self, "nginx", None) is None:
+            why = missing()
+            if why is not None:
+                print(f"nginx's mail proxy is missing, measured without it: {why}", flush=True)
+                return None
+            from tests.pki import make_pki
+
+            self.nginx_pki = make_pki(self.folder / "nginx-pki")
+            self.nginx = Nginx(self.folder / "nginx", imap_port=self.dovecot.imap_port,
+                               submission_port=self.dovecot.submission_port,
+                               certificate=(self.nginx_pki.cert_file, self.nginx_pki.key_file))
+        return self.nginx
+
     def warm(self, daemon: Any) -> None:
-        """3. Warm logins over IMAP and SMTP, direct and through the proxy."""
+        """3. Warm logins over IMAP and SMTP: directly to Dovecot, through the
+        proxy and through nginx's mail proxy, one after the other in every
+        repeat, with the CPU each server spent a login (/proc/PID/stat)."""
+        from bench.cpu import group_cpu_seconds, process_cpu_seconds
+
+        nginx = self.peer()
         direct = [(uid, PASSWORD) for uid in self.users]
         proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
+        dovecot = self.dovecot._process.pid
         for kind, backend_port in (("imap", self.dovecot.imap_port),
                                    ("smtp", self.dovecot.submission_port)):
-            load(kind, daemon.ports[kind], proxied, connections=8, seconds=1)  # fill the cache
-            runs_direct, runs_proxy = [], []
+            paths = {"direct": (backend_port, direct, None),
+                     "proxy": (daemon.ports[kind], proxied,
+                               lambda: process_cpu_seconds(daemon.process.pid))}
+            if nginx is not None:
+                port = nginx.port if kind == "imap" else nginx.smtp_port
+                paths["nginx"] = (port, direct, lambda: group_cpu_seconds(nginx.process.pid))
+            for port, credentials, _ in paths.values():  # fill caches, start processes
+                load(kind, port, credentials, connections=8, seconds=1)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
             for _ in range(self.repeat):
-                runs_direct.append(load(kind, backend_port, direct, connections=8,
-                                        seconds=self.seconds))
-                before = cpu_seconds(daemon.process.pid)
-                result = load(kind, daemon.ports[kind], proxied, connections=8,
-                              seconds=self.seconds)
-                result["proxy_cpu_ms"] = (cpu_seconds(daemon.process.pid) - before) * 1000 / max(
-                    1, result["operations"])
-                runs_proxy.append(result)
-            self.measure(f"warm_{kind}_direct", runs_direct)
-            figure = self.measure(f"warm_{kind}_proxy", runs_proxy)
-            figure["proxy_cpu_ms_per_login"] = summary([r["proxy_cpu_ms"] for r in runs_proxy])
-            figure["ratio_to_direct"] = (
-                figure["rate"]["median"] / self.results[f"warm_{kind}_direct"]["rate"]["median"])
+                for name, (port, credentials, server_cpu) in paths.items():
+                    before = (server_cpu() if server_cpu else 0.0, group_cpu_seconds(dovecot))
+                    result = load(kind, port, credentials, connections=8, seconds=self.seconds)
+                    done = max(1, result["operations"])
+                    if server_cpu is not None:
+                        result["server_cpu_ms"] = (server_cpu() - before[0]) * 1000 / done
+                    result["dovecot_cpu_ms"] = (group_cpu_seconds(dovecot) - before[1]) * 1000 / done
+                    runs[name].append(result)
+            for name, values in runs.items():
+                figure = self.measure(f"warm_{kind}_{name}", values)
+                figure["dovecot_cpu_ms_per_login"] = summary([r["dovecot_cpu_ms"] for r in values])
+                if name != "direct":
+                    figure["server_cpu_ms_per_login"] = summary([r["server_cpu_ms"] for r in values])
+                    # Each repeat's ratio: the two runs of that repeat, side by side.
+                    figure["ratios_to_direct"] = [r["rate"] / d["rate"] for r, d in
+                                                  zip(values, runs["direct"])]
+                    figure["ratio_to_direct"] = summary(figure["ratios_to_direct"])
+            proxy = self.results[f"warm_{kind}_proxy"]
+            proxy["proxy_cpu_ms_per_login"] = proxy["server_cpu_ms_per_login"]
+            if "nginx" in runs:
+                proxy["ratios_to_nginx"] = [p["rate"] / n["rate"] for p, n in
+                                            zip(runs["proxy"], runs["nginx"])]
 
     def ldap_binds(self, daemon: Any) -> None:
         """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor."""
@@ -335,47 +375,46 @@ class Bench:
 
     def relay(self, daemon: Any) -> None:
         """5. One 50 MB message over IMAP: direct, through the proxy, through
-        nginx; then with TLS between the client and the proxy or nginx."""
+        nginx; then with TLS between the client and the proxy or nginx.
+        ``relay_repeat`` repeats, the proxy and nginx one right after the
+        other, in turns first: each repeat's ratio compares two neighbouring
+        fetches, and the report keeps every one (the min, not the best)."""
         import ssl
 
-        from bench.relay import Nginx, fetch
+        from bench.relay import fetch
 
         user = self.users[0]
         body = b"".join(b"%08d " % i + b"z" * 69 + b"\r\n" for i in range(50 * 1024 * 1024 // 80))
         message = b"Subject: relay\r\n\r\n" + body
         self.dovecot.deliver(user, message)
-        if shutil.which("nginx") is None:
-            print("nginx is not installed: relay measured without it", flush=True)
-            nginx = None
-        else:
-            nginx = Nginx(self.folder / "nginx", self.dovecot.imap_port,
-                          certificate=(daemon.pki.cert_file, daemon.pki.key_file))
+        nginx = self.peer()
         tls = ssl.create_default_context(cafile=str(daemon.pki.ca_file))
         paths = {"direct": (self.dovecot.imap_port, PASSWORD, None),
                  "proxy": (daemon.ports["imap"], daemon.secrets[user], None),
                  "proxy_tls": (daemon.ports["imaps"], daemon.secrets[user], tls)}
+        pairs = [["proxy"], ["proxy_tls"]]
         if nginx is not None:
+            nginx_tls = ssl.create_default_context(cafile=str(self.nginx_pki.ca_file))
             paths["nginx"] = (nginx.port, PASSWORD, None)
-            paths["nginx_tls"] = (nginx.tls_port, PASSWORD, tls)
+            paths["nginx_tls"] = (nginx.tls_port, PASSWORD, nginx_tls)
+            pairs = [["proxy", "nginx"], ["proxy_tls", "nginx_tls"]]
         rates: dict[str, list[float]] = {name: [] for name in paths}
-        try:
-            for _ in range(self.repeat):
-                for name, (port, password, context) in paths.items():
-                    received, seconds = fetch(port, user, password, context)
-                    assert received > len(message), (name, received)
-                    rates[name].append(received / seconds / 1e6)
-        finally:
-            if nginx is not None:
-                nginx.stop()
+        for turn in range(self.relay_repeat):
+            order = ["direct"] + [name for pair in pairs
+                                  for name in (pair if turn % 2 == 0 else pair[::-1])]
+            for name in order:
+                port, password, context = paths[name]
+                received, seconds = fetch(port, user, password, context)
+                assert received > len(message), (name, received)
+                rates[name].append(received / seconds / 1e6)
         for name, values in rates.items():
             self.results[f"relay_{name}"] = {"mb_per_s": summary(values), "runs": values}
-            print(f"relay_{name}: {statistics.median(values):.0f} MB/s", flush=True)
-        for proxy, nginx_name in (("relay_proxy", "relay_nginx"),
-                                  ("relay_proxy_tls", "relay_nginx_tls")):
-            if nginx_name in self.results:
-                self.results[proxy]["ratio_to_nginx"] = (
-                    self.results[proxy]["mb_per_s"]["median"]
-                    / self.results[nginx_name]["mb_per_s"]["median"])
+            print(f"relay_{name}: {statistics.median(values):.0f} MB/s "
+                  f"(min {min(values):.0f}, max {max(values):.0f})", flush=True)
+        for pair in pairs if nginx is not None else []:
+            proxy, peer = self.results[f"relay_{pair[0]}"], self.results[f"relay_{pair[1]}"]
+            proxy["ratios_to_nginx"] = [p / n for p, n in zip(proxy["runs"], peer["runs"])]
+            proxy["ratio_to_nginx"] = summary(proxy["ratios_to_nginx"])
 
     def fleet(self) -> None:
         """7. The fleet: warm and cold LDAP binds with the SQLite store and
@@ -450,6 +489,7 @@ class Bench:
             "cpu": platform.processor() or platform.machine(), "cores": self.cores,
             "python": platform.python_version(), "system": platform.platform(),
             "seconds_per_run": self.seconds, "runs": self.repeat,
+            "load_average_before": os.getloadavg(),
         }
         if "cold" in scenarios:
             self.cold()
@@ -472,6 +512,7 @@ class Bench:
             self.results["proxy_rss_kib"] = rss_kib(daemon.process.pid)
         finally:
             daemon.stop()
+            self.results["machine"]["load_average_after"] = os.getloadavg()
 
 
 def main() -> None:
@@ -480,10 +521,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay,idle,fleet")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
+    parser.add_argument("--relay-repeat", type=int, default=9,
+                        help="fetches of each relay path (they take a tenth of a second each, "
+                             "and the relay's figures move most between runs)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
     bench = Bench(folder, args.seconds, args.repeat)
     bench.idle_sessions = args.idle_sessions
+    bench.relay_repeat = args.relay_repeat
     try:
         bench.start()
         bench.run(args.only.split(","))
