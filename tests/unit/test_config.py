@@ -97,7 +97,11 @@ def test_the_example_config_is_valid_and_holds_the_defaults():
     import attrs
 
     loaded = load(ROOT / "config" / "example.yaml")
-    assert attrs.evolve(loaded, source=Config().source, directory=None, listeners=()) == Config()
+    assert attrs.evolve(loaded, source=Config().source, directory=None, listeners=(),
+                        webhooks=()) == Config()
+    # A webhook has no defaults for where and with which secret; the rest are the defaults.
+    [hook] = loaded.webhooks
+    assert hook == config.WebhookConfig(hook.name, hook.url, hook.secret_file)
     # Listeners have no defaults for what and where; the first shows every key at its default.
     first = loaded.listeners[0]
     required = {"protocol", "realm", "endpoint", "name", "certificate", "private_key"}
@@ -197,3 +201,18 @@ def test_active_directory_reads_for_app_passwords_as_a_search_account(tmp_path):
                    "DC=test\n  search_bind_password_file: /dev/null\n" + LDAP_LISTENER,
                    tmp_path / "c.yaml")
     assert loaded.directory.search_bind_dn.startswith("CN=LDAP Proxy")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("webhooks:\n  - name: a\n    url: ftp://x/\n    secret_file: s\n", "webhooks[0].url: expected"),
+    ("webhooks:\n  - name: a\n    url: https://u:p@x/\n    secret_file: s\n", "holds a user or password"),
+    ("webhooks:\n  - name: a b\n    url: https://x/\n    secret_file: s\n", "webhooks[0].name: expected"),
+    ("webhooks:\n  - name: a\n    url: https://x/\n", "'secret_file' is required"),
+    ("webhooks:\n  - name: a\n    url: https://x/\n    secret_file: s\n    retry_initial: 1h\n"
+     "    retry_max: 1m\n", "retry_max must be at least retry_initial"),
+    ("webhooks:\n  - {name: a, url: 'https://x/', secret_file: s}\n"
+     "  - {name: a, url: 'https://y/', secret_file: t}\n", "two have the same name"),
+])
+def test_webhooks_are_checked(tmp_path, text, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse(text, tmp_path / "c.yaml")
