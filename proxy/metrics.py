@@ -49,6 +49,10 @@ class Metrics:
         self._backend_seconds = Histogram(f"{PREFIX}_backend_login_seconds",
                                           "Time to log in to a backend as the user",
                                           ["listener"], buckets=ROUND_TRIP_BUCKETS, registry=r)
+        self._token_failures = Counter(f"{PREFIX}_token_failures",
+                                       "Access tokens the identity provider did not give "
+                                       "(backend_login: oauth2), by why",
+                                       ["reason"], registry=r)
         self._directory_seconds = Histogram(f"{PREFIX}_directory_seconds",
                                             "Round trips to the upstream directory",
                                             ["pool"], buckets=ROUND_TRIP_BUCKETS, registry=r)
@@ -79,6 +83,11 @@ class Metrics:
         self.backend_up[listener] = ok
         if ok:
             self._backend_seconds.labels(listener).observe(seconds)
+
+    def token_failure(self, reason: str) -> None:
+        """The token endpoint was unreachable or refused (``reason``: a few
+        words, never a secret; the kind of refusal, not its text)."""
+        self._token_failures.labels(reason).inc()
 
     def directory_round_trip(self, pool: str, seconds: float) -> None:
         self._directory_seconds.labels(pool).observe(seconds)
