@@ -1,7 +1,10 @@
-"""Mail to users when an app password is made for them.
+"""Mail to users when an app password is made for them, or they set up a
+second factor.
 
-A short plain-text message at the directory's mail address: which device,
-when, from which address, and what to do if it was not them. Sent through
+A short plain-text message at the directory's mail address: which device
+(or that an authenticator was set up), when, from which address, and what
+to do if it was not them. An app password the help desk made, and so saw,
+says so. Sent through
 ``portal.mail_relay`` (``smtp://``: a relay on this host or a trusted network,
 without TLS; ``smtps://``: TLS, the relay's certificate checked against the
 system's trust store) with Twisted's SMTP client, in the background: a relay
@@ -36,16 +39,58 @@ def message(*, sender: str, to: str, username: str, device: str, at: float, addr
     msg["Date"] = email.utils.formatdate(at, usegmt=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
     msg["Auto-Submitted"] = "auto-generated"
-    who = "you" if actor == f"portal:{username}" else f"the help desk ({actor.partition(':')[2]})"
+    by_help_desk = actor.startswith("portal:") and actor != f"portal:{username}"
+    who = f"the help desk ({actor.partition(':')[2]})" if by_help_desk else \
+        "you" if actor == f"portal:{username}" else actor
+    if by_help_desk:
+        msg["Subject"] = f"The help desk created an app password for {username}"
+        msg.set_content(
+            f"The help desk ({actor.partition(':')[2]}) created an app password named\n"
+            f"\"{device}\" for your account {username} on {_when(at)},\n"
+            f"from the address {address}. It was shown to them once: with it, they can\n"
+            f"read and send your mail until it is deleted.\n"
+            f"\n"
+            f"If you asked for it, there is nothing to do.\n"
+            f"\n"
+            f"If you did not, sign in to {title} now, delete the app password \"{device}\",\n"
+            f"and tell your security team.\n"
+        )
+        return msg.as_bytes()
     msg.set_content(
         f"An app password named \"{device}\" was created for your account {username}\n"
-        f"on {time.strftime('%Y-%m-%d at %H:%M UTC', time.gmtime(at))}, by {who},\n"
+        f"on {_when(at)}, by {who},\n"
         f"from the address {address}.\n"
         f"\n"
         f"If this was you, there is nothing to do.\n"
         f"\n"
         f"If it was not, sign in to {title} now, delete the app password \"{device}\",\n"
         f"change your password, and tell your help desk.\n"
+    )
+    return msg.as_bytes()
+
+
+def _when(at: float) -> str:
+    return time.strftime('%Y-%m-%d at %H:%M UTC', time.gmtime(at))
+
+
+def second_factor_message(*, sender: str, to: str, username: str, at: float, address: str,
+                          title: str) -> bytes:
+    msg = email.message.EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = f"An authenticator app was set up for {username}"
+    msg["Date"] = email.utils.formatdate(at, usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(
+        f"An authenticator app was set up for your account {username} at {title}\n"
+        f"on {_when(at)}, from the address {address}. From now on, signing in there\n"
+        f"asks for a code from it.\n"
+        f"\n"
+        f"If this was you, there is nothing to do.\n"
+        f"\n"
+        f"If it was not, someone knows your password: change it now and tell your\n"
+        f"help desk, who can reset the authenticator.\n"
     )
     return msg.as_bytes()
 
@@ -72,9 +117,21 @@ def send(reactor: Any, relay: str, sender: str, to: str, data: bytes,
 
 def notify_created(reactor: Any, relay: str, sender: str, to: str, **fields: Any) -> None:
     """Send the notice in the background; a failure is logged, never raised."""
-    d = send(reactor, relay, sender, to, message(sender=sender, to=to, **fields))
+    _background(reactor, relay, sender, to, message(sender=sender, to=to, **fields),
+                fields["username"], "a new app password")
+
+
+def notify_second_factor(reactor: Any, relay: str, sender: str, to: str, **fields: Any) -> None:
+    """Send the notice of a new authenticator in the background."""
+    _background(reactor, relay, sender, to, second_factor_message(sender=sender, to=to, **fields),
+                fields["username"], "a new authenticator")
+
+
+def _background(reactor: Any, relay: str, sender: str, to: str, data: bytes, user: str,
+                what: str) -> None:
+    d = send(reactor, relay, sender, to, data)
     d.addCallbacks(
-        lambda _: log.info("told {user} of a new app password", user=fields["username"]),
-        lambda f: log.warn("cannot mail {user} of a new app password: {error}",
-                           user=fields["username"], error=f.getErrorMessage()),
+        lambda _: log.info("told {user} of {what}", user=user, what=what),
+        lambda f: log.warn("cannot mail {user} of {what}: {error}", user=user, what=what,
+                           error=f.getErrorMessage()),
     )

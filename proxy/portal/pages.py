@@ -17,13 +17,19 @@ from typing import Any, TypeVar
 import attrs
 import jinja2
 from klein import Klein
+from twisted.logger import Logger
 
 from proxy.admin import AdminError
+from proxy.audit import recent_events
 from proxy.config import Config
 from proxy.directory import Account, DirectoryUnavailable
+from proxy.portal import notify
 from proxy.portal.websessions import COOKIE, WebSession, WebSessions, same
+from proxy.portal.words import Refusal, is_refusal_of, refusal
 from proxy.store import STOPPED_REASONS, AppPassword, StoreError
 from proxy.threads import Busy
+
+log = Logger(namespace="legacy_auth_proxy.portal")
 
 TRY_LATER = "Signing in is not possible just now. Try again in a minute."
 PROTOCOL_NAMES = {"imap": "IMAP (mail)", "pop3": "POP3 (mail)", "smtp": "SMTP (sending mail)",
@@ -122,6 +128,7 @@ class Context:
     sessions: WebSessions
     templates: jinja2.Environment  # read and compiled once, when the portal is built
     record: Callable[..., None]  # an audit event
+    files_pool: Any = None  # reads the audit file (recent refused sign-ins)
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -150,6 +157,7 @@ class Pages:
         self._store_pool = context.store_pool
         self._templates = context.templates
         self._record = context.record
+        self._files_pool = context.files_pool
         self.sessions = context.sessions
 
     def mount(self, app: Klein) -> None:
@@ -181,12 +189,18 @@ class Pages:
         return b""
 
     def failed(self, request: Any, failure: Any) -> bytes:
-        """The answer to a page that raised a PageError or a Redirect."""
+        """The answer to a page that raised a PageError or a Redirect. A
+        signed-in user keeps the menu and the sign-out on an error page,
+        whichever check refused (a form out of date, a page not theirs)."""
         error = failure.value
         if isinstance(error, Redirect):
             return self._redirect(request, error.to)
+        session = error.session
+        if session is None:
+            found = self.sessions.get(self._token(request))
+            session = found if found is not None and found.stage == "signed_in" else None
         return self._render(request, "error.html", error.status, heading=error.heading,
-                            text=error.text, session=error.session)
+                            text=error.text, session=session)
 
     # -- reading the request ----------------------------------------------------------------
 
@@ -259,6 +273,8 @@ class Pages:
             self.sessions.end(token)
             raise SignInNeeded()
         session.admin = account.admin
+        session.address = self._address(request)
+        session.agent = (request.getHeader(b"user-agent") or b"")[:200].decode("utf-8", "replace")
         if help_desk and not account.admin:
             raise Forbidden()
         if form:
@@ -297,6 +313,41 @@ class Pages:
         except (AdminError, StoreError, Busy):
             return None
         return next((r for r in records if r.id == id), None)
+
+    async def _refusals(self, username: str, limit: int = 20) -> list[Refusal]:
+        """The latest refused sign-ins of ``username`` from the audit file,
+        newest first (none without one, or when it cannot be read)."""
+        path = self.config.audit.file
+        if path is None or self._files_pool is None:
+            return []
+        try:
+            events = await self._files_pool.submit(
+                recent_events, path, is_refusal_of(username), limit,
+                self.config.portal.audit_scan_bytes)
+        except (OSError, Busy):
+            return []
+        return [refusal(e) for e in events]
+
+    async def _tell_second_factor(self, dn: str, address: str) -> None:
+        """Mail the user that an authenticator was set up for them (where a
+        relay is set and the directory knows their address), in the
+        background: a set-up is never held up or undone by the mail."""
+        portal = self.config.portal
+        if portal.mail_relay is None:
+            return
+        try:
+            account = await self._auth.account(dn)
+        except DirectoryUnavailable:
+            account = None
+        if account is None or not account.mail:
+            return
+        try:
+            notify.notify_second_factor(
+                self._reactor, portal.mail_relay, portal.mail_from, account.mail,
+                username=account.username, at=self._reactor.seconds(), address=address,
+                title=portal.title)
+        except Exception:
+            log.failure("cannot mail {user} of a new authenticator", user=account.username)
 
     async def _refresh(self) -> None:
         """Apply the store's change feed now: what a page did takes effect at

@@ -160,6 +160,7 @@ class SignIn(Pages):
         except (StoreError, Busy):
             return self._enrol_form(request, session, 503, TRY_LATER)
         await self._refresh()
+        await self._tell_second_factor(session.dn, self._address(request))  # by mail
         self.sessions.end(token)
         self.sessions.end_user(session.username, stage="enrolling")
         token, fresh = self.sessions.start(session.username, session.dn, "signed_in",
