@@ -24,7 +24,8 @@ COMMON_SETTINGS = (
 _MAIL = (
     "max_line_length", "max_bad_commands", "backend", "backend_starttls", "backend_ca_file",
     "backend_timeout", "backend_pool", "backend_pool_max_age", "backend_login", "master_user", "master_password_file",
-    "pass_client_address",
+    "pass_client_address", "oauth2_token_url", "oauth2_client_id", "oauth2_client_secret_file",
+    "oauth2_scope", "oauth2_client_auth", "oauth2_mechanism", "oauth2_ca_file",
 )
 
 
@@ -61,19 +62,19 @@ REGISTRY: dict[str, Protocol] = {
         ),
         Protocol(
             name="imap", title="IMAP", ports={"starttls": 143, "implicit": 993},
-            backend_ports={"imap": 143, "imaps": 993}, backend_logins=("sasl", "dovecot"),
+            backend_ports={"imap": 143, "imaps": 993}, backend_logins=("sasl", "dovecot", "oauth2"),
             frontend="proxy.frontends.imap:IMAPListener", backend="proxy.backends.imap:IMAPBackend",
             settings=_MAIL + ("max_literal_size",),
         ),
         Protocol(
             name="smtp", title="SMTP submission", ports={"starttls": 587, "implicit": 465},
-            backend_ports={"smtp": 587, "smtps": 465}, backend_logins=("sasl", "xclient"),
+            backend_ports={"smtp": 587, "smtps": 465}, backend_logins=("sasl", "xclient", "oauth2"),
             frontend="proxy.frontends.smtp:SMTPListener", backend="proxy.backends.smtp:SMTPBackend",
             settings=_MAIL,
         ),
         Protocol(
             name="pop3", title="POP3", ports={"starttls": 110, "implicit": 995},
-            backend_ports={"pop3": 110, "pop3s": 995}, backend_logins=("sasl", "dovecot"),
+            backend_ports={"pop3": 110, "pop3s": 995}, backend_logins=("sasl", "dovecot", "oauth2"),
             frontend="proxy.frontends.pop3:POP3Listener", backend="proxy.backends.pop3:POP3Backend",
             settings=_MAIL,
         ),

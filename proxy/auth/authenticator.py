@@ -249,6 +249,11 @@ class Authenticator:
         elif started + delay > now:
             await deferLater(self._clock, started + delay - now)
 
+    def backend_failed(self, attempt: Attempt, decision: Decision, *, listener: str,
+                       reason: str, detail: str = "") -> None:
+        """A front end could not log the accepted user in to its backend."""
+        self.events.backend_failed(attempt, decision, listener=listener, reason=reason, detail=detail)
+
     # -- the decision --------------------------------------------------------------
 
     async def authenticate(self, attempt: Attempt) -> Decision:

@@ -72,6 +72,17 @@ class DecisionEvents:
                 reason=decision.reason.value,
             )
 
+    def backend_failed(self, attempt: Attempt, decision: Decision, *, listener: str,
+                       reason: str, detail: str = "") -> None:
+        """The sign-in was accepted, but the login to the backend as the
+        user did not follow: the client got a temporary failure. ``reason``
+        is one of a few words (token_unavailable, backend_refused,
+        backend_unreachable); ``detail`` says more (the provider's error
+        code, the backend's answer), never a secret."""
+        self._record("backend_login", outcome="temporary_failure", reason=reason,
+                     detail=detail or None, user=decision.username, protocol=attempt.protocol,
+                     realm=attempt.realm, listener=listener, client_address=attempt.client_address)
+
     def session_refused(self, *, user: str, protocol: str, realm: str, client_address: str,
                         why: str) -> None:
         """A request the session's policy refused after its bind (an

@@ -12,6 +12,7 @@ from twisted.internet import endpoints, error, tcp
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
+from proxy.backends.tokens import OAuthLogin, TokenUnavailable
 from proxy.protocols import BACKEND_PORTS
 from proxy.tls import client_options, faster_tls
 from proxy.transports import hang_up, tcp_endpoint
@@ -66,12 +67,19 @@ class BackendRefused(Exception):
     """The backend refused the proxy's login as the user."""
 
 
+class TokenRefused(BackendRefused):
+    """The backend refused the access token itself (expired, revoked): a
+    new one is asked for, and the login tried once more with it."""
+
+
 # What a backend login is expected to fail with: the backend refused it,
 # could not be reached or was lost (the OS's errors, Twisted's connection
-# errors, TLS), or did not answer in time. Anything else is a bug, and the
-# front end says so with its traceback.
+# errors, TLS), did not answer in time, or no access token could be had
+# for it. Anything else is a bug, and the front end says so with its
+# traceback.
 LOGIN_FAILURES: tuple[type[BaseException], ...] = (
     BackendRefused, OSError, error.ConnectError, error.ConnectionClosed, DeferredTimeout, SSL.Error,
+    TokenUnavailable,
 )
 
 
@@ -204,6 +212,9 @@ class MasterLogin:
     pool_size: int = 0
     pool_max_age: float = 30.0
     goodbye: bytes = b""  # what a pooled connection says when it is let go
+    # backend_login: oauth2: the user's login is SASL XOAUTH2 or OAUTHBEARER
+    # with a token of the proxy's app registration, not the master user.
+    oauth: OAuthLogin | None = None
     _idle: list[_Pooled] = attrs.field(factory=list, init=False)
     _filling: int = attrs.field(default=0, init=False)
     _last_login: float = attrs.field(default=0.0, init=False)
@@ -227,10 +238,26 @@ class MasterLogin:
         return await d.addTimeout(self.timeout, self.reactor)
 
     async def _session(self, username: str, address: str, port: int) -> BackendConnection:
+        if self.oauth is None:
+            return await self._logged_in(username, address, port, None)
+        token = await self.oauth.token()
+        try:
+            return await self._logged_in(username, address, port, token)
+        except TokenRefused:
+            # Revoked or expired early (the provider's clock ahead of
+            # ours): a new token, and once more, unseen by the client.
+            self.oauth.forget(token)
+            fresh = await self.oauth.token()
+            if fresh == token:
+                raise
+            return await self._logged_in(username, address, port, fresh)
+
+    async def _logged_in(self, username: str, address: str, port: int,
+                         token: str | None) -> BackendConnection:
         connection = self._take()
         if connection is not None:
             try:
-                await self.finish(connection, username, address, port)
+                await self.finish(connection, username, address, port, token)
                 return connection
             except ConnectionError:
                 # The backend dropped it while it waited (its timeout, a
@@ -241,7 +268,7 @@ class MasterLogin:
                 raise
         connection = await self._prepared()
         try:
-            await self.finish(connection, username, address, port)
+            await self.finish(connection, username, address, port, token)
         except BaseException:
             connection.transport.abortConnection()
             raise
@@ -262,9 +289,11 @@ class MasterLogin:
         raise NotImplementedError
 
     async def finish(
-        self, connection: BackendConnection, username: str, address: str, port: int
+        self, connection: BackendConnection, username: str, address: str, port: int,
+        token: str | None = None,
     ) -> None:
-        """The client's address, and the login as ``username``."""
+        """The client's address, and the login as ``username`` (with
+        ``token`` for backend_login: oauth2)."""
         raise NotImplementedError
 
     # -- the pool ------------------------------------------------------------------------

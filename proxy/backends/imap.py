@@ -2,10 +2,12 @@
 
 The backend trusts the proxy as a master user: SASL PLAIN with the user as
 authorization identity (RFC 4616; Dovecot master users), or Dovecot's
-``user*master`` LOGIN form. Where the backend trusts the proxy's address,
-an ``ID`` command first passes on the client's address and port
-(``x-originating-ip``, ``x-originating-port``) and a session id; nothing the
-client itself sent in an ``ID`` is passed on.
+``user*master`` LOGIN form; or the proxy logs in as the user with an access
+token of its app registration, SASL XOAUTH2 or OAUTHBEARER (``oauth2``).
+Where the backend trusts the proxy's address, an ``ID`` command first passes
+on the client's address and port (``x-originating-ip``,
+``x-originating-port``) and a session id; nothing the client itself sent in
+an ``ID`` is passed on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import secrets
 
 import attrs
 
-from proxy.backends import BackendConnection, BackendRefused, MasterLogin
+from proxy.backends import BackendConnection, BackendRefused, MasterLogin, TokenRefused
+from proxy.backends.tokens import TOKEN_REFUSED, refusal
 from proxy.transports import write_now
 from proxy.wire.imap import quote
 
@@ -26,22 +29,30 @@ def send(connection: BackendConnection, tag: bytes, line: bytes) -> None:
     write_now(connection.transport, tag + b" " + line + b"\r\n")
 
 
-async def answer(connection: BackendConnection, tag: bytes, continuation: bytes | None = None) -> bytes:
+async def answer(connection: BackendConnection, tag: bytes,
+                 continuation: bytes | tuple[bytes, ...] | None = None) -> bytes:
     """The tagged answer's line to the command tagged ``tag``. Untagged lines
-    are read and kept only for capabilities; a continuation request gets
-    ``continuation``."""
+    are read and kept only for capabilities; continuation requests get
+    ``continuation`` (one, or several in turn). A refusal whose last
+    challenge says the bearer token was refused is :class:`TokenRefused`."""
+    pending = [continuation] if isinstance(continuation, bytes) else list(continuation or ())
+    challenge = b""
     while True:
         line = await connection.line()
-        if line.startswith(b"+") and continuation is not None:
-            write_now(connection.transport, continuation + b"\r\n")
-            continuation = None
+        if line.startswith(b"+") and pending:
+            challenge = line[1:]
+            write_now(connection.transport, pending.pop(0) + b"\r\n")
             continue
         if line.upper().startswith(b"* CAPABILITY "):
             connection.capabilities = line[len(b"* CAPABILITY ") :]
         if line.startswith(tag + b" "):
             status = line[len(tag) + 1 :].split(b" ", 1)[0].upper()
             if status != b"OK":
-                raise BackendRefused(line[len(tag) + 1 :].decode("utf-8", "replace")[:200])
+                text = line[len(tag) + 1 :].decode("utf-8", "replace")[:200]
+                why = refusal(challenge) if challenge.strip() else ""
+                if why in TOKEN_REFUSED:
+                    raise TokenRefused(f"{text} (token: {why})")
+                raise BackendRefused(f"{text} (token: {why})" if why else text)
             found = _CAPABILITY.search(line)
             if found:
                 connection.capabilities = found.group(1)
@@ -77,7 +88,8 @@ class IMAPBackend(MasterLogin):
             await command(connection, b"lap2", b"CAPABILITY")
 
     async def finish(
-        self, connection: BackendConnection, username: str, address: str, port: int
+        self, connection: BackendConnection, username: str, address: str, port: int,
+        token: str | None = None,
     ) -> None:
         # ID and the login go together: one round trip (RFC 3501 5.5).
         if self.pass_client_address:
@@ -90,8 +102,20 @@ class IMAPBackend(MasterLogin):
             send(connection, b"lap1", b"ID (" + pairs + b")")
         offered = connection.capabilities.upper().split()
         connection.capabilities = b""
-        continuation = None
-        if self.login_style == "dovecot":
+        continuation: bytes | tuple[bytes, ...] | None = None
+        if self.oauth is not None:
+            assert token is not None
+            # A refusal comes as a challenge to be answered with a dummy
+            # (RFC 7628 3.2.3), then NO.
+            mechanism = self.oauth.mechanism.encode()
+            initial = self.oauth.initial(username, token)
+            if b"SASL-IR" in offered:
+                send(connection, b"lap3", b"AUTHENTICATE " + mechanism + b" " + initial)
+                continuation = self.oauth.dummy
+            else:
+                send(connection, b"lap3", b"AUTHENTICATE " + mechanism)
+                continuation = (initial, self.oauth.dummy)
+        elif self.login_style == "dovecot":
             login = quote(f"{username}*{self.master_user}") + b" " + quote(self.master_password)
             send(connection, b"lap3", b"LOGIN " + login)
         elif b"SASL-IR" in offered:

@@ -5,6 +5,9 @@ user as authorization identity: Dovecot submission) or through Postfix's
 XCLIENT (``LOGIN=`` and ``ADDR=``, from an address Postfix lists in
 ``smtpd_authorized_xclient_hosts``). Where the backend offers XCLIENT and the
 operator wants it, the client's address is passed on before a SASL login too.
+With ``oauth2``, the login is as the user with an access token of the
+proxy's app registration (SASL XOAUTH2 or OAUTHBEARER), as Exchange Online's
+``SMTP.SendAsApp`` and Dovecot's oauth2 passdb take it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Sequence
 import attrs
 from twisted.logger import Logger
 
-from proxy.backends import BackendConnection, BackendRefused, MasterLogin, connect
+from proxy.backends import BackendConnection, BackendRefused, MasterLogin, TokenRefused, connect
+from proxy.backends.tokens import TOKEN_REFUSED, refusal
 from proxy.transports import write_now
 from proxy.wire.smtp import DEFAULT_EXTENSIONS, passed_extensions, xtext
 
@@ -48,7 +52,7 @@ async def expect(connection: BackendConnection, command: bytes | None, code: int
 
 @attrs.define
 class SMTPBackend(MasterLogin):
-    """login_style: "sasl" or "xclient"."""
+    """login_style: "sasl", "xclient" or "oauth2"."""
 
     extensions: list[bytes] = attrs.Factory(lambda: list(DEFAULT_EXTENSIONS))
     goodbye: bytes = b"QUIT\r\n"
@@ -89,7 +93,8 @@ class SMTPBackend(MasterLogin):
         connection.offered = frozenset(keywords(lines))
 
     async def finish(
-        self, connection: BackendConnection, username: str, address: str, port: int
+        self, connection: BackendConnection, username: str, address: str, port: int,
+        token: str | None = None,
     ) -> None:
         if self.login_style == "xclient":
             command = b"XCLIENT LOGIN=" + xtext(username)
@@ -102,7 +107,31 @@ class SMTPBackend(MasterLogin):
             command = b"XCLIENT ADDR=" + xtext(address) + b" PORT=" + str(port).encode()
             await expect(connection, command, 220)
             await self._ehlo(connection)
+        if self.oauth is not None:
+            assert token is not None
+            await self._bearer(connection, username, token)
+            return
         await expect(connection, b"AUTH PLAIN " + self.plain(username), 235)
+
+    async def _bearer(self, connection: BackendConnection, username: str, token: str) -> None:
+        """AUTH with the initial response (RFC 4954); a refusal comes as a
+        334 challenge, answered with the dummy, then 535 (RFC 7628 3.2.3)."""
+        assert self.oauth is not None
+        write_now(connection.transport, b"AUTH " + self.oauth.mechanism.encode() + b" "
+                  + self.oauth.initial(username, token) + b"\r\n")
+        code, lines = await reply(connection)
+        why = ""
+        if code == 334:
+            why = refusal(lines[0] if lines else b"")
+            write_now(connection.transport, self.oauth.dummy + b"\r\n")
+            code, lines = await reply(connection)
+        if code == 235:
+            return
+        if code == 421:
+            raise ConnectionError("the submission server is closing the connection")
+        text = f"AUTH: {code} {b' '.join(lines)[:200].decode('utf-8', 'replace')}" + (
+            f" (token: {why})" if why else "")
+        raise (TokenRefused if why in TOKEN_REFUSED else BackendRefused)(text)
 
 
 def keywords(lines: Sequence[bytes]) -> set[bytes]:

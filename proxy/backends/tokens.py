@@ -30,6 +30,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from proxy.tls import client_options
+from proxy.wire import oauth
 
 log = Logger(namespace="legacy_auth_proxy.backends.tokens")
 
@@ -273,3 +274,44 @@ def agent(reactor: Any, ca_pem: bytes | None, timeout: float) -> Any:
     pool.maxPersistentPerHost = 2
     pool.retryAutomatically = False
     return Agent(reactor, contextFactory=Trust(), connectTimeout=timeout, pool=pool)
+
+
+@attrs.define
+class OAuthLogin:
+    """What a backend needs to log in as the user with a token: the cache,
+    the grant (its key), the SASL mechanism, and the server's name and
+    port (OAUTHBEARER says them)."""
+
+    cache: TokenCache
+    grant: Grant
+    mechanism: str = "XOAUTH2"  # or OAUTHBEARER
+    host: str = ""
+    port: int | None = None
+
+    async def token(self) -> str:
+        return await self.cache.get(self.grant)
+
+    def forget(self, token: str) -> None:
+        self.cache.forget(self.grant, token)
+
+    def initial(self, username: str, token: str) -> bytes:
+        """The first message as the user, base64."""
+        return base64.b64encode(oauth.encode(self.mechanism, username, token, self.host, self.port))
+
+    @property
+    def dummy(self) -> bytes:
+        """The answer to a refusal's challenge, base64 (possibly empty)."""
+        return base64.b64encode(oauth.DUMMY[self.mechanism])
+
+
+def refusal(challenge: bytes) -> str:
+    """The status in a base64 refusal challenge, "" if none."""
+    try:
+        return oauth.error_status(base64.b64decode(challenge.strip(), validate=True))
+    except ValueError:
+        return ""
+
+
+# The statuses that say the token itself was refused (RFC 7628's
+# invalid_token; XOAUTH2 servers say 401, as Gmail does).
+TOKEN_REFUSED = frozenset({"invalid_token", "401"})

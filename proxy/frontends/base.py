@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from proxy import splice
-from proxy.backends import LOGIN_FAILURES
+from proxy.backends import LOGIN_FAILURES, BackendRefused
+from proxy.backends.tokens import TokenUnavailable
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
 from proxy.tls import faster_tls
@@ -630,6 +631,15 @@ def stop_controlling_reading(protocol: Any) -> None:
         protocol.transport.resumeProducing()
 
 
+def backend_failure(e: BaseException) -> dict[str, str]:
+    """The audit's words for a failed backend login."""
+    if isinstance(e, TokenUnavailable):
+        return {"reason": "token_unavailable", "detail": e.reason}
+    if isinstance(e, BackendRefused):
+        return {"reason": "backend_refused", "detail": str(e)[:200]}
+    return {"reason": "backend_unreachable", "detail": str(e)[:200] or type(e).__name__}
+
+
 class Phase(enum.Enum):
     """Where a relaying server's client connection is (:data:`PHASES` says
     how it gets on)."""
@@ -832,12 +842,16 @@ class RelayingServer(ListenerConnection, Protocol):
             if metrics is not None:
                 metrics.backend_login(self.config.label, True, self.listener.reactor.seconds() - started)
         except LOGIN_FAILURES as e:
-            # The backend said no, or could not be reached in time.
+            # The backend said no, or could not be reached in time, or no
+            # access token could be had for it: audited, and the client
+            # hears its protocol's temporary failure.
             if metrics is not None:
                 metrics.backend_login(self.config.label, False, 0.0)
             log.warn("{address}: the {protocol} backend did not log {user} in: {error}",
                      address=self.address, protocol=self.protocol_name, user=decision.username,
                      error=str(e) or type(e).__name__)
+            self.listener.authenticator.backend_failed(
+                attempt, decision, listener=self.config.label, **backend_failure(e))
             if not self._closing:
                 self._refused(event, temporary=True)
             return
