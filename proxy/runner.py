@@ -25,6 +25,7 @@ from twisted.logger import (
 
 from proxy import config as configuration
 from proxy.bootstrap import StartupError, StoreUnreachable
+from proxy.daemon.supervisor import WorkerRole, supervise, worker_count
 from proxy.service import serve
 from proxy.twistedcheck import TwistedMismatch, check_twisted
 
@@ -34,7 +35,10 @@ EX_CONFIG = 78
 
 # Twisted's own lines for every port opened and closed ("IMAPListener starting
 # on 10143", "(TCP Port 10143 Closed)"): the daemon says "listening: NAME" itself.
-_PORT_NOISE = re.compile(r"^(?:.+ starting on \d+|\((?:TCP|UNIX) Port \S+ Closed\))$")
+# With workers, their metrics' and the supervisor's notification sockets
+# ("Site starting on '/tmp/...'", "(Port '/tmp/...' Closed)") likewise.
+_PORT_NOISE = re.compile(
+    r"^(?:.+ starting on (?:\d+|'[^']*')|\((?:(?:TCP|UNIX) )?Port \S+ Closed\))$")
 
 
 def quiet_ports(event: dict) -> PredicateResult:
@@ -109,9 +113,18 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
     give_memory_back()
     globalLogBeginner.beginLoggingTo([log_observer()], redirectStandardIO=False)
 
+    role = WorkerRole.from_environment()
+    if role is not None:
+        role.watch_supervisor()
+
     async def main(reactor: Any) -> None:
         try:
-            await serve(reactor, config_path, config)
+            if role is None and worker_count(config) > 1:
+                code = await supervise(reactor, config_path, config)
+                if code:
+                    raise SystemExit(code)
+                return
+            await serve(reactor, config_path, config, role)
         except StoreUnreachable as e:
             # Exit and be started again rather than wait in the process: the
             # supervisor already does the waiting (systemd's Restart=, the

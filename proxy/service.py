@@ -24,6 +24,7 @@ from proxy.daemon import health
 from proxy.daemon.auditing import AuditBatches, FromThread
 from proxy.daemon.build import Core, Pools, build_core
 from proxy.daemon.listeners import Listeners
+from proxy.daemon.supervisor import WorkerRole
 from proxy.daemon.tree import Ordered, Part, sd_notify, watchdog
 from proxy.frontends.base import PreLoginBudget
 from proxy.metrics import Metrics, site
@@ -44,10 +45,14 @@ class Daemon:
     services (:attr:`services`) started in order and stopped in reverse,
     and what changes them: SIGHUP and the signals that stop it."""
 
-    def __init__(self, reactor: Any, config_path: Path, config: configuration.Config) -> None:
+    def __init__(self, reactor: Any, config_path: Path, config: configuration.Config,
+                 role: WorkerRole | None = None) -> None:
         self._reactor = reactor
         self._config_path = config_path
-        self.config = config
+        # One of several workers (proxy.daemon.supervisor): its metrics on
+        # its own socket, the portal on worker 0 only, its supervisor's sockets.
+        self._role = role
+        self.config = role.applied(config) if role is not None else config
         self.pools = Pools.of(reactor, config)
         self.audit = AuditBatches(reactor, AuditLog(config.audit.file, reactor.seconds),
                                   self.pools.audit, config.audit.log_authentications)
@@ -95,13 +100,17 @@ class Daemon:
 
             sweeping = LoopingCall(self._sweep)
             sweeping.clock = self._reactor
-            self.services.part("sweep", start=lambda: sweeping.start(SWEEP_INTERVAL, now=True),
-                               stop=lambda: sweeping.running and sweeping.stop())
+            if self._role is None or self._role.index == 0:  # one sweep for the store
+                self.services.part("sweep",
+                                   start=lambda: sweeping.start(SWEEP_INTERVAL, now=True),
+                                   stop=lambda: sweeping.running and sweeping.stop())
             if hasattr(state.store, "listen"):
                 self._listen_for_changes(state.store)
             self.listeners = listeners = Listeners(
                 reactor=self._reactor, tree=self.services, files_pool=self.pools.files,
-                core=self.core, budget=self.budget, metrics=self.metrics)
+                core=self.core, budget=self.budget, metrics=self.metrics,
+                sockets=self._role.sockets if self._role is not None else None,
+                reuse_ports=self._role is not None)
             # Stopped after the listeners stop taking connections.
             self.services.part("sessions", stop=lambda: Deferred.fromCoroutine(
                 listeners.drain(self.config.shutdown.grace)))
@@ -262,6 +271,8 @@ class Daemon:
             # rotation must not leave events going to the rotated file.
             await self.audit.reopen(self.config.audit)
             return
+        if self._role is not None:
+            new = self._role.applied(new)
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
                  "shutdown", "portal")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
@@ -321,9 +332,11 @@ class Daemon:
         self._reactor.stop()
 
 
-async def serve(reactor: Any, config_path: Path, config: configuration.Config) -> None:
-    """Run until the reactor stops (SIGTERM, SIGINT)."""
-    daemon = Daemon(reactor, config_path, config)
+async def serve(reactor: Any, config_path: Path, config: configuration.Config,
+                role: WorkerRole | None = None) -> None:
+    """Run until the reactor stops (SIGTERM, SIGINT); as one of a
+    supervisor's workers with ``role``."""
+    daemon = Daemon(reactor, config_path, config, role)
     reactor.addSystemEventTrigger("before", "shutdown", daemon.services.stopService)
     await daemon.start()
     daemon.install_signal_handlers()

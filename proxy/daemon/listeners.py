@@ -30,8 +30,16 @@ class Listeners:
     (one closed by a reload keeps its sessions until they end)."""
 
     def __init__(self, *, reactor: Any, tree: Ordered, files_pool: Pool, core: Any,
-                 budget: PreLoginBudget, metrics: Metrics) -> None:
+                 budget: PreLoginBudget, metrics: Metrics,
+                 sockets: dict[str, tuple[int, int]] | None = None,
+                 reuse_ports: bool = False) -> None:
         self._reactor = reactor
+        # A worker's: the sockets its supervisor opened, by endpoint (each
+        # adopted anew by each listener on that endpoint; the inherited
+        # descriptor stays open), and whether an endpoint it did not open
+        # (one a reload added) is bound with SO_REUSEPORT, as every worker does.
+        self._sockets = sockets or {}
+        self._reuse_ports = reuse_ports
         self._tree = tree
         self._files_pool = files_pool
         self._core = core  # authenticator, sessions, upstream
@@ -77,7 +85,11 @@ class Listeners:
             # Outermost: the balancer's header comes before TLS.
             factory = ProxyHeaderFactory(factory, config.trusted_proxies, self._reactor)
         try:
-            if config.reuse_port:
+            inherited = self._sockets.get(config.endpoint)
+            if inherited is not None:
+                port = self._reactor.adoptStreamPort(inherited[0], inherited[1], factory)
+            elif config.reuse_port or (
+                    self._reuse_ports and config.endpoint.startswith(("tcp:", "tcp6:"))):
                 port = listen_reusing_port(self._reactor, config.endpoint, factory)
             else:
                 port = await serverFromString(self._reactor, config.endpoint).listen(factory)
