@@ -44,6 +44,8 @@ RESPONSE_TAG = {
     EXTENDED_REQUEST: EXTENDED_RESPONSE,
 }
 WRITE_REQUESTS = frozenset({MODIFY_REQUEST, ADD_REQUEST, DEL_REQUEST, MODIFY_DN_REQUEST})
+# The responses shaped as an LDAPResult (RFC 4511 4.1.9).
+RESULTS = frozenset(RESPONSE_TAG.values())
 
 SEQUENCE = 0x30
 INTEGER = 0x02
@@ -51,6 +53,7 @@ OCTET_STRING = 0x04
 ENUMERATED = 0x0A
 
 SEARCH_RESULT_ENTRY = 0x64
+SEARCH_RESULT_REFERENCE = 0x73
 CONTROLS = 0xA0  # [0] Controls, in an LDAPMessage
 BOOLEAN = 0x01
 
@@ -74,6 +77,8 @@ BUSY = 51
 UNAVAILABLE = 52
 UNAVAILABLE_CRITICAL_EXTENSION = 12
 UNWILLING_TO_PERFORM = 53
+REFERRAL = 10
+NO_SUCH_OBJECT = 32
 AUTHORIZATION_DENIED = 123
 
 
@@ -289,7 +294,7 @@ def control_types(message: Message) -> list[str]:
     return types
 
 
-def _attribute_type(description: bytes) -> bytes:
+def attribute_type(description: bytes) -> bytes:
     """An attribute description's type, comparable: lower case, without
     options or an ``OID.`` prefix."""
     name = description.split(b";", 1)[0].strip().lower()
@@ -305,7 +310,7 @@ def compared_attribute(message: Message) -> bytes:
     ava = _children(data, parts[1][1], parts[1][2])
     if not ava or ava[0][0] != OCTET_STRING:
         raise BERError("a malformed compare request")
-    return _attribute_type(data[ava[0][1] : ava[0][2]])
+    return attribute_type(data[ava[0][1] : ava[0][2]])
 
 
 def entry_name(message: Message) -> bytes:
@@ -328,7 +333,7 @@ def without_attributes(message: Message, names: frozenset[bytes]) -> bytes | Non
         inner = _children(data, start, end)
         if tag != SEQUENCE or not inner or inner[0][0] != OCTET_STRING:
             raise BERError("a malformed attribute")
-        if _attribute_type(data[inner[0][1] : inner[0][2]]) not in names:
+        if attribute_type(data[inner[0][1] : inner[0][2]]) not in names:
             kept.append(tlv(SEQUENCE, data[start:end]))
     if len(kept) == len(_children(data, parts[1][1], parts[1][2])):
         return None
@@ -338,6 +343,90 @@ def without_attributes(message: Message, names: frozenset[bytes]) -> bytes | Non
     outer = _children(data, start, end)
     rest = b"".join(tlv(tag, data[a:b]) for tag, a, b in outer[2:])  # controls
     return tlv(SEQUENCE, tlv(INTEGER, data[outer[0][1] : outer[0][2]]) + entry + rest)
+
+
+# A SearchRequest's filter (RFC 4511 4.5.1.7), by tag: the choices that
+# hold other filters, and those that name an attribute first.
+_FILTER_SETS = frozenset({0xA0, 0xA1})  # and, or
+_FILTER_NOT = 0xA2
+_FILTER_NAMED = frozenset({0xA3, 0xA4, 0xA5, 0xA6, 0xA8})  # =, substrings, >=, <=, ~=
+_FILTER_PRESENT = 0x87
+_FILTER_EXTENSIBLE = 0xA9
+# Its attribute list: "no attributes" (RFC 4511 4.5.1.8).
+NO_ATTRIBUTES = b"1.1"
+
+
+def _search_parts(message: Message) -> list[tuple[int, int, int]]:
+    parts = _children(message.frame, message.op_start, message.op_end)
+    if message.op_tag != SEARCH_REQUEST or len(parts) != 8 or parts[7][0] != SEQUENCE:
+        raise BERError("a malformed search request")
+    return parts
+
+
+def searched_attributes(message: Message) -> tuple[list[bytes], set[bytes]]:
+    """A SearchRequest's attribute list, as sent, and the attribute types
+    its filter names (comparable: see :func:`attribute_type`); an
+    extensible match of any attribute names ``b"*"``."""
+    data = message.frame
+    parts = _search_parts(message)
+    requested = []
+    for tag, start, end in _children(data, parts[7][1], parts[7][2]):
+        if tag != OCTET_STRING:
+            raise BERError("a malformed attribute list")
+        requested.append(data[start:end])
+    named: set[bytes] = set()
+    pending = [parts[6]]
+    while pending:  # the depth is bounded by the framer's check
+        tag, start, end = pending.pop()
+        if tag in _FILTER_SETS:
+            pending += _children(data, start, end)
+        elif tag == _FILTER_NOT:
+            pending.append(_element(data, start, end))
+        elif tag in _FILTER_NAMED:
+            inner = _children(data, start, end)
+            if not inner or inner[0][0] != OCTET_STRING:
+                raise BERError("a malformed filter")
+            named.add(attribute_type(data[inner[0][1] : inner[0][2]]))
+        elif tag == _FILTER_PRESENT:
+            named.add(attribute_type(data[start:end]))
+        elif tag == _FILTER_EXTENSIBLE:
+            types = [data[a:b] for t, a, b in _children(data, start, end) if t == 0x82]
+            named.add(attribute_type(types[0]) if types else b"*")
+        else:
+            raise BERError("an unknown filter")
+    return requested, named
+
+
+def with_requested_attributes(message: Message, attributes: list[bytes]) -> bytes:
+    """A SearchRequest's frame asking for ``attributes`` instead (its
+    controls kept)."""
+    data = message.frame
+    parts = _search_parts(message)
+    head = data[message.op_start : parts[6][2]]  # up to the attribute list
+    op = tlv(message.op_tag, head + tlv(SEQUENCE, b"".join(tlv(OCTET_STRING, a)
+                                                          for a in attributes)))
+    return _with_op(message, op)
+
+
+def _with_op(message: Message, op: bytes) -> bytes:
+    """The message's frame with another operation (its id and controls kept)."""
+    data = message.frame
+    _, start, end = _element(data, 0, len(data))
+    outer = _children(data, start, end)
+    rest = b"".join(tlv(tag, data[a:b]) for tag, a, b in outer[2:])
+    return tlv(SEQUENCE, tlv(INTEGER, data[outer[0][1] : outer[0][2]]) + op + rest)
+
+
+def with_result(message: Message, code: int, text: str) -> bytes:
+    """An LDAPResult-shaped response's frame with another code and text,
+    its matched DN kept, without a referral (or anything after it)."""
+    data = message.frame
+    parts = _children(data, message.op_start, message.op_end)
+    if len(parts) < 3 or parts[0][0] != ENUMERATED or parts[1][0] != OCTET_STRING:
+        raise BERError("a malformed result")
+    body = (_int(ENUMERATED, code) + tlv(OCTET_STRING, data[parts[1][1] : parts[1][2]])
+            + tlv(OCTET_STRING, text.encode()))
+    return _with_op(message, tlv(message.op_tag, body))
 
 
 def parse_result_code(message: Message) -> int:
