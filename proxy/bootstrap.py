@@ -20,6 +20,7 @@ from proxy.admin import Admin
 from proxy.audit import AuditLog
 from proxy.directory import Directory
 from proxy.store import StoreError, StoreUnavailable
+from proxy.store.outbox import OutboxAudit
 from proxy.store.sqlite import SQLiteStore
 
 
@@ -130,11 +131,14 @@ def open_admin(config: configuration.Config, actor: str) -> Admin:
     """An Admin over the configured store, acting as ``actor`` (``cli:NAME``);
     blocking. Closing it closes the store."""
     state = open_state(config)
+    audit: Any = AuditLog(config.audit.file, time.time)
+    if config.webhooks:  # the command line's events reach the webhooks too
+        audit = OutboxAudit(audit, state.store, config.webhooks, time.time)
     return Admin(
         store=state.store,
         hasher=apppasswords.Hasher(hash_parameters(config)),
         pepper=state.pepper,
-        audit=AuditLog(config.audit.file, time.time),
+        audit=audit,
         policy=config.policy,
         clock=time.time,
         actor=actor,

@@ -3,6 +3,7 @@ batches on the audit pool (one write per reactor turn)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -27,11 +28,16 @@ class AuditBatches:
         self._pool = pool
         self.log_authentications = log_authentications
         self._batch: list[Any] = []  # JSON lines, or events to make into lines
+        # Every event to the webhooks' outbox too, when there are webhooks
+        # (proxy.daemon.webhooks.OutboxWriter.add).
+        self.outbox: Callable[[dict[str, Any]], None] | None = None
 
     def record(self, event: str, **fields: Any) -> None:
         """One audit event: to the Twisted log now, to the file on the audit
         pool. Events of one reactor turn are written together, with one write."""
         record = self.audit.event(event, **fields)
+        if self.outbox is not None:
+            self.outbox(record)
         if event == "authentication" and not self.log_authentications:
             # Its JSON is made on the audit thread, off the sign-in's path.
             self._batch.append(record)
