@@ -24,6 +24,16 @@ Who may log in:
   * users given a password with add_user() also log in directly, so that
     benchmarks can compare direct logins with proxied ones.
 
+With `oauth2=` (a dict of settings for Dovecot 2.3's oauth2 passdb, written
+to dovecot-oauth2.conf.ext), the variant accepts nothing but OAuth: SASL
+XOAUTH2 and OAUTHBEARER checked by `passdb { driver = oauth2 }`, no master
+user, no passwords (add_user() has no effect there). The usual settings come
+from `oauth2_settings()`: JWTs validated locally against the provider's
+signing keys (`set_validation_keys()` writes them to the dict Dovecot reads:
+`local_validation_key_dict`), the issuer checked, and the token's
+`client_id` required to be the proxy's app registration, for any mailbox (as
+Exchange Online's IMAP.AccessAsApp: the app is trusted for every user).
+
 Plain-text logins are allowed without TLS: the proxy talks to its backend on
 loopback. 127.0.0.0/8 is a trusted network, so a proxy there can pass the
 client's address with IMAP ID x-originating-ip (the log's rip= is then the
@@ -524,8 +534,11 @@ class Dovecot(ServerLog):
     master_password = "master-secret"
 
     def __init__(self, folder: Path, dovecot_bin: str | None = None,
-                 doveadm_bin: str | None = None):
+                 doveadm_bin: str | None = None, oauth2: dict[str, str] | None = None):
         self.folder = Path(folder).resolve()
+        self.oauth2 = oauth2
+        self.oauth2_conf = self.folder / "dovecot-oauth2.conf.ext"
+        self.oauth2_keys = self.folder / "oauth2-keys"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dovecot_bin = dovecot_bin or _find_tool("dovecot")
         self.doveadm_bin = doveadm_bin or _find_tool("doveadm")
@@ -623,6 +636,35 @@ mail_temp_dir = {self.mail_root}/tmp"""
             return (f"  inet_listener {name} {{\n    address = {self.host}\n"
                     f"    port = {port}\n    ssl = {'yes' if tls else 'no'}\n  }}\n")
 
+        if self.oauth2 is None:
+            authentication = f"""\
+auth_mechanisms = plain login
+# "user*master" as a login name logs the master user in as user; SASL PLAIN
+# does the same with authorization identity user and authentication identity
+# master, with no separator involved.
+auth_master_user_separator = *"""
+            passdbs = f"""\
+# The master user may log in as anybody. Without pass = yes the user itself
+# need not be in any passdb: the static userdb below takes every name.
+passdb {{
+  driver = passwd-file
+  args = {self.master_users_file}
+  master = yes
+}}
+# Users with a password of their own (add_user), for direct logins.
+passdb {{
+  driver = passwd-file
+  args = {self.users_file}
+}}"""
+        else:
+            _write_private(self.oauth2_conf, "".join(f"{k} = {v}\n" for k, v in self.oauth2.items()))
+            authentication = "# Nothing but OAuth.\nauth_mechanisms = xoauth2 oauthbearer"
+            passdbs = f"""\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self.oauth2_conf}
+}}"""
         # Login processes in "high-performance mode" (service_count = 0):
         # each serves many connections instead of one process per connection,
         # and a few wait ready. Dovecot's default (service_count = 1) forks a
@@ -696,11 +738,7 @@ disable_plaintext_auth = no
 # believed and logged as rip.
 login_trusted_networks = 127.0.0.0/8
 
-auth_mechanisms = plain login
-# "user*master" as a login name logs the master user in as user; SASL PLAIN
-# does the same with authorization identity user and authentication identity
-# master, with no separator involved.
-auth_master_user_separator = *
+{authentication}
 # Failed logins answer at once: the default 2 s delay only slows tests down.
 auth_failure_delay = 0
 # No auth cache: passwd-files are in-memory hash tables, reread when they
@@ -708,18 +746,7 @@ auth_failure_delay = 0
 # passwords alive after add_user().
 auth_cache_size = 0
 
-# The master user may log in as anybody. Without pass = yes the user itself
-# need not be in any passdb: the static userdb below takes every name.
-passdb {{
-  driver = passwd-file
-  args = {self.master_users_file}
-  master = yes
-}}
-# Users with a password of their own (add_user), for direct logins.
-passdb {{
-  driver = passwd-file
-  args = {self.users_file}
-}}
+{passdbs}
 # Every name is a mailbox owner.
 userdb {{
   driver = static
@@ -768,6 +795,37 @@ service anvil {{
   }}
 {no_chroot}}}
 {other_chroots}""")
+
+    # -- OAuth ------------------------------------------------------------------------
+
+    def oauth2_settings(self, *, issuer: str, client_id: str) -> dict[str, str]:
+        """The oauth2 passdb's settings for the proxy's app registration:
+        JWT access tokens validated here with the keys of set_validation_keys
+        (signature, exp, nbf, the issuer), and accepted for any mailbox if
+        the token's client_id is ``client_id``: username_format is a
+        constant, so the user Dovecot is asked for and the token's
+        username_attribute (client_id, required) expand to the same text."""
+        return {
+            "introspection_mode": "local",
+            "local_validation_key_dict": f"fs:posix:prefix={self.oauth2_keys}/",
+            "issuers": issuer,
+            "username_attribute": "client_id",
+            "username_format": "app-registration",
+            "active_attribute": "client_id",
+            "active_value": client_id,
+            "debug": "yes",
+        }
+
+    def set_validation_keys(self, keys: dict[tuple[str, str, str], str]) -> None:
+        """The provider's public keys (PEM), by (azp, alg, kid) as Dovecot
+        looks them up: shared/<azp or default>/<alg>/<kid or default>, which
+        the fs dict keeps as <azp>/<alg>/<kid> under its prefix."""
+        for (azp, alg, kid), pem in keys.items():
+            path = self.oauth2_keys / azp / alg / kid
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(pem)
+        for folder in [self.oauth2_keys, *self.oauth2_keys.rglob("*")]:
+            os.chmod(folder, 0o755 if folder.is_dir() else 0o644)
 
     # -- users and mail -----------------------------------------------------------------
 
