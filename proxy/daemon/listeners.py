@@ -4,6 +4,7 @@ the reload's diff of old and new, and the drain at stop."""
 from __future__ import annotations
 
 import socket
+import urllib.parse
 from typing import Any
 
 from twisted.internet.defer import gatherResults, maybeDeferred
@@ -11,6 +12,7 @@ from twisted.logger import Logger
 
 from proxy import config as configuration, protocols
 from proxy.backends import backend_endpoint
+from proxy.backends.tokens import ClientCredentials, Grant, OAuthLogin, TokenCache, agent as token_agent
 from proxy.bootstrap import StartupError, read_password
 from proxy.daemon.tree import Ordered, Part
 from proxy.frontends.base import PreLoginBudget
@@ -49,6 +51,9 @@ class Listeners:
         self.frontends: list[Any] = []
         self._parts: dict[configuration.ListenerConfig, Part] = {}
         self._fqdn: str | None = None
+        # backend_login: oauth2: one token cache for every listener, by the
+        # token endpoint's CA (an HTTP client trusting it), keyed by grant.
+        self._tokens: dict[bytes | None, TokenCache] = {}
 
     def __len__(self) -> int:
         """How many listeners are open."""
@@ -167,6 +172,49 @@ class Listeners:
         if self._connections():
             await self._gone(CLOSE_DEADLINE)
 
+    async def _oauth(self, config: configuration.ListenerConfig) -> OAuthLogin:
+        """backend_login: oauth2: the grant, from the client's secret file,
+        and the cache its tokens are kept in."""
+        assert config.oauth2_token_url and config.oauth2_client_id and config.oauth2_client_secret_file
+
+        def read() -> tuple[str, bytes | None]:
+            try:
+                secret = read_password(config.oauth2_client_secret_file, "oauth2_client_secret_file")
+                ca = None
+                if config.oauth2_ca_file is not None:
+                    try:
+                        ca = config.oauth2_ca_file.read_bytes()
+                    except OSError as e:
+                        raise StartupError(f"{config.oauth2_ca_file}: oauth2_ca_file: cannot read: "
+                                           f"{e.strerror}") from None
+            except StartupError as e:
+                raise StartupError(f"listener {config.label}: {e}") from None
+            return secret, ca
+
+        secret, ca = await self._files_pool.submit(read)
+        cache = self._tokens.get(ca)
+        if cache is None:
+            metrics = self._metrics
+
+            def failed(grant: Any, reason: str) -> None:
+                log.warn("no access token from {url} for {client}: {reason}",
+                         url=grant.token_url, client=grant.client_id, reason=reason)
+                if metrics is not None:
+                    metrics.token_failure(reason)
+
+            client = ClientCredentials(self._reactor, token_agent(self._reactor, ca, config.backend_timeout),
+                                       timeout=config.backend_timeout)
+            cache = self._tokens[ca] = TokenCache(self._reactor, client.fetch, on_failure=failed)
+        parts = urllib.parse.urlsplit(config.backend or "")
+        return OAuthLogin(
+            cache=cache,
+            grant=Grant(config.oauth2_token_url, config.oauth2_client_id, secret,
+                        config.oauth2_scope or "", config.oauth2_client_auth),
+            mechanism=config.oauth2_mechanism.upper(),
+            host=parts.hostname or "",
+            port=parts.port or protocols.BACKEND_PORTS.get(parts.scheme),
+        )
+
     async def _backend_options(self, config: configuration.ListenerConfig) -> dict[str, Any]:
         """What the IMAP and SMTP backends share: where, TLS, the master user."""
         assert config.backend is not None
@@ -193,7 +241,11 @@ class Listeners:
         endpoint, options = backend_endpoint(self._reactor, config.backend, ca, config.backend_timeout)
         if self._fqdn is None:
             self._fqdn = await self._files_pool.submit(socket.getfqdn)
+        oauth = None
+        if config.backend_login == "oauth2":
+            oauth = await self._oauth(config)
         return dict(
+            oauth=oauth,
             reactor=self._reactor,
             endpoint=endpoint,
             starttls=options if config.backend_starttls else None,
