@@ -180,6 +180,7 @@ class Worker:
     last_ping: float = 0.0
     waiting: list[Deferred[None]] = attrs.field(factory=list)  # for its next READY=1
     pending: Any = None  # the delayed call that starts it again
+    killed: bool = False  # by the watchdog, on its way out
 
     def fire(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -225,7 +226,7 @@ class Supervisor:
             self._start(worker)
         await self._all_ready()
         if self.stopping:  # one could not start: the others are stopping
-            raise Failed(await self.done, "a worker could not start")
+            raise Failed(await self.finished(), "a worker could not start")
         self.started = True
         self._notify(f"READY=1\nSTATUS={len(self.workers)} workers")
         if self._watchdog:
@@ -251,6 +252,17 @@ class Supervisor:
                 waits.append(d)
         await DeferredList(waits)
 
+    def finished(self) -> Deferred[int]:
+        """Fires with the exit code (``done`` keeps its result for others)."""
+        d: Deferred[int] = Deferred()
+
+        def passed(code: int) -> int:
+            d.callback(code)
+            return code
+
+        self.done.addCallback(passed)
+        return d
+
     def alive(self) -> list[Worker]:
         return [w for w in self.workers if w.process is not None]
 
@@ -274,7 +286,8 @@ class Supervisor:
         interval) is killed, and then started again as one that died."""
         now = self._clock.seconds()
         for worker in self.alive():
-            if worker.ready and now - worker.last_ping > self._watchdog:
+            if worker.ready and not worker.killed and now - worker.last_ping > self._watchdog:
+                worker.killed = True
                 log.error("worker {index}: no watchdog ping for {seconds:.0f} s: killing it",
                           index=worker.index, seconds=now - worker.last_ping)
                 _signal(worker, "KILL")
@@ -282,7 +295,13 @@ class Supervisor:
     def _exited(self, worker: Worker, code: int | None, sig: int | None) -> None:
         worker.process = None
         worker.ready = False
-        worker.fire()
+        worker.killed = False
+        try:
+            self._after_exit(worker, code, sig)
+        finally:
+            worker.fire()  # after the decision: a start waiting on it sees it
+
+    def _after_exit(self, worker: Worker, code: int | None, sig: int | None) -> None:
         if self.stopping:
             if not self.alive() and not self._gone.called:
                 self._gone.callback(None)
@@ -578,7 +597,7 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
         if config.metrics.endpoint is not None:
             metrics_port = await _serve_metrics(reactor, config.metrics.endpoint, supervisor, folder)
         watchdog(reactor)
-        return await supervisor.done
+        return await supervisor.finished()
     except StartupError:
         await supervisor.stop("cannot start")
         raise
