@@ -20,7 +20,7 @@ from proxy import apppasswords, config as configuration
 from proxy.admin import Admin
 from proxy.audit import AuditLog
 from proxy.bootstrap import StartupError, hash_parameters, open_state
-from proxy.daemon import health
+from proxy.daemon import health, webhooks
 from proxy.daemon.auditing import AuditBatches, FromThread
 from proxy.daemon.build import Core, Pools, build_core
 from proxy.daemon.listeners import Listeners
@@ -72,6 +72,7 @@ class Daemon:
             pools=self.pools.all(), budget=self.budget, parts=lambda: self.core,
             feed_listening=lambda: self.feed_listening, ready=self.not_ready))
         self.portal: Any = None
+        self.webhooks: webhooks.Webhooks | None = None
         self.portal_tls: ServerTLS | None = None
         self.feed_listening = False
 
@@ -92,6 +93,18 @@ class Daemon:
         # Closed on the store's own thread, after whatever is queued there.
         self.services.part("store", stop=lambda: self.pools.store.submit(state.store.close))
         self.services.part("audit", stop=self.audit.write)
+        if self.config.webhooks:
+            # Stopped before the audit's last batch is written and the store
+            # closes: the deliverers end their turns, the outbox is written.
+            try:
+                self.webhooks = await webhooks.open_webhooks(
+                    reactor=self._reactor, config=self.config, store=state.store,
+                    files_pool=self.pools.files, tree=self.services, metrics=self.metrics,
+                    # One worker delivers (claims on SQLite are one deliverer's); all write.
+                    deliver=self._role is None or self._role.index == 0)
+            except webhooks.WebhookSetupError as e:
+                raise StartupError(str(e)) from None
+            self.audit.outbox = self.webhooks.writer.add
         if self.config.directory is not None:
             self.core = await build_core(
                 reactor=self._reactor, config=self.config, pools=self.pools, store=self.store,
@@ -274,7 +287,7 @@ class Daemon:
         if self._role is not None:
             new = self._role.applied(new)
         fixed = ("store", "hashing", "directory", "throttle", "cache", "limits", "metrics",
-                 "shutdown", "portal")
+                 "shutdown", "portal", "webhooks")
         unchanged = [s for s in fixed if getattr(new, s) != getattr(self.config, s)]
         if unchanged:
             log.warn(

@@ -519,7 +519,7 @@ class Webhooks:
 
 
 async def open_webhooks(*, reactor: Any, config: Any, store: Any, files_pool: Any, tree: Any,
-                        metrics: Any) -> Webhooks:
+                        metrics: Any, deliver: bool = True) -> Webhooks:
     """The configured webhooks, started, a part of ``tree``: their secrets
     read, the outbox's own thread (and, for SQLite, its own connection, so
     that a sign-in's store calls never queue behind the outbox's writes),
@@ -547,7 +547,8 @@ async def open_webhooks(*, reactor: Any, config: Any, store: Any, files_pool: An
             own = await pool.submit(SQLiteStore, config.store.path)
         else:
             own = store
-        await pool.submit(own.forget_claims)
+        if deliver:
+            await pool.submit(own.forget_claims)
     except BaseException:
         pool.stop()
         raise
@@ -558,8 +559,9 @@ async def open_webhooks(*, reactor: Any, config: Any, store: Any, files_pool: An
     housekeeping.clock = reactor
 
     def start() -> None:
-        hooks.start()
-        housekeeping.start(STATS_INTERVAL, now=True)
+        if deliver:
+            hooks.start()
+            housekeeping.start(STATS_INTERVAL, now=True)
 
     async def stop() -> None:
         if housekeeping.running:

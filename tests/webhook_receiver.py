@@ -1,0 +1,105 @@
+"""A real webhook receiver for the tests: an HTTP server (the standard
+library's, on a thread of the test process) on a free loopback port that
+checks each post's signature as docs/events.md tells a receiver to, and
+keeps what it was sent. It is what an operator runs: it can be down (its
+port closed), failing (503) or stuck (holding its answers)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tests.ports import free_port
+
+TOLERANCE = 300  # seconds a signature's timestamp may be off
+
+
+def verify(secret: bytes, header: str, body: bytes, now: float) -> bool:
+    """docs/events.md's check, as a receiver writes it."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - timestamp) > TOLERANCE:
+        return False
+    expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+class Receiver:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.secret = b"whsec_" + hashlib.sha256(str(folder).encode()).hexdigest().encode()
+        self.secret_file = Path(folder) / "webhook-secret"
+        self.secret_file.write_bytes(self.secret + b"\n")
+        self.secret_file.chmod(0o600)
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.events: list[dict] = []  # each post answered 2xx, in the order answered
+        self.posts = 0  # every post, whatever its answer
+        self.bad_signatures = 0
+        self.status = 200
+        self.holding = threading.Event()  # set: posts wait, unanswered
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.posts += 1
+                    good = verify(receiver.secret,
+                                  self.headers.get("Legacy-Auth-Proxy-Signature", ""), body,
+                                  time.time())
+                    if not good:
+                        receiver.bad_signatures += 1
+                if receiver.holding.is_set():
+                    receiver._released.wait(120)
+                status = receiver.status if good else 400
+                if 200 <= status < 300:
+                    with receiver._lock:
+                        receiver.events.append(json.loads(body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Down: the port closed (connections refused)."""
+        self._released.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def hold(self) -> None:
+        """Posts from now on wait, unanswered, until :meth:`release`."""
+        self._released.clear()
+        self.holding.set()
+
+    def release(self) -> None:
+        """Answer the held posts (and those to come)."""
+        self.holding.clear()
+        self._released.set()
+
+    def received(self, event: str | None = None, user: str | None = None) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if (event is None or e["event"] == event)
+                    and (user is None or e.get("user") == user)]
