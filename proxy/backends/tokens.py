@@ -153,6 +153,7 @@ class TokenCache:
         entry.failed_at = None
         entry.failure = ""
         entry.token = token
+        log.info("access token obtained for {key!r}, valid {lifetime:.0f} s", key=key, lifetime=lifetime)
         waiters, entry.waiters = entry.waiters, []
         for waiting in waiters:
             if not waiting.called:

@@ -1,0 +1,265 @@
+"""backend_login: oauth2, end to end: a device signs in to the real daemon
+with its app password, and the daemon logs in to a Dovecot that takes
+nothing but OAuth (its oauth2 passdb, validating JWTs with the provider's
+keys) with an access token of its own app registration, obtained from the
+real identity provider (LemonLDAP::NG, tests/idp.py) by the
+client-credentials grant. Tokens live a few seconds here, so that renewal
+and a revoked secret are seen in a test's time."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import json
+import poplib
+import re
+import smtplib
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+from tests.conftest import require_tool
+from tests.proxyd import ProxyDaemon
+
+CLIENT_ID = "legacy-auth-proxy"
+SECRET = "app-registration-secret-1"
+LIFETIME = 6  # seconds: the provider's access tokens, so that renewal is seen
+DEADLINE = 60.0
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _jwt_parts(token: str) -> tuple[dict, dict]:
+    header, payload, _ = token.split(".")
+    return json.loads(_b64url(header)), json.loads(_b64url(payload))
+
+
+def _pem(jwk: dict) -> str:
+    n = int.from_bytes(_b64url(jwk["n"]), "big")
+    e = int.from_bytes(_b64url(jwk["e"]), "big")
+    return RSAPublicNumbers(e, n).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+@pytest.fixture(scope="module")
+def idp(slapd):
+    from tests.idp import Idp
+
+    # The provider's portal runs as www-data: a folder it can enter.
+    provider = Idp(slapd, Path(tempfile.mkdtemp(prefix="lap-oauth-")))
+    provider.add_client(CLIENT_ID, SECRET, client_credentials=True, access_token_lifetime=LIFETIME)
+    provider.start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot(idp, tmp_path_factory):
+    """Dovecot taking nothing but the app registration's JWTs, checked with
+    the provider's published keys (its JWKS) and issuer."""
+    from tests.dovecot import Dovecot
+
+    require_tool("dovecot")
+    discovery = idp.discovery()
+    jwks = requests.get(discovery["jwks_uri"], verify=str(idp.ca_file), timeout=30).json()
+    sample = idp.client_credentials(CLIENT_ID, SECRET)["access_token"]
+    header, claims = _jwt_parts(sample)
+    assert claims.get("client_id", claims.get("azp")) == CLIENT_ID, claims
+    keys = {}
+    for jwk in jwks["keys"]:
+        if jwk.get("kty") != "RSA":
+            continue
+        for azp in {claims.get("azp", "default"), "default"}:
+            for kid in {jwk.get("kid", "default"), header.get("kid", "default"), "default"}:
+                keys[(azp, "RS256", kid)] = _pem(jwk)
+    server = Dovecot(tmp_path_factory.mktemp("dovecot-oauth"), dovecot_bin=require_tool("dovecot"),
+                     doveadm_bin=require_tool("doveadm"), oauth2={})
+    server.oauth2 = server.oauth2_settings(issuer=claims["iss"], client_id=CLIENT_ID)
+    server.set_validation_keys(keys)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("proxy-oauth")
+    secret = folder / "client-secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    token_url = idp.discovery()["token_endpoint"]
+    oauth = {
+        "realm": "cloud", "backend_login": "oauth2", "oauth2_token_url": token_url,
+        "oauth2_client_id": CLIENT_ID, "oauth2_client_secret_file": str(secret),
+        "oauth2_scope": "openid", "oauth2_ca_file": str(idp.ca_file), "backend_pool": 0,
+    }
+    d = oauth_dovecot
+    daemon = ProxyDaemon(folder, slapd, {
+        "imap": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}"),
+        "imap-bearer": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}",
+                            oauth2_mechanism="oauthbearer", oauth2_client_auth="client_secret_post"),
+        "pop3": dict(oauth, protocol="pop3", backend=f"pop3://127.0.0.1:{d.pop3_port}"),
+        "submission": dict(oauth, protocol="smtp",
+                           backend=f"smtp://127.0.0.1:{d.submission_port}"),
+    })
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def context(proxy):
+    return ssl.create_default_context(cafile=str(proxy.pki.ca_file))
+
+
+def imap(proxy, listener="imap"):
+    client = imaplib.IMAP4("127.0.0.1", proxy.ports[listener], timeout=30)
+    client.starttls(context(proxy))
+    return client
+
+
+def message(subject: str) -> bytes:
+    return (b"From: printer@example.test\r\nTo: someone@example.test\r\nSubject: "
+            + subject.encode() + b"\r\n\r\nScanned.\r\n")
+
+
+def audit(proxy) -> list[dict]:
+    path = proxy.folder / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tokens_obtained(proxy) -> int:
+    return len(re.findall(r"access token obtained for", proxy.log()))
+
+
+def test_a_device_reads_mail_with_its_app_password(proxy, oauth_dovecot, user):
+    uid, _, secret = user
+    oauth_dovecot.deliver(uid, message("first"))
+    since = oauth_dovecot.log_path.stat().st_size
+    client = imap(proxy)
+    assert client.login(uid, secret)[0] == "OK"
+    assert client.select("INBOX")[0] == "OK"
+    typ, data = client.fetch("1", "(BODY.PEEK[])")
+    assert typ == "OK" and data[0][1] == message("first")
+    client.logout()
+    logged = oauth_dovecot.log_path.read_text()[since:]
+    assert re.search(rf"Login: user=<{uid}>, method=XOAUTH2", logged)
+    assert SECRET not in proxy.log() and secret not in proxy.log()
+
+
+def test_oauthbearer_and_the_secret_in_the_form(proxy, oauth_dovecot, user):
+    uid, _, secret = user
+    since = oauth_dovecot.log_path.stat().st_size
+    client = imap(proxy, "imap-bearer")
+    assert client.login(uid, secret)[0] == "OK"
+    client.logout()
+    assert re.search(rf"Login: user=<{uid}>, method=OAUTHBEARER",
+                     oauth_dovecot.log_path.read_text()[since:])
+
+
+def test_pop3_reads_the_mailbox(proxy, oauth_dovecot, user):
+    uid, _, secret = user
+    oauth_dovecot.deliver(uid, message("by pop3"))
+    client = poplib.POP3("127.0.0.1", proxy.ports["pop3"], timeout=30)
+    client.stls(context(proxy))
+    client.user(uid)
+    assert client.pass_(secret).startswith(b"+OK")
+    assert b"Subject: by pop3" in b"\r\n".join(client.retr(1)[1])
+    client.quit()
+
+
+def test_a_device_submits_a_message(proxy, oauth_dovecot, user):
+    uid, _, secret = user
+    before = len(oauth_dovecot.sink_messages())
+    with smtplib.SMTP("127.0.0.1", proxy.ports["submission"], timeout=30) as client:
+        client.starttls(context=context(proxy))
+        client.login(uid, secret)
+        client.sendmail(f"{uid}@example.test", ["someone@example.test"], message("scan"))
+    got = oauth_dovecot.wait_for_messages(before + 1)
+    assert got is not None and got[-1].submitted == message("scan")
+
+
+def test_a_wrong_app_password_never_reaches_the_provider(proxy, user):
+    uid, _, _ = user
+    before = tokens_obtained(proxy)
+    client = imap(proxy)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.login(uid, "wrong wrong wrong wrong")
+    client.logout()
+    assert tokens_obtained(proxy) == before
+
+
+def test_an_expiring_token_is_renewed_without_the_client_noticing(proxy, user):
+    """Logins go on across several token lifetimes; each succeeds, and the
+    proxy has asked the provider again meanwhile."""
+    uid, _, secret = user
+    first = tokens_obtained(proxy)
+    deadline = time.monotonic() + DEADLINE
+    logins = 0
+    while tokens_obtained(proxy) < first + 2:
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        client = imap(proxy)
+        assert client.login(uid, secret)[0] == "OK"
+        client.logout()
+        logins += 1
+        time.sleep(0.5)
+    assert logins >= 2
+    assert not [e for e in audit(proxy) if e["event"] == "backend_login"]
+
+
+def test_a_revoked_client_secret_is_a_temporary_failure_then_recovery(proxy, idp, user):
+    uid, _, secret = user
+    idp.set_secret(CLIENT_ID, "rotated-away")
+    try:
+        # Once the cached token has ended, the provider refuses the old
+        # secret: every protocol's temporary failure, audited, counted.
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            assert time.monotonic() < deadline, proxy.log()[-3000:]
+            client = imap(proxy)
+            try:
+                client.login(uid, secret)
+            except imaplib.IMAP4.error as e:
+                assert "[UNAVAILABLE]" in str(e)
+                break
+            client.logout()
+            time.sleep(0.5)
+        client.logout()
+        with smtplib.SMTP("127.0.0.1", proxy.ports["submission"], timeout=30) as smtp:
+            smtp.starttls(context=context(proxy))
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                smtp.login(uid, secret)
+            assert refused.value.smtp_code == 454
+        pop = poplib.POP3("127.0.0.1", proxy.ports["pop3"], timeout=30)
+        pop.stls(context(proxy))
+        pop.user(uid)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            pop.pass_(secret)
+        pop.quit()
+        events = [e for e in audit(proxy) if e["event"] == "backend_login"]
+        assert events and events[-1]["reason"] == "token_unavailable"
+        assert "invalid_client" in events[-1]["detail"] or "401" in events[-1]["detail"]
+        assert events[-1]["user"] == uid and events[-1]["outcome"] == "temporary_failure"
+        assert "rotated-away" not in proxy.log() and SECRET not in proxy.log()
+    finally:
+        idp.set_secret(CLIENT_ID, SECRET)
+    # The secret is good again: within a few seconds, logins work again.
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        client = imap(proxy)
+        try:
+            assert client.login(uid, secret)[0] == "OK"
+            client.logout()
+            break
+        except imaplib.IMAP4.error as e:
+            assert "[UNAVAILABLE]" in str(e)
+            client.logout()
+            time.sleep(0.5)
