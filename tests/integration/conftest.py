@@ -108,3 +108,23 @@ def postgres():
     server.start()
     yield server
     server.remove()
+
+
+@pytest.fixture(scope="session")
+def idp(slapd):
+    """One real OpenID Connect provider for the whole session: LemonLDAP::NG
+    behind nginx, signing in the users of ``slapd`` (see tests/idp.py for
+    why this one and how to use it). Tests add their own clients with
+    ``idp.add_client`` under names of their own (from ``unique``); a test
+    that needs the provider changed otherwise makes its own ``Idp``."""
+    for tool in ("nginx", "llng-fastcgi-server"):
+        require_tool(tool)
+    from tests.idp import Idp, IdpError
+
+    server = Idp(slapd)
+    try:
+        server.start()
+    except IdpError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
