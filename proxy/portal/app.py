@@ -87,14 +87,14 @@ class Portal(Pages):
         portal = config().portal
         context = Context(
             reactor=reactor, config=config, authenticator=authenticator, admin=admin,
-            store_pool=store_pool, record=record, templates=templates(),
+            store_pool=store_pool, record=record, templates=templates(), files_pool=files_pool,
             sessions=WebSessions(reactor, portal.session_idle, portal.session_max))
         super().__init__(context)
         self._static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.is_file()}
         maker = Maker(context, hash_secret)
         self.app = Klein()
         for part in (self, SignIn(context, keybox), SecurityInfo(context, maker),
-                     HelpDesk(context, maker, files_pool)):
+                     HelpDesk(context, maker)):
             part.mount(self.app)
         self.app.handle_errors(PageError, Redirect)(self.failed)
         # The REST API (docs/api.md) on the same listener: its own Klein app,

@@ -1,7 +1,13 @@
 """The help desk's pages, for members of ``directory.admin_group``: find a
-user, see what a help desk needs when they call (account, MFA state,
-lockout, app passwords, recent refused sign-ins), and act for them, each
-action confirmed first and audited with ``actor: portal:NAME``."""
+user (by part of a name, or among those locked out), see what a help desk
+needs when they call (account, MFA state as it takes effect, lockout, app
+passwords, recent refused sign-ins), and act for them, each action
+confirmed first and audited with ``actor: portal:NAME``.
+
+Making an app password for a user shows its secret to the help desk, who
+could then read and send that user's mail: it is offered only where the
+operator allows it (``portal.help_desk_app_passwords``), and the user is told
+every time, by mail and on their own page."""
 
 from __future__ import annotations
 
@@ -9,23 +15,18 @@ from typing import Any
 
 from proxy import apppasswords
 from proxy.admin import AdminError
-from proxy.audit import recent_events
 from proxy.directory import Account, DirectoryUnavailable
-from proxy.portal.making import CannotCreate, Maker
-from proxy.portal.pages import TRY_LATER, BadRequest, Context, Pages, Unavailable, page, quote
+from proxy.portal.making import CannotCreate, Maker, Shown
+from proxy.portal.pages import (TRY_LATER, BadRequest, Context, Forbidden, Pages, Unavailable,
+                                page, quote)
+from proxy.portal.words import mfa_in_effect, quoted
 from proxy.store import AppPassword, MfaState, StoreError
 from proxy.threads import Busy
 
-REFUSAL_WORDS = {
-    "wrong_secret": "wrong password", "wrong_code": "wrong code", "unknown_user": "unknown user",
-    "mfa_required": "primary password where an app password is needed",
-    "legacy_blocked": "legacy sign-in blocked", "account_inactive": "account not active",
-    "locked_out": "locked out", "expired": "app password expired", "unused": "app password unused too long",
-    "out_of_scope": "app password not allowed there", "revoked_by_password_change":
-    "app password older than the password change", "malformed": "malformed request",
-    "too_many_sessions": "too many sessions", "directory_unavailable": "directory did not answer",
-    "busy": "busy", "plaintext": "sign-in without TLS",
-}
+FOUND_AT_MOST = 20  # names a search lists
+LOCKED_LISTED = 50
+NO_CREATING = ("The help desk does not create app passwords here: users create their own, or "
+               "an operator does on the command line.")
 
 ACTIONS = {
     "revoke-all": ("Delete all app passwords of {user}?",
@@ -43,28 +44,37 @@ ACTIONS = {
 
 
 class HelpDesk(Pages):
-    def __init__(self, context: Context, maker: Maker, files_pool: Any) -> None:
+    def __init__(self, context: Context, maker: Maker) -> None:
         super().__init__(context)
         self._maker = maker
-        self._files_pool = files_pool
 
     @page("/helpdesk", "GET")
     async def help_desk(self, request: Any) -> bytes:
+        """The search: a name or mail address as the user signs in goes
+        straight to their page; part of one lists the names that contain
+        it. Below, the accounts locked out now."""
         session, _ = await self._signed_in(request, help_desk=True)
         wanted = self._field(request, "user", required=False).strip()
-        error = None
+        error, found = None, []
         if wanted:
             try:
                 account = await self._auth.account(wanted)
+                if account is not None:
+                    return self._redirect(request, "/helpdesk/users/" + quote(account.username))
+                found = await self._auth.find_names(wanted, FOUND_AT_MOST)
             except DirectoryUnavailable:
-                account, error = None, "The directory does not answer just now; try again."
-            if account is not None:
-                return self._redirect(request, "/helpdesk/users/" + quote(account.username))
-            error = error or f"No user named {wanted!r} in the directory. Check the spelling, or " \
-                             f"search by mail address."
+                error = "The directory does not answer just now; try again."
+            if len(found) == 1:
+                return self._redirect(request, "/helpdesk/users/" + quote(found[0]))
+            if not found and error is None:
+                error = f"No user name contains {quoted(wanted)}. Check the spelling, or " \
+                        f"search by mail address."
+        locked = [(self._auth.accounts.username_of(key) or key, seconds)
+                  for key, seconds in self._auth.throttle.locked_accounts()[:LOCKED_LISTED]]
         notice, session.notice = session.notice, None
         return self._render(request, "helpdesk.html", 404 if error else 200, session=session,
-                            wanted=wanted, error=error, notice=notice)
+                            wanted=wanted, error=error, notice=notice, found=found,
+                            more=len(found) >= FOUND_AT_MOST, locked=locked)
 
     async def _subject(self, name: str) -> Account | None:
         try:
@@ -77,7 +87,7 @@ class HelpDesk(Pages):
         session, _ = await self._signed_in(request, help_desk=True)
         subject = await self._subject(name)
         if subject is None:
-            session.notice = f"No user named {name!r} in the directory (or it does not answer)."
+            session.notice = f"No user named {quoted(name)} in the directory (or it does not answer)."
             return self._redirect(request, "/helpdesk")
         admin = self._admin(f"portal:{session.username}")
 
@@ -96,34 +106,41 @@ class HelpDesk(Pages):
             request, "helpdesk_user.html", session=session, subject=subject, user=user,
             rows=self._rows(records), enrolled=enrolled, locked=self._auth.locked(subject),
             refusals=refusals, notice=notice, states=[s.value for s in MfaState],
-            words=REFUSAL_WORDS, quoted=quote(subject.username),
+            mfa=mfa_in_effect(subject, user.mfa_state), quoted=quote(subject.username),
+            may_create=self.config.portal.help_desk_app_passwords,
         )
-
-    async def _refusals(self, username: str) -> list[dict[str, Any]]:
-        path = self.config.audit.file
-        if path is None:
-            return []
-
-        def wanted(event: dict[str, Any]) -> bool:
-            return (event.get("event") == "authentication" and event.get("user") == username
-                    and event.get("outcome") != "accepted")
-
-        try:
-            return await self._files_pool.submit(
-                recent_events, path, wanted, 20, self.config.portal.audit_scan_bytes)
-        except (OSError, Busy):
-            return []
 
     @page("/helpdesk/users/<string:name>/<string:action>", "GET")
     async def help_desk_confirm(self, request: Any, name: str, action: str) -> bytes:
         session, _ = await self._signed_in(request, help_desk=True)
+        back = f"/helpdesk/users/{quote(name)}"
+        if action == "mfa":
+            return await self._confirm_mfa(request, session, name, back)
         if action not in ACTIONS:
             return self._redirect(request, "/helpdesk")
         heading, text, button = ACTIONS[action]
         return self._render(request, "confirm.html", session=session,
                             heading=heading.format(user=name), text=text.format(user=name),
-                            action=f"/helpdesk/users/{quote(name)}/{action}", button=button,
-                            cancel=f"/helpdesk/users/{quote(name)}")
+                            action=f"{back}/{action}", button=button, cancel=back, fields={})
+
+    async def _confirm_mfa(self, request: Any, session: Any, name: str, back: str) -> bytes:
+        """Setting the MFA state is confirmed like every other action, saying
+        what will be in effect (a directory group may enforce it anyway)."""
+        try:
+            state = MfaState(self._field(request, "state"))
+        except ValueError:
+            raise BadRequest(session=session) from None
+        subject = await self._subject(name)
+        if subject is None:
+            return self._redirect(request, "/helpdesk")
+        after = mfa_in_effect(subject, state)
+        text = f"In effect it will be {after.text}: {after.consequence}."
+        if state is MfaState.DISABLED:
+            text += " Being disabled also forgets when they registered."
+        return self._render(request, "confirm.html", session=session,
+                            heading=f"Set the MFA state of {name} to {state.value}?", text=text,
+                            action=f"{back}/mfa", button=f"Set it to {state.value}", cancel=back,
+                            fields={"state": state.value})
 
     @page("/helpdesk/users/<string:name>/<string:action>", "POST")
     async def help_desk_act(self, request: Any, name: str, action: str) -> bytes:
@@ -150,7 +167,10 @@ class HelpDesk(Pages):
                 except ValueError:
                     raise BadRequest() from None
                 await self._on_store(admin.set_mfa, user, state)
-                session.notice = f"The MFA state of {user} is now {state.value}."
+                after = mfa_in_effect(subject, state)
+                session.notice = f"The MFA state of {user} is set to {state.value}." + (
+                    f" In effect it stays {after.effective}: a directory group enforces it."
+                    if after.hidden else "")
             else:
                 return self._redirect(request, "/helpdesk")
         except (AdminError, StoreError, Busy) as e:
@@ -161,8 +181,12 @@ class HelpDesk(Pages):
     @page("/helpdesk/users/<string:name>/app-passwords", "POST")
     async def help_desk_create(self, request: Any, name: str) -> bytes:
         """The help desk makes an app password for a user (where users may
-        not, or for one who cannot): shown once, to the help desk."""
+        not, or for one who cannot), where the operator allows it: shown
+        once, to the help desk; the user told by mail and on their page,
+        and the showing audited."""
         session, _ = await self._signed_in(request, help_desk=True, form=True)
+        if not self.config.portal.help_desk_app_passwords:
+            raise Forbidden(NO_CREATING, session=session)
         subject = await self._subject(name)
         if subject is None:
             return self._redirect(request, "/helpdesk")
@@ -175,11 +199,14 @@ class HelpDesk(Pages):
         except CannotCreate as e:
             session.notice = e.text
             return self._redirect(request, f"/helpdesk/users/{quote(subject.username)}")
-        self._maker.notify(subject, made.record.name, self._address(request),
-                           f"portal:{session.username}")
-        return self._render(request, "created.html", 201, session=session, record=made.record,
-                            secret=apppasswords.display(made.secret), owner=subject.username,
-                            row=self._rows([made.record])[0])
+        address = self._address(request)
+        self._record("app_password_shown_to_help_desk", user=subject.username,
+                     app_password_id=made.record.id, app_password_name=made.record.name,
+                     actor=f"portal:{session.username}", client_address=address)
+        self._maker.notify(subject, made.record.name, address, f"portal:{session.username}",
+                           always=True)
+        session.shown = Shown(made.record, apppasswords.display(made.secret), subject.username)
+        return self._redirect(request, "/app-passwords/new")
 
     @page("/helpdesk/users/<string:name>/app-passwords/<string:id>/delete", "GET")
     async def help_desk_delete_page(self, request: Any, name: str, id: str) -> bytes:

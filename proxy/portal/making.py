@@ -1,6 +1,8 @@
 """Making an app password from the portal's form, for the user's own page
 and the help desk's alike: the form read into what is wanted, the pace of
-creations (each costs an argon2 hash), the mail that tells the user.
+creations (each costs an argon2 hash: the core's throttle keeps the rule),
+the mail that tells the user, and the new secret held for the one page that
+shows it (the form is answered with a redirect, so a reload sends nothing).
 
 The rules of app passwords are :class:`proxy.admin.Admin`'s; what cannot be
 made raises :class:`CannotCreate` with the status and the words for the page.
@@ -20,12 +22,11 @@ from proxy.config import parse_expiry
 from proxy.directory import Account
 from proxy.portal import notify
 from proxy.portal.pages import TRY_LATER, Context
-from proxy.store import PROTOCOLS, LimitReached, NameTaken, StoreError
+from proxy.portal.words import end_of_day, quoted
+from proxy.store import PROTOCOLS, AppPassword, LimitReached, NameTaken, StoreError
 from proxy.threads import Busy
 
 log = Logger(namespace="legacy_auth_proxy.portal")
-
-CREATIONS_PER_MINUTE = 10
 
 
 class CannotCreate(Exception):
@@ -47,6 +48,16 @@ class Wanted:
     networks: tuple[str, ...] | None  # None: anywhere
 
 
+@attrs.frozen
+class Shown:
+    """A new app password waiting, in its maker's page session, for the
+    page that shows it once."""
+
+    record: AppPassword
+    secret: str = attrs.field(repr=False)  # as displayed: four groups of four
+    owner: str | None  # the user it is for, when the help desk made it
+
+
 def sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
@@ -58,11 +69,14 @@ class Maker:
         self._admin = context.admin
         self._store_pool = context.store_pool
         self._hash = hash_secret  # argon2 in the hashing pool: a Deferred of the hash
-        self._created: dict[str, list[float]] = {}  # person → recent creations, to pace them
+        self._throttle = context.authenticator.throttle
 
-    def wanted(self, name: str, expires: str, chosen: list[str], networks_text: str) -> Wanted:
+    def wanted(self, name: str, expires: str, chosen: list[str], networks_text: str,
+               offset: str = "") -> Wanted:
         """The form's fields as an app password; raises CannotCreate (400)
-        naming what to correct."""
+        naming what to correct. An expiry date works all of that day, in
+        the zone ``offset`` (minutes east of UTC, as the page's script read
+        the browser's; without it, UTC)."""
         if not name:
             raise CannotCreate(400, "Give the app password the name of the device it is for.")
         problem = apppasswords.check_name(name)
@@ -72,12 +86,13 @@ class Maker:
         expires_at = None
         if expires:
             try:
-                expires_at = parse_expiry(expires, now)
+                # "Expires on" a day: it works all of that day, until its
+                # last second (listed as 23:59 of that day, not 00:00 of the next).
+                expires_at = end_of_day(expires, offset) if len(expires) == 10 \
+                    else parse_expiry(expires, now)
             except ValueError:
                 raise CannotCreate(400, "Give the expiry as a date (2027-01-31), or leave it "
                                         "empty.") from None
-            if len(expires) == 10:
-                expires_at += 86400  # "expires on" a day: it works all of that day (UTC)
             if expires_at <= now:
                 raise CannotCreate(400, "The expiry is in the past: choose a later date.")
         protocols = None
@@ -94,17 +109,14 @@ class Maker:
         signed-in user): the Created, or CannotCreate. Argon2 runs in the
         hashing pool, never on the store's thread."""
         admin = self._admin(f"portal:{person}")
-        now = self._reactor.seconds()
-        recent = [t for t in self._created.get(person, []) if now - t < 60]
-        if len(recent) >= CREATIONS_PER_MINUTE:
-            raise CannotCreate(429, "That is many app passwords in a minute. Wait a minute, "
-                                    "then try again.")
         try:
             username, networks = admin.checked(username, wanted.name, expires_at=wanted.expires_at,
                                                protocols=wanted.protocols, networks=wanted.networks)
         except AdminError as e:
             raise CannotCreate(400, sentence(str(e))) from None
-        self._created[person] = recent + [now]
+        if not self._throttle.may_create(f"portal:{person}"):
+            raise CannotCreate(429, "That is many app passwords in a minute. Wait a minute, "
+                                    "then try again.")
         secret = apppasswords.generate()
         try:
             encoded = await self._hash(secret)
@@ -117,17 +129,19 @@ class Maker:
                                     f"{e.count} app passwords, the most allowed. Delete one that "
                                     f"is no longer used, then create the new one.") from None
         except NameTaken:
-            raise CannotCreate(409, f"There is an app password named {wanted.name!r} already. "
+            raise CannotCreate(409, f"There is an app password named {quoted(wanted.name)} already. "
                                     f"Choose another name, or delete that one first.") from None
         except AdminError as e:
             raise CannotCreate(400, f"{e}.") from None
         except (StoreError, Busy):
             raise CannotCreate(503, TRY_LATER) from None
 
-    def notify(self, account: Account, device: str, address: str, actor: str) -> None:
-        """Mail the user of a new app password, in the background."""
+    def notify(self, account: Account, device: str, address: str, actor: str,
+               always: bool = False) -> None:
+        """Mail the user of a new app password, in the background; ``always``
+        (the help desk made it, and saw it), whatever ``notify_on_create`` says."""
         portal = self._config().portal
-        if not portal.notify_on_create or portal.mail_relay is None or not account.mail:
+        if not (portal.notify_on_create or always) or portal.mail_relay is None or not account.mail:
             return
         try:
             notify.notify_created(

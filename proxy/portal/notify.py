@@ -43,6 +43,7 @@ def message(*, sender: str, to: str, username: str, device: str, at: float, addr
     who = f"the help desk ({actor.partition(':')[2]})" if by_help_desk else \
         "you" if actor == f"portal:{username}" else actor
     if by_help_desk:
+        del msg["Subject"]
         msg["Subject"] = f"The help desk created an app password for {username}"
         msg.set_content(
             f"The help desk ({actor.partition(':')[2]}) created an app password named\n"

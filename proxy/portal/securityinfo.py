@@ -1,5 +1,7 @@
 """A user's own security info: their app passwords, read-only or, where the
-operator allows self-service, created and deleted by them."""
+operator allows self-service, created and deleted by them; those the help
+desk made for them, said so at the top; their recent refused sign-ins ("why
+does my phone fail?") and their signed-in portal sessions."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ from typing import Any
 from proxy import apppasswords
 from proxy.admin import AdminError
 from proxy.directory import Account
-from proxy.portal.making import CannotCreate, Maker
+from proxy.portal.making import CannotCreate, Maker, Shown
 from proxy.portal.pages import TRY_LATER, Context, Forbidden, Pages, Unavailable, page, quote
 from proxy.portal.websessions import WebSession
 from proxy.store import PROTOCOLS, StoreError
 from proxy.threads import Busy
 
 MANAGED = "App passwords are managed by the help desk here."
+SHOWN_ALREADY = ("A new app password is shown once only, and it was: it is not shown again. If "
+                 "the device did not get it, delete it and create another.")
+OWN_REFUSALS = 10
 
 
 class SecurityInfo(Pages):
@@ -38,6 +43,11 @@ class SecurityInfo(Pages):
         policy = self.config.policy
         rows = self._rows(records)
         working = sum(1 for r in rows if r.stopped is None)
+        mine = f"portal:{session.username}"
+        # Made by the help desk, who saw the secret: said every time the
+        # page is shown, while the app password is there.
+        by_help_desk = [r.record for r in rows
+                        if r.record.created_by.startswith("portal:") and r.record.created_by != mine]
         notice, session.notice = session.notice, None
         return self._render(
             request, "home.html", status, session=session, account=account, rows=rows,
@@ -46,6 +56,8 @@ class SecurityInfo(Pages):
             blocked=policy.block_legacy_auth or account.modern_auth_only,
             blocked_for_all=policy.block_legacy_auth,
             notice=notice, error=error, form=form or {}, protocols=PROTOCOLS,
+            by_help_desk=by_help_desk, refusals=await self._refusals(session.username, OWN_REFUSALS),
+            web_sessions=self.sessions.of_user(session.username),
         )
 
     @page("/app-passwords", "POST")
@@ -57,17 +69,31 @@ class SecurityInfo(Pages):
         expires = self._field(request, "expires", required=False).strip()
         chosen = self._fields(request, "protocols")
         networks = self._field(request, "networks", required=False)
+        offset = self._field(request, "utc_offset", required=False).strip()
         form = {"name": name, "expires": expires, "protocols": chosen, "networks": networks}
         try:
-            wanted = self._maker.wanted(name, expires, chosen, networks)
+            wanted = self._maker.wanted(name, expires, chosen, networks, offset)
             made = await self._maker.make(session.username, session.username, wanted)
         except CannotCreate as e:
             return await self._home(request, session, account, e.status, e.text, form)
         self._maker.notify(account, made.record.name, self._address(request),
                            f"portal:{session.username}")
-        return self._render(request, "created.html", 201, session=session, record=made.record,
-                            secret=apppasswords.display(made.secret), owner=None,
-                            row=self._rows([made.record])[0])
+        # Shown on the page the redirect leads to: reloading that page
+        # sends no form again (no "already exists", nothing counted).
+        session.shown = Shown(made.record, apppasswords.display(made.secret), None)
+        return self._redirect(request, "/app-passwords/new")
+
+    @page("/app-passwords/new", "GET")
+    async def created(self, request: Any) -> bytes:
+        """The new app password (the user's own, or the one the help desk
+        just made), once: the session forgets it as it is shown."""
+        session, _ = await self._signed_in(request)
+        shown, session.shown = session.shown, None
+        if not isinstance(shown, Shown):
+            session.notice = SHOWN_ALREADY
+            return self._redirect(request, "/")
+        return self._render(request, "created.html", session=session, record=shown.record,
+                            secret=shown.secret, owner=shown.owner)
 
     @page("/app-passwords/<string:id>/delete", "GET")
     async def delete_page(self, request: Any, id: str) -> bytes:

@@ -98,13 +98,18 @@ class MfaInEffect:
         return self.by_group and self.stored != MfaState.ENFORCED.value
 
     @property
-    def text(self) -> str:
+    def why(self) -> str:
+        """Where the state in effect comes from, when a group has a say."""
         if not self.by_group:
-            return self.stored
+            return ""
         if not self.hidden:
-            return "enforced (set here, and by a directory group)"
-        return f"enforced by a directory group (set here: {self.stored}, which applies only " \
-               f"if they leave the group)"
+            return "set here, and by a directory group"
+        return f"by a directory group; set here: {self.stored}, which applies only if they " \
+               f"leave the group"
+
+    @property
+    def text(self) -> str:
+        return f"{self.effective} ({self.why})" if self.why else self.effective
 
     @property
     def consequence(self) -> str:
