@@ -1090,6 +1090,33 @@ class ListenerConfig:
 
 
 @attrs.frozen
+class OAuthConfig:
+    """Clients that sign in with an OAuth 2.0 access token (SASL XOAUTH2 or
+    OAUTHBEARER) on cloud IMAP, POP3 and submission listeners: JWTs checked
+    against the identity provider's keys."""
+
+    issuer: str = _required(HttpUrl(), "the provider's issuer, exactly as in its tokens' iss")
+    audiences: tuple[str, ...] = _required(
+        ListOf(Str()), "a token's aud must name one of these (the mail clients' registration)"
+    )
+    jwks_url: str = _required(HttpUrl(), "where the provider publishes its signing keys (JWKS)")
+    username_claims: tuple[str, ...] = _field(
+        ("preferred_username", "upn", "email"), ListOf(Str()),
+        "the claims that name the user; one must be the name the client signs in with",
+    )
+    ca_file: Path | None = _field(
+        None, Optional(FilePath()), "certificates to trust for jwks_url; null: the system's"
+    )
+    leeway: float = _field(30.0, Duration(high=300), "clock skew allowed for exp and nbf")
+
+    def __attrs_post_init__(self) -> None:
+        if not self.audiences:
+            raise ValueError("audiences: name at least one")
+        if not self.username_claims:
+            raise ValueError("username_claims: name at least one")
+
+
+@attrs.frozen
 class AuditConfig:
     """The audit log: one JSON object a line, never a secret."""
 
@@ -1174,6 +1201,7 @@ class Config:
     policy: PolicyConfig = _section(PolicyConfig)
     hashing: HashingConfig = _section(HashingConfig)
     audit: AuditConfig = _section(AuditConfig)
+    oauth: OAuthConfig | None = _optional_section(OAuthConfig)
     directory: DirectoryConfig | None = _optional_section(DirectoryConfig)
     throttle: ThrottleConfig = _section(ThrottleConfig)
     cache: CacheConfig = _section(CacheConfig)
