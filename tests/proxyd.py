@@ -92,8 +92,10 @@ class ProxyDaemon:
                  throttle: str = "  source_delay: 0.01\n  source_delay_max: 0.01\n"
                                  "  account_failures: 1000",
                  account_cache: str = "0", cache: str = "", directory: str = "",
-                 store: str = "", interface: str = "127.0.0.1", ports: dict | None = None):
+                 store: str = "", interface: str = "127.0.0.1", ports: dict | None = None,
+                 workers: int | str | None = None):
         self.folder = Path(folder)
+        self.workers = workers
         self.folder.mkdir(parents=True, exist_ok=True)
         self.slapd = slapd
         self.pki = make_pki(self.folder / "pki")
@@ -102,6 +104,7 @@ class ProxyDaemon:
         secret.write_text(slapd.service_password + "\n")
         secret.chmod(0o600)
         lines = [
+            *([f"workers: {workers}"] if workers is not None else []),
             "store:", "  path: store.sqlite3", "  pepper_file: pepper", *store.splitlines(),
             "audit:", "  file: audit.log",
             "hashing:", *hashing.splitlines(),
@@ -142,7 +145,10 @@ class ProxyDaemon:
             cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.reader = Output(self.process)
-        self.wait_for("legacy-auth-proxy started")
+        if self.workers is not None:
+            self.wait_for("supervisor: .* workers ready", 90)
+        else:
+            self.wait_for("legacy-auth-proxy started")
 
     def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
         assert self.reader is not None
@@ -174,6 +180,24 @@ class ProxyDaemon:
             self.process.kill()
             self.process.wait()
         return self.process.returncode
+
+    def worker_roles(self) -> dict[int, tuple[int, dict]]:
+        """With workers: each running worker's (process id, role), by index,
+        read from /proc: the supervisor's children and their environments."""
+        assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        roles = {}
+        for child in children:
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue  # gone since
+            for entry in environ:
+                if entry.startswith(b"LEGACY_AUTH_PROXY_WORKER="):
+                    role = json.loads(entry.split(b"=", 1)[1])
+                    roles[role["index"]] = (int(child), role)
+        return roles
 
     def env(self) -> dict[str, str]:
         """Environment for OpenLDAP's clients: trust the proxy's test CA."""

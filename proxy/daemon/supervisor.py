@@ -104,9 +104,10 @@ class WorkerRole:
 
     def applied(self, config: configuration.Config) -> configuration.Config:
         """The config as this worker runs it: its metrics on its own socket,
-        the portal on worker 0 only, one process (it supervises no one)."""
+        the portal on worker 0 only. ``workers`` stays: it shares failures
+        through the store as several processes must."""
         return attrs.evolve(
-            config, workers=1,
+            config,
             metrics=attrs.evolve(config.metrics, endpoint=self.metrics),
             portal=config.portal if self.portal
             else attrs.evolve(config.portal, endpoint=None))

@@ -250,7 +250,7 @@ def test_a_workers_role_travels_in_its_environment_and_shapes_its_config(tmp_pat
             "  private_key: k\n")
     config = configuration.parse(text, tmp_path / "c.yaml")
     applied = role.applied(config)
-    assert applied.workers == 1
+    assert applied.workers == 4  # failures shared through the store
     assert applied.metrics.endpoint == "unix:/run/x/metrics-1.sock"
     assert applied.portal.endpoint is None  # worker 0's
     assert attrs.evolve(role, index=0, portal=True).applied(config).portal.endpoint == "tcp:8443"

@@ -1,0 +1,310 @@
+"""``workers: 2``: the real daemon as one supervisor and two worker
+processes on one SQLite store, in front of the real slapd and Dovecot,
+driven by imaplib and ldap3: both workers serve, a lockout and a
+revocation made through one hold on both, a worker killed with SIGKILL
+under load is started again and only the connections it held fail, SIGHUP
+reloads every worker, SIGTERM stops them all, and /metrics sums them."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import ldap3
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import wait_until
+from tests.integration.conftest import PRIMARY
+from tests.proxyd import ProxyDaemon, free_port, mail_backend
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, dovecot, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("workers")
+    metrics_port = free_port()
+    daemon = ProxyDaemon(folder, slapd, {
+        "imap": dict(mail_backend(folder, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True, max_connections_per_source=200),
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
+                 "allow_plaintext_auth": True, "max_connections_per_source": 200},
+    }, workers=2, throttle="  source_delay: 0.01\n  source_delay_max: 0.01\n"
+                           "  account_failures: 4\n  lockout: 10m",
+        extra=f"metrics:\n  endpoint: tcp:{metrics_port}:interface=127.0.0.1\n")
+    daemon.metrics_port = metrics_port
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def imap(proxy, port_name: str = "imap") -> imaplib.IMAP4:
+    return imaplib.IMAP4("127.0.0.1", proxy.ports[port_name], timeout=30)
+
+
+def imap_login(proxy, uid: str, secret: str) -> bool:
+    client = imap(proxy)
+    try:
+        client.login(uid, secret)
+    except imaplib.IMAP4.error:
+        return False
+    finally:
+        client.shutdown()
+    return True
+
+
+def ldap_bind(proxy, uid: str, secret: str) -> bool:
+    server = ldap3.Server("127.0.0.1", port=proxy.ports["ldap"], get_info=ldap3.NONE,
+                          connect_timeout=10)
+    conn = ldap3.Connection(server, user=uid, password=secret, receive_timeout=15,
+                            raise_exceptions=False)
+    try:
+        return bool(conn.bind())
+    finally:
+        conn.unbind()
+
+
+def http_unix(path: str, what: str) -> str:
+    """GET ``what`` from a worker's own metrics socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(f"GET {what} HTTP/1.0\r\nHost: worker\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def worker_metrics(proxy) -> dict[int, str]:
+    """Each worker's own /metrics text, by index."""
+    texts = {}
+    for index, (_, role) in proxy.worker_roles().items():
+        path = role["metrics"].split(":")[1]
+        texts[index] = http_unix(path, "/metrics")
+    return texts
+
+
+def supervisor_metrics(proxy) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics",
+                                timeout=20) as answer:
+        return answer.read().decode()
+
+
+def value(text: str, sample: str, **labels: str) -> float:
+    """The sum of the samples named ``sample`` whose labels include ``labels``."""
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == sample and labels.items() <= s.labels.items())
+
+
+SIGN_INS = "legacy_auth_proxy_sign_ins_total"
+
+
+def test_both_workers_serve_imap_logins_and_ldap_binds(proxy, slapd, unique):
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    assert ldap_bind(proxy, uid, secret)
+    for _ in range(100):
+        assert imap_login(proxy, uid, secret)
+        assert ldap_bind(proxy, uid, secret)
+        per_worker = {i: (value(t, SIGN_INS, protocol="imap", outcome="accepted"),
+                          value(t, SIGN_INS, protocol="ldap", outcome="accepted"))
+                      for i, t in worker_metrics(proxy).items()}
+        if len(per_worker) == 2 and all(imap_n and ldap_n for imap_n, ldap_n in per_worker.values()):
+            break
+    else:
+        raise AssertionError(f"not both workers served: {per_worker}")
+
+
+def test_metrics_are_the_sum_of_every_workers(proxy, slapd, unique):
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    for _ in range(6):
+        assert imap_login(proxy, uid, secret)
+    # Nothing else signs in meanwhile: the sum of the parts, read before and
+    # after the whole, is the whole.
+    before = sum(value(t, SIGN_INS) for t in worker_metrics(proxy).values())
+    whole = supervisor_metrics(proxy)
+    after = sum(value(t, SIGN_INS) for t in worker_metrics(proxy).values())
+    assert before == value(whole, SIGN_INS) == after > 0
+    assert value(whole, "legacy_auth_proxy_workers") == 2
+    assert value(whole, "legacy_auth_proxy_ready") == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/health/ready",
+                                timeout=20) as answer:
+        assert answer.read() == b"ok\n"
+
+
+def test_a_lockout_made_through_one_worker_holds_on_all(proxy, slapd, unique):
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    # Never signed in from here: the failures count against strangers' place
+    # (a familiar place has counters of its own).
+    for n in range(4):
+        assert not imap_login(proxy, uid, f"wrong-secret-{n}")
+    # Locked on every worker: each refuses the right app password, over
+    # IMAP and LDAP alike, once the store's change feed reached it.
+    refused = {i: value(t, SIGN_INS, outcome="refused", reason="locked_out")
+               for i, t in worker_metrics(proxy).items()}
+
+    def locked_everywhere() -> bool:
+        if imap_login(proxy, uid, secret) or ldap_bind(proxy, uid, secret):
+            return False
+        now = {i: value(t, SIGN_INS, outcome="refused", reason="locked_out")
+               for i, t in worker_metrics(proxy).items()}
+        return all(now[i] > refused.get(i, 0) for i in now)
+
+    assert wait_until(locked_everywhere, 60)
+    assert not any(imap_login(proxy, uid, secret) for _ in range(6))
+
+
+def test_a_revoked_app_password_closes_its_sessions_on_every_worker(proxy, slapd, unique):
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    other = proxy.create_app_password(uid, "laptop")
+    sessions = []
+    for _ in range(40):
+        client = imap(proxy)
+        client.login(uid, secret)
+        client.select("INBOX")
+        sessions.append(client)
+        held = [value(t, "legacy_auth_proxy_sessions") for t in worker_metrics(proxy).values()]
+        if len(sessions) >= 4 and len(held) == 2 and all(held):
+            break
+    else:
+        raise AssertionError("the sessions did not reach both workers")
+    kept = imap(proxy)
+    kept.login(uid, other)
+    assert proxy.cli("app-password", "delete", uid, "phone").returncode == 0
+
+    def ended(client) -> bool:
+        try:
+            client.noop()
+        except (imaplib.IMAP4.abort, OSError):
+            return True
+        return False
+
+    assert wait_until(lambda: all(ended(c) for c in sessions), 30)
+    assert kept.noop()[0] == "OK"  # another app password's session goes on
+    kept.logout()
+    assert not imap_login(proxy, uid, secret)
+
+
+def test_a_worker_killed_under_load_is_started_again_and_only_its_connections_fail(
+        proxy, slapd, unique):
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = proxy.create_app_password(uid, "phone")
+    # Sessions held open, on both workers: those of the killed one end.
+    held: list[imaplib.IMAP4] = []
+    for _ in range(40):
+        client = imap(proxy)
+        client.login(uid, secret)
+        held.append(client)
+        counts = {i: value(t, "legacy_auth_proxy_sessions", listener="imap")
+                  for i, t in worker_metrics(proxy).items()}
+        if len(held) >= 4 and len(counts) == 2 and all(counts.values()):
+            break
+    else:
+        raise AssertionError("the sessions did not reach both workers")
+    roles = proxy.worker_roles()
+    victim_pid = roles[1][0]
+    held_by_victim = int(counts[1])
+
+    # The load: four clients signing in, selecting and logging out in a loop.
+    stop = threading.Event()
+    results: list[tuple[float, float, str | None]] = []  # (began, ended, error)
+    lock = threading.Lock()
+
+    def load() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            error = None
+            try:
+                client = imap(proxy)
+                client.login(uid, secret)
+                client.select("INBOX")
+                client.logout()
+            except Exception as e:  # noqa: BLE001 - what failed is what is counted
+                error = f"{type(e).__name__}: {e}"
+            with lock:
+                results.append((began, time.monotonic(), error))
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_until(lambda: len(results) >= 20, 60)
+        killed_at = time.monotonic()
+        os.kill(victim_pid, signal.SIGKILL)
+        proxy.wait_for(r"worker 1 died \(signal 9\): starting it again", 30)
+
+        def restarted() -> bool:
+            now = proxy.worker_roles()
+            return len(now) == 2 and now[1][0] != victim_pid
+        assert wait_until(restarted, 60)
+        proxy.wait_for("supervisor.*worker 1 ready|legacy-auth-proxy started", 60)
+        after = len(results)
+        assert wait_until(lambda: len(results) >= after + 20, 90)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    failures = [r for r in results if r[2] is not None]
+    # Only what the killed worker held fails: at most one sign-in a client
+    # had in flight when it died, none begun after, and its held sessions.
+    assert len(failures) <= len(threads), failures
+    assert all(began < killed_at for began, _, _ in failures), failures
+    assert sum(1 for r in results if r[2] is None and r[0] > killed_at) >= 20
+
+    def ended(client) -> bool:
+        try:
+            client.noop()
+        except (imaplib.IMAP4.abort, OSError):
+            return True
+        return False
+
+    gone = [ended(c) for c in held]
+    assert sum(gone) == held_by_victim, (gone, held_by_victim)
+    whole = supervisor_metrics(proxy)
+    assert value(whole, "legacy_auth_proxy_worker_restarts_total") == 1
+    assert value(whole, "legacy_auth_proxy_workers") == 2
+
+
+def test_sighup_reloads_every_worker(proxy):
+    before = proxy.log().count("config reloaded from")
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for("every worker reloaded", 60)
+    assert wait_until(lambda: proxy.log().count("config reloaded from") == before + 2, 30)
+
+
+def test_sigterm_stops_every_worker(slapd, dovecot, tmp_path, unique):
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True)}, workers=2)
+    daemon.start()
+    try:
+        pids = [pid for pid, _ in daemon.worker_roles().values()]
+        assert len(pids) == 2
+        uid = unique("w")
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        session = imap(daemon)
+        session.login(uid, secret)
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    log = daemon.log()
+    assert log.count("SIGTERM received, stopping") == 2  # each worker, told once
+    assert "stopping every worker (SIGTERM received)" in log
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", daemon.ports["imap"]), timeout=5).close()
