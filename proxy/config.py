@@ -828,6 +828,47 @@ class MailRelay:
 
 
 @attrs.frozen
+class OidcConfig:
+    """Signing in to the portal through the organisation's identity provider
+    (OpenID Connect, authorization code with PKCE) instead of a password and
+    a TOTP code. Read at start: a change needs a restart."""
+
+    issuer: str = _required(
+        HttpUrl(), "the provider's issuer, as its ID tokens name it (https://login.example.com); "
+        "its /.well-known/openid-configuration is read")
+    client_id: str = _required(Str(), "the portal's client id at the provider")
+    client_secret_file: Path = _required(FilePath(), "a file holding the client's secret")
+    ca_file: Path | None = _field(
+        None, Optional(FilePath()), "certificates to trust for the provider (PEM); null: the system's")
+    scope: str = _field("openid profile email", Str(), "the scopes asked for (openid among them)")
+    username_claim: str = _field(
+        "preferred_username", Str(),
+        "the ID token's claim that names the user; its value is looked up in the directory as a "
+        "typed sign-in name is (uid, sAMAccountName, UPN, mail)")
+    username_domain: str | None = _field(
+        None, Optional(Str()),
+        "if set, the claim must end in @DOMAIN, which is removed before the directory lookup")
+    mfa_acr: tuple[str, ...] = _field(
+        (), ListOf(Str()), "acr values that count as multi-factor")
+    mfa_amr: tuple[str, ...] = _field(
+        (), ListOf(Str()),
+        "amr values that count as multi-factor; with mfa_acr both empty, every sign-in at the "
+        "provider counts (it enforces MFA itself), else one that matches neither is refused")
+    acr_values: str | None = _field(
+        None, Optional(Str()), "acr_values asked of the provider at every sign-in; null: none")
+    provider_name: str = _field(
+        "your organisation's account", Str(), "how the sign-in button names the provider")
+    timeout: float = _field(
+        10.0, Duration(high=120), "the longest a request to the provider may take")
+
+    def __attrs_post_init__(self) -> None:
+        if "openid" not in self.scope.split():
+            raise ValueError("scope must include openid")
+        if self.username_domain is not None and "@" in self.username_domain:
+            raise ValueError("username_domain is a domain (example.com), without @")
+
+
+@attrs.frozen
 class PortalConfig:
     """The self-service and help-desk web pages, over HTTPS."""
 
@@ -887,6 +928,12 @@ class PortalConfig:
         "how much of the end of the audit file the help desk's page reads for a user's "
         "recent refusals",
     )
+    fresh_check: float = _field(
+        300.0, Duration(high=3600),
+        "creating an app password and every help-desk action need a sign-in (a new code, or "
+        "a new sign-in at the provider) no older than this, whatever the page session's age",
+    )
+    oidc: OidcConfig | None = _optional_section(OidcConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.endpoint is not None and (self.certificate is None or self.private_key is None):
@@ -895,6 +942,8 @@ class PortalConfig:
             raise ValueError("session_max must be at least session_idle")
         if self.proxy_protocol != bool(self.trusted_proxies):
             raise ValueError("proxy_protocol and trusted_proxies go together")
+        if self.fresh_check < 30:
+            raise ValueError("fresh_check must be at least 30s: a sign-in takes that long")
 
 
 @attrs.frozen
