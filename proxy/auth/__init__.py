@@ -29,6 +29,7 @@ class Reason(enum.Enum):
     APP_PASSWORD = "app_password"
     PRIMARY = "primary"
     ANONYMOUS = "anonymous"  # an LDAP listener that allows anonymous binds
+    BEARER_TOKEN = "bearer_token"  # an OAuth access token (XOAUTH2, OAUTHBEARER)
     # refused
     WRONG_SECRET = "wrong_secret"
     UNKNOWN_USER = "unknown_user"
@@ -45,14 +46,18 @@ class Reason(enum.Enum):
     FOREIGN_AUTHZID = "foreign_authzid"
     PLAINTEXT = "plaintext"  # a sign-in on a connection that is not encrypted
     ANONYMOUS_REFUSED = "anonymous_refused"
+    INVALID_TOKEN = "invalid_token"  # an access token not good here (signature, issuer, audience, time)
+    TOKEN_FOR_ANOTHER_USER = "token_for_another_user"
     # temporary failures
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     BUSY = "busy"
     TOO_MANY_SESSIONS = "too_many_sessions"  # of this user from this address
+    PROVIDER_UNAVAILABLE = "provider_unavailable"  # its keys could not be fetched
 
 
-_TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY, Reason.TOO_MANY_SESSIONS}
-_ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY, Reason.ANONYMOUS}
+_TEMPORARY = {Reason.DIRECTORY_UNAVAILABLE, Reason.BUSY, Reason.TOO_MANY_SESSIONS,
+              Reason.PROVIDER_UNAVAILABLE}
+_ACCEPTED = {Reason.APP_PASSWORD, Reason.PRIMARY, Reason.ANONYMOUS, Reason.BEARER_TOKEN}
 _OUTCOMES = {
     reason: Outcome.ACCEPTED if reason in _ACCEPTED
     else Outcome.TEMPORARY_FAILURE if reason in _TEMPORARY else Outcome.REFUSED
@@ -85,6 +90,9 @@ class Attempt:
     # a right password neither clears the account's failures nor is audited
     # as accepted until Authenticator.second_factor_passed says so.
     second_factor: bool = False
+    # The secret is an OAuth access token (SASL XOAUTH2, OAUTHBEARER): modern
+    # authentication, checked with the identity provider's keys.
+    bearer: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.realm not in REALMS:

@@ -40,6 +40,7 @@ from proxy import apppasswords
 from proxy.auth import NOT_GUESSES, Attempt, Decision, Outcome, Reason, rules
 from proxy.auth.accounts import Accounts, DirectoryLike
 from proxy.auth.apps import BUSY, AppPasswords, Found
+from proxy.auth.bearer import BearerTokens, InvalidToken, KeysUnavailable
 from proxy.auth.events import DecisionEvents
 from proxy.auth.feed import ChangeFeed
 from proxy.auth.fleet import Fleet
@@ -111,6 +112,9 @@ class Authenticator:
         self.revocations = Revocations(clock, store, record)
         self.revocations.on_revoked(self._forget)  # the core's own caches first
         self.feed = ChangeFeed(clock, store, self.apply)
+        # OAuth access tokens clients sign in with (the oauth section); set
+        # by the daemon's builder.
+        self.bearer: BearerTokens | None = None
 
     @property
     def metrics(self) -> Any:
@@ -305,7 +309,7 @@ class Authenticator:
         when anything would have to be asked (the store, the directory,
         argon2) or the answer is not a plain yes: :meth:`authenticate` then
         decides. Audited and counted alike."""
-        if (not rules.takes_app_passwords(attempt) or attempt.second_factor
+        if (not rules.takes_app_passwords(attempt) or attempt.second_factor or attempt.bearer
                 or rules.screen(attempt, self.policy) is not None):
             return None
         secret = apppasswords.normalise(attempt.secret)
@@ -349,6 +353,8 @@ class Authenticator:
         screened = rules.screen(attempt, self.policy)
         if screened is not None:
             return screened
+        if attempt.bearer:
+            return await self._bearer_token(attempt)
         name = attempt.username.strip()
         typed = apppasswords.canonical_username(attempt.username)
         app_password_form = apppasswords.normalise(attempt.secret)
@@ -433,6 +439,48 @@ class Authenticator:
                 self.throttle.failed(key, attempt.client_address, attempt.secret, share=False)
                 return Decision(Reason.MFA_REQUIRED, account.username, account)
         return await self.primary.check(attempt, account, since)
+
+    # -- OAuth access tokens ----------------------------------------------------------
+
+    def takes_bearer_tokens(self, realm: str) -> bool:
+        """Whether a listener of ``realm`` offers XOAUTH2 and OAUTHBEARER:
+        cloud listeners, where the oauth section is configured."""
+        return self.bearer is not None and realm == "cloud"
+
+    async def _bearer_token(self, attempt: Attempt) -> Decision:
+        """An access token: checked first (no directory look-up for a bad
+        one, so that it tells nothing of which names exist), then the user
+        it names against the account signing in, then the account as for
+        any sign-in. A bad token is not a guess at the account's secret: it
+        meets the source's failure delay, and never locks the account."""
+        typed = apppasswords.canonical_username(attempt.username)
+        if self.bearer is None or not self.takes_bearer_tokens(attempt.realm):
+            return Decision(Reason.INVALID_TOKEN, typed)
+        try:
+            claims = await self.bearer.verify(attempt.secret)
+        except KeysUnavailable:
+            return Decision(Reason.PROVIDER_UNAVAILABLE, typed)
+        except InvalidToken as e:
+            log.info("{address}: an access token for {user} refused: {why}",
+                     address=attempt.client_address, user=typed, why=e.reason)
+            return Decision(Reason.INVALID_TOKEN, typed)
+        try:
+            account = await self.accounts.account(attempt.username.strip())
+        except DirectoryUnavailable:
+            return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
+        if account is None:
+            return Decision(Reason.UNKNOWN_USER, typed)
+        named = {apppasswords.canonical_username(n) for n in self.bearer.names(claims)}
+        own = {typed, account.username} | ({apppasswords.canonical_username(account.mail)}
+                                           if account.mail else set())
+        if not named & own:
+            return Decision(Reason.TOKEN_FOR_ANOTHER_USER, account.username, account)
+        refused = rules.account_refusal(attempt, account)
+        if refused is not None:
+            return refused
+        if self.throttle.locked(account.key, attempt.client_address):
+            return Decision(Reason.LOCKED_OUT, account.username, account)
+        return Decision(Reason.BEARER_TOKEN, account.username, account)
 
     # -- app passwords -------------------------------------------------------------
 

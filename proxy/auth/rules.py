@@ -50,17 +50,18 @@ def screen(attempt: Attempt, policy: PolicyConfig) -> Decision | None:
         # Acting as someone else is what master users do; clients may not.
         return Decision(Reason.FOREIGN_AUTHZID,
                         apppasswords.canonical_username(attempt.username))
-    if policy.block_legacy_auth and attempt.legacy:
+    if policy.block_legacy_auth and attempt.legacy and not attempt.bearer:
         return Decision(Reason.LEGACY_BLOCKED, apppasswords.canonical_username(attempt.username))
     return None
 
 
 def account_refusal(attempt: Attempt, account: Account) -> Decision | None:
     """What refuses an account whatever the secret: inactive in the
-    directory, or in the modern-authentication-only group."""
+    directory, or in the modern-authentication-only group (which an OAuth
+    access token is not held by: it is modern authentication)."""
     if not account.active:
         return Decision(Reason.ACCOUNT_INACTIVE, account.username, account)
-    if account.modern_auth_only and attempt.legacy:
+    if account.modern_auth_only and attempt.legacy and not attempt.bearer:
         return Decision(Reason.LEGACY_BLOCKED, account.username, account)
     return None
 

@@ -316,3 +316,20 @@ def refusal(challenge: bytes) -> str:
 # The statuses that say the token itself was refused (RFC 7628's
 # invalid_token; XOAUTH2 servers say 401, as Gmail does).
 TOKEN_REFUSED = frozenset({"invalid_token", "401"})
+
+
+async def get_json(agent: Any, clock: Any, url: str, timeout: float) -> dict[str, Any]:
+    """GET a JSON object (a provider's JWKS); raises on anything else."""
+    d = agent.request(b"GET", url.encode(), Headers({b"Accept": [b"application/json"]}))
+    d.addTimeout(timeout, clock)
+    response = await d
+    done: Deferred[bytes] = Deferred()
+    response.deliverBody(_Body(done))
+    done.addTimeout(timeout, clock)
+    body = await done
+    if response.code != 200:
+        raise ValueError(f"{url} answered {response.code}")
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError(f"{url} answered without a JSON object")
+    return document

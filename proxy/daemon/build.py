@@ -11,8 +11,10 @@ from twisted.internet.defer import Deferred
 
 from proxy import apppasswords, config as configuration
 from proxy.auth.authenticator import Authenticator
+from proxy.auth.bearer import BearerTokens
+from proxy.backends.tokens import agent as token_agent, get_json
 from proxy.backends.ldap import Upstream
-from proxy.bootstrap import hash_parameters, read_directory_secrets
+from proxy.bootstrap import StartupError, hash_parameters, read_directory_secrets
 from proxy.daemon.tree import Ordered
 from proxy.directory import Directory, client_endpoint, tls_options
 from proxy.metrics import Metrics
@@ -56,6 +58,31 @@ class Core:
     upstream: Upstream
 
 
+async def bearer_tokens(reactor: Any, config: configuration.OAuthConfig, files: Pool) -> BearerTokens:
+    """The checker of the access tokens clients sign in with (the oauth
+    section), fetching the provider's keys with Twisted's HTTP client."""
+    ca = None
+    if config.ca_file is not None:
+        path = config.ca_file
+
+        def read() -> bytes:
+            try:
+                return path.read_bytes()
+            except OSError as e:
+                raise StartupError(f"{path}: oauth.ca_file: cannot read: {e.strerror}") from None
+
+        ca = await files.submit(read)
+    agent = token_agent(reactor, ca, 10.0)
+    return BearerTokens(
+        clock=reactor,
+        fetch_keys=lambda: get_json(agent, reactor, config.jwks_url, 10.0),
+        issuer=config.issuer,
+        audiences=config.audiences,
+        username_claims=config.username_claims,
+        leeway=config.leeway,
+    )
+
+
 async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools, store: Any,
                      pepper: bytes, record: Any, metrics: Metrics, tree: Ordered) -> Core:
     """The core over the opened store, started, its parts in ``tree``."""
@@ -85,6 +112,8 @@ async def build_core(*, reactor: Any, config: configuration.Config, pools: Pools
         else config.store.url is not None or config.workers != 1,
         sessions=registry,
     )
+    if config.oauth is not None:
+        authenticator.bearer = await bearer_tokens(reactor, config.oauth, pools.files)
     await authenticator.start()
     sessions = Sessions(reactor, directory, directory_config.account_cache, authenticator,
                         registry)

@@ -436,8 +436,11 @@ class Dialogue:
     deciding = False
 
     def __init__(self, *, tls: bool, starttls: bool, allow_plaintext: bool, max_bad: int,
-                 reader: Any) -> None:
+                 reader: Any, bearer: bool = False) -> None:
         self.tls = tls
+        # The SASL mechanisms offered: PLAIN and LOGIN, and XOAUTH2 and
+        # OAUTHBEARER where the core takes access tokens (it says so).
+        self.mechanisms = sasl.MECHANISMS + (sasl.BEARER_MECHANISMS if bearer else ())
         self.starttls = starttls
         self.allow_plaintext = allow_plaintext
         self.max_bad = max_bad
@@ -594,6 +597,9 @@ class Listener(Factory):
         self.backend = backend
         self.tls = tls
         self.per_source = PerSource(config.max_connections_per_source)
+        # Whether XOAUTH2 and OAUTHBEARER are offered: the core's to say.
+        takes = getattr(authenticator, "takes_bearer_tokens", None)
+        self.bearer = bool(takes is not None and takes(config.realm))
         self.connections = Connections()
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -713,6 +719,7 @@ class RelayingServer(ListenerConnection, Protocol):
             allow_plaintext=self.config.allow_plaintext_auth,
             max_line=self.config.max_line_length,
             max_bad=self.config.max_bad_commands or bad_commands,
+            bearer=self.listener.bearer,
         )
 
     def bye(self, text: str) -> bytes:
@@ -827,6 +834,7 @@ class RelayingServer(ListenerConnection, Protocol):
             tls=self.machine.tls,
             authzid=event.authzid,
             plaintext_allowed=self.config.allow_plaintext_auth,
+            bearer=event.mechanism in ("xoauth2", "oauthbearer"),
         )
         decision: Decision = await self.listener.authenticator.authenticate(attempt)
         if self._closing:

@@ -37,7 +37,8 @@ class PreLogin(Dialogue):
     """The IMAP dialogue up to a successful login. No I/O.
 
     Offers CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and AUTHENTICATE
-    (PLAIN with SASL-IR, LOGIN). Anything else is answered BAD; after
+    (PLAIN with SASL-IR, LOGIN; XOAUTH2 and OAUTHBEARER where the core takes
+    access tokens). Anything else is answered BAD; after
     ``max_bad`` bad commands the client is told BYE and the connection
     closed. While a login is being decided nothing more is read; after a
     successful one, :meth:`take_rest` gives the bytes the client pipelined
@@ -53,9 +54,10 @@ class PreLogin(Dialogue):
         max_line: int = 8192,
         max_literal: int = 4096,
         max_bad: int = 3,
+        bearer: bool = False,
     ) -> None:
         super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
-                         max_bad=max_bad, reader=imapwire.Reader(max_line, max_literal))
+                         max_bad=max_bad, reader=imapwire.Reader(max_line, max_literal), bearer=bearer)
         self._sasl: tuple[bytes, sasl.Exchange] | None = None  # the command's tag, the exchange
 
     # -- what the client is told ------------------------------------------------
@@ -65,7 +67,7 @@ class PreLogin(Dialogue):
         if self.starttls and not self.tls:
             caps.append(b"STARTTLS")
         if self.can_login:
-            caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
+            caps += [b"AUTH=" + m.encode() for m in self.mechanisms]
         else:
             caps.append(b"LOGINDISABLED")
         return b" ".join(caps)
@@ -169,7 +171,7 @@ class PreLogin(Dialogue):
             # core refuses the sign-in (and audits it).
             return [self._login(tag, sasl.Credentials(b"", b"", "plain"))]
         mechanism = args[0].upper().decode("ascii", "replace")
-        if mechanism not in sasl.MECHANISMS:
+        if mechanism not in self.mechanisms:
             return [Send(tag + b" NO Unsupported authentication mechanism.\r\n")]
         self._sasl = (tag, sasl.Exchange(mechanism))
         # SASL-IR (RFC 4959): the initial response on the command line.

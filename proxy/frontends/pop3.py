@@ -43,9 +43,10 @@ class PreLogin(LineDialogue):
         allow_plaintext: bool,
         max_line: int = 8192,
         max_bad: int = 3,
+        bearer: bool = False,
     ) -> None:
         super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
-                         max_bad=max_bad, reader=LineReader(max_line))
+                         max_bad=max_bad, reader=LineReader(max_line), bearer=bearer)
         self._user: bytes | None = None  # USER's argument, waiting for PASS
         self._sasl: sasl.Exchange | None = None
 
@@ -69,7 +70,7 @@ class PreLogin(LineDialogue):
         if self.starttls and not self.tls:
             lines.append(b"STLS")
         if self.can_login:
-            lines += [b"USER", b"SASL " + " ".join(sasl.MECHANISMS).encode()]
+            lines += [b"USER", b"SASL " + " ".join(self.mechanisms).encode()]
         lines.append(b"IMPLEMENTATION " + SERVER_NAME.encode())
         return b"+OK Capability list follows.\r\n" + b"".join(l + b"\r\n" for l in lines) + b".\r\n"
 
@@ -123,12 +124,12 @@ class PreLogin(LineDialogue):
 
     def _auth(self, args: list[bytes]) -> list[Event]:
         if not args:
-            mechanisms = b"".join(m.encode() + b"\r\n" for m in sasl.MECHANISMS)
+            mechanisms = b"".join(m.encode() + b"\r\n" for m in self.mechanisms)
             return [Send(b"+OK\r\n" + mechanisms + b".\r\n")]
         if len(args) > 2:
             return self._err(b"Syntax: AUTH mechanism [initial-response]")
         mechanism = args[0].upper().decode("ascii", "replace")
-        if mechanism not in sasl.MECHANISMS:
+        if mechanism not in self.mechanisms:
             return self._err(b"Unsupported authentication mechanism.")
         self._sasl = sasl.Exchange(mechanism)
         return self._sasl_step(self._sasl.start(args[1] if len(args) == 2 else None))

@@ -55,9 +55,10 @@ class PreAuth(LineDialogue):
         extensions: Sequence[bytes] = DEFAULT_EXTENSIONS,
         max_line: int = 8192,
         max_bad: int = 20,
+        bearer: bool = False,
     ) -> None:
         super().__init__(tls=tls, starttls=starttls, allow_plaintext=allow_plaintext,
-                         max_bad=max_bad, reader=LineReader(max_line))
+                         max_bad=max_bad, reader=LineReader(max_line), bearer=bearer)
         self.hostname = hostname.encode()
         self.extensions = list(extensions)
         self.helo = False
@@ -82,7 +83,7 @@ class PreAuth(LineDialogue):
         if self.starttls and not self.tls:
             lines.append(b"STARTTLS")
         if self.can_login:
-            lines.append(b"AUTH PLAIN LOGIN")
+            lines.append(b"AUTH " + " ".join(self.mechanisms).encode())
         body = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
         return [Send(body + b"250 " + lines[-1] + b"\r\n")]
 
@@ -145,7 +146,7 @@ class PreAuth(LineDialogue):
         if not 1 <= len(parts) <= 2:
             return self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         mechanism = parts[0].upper().decode("ascii", "replace")
-        if mechanism not in sasl.MECHANISMS:
+        if mechanism not in self.mechanisms:
             return self._error(b"504 5.5.4 Unrecognized authentication type")
         self._sasl = sasl.Exchange(mechanism)
         return self._sasl_step(self._sasl.start(parts[1] if len(parts) == 2 else None))
