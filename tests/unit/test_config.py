@@ -98,7 +98,10 @@ def test_the_example_config_is_valid_and_holds_the_defaults():
 
     loaded = load(ROOT / "config" / "example.yaml")
     assert attrs.evolve(loaded, source=Config().source, directory=None, listeners=(),
-                        webhooks=()) == Config()
+                        webhooks=(), oauth=None) == Config()
+    # The oauth section has no defaults for which provider; the rest are the defaults.
+    oauth = loaded.oauth
+    assert oauth == config.OAuthConfig(oauth.issuer, oauth.audiences, oauth.jwks_url)
     # A webhook has no defaults for where and with which secret; the rest are the defaults.
     [hook] = loaded.webhooks
     assert hook == config.WebhookConfig(hook.name, hook.url, hook.secret_file)
