@@ -112,10 +112,10 @@ class Counts:
 
 class OutboxWriter:
     """Audit events to the outbox: batched (one write per :attr:`DELAY` at
-    most, :attr:`BATCH` rows each), one write at a time so that rows land
+    most, :attr:`BATCH` events each), one write at a time so that rows land
     in the order the events happened, and bounded (:attr:`MAX_WAITING`
-    rows; past that an event is dropped and counted: a store that is down
-    for long must not take the daemon's memory)."""
+    events; past that an event is dropped and counted: a store that is
+    down for long must not take the daemon's memory)."""
 
     DELAY = 0.05
     BATCH = 1000
@@ -128,24 +128,25 @@ class OutboxWriter:
         self.webhooks = webhooks
         self._counts = counts
         self._written = written
-        self._waiting: list[tuple[str, str, str, str]] = []
+        self._waiting: list[outbox.Pending] = []
         self._timer: Any = None
         self._writing: Deferred[None] | None = None
         self._warned = False
 
     def add(self, record: dict[str, Any]) -> None:
-        """One audit event (on the reactor thread)."""
-        found = outbox.rows(record, self.webhooks)
-        if not found:
+        """One audit event (on the reactor thread): its JSON is made on the
+        outbox's thread (the store given is an :class:`outbox.Encoding`)."""
+        names = outbox.targets(record, self.webhooks)
+        if not names:
             return
-        if len(self._waiting) + len(found) > self.MAX_WAITING:
+        if len(self._waiting) >= self.MAX_WAITING:
             self._counts.dropped += 1
             if not self._warned:
                 self._warned = True
                 log.error("the outbox cannot keep up (the store is down or slow): events for "
                           "webhooks are being dropped")
             return
-        self._waiting.extend(found)
+        self._waiting.append((names, record))
         self._schedule(self.DELAY)
 
     @property
@@ -185,7 +186,7 @@ class OutboxWriter:
                 log.failure("cannot write events to the outbox")
             return False
         self._warned = False
-        self._written({row[0] for row in batch})
+        self._written({name for names, _ in batch for name in names})
         return True
 
     async def flush(self) -> None:
@@ -485,7 +486,8 @@ class Webhooks:
     hands events to, one deliverer per webhook, the housekeeping."""
 
     def __init__(self, *, clock: Any, store: Any, webhooks: tuple[Any, ...],
-                 secrets: dict[str, bytes], posts: dict[str, Any], node: str) -> None:
+                 secrets: dict[str, bytes], posts: dict[str, Any], node: str,
+                 writing: Any) -> None:
         self.counts = Counts()
         self._clock = clock
         self.webhooks = webhooks
@@ -493,7 +495,7 @@ class Webhooks:
             w.name: Deliverer(clock=clock, store=store, webhook=w, secret=secrets[w.name],
                               post=posts[w.name], node=node, counts=self.counts)
             for w in webhooks}
-        self.writer = OutboxWriter(clock=clock, store=store, webhooks=webhooks,
+        self.writer = OutboxWriter(clock=clock, store=writing, webhooks=webhooks,
                                    counts=self.counts, written=self._written)
         self.housekeeping = Housekeeping(clock=clock, store=store, webhooks=webhooks,
                                          counts=self.counts)
@@ -553,7 +555,8 @@ async def open_webhooks(*, reactor: Any, config: Any, store: Any, files_pool: An
         pool.stop()
         raise
     hooks = Webhooks(clock=reactor, store=Threaded(own, pool), webhooks=config.webhooks,
-                     secrets=secrets, posts=posts, node=node_id())
+                     secrets=secrets, posts=posts, node=node_id(),
+                     writing=Threaded(outbox.Encoding(own), pool))
     metrics.watch(hooks.families)
     housekeeping = LoopingCall(lambda: Deferred.fromCoroutine(hooks.housekeeping.tick()))
     housekeeping.clock = reactor

@@ -46,15 +46,41 @@ def lane(record: dict[str, Any]) -> str:
     return user if isinstance(user, str) else ""
 
 
-def rows(record: dict[str, Any], webhooks: Iterable[Any]) -> list[tuple[str, str, str, str]]:
-    """The outbox rows of one audit record: (webhook, lane, event, body),
-    one for each webhook that wants it."""
+def targets(record: dict[str, Any], webhooks: Iterable[Any]) -> tuple[str, ...]:
+    """The names of the webhooks that want one audit record."""
     event = str(record.get("event", ""))
-    targets = [w.name for w in webhooks if wants(w, event)]
-    if not targets:
-        return []
-    text = body(record, event_id())
-    return [(name, lane(record), event, text) for name in targets]
+    return tuple(w.name for w in webhooks if wants(w, event))
+
+
+Pending = tuple[tuple[str, ...], dict[str, Any]]  # (webhooks, audit record)
+
+
+def encode(pending: Iterable[Pending]) -> list[tuple[str, str, str, str]]:
+    """Outbox rows (webhook, lane, event, body) of audit records and the
+    webhooks that want them: one id and one body per record. The daemon
+    calls it on the outbox's thread, off the sign-in's path."""
+    found = []
+    for names, record in pending:
+        text = body(record, event_id())
+        found += [(name, lane(record), str(record.get("event", "")), text) for name in names]
+    return found
+
+
+def rows(record: dict[str, Any], webhooks: Iterable[Any]) -> list[tuple[str, str, str, str]]:
+    """The outbox rows of one audit record, one for each webhook that wants it."""
+    names = targets(record, webhooks)
+    return encode([(names, record)]) if names else []
+
+
+class Encoding:
+    """A store whose ``add_events`` takes :data:`Pending` records and
+    encodes them first (on the caller's thread: the outbox's)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def add_events(self, pending: list[Pending], now: float) -> None:
+        self._store.add_events(encode(pending), now)
 
 
 class OutboxAudit:

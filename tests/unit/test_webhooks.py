@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from proxy.config import WebhookConfig
 from proxy.daemon import webhooks
 from proxy.daemon.webhooks import Counts, Deliverer, OutboxWriter, retry_delay, signature
+from proxy.store import outbox
 from proxy.store.sqlite import SQLiteStore
 from proxy.threads import Threaded
 from tests.unit.fakes import Inline
@@ -185,7 +186,8 @@ def test_the_writer_batches_a_turns_events_in_order_for_the_webhooks_that_want_t
     calls = []
 
     class Counting:
-        def add_events(self, rows, now):
+        def add_events(self, pending, now):
+            rows = outbox.encode(pending)
             calls.append(len(rows))
             return succeed(store.add_events(rows, now))
 
@@ -211,10 +213,10 @@ def test_the_writer_keeps_events_in_order_while_the_store_fails_and_is_bounded(s
     down = [True]
 
     class Flaky:
-        def add_events(self, rows, now):
+        def add_events(self, pending, now):
             if down[0]:
                 return fail(StoreUnavailable("down"))
-            return succeed(store.add_events(rows, now))
+            return succeed(outbox.Encoding(store).add_events(pending, now))
 
     counts = Counts()
     monkeypatch.setattr(OutboxWriter, "MAX_WAITING", 3)
