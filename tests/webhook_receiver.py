@@ -33,13 +33,15 @@ def verify(secret: bytes, header: str, body: bytes, now: float) -> bool:
 
 
 class Receiver:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, pki=None) -> None:
+        """``pki`` (tests/pki.py): serve HTTPS with its server certificate."""
+        self.pki = pki
         self.port = free_port()
         self.secret = b"whsec_" + hashlib.sha256(str(folder).encode()).hexdigest().encode()
         self.secret_file = Path(folder) / "webhook-secret"
         self.secret_file.write_bytes(self.secret + b"\n")
         self.secret_file.chmod(0o600)
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}/hook"
         self.events: list[dict] = []  # each post answered 2xx, in the order answered
         self.posts = 0  # every post, whatever its answer
         self.bad_signatures = 0
@@ -77,6 +79,12 @@ class Receiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.pki is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self.pki.cert_file), str(self.pki.key_file))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

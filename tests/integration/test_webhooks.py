@@ -24,10 +24,10 @@ pytestmark = pytest.mark.integration
 PLAIN = {"tls": "none", "allow_plaintext_auth": True}
 
 
-def webhook_config(receiver: Receiver, events: str = '["*"]') -> str:
+def webhook_config(receiver: Receiver, events: str = '["*"]', extra: str = "") -> str:
     return (f"webhooks:\n  - name: test\n    url: {receiver.url}\n"
             f"    secret_file: {receiver.secret_file}\n    events: {events}\n"
-            f"    timeout: 3s\n    retry_initial: 0.2\n    retry_max: 1s\n")
+            f"    timeout: 3s\n    retry_initial: 0.2\n    retry_max: 1s\n{extra}")
 
 
 @pytest.fixture
@@ -174,3 +174,40 @@ def test_a_secret_file_that_cannot_be_read_stops_the_daemon_and_names_it(slapd, 
     output = done.stdout + done.stderr
     assert "webhooks[0].secret_file" in output and str(receiver.secret_file) in output
     assert "at least 16 bytes" in output
+
+
+def test_https_receivers_are_checked_against_their_ca(slapd, tmp_path, unique):
+    from tests.pki import make_pki
+
+    trusted = make_pki(tmp_path / "trusted")
+    other = make_pki(tmp_path / "other", organization="someone else")
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good, bad = Receiver(tmp_path / "good", trusted), Receiver(tmp_path / "bad", other)
+    for r in (good, bad):
+        r.start()
+    config = webhook_config(good, extra=f"    ca_file: {trusted.ca_file}\n") + (
+        webhook_config(bad, extra=f"    ca_file: {trusted.ca_file}\n")
+        .replace("webhooks:\n", "").replace("name: test", "name: impostor"))
+    metrics_port = free_port()
+    d = ProxyDaemon(tmp_path / "node", slapd, {"ldap": {"protocol": "ldap", "realm": "cloud",
+                                                        **PLAIN}},
+                    extra=f"metrics:\n  endpoint: tcp:{metrics_port}:interface=127.0.0.1\n"
+                          + config)
+    d.metrics_port = metrics_port
+    d.start()
+    try:
+        user = unique("tls")
+        slapd.add_user(user, PRIMARY)
+        create(d, user, ["t1"])
+        assert wait_until(lambda: names_received(good, user) == ["t1"], timeout=30)
+        # A receiver whose certificate the CA did not sign gets nothing: the
+        # handshake fails, counted as a connection failure, and retried.
+        assert wait_until(lambda: metrics(d).get(
+            'legacy_auth_proxy_webhook_failures_total{reason="connection",webhook="impostor"}',
+            0) >= 2, timeout=30)
+        assert bad.posts == 0 and good.bad_signatures == 0
+    finally:
+        assert d.stop() == 0
+        good.stop()
+        bad.stop()
