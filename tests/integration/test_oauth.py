@@ -1,10 +1,18 @@
-"""backend_login: oauth2, end to end: a device signs in to the real daemon
-with its app password, and the daemon logs in to a Dovecot that takes
-nothing but OAuth (its oauth2 passdb, validating JWTs with the provider's
-keys) with an access token of its own app registration, obtained from the
-real identity provider (LemonLDAP::NG, tests/idp.py) by the
-client-credentials grant. Tokens live a few seconds here, so that renewal
-and a revoked secret are seen in a test's time."""
+"""OAuth both ways, end to end, against the real identity provider
+(LemonLDAP::NG, tests/idp.py) and a Dovecot that takes nothing but OAuth
+(its oauth2 passdb, validating JWTs with the provider's keys).
+
+backend_login: oauth2: a device signs in to the real daemon with its app
+password, and the daemon logs in to Dovecot with an access token of its own
+app registration, obtained by the client-credentials grant. Tokens live a
+few seconds here, so that renewal and a revoked secret are seen in a test's
+time.
+
+The other way (the oauth section): a client that can do OAuth signs in to
+the daemon with the user's own access token (XOAUTH2, OAUTHBEARER), which
+the core checks against the provider's JWKS before relaying as for any
+sign-in.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +33,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 
 from tests.conftest import require_tool
+from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon
 
 CLIENT_ID = "legacy-auth-proxy"
 SECRET = "app-registration-secret-1"
+MAIL_CLIENT = "mail-client"  # Thunderbird's registration, say
+MAIL_SECRET = "mail-client-secret-1"
+REDIRECT = "http://127.0.0.1/callback"
 LIFETIME = 6  # seconds: the provider's access tokens, so that renewal is seen
 DEADLINE = 60.0
 
@@ -56,6 +68,7 @@ def idp(slapd):
     # The provider's portal runs as www-data: a folder it can enter.
     provider = Idp(slapd, Path(tempfile.mkdtemp(prefix="lap-oauth-")))
     provider.add_client(CLIENT_ID, SECRET, client_credentials=True, access_token_lifetime=LIFETIME)
+    provider.add_client(MAIL_CLIENT, MAIL_SECRET, redirect_uris=[REDIRECT])
     provider.start()
     yield provider
     provider.stop()
@@ -102,7 +115,11 @@ def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
         "oauth2_scope": "openid", "oauth2_ca_file": str(idp.ca_file), "backend_pool": 0,
     }
     d = oauth_dovecot
-    daemon = ProxyDaemon(folder, slapd, {
+    discovery = idp.discovery()
+    inbound = (f"oauth:\n  issuer: {json.dumps(discovery['issuer'])}\n"
+               f"  audiences: [{MAIL_CLIENT}]\n  jwks_url: {json.dumps(discovery['jwks_uri'])}\n"
+               f"  username_claims: [sub]\n  ca_file: {json.dumps(str(idp.ca_file))}\n")
+    daemon = ProxyDaemon(folder, slapd, extra=inbound, listeners={
         "imap": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}"),
         "imap-bearer": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}",
                             oauth2_mechanism="oauthbearer", oauth2_client_auth="client_secret_post"),
@@ -263,3 +280,98 @@ def test_a_revoked_client_secret_is_a_temporary_failure_then_recovery(proxy, idp
             assert "[UNAVAILABLE]" in str(e)
             client.logout()
             time.sleep(0.5)
+
+
+# -- the other way: clients signing in with the user's own access token --------------
+
+
+def user_token(idp, uid: str, password: str = PRIMARY) -> str:
+    """The user's access token for the mail client, as Thunderbird gets it:
+    the authorization code flow with PKCE, signed in at the provider."""
+    import hashlib
+    import secrets as random
+
+    verifier = random.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+    http = idp.login(uid, password)
+    code = idp.authorize(http, MAIL_CLIENT, REDIRECT, code_challenge=challenge.decode(),
+                         code_challenge_method="S256")["code"]
+    answer = idp.session().post(idp.discovery()["token_endpoint"], auth=(MAIL_CLIENT, MAIL_SECRET),
+                                data={"grant_type": "authorization_code", "code": code,
+                                      "redirect_uri": REDIRECT, "code_verifier": verifier},
+                                timeout=30)
+    assert answer.status_code == 200, answer.text[:300]
+    return answer.json()["access_token"]
+
+
+def xoauth2(user: str, token: str) -> bytes:
+    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def oauthbearer(user: str, token: str) -> bytes:
+    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def authentications(proxy, uid):
+    return [e for e in audit(proxy) if e["event"] == "authentication" and e.get("user") == uid]
+
+
+def test_a_client_signs_in_with_the_users_access_token(proxy, idp, oauth_dovecot, user):
+    uid, _, _ = user
+    token = user_token(idp, uid)
+    oauth_dovecot.deliver(uid, message("for thunderbird"))
+    client = imap(proxy)
+    assert "AUTH=XOAUTH2" in client.capabilities and "AUTH=OAUTHBEARER" in client.capabilities
+    assert client.authenticate("XOAUTH2", lambda _: xoauth2(uid, token))[0] == "OK"
+    assert client.select("INBOX")[0] == "OK"
+    typ, data = client.fetch("1", "(BODY.PEEK[])")
+    assert data[0][1] == message("for thunderbird")
+    client.logout()
+    assert authentications(proxy, uid)[-1]["reason"] == "bearer_token"
+    assert token not in proxy.log() and token not in (proxy.folder / "audit.log").read_text()
+
+
+def test_oauthbearer_on_submission_and_pop3(proxy, idp, oauth_dovecot, user):
+    uid, _, _ = user
+    token = user_token(idp, uid)
+    before = len(oauth_dovecot.sink_messages())
+    with smtplib.SMTP("127.0.0.1", proxy.ports["submission"], timeout=30) as client:
+        client.starttls(context=context(proxy))
+        client.ehlo()
+        assert "OAUTHBEARER" in client.esmtp_features["auth"]
+        code, _ = client.auth("OAUTHBEARER", lambda challenge=None: oauthbearer(uid, token).decode(),
+                              initial_response_ok=True)
+        assert code == 235
+        client.sendmail(f"{uid}@example.test", ["someone@example.test"], message("modern"))
+    got = oauth_dovecot.wait_for_messages(before + 1)
+    assert got is not None and got[-1].submitted == message("modern")
+    oauth_dovecot.deliver(uid, message("pop"))
+    pop = poplib.POP3("127.0.0.1", proxy.ports["pop3"], timeout=30)
+    pop.stls(context(proxy))
+    assert "XOAUTH2" in pop.capa()["SASL"]
+    answer = pop._shortcmd("AUTH XOAUTH2 " + base64.b64encode(xoauth2(uid, token)).decode())
+    assert answer.startswith(b"+OK")
+    pop.quit()
+
+
+def test_a_token_for_another_user_or_app_is_refused(proxy, idp, slapd, user, unique):
+    uid, _, _ = user
+    other = unique()
+    slapd.add_user(other, PRIMARY)
+    theirs = user_token(idp, other)
+    client = imap(proxy)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.authenticate("XOAUTH2", lambda _: xoauth2(uid, theirs))
+    assert authentications(proxy, uid)[-1]["reason"] == "token_for_another_user"
+    # The proxy's own app registration's token is not a user's sign-in.
+    app = idp.client_credentials(CLIENT_ID, SECRET)["access_token"]
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.authenticate("XOAUTH2", lambda _: xoauth2(uid, app))
+    assert authentications(proxy, uid)[-1]["reason"] == "invalid_token"
+    # Nor is a token with its signature changed.
+    token = user_token(idp, uid)
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.authenticate("XOAUTH2", lambda _: xoauth2(uid, forged))
+    assert authentications(proxy, uid)[-1]["reason"] == "invalid_token"
+    client.logout()
