@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -116,6 +117,9 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
     role = WorkerRole.from_environment()
     if role is not None:
         role.watch_supervisor()
+        # Until the daemon's handler is in place: a reload of the others
+        # must not end a worker that is still starting.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def main(reactor: Any) -> None:
         try:

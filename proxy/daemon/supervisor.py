@@ -182,6 +182,7 @@ class Worker:
     waiting: list[Deferred[None]] = attrs.field(factory=list)  # for its next READY=1
     pending: Any = None  # the delayed call that starts it again
     killed: bool = False  # by the watchdog, on its way out
+    starting: bool = False  # not yet ready since it was started
 
     def fire(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -241,6 +242,7 @@ class Supervisor:
     def _start(self, worker: Worker) -> None:
         worker.pending = None
         worker.ready = False
+        worker.starting = True
         worker.process = self._spawn(worker.index, _Exits(
             lambda code, sig: self._exited(worker, code, sig)))
 
@@ -274,6 +276,9 @@ class Supervisor:
         worker = self.workers[index]
         for line in message.decode("utf-8", "replace").splitlines():
             if line == "READY=1":
+                if worker.starting and self.started:
+                    log.info("worker {index} started again, ready", index=worker.index)
+                worker.starting = False
                 worker.ready = True
                 worker.last_ping = self._clock.seconds()
                 worker.fire()
@@ -342,7 +347,9 @@ class Supervisor:
         when each has reloaded (or within :data:`RELOAD_DEADLINE`)."""
         self._notify("RELOADING=1")
         waits = []
-        for worker in self.alive():
+        # A worker still starting reads the config as it is now: told
+        # nothing (before its handler is in place SIGHUP would end it).
+        for worker in [w for w in self.alive() if not w.starting]:
             d: Deferred[None] = Deferred()
             worker.waiting.append(d)
             waits.append(d)

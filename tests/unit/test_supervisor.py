@@ -254,3 +254,16 @@ def test_a_workers_role_travels_in_its_environment_and_shapes_its_config(tmp_pat
     assert applied.metrics.endpoint == "unix:/run/x/metrics-1.sock"
     assert applied.portal.endpoint is None  # worker 0's
     assert attrs.evolve(role, index=0, portal=True).applied(config).portal.endpoint == "tcp:8443"
+
+
+def test_a_worker_still_starting_is_not_told_to_reload():
+    h = Harness(count=2)
+    h.started()
+    h.current(1).end(signal=9)
+    h.clock.advance(0.5)  # started again, not ready yet
+    d = Deferred.fromCoroutine(h.supervisor.reload())
+    assert h.current(0).signals == ["HUP"]
+    assert h.current(1).signals == []  # it reads the config as it is now
+    h.ready(0)
+    result(d)
+    h.ready(1)
