@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 
 from tests.conftest import require_tool
 from tests.integration.conftest import PRIMARY
-from tests.proxyd import ProxyDaemon
+from tests.proxyd import ProxyDaemon, free_port
 
 CLIENT_ID = "legacy-auth-proxy"
 SECRET = "app-registration-secret-1"
@@ -119,6 +119,8 @@ def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
     inbound = (f"oauth:\n  issuer: {json.dumps(discovery['issuer'])}\n"
                f"  audiences: [{MAIL_CLIENT}]\n  jwks_url: {json.dumps(discovery['jwks_uri'])}\n"
                f"  username_claims: [sub]\n  ca_file: {json.dumps(str(idp.ca_file))}\n")
+    metrics_port = free_port()
+    inbound += f"metrics:\n  endpoint: tcp:{metrics_port}:interface=127.0.0.1\n"
     daemon = ProxyDaemon(folder, slapd, extra=inbound, listeners={
         "imap": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}"),
         "imap-bearer": dict(oauth, protocol="imap", backend=f"imap://127.0.0.1:{d.imap_port}",
@@ -127,9 +129,17 @@ def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
         "submission": dict(oauth, protocol="smtp",
                            backend=f"smtp://127.0.0.1:{d.submission_port}"),
     })
+    daemon.metrics_port = metrics_port
     daemon.start()
     yield daemon
     assert daemon.stop() == 0
+
+
+def metric(proxy, name: str) -> float:
+    """The sum of a metric's samples (0 if none yet)."""
+    text = requests.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def context(proxy):
@@ -265,6 +275,7 @@ def test_a_revoked_client_secret_is_a_temporary_failure_then_recovery(proxy, idp
         assert "invalid_client" in events[-1]["detail"] or "401" in events[-1]["detail"]
         assert events[-1]["user"] == uid and events[-1]["outcome"] == "temporary_failure"
         assert "rotated-away" not in proxy.log() and SECRET not in proxy.log()
+        assert metric(proxy, "legacy_auth_proxy_token_failures_total") >= 1
     finally:
         idp.set_secret(CLIENT_ID, SECRET)
     # The secret is good again: within a few seconds, logins work again.
