@@ -1,7 +1,10 @@
 """The portal as a new user and a help-desk agent walk through it (issue #25,
 "What a walk through the portal found"): a real headless Chromium on the
 daemon's pages, in front of the real slapd and Dovecot (its SMTP sink takes
-the portal's mail). Each test names the finding it holds fixed."""
+the portal's mail). Each test names the finding it holds fixed.
+
+``PORTAL_SCREENSHOTS=docs/portal`` also writes the screenshots of
+docs/portal.md these pages are in."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 import pytest
 from selenium.webdriver.support.select import Select
 
-from tests.browser import PHONE, Browser
+from tests.browser import PHONE, Browser, screenshots_folder
 from tests.conftest import require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, imap_login, portal_daemon, sign_in
@@ -52,8 +55,9 @@ def default(slapd, dovecot, tmp_path_factory, chromium):
 def browser(tmp_path):
     opened = []
 
-    def make(daemon, zone: str | None = None) -> Browser:
-        b = Browser(f"https://127.0.0.1:{daemon.ports['portal']}", tmp_path / f"profile{len(opened)}")
+    def make(daemon, zone: str | None = None, shots: bool = False) -> Browser:
+        b = Browser(f"https://127.0.0.1:{daemon.ports['portal']}", tmp_path / f"profile{len(opened)}",
+                    screenshots_folder() if shots else None)
         opened.append(b)
         if zone:
             b.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": zone})
@@ -214,7 +218,7 @@ def test_setting_the_mfa_state_is_confirmed_and_the_state_in_effect_shown(
     "disabled (enforced by group)" hid the state in effect."""
     user = unique("walk")
     slapd.add_user(user, PRIMARY, groups=("mfa",))
-    desk = browser(walk)
+    desk = browser(walk, shots=True)
     help_desk_agent(desk, slapd, unique)
     desk.open(f"/helpdesk/users/{user}")
     assert desk.text("#mfa-state").startswith("enforced (by a directory group; set here: disabled")
@@ -224,6 +228,7 @@ def test_setting_the_mfa_state_is_confirmed_and_the_state_in_effect_shown(
     assert "In effect it will be enforced (by a directory group; set here: enabled" in desk.text()
     assert active_text(desk) == "Cancel"  # Enter goes back, it does not act
     assert json.loads(walk.cli("user", "show", user, "--json").stdout)["mfa_state"] == "disabled"
+    desk.screenshot("help-desk-mfa")
     desk.press("Set it to enabled")
     assert f"The MFA state of {user} is set to enabled. In effect it stays enforced" in desk.text()
     assert "now enabled" not in desk.text()
@@ -239,7 +244,7 @@ def test_refused_sign_ins_say_what_is_known_and_fit_a_phone(walk, slapd, unique,
     sees their own refusals too."""
     user = unique("walk")
     slapd.add_user(user, PRIMARY)
-    b = browser(walk)
+    b = browser(walk, shots=True)
     enrol(b, user)  # registered: enforced
     assert not imap_login(walk, user, "abcdabcdabcdabcd")  # no app password of theirs
     out_of_scope = walk.create_app_password(user, "office scanner", "--network", "192.0.2.0/24")
@@ -259,6 +264,7 @@ def test_refused_sign_ins_say_what_is_known_and_fit_a_phone(walk, slapd, unique,
         assert 0 <= box["left"] and box["right"] <= width, (box, width)
 
     b.open("/")
+    b.screenshot("security-info-refusals")
     own = b.text("table.refusals")
     assert "“office scanner”" in own and "app password not allowed there" in own
 
@@ -313,7 +319,7 @@ def test_the_help_desk_finds_part_of_a_name_and_lists_who_is_locked_out(
     first, second, calm = stem + "ily", stem + "ous", unique("walk")
     for uid in (first, second, calm):
         slapd.add_user(uid, PRIMARY)
-    desk = browser(walk)
+    desk = browser(walk, shots=True)
     help_desk_agent(desk, slapd, unique)
     desk.open("/helpdesk")
     desk.fill("user", stem)
@@ -328,6 +334,9 @@ def test_the_help_desk_finds_part_of_a_name_and_lists_who_is_locked_out(
         assert not imap_login(walk, first, wrong)
     desk.open("/helpdesk")
     assert first in [a.text for a in desk.all("#locked a")]
+    desk.fill("user", stem)
+    desk.press("Find")
+    desk.screenshot("help-desk-search")
     desk.open(f"/helpdesk/users/{calm}")
     assert "Lift lockout" not in desk.text()
     desk.open(f"/helpdesk/users/{first}")
