@@ -70,6 +70,7 @@ import atexit
 import base64
 import contextlib
 import grp
+import json
 import os
 import pwd
 import re
@@ -637,7 +638,7 @@ mail_temp_dir = {self.mail_root}/tmp"""
                     f"    port = {port}\n    ssl = {'yes' if tls else 'no'}\n  }}\n")
 
         if self.oauth2 is None:
-            authentication = f"""\
+            authentication = """\
 auth_mechanisms = plain login
 # "user*master" as a login name logs the master user in as user; SASL PLAIN
 # does the same with authorization identity user and authentication identity
@@ -815,6 +816,32 @@ service anvil {{
             "active_value": client_id,
             "debug": "yes",
         }
+
+    def trust_provider(self, jwks: dict, sample_token: str) -> None:
+        """Take the provider's RSA keys (its JWKS document) for tokens like
+        ``sample_token`` (one of the app registration's): each key written
+        as PEM for the token's azp and for default, under its kid and
+        default, as Dovecot looks them up."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+        def b64url(text: str) -> bytes:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+        header_part, claims_part, _ = sample_token.split(".")
+        header, claims = json.loads(b64url(header_part)), json.loads(b64url(claims_part))
+        keys = {}
+        for jwk in jwks["keys"]:
+            if jwk.get("kty") != "RSA":
+                continue
+            numbers = RSAPublicNumbers(int.from_bytes(b64url(jwk["e"]), "big"),
+                                       int.from_bytes(b64url(jwk["n"]), "big"))
+            pem = numbers.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+            for azp in {claims.get("azp", "default"), "default"}:
+                for kid in {jwk.get("kid", "default"), header.get("kid", "default"), "default"}:
+                    keys[(azp, "RS256", kid)] = pem
+        self.set_validation_keys(keys)
 
     def set_validation_keys(self, keys: dict[tuple[str, str, str], str]) -> None:
         """The provider's public keys (PEM), by (azp, alg, kid) as Dovecot

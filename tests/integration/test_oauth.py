@@ -29,8 +29,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 
 from tests.conftest import require_tool
 from tests.integration.conftest import PRIMARY
@@ -52,13 +50,6 @@ def _b64url(text: str) -> bytes:
 def _jwt_parts(token: str) -> tuple[dict, dict]:
     header, payload, _ = token.split(".")
     return json.loads(_b64url(header)), json.loads(_b64url(payload))
-
-
-def _pem(jwk: dict) -> str:
-    n = int.from_bytes(_b64url(jwk["n"]), "big")
-    e = int.from_bytes(_b64url(jwk["e"]), "big")
-    return RSAPublicNumbers(e, n).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +75,12 @@ def oauth_dovecot(idp, tmp_path_factory):
     discovery = idp.discovery()
     jwks = requests.get(discovery["jwks_uri"], verify=str(idp.ca_file), timeout=30).json()
     sample = idp.client_credentials(CLIENT_ID, SECRET)["access_token"]
-    header, claims = _jwt_parts(sample)
+    _, claims = _jwt_parts(sample)
     assert claims.get("client_id", claims.get("azp")) == CLIENT_ID, claims
-    keys = {}
-    for jwk in jwks["keys"]:
-        if jwk.get("kty") != "RSA":
-            continue
-        for azp in {claims.get("azp", "default"), "default"}:
-            for kid in {jwk.get("kid", "default"), header.get("kid", "default"), "default"}:
-                keys[(azp, "RS256", kid)] = _pem(jwk)
     server = Dovecot(tmp_path_factory.mktemp("dovecot-oauth"), dovecot_bin=require_tool("dovecot"),
                      doveadm_bin=require_tool("doveadm"), oauth2={})
     server.oauth2 = server.oauth2_settings(issuer=claims["iss"], client_id=CLIENT_ID)
-    server.set_validation_keys(keys)
+    server.trust_provider(jwks, sample)
     server.start()
     yield server
     server.stop()
