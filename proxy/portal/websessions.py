@@ -11,6 +11,11 @@ A session goes through stages: ``enrolling`` (the password was right, the
 user has no authenticator yet: the key being set up is held here, never
 stored until a code confirms it) and ``signed_in``. A new token is issued
 at each stage, so a token seen before sign-in is worth nothing after it.
+
+A session also holds when its user last proved who they are with a second
+factor (``strong_at``: the TOTP code's time, or the provider's
+``auth_time``): :func:`fresh` is the one rule the actions that need a
+recent proof (making an app password, every help-desk action) are held to.
 """
 
 from __future__ import annotations
@@ -46,11 +51,20 @@ class WebSession:
     pending_key: str | None = attrs.field(default=None, repr=False)  # TOTP key being enrolled
     notice: str | None = None  # one message for the next page ("Deleted ...")
     admin: bool = False  # in directory.admin_group, as of the last request
+    method: str = "totp"  # how the user signed in: "totp" or "oidc"
+    strong_at: float | None = None  # the last proof of who they are: a code, a provider sign-in
     address: str = ""  # where its last request came from (the user's list of their sessions)
     agent: str = ""  # the browser's User-Agent at that request, cut short
     # A new app password to show on the next page, once (the form's answer
     # is a redirect, so a reload never posts it again); popped when shown.
     shown: Any = attrs.field(default=None, repr=False)
+
+
+def fresh(session: WebSession, now: float, max_age: float) -> bool:
+    """Whether the session's user proved who they are no more than
+    ``max_age`` seconds ago (``portal.fresh_check``), whatever the
+    session's own age."""
+    return session.strong_at is not None and 0 <= now - session.strong_at <= max_age
 
 
 class WebSessions:
@@ -69,12 +83,16 @@ class WebSessions:
         return len(self._sessions)
 
     def start(self, username: str, dn: str, stage: str, pending_key: str | None = None,
-              started: float | None = None) -> tuple[str, WebSession]:
-        """A new session and its token (for the cookie)."""
+              started: float | None = None, *, method: str = "totp",
+              strong_at: float | None = None) -> tuple[str, WebSession]:
+        """A new session and its token (for the cookie). ``strong_at``: when
+        its user last proved who they are (a signed-in stage's default: now)."""
         now = self._clock.seconds()
         token = secrets.token_urlsafe(32)
+        if strong_at is None and stage == "signed_in":
+            strong_at = now
         session = WebSession(username, dn, stage, started if started is not None else now, now,
-                             pending_key=pending_key)
+                             pending_key=pending_key, method=method, strong_at=strong_at)
         # One enrolment at a time per user, and a bounded number of sessions
         # each: one password cannot push everyone else's sessions out.
         mine = [k for k, s in self._sessions.items() if s.username == username]
@@ -107,6 +125,21 @@ class WebSessions:
             return None
         session.seen = now
         self._sessions.move_to_end(key)
+        return session
+
+    def key_of(self, token: str | None) -> bytes | None:
+        """What names a live session without being its token (kept while
+        its user is at the provider)."""
+        return self._key(token) if token and self.get(token) is not None else None
+
+    def proved(self, key: bytes | None, username: str, at: float) -> WebSession | None:
+        """The live signed-in session ``key`` names, if it is ``username``'s,
+        marked as proved at ``at`` (a fresh check passed); else None."""
+        session = self._sessions.get(key) if key else None
+        if session is None or session.username != username or session.stage != "signed_in" \
+                or self._expired(session, self._clock.seconds()):
+            return None
+        session.strong_at = max(session.strong_at or 0.0, at)
         return session
 
     def end(self, token: str | None) -> None:
