@@ -24,7 +24,7 @@ from proxy.audit import recent_events
 from proxy.config import Config
 from proxy.directory import Account, DirectoryUnavailable
 from proxy.portal import notify
-from proxy.portal.websessions import COOKIE, WebSession, WebSessions, same
+from proxy.portal.websessions import COOKIE, WebSession, WebSessions, fresh as fresh_enough, same
 from proxy.portal.words import Refusal, is_refusal_of, refusal
 from proxy.store import STOPPED_REASONS, AppPassword, StoreError
 from proxy.threads import Busy
@@ -86,6 +86,23 @@ class Redirect(Exception):
 class SignInNeeded(Redirect):
     def __init__(self) -> None:
         super().__init__("/sign-in")
+
+
+class FreshCheckNeeded(Redirect):
+    """The action needs a recent proof of who the user is
+    (``portal.fresh_check``): to the fresh check, then back to ``back``."""
+
+    def __init__(self, back: str) -> None:
+        super().__init__("/confirm-it-is-you?next=" + quote(back))
+        self.back = back
+
+
+def local_path(value: str | None) -> str:
+    """``value`` if it is a path on this site, else "/": what a page may be
+    sent back to (never another site's URL)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
 
 
 def iso(seconds: float) -> str:
@@ -253,12 +270,14 @@ class Pages:
 
     # -- the gate ----------------------------------------------------------------------
 
-    async def _signed_in(self, request: Any, *, help_desk: bool = False,
-                         form: bool = False) -> tuple[WebSession, Account]:
+    async def _signed_in(self, request: Any, *, help_desk: bool = False, form: bool = False,
+                         fresh: bool = False) -> tuple[WebSession, Account]:
         """The signed-in session and its account as the directory says now.
         Raises SignInNeeded without one, Forbidden for the help desk's pages
         to anyone else, BadRequest for a form without its CSRF token or
-        from another site."""
+        from another site. Every help-desk form, and any page asked
+        ``fresh``, also needs a proof of who the user is no older than
+        ``portal.fresh_check``: FreshCheckNeeded without one."""
         token = self._token(request)
         session = self.sessions.get(token)
         if session is None or session.stage != "signed_in":
@@ -279,7 +298,22 @@ class Pages:
             raise Forbidden()
         if form:
             self._check_form(request, session)
+        if (fresh or (help_desk and form)) and not fresh_enough(
+                session, self._reactor.seconds(), self.config.portal.fresh_check):
+            raise FreshCheckNeeded(self._back(request))
         return session, account
+
+    @staticmethod
+    def _back(request: Any) -> str:
+        """The page a form was sent from (this site's only), to return to."""
+        referer = request.getHeader(b"referer")
+        if referer is None:
+            return "/"
+        parts = urllib.parse.urlsplit(referer.decode("latin-1"))
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if parts.netloc != host:
+            return "/"
+        return local_path(parts.path + (f"?{parts.query}" if parts.query else ""))
 
     def _check_form(self, request: Any, session: WebSession) -> None:
         """Raises BadRequest unless the form carries the session's CSRF token
