@@ -185,6 +185,11 @@ def test_the_dashboard_and_the_alert_rules_use_only_families_the_daemon_exports(
                  "pool_refusals_total", "connections_before_login", "bytes_before_login",
                  "directory_up", "lockouts", "backend_up", "ready"):
         exported.add("legacy_auth_proxy_" + name)  # read at scrape time from the daemon
+    from proxy.daemon.webhooks import Counts
+
+    for family in Counts().families(0.0, ["siem"]):  # the webhooks', read at scrape time
+        exported.update({family.name, family.name + "_total"} if family.type == "counter"
+                        else {family.name})
     exported |= {f"legacy_auth_proxy_{n}_bucket" for n in (
         "decision_seconds", "directory_seconds", "backend_login_seconds")}
     dashboard = json.loads((ROOT / "config" / "grafana-dashboard.json").read_text())
