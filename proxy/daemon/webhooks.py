@@ -29,7 +29,7 @@ import secrets as _secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferredTimeout, succeed
 from twisted.logger import Logger
 
 from proxy.metrics import counter, gauge
@@ -91,6 +91,12 @@ class Counts:
         self.dropped = 0
         self.backlog: dict[str, OutboxStats] = {}
 
+    def _age(self, webhook: str, now: float) -> float:
+        stats = self.backlog.get(webhook)
+        if stats is None or stats.oldest is None:
+            return 0.0
+        return max(0.0, now - stats.oldest)
+
     def families(self, now: float, webhooks: Iterable[str]) -> Iterable[Any]:
         names = list(webhooks)
         yield counter("webhook_deliveries", "Events delivered to a webhook (a 2xx)",
@@ -99,12 +105,10 @@ class Counts:
                       ["webhook", "reason"],
                       [([w, r], v) for (w, r), v in sorted(self.failed.items())])
         yield gauge("webhook_backlog", "Events in the outbox not yet delivered", ["webhook"],
-                    [([n], getattr(self.backlog.get(n), "waiting", 0)) for n in names])
+                    [([n], self.backlog[n].waiting if n in self.backlog else 0) for n in names])
         yield gauge("webhook_oldest_undelivered_seconds",
                     "Age of the oldest event not yet delivered (0: none)", ["webhook"],
-                    [([n], max(0.0, now - oldest) if (oldest := getattr(
-                        self.backlog.get(n), "oldest", None)) is not None else 0.0)
-                     for n in names])
+                    [([n], self._age(n, now)) for n in names])
         yield counter("webhook_events_dropped",
                       "Events not written to the outbox: its writer's queue was full",
                       [], [([], self.dropped)])
@@ -240,7 +244,7 @@ class Deliverer:
             self._timer.cancel()
             self._timer = None
         if self._turn is None:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         d: Deferred[None] = Deferred()
         self._turn.addBoth(lambda _: d.callback(None))
         return d
@@ -268,8 +272,11 @@ class Deliverer:
             self._wake(0.0 if result or self._again else
                        (STORE_RETRY if result is None else IDLE_POLL))
 
-        self._turn.addErrback(lambda f: (log.failure("webhook {webhook}: delivery turn failed",
-                                                     f, webhook=self.webhook.name), None)[1])
+        def failed(f: Any) -> None:
+            log.failure("webhook {webhook}: delivery turn failed", f, webhook=self.webhook.name)
+            return None  # as the store failing: the next turn after STORE_RETRY
+
+        self._turn.addErrback(failed)
         self._turn.addCallback(done)
 
     async def turn(self) -> bool | None:
@@ -337,9 +344,6 @@ class Deliverer:
         return Failure(kind, f"HTTP {status}")
 
 
-async def _nothing() -> None:
-    return None
-
 
 class Housekeeping:
     """The backlog for the metrics, every :data:`STATS_INTERVAL`; the
@@ -381,7 +385,6 @@ def http_post(reactor: Any, ca: bytes | None) -> Callable[[str, dict[str, str], 
     twisted.web's Agent with persistent connections; HTTPS checked against
     ``ca`` (PEM) or the system's trust store. Redirects are not followed."""
     from twisted.internet import ssl
-    from twisted.internet.defer import succeed
     from twisted.internet.protocol import Protocol
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
     from twisted.web.http_headers import Headers
