@@ -505,6 +505,10 @@ class Bench:
                 self.wrong(daemon)
             if "warm" in scenarios:
                 self.warm(daemon)
+            if "oauth" in scenarios:
+                from bench.oauth import warm_oauth2  # LemonLDAP::NG and an OAuth-only Dovecot
+
+                warm_oauth2(self, daemon)
             if "ldap" in scenarios:
                 self.ldap_binds(daemon)
             if "relay" in scenarios:
@@ -519,7 +523,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="cold,wrong,warm,ldap,fairness,relay,idle,fleet")
+    parser.add_argument("--only", default="cold,wrong,warm,oauth,ldap,fairness,relay,idle,fleet")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
     parser.add_argument("--relay-repeat", type=int, default=9,
                         help="fetches of each relay path (they take a tenth of a second each, "
