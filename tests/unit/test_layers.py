@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 LAYERS = [
     ("codecs and the protocol registry", ["proxy", "proxy.wire", "proxy.protocols"]),
     ("plumbing", ["proxy.transports", "proxy.threads", "proxy.apppasswords", "proxy.config",
-                  "proxy.pki", "proxy.metrics", "proxy.twistedcheck"]),
+                  "proxy.pki", "proxy.metrics", "proxy.twistedcheck", "proxy.moves"]),
     ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor",
                                 "proxy.splice"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
