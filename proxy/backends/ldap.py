@@ -10,6 +10,7 @@ boundaries, such as a notice of disconnection.
 
 from __future__ import annotations
 
+import enum
 import re
 
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 
 from proxy.backends import connect
 from proxy.config import DirectoryConfig
+from proxy.moves import Moves
 from proxy.wire import ber
 from proxy.transports import hang_up, write_now
 from proxy.wire.dn import normalise_dn
@@ -143,17 +145,41 @@ async def open_upstream(
 Refuse = Callable[[int, str, bool], None]
 
 
+class Binding(enum.Enum):
+    """Who binds a session's directory connection, and whether a bind is
+    under way (:data:`BINDINGS` says how it gets on)."""
+
+    # The proxy binds it itself when a request needs it: as the reading
+    # account (an app password's session) or anonymously.
+    LAZY = "lazy"
+    # The proxy is binding it for the requests that wait, in order.
+    PREPARING = "preparing"
+    # Bound with the user's own password, once, at the bind: the proxy keeps
+    # no password to bind again, so if it is lost the session ends.
+    PINNED = "pinned"
+    CLOSED = "closed"  # the client's connection is gone
+
+
+BINDINGS: Moves[Binding] = Moves("directory session", {
+    Binding.LAZY: {"want_lazy": Binding.LAZY, "want_pinned": Binding.PINNED,
+                   "prepare": Binding.PREPARING, "prepared": Binding.LAZY,
+                   "end": Binding.CLOSED},
+    Binding.PREPARING: {"want_lazy": Binding.PREPARING, "want_pinned": Binding.PINNED,
+                        "prepared": Binding.LAZY, "end": Binding.CLOSED},
+    # A bind the proxy began before the user's own was made ends here.
+    Binding.PINNED: {"want_lazy": Binding.LAZY, "want_pinned": Binding.PINNED,
+                     "prepared": Binding.PINNED, "end": Binding.CLOSED},
+    Binding.CLOSED: {"want_lazy": Binding.CLOSED, "want_pinned": Binding.CLOSED,
+                     "prepared": Binding.CLOSED, "end": Binding.CLOSED},
+})
+
+
 class DirectorySession:
     """A client session's own connection to the directory, bound as the
     session needs it: opened when first needed, re-bound (never reopened)
     when the identity changes, one bind at a time, so that a bind never
-    races a lazy connect.
-
-    ``lazy``: the connection may be (re)bound by the proxy itself, as the
-    reading account or anonymously. A primary-password session's connection
-    is bound with the user's password once, at the bind: the proxy keeps no
-    password to bind again, so if it is lost the session ends.
-    """
+    races a lazy connect. Its phase is one :class:`Binding`, moved only as
+    :data:`BINDINGS` allows."""
 
     def __init__(self, *, opener: Any, clock: Any, timeout: float,
                  on_frame: Callable[[bytes], None], on_lost: Callable[[], None],
@@ -167,15 +193,30 @@ class DirectorySession:
         self.upstream: UpstreamLDAP | None = None
         self.wanted: str | None = None  # whom the directory must see the session as
         self._password = ""  # the reading account's, for lazy binds
-        self.lazy = True
+        self.phase = Binding.LAZY
         self._lock = DeferredLock()
-        self._preparing = False
-        self._pending: list[tuple[bytes, Refuse]] = []
-        self.closed = False
+        # Requests waiting for a lazy bind: (as whom, frame, refuse).
+        self._pending: list[tuple[str | None, bytes, Refuse]] = []
+
+    def _move(self, event: str) -> None:
+        self.phase = BINDINGS.after(self.phase, event)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Binding.CLOSED
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting for the connection to be (re)bound."""
+        return self.phase is Binding.PREPARING
 
     def want(self, dn: str | None, password: str, lazy: bool) -> None:
-        """Requests go to the directory as ``dn`` (None: anonymous) from now on."""
-        self.wanted, self._password, self.lazy = dn, password, lazy
+        """Requests go to the directory as ``dn`` (None: anonymous) from now
+        on. ``lazy``: the proxy may bind as ``dn`` itself, with ``password``
+        (the reading account's); else the connection was bound with the
+        user's own password (:meth:`bind_as`) and is never re-bound."""
+        self.wanted, self._password = dn, password
+        self._move("want_lazy" if lazy else "want_pinned")
 
     async def bind_as(self, dn: str | None, password: str) -> None:
         """A connection bound as ``dn``: the one the session has, re-bound if
@@ -207,45 +248,58 @@ class DirectorySession:
         finally:
             self._lock.release()
 
-    @property
-    def busy(self) -> bool:
-        """Requests are waiting for the connection to be (re)bound."""
-        return self._preparing
+    def _ready(self) -> UpstreamLDAP | None:
+        """The connection, if it is open and bound as wanted."""
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed and upstream.bound_as == self.wanted:
+            return upstream
+        return None
 
     def send(self, frame: bytes, refuse: Refuse) -> None:
         """Relay ``frame`` as the wanted identity, now or once the connection
         is bound so; else ``refuse(code, text, fatal)``: fatal when the
         session cannot go on without the connection it lost."""
-        upstream = self.upstream
-        if (upstream is not None and not upstream.closed and not self._preparing
-                and upstream.bound_as == self.wanted):
+        phase = self.phase
+        upstream = self._ready()
+        if upstream is not None and phase is not Binding.PREPARING:  # else after those waiting
             upstream.send(frame)
-            return
-        if not self.lazy:
+        elif phase is Binding.PINNED:
             refuse(ber.UNAVAILABLE, "the directory closed the connection", True)
-            return
-        self._pending.append((frame, refuse))
-        if not self._preparing:
-            self._preparing = True
-            Deferred.fromCoroutine(self._prepare()).addErrback(
-                lambda f: log.failure("preparing the directory connection failed", f))
+        elif phase is Binding.CLOSED:
+            refuse(ber.UNAVAILABLE, "the directory cannot be reached", False)
+        else:
+            self._pending.append((self.wanted, frame, refuse))
+            if phase is Binding.LAZY:
+                self._move("prepare")
+                Deferred.fromCoroutine(self._prepare()).addErrback(
+                    lambda f: log.failure("preparing the directory connection failed", f))
 
     async def _prepare(self) -> None:
-        wanted, password = self.wanted, self._password
-        try:
-            await self.bind_as(wanted, password if wanted is not None else "")
-        except Exception as e:
-            log.warn("cannot reach the directory: {error}", error=str(e) or type(e).__name__)
-            pending, self._pending = self._pending, []
-            self._preparing = False
-            for _, refuse in pending:
-                refuse(ber.UNAVAILABLE, "the directory cannot be reached", False)
-            return
-        self._preparing = False
+        """Bind as the wanted identity, then send what waited for it; again
+        if the identity changed meanwhile and new requests wait for it."""
+        while self.phase is Binding.PREPARING:
+            wanted = self.wanted
+            try:
+                await self.bind_as(wanted, self._password if wanted is not None else "")
+            except Exception as e:
+                log.warn("cannot reach the directory: {error}", error=str(e) or type(e).__name__)
+                pending, self._pending = self._pending, []
+                self._move("prepared")
+                for _, _, refuse in pending:
+                    refuse(ber.UNAVAILABLE, "the directory cannot be reached", False)
+                return
+            if self.phase is Binding.PREPARING and self.wanted != wanted and any(
+                    who == self.wanted for who, _, _ in self._pending):
+                # Requests of a later identity wait: bind again for them
+                # (those of the earlier one are refused below, in turn).
+                continue
+            break
         pending, self._pending = self._pending, []
-        for frame, refuse in pending:
-            if self.wanted == wanted and self.upstream is not None and not self.upstream.closed:
-                self.upstream.send(frame)
+        self._move("prepared")
+        upstream = self._ready()
+        for who, frame, refuse in pending:
+            if upstream is not None and who == self.wanted and not upstream.closed:
+                upstream.send(frame)
             else:
                 refuse(ber.OPERATIONS_ERROR, "a successful bind is needed first", False)
 
@@ -264,6 +318,12 @@ class DirectorySession:
             upstream.on_frame = None
             upstream.on_lost = None
             upstream.close()
+
+    def end(self) -> None:
+        """The client's connection is gone: drop the directory's, and open
+        no other."""
+        self._move("end")
+        self.close()
 
 
 _WORDLESS = re.compile(r"\W+")

@@ -11,8 +11,7 @@ revoked.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
-from typing import Any, Generic, Protocol as TypingProtocol, TypeVar
+from typing import Any, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -26,6 +25,7 @@ from proxy.backends import LOGIN_FAILURES, BackendRefused
 from proxy.backends.tokens import TokenUnavailable
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
+from proxy.moves import IllegalMove, Moves  # noqa: F401 (the front ends take them from here)
 from proxy.tls import faster_tls
 from proxy.transports import AFTER_GOODBYE, hang_up, write_now
 from proxy.wire import sasl
@@ -39,41 +39,6 @@ log = Logger(namespace="legacy_auth_proxy.frontends")
 # mapping (page faults, then munmap) on every read: 256 KiB reads relayed
 # TLS at 400 MB/s here, 120 KiB reads at 600-670 MB/s.
 RELAY_READ_SIZE = 120 * 1024
-
-
-class IllegalMove(RuntimeError):
-    """A machine was told of an event its phase does not take: a bug in
-    the code that drives it, never something a client or backend can cause."""
-
-
-P = TypeVar("P", bound=enum.Enum)
-
-
-class Moves(Generic[P]):
-    """Every legal move of one machine in one table, as h11 keeps its
-    (python-hyper/h11 ``h11/_state.py``): ``after(phase, event)`` is the
-    next phase, and any move not in the table raises :class:`IllegalMove`.
-    A self-loop written in the table (an event that changes nothing in that
-    phase) is legal; one left out is not."""
-
-    def __init__(self, machine: str, table: Mapping[P, Mapping[str, P]]) -> None:
-        self.machine = machine
-        self._table = {phase: dict(moves) for phase, moves in table.items()}
-
-    def after(self, phase: P, event: str) -> P:
-        try:
-            return self._table[phase][event]
-        except KeyError:
-            raise IllegalMove(f"{self.machine}: no move {event!r} from {phase.name}") from None
-
-    def legal(self) -> Iterator[tuple[P, str, P]]:
-        """Every legal move: (phase, event, next phase)."""
-        for phase, moves in self._table.items():
-            for event, after in moves.items():
-                yield phase, event, after
-
-    def events(self) -> set[str]:
-        return {event for _, event, _ in self.legal()}
 
 
 class Connection(enum.Enum):

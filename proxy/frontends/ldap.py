@@ -404,8 +404,7 @@ class LDAPServer(ListenerConnection, Protocol):
         if self.session is not None:
             self.session.close()
         if self.directory is not None:
-            self.directory.closed = True
-            self.directory.close()
+            self.directory.end()
         # The directory session's callbacks point back here: break the
         # cycle, so that the connection is freed now, not at the next
         # collection.

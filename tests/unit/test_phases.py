@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from ldaptor.protocols import pureldap
 
+from proxy.backends.ldap import BINDINGS, Binding, DirectorySession
 from proxy.frontends.base import (
     CONNECTION_MOVES,
     PHASES,
@@ -98,11 +99,29 @@ class _Connection:
         self.server._move(event)
 
 
+class _DirectorySession:
+    def __init__(self):
+        self.session = DirectorySession(opener=None, clock=None, timeout=1.0,
+                                        on_frame=None, on_lost=None, on_connected=None)
+
+    @property
+    def phase(self):
+        return self.session.phase
+
+    @phase.setter
+    def phase(self, value):
+        self.session.phase = value
+
+    def move(self, event):
+        self.session._move(event)
+
+
 MACHINES = {
     "relaying server": (PHASES, Phase, Phase.NEW, _Server),
     "LDAP session": (BINDS, Bind, Bind.UNBOUND, _Session),
     "SMTP after AUTH": (READING, Reading, Reading.COMMAND, _Guard),
     "LDAP connection": (CONNECTION_MOVES, Connection, Connection.NEW, _Connection),
+    "directory session": (BINDINGS, Binding, Binding.LAZY, _DirectorySession),
 }
 
 
