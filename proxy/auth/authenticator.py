@@ -261,6 +261,11 @@ class Authenticator:
     # -- the decision --------------------------------------------------------------
 
     async def authenticate(self, attempt: Attempt) -> Decision:
+        # A warm sign-in (every fact in memory) is decided at once, with no
+        # coroutine below this one: most of a legacy client's logins.
+        decision = self.decide_cached(attempt)
+        if decision is not None:
+            return decision
         started = self._clock.seconds()
         revision = self.revision
         decision = attrs.evolve(await self._decide_safely(attempt), revision=revision)
