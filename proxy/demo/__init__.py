@@ -37,6 +37,7 @@ CONFIG = """\
 # Written by `legacy-auth-proxy demo` on every run (edits are lost): the demo's
 # own directory and mail server listen on the loopback ports below. Paths are
 # relative to this file's folder. See docs/configuration.md for every key.
+workers: {workers}
 store:
   path: store.sqlite3
   pepper_file: pepper
@@ -137,7 +138,7 @@ def _secret_file(path: Path) -> str:
     return path.read_text().strip()
 
 
-def run_demo(folder: Path, *, serve: bool) -> int:
+def run_demo(folder: Path, *, serve: bool, workers: str = "1") -> int:
     from twisted.internet import reactor
 
     from proxy.demo import directory, mail
@@ -171,7 +172,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
         pop3_backend=pop3_backend.getHost().port,
         smtp_backend=smtp_backend.getHost().port,
         service_dn=directory.SERVICE_DN, people=directory.PEOPLE, mfa_group=directory.MFA_GROUP,
-        admin_group=directory.ADMIN_GROUP,
+        admin_group=directory.ADMIN_GROUP, workers=workers,
         **ports,
     ))
 
@@ -185,7 +186,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
         admin.revoke_api_token(DEMO_TOKEN)
     token = admin.create_api_token(DEMO_TOKEN, "read").token
     admin.close()
-    _explain(folder, config_path, ports, display(created.secret), token)
+    _explain(folder, config_path, ports, display(created.secret), token, workers)
     if not serve:
         for port in (ldap_backend, imap_backend, pop3_backend, smtp_backend):
             port.stopListening()
@@ -197,7 +198,7 @@ def run_demo(folder: Path, *, serve: bool) -> int:
 
 
 def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str,
-             token: str) -> None:
+             token: str, workers: str = "1") -> None:
     ca = shlex.quote(str(folder / "tls" / "ca.pem"))
     quoted = shlex.quote(f"{DEMO_USER}:{secret}")
     tool = f"legacy-auth-proxy --config {shlex.quote(str(config_path))}"
@@ -232,6 +233,11 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         f"    curl -s http://127.0.0.1:{ports['metrics']}/metrics | grep legacy_auth_proxy_sign_ins",
         f"    curl -s http://127.0.0.1:{ports['metrics']}/health/ready",
         "",
+        *([f"Served by {workers} worker processes under one supervisor (docs/deployment.md): "
+           "every worker's metrics summed,",
+           f"    curl -s http://127.0.0.1:{ports['metrics']}/metrics | grep -E '_workers|_worker_restarts'",
+           "and a worker killed (kill -9) is started again while the others serve on.",
+           ""] if workers != "1" else []),
         f"Manage app passwords in a browser: https://127.0.0.1:{ports['portal']}/",
         f"    sign in as {DEMO_USER} with {PRIMARY_PASSWORD} (first time: set up an authenticator",
         f"    app from the QR code); the help desk is {HELPDESK_USER} with {HELPDESK_PASSWORD}.",
