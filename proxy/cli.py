@@ -336,7 +336,7 @@ def cmd_serve(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(Path(args.folder), serve=not args.no_serve)
+    return run_demo(Path(args.folder), serve=not args.no_serve, workers=args.workers)
 
 
 # -- parser ------------------------------------------------------------------
@@ -441,6 +441,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="where the demo keeps its config and state (default: %(default)s)")
     sub.add_argument("--no-serve", action="store_true",
                      help="set the demo up, print how to use it, and exit")
+    sub.add_argument("--workers", default="1", metavar="auto|N",
+                     help="worker processes under one supervisor (the config's workers; "
+                          "default: %(default)s)")
     return parser
 
 
