@@ -139,10 +139,11 @@ class ProxyDaemon:
         self.process: subprocess.Popen | None = None
         self.reader: Output | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
             cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
         )
         self.reader = Output(self.process)
         if self.workers is not None:

@@ -462,7 +462,7 @@ class _Notifications(DatagramProtocol):
 # -- putting it together: what `serve` runs when workers is not 1 ----------------------------
 
 
-def open_sockets(config: configuration.Config) -> dict[str, socket.socket]:
+def open_sockets(reactor: Any, config: configuration.Config) -> dict[str, socket.socket]:
     """Every listener's socket, opened once, by endpoint string. Raises
     StartupError naming the listener that cannot listen."""
     from proxy.bootstrap import StartupError
@@ -474,7 +474,7 @@ def open_sockets(config: configuration.Config) -> dict[str, socket.socket]:
             if listener.endpoint in sockets:
                 continue
             try:
-                sockets[listener.endpoint] = _open(listener.endpoint, listening_socket)
+                sockets[listener.endpoint] = _open(reactor, listener.endpoint, listening_socket)
             except (OSError, ValueError, LookupError) as e:
                 text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise StartupError(f"listener {listener.label}: cannot listen: {text}") from None
@@ -485,20 +485,23 @@ def open_sockets(config: configuration.Config) -> dict[str, socket.socket]:
     return sockets
 
 
-def _open(endpoint: str, listening_socket: Callable[..., socket.socket]) -> socket.socket:
+def _open(reactor: Any, endpoint: str,
+          listening_socket: Callable[..., socket.socket]) -> socket.socket:
     kind = endpoint.split(":", 1)[0]
     if kind in ("tcp", "tcp6"):
         return listening_socket(endpoint, reuse_port=False)
-    # systemd:domain=INET:index=N (or name=NAME): a socket systemd passed in.
-    from twisted.python.systemd import ListenFDs
+    # systemd:domain=INET:index=N (or name=NAME): a socket systemd passed
+    # in, found as Twisted's endpoint finds it (Twisted reads LISTEN_FDS once,
+    # as it is imported, and takes it out of the environment).
+    from twisted.internet.endpoints import serverFromString
 
-    options = dict(part.partition("=")[::2] for part in endpoint.split(":")[1:])
-    fds = ListenFDs.fromEnvironment()
-    if "name" in options:
-        fd = fds.inheritedNamedDescriptors()[options["name"]]
-    else:
-        fd = fds.inheritedDescriptors()[int(options.get("index", "0"))]
-    return socket.socket(fileno=os.dup(fd))
+    fd = serverFromString(reactor, endpoint).fileno
+    sock = socket.socket(fileno=os.dup(fd))
+    # systemd hands it over blocking; a worker's accept loop, reading until
+    # EAGAIN, would then hang in accept(). The flag belongs to the open
+    # socket, so every worker's copy is non-blocking with this one.
+    sock.setblocking(False)
+    return sock
 
 
 async def supervise(reactor: Any, config_path: Any, config: configuration.Config) -> int:
@@ -516,7 +519,7 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
     reactor.callWhenRunning(running.callback, None)
     await running
     count = worker_count(config)
-    sockets = open_sockets(config)
+    sockets = open_sockets(reactor, config)
     folder = tempfile.mkdtemp(prefix="legacy-auth-proxy-workers-")
     pid = os.getpid()
     usec = os.environ.get("WATCHDOG_USEC")

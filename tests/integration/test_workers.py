@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import imaplib
 import os
+import re
 import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,9 +23,9 @@ import ldap3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_until
+from tests.conftest import require_tool, wait_until
 from tests.integration.conftest import PRIMARY
-from tests.proxyd import ProxyDaemon, free_port, mail_backend
+from tests.proxyd import Output, ProxyDaemon, free_port, mail_backend
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +313,153 @@ def test_sigterm_stops_every_worker(slapd, dovecot, tmp_path, unique):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", daemon.ports["imap"]), timeout=5).close()
+
+
+def test_systemd_hears_the_supervisor_alone(slapd, dovecot, tmp_path):
+    """READY=1 once every worker is ready, RELOADING=1 and READY=1 around a
+    reload of all, STOPPING=1, and the watchdog's pings: all from the
+    supervisor (the workers tell it, not systemd: NotifyAccess=main)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    notify.settimeout(60)
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True)}, workers=2)
+    heard: list[tuple[int, str]] = []
+
+    def hear(until: str) -> None:
+        while True:
+            data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            pid = next(int.from_bytes(d[:4], "little") for level, kind, d in ancillary
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+            heard.append((pid, data.decode()))
+            if data.decode().startswith(until):
+                return
+
+    try:
+        daemon.start(env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"),
+                          "WATCHDOG_USEC": "2000000"})
+        hear("READY=1")
+        assert len(daemon.worker_roles()) == 2
+        daemon.process.send_signal(signal.SIGHUP)
+        hear("RELOADING=1")
+        hear("READY=1")
+        hear("WATCHDOG=1")
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            hear("STOPPING=1")
+        finally:
+            assert daemon.stop() == 0
+            notify.close()
+    assert {pid for pid, _ in heard} == {daemon.process.pid}
+    messages = [m for _, m in heard if m != "WATCHDOG=1"]
+    assert messages == ["READY=1\nSTATUS=2 workers", "RELOADING=1", "READY=1", "STOPPING=1"]
+
+
+def test_a_listener_added_by_a_reload_is_served_by_every_worker(slapd, dovecot, tmp_path, unique):
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True)}, workers=2)
+    daemon.start()
+    try:
+        uid = unique("w")
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        port = free_port()
+        text = daemon.config.read_text()
+        added = text.replace("listeners:\n", "listeners:\n  - name: added\n"
+                             f"    endpoint: tcp:{port}:interface=127.0.0.1\n"
+                             "    tls: none\n    allow_plaintext_auth: true\n"
+                             + "".join(f"    {k}: \"{v}\"\n" for k, v in
+                                       mail_backend(tmp_path, dovecot, "imap").items()), 1)
+        daemon.config.write_text(added)
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("every worker reloaded", 60)
+        assert daemon.log().count("listening: added") == 2  # each worker, SO_REUSEPORT
+        daemon.ports["added"] = port
+        served = set()
+        for _ in range(100):
+            client = imap(daemon, "added")
+            client.login(uid, secret)
+            client.logout()
+            for index, text in worker_metrics(daemon).items():
+                if value(text, SIGN_INS, protocol="imap", outcome="accepted"):
+                    served.add(index)
+            if served == {0, 1}:
+                break
+        assert served == {0, 1}
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_socket_activation_hands_systemds_socket_to_every_worker(slapd, dovecot, tmp_path,
+                                                                   unique):
+    activate = require_tool("systemd-socket-activate")
+    port = free_port()
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True)}, workers=2)
+    daemon.config.write_text(daemon.config.read_text().replace(
+        f"tcp:{daemon.ports['imap']}:interface=127.0.0.1", "systemd:domain=INET:index=0"))
+    uid = unique("w")
+    slapd.add_user(uid, PRIMARY)
+    secret = daemon.create_app_password(uid, "phone")
+    daemon.process = subprocess.Popen(
+        [activate, "-l", f"127.0.0.1:{port}", "--fdname=imap", "-E", "PYTHONPATH=" + os.getcwd(),
+         sys.executable, "-m", "proxy", "--config", str(daemon.config), "serve"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    daemon.reader = Output(daemon.process)
+    daemon.ports["imap"] = port
+    try:
+        daemon.wait_for("Listening on")
+        # The first connection starts the supervisor; it waits in the queue
+        # of systemd's socket until a worker takes it.
+        first = socket.create_connection(("127.0.0.1", port), timeout=60)
+        daemon.wait_for("workers ready", 60)
+        assert first.recv(100).startswith(b"* OK")
+        first.close()
+        served = set()
+        for _ in range(100):
+            client = imap(daemon)
+            client.login(uid, secret)
+            client.logout()
+            for index, text in worker_metrics(daemon).items():
+                if value(text, SIGN_INS, protocol="imap", outcome="accepted"):
+                    served.add(index)
+            if served == {0, 1}:
+                break
+        assert served == {0, 1}
+    finally:
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_the_demo_runs_with_workers(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--workers", "2"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    reader = Output(process)
+    try:
+        reader.wait_for("supervisor: 2 workers ready", 90)
+        text = reader.drain()
+        secret = re.search(r"^    ([a-z]{4} [a-z]{4} [a-z]{4} [a-z]{4})$", text, re.MULTILINE)[1]
+        assert "Served by 2 worker processes" in text
+        port = int(re.search(r"imap://127.0.0.1:(\d+)", text)[1])
+        ca = tmp_path / "legacy-auth-proxy-demo" / "tls" / "ca.pem"
+        for _ in range(4):
+            client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+            client.starttls(ssl.create_default_context(cafile=str(ca)))
+            assert client.login("demo", secret)[0] == "OK"
+            client.logout()
+        metrics = re.search(r"(http://127.0.0.1:\d+)/metrics", text)[1]
+        with urllib.request.urlopen(metrics + "/metrics", timeout=30) as answer:
+            whole = answer.read().decode()
+        assert value(whole, "legacy_auth_proxy_workers") == 2
+        assert value(whole, SIGN_INS, outcome="accepted") == 4
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the whole group hears it
+        assert process.wait(60) == 0
+    log = reader.drain(timeout=10)
+    for noise in ("Traceback", "#warn", "#error", "#critical", "starting on", "Port ", "Factory"):
+        assert noise not in log, log
