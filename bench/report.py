@@ -92,7 +92,11 @@ def table(results: dict[str, Any]) -> str:
         row("3b. warm LDAP binds, persistent connections",
             f"proxy {_fmt(proxy['rate'], '/s')}, slapd {_fmt(results['ldap_binds_slapd']['rate'], '/s')}, "
             f"ldaptor accept-all {_fmt(results['ldap_binds_ldaptor']['rate'], '/s')}; "
-            f"ratio to slapd {proxy['ratio_to_slapd']:.2f}, to ldaptor {proxy['ratio_to_ldaptor']:.2f}",
+            f"ratio to slapd {proxy['ratio_to_slapd']:.2f}, to ldaptor {proxy['ratio_to_ldaptor']:.2f}"
+            + ("; CPU a bind: proxy " + _fmt(proxy["server_cpu_us_per_bind"], " µs")
+               + ", slapd " + _fmt(results["ldap_binds_slapd"]["server_cpu_us_per_bind"], " µs")
+               + ", ldaptor " + _fmt(results["ldap_binds_ldaptor"]["server_cpu_us_per_bind"], " µs")
+               if "server_cpu_us_per_bind" in proxy else ""),
             "≥ 1.0 of slapd", proxy["ratio_to_slapd"] >= 1.0)
     if "fairness_under_flood" in results:
         flooded, quiet = results["fairness_under_flood"], results["fairness_quiet"]

@@ -261,7 +261,10 @@ class Bench:
                                             zip(runs["proxy"], runs["nginx"])]
 
     def ldap_binds(self, daemon: Any) -> None:
-        """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor."""
+        """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor;
+        each server's CPU a bind."""
+        from bench.cpu import process_cpu_seconds
+
         accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
                                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
@@ -269,19 +272,24 @@ class Bench:
             direct = [(self.slapd.user_dn(uid), PASSWORD) for uid in self.users]
             proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
             load("ldap", daemon.ports["ldap"], proxied, connections=8, seconds=1)
-            runs = {"slapd": [], "proxy": [], "ldaptor": []}
+            runs: dict[str, list[dict[str, Any]]] = {"slapd": [], "proxy": [], "ldaptor": []}
+            servers = {"slapd": (self.slapd.port, direct, self.slapd._process.pid),
+                       "proxy": (daemon.ports["ldap"], proxied, daemon.process.pid),
+                       "ldaptor": (port, direct, accept_all.pid)}
             for _ in range(self.repeat):
-                runs["slapd"].append(load("ldap", self.slapd.port, direct, connections=8,
-                                          seconds=self.seconds))
-                runs["proxy"].append(load("ldap", daemon.ports["ldap"], proxied, connections=8,
-                                          seconds=self.seconds))
-                runs["ldaptor"].append(load("ldap", port, direct, connections=8,
-                                            seconds=self.seconds))
+                for name, (server_port, credentials, pid) in servers.items():
+                    before = process_cpu_seconds(pid)
+                    result = load("ldap", server_port, credentials, connections=8,
+                                  seconds=self.seconds)
+                    result["server_cpu_us"] = (process_cpu_seconds(pid) - before) * 1e6 / max(
+                        1, result["operations"])
+                    runs[name].append(result)
         finally:
             accept_all.terminate()
             accept_all.wait()
         for name, values in runs.items():
-            self.measure(f"ldap_binds_{name}", values)
+            figure = self.measure(f"ldap_binds_{name}", values)
+            figure["server_cpu_us_per_bind"] = summary([r["server_cpu_us"] for r in values])
         proxy = self.results["ldap_binds_proxy"]
         proxy["ratio_to_slapd"] = proxy["rate"]["median"] / self.results["ldap_binds_slapd"]["rate"]["median"]
         proxy["ratio_to_ldaptor"] = proxy["rate"]["median"] / self.results["ldap_binds_ldaptor"]["rate"]["median"]
