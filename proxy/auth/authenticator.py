@@ -202,6 +202,19 @@ class Authenticator:
             self.throttle.forget(key)
         return len(keys)
 
+    def locked_out(self) -> list[tuple[str, float]]:
+        """The users locked out now and the seconds each stays locked,
+        longest first (the help desk's list): this process's lockouts and,
+        with a shared store, every process's."""
+        found: dict[str, float] = {}
+        for key, seconds in self.throttle.locked_accounts():
+            name = self.accounts.username_of(key) or key
+            found[name] = max(seconds, found.get(name, 0.0))
+        if self._fleet is not None:
+            for name, seconds in self._fleet.locked_now():
+                found[name] = max(seconds, found.get(name, 0.0))
+        return sorted(found.items(), key=lambda pair: -pair[1])
+
     def locked(self, account: Account, address: str | None = None) -> float:
         """Seconds the account stays locked (from ``address``, or anywhere: the longest)."""
         return self.throttle.locked_anywhere(account.key) if address is None \

@@ -70,6 +70,9 @@ class LRU(Generic[K, V]):
     def values(self) -> list[V]:
         return list(self._data.values())
 
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._data.items())
+
     def clear(self) -> None:
         self._data.clear()
 

@@ -115,6 +115,13 @@ class Fleet:
         if all(until <= now for until in lockouts.values()):
             self._lockouts.pop(account.username)
 
+    def locked_now(self) -> list[tuple[str, float]]:
+        """The users the shared store says are locked out now (by failures
+        counted on any process), and the seconds each stays locked."""
+        now = self._clock.seconds()
+        return [(username, longest - now) for username, lockouts in self._lockouts.items()
+                if (longest := max(lockouts.values(), default=0.0)) > now]
+
     def unlocked(self, username: str) -> None:
         self._unlocks[username] = self._unlocks.get(username, 0) + 1
         self._lockouts.pop(username)

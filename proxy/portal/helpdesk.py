@@ -69,8 +69,7 @@ class HelpDesk(Pages):
             if not found and error is None:
                 error = f"No user name contains {quoted(wanted)}. Check the spelling, or " \
                         f"search by mail address."
-        locked = [(self._auth.accounts.username_of(key) or key, seconds)
-                  for key, seconds in self._auth.throttle.locked_accounts()[:LOCKED_LISTED]]
+        locked = self._auth.locked_out()[:LOCKED_LISTED]
         notice, session.notice = session.notice, None
         return self._render(request, "helpdesk.html", 404 if error else 200, session=session,
                             wanted=wanted, error=error, notice=notice, found=found,

@@ -403,3 +403,31 @@ def test_an_inactive_accounts_refusal_says_why_in_the_audit(core):
     assert decide(core, "alice", PRIMARY, realm="on-premises").reason is Reason.ACCOUNT_INACTIVE
     (event,) = [e for e in core.events if e["event"] == "authentication"]
     assert event["account_state"] == "password_must_change"
+
+
+def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
+    """Lockouts are listed by user name, longest first, and those decided
+    by another process reach this one's list through the change feed."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    here, there = core.auth, core.sibling()
+    core.directory.add("alice", PRIMARY)
+    core.directory.add("bob", PRIMARY)
+    for process in (here, there):
+        ensureDeferred(process.start(poll_interval=3600))
+    for i in range(3):
+        decide(core, "alice", f"wrong{i}")
+    assert here.locked_out() == [("alice", 600 - 60)]  # decide() waits a minute after it
+    assert there.locked_out() == []
+    ensureDeferred(there.poll_changes())
+    core.clock.advance(0)
+    assert there.locked_out() == [("alice", 600 - 60)]
+    core.clock.advance(10)
+    for i in range(3):
+        ensureDeferred(there.authenticate(attempt("bob", f"wrong{i}")))
+    core.clock.advance(60)
+    assert [name for name, _ in there.locked_out()] == ["bob", "alice"]
+    here.unlock("alice")
+    assert here.locked_out() == []
+    for process in (here, there):
+        ensureDeferred(process.stop())
