@@ -15,9 +15,12 @@ from proxy.auth import Attempt, Decision, Reason
 from proxy.config import DirectoryConfig, PolicyConfig
 from proxy.directory import Account
 from proxy.store import AppPassword
+from proxy.wire import oauth
 
 MAX_NAME = 256
 MAX_SECRET = 1024
+# An OAuth access token: Entra's JWTs run to a few kB (the wire's own bound).
+MAX_TOKEN = oauth.MAX_TOKEN
 
 STOPPED = {
     "expired": Reason.EXPIRED,
@@ -42,7 +45,7 @@ def screen(attempt: Attempt, policy: PolicyConfig) -> Decision | None:
         # Before anything else: nothing sent in the clear is looked at.
         return Decision(Reason.PLAINTEXT, "")
     if (malformed_name(attempt.username) or not attempt.secret.strip()
-            or len(attempt.secret) > MAX_SECRET):
+            or len(attempt.secret) > (MAX_TOKEN if attempt.bearer else MAX_SECRET)):
         return Decision(Reason.MALFORMED,
                         printable(apppasswords.canonical_username(attempt.username)))
     if attempt.authzid and apppasswords.canonical_username(attempt.authzid) \

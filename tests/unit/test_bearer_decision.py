@@ -44,7 +44,7 @@ def core(tmp_path):
 
 def decide(core, username, secret, realm="cloud", **kw):
     attempt = Attempt(protocol="imap", realm=realm, username=username, secret=secret,
-                      client_address="192.0.2.10", tls=True, bearer=True, **kw)
+                      client_address="192.0.2.10", tls=True, **{"bearer": True, **kw})
     d = ensureDeferred(core.auth.authenticate(attempt))
     core.clock.advance(60)
     assert d.called
@@ -84,6 +84,14 @@ def test_the_decision_table(core):
     ]
     for args, reason in cases:
         assert decide(core, *args).reason is reason, args
+
+
+def test_a_large_token_like_entras_is_taken(core):
+    large = token(groups=[f"group-{i:04d}" for i in range(300)])
+    assert len(large) > 4096
+    assert decide(core, "alice", large).reason is Reason.BEARER_TOKEN
+    # A password that long is still malformed.
+    assert decide(core, "alice", "x" * 2000, bearer=False).reason is Reason.MALFORMED
 
 
 def test_blocking_legacy_authentication_does_not_block_oauth(core):
