@@ -81,3 +81,20 @@ def test_any_bytes_decode_or_are_malformed(mechanism, data):
         return
     assert parsed.token and len(parsed.token) <= oauth.MAX_TOKEN
     assert "\x01" not in parsed.token and "\x01" not in parsed.user
+
+
+def test_the_sasl_exchange_takes_both_bearer_mechanisms():
+    import base64
+
+    from proxy.wire import sasl
+
+    exchange = sasl.Exchange("XOAUTH2")
+    assert exchange.start() == sasl.Challenge(b"")  # SMTP's "334 ", IMAP's "+ "
+    got = exchange.answer(base64.b64encode(oauth.encode("XOAUTH2", "alice", "a.b.c")))
+    assert got == sasl.Credentials(b"alice", b"a.b.c", "xoauth2")
+    got = sasl.Exchange("OAUTHBEARER").start(
+        base64.b64encode(oauth.encode("OAUTHBEARER", "alice", "a.b.c", "mail.example.test", 993)))
+    assert got == sasl.Credentials(b"alice", b"a.b.c", "oauthbearer")
+    assert sasl.Exchange("OAUTHBEARER").start(base64.b64encode(b"n,,\x01auth=Basic x\x01\x01")) \
+        == sasl.Failed("malformed", "Invalid OAuth message.")
+    assert sasl.Exchange("XOAUTH2").answer(b"*").kind == "cancelled"
