@@ -99,6 +99,7 @@ class Pending:
     created: float
     next: str = "/"
     username: str | None = None  # the fresh check's user
+    session: bytes | None = attrs.field(default=None, repr=False)  # and their page session
     max_age: int | None = None
 
 
@@ -324,7 +325,7 @@ class OidcClient:
 
     async def begin(self, redirect_uri: str, binding: str, *, purpose: str = "sign_in",
                     next: str = "/", username: str | None = None,
-                    max_age: int | None = None) -> str:
+                    session: bytes | None = None, max_age: int | None = None) -> str:
         """The URL to send the browser to; the sign-in is kept until the
         callback. A fresh check (``max_age``) asks for a new sign-in
         (``prompt=login``) no older than ``max_age``."""
@@ -332,7 +333,7 @@ class OidcClient:
         verifier = generate_token(64)
         pending = Pending(state=generate_token(32), nonce=generate_token(32), verifier=verifier,
                           binding=digest(binding), purpose=purpose, created=self._clock.seconds(),
-                          next=next, username=username, max_age=max_age)
+                          next=next, username=username, session=session, max_age=max_age)
         extra: dict[str, Any] = {"nonce": pending.nonce,
                                  "code_challenge": create_s256_code_challenge(verifier),
                                  "code_challenge_method": "S256"}

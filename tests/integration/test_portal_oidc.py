@@ -1,0 +1,176 @@
+"""Signing in to the portal through a real identity provider (LemonLDAP::NG,
+tests/idp.py), end to end in Chromium: the provider's sign-in page, back to
+the portal, the fresh check before an app password is made (a new sign-in
+at the provider: prompt=login, max_age, auth_time), the app password used
+over IMAP through the proxy; and the directory still the authority."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tests.browser import Browser
+from tests.integration.conftest import PRIMARY
+from tests.integration.test_portal import imap, imap_login, portal_daemon
+
+SECRET = "portal-client-secret"
+FRESH = 30  # portal.fresh_check, seconds: its least
+
+
+@pytest.fixture(scope="module")
+def client_id(unique_module):
+    return unique_module
+
+
+@pytest.fixture(scope="module")
+def unique_module(_unique_counter):
+    return f"portal{next(_unique_counter):04d}"
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, dovecot, idp, tmp_path_factory, client_id):
+    from tests.conftest import require_tool
+
+    require_tool("chromium")
+    require_tool("chromedriver")
+    folder = tmp_path_factory.mktemp("proxy-portal-oidc")
+    (folder / "oidc-secret").write_text(SECRET + "\n")
+    daemon = portal_daemon(folder, slapd, dovecot, self_service=True, extra=(
+        f"  fresh_check: {FRESH}s\n"
+        "  oidc:\n"
+        f"    issuer: {idp.issuer}\n"
+        f"    client_id: {client_id}\n"
+        f"    client_secret_file: {folder / 'oidc-secret'}\n"
+        f"    ca_file: {idp.ca_file}\n"
+        "    mfa_amr: [otp]\n"
+        "    provider_name: Example Login\n"))
+    port = daemon.ports["portal"]
+    idp.add_client(client_id, SECRET, redirect_uris=[f"https://127.0.0.1:{port}/oidc/callback"],
+                   amr=["pwd", "otp"])
+    idp.wait_for_config(lambda: idp.knows(client_id, SECRET))
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+@pytest.fixture
+def browser(proxy, tmp_path):
+    opened = []
+
+    def make() -> Browser:
+        b = Browser(f"https://127.0.0.1:{proxy.ports['portal']}", tmp_path / f"profile{len(opened)}")
+        opened.append(b)
+        return b
+
+    yield make
+    for b in opened:
+        b.close()
+
+
+def at_provider(b: Browser, idp) -> bool:
+    return b.driver.current_url.startswith(idp.issuer)
+
+
+def provider_sign_in(b: Browser, idp, user: str, password: str = PRIMARY) -> None:
+    """On the provider's sign-in page: the directory password."""
+    assert at_provider(b, idp), b.driver.current_url
+    WebDriverWait(b.driver, 30).until(lambda d: b.all("#passwordfield"),
+                                      message="no sign-in form at the provider")
+    if b.find("#userfield").get_attribute("value") != user:
+        b.fill("userfield", user)
+    b.fill("passwordfield", password)
+    b.click(b.find("form button[type=submit]"))
+
+
+def back_at_portal(b: Browser, path: str = "/") -> None:
+    """The callback's page sends the browser on (meta refresh) to ``path``."""
+    target = b.base + path
+    try:
+        WebDriverWait(b.driver, 30).until(
+            lambda d: d.current_url.split("?")[0] == target
+            and d.execute_script("return document.readyState") == "complete")
+    except TimeoutException:
+        raise AssertionError(f"not back at {target} but at {b.driver.current_url}:\n"
+                             f"{b.text('body')}") from None
+
+
+def audit(proxy) -> list[dict]:
+    return [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+
+
+def test_sign_in_at_the_provider_the_fresh_check_and_an_app_password_over_imap(
+        proxy, idp, slapd, unique, browser):
+    uid = unique("oidc")
+    slapd.add_user(uid, PRIMARY)
+    b = browser()
+    # Signed in at the provider long before (an open single sign-on
+    # session): that alone must not be enough to mint an app password.
+    b.driver.get(idp.issuer + "/")
+    provider_sign_in(b, idp, uid)
+    time.sleep(FRESH + 2)
+
+    b.open("/")
+    assert b.path == "/sign-in"
+    b.press("Sign in with Example Login")
+    # The provider's session is still open: no password asked, straight back.
+    back_at_portal(b)
+    assert uid in b.driver.page_source, proxy.log()[-6000:]
+    b.fill("name", "Thunderbird")
+    b.press("Create")
+    # The sign-in at the provider is older than portal.fresh_check: sent
+    # to sign in there again (prompt=login), whatever the page session's age.
+    assert b.path == "/confirm-it-is-you", b.text()
+    assert json.loads(proxy.cli("app-password", "list", uid, "--json").stdout) == []
+    b.press("Sign in again with Example Login")
+    # Its single sign-on session is open, yet it asks for the password
+    # again (prompt=login); the ID token's auth_time is then checked.
+    provider_sign_in(b, idp, uid)
+    back_at_portal(b)
+    assert "Confirmed" in b.text()
+    b.fill("name", "Thunderbird")
+    b.press("Create")
+    assert "shown only this once" in b.text(), b.text()
+    secret = b.text("#secret")
+
+    client = imap(proxy)
+    assert client.login(uid, secret)[0] == "OK"
+    assert client.select("INBOX")[0] == "OK"
+    client.logout()
+    assert not imap_login(proxy, uid, PRIMARY + "x")
+
+    events = [e for e in audit(proxy) if e.get("user") == uid]
+    signed = [e for e in events if e["event"] == "portal_sign_in"]
+    assert signed[-1]["outcome"] == "accepted" and signed[-1]["method"] == "oidc"
+    assert signed[-1]["amr"] == ["pwd", "otp"] and signed[-1]["acr"] == idp.acr
+    checks = [(e["outcome"], e["method"]) for e in events if e["event"] == "portal_fresh_check"]
+    assert checks == [("accepted", "oidc")]
+    assert any(e["event"] == "app_password_created" for e in events)
+    assert secret.replace(" ", "") not in (proxy.folder / "audit.log").read_text()
+
+
+def test_a_disabled_directory_account_is_refused_after_a_good_provider_sign_in(
+        proxy, idp, slapd, unique, browser):
+    uid = unique("oidc")
+    dn = slapd.add_user(uid, PRIMARY)
+    b = browser()
+    b.driver.get(idp.issuer + "/")
+    provider_sign_in(b, idp, uid)  # the provider signs them in ...
+    slapd.lock(dn)  # ... then the directory disables the account
+    b.open("/sign-in")
+    b.press("Sign in with Example Login")
+    back_at_portal(b, "/oidc/callback")
+    assert "cannot use this page" in b.text()
+    status, _, _ = b.request("GET", "/")
+    assert status == 303  # no page session
+    refused = [e for e in audit(proxy) if e.get("user") == uid and e["event"] == "portal_sign_in"]
+    assert [(e["outcome"], e["reason"]) for e in refused] == [("refused", "account_inactive")]
+
+
+def test_no_password_is_taken_by_the_portal_itself(proxy, browser):
+    b = browser()
+    b.open("/sign-in")
+    assert not b.all("#password") and "Sign in with Example Login" in b.text()
