@@ -62,7 +62,9 @@ class SecurityInfo(Pages):
 
     @page("/app-passwords", "POST")
     async def create(self, request: Any) -> bytes:
-        session, account = await self._signed_in(request, form=True)
+        # Minting a secret that reads mail needs a recent proof of who the
+        # user is, however old the page session (portal.fresh_check).
+        session, account = await self._signed_in(request, form=True, fresh=True)
         if not self.config.policy.allow_user_app_passwords:
             raise Forbidden(MANAGED)
         name = self._field(request, "name", required=False).strip()
