@@ -82,6 +82,8 @@ HTDOCS = "/usr/share/lemonldap-ng/portal/htdocs"
 START_TIMEOUT = 20.0  # the first request compiles the Perl portal: seconds on a busy machine
 RUN_AS = "www-data"  # llng-fastcgi-server refuses to run as root
 # The names given to authentication levels, as acr values (LDAP sign-in is level 2).
+# A sign-in at least this old is asked for again by prompt=login (seconds).
+FORCE_AUTHN_INTERVAL = 2
 AUTHN_CONTEXT = {"urn:example:loa:1": 1, "urn:example:loa:2": 2, "urn:example:loa:3": 3}
 
 
@@ -218,9 +220,14 @@ class Idp(ServerLog):
                                            "cache_root": str(self.folder / "cache"),
                                            "default_expires_in": 600, "directory_umask": "007",
                                            "cache_depth": 3},
-            # prompt=login forces a new sign-in however recent the last one
-            # (LemonLDAP::NG's default spares one less than 5 s old).
-            "portalForceAuthnInterval": -1,
+            # prompt=login forces a new sign-in unless the last one is less
+            # than this old (LemonLDAP::NG's default: 5 s). Not 0 or less: the
+            # provider replays the authorization request right after the new
+            # sign-in, and would then ask for it again, for ever.
+            "portalForceAuthnInterval": FORCE_AUTHN_INTERVAL,
+            # ... and straight to the sign-in form (its script), without a
+            # page asking first whether to renew the session.
+            "skipRenewConfirmation": 1,
             "requireToken": 0, "loginHistoryEnabled": 0, "notification": 0,
             "portalCheckLogins": 0, "stayConnected": 0, "checkUsers": 0,
             "trustedDomains": "", "logLevel": "notice",
@@ -409,6 +416,19 @@ http {{
                                      data={"token": token}, auth=(client_id, secret), timeout=30)
         answer.raise_for_status()
         return answer.json()
+
+    def knows(self, client_id: str, secret: str) -> bool:
+        """Whether the running provider takes this client and secret (its
+        token endpoint answers a made-up code with invalid_grant, not
+        invalid_client)."""
+        answer = self.session().post(self.discovery()["token_endpoint"], timeout=30, data={
+            "grant_type": "authorization_code", "code": "none", "redirect_uri": "https://x/"},
+            auth=(client_id, secret))
+        try:
+            error = answer.json().get("error")
+        except ValueError:
+            return False
+        return answer.status_code != 401 and error != "invalid_client"
 
     def wait_for_config(self, check: Callable[[], bool], timeout: float = 15.0) -> None:
         """Poll ``check`` until the running provider shows the new configuration."""

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 
-from tests.idp import IdpError
+from tests.idp import FORCE_AUTHN_INTERVAL, IdpError
 from tests.integration.conftest import PRIMARY
 
 REDIRECT = "https://127.0.0.1:9/oidc/callback"
@@ -90,7 +90,9 @@ def test_a_directory_user_signs_in_and_the_id_token_says_when_and_how(idp, slapd
     assert token["preferred_username"] == uid and token["acr"] == idp.acr
     assert token["amr"] == ["pwd", "hwk"]
     assert abs(token["auth_time"] - time.time()) < 120
-    # prompt=login: the provider asks for the password again, not a code.
+    # prompt=login: the provider asks for the password again, not a code
+    # (once the sign-in is older than FORCE_AUTHN_INTERVAL).
+    time.sleep(FORCE_AUTHN_INTERVAL + 1)
     again = idp.session()
     again.cookies.update(http.cookies)
     try:
