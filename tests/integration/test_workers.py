@@ -463,3 +463,15 @@ def test_the_demo_runs_with_workers(tmp_path):
     log = reader.drain(timeout=10)
     for noise in ("Traceback", "#warn", "#error", "#critical", "starting on", "Port ", "Factory"):
         assert noise not in log, log
+
+
+def test_the_unit_lets_the_supervisor_handle_stop_and_notify():
+    """systemd's SIGTERM reaches the supervisor alone (KillMode=mixed), which
+    forwards it once; only the main process may notify (the workers tell the
+    supervisor)."""
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[2] / "systemd" / "legacy-auth-proxy.service"
+             ).read_text().splitlines()
+    for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed"):
+        assert line in lines, line
