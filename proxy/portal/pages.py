@@ -25,7 +25,7 @@ from proxy.config import Config
 from proxy.directory import Account, DirectoryUnavailable
 from proxy.portal import notify
 from proxy.portal.websessions import COOKIE, WebSession, WebSessions, fresh as fresh_enough, same
-from proxy.portal.words import Refusal, is_refusal_of, refusal
+from proxy.portal.words import Refusal, is_refusal_of, needle_of, refusal
 from proxy.store import STOPPED_REASONS, AppPassword, StoreError
 from proxy.threads import Busy
 
@@ -357,7 +357,7 @@ class Pages:
         try:
             events = await self._files_pool.submit(
                 recent_events, path, is_refusal_of(username), limit,
-                self.config.portal.audit_scan_bytes)
+                self.config.portal.audit_scan_bytes, needle_of(username))
         except (OSError, Busy):
             return []
         return [refusal(e) for e in events]

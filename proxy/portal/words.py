@@ -73,6 +73,15 @@ def refusal(event: dict[str, Any]) -> Refusal:
     )
 
 
+def needle_of(username: str) -> bytes | None:
+    """What every audit line naming ``username`` holds, as bytes: the name
+    as JSON writes it (None where JSON or the audit's escaping would write it
+    otherwise: then every line is parsed)."""
+    if not username.isprintable() or '"' in username or "\\" in username:
+        return None
+    return f'"{username}"'.encode()
+
+
 def is_refusal_of(username: str) -> Any:
     """The audit events that are refused sign-ins of ``username``."""
 

@@ -78,3 +78,22 @@ def test_the_mfa_state_in_effect_is_shown_first_when_a_group_enforces_it():
                           "if they leave the group)")
     assert shown.consequence == "only app passwords work on cloud listeners"
     assert not mfa_in_effect(grouped, MfaState.ENFORCED).hidden
+
+
+def test_only_lines_naming_the_user_are_parsed_and_nothing_of_theirs_is_missed(tmp_path):
+    from proxy.audit import AuditLog, recent_events
+    from proxy.portal.words import needle_of
+
+    log = AuditLog(tmp_path / "audit.log", lambda: 1_800_000_000.0)
+    names = ["ann", "anne", "josé", "o'neil", 'say "hi"', "back\\slash", "rtl\u202eevil"]
+    for name in names:
+        for outcome in ("refused", "accepted"):
+            log.append(log.event("authentication", user=name, outcome=outcome, reason="x"))
+    log.append(log.event("authentication", user="bob", outcome="refused", reason="x",
+                         app_password_name='"ann"'))  # another's line holding the needle
+    for name in names:
+        needle = needle_of(name)
+        found = recent_events(log.path, is_refusal_of(name), 10, 1 << 20, needle)
+        assert [e["user"] for e in found] == [name], (name, needle)
+    assert needle_of("ann") == b'"ann"' and needle_of('say "hi"') is None
+    assert needle_of("rtl\u202eevil") is None  # the audit writes it escaped
