@@ -7,6 +7,7 @@ import socket
 import urllib.parse
 from typing import Any
 
+import attrs
 from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.logger import Logger
 
@@ -143,6 +144,29 @@ class Listeners:
                 except TLSFilesError as e:
                     log.error("listener {label}: keeping the old certificate: {error}",
                               label=listener.label, error=str(e))
+        await self._reload_client_secrets()
+
+    async def _reload_client_secrets(self) -> None:
+        """backend_login: oauth2: each open listener's client secret read
+        again, as its certificate is, so that a secret rotated at the
+        provider (Entra's expire) is taken with a reload; a new secret is a
+        new grant, whose first login asks for a token with it."""
+        open_now = {id(config) for config, _, _ in self.open}
+        for frontend in self.frontends:
+            config = frontend.config
+            oauth = getattr(frontend.backend, "oauth", None)
+            if oauth is None or id(config) not in open_now:
+                continue
+            try:
+                secret = await self._files_pool.submit(
+                    read_password, config.oauth2_client_secret_file, "oauth2_client_secret_file")
+            except StartupError as e:
+                log.error("listener {label}: keeping the old client secret: {error}",
+                          label=config.label, error=str(e))
+                continue
+            if secret != oauth.grant.client_secret:
+                oauth.grant = attrs.evolve(oauth.grant, client_secret=secret)
+                log.info("listener {label}: a new OAuth client secret", label=config.label)
 
     def _connections(self) -> list[Any]:
         return [c for f in self.frontends for c in f.open_connections()]

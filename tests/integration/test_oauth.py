@@ -21,6 +21,7 @@ import imaplib
 import json
 import poplib
 import re
+import signal
 import smtplib
 import ssl
 import tempfile
@@ -254,8 +255,12 @@ def test_a_revoked_client_secret_is_a_temporary_failure_then_recovery(proxy, idp
         with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
             pop.pass_(secret)
         pop.quit()
-        events = [e for e in audit(proxy) if e["event"] == "backend_login"]
-        assert events and events[-1]["reason"] == "token_unavailable"
+        deadline = time.monotonic() + DEADLINE
+        while not (events := [e for e in audit(proxy) if e["event"] == "backend_login"
+                              and e["user"] == uid and e["protocol"] == "pop3"]):
+            assert time.monotonic() < deadline, "no backend_login audit event"
+            time.sleep(0.1)
+        assert events[-1]["reason"] == "token_unavailable"
         assert "invalid_client" in events[-1]["detail"] or "401" in events[-1]["detail"]
         assert events[-1]["user"] == uid and events[-1]["outcome"] == "temporary_failure"
         assert "rotated-away" not in proxy.log() and SECRET not in proxy.log()
@@ -275,6 +280,59 @@ def test_a_revoked_client_secret_is_a_temporary_failure_then_recovery(proxy, idp
             assert "[UNAVAILABLE]" in str(e)
             client.logout()
             time.sleep(0.5)
+
+
+def imap_answer(proxy, uid: str, secret: str) -> str:
+    """"OK", or the code of the refusal (UNAVAILABLE, AUTHENTICATIONFAILED)."""
+    client = imap(proxy)
+    try:
+        client.login(uid, secret)
+        return "OK"
+    except imaplib.IMAP4.error as e:
+        found = re.search(r"\[([A-Z]+)\]", str(e))
+        return found.group(1) if found else str(e)
+    finally:
+        client.logout()
+
+
+def wait_for_answer(proxy, uid: str, secret: str, wanted: str) -> None:
+    """IMAP logins until one is answered ``wanted`` (each other answer must
+    be OK or UNAVAILABLE: nothing else comes of a token's life)."""
+    deadline = time.monotonic() + DEADLINE
+    while (answer := imap_answer(proxy, uid, secret)) != wanted:
+        assert answer in ("OK", "UNAVAILABLE"), answer
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        time.sleep(0.5)
+
+
+def reload(proxy) -> None:
+    """SIGHUP, and wait until the daemon says the config was reloaded."""
+    before = proxy.log().count("config reloaded from")
+    proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE
+    while proxy.log().count("config reloaded from") == before:
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        time.sleep(0.1)
+
+
+def test_a_rotated_secret_is_taken_with_a_reload(proxy, idp, user):
+    """The operator's way out of a revoked secret: a new one at the
+    provider, the same in the proxy's file, SIGHUP."""
+    uid, _, secret = user
+    secret_file = proxy.folder / "client-secret"
+    idp.set_secret(CLIENT_ID, "rotated-by-the-operator")
+    try:
+        wait_for_answer(proxy, uid, secret, "UNAVAILABLE")
+        secret_file.write_text("rotated-by-the-operator\n")
+        reload(proxy)
+        assert "a new OAuth client secret" in proxy.log()
+        wait_for_answer(proxy, uid, secret, "OK")
+        assert "rotated-by-the-operator" not in proxy.log()
+    finally:
+        secret_file.write_text(SECRET + "\n")
+        idp.set_secret(CLIENT_ID, SECRET)
+        reload(proxy)
+    wait_for_answer(proxy, uid, secret, "OK")
 
 
 # -- the other way: clients signing in with the user's own access token --------------
@@ -311,6 +369,16 @@ def authentications(proxy, uid):
     return [e for e in audit(proxy) if e["event"] == "authentication" and e.get("user") == uid]
 
 
+def next_reason(proxy, uid, seen: int) -> str:
+    """The reason of the user's next authentication event after the first
+    ``seen`` (audit lines are written in batches, off the reactor thread)."""
+    deadline = time.monotonic() + DEADLINE
+    while len(events := authentications(proxy, uid)) <= seen:
+        assert time.monotonic() < deadline, "no audit event"
+        time.sleep(0.1)
+    return events[seen]["reason"]
+
+
 def test_a_client_signs_in_with_the_users_access_token(proxy, idp, oauth_dovecot, user):
     uid, _, _ = user
     token = user_token(idp, uid)
@@ -322,7 +390,7 @@ def test_a_client_signs_in_with_the_users_access_token(proxy, idp, oauth_dovecot
     typ, data = client.fetch("1", "(BODY.PEEK[])")
     assert data[0][1] == message("for thunderbird")
     client.logout()
-    assert authentications(proxy, uid)[-1]["reason"] == "bearer_token"
+    assert next_reason(proxy, uid, 0) == "bearer_token"
     assert token not in proxy.log() and token not in (proxy.folder / "audit.log").read_text()
 
 
@@ -355,18 +423,19 @@ def test_a_token_for_another_user_or_app_is_refused(proxy, idp, slapd, user, uni
     slapd.add_user(other, PRIMARY)
     theirs = user_token(idp, other)
     client = imap(proxy)
+    seen = len(authentications(proxy, uid))
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         client.authenticate("XOAUTH2", lambda _: xoauth2(uid, theirs))
-    assert authentications(proxy, uid)[-1]["reason"] == "token_for_another_user"
+    assert next_reason(proxy, uid, seen) == "token_for_another_user"
     # The proxy's own app registration's token is not a user's sign-in.
     app = idp.client_credentials(CLIENT_ID, SECRET)["access_token"]
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         client.authenticate("XOAUTH2", lambda _: xoauth2(uid, app))
-    assert authentications(proxy, uid)[-1]["reason"] == "invalid_token"
+    assert next_reason(proxy, uid, seen + 1) == "invalid_token"
     # Nor is a token with its signature changed.
     token = user_token(idp, uid)
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         client.authenticate("XOAUTH2", lambda _: xoauth2(uid, forged))
-    assert authentications(proxy, uid)[-1]["reason"] == "invalid_token"
+    assert next_reason(proxy, uid, seen + 2) == "invalid_token"
     client.logout()
