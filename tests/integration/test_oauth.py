@@ -335,6 +335,23 @@ def test_a_rotated_secret_is_taken_with_a_reload(proxy, idp, user):
     wait_for_answer(proxy, uid, secret, "OK")
 
 
+def test_a_provider_that_is_down_is_a_temporary_failure_until_it_is_back(proxy, idp, user):
+    uid, _, secret = user
+    idp.stop()
+    try:
+        wait_for_answer(proxy, uid, secret, "UNAVAILABLE")
+        deadline = time.monotonic() + DEADLINE
+        while not (events := [e for e in audit(proxy) if e["event"] == "backend_login"
+                              and e["user"] == uid]):
+            assert time.monotonic() < deadline, "no backend_login audit event"
+            time.sleep(0.1)
+        assert events[-1]["reason"] == "token_unavailable"
+        assert events[-1]["detail"].startswith("token endpoint unreachable")
+    finally:
+        idp.start()
+    wait_for_answer(proxy, uid, secret, "OK")
+
+
 # -- the other way: clients signing in with the user's own access token --------------
 
 
