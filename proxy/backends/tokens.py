@@ -24,7 +24,8 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -191,6 +192,8 @@ class _Body(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if len(self.data) > MAX_BODY:
             self.done.errback(TokenUnavailable("the token endpoint's answer is too large"))
+        elif reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
+            self.done.errback(TokenUnavailable("the token endpoint's answer was cut short"))
         else:
             self.done.callback(bytes(self.data))
 

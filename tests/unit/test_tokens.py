@@ -201,3 +201,28 @@ def test_refusals_and_odd_answers_say_why_without_the_body(code, body, reason):
 def test_the_grant_keeps_its_secret_out_of_its_repr():
     grant = tokens.Grant("https://idp/token", "proxy", "hunter2", "mail")
     assert "hunter2" not in repr(grant)
+
+
+def test_a_body_is_read_whole_bounded_and_not_when_cut_short():
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone, ResponseFailed
+
+    done = Deferred()
+    body = tokens._Body(done)
+    body.dataReceived(b'{"a":')
+    body.dataReceived(b"1}")
+    body.connectionLost(Failure(ResponseDone()))
+    assert done.result == b'{"a":1}'
+    cut = Deferred()
+    body = tokens._Body(cut)
+    body.dataReceived(b'{"a":')
+    body.connectionLost(Failure(ResponseFailed([])))
+    assert "cut short" in cut.result.value.reason
+    cut.addErrback(lambda f: None)
+    large = Deferred()
+    body = tokens._Body(large)
+    body.transport = None
+    body.dataReceived(b"x" * (tokens.MAX_BODY + 1))
+    body.connectionLost(Failure(ResponseDone()))
+    assert "too large" in large.result.value.reason
+    large.addErrback(lambda f: None)
