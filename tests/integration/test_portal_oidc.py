@@ -15,7 +15,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import Browser
 from tests.integration.conftest import PRIMARY
-from tests.integration.test_portal import imap, imap_login, portal_daemon
+from tests.integration.test_portal import enrol, imap, imap_login, portal_daemon
 
 SECRET = "portal-client-secret"
 FRESH = 30  # portal.fresh_check, seconds: its least
@@ -174,3 +174,59 @@ def test_no_password_is_taken_by_the_portal_itself(proxy, browser):
     b = browser()
     b.open("/sign-in")
     assert not b.all("#password") and "Sign in with Example Login" in b.text()
+
+
+@pytest.fixture(scope="module")
+def totp_proxy(slapd, dovecot, tmp_path_factory):
+    """A portal without a provider: password and TOTP, fresh_check 30 s."""
+    folder = tmp_path_factory.mktemp("proxy-portal-fresh")
+    daemon = portal_daemon(folder, slapd, dovecot, self_service=True,
+                           extra=f"  fresh_check: {FRESH}s\n")
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def test_a_stale_session_is_asked_for_a_new_code_before_minting_or_a_help_desk_action(
+        totp_proxy, slapd, unique, tmp_path):
+    proxy = totp_proxy
+    uid, helper, target = unique("fresh"), unique("desk"), unique("fresh")
+    slapd.add_user(uid, PRIMARY)
+    slapd.add_to_group(slapd.add_user(helper, PRIMARY), "admins")
+    slapd.add_user(target, PRIMARY)
+    proxy.create_app_password(target, "printer")
+    base = f"https://127.0.0.1:{proxy.ports['portal']}"
+    user, desk = Browser(base, tmp_path / "user"), Browser(base, tmp_path / "desk")
+    try:
+        user_totp, desk_totp = enrol(user, uid), enrol(desk, helper)
+        desk.open(f"/helpdesk/users/{target}")
+        time.sleep(FRESH + 2)  # both page sessions live on; their codes grow old
+
+        user.fill("name", "Outlook")
+        user.press("Create")
+        assert user.path == "/confirm-it-is-you", user.text()
+        assert json.loads(proxy.cli("app-password", "list", uid, "--json").stdout) == []
+        user.fill("code", "000000")
+        user.press("Confirm")
+        assert "That code is not right" in user.text("#error")
+        user.fill("code", user_totp.now())
+        user.press("Confirm")
+        assert user.path == "/" and "Confirmed" in user.text()
+        user.fill("name", "Outlook")
+        user.press("Create")
+        assert "shown only this once" in user.text()
+
+        desk.press("Delete all app passwords")
+        desk.press("Delete them all")
+        assert desk.path == "/confirm-it-is-you", desk.text()
+        assert len(json.loads(proxy.cli("app-password", "list", target, "--json").stdout)) == 1
+        desk.fill("code", desk_totp.now())
+        desk.press("Confirm")
+        assert desk.path.startswith(f"/helpdesk/users/{target}"), desk.path  # back to the form
+        desk.press("Delete them all")
+        assert f"Deleted all 1 app passwords of {target}." in desk.text()
+    finally:
+        user.close()
+        desk.close()
+    checks = [(e["user"], e["outcome"]) for e in audit(proxy) if e["event"] == "portal_fresh_check"]
+    assert checks == [(uid, "refused"), (uid, "accepted"), (helper, "accepted")]
