@@ -41,3 +41,27 @@ def test_expire_forgets_old_sessions():
     clock.advance(61)
     sessions.expire()
     assert len(sessions) == 0
+
+
+def test_a_proof_of_who_the_user_is_grows_stale_whatever_the_session_does():
+    from proxy.portal.websessions import fresh
+
+    clock = Clock()
+    sessions = WebSessions(clock, idle=600, lifetime=3600)
+    token, session = sessions.start("alice", "uid=alice", "signed_in")
+    assert fresh(session, clock.seconds(), 300)  # a code at sign-in
+    for _ in range(7):
+        clock.advance(50)
+        assert sessions.get(token) is session  # busy: the session lives on ...
+    assert not fresh(session, clock.seconds(), 300)  # ... its proof does not
+    # A provider's sign-in counts from its auth_time, not from now.
+    _, late = sessions.start("bob", "uid=bob", "signed_in", method="oidc",
+                             strong_at=clock.seconds() - 400)
+    assert not fresh(late, clock.seconds(), 300)
+    # A fresh check passed marks that session alone, and only its user's.
+    key = sessions.key_of(token)
+    assert sessions.proved(key, "bob", clock.seconds()) is None
+    assert sessions.proved(key, "alice", clock.seconds()) is session
+    assert fresh(session, clock.seconds(), 300)
+    _, enrolling = sessions.start("carol", "uid=carol", "enrolling", pending_key="k")
+    assert enrolling.strong_at is None and not fresh(enrolling, clock.seconds(), 300)
