@@ -286,8 +286,9 @@ class SignIn(Pages):
                                       "another browser. Sign in again.")
         error = self._field(request, "error", required=False)
         code = self._field(request, "code", required=False)
+        event = "portal_fresh_check" if pending.purpose == "fresh" else "portal_sign_in"
         if error or not code:
-            self._record("portal_sign_in", user=pending.username, client_address=address,
+            self._record(event, user=pending.username, client_address=address,
                          outcome="refused", method="oidc", reason=f"provider_{error[:40] or 'no_code'}")
             return self._after_provider_failed(request, pending)
         try:
@@ -296,7 +297,7 @@ class SignIn(Pages):
             log.error("portal sign-in: the identity provider: {error}", error=str(e))
             return self._sign_in_form(request, 503, TRY_LATER)
         except Refused as e:
-            self._record("portal_sign_in", user=pending.username, client_address=address,
+            self._record(event, user=pending.username, client_address=address,
                          outcome="refused", method="oidc", reason=e.reason)
             return self._after_provider_failed(request, pending)
         try:
@@ -311,7 +312,7 @@ class SignIn(Pages):
         elif self._auth.locked(account) > 0:
             refusal = Reason.LOCKED_OUT.value
         if refusal is not None or account is None:
-            self._record("portal_sign_in", user=account.username if account else identity.name,
+            self._record(event, user=account.username if account else identity.name,
                          client_address=address, outcome="refused", method="oidc", reason=refusal)
             return self._sign_in_form(request, 403, NOT_HERE)
         if pending.purpose == "fresh":
