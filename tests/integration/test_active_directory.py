@@ -24,7 +24,10 @@ from proxy.store import MfaState
 from tests.integration.test_authenticator import EXPECTED, STATES, Env, attempt, sleep
 
 PRIMARY = "Primary-Passw0rd"
-AD = {"kind": "active_directory"}
+# A limit for a DC that does not answer, not a timing: the DC serves one
+# request at a time (samba -M single), and on a loaded machine its StartTLS
+# has taken over 3 s (Env's default).
+AD = {"kind": "active_directory", "timeout": 15.0}
 
 
 @pytest_twisted.async_yield_fixture
