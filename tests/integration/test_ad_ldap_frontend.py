@@ -146,6 +146,10 @@ def test_an_app_password_session_reads_what_the_user_reads_less_secrets(proxy, d
     hidden = {SEARCH_DN, dc.service_dn}
     assert hidden <= set(expected) and not hidden & set(got)
     assert got == without_secrets({k: v for k, v in expected.items() if k not in hidden})
+    # Signed in with the primary password, the user reads as themself: all of it.
+    as_primary = through(proxy, "onprem", sam, PRIMARY, *what)
+    assert as_primary.returncode == 0, as_primary.stderr
+    assert entries(as_primary.stdout) == expected
 
 
 def test_secrets_asked_for_by_name_are_not_asked_for(proxy, dc, user):
