@@ -44,6 +44,10 @@ MARGIN = 5.0
 # After the provider failed, logins fail at once for this long instead of
 # each waiting for it; then the next one asks again.
 RETRY_AFTER = 5.0
+# A token the backend refuses is dropped only once it is this old (or a
+# fifth of its lifetime): one refused as soon as it came is the backend's
+# doing, and asking again would not help.
+KEEP_NEW = 30.0
 MAX_BODY = 65536  # a token endpoint's answer; JWTs are a few kB
 # RFC 6750's b64token: what a bearer token may be made of.
 _BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -118,9 +122,14 @@ class TokenCache:
 
     def forget(self, key: Hashable, value: str) -> None:
         """The backend refused ``value``: the next login asks for a new one
-        (unless one is already newer)."""
+        (unless one is already newer). A token just obtained is kept: a
+        backend that refuses every token (a key it does not know) must not
+        turn each login into a request to the provider."""
         entry = self._entries.get(key)
-        if entry is not None and entry.token is not None and entry.token.value == value:
+        if entry is None or entry.token is None or entry.token.value != value:
+            return
+        token = entry.token
+        if self.clock.seconds() - token.obtained >= min(KEEP_NEW, (token.expires - token.obtained) / 5):
             entry.token = None
 
     def _resting(self, entry: _Entry, now: float) -> bool:

@@ -65,8 +65,9 @@ def login(backend, user="alice"):
 
 
 def test_a_refused_token_is_renewed_and_the_login_tried_once_more():
-    _, backend = make(["t1", "t2"])
+    clock, backend = make(["t1", "t2"])
     login(backend)
+    clock.advance(60)
     backend.refused = {"t1"}
     assert isinstance(login(backend), Connection)
     assert backend.seen == ["t1", "t1", "t2"]
@@ -75,11 +76,22 @@ def test_a_refused_token_is_renewed_and_the_login_tried_once_more():
 
 
 def test_twice_refused_is_the_backends_answer():
-    _, backend = make(["t1", "t2"])
+    clock, backend = make(["t1", "t2"])
+    login(backend)
+    clock.advance(60)
     backend.refused = {"t1", "t2"}
     with pytest.raises(TokenRefused):
         login(backend)
-    assert backend.seen == ["t1", "t2"]
+    assert backend.seen == ["t1", "t1", "t2"]
+
+
+def test_a_backend_refusing_every_new_token_costs_no_request_a_login():
+    clock, backend = make(["t1", "t2", "t3"])
+    backend.refused = {"t1", "t2", "t3"}
+    for _ in range(5):
+        with pytest.raises(TokenRefused):
+            login(backend)
+    assert backend.seen == ["t1"] * 5  # t1 just obtained: kept, not asked for again
 
 
 def test_a_refused_user_costs_no_new_token():

@@ -155,6 +155,9 @@ def test_a_refused_token_is_forgotten_and_asked_for_again():
     provider.answer()
     cache.forget("k", "token-other")  # not the cached one: kept
     assert get(cache).result == "token-1"
+    cache.forget("k", "token-1")  # just obtained: kept
+    assert get(cache).result == "token-1"
+    clock.advance(tokens.KEEP_NEW)
     cache.forget("k", "token-1")
     d = get(cache)
     assert not d.called
