@@ -56,9 +56,16 @@ class SecurityInfo(Pages):
             blocked=policy.block_legacy_auth or account.modern_auth_only,
             blocked_for_all=policy.block_legacy_auth,
             notice=notice, error=error, form=form or {}, protocols=PROTOCOLS,
-            by_help_desk=by_help_desk, refusals=await self._refusals(session.username, OWN_REFUSALS),
-            web_sessions=self.sessions.of_user(session.username),
+            by_help_desk=by_help_desk, web_sessions=self.sessions.of_user(session.username),
         )
+
+    @page("/refused-sign-ins", "GET")
+    async def refused(self, request: Any) -> bytes:
+        """"Why does my phone fail?": the user's latest refused sign-ins,
+        read from the audit file when asked for, not on every visit."""
+        session, _ = await self._signed_in(request)
+        return self._render(request, "refused.html", session=session,
+                            refusals=await self._refusals(session.username, OWN_REFUSALS))
 
     @page("/app-passwords", "POST")
     async def create(self, request: Any) -> bytes:

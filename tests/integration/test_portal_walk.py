@@ -264,7 +264,8 @@ def test_refused_sign_ins_say_what_is_known_and_fit_a_phone(walk, slapd, unique,
         assert 0 <= box["left"] and box["right"] <= width, (box, width)
 
     b.open("/")
-    b.screenshot("security-info-refusals")
+    b.click(b.find("a[href='/refused-sign-ins']"))
+    b.screenshot("refused-sign-ins")
     own = b.text("table.refusals")
     assert "“office scanner”" in own and "app password not allowed there" in own
 
@@ -354,7 +355,7 @@ def test_users_see_their_sessions_and_times_in_their_own_zone(walk, slapd, uniqu
     in UTC only (it stays in each time's tooltip)."""
     user = unique("walk")
     slapd.add_user(user, PRIMARY)
-    first = browser(walk, INDIA)
+    first = browser(walk, INDIA, shots=True)
     totp = enrol(first, user)
     second = browser(walk)
     sign_in(second, user, code=totp.at(time.time() + 30))
@@ -366,3 +367,4 @@ def test_users_see_their_sessions_and_times_in_their_own_zone(walk, slapd, uniqu
     times = first.all("main time")
     assert times and all(t.text.endswith("(UTC+05:30)") and t.get_attribute("title").endswith(" UTC")
                          for t in times)
+    first.screenshot("security-info-sessions")
