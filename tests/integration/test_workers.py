@@ -281,6 +281,11 @@ def test_a_worker_killed_under_load_is_started_again_and_only_its_connections_fa
     whole = supervisor_metrics(proxy)
     assert value(whole, "legacy_auth_proxy_worker_restarts_total") == 1
     assert value(whole, "legacy_auth_proxy_workers") == 2
+    # Two processes appended to one audit file, one of them killed: whole lines.
+    import json
+
+    for line in (proxy.folder / "audit.log").read_text().splitlines():
+        json.loads(line)
 
 
 def test_sighup_reloads_every_worker(proxy):
@@ -475,3 +480,58 @@ def test_the_unit_lets_the_supervisor_handle_stop_and_notify():
              ).read_text().splitlines()
     for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed"):
         assert line in lines, line
+
+
+def test_workers_on_postgresql_share_a_lockout_and_a_revocation(slapd, dovecot, postgres,
+                                                                tmp_path, unique):
+    """The same through a PostgreSQL store, whose NOTIFY carries the feed."""
+    database = postgres.create_database("workers")
+    password_file = postgres.password_file(tmp_path)
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(mail_backend(tmp_path, dovecot, "imap"), tls="none",
+                     allow_plaintext_auth=True, max_connections_per_source=200)},
+        workers=2, store=f"  url: {database}\n  password_file: {password_file}\n  timeout: 3s",
+        throttle="  source_delay: 0.01\n  source_delay_max: 0.01\n  account_failures: 4\n"
+                 "  lockout: 10m")
+    daemon.start()
+    try:
+        uid = unique("w")
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        sessions = []
+        for _ in range(40):
+            client = imap(daemon)
+            client.login(uid, secret)
+            sessions.append(client)
+            held = [value(t, "legacy_auth_proxy_sessions") for t in worker_metrics(daemon).values()]
+            if len(sessions) >= 2 and len(held) == 2 and all(held):
+                break
+        else:
+            raise AssertionError("the sessions did not reach both workers")
+        assert daemon.cli("app-password", "delete", uid, "phone").returncode == 0
+
+        def ended(client) -> bool:
+            try:
+                client.noop()
+            except (imaplib.IMAP4.abort, OSError):
+                return True
+            return False
+
+        assert wait_until(lambda: all(ended(c) for c in sessions), 30)
+        other = unique("w")
+        slapd.add_user(other, PRIMARY)
+        secret = daemon.create_app_password(other, "phone")
+        for n in range(4):
+            assert not imap_login(daemon, other, f"wrong-secret-{n}")
+        assert wait_until(lambda: not any(imap_login(daemon, other, secret) for _ in range(6)), 30)
+        refusals = [value(t, SIGN_INS, outcome="refused", reason="locked_out")
+                    for t in worker_metrics(daemon).values()]
+        for _ in range(40):
+            if all(refusals):
+                break
+            assert not imap_login(daemon, other, secret)
+            refusals = [value(t, SIGN_INS, outcome="refused", reason="locked_out")
+                        for t in worker_metrics(daemon).values()]
+        assert all(refusals), refusals  # locked on both workers
+    finally:
+        assert daemon.stop() == 0
