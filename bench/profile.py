@@ -151,7 +151,7 @@ def main() -> None:
                         help="also count the daemon's system calls an operation (strace -c)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lap-profile-"))
-    bench = Bench(folder, args.seconds, 1)
+    bench = Bench(folder, args.seconds, 1, users=8)  # 8 clients, one user each
     report: dict[str, Any] = {"kind": args.kind}
     try:
         bench.start()

@@ -81,8 +81,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Bench:
-    def __init__(self, folder: Path, seconds: float, repeat: int) -> None:
+    def __init__(self, folder: Path, seconds: float, repeat: int, users: int = 64) -> None:
         self.folder = folder
+        self.user_count = users
         self.seconds = seconds
         self.repeat = repeat
         self.results: dict[str, Any] = {}
@@ -96,7 +97,7 @@ class Bench:
         self.slapd.start()
         self.dovecot = Dovecot(self.folder / "dovecot")
         self.dovecot.start()
-        self.users = [f"bench{i:03d}" for i in range(64)]
+        self.users = [f"bench{i:03d}" for i in range(self.user_count)]
         for uid in self.users:
             self.slapd.add_user(uid, PASSWORD)
             self.dovecot.add_user(uid, PASSWORD)
