@@ -143,7 +143,7 @@ MIGRATIONS: tuple[str, ...] = (
         last_used_at double precision
     );
     """,
-    # 5: the outbox of events for webhooks (see proxy/store/sqlite.py).
+    # 5: the outbox of events for webhooks and its lanes (see proxy/store/sqlite.py).
     """
     CREATE TABLE outbox (
         seq           bigserial PRIMARY KEY,
@@ -153,14 +153,21 @@ MIGRATIONS: tuple[str, ...] = (
         body          text NOT NULL,
         created_at    double precision NOT NULL,
         attempts      integer NOT NULL DEFAULT 0,
-        next_at       double precision NOT NULL,
-        claimed_by    text,
-        claimed_until double precision,
         last_error    text,
         delivered_at  double precision
     );
     CREATE INDEX outbox_waiting ON outbox (webhook, lane, seq) WHERE delivered_at IS NULL;
     CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE delivered_at IS NOT NULL;
+    CREATE TABLE outbox_lanes (
+        webhook       text NOT NULL,
+        lane          text NOT NULL,
+        head          bigint NOT NULL,
+        next_at       double precision NOT NULL,
+        claimed_by    text,
+        claimed_until double precision,
+        PRIMARY KEY (webhook, lane)
+    );
+    CREATE INDEX outbox_lanes_due ON outbox_lanes (webhook, next_at);
     """,
 )
 
@@ -381,10 +388,13 @@ class _Tokens:
 
 class _Outbox:
     """Events waiting for webhooks, shared by the fleet: part of
-    :class:`PostgresStore`. Each event is claimed by one node at a time
-    (``FOR UPDATE SKIP LOCKED``, then a lease while it is posted), so each
-    is delivered by one node; a node that dies mid-delivery leaves a lease
-    that runs out, and another node delivers the event again."""
+    :class:`PostgresStore`. A lane (a webhook's events of one user) is
+    claimed by one node at a time (``FOR UPDATE SKIP LOCKED``, then a lease
+    while its first event is posted), so each event is delivered by one
+    node; a node that dies mid-delivery leaves a lease that runs out, and
+    another node delivers the event again. Inserts, and what moves or ends
+    a lane, take one advisory lock: a lane is never ended while an event
+    for it is being added."""
 
     def add_events(self, rows: list[tuple[str, str, str, str]], now: float) -> None:
         if not rows:
@@ -393,58 +403,85 @@ class _Outbox:
             # Numbered in commit order, as the change feed is: a lane's next
             # event is never visible before the one it follows.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
+            before = conn.execute("SELECT coalesce(max(seq), 0) AS seq FROM outbox"
+                                  ).fetchone()["seq"]
             with conn.cursor() as cursor:
                 cursor.executemany(
-                    "INSERT INTO outbox (webhook, lane, event, body, created_at, next_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s)", [(*row, now, now) for row in rows])
+                    "INSERT INTO outbox (webhook, lane, event, body, created_at)"
+                    " VALUES (%s, %s, %s, %s, %s)", [(*row, now) for row in rows])
+            conn.execute(
+                "INSERT INTO outbox_lanes (webhook, lane, head, next_at)"
+                " SELECT webhook, lane, min(seq), %s FROM outbox WHERE seq > %s"
+                " GROUP BY webhook, lane ON CONFLICT (webhook, lane) DO NOTHING", (now, before))
 
     def claim_events(self, webhooks: tuple[str, ...], node: str, now: float, lease: float,
                      limit: int) -> list[OutboxEvent]:
         if not webhooks:
             return []
         with self._write() as conn:
-            # A lane's first undelivered event only; rows another node is
-            # claiming this instant are skipped, not waited for, and their
-            # lane stays blocked for us (the row is still undelivered).
-            rows = conn.execute(
-                f"UPDATE outbox SET claimed_by = %s, claimed_until = %s WHERE seq IN ("
-                f" SELECT o.seq FROM outbox o WHERE o.delivered_at IS NULL"
-                f" AND o.webhook = ANY(%s) AND o.next_at <= %s"
-                f" AND (o.claimed_until IS NULL OR o.claimed_until <= %s)"
-                f" AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.webhook = o.webhook"
-                f"  AND p.lane = o.lane AND p.delivered_at IS NULL AND p.seq < o.seq)"
-                f" ORDER BY o.seq LIMIT %s FOR UPDATE SKIP LOCKED)"
-                f" AND delivered_at IS NULL AND (claimed_until IS NULL OR claimed_until <= %s)"
-                f" RETURNING {OUTBOX_COLUMNS}",
+            # Lanes another node is claiming this instant are skipped, not waited for.
+            heads = conn.execute(
+                "UPDATE outbox_lanes SET claimed_by = %s, claimed_until = %s"
+                " WHERE (webhook, lane) IN (SELECT webhook, lane FROM outbox_lanes"
+                "  WHERE webhook = ANY(%s) AND next_at <= %s"
+                "  AND (claimed_until IS NULL OR claimed_until <= %s)"
+                "  ORDER BY head LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " AND (claimed_until IS NULL OR claimed_until <= %s) RETURNING head",
                 (node, now + lease, list(webhooks), now, now, limit, now)).fetchall()
+            if not heads:
+                return []
+            rows = conn.execute(f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq = ANY(%s)",
+                                ([h["head"] for h in heads],)).fetchall()
         return sorted((outbox_event_from(r) for r in rows), key=lambda e: e.seq)
 
     def settle_events(self, delivered: list[int], failed: list[tuple[int, float, str]],
                       now: float) -> None:
         if not delivered and not failed:
             return
-        with self._write() as conn, conn.cursor() as cursor:
-            if delivered:
-                cursor.executemany(
+        with self._write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
+            for seq in delivered:
+                row = conn.execute(
                     "UPDATE outbox SET delivered_at = %s, attempts = attempts + 1,"
-                    " claimed_by = NULL, claimed_until = NULL, last_error = NULL WHERE seq = %s",
-                    [(now, seq) for seq in delivered])
-            if failed:
-                cursor.executemany(
-                    "UPDATE outbox SET attempts = attempts + 1, next_at = %s, last_error = %s,"
-                    " claimed_by = NULL, claimed_until = NULL"
-                    " WHERE seq = %s AND delivered_at IS NULL",
-                    [(retry_at, why, seq) for seq, retry_at, why in failed])
+                    " last_error = NULL WHERE seq = %s AND delivered_at IS NULL"
+                    " RETURNING webhook, lane", (now, seq)).fetchone()
+                if row is None:
+                    continue  # marked already (delivered twice after a lease ran out)
+                after = conn.execute(
+                    "SELECT min(seq) AS seq FROM outbox WHERE webhook = %s AND lane = %s"
+                    " AND delivered_at IS NULL AND seq > %s",
+                    (row["webhook"], row["lane"], seq)).fetchone()["seq"]
+                if after is None:
+                    conn.execute("DELETE FROM outbox_lanes WHERE webhook = %s AND lane = %s"
+                                 " AND head = %s", (row["webhook"], row["lane"], seq))
+                else:
+                    conn.execute(
+                        "UPDATE outbox_lanes SET head = %s, next_at = %s, claimed_by = NULL,"
+                        " claimed_until = NULL WHERE webhook = %s AND lane = %s AND head = %s",
+                        (after, now, row["webhook"], row["lane"], seq))
+            for seq, retry_at, why in failed:
+                row = conn.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = %s"
+                    " WHERE seq = %s AND delivered_at IS NULL RETURNING webhook, lane",
+                    (why, seq)).fetchone()
+                if row is not None:
+                    conn.execute(
+                        "UPDATE outbox_lanes SET next_at = %s, claimed_by = NULL,"
+                        " claimed_until = NULL WHERE webhook = %s AND lane = %s AND head = %s",
+                        (retry_at, row["webhook"], row["lane"], seq))
 
     def forget_claims(self) -> None:
         pass  # other nodes' claims are theirs until their lease ends
 
     def outbox_stats(self) -> dict[str, OutboxStats]:
         with self._connection() as conn:
-            rows = conn.execute(
-                "SELECT webhook, count(*) AS n, min(created_at) AS oldest FROM outbox"
-                " WHERE delivered_at IS NULL GROUP BY webhook").fetchall()
-        return {r["webhook"]: OutboxStats(r["n"], r["oldest"]) for r in rows}
+            counts = conn.execute(
+                "SELECT webhook, count(*) AS n FROM outbox WHERE delivered_at IS NULL"
+                " GROUP BY webhook").fetchall()
+            oldest = {r["webhook"]: r["oldest"] for r in conn.execute(
+                "SELECT l.webhook, min(o.created_at) AS oldest FROM outbox_lanes l"
+                " JOIN outbox o ON o.seq = l.head GROUP BY l.webhook").fetchall()}
+        return {r["webhook"]: OutboxStats(r["n"], oldest.get(r["webhook"])) for r in counts}
 
     def prune_events(self, delivered_before: float, give_up: dict[str, float],
                      default_give_up: float) -> tuple[int, int]:
@@ -452,6 +489,7 @@ class _Outbox:
             delivered = conn.execute(
                 "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < %s",
                 (delivered_before,)).rowcount
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
             dropped = 0
             for webhook, before in give_up.items():
                 dropped += conn.execute(
@@ -460,6 +498,18 @@ class _Outbox:
             dropped += conn.execute(
                 "DELETE FROM outbox WHERE delivered_at IS NULL AND created_at < %s"
                 " AND NOT (webhook = ANY(%s))", (default_give_up, list(give_up))).rowcount
+            if dropped:  # lanes whose head went: gone, or on to their next event
+                conn.execute(
+                    "DELETE FROM outbox_lanes l WHERE NOT EXISTS (SELECT 1 FROM outbox o"
+                    " WHERE o.webhook = l.webhook AND o.lane = l.lane"
+                    " AND o.delivered_at IS NULL)")
+                conn.execute(
+                    "UPDATE outbox_lanes l SET head = (SELECT min(o.seq) FROM outbox o"
+                    " WHERE o.webhook = l.webhook AND o.lane = l.lane"
+                    " AND o.delivered_at IS NULL), next_at = 0, claimed_by = NULL,"
+                    " claimed_until = NULL"
+                    " WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = l.head"
+                    " AND o.delivered_at IS NULL)")
         return delivered, dropped
 
 

@@ -129,7 +129,9 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
     # 5: the outbox of events for webhooks: one row per event and webhook,
-    # delivered in order per lane (a user), kept a while after delivery.
+    # kept a while after delivery; and one row per lane (a webhook's events
+    # of one user) with waiting events: its first undelivered event, when it
+    # is due, who holds it. A claim reads lanes, never the whole backlog.
     """
     CREATE TABLE outbox (
         seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -139,14 +141,22 @@ MIGRATIONS: tuple[str, ...] = (
         body          TEXT NOT NULL,
         created_at    REAL NOT NULL,
         attempts      INTEGER NOT NULL DEFAULT 0,
-        next_at       REAL NOT NULL,
-        claimed_by    TEXT,
-        claimed_until REAL,
         last_error    TEXT,
         delivered_at  REAL
     );
     CREATE INDEX outbox_waiting ON outbox (webhook, lane, seq) WHERE delivered_at IS NULL;
     CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE delivered_at IS NOT NULL;
+
+    CREATE TABLE outbox_lanes (
+        webhook       TEXT NOT NULL,
+        lane          TEXT NOT NULL,
+        head          INTEGER NOT NULL,
+        next_at       REAL NOT NULL,
+        claimed_by    TEXT,
+        claimed_until REAL,
+        PRIMARY KEY (webhook, lane)
+    ) WITHOUT ROWID;
+    CREATE INDEX outbox_lanes_due ON outbox_lanes (webhook, next_at);
     """,
 )
 
@@ -301,15 +311,24 @@ class _Tokens:
 
 class _Outbox:
     """Events waiting for webhooks, and where each stands: part of
-    :class:`SQLiteStore`. One daemon delivers from a SQLite store."""
+    :class:`SQLiteStore`. One daemon delivers from a SQLite store. Each
+    lane (a webhook's events of one user) has a row naming its first
+    undelivered event: claims read those, so a claim costs the same with a
+    backlog of a million events as with none."""
 
     def add_events(self, rows: list[tuple[str, str, str, str]], now: float) -> None:
         if not rows:
             return
         with self._write():
+            before = self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
             self._db.executemany(
-                "INSERT INTO outbox (webhook, lane, event, body, created_at, next_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", [(*row, now, now) for row in rows])
+                "INSERT INTO outbox (webhook, lane, event, body, created_at)"
+                " VALUES (?, ?, ?, ?, ?)", [(*row, now) for row in rows])
+            # A lane with no waiting event starts at its first new one.
+            self._db.execute(
+                "INSERT INTO outbox_lanes (webhook, lane, head, next_at)"
+                " SELECT webhook, lane, min(seq), ? FROM outbox WHERE seq > ?"
+                " GROUP BY webhook, lane ON CONFLICT (webhook, lane) DO NOTHING", (now, before))
 
     def claim_events(self, webhooks: tuple[str, ...], node: str, now: float, lease: float,
                      limit: int) -> list[OutboxEvent]:
@@ -317,17 +336,17 @@ class _Outbox:
             return []
         marks = ", ".join("?" * len(webhooks))
         with self._write():
-            # Only the first undelivered event of each lane: the next waits
-            # for its 2xx, so a lane's events arrive in order.
+            heads = self._db.execute(
+                f"UPDATE outbox_lanes SET claimed_by = ?, claimed_until = ?"
+                f" WHERE (webhook, lane) IN (SELECT webhook, lane FROM outbox_lanes"
+                f"  WHERE webhook IN ({marks}) AND next_at <= ?"
+                f"  AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY head LIMIT ?)"
+                f" RETURNING head", (node, now + lease, *webhooks, now, now, limit)).fetchall()
+            if not heads:
+                return []
             rows = self._db.execute(
-                f"UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE seq IN ("
-                f" SELECT o.seq FROM outbox o WHERE o.delivered_at IS NULL"
-                f" AND o.webhook IN ({marks}) AND o.next_at <= ?"
-                f" AND (o.claimed_until IS NULL OR o.claimed_until <= ?)"
-                f" AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.webhook = o.webhook"
-                f"  AND p.lane = o.lane AND p.delivered_at IS NULL AND p.seq < o.seq)"
-                f" ORDER BY o.seq LIMIT ?) RETURNING {OUTBOX_COLUMNS}",
-                (node, now + lease, *webhooks, now, now, limit)).fetchall()
+                f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq IN"
+                f" ({', '.join('?' * len(heads))})", [h[0] for h in heads]).fetchall()
         return sorted((outbox_event_from(r) for r in rows), key=lambda e: e.seq)
 
     def settle_events(self, delivered: list[int], failed: list[tuple[int, float, str]],
@@ -335,25 +354,49 @@ class _Outbox:
         if not delivered and not failed:
             return
         with self._write():
-            self._db.executemany(
-                "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, claimed_by = NULL,"
-                " claimed_until = NULL, last_error = NULL WHERE seq = ?",
-                [(now, seq) for seq in delivered])
-            self._db.executemany(
-                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
-                " claimed_by = NULL, claimed_until = NULL WHERE seq = ? AND delivered_at IS NULL",
-                [(retry_at, why, seq) for seq, retry_at, why in failed])
+            for seq in delivered:
+                row = self._db.execute(
+                    "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1,"
+                    " last_error = NULL WHERE seq = ? AND delivered_at IS NULL"
+                    " RETURNING webhook, lane", (now, seq)).fetchone()
+                if row is None:
+                    continue  # marked already (delivered twice after a lease ran out)
+                after = self._db.execute(
+                    "SELECT min(seq) FROM outbox WHERE webhook = ? AND lane = ?"
+                    " AND delivered_at IS NULL AND seq > ?", (row[0], row[1], seq)).fetchone()[0]
+                if after is None:
+                    self._db.execute("DELETE FROM outbox_lanes WHERE webhook = ? AND lane = ?"
+                                     " AND head = ?", (row[0], row[1], seq))
+                else:
+                    self._db.execute(
+                        "UPDATE outbox_lanes SET head = ?, next_at = ?, claimed_by = NULL,"
+                        " claimed_until = NULL WHERE webhook = ? AND lane = ? AND head = ?",
+                        (after, now, row[0], row[1], seq))
+            for seq, retry_at, why in failed:
+                row = self._db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ?"
+                    " WHERE seq = ? AND delivered_at IS NULL RETURNING webhook, lane",
+                    (why, seq)).fetchone()
+                if row is not None:
+                    self._db.execute(
+                        "UPDATE outbox_lanes SET next_at = ?, claimed_by = NULL,"
+                        " claimed_until = NULL WHERE webhook = ? AND lane = ? AND head = ?",
+                        (retry_at, row[0], row[1], seq))
 
     def forget_claims(self) -> None:
         with self._write():
-            self._db.execute("UPDATE outbox SET claimed_by = NULL, claimed_until = NULL"
-                             " WHERE claimed_until IS NOT NULL AND delivered_at IS NULL")
+            self._db.execute("UPDATE outbox_lanes SET claimed_by = NULL, claimed_until = NULL"
+                             " WHERE claimed_until IS NOT NULL")
 
     def outbox_stats(self) -> dict[str, OutboxStats]:
-        rows = self._db.execute(
-            "SELECT webhook, count(*) AS n, min(created_at) AS oldest FROM outbox"
-            " WHERE delivered_at IS NULL GROUP BY webhook")
-        return {r["webhook"]: OutboxStats(r["n"], r["oldest"]) for r in rows}
+        counts = self._db.execute(
+            "SELECT webhook, count(*) FROM outbox INDEXED BY outbox_waiting"
+            " WHERE delivered_at IS NULL GROUP BY webhook").fetchall()
+        # The oldest waiting event is the head of some lane.
+        oldest = dict(self._db.execute(
+            "SELECT l.webhook, min(o.created_at) FROM outbox_lanes l"
+            " JOIN outbox o ON o.seq = l.head GROUP BY l.webhook").fetchall())
+        return {w: OutboxStats(n, oldest.get(w)) for w, n in counts}
 
     def prune_events(self, delivered_before: float, give_up: dict[str, float],
                      default_give_up: float) -> tuple[int, int]:
@@ -370,6 +413,18 @@ class _Outbox:
             dropped += self._db.execute(
                 f"DELETE FROM outbox WHERE delivered_at IS NULL AND created_at < ?"
                 f" AND webhook NOT IN ({marks})", (default_give_up, *give_up)).rowcount
+            if dropped:  # lanes whose head went: gone, or on to their next event
+                self._db.execute(
+                    "DELETE FROM outbox_lanes WHERE NOT EXISTS (SELECT 1 FROM outbox o"
+                    " WHERE o.webhook = outbox_lanes.webhook AND o.lane = outbox_lanes.lane"
+                    " AND o.delivered_at IS NULL)")
+                self._db.execute(
+                    "UPDATE outbox_lanes SET head = (SELECT min(o.seq) FROM outbox o"
+                    " WHERE o.webhook = outbox_lanes.webhook AND o.lane = outbox_lanes.lane"
+                    " AND o.delivered_at IS NULL), next_at = 0, claimed_by = NULL,"
+                    " claimed_until = NULL"
+                    " WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.seq = outbox_lanes.head"
+                    " AND o.delivered_at IS NULL)")
         return delivered, dropped
 
 

@@ -48,7 +48,7 @@ def test_two_nodes_claiming_at_once_never_claim_the_same_event(postgres, unique)
 
         def drain(node: str, store: PostgresStore) -> None:
             while True:
-                events = store.claim_events(("siem",), node, 100.0, 30.0, 5)
+                events = store.claim_events(("siem",), node, 200.0, 30.0, 5)
                 if not events:
                     if not store.outbox_stats():
                         return
@@ -57,11 +57,11 @@ def test_two_nodes_claiming_at_once_never_claim_the_same_event(postgres, unique)
                 claimed[node] += [e.seq for e in events]
                 store.settle_events([e.seq for e in events], [], 101.0)
 
-        threads = [threading.Thread(target=drain, args=(n, s)) for n, s in zip("ab", stores)]
+        threads = [threading.Thread(target=drain, args=(n, s), daemon=True) for n, s in zip("ab", stores)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(120)
+            t.join(60)
         both = claimed["a"] + claimed["b"]
         assert sorted(both) == sorted(set(both)) and len(both) == 200
     finally:
@@ -155,6 +155,6 @@ def claimants(database: str, password: str) -> set[int]:
     import psycopg
 
     with psycopg.connect(database, password=password) as conn:
-        rows = conn.execute("SELECT claimed_by FROM outbox WHERE claimed_by IS NOT NULL"
-                            " AND delivered_at IS NULL").fetchall()
+        rows = conn.execute("SELECT claimed_by FROM outbox_lanes WHERE claimed_by IS NOT NULL"
+                            ).fetchall()
     return {int(r[0].split(":")[1]) for r in rows}

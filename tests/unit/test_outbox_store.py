@@ -101,3 +101,29 @@ def test_an_event_goes_to_the_webhooks_that_want_it_with_one_id():
     assert list(bodies[0]) == ["id", "time", "event", "user"]
     assert len(bodies[0]["id"]) == 32
     assert outbox.lane({"event": "daemon_started"}) == ""
+
+
+def test_a_lane_whose_first_event_was_given_up_goes_on_with_its_next(store):
+    store.add_events(rows(("siem", "alice", "a1")), now=100.0)
+    store.add_events(rows(("siem", "alice", "a2")), now=200.0)
+    [first] = store.claim_events(("siem",), "n1", 200.0, 30.0, 10)
+    store.settle_events([], [(first.seq, 500.0, "HTTP 503")], 201.0)
+    assert store.prune_events(150.0, {"siem": 150.0}, 150.0) == (0, 1)
+    [next] = store.claim_events(("siem",), "n1", 202.0, 30.0, 10)
+    assert (next.event, next.attempts) == ("a2", 0)
+    assert store.outbox_stats() == {"siem": OutboxStats(1, 200.0)}
+
+
+def test_an_event_marked_twice_moves_its_lane_once(store):
+    # A lease that ran out: two nodes posted the same event and both mark it.
+    store.add_events(rows(("siem", "alice", "a1"), ("siem", "alice", "a2"),
+                          ("siem", "alice", "a3")), now=100.0)
+    [a1] = store.claim_events(("siem",), "slow", 100.0, 30.0, 10)
+    [again] = store.claim_events(("siem",), "n2", 131.0, 30.0, 10)
+    assert again.seq == a1.seq
+    store.settle_events([a1.seq], [], 132.0)
+    [a2] = store.claim_events(("siem",), "n2", 132.0, 30.0, 10)
+    store.settle_events([a1.seq], [], 133.0)  # the slow node's late mark
+    assert store.claim_events(("siem",), "n3", 134.0, 30.0, 10) == []  # a2 still held
+    store.settle_events([a2.seq], [], 135.0)
+    assert [e.event for e in store.claim_events(("siem",), "n3", 135.0, 30.0, 10)] == ["a3"]
