@@ -810,6 +810,26 @@ service anvil {{
             "introspection_mode": "local",
             "local_validation_key_dict": f"fs:posix:prefix={self.oauth2_keys}/",
             "issuers": issuer,
+            **self._app_registration(client_id),
+        }
+
+    def oauth2_introspection_settings(self, *, url: str, client_id: str, own_client: str,
+                                      own_secret: str, ca_file: Path) -> dict[str, str]:
+        """The same, but each token asked about at the provider's
+        introspection endpoint (RFC 7662, POST), as Dovecot's own client
+        ``own_client``: a token the provider no longer vouches for is
+        refused at once, whatever its expiry says."""
+        parts = url.split("://", 1)
+        return {
+            "introspection_mode": "post",
+            "introspection_url": f"{parts[0]}://{own_client}:{own_secret}@{parts[1]}",
+            "tls_ca_cert_file": str(ca_file),
+            **self._app_registration(client_id),
+        }
+
+    @staticmethod
+    def _app_registration(client_id: str) -> dict[str, str]:
+        return {
             "username_attribute": "client_id",
             "username_format": "app-registration",
             "active_attribute": "client_id",

@@ -61,6 +61,7 @@ def idp(slapd):
     provider = Idp(slapd, Path(tempfile.mkdtemp(prefix="lap-oauth-")))
     provider.add_client(CLIENT_ID, SECRET, client_credentials=True, access_token_lifetime=LIFETIME)
     provider.add_client(MAIL_CLIENT, MAIL_SECRET, redirect_uris=[REDIRECT])
+    provider.add_client(DOVECOT_CLIENT, DOVECOT_SECRET, client_credentials=True)
     provider.start()
     yield provider
     provider.stop()
@@ -87,8 +88,27 @@ def oauth_dovecot(idp, tmp_path_factory):
     server.stop()
 
 
+DOVECOT_CLIENT = "dovecot"  # the backend's own registration, to ask about tokens
+DOVECOT_SECRET = "dovecot-introspection-secret"
+
+
 @pytest.fixture(scope="module")
-def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
+def introspecting_dovecot(idp, tmp_path_factory):
+    """Dovecot asking the provider's introspection endpoint about each token."""
+    from tests.dovecot import Dovecot
+
+    server = Dovecot(tmp_path_factory.mktemp("dovecot-introspect"), dovecot_bin=require_tool("dovecot"),
+                     doveadm_bin=require_tool("doveadm"), oauth2={})
+    server.oauth2 = server.oauth2_introspection_settings(
+        url=idp.discovery()["introspection_endpoint"], client_id=CLIENT_ID,
+        own_client=DOVECOT_CLIENT, own_secret=DOVECOT_SECRET, ca_file=idp.ca_file)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(slapd, idp, oauth_dovecot, introspecting_dovecot, tmp_path_factory):
     folder = tmp_path_factory.mktemp("proxy-oauth")
     secret = folder / "client-secret"
     secret.write_text(SECRET + "\n")
@@ -113,6 +133,8 @@ def proxy(slapd, idp, oauth_dovecot, tmp_path_factory):
         "pop3": dict(oauth, protocol="pop3", backend=f"pop3://127.0.0.1:{d.pop3_port}"),
         "submission": dict(oauth, protocol="smtp",
                            backend=f"smtp://127.0.0.1:{d.submission_port}"),
+        "imap-introspected": dict(oauth, protocol="imap",
+                                  backend=f"imap://127.0.0.1:{introspecting_dovecot.imap_port}"),
     })
     daemon.metrics_port = metrics_port
     daemon.start()
@@ -164,6 +186,21 @@ def test_a_device_reads_mail_with_its_app_password(proxy, oauth_dovecot, user):
     logged = oauth_dovecot.log_path.read_text()[since:]
     assert re.search(rf"Login: user=<{uid}>, method=XOAUTH2", logged)
     assert SECRET not in proxy.log() and secret not in proxy.log()
+
+
+def test_a_dovecot_asking_the_provider_about_each_token(proxy, introspecting_dovecot, user):
+    uid, _, secret = user
+    introspecting_dovecot.deliver(uid, message("introspected"))
+    since = introspecting_dovecot.log_path.stat().st_size
+    client = imap(proxy, "imap-introspected")
+    assert client.login(uid, secret)[0] == "OK"
+    assert client.select("INBOX")[0] == "OK"
+    assert client.fetch("1", "(BODY.PEEK[])")[1][0][1] == message("introspected")
+    client.logout()
+    logged = introspecting_dovecot.log_path.read_text()[since:]
+    assert re.search(rf"Login: user=<{uid}>, method=XOAUTH2", logged)
+    assert re.search(r"Got 200 response for request \[Req\d+: POST \S+/oauth2/introspect\]", logged)
+    assert DOVECOT_SECRET not in proxy.log()
 
 
 def test_oauthbearer_and_the_secret_in_the_form(proxy, oauth_dovecot, user):
