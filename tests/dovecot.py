@@ -33,6 +33,8 @@ signing keys (`set_validation_keys()` writes them to the dict Dovecot reads:
 `local_validation_key_dict`), the issuer checked, and the token's
 `client_id` required to be the proxy's app registration, for any mailbox (as
 Exchange Online's IMAP.AccessAsApp: the app is trusted for every user).
+`oauth2_introspection_settings()` has Dovecot ask the provider's
+introspection endpoint about each token instead.
 
 Plain-text logins are allowed without TLS: the proxy talks to its backend on
 loopback. 127.0.0.0/8 is a trusted network, so a proxy there can pass the
