@@ -482,13 +482,19 @@ class Authenticator:
             log.info("{address}: an access token for {user} refused: {why}",
                      address=attempt.client_address, user=typed, why=e.reason)
             return Decision(Reason.INVALID_TOKEN, typed)
+        names = self.bearer.names(claims)
+        if not typed:
+            # OAUTHBEARER without a=: the user is the one the token names.
+            if not names or rules.malformed_name(names[0]):
+                return Decision(Reason.MALFORMED, "")
+            typed = apppasswords.canonical_username(names[0])
         try:
-            account = await self.accounts.account(attempt.username.strip())
+            account = await self.accounts.account(attempt.username.strip() or typed)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
         if account is None:
             return Decision(Reason.UNKNOWN_USER, typed)
-        named = {apppasswords.canonical_username(n) for n in self.bearer.names(claims)}
+        named = {apppasswords.canonical_username(n) for n in names}
         own = {typed, account.username} | ({apppasswords.canonical_username(account.mail)}
                                            if account.mail else set())
         if not named & own:

@@ -44,7 +44,9 @@ def screen(attempt: Attempt, policy: PolicyConfig) -> Decision | None:
     if not attempt.tls and not attempt.plaintext_allowed:
         # Before anything else: nothing sent in the clear is looked at.
         return Decision(Reason.PLAINTEXT, "")
-    if (malformed_name(attempt.username) or not attempt.secret.strip()
+    # OAUTHBEARER may leave the user out (RFC 7628: the token names it).
+    unnamed = attempt.bearer and attempt.username == ""
+    if ((malformed_name(attempt.username) and not unnamed) or not attempt.secret.strip()
             or len(attempt.secret) > (MAX_TOKEN if attempt.bearer else MAX_SECRET)):
         return Decision(Reason.MALFORMED,
                         printable(apppasswords.canonical_username(attempt.username)))

@@ -20,6 +20,7 @@ KEY = RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True)
 
 def token(sub="alice", **claims):
     body = {"iss": ISSUER, "aud": "mail", "sub": sub, "exp": 10_000 + 100_000, **claims}
+    body = {k: v for k, v in body.items() if v is not None}
     return jwt.encode({"alg": "RS256", "kid": "k1"}, body, KEY)
 
 
@@ -133,3 +134,11 @@ def test_without_the_oauth_section_no_listener_takes_tokens(core):
     core.auth.bearer = None
     assert not core.auth.takes_bearer_tokens("cloud")
     assert decide(core, "alice", token()).reason is Reason.INVALID_TOKEN
+
+
+def test_oauthbearer_without_a_user_is_the_user_the_token_names(core):
+    decision = decide(core, "", token())
+    assert decision.reason is Reason.BEARER_TOKEN and decision.username == "alice"
+    assert decide(core, "", token(sub=None)).reason is Reason.MALFORMED
+    # Only tokens may leave the name out.
+    assert decide(core, "", "Primary-Passw0rd", bearer=False).reason is Reason.MALFORMED
