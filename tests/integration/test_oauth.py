@@ -446,6 +446,12 @@ def test_a_client_signs_in_with_the_users_access_token(proxy, idp, oauth_dovecot
     client.logout()
     assert next_reason(proxy, uid, 0) == "bearer_token"
     assert token not in proxy.log() and token not in (proxy.folder / "audit.log").read_text()
+    # OAUTHBEARER may leave the user out: the token names it.
+    client = imap(proxy)
+    assert client.authenticate("OAUTHBEARER",
+                               lambda _: f"n,,\x01auth=Bearer {token}\x01\x01".encode())[0] == "OK"
+    client.logout()
+    assert next_reason(proxy, uid, 1) == "bearer_token"
 
 
 def test_oauthbearer_on_submission_and_pop3(proxy, idp, oauth_dovecot, user):
