@@ -595,11 +595,14 @@ def control_reading(protocol: Any) -> None:
     protocol.transport.registerProducer(protocol.reading, True)
 
 
-def stop_controlling_reading(protocol: Any) -> None:
+def stop_controlling_reading(protocol: Any, resume: bool = True) -> None:
+    """``resume`` False: the socket stays unread (the kernel's relay takes
+    it next: resuming would register it with epoll only to remove it)."""
     if protocol.reading is not None:
         protocol.transport.unregisterProducer()
         protocol.reading = None
-        protocol.transport.resumeProducing()
+        if resume:
+            protocol.transport.resumeProducing()
 
 
 def backend_failure(e: BaseException) -> dict[str, str]:
@@ -855,11 +858,12 @@ class RelayingServer(ListenerConnection, Protocol):
         backend.attach(self)
         answer = self.logged_in(event, backend)
         backend.capabilities = b""  # said; not kept for the session's life
-        stop_controlling_reading(self)
+        in_kernel = (self.guard is None and self.listener.kernel_relay
+                     and splice.plain_tcp(self.transport) and splice.plain_tcp(backend.transport))
+        stop_controlling_reading(self, resume=not in_kernel)
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.config.idle_timeout)
-        if (self.guard is None and self.listener.kernel_relay
-                and splice.plain_tcp(self.transport) and splice.plain_tcp(backend.transport)):
+        if in_kernel:
             self._move("splice")
             self.kernel = splice.KernelRelay(
                 self.listener.reactor, self.transport, backend.transport, self)
