@@ -65,6 +65,9 @@ def proxy(dc, tmp_path_factory):
         "  kind: active_directory",
         f"  search_bind_dn: {json.dumps(SEARCH_DN)}",
         f"  search_bind_password_file: {secret}",
+        # For a DC that does not answer, not a timing: it serves one request
+        # at a time, slowly on a loaded machine.
+        "  timeout: 15s",
     ]))
     daemon.start()
     yield daemon
