@@ -43,6 +43,14 @@ NOT_HERE = ("Your account cannot use this page. If you think it should, ask the 
 CODE_WRONG = "That code is not right. Enter the 6 digits your app shows now."
 
 
+def span(seconds: float) -> str:
+    """``portal.fresh_check`` in words: "5 minutes", "1 minute", "30 seconds"."""
+    if seconds < 60 or seconds % 60:
+        return f"{seconds:g} seconds"
+    minutes = int(seconds // 60)
+    return "1 minute" if minutes == 1 else f"{minutes} minutes"
+
+
 def oidc_client(context: Context) -> OidcClient | None:
     """The provider's client, when ``portal.oidc`` is set: its secret and
     CA read now, at start."""
@@ -360,7 +368,7 @@ class SignIn(Pages):
         if self._oidc is not None and session.method == "oidc":
             return self._render(request, "confirm_it_is_you.html", session=session, back=back,
                                 provider=self._oidc.config.provider_name,
-                                minutes=max(1, round(self.config.portal.fresh_check / 60)))
+                                span=span(self.config.portal.fresh_check))
         return self._confirm_form(request, session, back)
 
     @page("/confirm-it-is-you/oidc", "GET")
@@ -384,7 +392,7 @@ class SignIn(Pages):
                       error: str | None = None) -> bytes:
         return self._render(request, "confirm_it_is_you.html", status, session=session,
                             back=back, error=error, provider=None,
-                            minutes=max(1, round(self.config.portal.fresh_check / 60)))
+                            span=span(self.config.portal.fresh_check))
 
     @page("/confirm-it-is-you", "POST")
     async def confirm(self, request: Any) -> bytes:

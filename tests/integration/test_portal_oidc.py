@@ -13,7 +13,7 @@ import pytest
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.browser import Browser
+from tests.browser import Browser, screenshots_folder
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, imap, imap_login, portal_daemon
 
@@ -62,7 +62,8 @@ def browser(proxy, tmp_path):
     opened = []
 
     def make() -> Browser:
-        b = Browser(f"https://127.0.0.1:{proxy.ports['portal']}", tmp_path / f"profile{len(opened)}")
+        b = Browser(f"https://127.0.0.1:{proxy.ports['portal']}", tmp_path / f"profile{len(opened)}",
+                    screenshots_folder())
         opened.append(b)
         return b
 
@@ -115,6 +116,7 @@ def test_sign_in_at_the_provider_the_fresh_check_and_an_app_password_over_imap(
 
     b.open("/")
     assert b.path == "/sign-in"
+    b.screenshot("sign-in-oidc")
     b.press("Sign in with Example Login")
     # The provider's session is still open: no password asked, straight back.
     back_at_portal(b)
@@ -125,6 +127,7 @@ def test_sign_in_at_the_provider_the_fresh_check_and_an_app_password_over_imap(
     # to sign in there again (prompt=login), whatever the page session's age.
     assert b.path == "/confirm-it-is-you", b.text()
     assert json.loads(proxy.cli("app-password", "list", uid, "--json").stdout) == []
+    b.screenshot("confirm-it-is-you-oidc")
     b.press("Sign in again with Example Login")
     # Its single sign-on session is open, yet it asks for the password
     # again (prompt=login); the ID token's auth_time is then checked.
@@ -196,7 +199,8 @@ def test_a_stale_session_is_asked_for_a_new_code_before_minting_or_a_help_desk_a
     slapd.add_user(target, PRIMARY)
     proxy.create_app_password(target, "printer")
     base = f"https://127.0.0.1:{proxy.ports['portal']}"
-    user, desk = Browser(base, tmp_path / "user"), Browser(base, tmp_path / "desk")
+    user = Browser(base, tmp_path / "user", screenshots_folder())
+    desk = Browser(base, tmp_path / "desk")
     try:
         user_totp, desk_totp = enrol(user, uid), enrol(desk, helper)
         desk.open(f"/helpdesk/users/{target}")
@@ -206,6 +210,7 @@ def test_a_stale_session_is_asked_for_a_new_code_before_minting_or_a_help_desk_a
         user.press("Create")
         assert user.path == "/confirm-it-is-you", user.text()
         assert json.loads(proxy.cli("app-password", "list", uid, "--json").stdout) == []
+        user.screenshot("confirm-it-is-you")
         user.fill("code", "000000")
         user.press("Confirm")
         assert "That code is not right" in user.text("#error")
