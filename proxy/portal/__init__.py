@@ -9,5 +9,6 @@ docs/portal.md. :mod:`proxy.portal.app` puts the pages together:
 page shares) and :mod:`~proxy.portal.site` (HTTP); app passwords are made in
 :mod:`~proxy.portal.making`, :mod:`~proxy.portal.websessions` holds the page
 sessions, :mod:`~proxy.portal.notify` the mail users get when an app password
-is made for them.
+is made for them or an authenticator set up, :mod:`~proxy.portal.words` what
+the pages say.
 """

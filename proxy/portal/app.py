@@ -1,7 +1,8 @@
 """The portal: sign-in with a second factor, security info, help desk.
 
 Every page is rendered on the server from Jinja2 templates (autoescaped)
-with one CSS file and one small script (the copy button); forms work without
+with one CSS file and one small script (the copy button, times in the
+browser's zone, the zone of an expiry date); forms work without
 the script. Every answer carries a strict Content-Security-Policy, no
 framing, ``Cache-Control: no-store`` and HSTS (:mod:`proxy.portal.site`).
 Every POST carries the session's CSRF token (the sign-in form a cookie's,
