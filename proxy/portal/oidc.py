@@ -34,8 +34,8 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_r
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import (
-    BadSignatureError, ExpiredTokenError, InvalidClaimError, InvalidTokenError, JoseError,
-    MissingClaimError)
+    BadSignatureError, ExpiredTokenError, InvalidClaimError, InvalidKeyIdError, InvalidTokenError,
+    JoseError, MissingClaimError, MissingKeyError)
 from joserfc.jwk import KeySet
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -162,6 +162,8 @@ def check_id_token(id_token: str, keys: KeySet, *, issuer: str, client_id: str, 
     ``max_age``, ``auth_time`` no older than that. Raises :class:`Refused`."""
     try:
         token = jwt.decode(id_token, keys, algorithms=ALGORITHMS)
+    except (InvalidKeyIdError, MissingKeyError):
+        raise Refused("unknown_key") from None  # a key the provider has rolled in since
     except (BadSignatureError, ValueError, JoseError) as e:
         raise Refused("bad_signature" if isinstance(e, BadSignatureError) else "malformed") from None
     claims = token.claims
@@ -369,7 +371,7 @@ class OidcClient:
         try:
             claims = check_id_token(id_token, provider.keys, **check)
         except Refused as e:
-            if e.reason != "bad_signature":
+            if e.reason not in ("bad_signature", "unknown_key"):
                 raise
             # Signed with a key we have not seen: the provider may have
             # rolled its keys since we fetched them. Once.
