@@ -217,14 +217,18 @@ class Daemon:
         except TLSFilesError as e:
             raise StartupError(f"portal: {e}") from None
         hasher = apppasswords.Hasher(hash_parameters(self.config))
-        # Built on the files pool: it reads its templates and static files.
-        self.portal = await self.pools.files.submit(functools.partial(
-            Portal, reactor=self._reactor, config=lambda: self.config,
-            authenticator=self.core.authenticator,
-            admin=self.admin, store_pool=self.pools.store, files_pool=self.pools.files,
-            keybox=keybox, record=self.record,
-            hash_secret=lambda secret: self.pools.hashing.submit(hasher.hash, secret),
-        ))
+        # Built on the files pool: it reads its templates and static files
+        # (and portal.oidc's secret and CA, which may be missing).
+        try:
+            self.portal = await self.pools.files.submit(functools.partial(
+                Portal, reactor=self._reactor, config=lambda: self.config,
+                authenticator=self.core.authenticator,
+                admin=self.admin, store_pool=self.pools.store, files_pool=self.pools.files,
+                keybox=keybox, record=self.record,
+                hash_secret=lambda secret: self.pools.hashing.submit(hasher.hash, secret),
+            ))
+        except configuration.ConfigError as e:
+            raise StartupError(str(e)) from None
         sessions = self.portal.sessions
 
         def revoked(username: str, app_password_id: str | None, kind: str) -> None:
