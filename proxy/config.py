@@ -933,9 +933,17 @@ class PortalConfig:
         "creating an app password and every help-desk action need a sign-in (a new code, or "
         "a new sign-in at the provider) no older than this, whatever the page session's age",
     )
+    passkeys_origin: str | None = _field(
+        None, Optional(HttpUrl()),
+        "the portal's address as users' browsers reach it (https://security.example.org): "
+        "passkeys are bound to its host name; null: no passkeys",
+    )
     oidc: OidcConfig | None = _optional_section(OidcConfig)
 
     def __attrs_post_init__(self) -> None:
+        if self.passkeys_origin is not None and urllib.parse.urlsplit(
+                self.passkeys_origin).path not in ("", "/"):
+            raise ValueError("passkeys_origin is an origin (https://host[:port]), without a path")
         if self.endpoint is not None and (self.certificate is None or self.private_key is None):
             raise ValueError("a portal endpoint needs certificate and private_key (it serves HTTPS only)")
         if self.session_max < self.session_idle:
