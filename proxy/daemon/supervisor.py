@@ -243,8 +243,12 @@ class Supervisor:
         worker.pending = None
         worker.ready = False
         worker.starting = True
-        worker.process = self._spawn(worker.index, _Exits(
-            lambda code, sig: self._exited(worker, code, sig)))
+        try:
+            worker.process = self._spawn(worker.index, _Exits(
+                lambda code, sig: self._exited(worker, code, sig)))
+        except Exception:  # out of processes or descriptors: as if it died at once
+            log.failure("worker {index}: cannot start a process", index=worker.index)
+            self._exited(worker, None, None)
 
     async def _all_ready(self) -> None:
         waits = []
@@ -312,7 +316,8 @@ class Supervisor:
             if not self.alive() and not self._gone.called:
                 self._gone.callback(None)
             return
-        how = f"exit code {code}" if code is not None else f"signal {sig}"
+        how = (f"exit code {code}" if code is not None else f"signal {sig}" if sig is not None
+               else "no process")
         if not self.started:
             # It could not start: the others are stopped and the supervisor
             # exits as the worker did (75: the store is away, try later;
@@ -361,6 +366,8 @@ class Supervisor:
         except Exception:
             log.warn("not every worker said it had reloaded within {seconds} s",
                      seconds=RELOAD_DEADLINE)
+        if self.stopping:
+            return  # systemd heard STOPPING=1 meanwhile
         self._notify("READY=1")
         log.info("every worker reloaded")
 

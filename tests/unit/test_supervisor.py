@@ -267,3 +267,22 @@ def test_a_worker_still_starting_is_not_told_to_reload():
     h.ready(0)
     result(d)
     h.ready(1)
+
+
+def test_a_worker_that_cannot_be_spawned_is_tried_again_like_one_that_died():
+    h = Harness(count=2)
+    h.started()
+    real = h.spawn
+    failures = [OSError("EAGAIN")]
+
+    def flaky(index, protocol):
+        if failures:
+            raise failures.pop()
+        return real(index, protocol)
+
+    h.supervisor._spawn = flaky
+    h.current(1).end(signal=9)
+    h.clock.advance(0.5)  # the first try fails: counted as a death
+    assert len(h.spawned) == 2
+    h.clock.advance(1.0)  # the next, a second later, starts it
+    assert len(h.spawned) == 3 and h.current(1).index == 1
