@@ -7,6 +7,8 @@ over IMAP through the proxy; and the directory still the authority."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -235,3 +237,16 @@ def test_a_stale_session_is_asked_for_a_new_code_before_minting_or_a_help_desk_a
         desk.close()
     checks = [(e["user"], e["outcome"]) for e in audit(proxy) if e["event"] == "portal_fresh_check"]
     assert checks == [(uid, "refused"), (uid, "accepted"), (helper, "accepted")]
+
+
+def test_an_unreadable_client_secret_refuses_to_start_naming_the_key(slapd, dovecot, idp,
+                                                                     tmp_path):
+    daemon = portal_daemon(tmp_path, slapd, dovecot, self_service=True, extra=(
+        "  oidc:\n"
+        f"    issuer: {idp.issuer}\n"
+        "    client_id: portal\n"
+        f"    client_secret_file: {tmp_path / 'no-such-secret'}\n"))
+    done = subprocess.run([sys.executable, "-m", "proxy", "--config", str(daemon.config), "serve"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "portal.oidc.client_secret_file: cannot read" in done.stdout + done.stderr
