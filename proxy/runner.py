@@ -71,17 +71,30 @@ def journal_line(event: dict) -> str | None:
     return f"<{_PRIORITY.get(level, 6)}>" + text.lstrip(" ")
 
 
-def log_observer() -> ILogObserver:
+def log_observer(worker: int | None = None) -> ILogObserver:
     """Text lines on standard output, info and above, without Twisted's port
     noise. Under systemd (JOURNAL_STREAM set), with priority prefixes and
-    without a time, which journald adds."""
+    without a time, which journald adds. One of several workers names
+    itself in each line (``[worker 1 legacy_auth_proxy.service#info]``):
+    they all write to the supervisor's output."""
     if os.environ.get("JOURNAL_STREAM"):
-        observer = FileLogObserver(sys.stdout, journal_line)
+        observer: ILogObserver = FileLogObserver(sys.stdout, journal_line)
     else:
         observer = textFileLogObserver(sys.stdout, timeFormat="%Y-%m-%dT%H:%M:%S%z")
+    if worker is not None:
+        observer = _named(observer, f"worker {worker}")
     return FilteringLogObserver(
         observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info), quiet_ports]
     )
+
+
+def _named(observer: ILogObserver, name: str) -> ILogObserver:
+    def named(event: dict) -> None:
+        system = event.get("log_system") or "{}#{}".format(
+            event.get("log_namespace", "-"), getattr(event.get("log_level"), "name", "-"))
+        observer({**event, "log_system": f"{name} {system}"})
+
+    return named
 
 
 # Buffers from this size up get a mapping of their own (see below). The
@@ -111,15 +124,15 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
     except TwistedMismatch as e:
         print(f"legacy-auth-proxy: cannot start: {e}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
-    give_memory_back()
-    globalLogBeginner.beginLoggingTo([log_observer()], redirectStandardIO=False)
-
     role = WorkerRole.from_environment()
     if role is not None:
         role.watch_supervisor()
         # Until the daemon's handler is in place: a reload of the others
         # must not end a worker that is still starting.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    give_memory_back()
+    globalLogBeginner.beginLoggingTo([log_observer(role.index if role else None)],
+                                     redirectStandardIO=False)
 
     async def main(reactor: Any) -> None:
         try:

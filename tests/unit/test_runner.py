@@ -31,3 +31,19 @@ def test_directory_reconnection_attempts_are_not_logged_one_by_one():
     retry = event(LogLevel.info, "Scheduling retry 1 to connect",
                   "twisted.application._client_service.ClientService")
     assert quiet_ports(retry) is PredicateResult.no
+
+
+def test_a_workers_lines_name_the_worker(monkeypatch):
+    import io
+
+    from twisted.logger import LogLevel
+
+    from proxy import runner
+
+    out = io.StringIO()
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.setattr(runner.sys, "stdout", out)
+    observer = runner.log_observer(worker=1)
+    observer({"log_namespace": "legacy_auth_proxy.service", "log_level": LogLevel.info,
+              "log_format": "listening: {label}", "label": "imap", "log_time": 0.0})
+    assert "[worker 1 legacy_auth_proxy.service#info] listening: imap" in out.getvalue()
