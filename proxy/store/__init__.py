@@ -12,6 +12,7 @@ PostgreSQL store for several proxies would implement the same interface.
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
 import ipaddress
@@ -194,6 +195,39 @@ def api_token_from(row: Any) -> ApiToken:
                     rate=row["rate"], last_used_at=row["last_used_at"])
 
 
+@attrs.frozen
+class Passkey:
+    """One of a user's passkeys (WebAuthn credentials) for the portal."""
+
+    credential_id: bytes
+    username: str
+    name: str
+    credential: bytes = attrs.field(repr=False)  # WebAuthn attested credential data: its public key
+    sign_count: int = 0
+    created_at: float = 0.0
+    last_used_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        """The credential id as a URL names it (base64url, no padding)."""
+        return base64.urlsafe_b64encode(self.credential_id).rstrip(b"=").decode("ascii")
+
+
+def passkey_from(row: Any) -> Passkey:
+    return Passkey(bytes(row["credential_id"]), row["username"], row["name"],
+                   bytes(row["credential"]), row["sign_count"], row["created_at"],
+                   row["last_used_at"])
+
+
+PASSKEY_COLUMNS = "credential_id, username, name, credential, sign_count, created_at, last_used_at"
+
+
+def sign_count_ok(stored: int, seen: int) -> bool:
+    """WebAuthn's clone check: an authenticator's signature counter only goes
+    up; one that stays at 0 (many passkeys keep none) is not counting."""
+    return seen > stored or (seen == 0 and stored == 0)
+
+
 class ChangeKind(enum.StrEnum):
     """What changed of a user: the change feed's kinds, and the revocations
     the authentication core decides itself (never in the feed)."""
@@ -287,6 +321,13 @@ class NameTaken(StoreError):
         super().__init__(f"{username} already has an app password named {name!r}")
 
 
+class PasskeyTaken(StoreError):
+    def __init__(self, username: str, name: str) -> None:
+        self.username = username
+        self.name = name
+        super().__init__(f"{username} already has a passkey named {name!r}, or this passkey")
+
+
 class TokenNameTaken(StoreError):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -364,6 +405,18 @@ class Store(Protocol):
     def delete_totp(self, username: str, now: float) -> bool: ...
 
     def use_totp_step(self, username: str, step: int) -> bool: ...
+
+    def add_passkey(self, passkey: Passkey) -> Passkey: ...
+
+    def list_passkeys(self, username: str) -> list[Passkey]: ...
+
+    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None: ...
+
+    def delete_passkeys(self, username: str, now: float) -> int: ...
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
+        """Record a sign-in with the passkey: False (nothing changed) if its
+        signature counter did not go up, a sign of a cloned authenticator."""
 
     def note(self, username: str, kind: str, now: float) -> None: ...
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
@@ -47,8 +48,11 @@ from proxy.store import (
     MfaState,
     NameTaken,
     OUTBOX_COLUMNS,
+    PASSKEY_COLUMNS,
     OutboxEvent,
     OutboxStats,
+    Passkey,
+    PasskeyTaken,
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
@@ -58,6 +62,7 @@ from proxy.store import (
     api_token_from,
     app_password_from,
     outbox_event_from,
+    passkey_from,
 )
 from proxy.store.sqlite import CHANGE_RETENTION, FAILURES_KEPT
 
@@ -168,6 +173,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (webhook, lane)
     );
     CREATE INDEX outbox_lanes_due ON outbox_lanes (webhook, next_at);
+    """,
+    # 6: users' passkeys for the portal (see proxy/store/sqlite.py).
+    """
+    CREATE TABLE passkeys (
+        credential_id bytea PRIMARY KEY CHECK (length(credential_id) BETWEEN 1 AND 1023),
+        username      text NOT NULL,
+        name          text NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+        credential    bytea NOT NULL,
+        sign_count    bigint NOT NULL DEFAULT 0,
+        created_at    double precision NOT NULL,
+        last_used_at  double precision,
+        UNIQUE (username, name)
+    );
     """,
 )
 
@@ -859,6 +877,46 @@ class PostgresStore(_Counts, _Tokens, _Outbox):
                                  " WHERE username = %s AND last_step < %s",
                                  (step, username, step)).rowcount
         return bool(taken)
+
+    # -- passkeys ------------------------------------------------------------------------
+
+    def add_passkey(self, passkey: Passkey) -> Passkey:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS})"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s)", attrs.astuple(passkey))
+        except errors.UniqueViolation:
+            raise PasskeyTaken(passkey.username, passkey.name) from None
+        return passkey
+
+    def list_passkeys(self, username: str) -> list[Passkey]:
+        with self._connection() as conn:
+            rows = conn.execute(f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = %s"
+                                " ORDER BY created_at", (username,)).fetchall()
+        return [passkey_from(r) for r in rows]
+
+    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        with self._write() as conn:
+            row = conn.execute(f"DELETE FROM passkeys WHERE username = %s AND credential_id = %s"
+                               f" RETURNING {PASSKEY_COLUMNS}",
+                               (username, credential_id)).fetchone()
+        return None if row is None else passkey_from(row)
+
+    def delete_passkeys(self, username: str, now: float) -> int:
+        with self._write() as conn:
+            gone = conn.execute("DELETE FROM passkeys WHERE username = %s", (username,)).rowcount
+            self._log_change(conn, now, username, "second_factor_reset", None)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
+        with self._write() as conn:
+            used = conn.execute(
+                "UPDATE passkeys SET sign_count = %s, last_used_at = %s"
+                " WHERE username = %s AND credential_id = %s"
+                " AND (sign_count < %s OR (sign_count = 0 AND %s = 0))",
+                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
+        return bool(used)
 
     # -- failed sign-ins, shared ---------------------------------------------------------
 

@@ -18,6 +18,8 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
+
 from proxy.apppasswords import adopt_parent_owner
 from proxy.store import (
     API_TOKEN_COLUMNS,
@@ -37,12 +39,16 @@ from proxy.store import (
     OutboxStats,
     SchemaOutdated,
     SchemaTooNew,
+    PASSKEY_COLUMNS,
+    Passkey,
+    PasskeyTaken,
     StoreError,
     TokenNameTaken,
     User,
     api_token_from,
     app_password_from,
     outbox_event_from,
+    passkey_from,
 )
 
 MIGRATIONS: tuple[str, ...] = (
@@ -157,6 +163,21 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (webhook, lane)
     ) WITHOUT ROWID;
     CREATE INDEX outbox_lanes_due ON outbox_lanes (webhook, next_at);
+    """,
+    # 6: users' passkeys (WebAuthn credentials) for the portal: the public
+    # key with its signature counter (a clone's goes back), a name, when
+    # made and last used.
+    """
+    CREATE TABLE passkeys (
+        credential_id BLOB PRIMARY KEY CHECK (length(credential_id) BETWEEN 1 AND 1023),
+        username      TEXT NOT NULL,
+        name          TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+        credential    BLOB NOT NULL,
+        sign_count    INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL NOT NULL,
+        last_used_at  REAL,
+        UNIQUE (username, name)
+    );
     """,
 )
 
@@ -777,6 +798,51 @@ class SQLiteStore(_Counts, _Tokens, _Outbox):
                 (step, username, step),
             ).rowcount
         return bool(taken)
+
+    # -- passkeys ------------------------------------------------------------
+
+    def add_passkey(self, passkey: Passkey) -> Passkey:
+        with self._write():
+            try:
+                self._db.execute(
+                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    attrs.astuple(passkey))
+            except sqlite3.IntegrityError as e:
+                if "UNIQUE" in str(e):
+                    raise PasskeyTaken(passkey.username, passkey.name) from None
+                raise
+        return passkey
+
+    def list_passkeys(self, username: str) -> list[Passkey]:
+        rows = self._db.execute(
+            f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = ? ORDER BY created_at",
+            (username,))
+        return [passkey_from(r) for r in rows]
+
+    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        with self._write():
+            row = self._db.execute(
+                f"DELETE FROM passkeys WHERE username = ? AND credential_id = ?"
+                f" RETURNING {PASSKEY_COLUMNS}", (username, credential_id)).fetchone()
+        return None if row is None else passkey_from(row)
+
+    def delete_passkeys(self, username: str, now: float) -> int:
+        with self._write():
+            gone = self._db.execute("DELETE FROM passkeys WHERE username = ?",
+                                    (username,)).rowcount
+            self._log_change(now, username, "second_factor_reset", None)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
+        """A sign-in with the passkey: its counter and when, in one statement,
+        so two processes cannot both take the same counter value."""
+        with self._write():
+            used = self._db.execute(
+                "UPDATE passkeys SET sign_count = ?, last_used_at = ?"
+                " WHERE username = ? AND credential_id = ?"
+                " AND (sign_count < ? OR (sign_count = 0 AND ? = 0))",
+                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
+        return bool(used)
 
     # -- failed sign-ins, shared -----------------------------------------------
 

@@ -347,3 +347,47 @@ def test_a_users_state_is_set_only_if_it_is_still_what_was_read(store):
     assert store.get_user("alice") == enforced
     store.set_user(User("alice", MfaState.DISABLED), 12.0, expected=enforced)
     assert store.get_user("alice").mfa_state is MfaState.DISABLED
+
+
+# -- passkeys ----------------------------------------------------------------------
+
+def passkey(user="alice", name="laptop", cid=None, count=0, now=1000.0):
+    from proxy.store import Passkey
+    return Passkey(cid or os.urandom(32), user, name, b"credential-data", count, now)
+
+
+def test_passkeys_are_added_listed_and_removed(store):
+    from proxy.store import PasskeyTaken
+    first = store.add_passkey(passkey(name="laptop", now=1000.0))
+    second = store.add_passkey(passkey(name="phone", now=1001.0))
+    store.add_passkey(passkey(user="bob", name="laptop"))
+    assert [p.name for p in store.list_passkeys("alice")] == ["laptop", "phone"]
+    assert store.list_passkeys("alice")[0] == first
+    with pytest.raises(PasskeyTaken):
+        store.add_passkey(passkey(name="laptop"))  # a name once per user
+    with pytest.raises(PasskeyTaken):
+        store.add_passkey(passkey(user="bob", name="other", cid=first.credential_id))
+    assert store.delete_passkey("bob", first.credential_id) is None  # not bob's
+    assert store.delete_passkey("alice", first.credential_id) == first
+    assert store.list_passkeys("alice") == [second]
+    seq = store.last_change()
+    assert store.delete_passkeys("alice", 2000.0) == 1
+    assert store.list_passkeys("alice") == []
+    assert [c.kind.value for c in store.changes_since(seq)] == ["second_factor_reset"]
+    assert [p.name for p in store.list_passkeys("bob")] == ["laptop"]
+
+
+def test_a_passkey_whose_counter_goes_back_is_refused(store):
+    key = store.add_passkey(passkey(count=5))
+    assert store.use_passkey("alice", key.credential_id, 6, 1500.0)
+    [used] = store.list_passkeys("alice")
+    assert (used.sign_count, used.last_used_at) == (6, 1500.0)
+    # A clone: the same counter again, or one lower. Nothing changes.
+    assert not store.use_passkey("alice", key.credential_id, 6, 1600.0)
+    assert not store.use_passkey("alice", key.credential_id, 2, 1600.0)
+    assert not store.use_passkey("bob", key.credential_id, 9, 1600.0)
+    assert store.list_passkeys("alice") == [used]
+    # An authenticator that keeps no counter (always 0) is not a clone.
+    zero = store.add_passkey(passkey(name="phone", count=0))
+    assert store.use_passkey("alice", zero.credential_id, 0, 1700.0)
+    assert store.use_passkey("alice", zero.credential_id, 0, 1800.0)
