@@ -27,6 +27,8 @@ from proxy.store import (
     AppPassword,
     Conflict,
     MfaState,
+    Passkey,
+    PasskeyTaken,
     Store,
     StoreError,
     User,
@@ -255,6 +257,54 @@ class Admin:
         self._audit.record("second_factor_reset", user=username, actor=self._actor,
                            had_one=gone)
         return gone
+
+    # -- passkeys (the portal's WebAuthn second factor) ------------------------------
+
+    def passkeys(self, username: str) -> list[Passkey]:
+        return self._store.list_passkeys(self.username(username))
+
+    def add_passkey(self, username: str, credential_id: bytes, name: str, credential: bytes,
+                    sign_count: int) -> Passkey:
+        """Keep a passkey the user just registered (its attestation checked);
+        AdminError for a name they use already. Registers them for MFA, as
+        an authenticator app does."""
+        username = self.username(username)
+        name = name.strip()
+        if not 1 <= len(name) <= 64 or not name.isprintable():
+            raise AdminError("a passkey's name is 1 to 64 printable characters")
+        try:
+            passkey = self._store.add_passkey(Passkey(credential_id, username, name, credential,
+                                                      sign_count, self._clock()))
+        except PasskeyTaken:
+            raise AdminError(f"there is a passkey named {name} already") from None
+        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
+                           method="passkey", passkey=name)
+        if self.user(username).mfa_state is not MfaState.ENFORCED:
+            self.set_mfa(username, MfaState.ENFORCED)
+        return passkey
+
+    def remove_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        username = self.username(username)
+        gone = self._store.delete_passkey(username, credential_id)
+        if gone is not None:
+            self._audit.record("passkey_removed", user=username, actor=self._actor,
+                               passkey=gone.name)
+        return gone
+
+    def reset_passkeys(self, username: str) -> int:
+        """The help desk forgets all of the user's passkeys (lost, or a
+        colleague's registered): they sign in with their authenticator app."""
+        username = self.username(username)
+        gone = self._store.delete_passkeys(username, self._clock())
+        self._audit.record("second_factor_reset", user=username, actor=self._actor,
+                           method="passkey", had_one=gone > 0, count=gone)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int) -> bool:
+        """A sign-in with the passkey, its counter moved on: False for a
+        counter that did not go up (a cloned authenticator), refused."""
+        return self._store.use_passkey(self.username(username), credential_id, sign_count,
+                                       self._clock())
 
     def delete(self, username: str, id_or_name: str) -> AppPassword:
         username = self.username(username)
