@@ -26,7 +26,8 @@ PHONE = (390, 844)  # a common phone's CSS pixels
 class Browser:
     """One browser (one cookie jar) on the portal at ``base``."""
 
-    def __init__(self, base: str, profile: Path, shots: Path | None = None) -> None:
+    def __init__(self, base: str, profile: Path, shots: Path | None = None,
+                 arguments: tuple[str, ...] = ()) -> None:
         self.base = base.rstrip("/")
         self.shots = shots
         options = Options()
@@ -36,7 +37,7 @@ class Browser:
             "--no-first-run", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--disable-quic", "--disable-features=Translate,MediaRouter",
             "--hide-scrollbars", f"--user-data-dir={profile}",
-            f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+            f"--window-size={DESKTOP[0]},{DESKTOP[1]}", *arguments,
         ):
             options.add_argument(argument)
         options.accept_insecure_certs = True  # the test CA's certificate
