@@ -44,20 +44,23 @@ def same(a: str, b: str) -> bool:
 class WebSession:
     username: str
     dn: str
-    stage: str  # "enrolling" or "signed_in"
+    stage: str  # "enrolling", "passkey" (the password was right; a passkey next) or "signed_in"
     started: float
     seen: float
     csrf: str = attrs.field(factory=lambda: secrets.token_urlsafe(32), repr=False)
     pending_key: str | None = attrs.field(default=None, repr=False)  # TOTP key being enrolled
     notice: str | None = None  # one message for the next page ("Deleted ...")
     admin: bool = False  # in directory.admin_group, as of the last request
-    method: str = "totp"  # how the user signed in: "totp" or "oidc"
+    method: str = "totp"  # how the user signed in: "totp", "passkey" or "oidc"
     strong_at: float | None = None  # the last proof of who they are: a code, a provider sign-in
     address: str = ""  # where its last request came from (the user's list of their sessions)
     agent: str = ""  # the browser's User-Agent at that request, cut short
     # A new app password to show on the next page, once (the form's answer
     # is a redirect, so a reload never posts it again); popped when shown.
     shown: Any = attrs.field(default=None, repr=False)
+    # A passkey ceremony under way (proxy.portal.passkeys): its challenge,
+    # and at sign-in the attempt the password began.
+    ceremony: Any = attrs.field(default=None, repr=False)
 
 
 def fresh(session: WebSession, now: float, max_age: float) -> bool:
@@ -108,7 +111,8 @@ class WebSessions:
         return token, session
 
     def _expired(self, session: WebSession, now: float) -> bool:
-        lifetime = min(self.lifetime, ENROLLING) if session.stage == "enrolling" else self.lifetime
+        # Half signed in (an authenticator being set up, a passkey to come): briefly.
+        lifetime = self.lifetime if session.stage == "signed_in" else min(self.lifetime, ENROLLING)
         return now - session.seen >= self.idle or now - session.started >= lifetime
 
     def get(self, token: str | None) -> WebSession | None:
