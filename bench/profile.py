@@ -132,6 +132,22 @@ def system_calls(kind: str, port: int, credentials: list[tuple[str, str]], pid: 
     return dict(sorted(calls.items(), key=lambda item: -item[1]))
 
 
+def nginx_system_calls(bench: Bench, kind: str, seconds: float) -> dict[str, float] | None:
+    """nginx's worker's system calls a login, under the same load (None
+    without nginx)."""
+    nginx = bench.peer()
+    if nginx is None:
+        return None
+    worker = next(int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                  and (entry / "stat").exists()
+                  and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                  == nginx.process.pid)
+    credentials = [(uid, PASSWORD) for uid in bench.users]
+    port = nginx.port if kind == "imap" else nginx.smtp_port
+    result(start_load(kind, port, credentials, connections=8, seconds=1), 1)
+    return system_calls(kind, port, credentials, worker, seconds)
+
+
 def under_load(kind: str, port: int, credentials: list[tuple[str, str]], pid: int,
                seconds: float) -> tuple[float, dict[str, Any]]:
     """CPU ms an operation of process ``pid`` over ``seconds`` of load."""
@@ -178,6 +194,8 @@ def main() -> None:
                 for name, count in parts.most_common()})
         finally:
             daemon.stop()
+        if args.strace and args.kind != "ldap":
+            report["nginx_system_calls"] = nginx_system_calls(bench, args.kind, args.seconds)
         if args.kind == "ldap":
             bare = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -203,6 +221,10 @@ def main() -> None:
     if "system_calls" in report:
         print("system calls an operation: " + ", ".join(
             f"{name} {count:.1f}" for name, count in report["system_calls"].items()
+            if count >= 0.05))
+    if report.get("nginx_system_calls"):
+        print("nginx's system calls a login: " + ", ".join(
+            f"{name} {count:.1f}" for name, count in report["nginx_system_calls"].items()
             if count >= 0.05))
     print("| part | share | µs an operation |\n| --- | --- | --- |")
     for name, part in report["parts"].items():
