@@ -34,6 +34,7 @@ from proxy.audit import minute
 from proxy.config import Config
 from proxy.portal.helpdesk import HelpDesk
 from proxy.portal.making import Maker
+from proxy.portal.passkeys import Passkeys
 from proxy.portal.pages import Context, PageError, Pages, Redirect, iso, page, quote
 from proxy.portal.securityinfo import SecurityInfo
 from proxy.portal.signin import SignIn
@@ -94,8 +95,10 @@ class Portal(Pages):
         self._static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.is_file()}
         maker = Maker(context, hash_secret)
         self.app = Klein()
-        for part in (self, SignIn(context, keybox), SecurityInfo(context, maker),
-                     HelpDesk(context, maker)):
+        passkeys = Passkeys(context)
+        for part in (self, SignIn(context, keybox, passkeys=passkeys),
+                     SecurityInfo(context, maker, passkeys.enabled),
+                     HelpDesk(context, maker), passkeys):
             part.mount(self.app)
         self.app.handle_errors(PageError, Redirect)(self.failed)
         # The REST API (docs/api.md) on the same listener: its own Klein app,

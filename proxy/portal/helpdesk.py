@@ -16,11 +16,12 @@ from typing import Any
 from proxy import apppasswords
 from proxy.admin import AdminError
 from proxy.directory import Account, DirectoryUnavailable
+from proxy.portal import notify
 from proxy.portal.making import CannotCreate, Maker, Shown
 from proxy.portal.pages import (TRY_LATER, BadRequest, Context, Forbidden, Pages, Unavailable,
                                 page, quote)
 from proxy.portal.words import mfa_in_effect, quoted
-from proxy.store import AppPassword, MfaState, StoreError
+from proxy.store import AppPassword, MfaState, Passkey, StoreError
 from proxy.threads import Busy
 
 FOUND_AT_MOST = 20  # names a search lists
@@ -37,6 +38,11 @@ ACTIONS = {
                             "{user} sets up an authenticator app again at their next "
                             "sign-in to this portal (for a lost or replaced phone).",
                             "Reset it"),
+    "reset-passkeys": ("Remove every passkey of {user}?",
+                       "{user} can no longer sign in to this portal with any of their passkeys "
+                       "(for a lost key or phone); they sign in with their authenticator app, "
+                       "and can set up passkeys again.",
+                       "Remove them"),
     "unlock": ("Lift the lockout of {user}?",
                "Failed sign-ins of {user} are forgotten on every node; they can try again "
                "at once.", "Lift it"),
@@ -90,12 +96,12 @@ class HelpDesk(Pages):
             return self._redirect(request, "/helpdesk")
         admin = self._admin(f"portal:{session.username}")
 
-        def read() -> tuple[Any, list[AppPassword], bool]:
+        def read() -> tuple[Any, list[AppPassword], bool, list[Passkey]]:
             return admin.user(subject.username), admin.list(subject.username), \
-                admin.has_second_factor(subject.username)
+                admin.has_second_factor(subject.username), admin.passkeys(subject.username)
 
         try:
-            user, records, enrolled = await self._on_store(read)
+            user, records, enrolled, passkeys = await self._on_store(read)
         except (StoreError, Busy):
             raise Unavailable("The app-password store does not answer just now.",
                               session=session) from None
@@ -106,7 +112,7 @@ class HelpDesk(Pages):
             rows=self._rows(records), enrolled=enrolled, locked=self._auth.locked(subject),
             refusals=refusals, notice=notice, states=[s.value for s in MfaState],
             mfa=mfa_in_effect(subject, user.mfa_state), quoted=quote(subject.username),
-            may_create=self.config.portal.help_desk_app_passwords,
+            may_create=self.config.portal.help_desk_app_passwords, passkeys=passkeys,
         )
 
     @page("/helpdesk/users/<string:name>/<string:action>", "GET")
@@ -157,6 +163,12 @@ class HelpDesk(Pages):
                 await self._on_store(admin.reset_second_factor, user)
                 self.sessions.end_user(user)
                 session.notice = f"{user} sets up an authenticator app at their next sign-in."
+            elif action == "reset-passkeys":
+                gone = await self._on_store(admin.reset_passkeys, user)
+                self.sessions.end_user(user)
+                await self._tell_passkey(subject.dn, self._address(request),
+                                         notify.PASSKEYS_RESET, by=session.username)
+                session.notice = f"Removed {gone} passkeys of {user}; they were told by mail."
             elif action == "unlock":
                 await self._on_store(admin.unlock, user)
                 session.notice = f"Lifted the lockout of {user}."

@@ -96,6 +96,48 @@ def second_factor_message(*, sender: str, to: str, username: str, at: float, add
     return msg.as_bytes()
 
 
+PASSKEY_ADDED = "passkey_added"
+PASSKEYS_RESET = "passkeys_reset"
+
+
+def passkey_message(*, sender: str, to: str, username: str, at: float, address: str,
+                    title: str, kind: str, name: str = "", by: str = "") -> bytes:
+    """A passkey set up by the user (``PASSKEY_ADDED``, named ``name``), or
+    all of them removed by the help desk (``PASSKEYS_RESET``, by ``by``)."""
+    msg = email.message.EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Date"] = email.utils.formatdate(at, usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    if kind == PASSKEY_ADDED:
+        msg["Subject"] = f"A passkey was set up for {username}"
+        msg.set_content(
+            f"A passkey named \"{name}\" was set up for your account {username} at\n"
+            f"{title} on {_when(at)}, from the address {address}. It can now sign\n"
+            f"you in there after your password.\n"
+            f"\n"
+            f"If this was you, there is nothing to do.\n"
+            f"\n"
+            f"If it was not, someone knows your password: change it now and tell your\n"
+            f"help desk, who can remove the passkey.\n")
+    else:
+        msg["Subject"] = f"The help desk removed the passkeys of {username}"
+        msg.set_content(
+            f"The help desk ({by}) removed every passkey of your account {username}\n"
+            f"at {title} on {_when(at)}. Sign in there with your authenticator app;\n"
+            f"you can set up passkeys again.\n"
+            f"\n"
+            f"If you did not ask for this, tell your help desk.\n")
+    return msg.as_bytes()
+
+
+def notify_passkey(reactor: Any, relay: str, sender: str, to: str, **fields: Any) -> None:
+    """Send a passkey notice in the background."""
+    _background(reactor, relay, sender, to, passkey_message(sender=sender, to=to, **fields),
+                fields["username"], fields["kind"].replace("_", " "))
+
+
 def send(reactor: Any, relay: str, sender: str, to: str, data: bytes,
          timeout: float = 30.0) -> Deferred[Any]:
     """Hand one message to the relay; fires when it took it."""

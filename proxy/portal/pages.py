@@ -383,6 +383,27 @@ class Pages:
         except Exception:
             log.failure("cannot mail {user} of a new authenticator", user=account.username)
 
+    async def _tell_passkey(self, dn: str, address: str, kind: str, **fields: Any) -> None:
+        """Mail the user of a passkey set up for them, or of theirs reset
+        (:func:`notify.passkey_message`), in the background, as
+        :meth:`_tell_second_factor` does."""
+        portal = self.config.portal
+        if portal.mail_relay is None:
+            return
+        try:
+            account = await self._auth.account(dn)
+        except DirectoryUnavailable:
+            account = None
+        if account is None or not account.mail:
+            return
+        try:
+            notify.notify_passkey(
+                self._reactor, portal.mail_relay, portal.mail_from, account.mail,
+                username=account.username, at=self._reactor.seconds(), address=address,
+                title=portal.title, kind=kind, **fields)
+        except Exception:
+            log.failure("cannot mail {user} of their passkeys", user=account.username)
+
     async def _refresh(self) -> None:
         """Apply the store's change feed now: what a page did takes effect at
         once (sessions of a deleted app password end, lockouts lift)."""

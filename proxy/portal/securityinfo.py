@@ -1,7 +1,8 @@
 """A user's own security info: their app passwords, read-only or, where the
 operator allows self-service, created and deleted by them; those the help
 desk made for them, said so at the top; their recent refused sign-ins ("why
-does my phone fail?") and their signed-in portal sessions."""
+does my phone fail?") and their signed-in portal sessions; their passkeys
+(:mod:`~proxy.portal.passkeys` registers and removes them)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ OWN_REFUSALS = 10
 
 
 class SecurityInfo(Pages):
-    def __init__(self, context: Context, maker: Maker) -> None:
+    def __init__(self, context: Context, maker: Maker, passkeys: bool = False) -> None:
         super().__init__(context)
         self._maker = maker
+        self._passkeys = passkeys  # portal.passkeys_origin is set: list them, offer more
 
     @page("/", "GET")
     async def home(self, request: Any) -> bytes:
@@ -35,8 +37,12 @@ class SecurityInfo(Pages):
     async def _home(self, request: Any, session: WebSession, account: Account, status: int = 200,
                     error: str | None = None, form: dict[str, Any] | None = None) -> bytes:
         admin = self._admin(f"portal:{session.username}")
+        def read() -> tuple[list[Any], list[Any] | None]:
+            return admin.list(session.username), \
+                admin.passkeys(session.username) if self._passkeys else None
+
         try:
-            records = await self._on_store(admin.list, session.username)
+            records, passkeys = await self._on_store(read)
         except (StoreError, Busy):
             raise Unavailable("The app-password store does not answer just now.",
                               session=session) from None
@@ -57,6 +63,7 @@ class SecurityInfo(Pages):
             blocked_for_all=policy.block_legacy_auth,
             notice=notice, error=error, form=form or {}, protocols=PROTOCOLS,
             by_help_desk=by_help_desk, web_sessions=self.sessions.of_user(session.username),
+            passkeys=passkeys,
         )
 
     @page("/refused-sign-ins", "GET")

@@ -79,10 +79,12 @@ def oidc_client(context: Context) -> OidcClient | None:
 
 class SignIn(Pages):
     def __init__(self, context: Context, keybox: secondfactor.KeyBox,
-                 oidc: OidcClient | None = None) -> None:
+                 oidc: OidcClient | None = None, passkeys: Any = None) -> None:
         super().__init__(context)
         self._keybox = keybox
         self._oidc = oidc if oidc is not None else oidc_client(context)
+        # proxy.portal.passkeys.Passkeys, when portal.passkeys_origin is set
+        self._passkeys = passkeys if passkeys is not None and passkeys.enabled else None
 
     @page("/sign-in", "GET")
     def sign_in_page(self, request: Any) -> bytes:
@@ -139,6 +141,9 @@ class SignIn(Pages):
         address = attempt.client_address
         try:
             key = await self._on_store(self._load_key, account.username)
+            if not code and await self._has_passkeys(account.username):
+                # No code typed, and passkeys to use: one of them next.
+                return self._passkeys.begin_sign_in(request, attempt, decision, started)
             if key is None:
                 # First sign-in: set up an authenticator app before anything else.
                 self._auth.second_factor_passed(attempt, decision)
@@ -170,6 +175,11 @@ class SignIn(Pages):
         SealError: a fault to fix, not a wrong code."""
         sealed = self._admin("portal").sealed_second_factor(username)
         return None if sealed is None else self._keybox.open(username, sealed)
+
+    async def _has_passkeys(self, username: str) -> bool:
+        if self._passkeys is None:
+            return False
+        return bool(await self._on_store(self._admin("portal").passkeys, username))
 
     def _take_step(self, username: str, step: int) -> bool:
         return self._admin("portal").take_second_factor_step(username, step)
@@ -369,7 +379,7 @@ class SignIn(Pages):
             return self._render(request, "confirm_it_is_you.html", session=session, back=back,
                                 provider=self._oidc.config.provider_name,
                                 span=span(self.config.portal.fresh_check))
-        return self._confirm_form(request, session, back)
+        return await self._confirm_form(request, session, back)
 
     @page("/confirm-it-is-you/oidc", "GET")
     async def confirm_at_provider(self, request: Any) -> bytes:
@@ -386,12 +396,16 @@ class SignIn(Pages):
                 log.error("portal fresh check: the identity provider: {error}", error=str(e))
                 return self._render(request, "error.html", 503, heading="Try again in a minute",
                                     text=TRY_LATER, session=session)
-        return self._confirm_form(request, session, back)
+        return await self._confirm_form(request, session, back)
 
-    def _confirm_form(self, request: Any, session: WebSession, back: str, status: int = 200,
-                      error: str | None = None) -> bytes:
+    async def _confirm_form(self, request: Any, session: WebSession, back: str,
+                            status: int = 200, error: str | None = None) -> bytes:
+        try:
+            passkeys = await self._has_passkeys(session.username)
+        except (StoreError, Busy):
+            passkeys = False
         return self._render(request, "confirm_it_is_you.html", status, session=session,
-                            back=back, error=error, provider=None,
+                            back=back, error=error, provider=None, passkeys=passkeys,
                             span=span(self.config.portal.fresh_check))
 
     @page("/confirm-it-is-you", "POST")
@@ -407,7 +421,7 @@ class SignIn(Pages):
         decision = Decision(Reason.PRIMARY, account.username, account, checked=True)
         with self._auth.throttle.alone(account.key) as alone:
             if not alone or self._auth.locked(account, address) > 0:
-                return self._confirm_form(request, session, back, 401, CODE_WRONG)
+                return await self._confirm_form(request, session, back, 401, CODE_WRONG)
             try:
                 key = await self._on_store(self._load_key, account.username)
                 step = None if key is None else secondfactor.matching_step(
@@ -417,12 +431,12 @@ class SignIn(Pages):
             except (StoreError, Busy, secondfactor.SealError) as e:
                 log.error("portal fresh check of {user}: {error}", user=account.username,
                           error=str(e))
-                return self._confirm_form(request, session, back, 503, TRY_LATER)
+                return await self._confirm_form(request, session, back, 503, TRY_LATER)
             if not taken:
                 await self._auth.second_factor_failed(attempt, decision, code or "-", started)
                 self._record("portal_fresh_check", user=account.username, client_address=address,
                              outcome="refused", method="totp", reason=Reason.WRONG_CODE.value)
-                return self._confirm_form(request, session, back, 401, CODE_WRONG)
+                return await self._confirm_form(request, session, back, 401, CODE_WRONG)
         self._auth.throttle.succeeded(account.key, address)
         session.strong_at = self._reactor.seconds()
         self._record("portal_fresh_check", user=account.username, client_address=address,
