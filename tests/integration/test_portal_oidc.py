@@ -16,6 +16,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import Browser, screenshots_folder
+from tests.conftest import wait_until
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, imap, imap_login, portal_daemon
 
@@ -250,3 +251,28 @@ def test_an_unreadable_client_secret_refuses_to_start_naming_the_key(slapd, dove
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 78, done.stdout + done.stderr
     assert "portal.oidc.client_secret_file: cannot read" in done.stdout + done.stderr
+
+
+def test_a_fresh_check_passed_by_someone_else_at_the_provider_counts_for_nothing(
+        proxy, idp, slapd, unique, browser):
+    from tests.idp import FORCE_AUTHN_INTERVAL
+
+    uid, other = unique("oidc"), unique("oidc")
+    slapd.add_user(uid, PRIMARY)
+    slapd.add_user(other, PRIMARY)
+    b = browser()
+    b.open("/sign-in")
+    b.press("Sign in with Example Login")
+    provider_sign_in(b, idp, uid)
+    back_at_portal(b)
+    time.sleep(FORCE_AUTHN_INTERVAL + 1)  # so that prompt=login asks again
+    b.open("/confirm-it-is-you/oidc?next=/")
+    provider_sign_in(b, idp, other)  # another person at the provider's form
+    WebDriverWait(b.driver, 30).until(lambda d: d.current_url.startswith(b.base))
+
+    def checks():
+        return [(e["user"], e["outcome"], e.get("reason")) for e in audit(proxy)
+                if e["event"] == "portal_fresh_check" and e.get("user") in (uid, other)]
+
+    assert wait_until(lambda: checks(), 10), "no fresh check audited"  # written off the reactor
+    assert checks() == [(uid, "refused", "another_user")]
