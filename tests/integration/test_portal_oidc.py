@@ -172,8 +172,13 @@ def test_a_disabled_directory_account_is_refused_after_a_good_provider_sign_in(
     assert "cannot use this page" in b.text()
     status, _, _ = b.request("GET", "/")
     assert status == 303  # no page session
-    refused = [e for e in audit(proxy) if e.get("user") == uid and e["event"] == "portal_sign_in"]
-    assert [(e["outcome"], e["reason"]) for e in refused] == [("refused", "account_inactive")]
+
+    def refused():
+        return [(e["outcome"], e["reason"]) for e in audit(proxy)
+                if e.get("user") == uid and e["event"] == "portal_sign_in"]
+
+    assert wait_until(refused, 10), "no refusal audited"  # written off the reactor
+    assert refused() == [("refused", "account_inactive")]
 
 
 def test_no_password_is_taken_by_the_portal_itself(proxy, browser):
