@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
@@ -49,8 +48,6 @@ RETRY_AFTER = 5.0
 # doing, and asking again would not help.
 KEEP_NEW = 30.0
 MAX_BODY = 65536  # a token endpoint's answer; JWTs are a few kB
-# RFC 6750's b64token: what a bearer token may be made of.
-_BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class TokenUnavailable(Exception):
@@ -267,7 +264,7 @@ class ClientCredentials:
         token = answer.get("access_token")
         kind = str(answer.get("token_type", "bearer")).lower()
         lifetime = answer.get("expires_in", 3600)
-        if not isinstance(token, str) or not _BEARER.fullmatch(token) or kind != "bearer":
+        if not isinstance(token, str) or not oauth.B64TOKEN.fullmatch(token) or kind != "bearer":
             raise TokenUnavailable("token endpoint answered without a bearer token")
         if isinstance(lifetime, str) and lifetime.isdigit():
             lifetime = int(lifetime)  # Entra's v1 endpoint says it as a string
