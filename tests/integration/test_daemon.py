@@ -118,6 +118,7 @@ def test_the_demo_serves_imap_pop3_submission_and_ldap_in_one_process(tmp_path):
     try:
         daemon.wait_for("Ctrl-C stops it")
         daemon.wait_for("listening: submission")
+        daemon.wait_for("portal on")  # the last part to open, after the listeners
         text = "\n".join(daemon.output)
         secret = SECRET.search(text)[1]
         assert secret != SECRET.search(first.stdout)[1]  # a new one every run
