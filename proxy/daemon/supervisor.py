@@ -608,12 +608,14 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
     signal.signal(signal.SIGHUP, on_hup)
     log.info("legacy-auth-proxy supervisor: starting {count} workers", count=count)
     try:
+        # Metrics and health first: /health/ready says which worker is not
+        # ready yet while they start.
+        if config.metrics.endpoint is not None:
+            metrics_port = await _serve_metrics(reactor, config.metrics.endpoint, supervisor, folder)
         try:
             await supervisor.start()
         except Failed as e:
             return e.code
-        if config.metrics.endpoint is not None:
-            metrics_port = await _serve_metrics(reactor, config.metrics.endpoint, supervisor, folder)
         watchdog(reactor)
         return await supervisor.finished()
     except StartupError:
@@ -683,7 +685,8 @@ async def _serve_metrics(reactor: Any, endpoint: str, supervisor: Supervisor,
         problems = []
         for worker in supervisor.workers:
             if worker.process is None or not worker.ready:
-                problems.append(f"worker {worker.index} is not running")
+                problems.append(f"worker {worker.index} is "
+                                + ("not running" if worker.process is None else "not ready"))
                 continue
             try:
                 code, body = await ask(worker.index, "/health/ready")
