@@ -380,6 +380,11 @@ http {{
             log.close()
         self._logs.clear()
 
+    def remove(self) -> None:
+        """Stop, and delete the folder (sessions, keys, logs)."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def __enter__(self) -> Idp:
         self.start()
         return self

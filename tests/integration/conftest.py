@@ -127,4 +127,4 @@ def idp(slapd):
     except IdpError as e:
         pytest.fail(str(e), pytrace=False)
     yield server
-    server.stop()
+    server.remove()
