@@ -538,3 +538,18 @@ def test_workers_on_postgresql_share_a_lockout_and_a_revocation(slapd, dovecot, 
         assert all(refusals), refusals  # locked on both workers
     finally:
         assert daemon.stop() == 0
+
+
+def test_workers_that_cannot_start_stop_the_supervisor_with_their_status(slapd, tmp_path):
+    """A worker's exit 78 (here: a listener's certificate that is not there)
+    stops the others and the supervisor exits 78, which systemd does not
+    restart, as for one process."""
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud",
+                 "certificate": str(tmp_path / "missing.pem")}}, workers=2)
+    process = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(daemon.config), "serve"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 78, process.stdout + process.stderr
+    assert "could not start (exit code 78): stopping" in process.stdout
+    assert "missing.pem" in process.stderr
