@@ -218,7 +218,8 @@ class Passkeys(Pages):
         session.notice = f"Your passkey “{name}” is set up. You can sign in with it."
         return self._redirect(request, "/")
 
-    async def _own(self, username: str, id: str) -> Passkey | None:  # type: ignore[override]
+    async def _passkey(self, username: str, id: str) -> Passkey | None:
+        """The passkey ``id`` (base64url) of ``username``, or None."""
         wanted = credential_id(id)
         try:
             passkeys = await self._on_store(self._stored, username)
@@ -229,7 +230,7 @@ class Passkeys(Pages):
     @page("/passkeys/<string:id>/remove", "GET")
     async def remove_page(self, request: Any, id: str) -> bytes:
         session, _ = await self._signed_in(request)
-        passkey = await self._own(session.username, id)
+        passkey = await self._passkey(session.username, id)
         if passkey is None:
             return self._redirect(request, "/")
         return self._render(request, "confirm.html", session=session,
@@ -242,7 +243,7 @@ class Passkeys(Pages):
     @page("/passkeys/<string:id>/remove", "POST")
     async def remove(self, request: Any, id: str) -> bytes:
         session, _ = await self._signed_in(request, form=True)
-        passkey = await self._own(session.username, id)
+        passkey = await self._passkey(session.username, id)
         if passkey is None:
             return self._redirect(request, "/")
         try:
@@ -300,9 +301,12 @@ class Passkeys(Pages):
         attempt, decision = ceremony.attempt, ceremony.decision
         account = decision.account
         answer = self._answer(request)
+        # Retried without the password again: the account's lockout still holds.
+        locked = self._auth.locked(account, self._address(request)) > 0
         with self._auth.throttle.alone(account.key) as alone:
             try:
-                used = await self._verify(session, ceremony, answer) if alone else None
+                used = await self._verify(session, ceremony, answer) \
+                    if alone and not locked else None
             except (StoreError, Busy) as e:
                 log.error("portal sign-in of {user}: {error}", user=account.username, error=str(e))
                 session.ceremony = ceremony
