@@ -192,7 +192,7 @@ class ProxyDaemon:
         for child in children:
             try:
                 environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue  # gone since
             for entry in environ:
                 if entry.startswith(b"LEGACY_AUTH_PROXY_WORKER="):

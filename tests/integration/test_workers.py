@@ -553,3 +553,29 @@ def test_workers_that_cannot_start_stop_the_supervisor_with_their_status(slapd, 
     assert process.returncode == 78, process.stdout + process.stderr
     assert "could not start (exit code 78): stopping" in process.stdout
     assert "missing.pem" in process.stderr
+
+
+def test_a_worker_dying_in_a_loop_makes_the_supervisor_give_up_cleanly(slapd, tmp_path):
+    """Killed each time it is back, six times within two minutes: the
+    supervisor stops the other worker and exits 1, leaving no process."""
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
+                 "allow_plaintext_auth": True}}, workers=2)
+    daemon.start()
+    try:
+        other = daemon.worker_roles()[0][0]
+        for death in range(6):
+            pid = daemon.worker_roles()[1][0]
+            os.kill(pid, signal.SIGKILL)
+            if death < 5:
+                assert wait_until(lambda: pid not in {p for p, _ in
+                                                      daemon.worker_roles().values()}, 30)
+                daemon.wait_for("worker 1 died \\(signal 9\\): starting it again", 30)
+                assert wait_until(lambda: daemon.log().count("worker 1 started again, ready")
+                                  == death + 1, 90)
+        assert daemon.process.wait(60) == 1
+    finally:
+        daemon.stop()
+    log = daemon.log()
+    assert "worker 1 keeps dying (signal 9): giving up, stopping every worker" in log
+    assert not os.path.exists(f"/proc/{other}")
