@@ -222,12 +222,6 @@ def passkey_from(row: Any) -> Passkey:
 PASSKEY_COLUMNS = "credential_id, username, name, credential, sign_count, created_at, last_used_at"
 
 
-def sign_count_ok(stored: int, seen: int) -> bool:
-    """WebAuthn's clone check: an authenticator's signature counter only goes
-    up; one that stays at 0 (many passkeys keep none) is not counting."""
-    return seen > stored or (seen == 0 and stored == 0)
-
-
 class ChangeKind(enum.StrEnum):
     """What changed of a user: the change feed's kinds, and the revocations
     the authentication core decides itself (never in the feed)."""
@@ -416,7 +410,10 @@ class Store(Protocol):
 
     def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
         """Record a sign-in with the passkey: False (nothing changed) if its
-        signature counter did not go up, a sign of a cloned authenticator."""
+        signature counter did not go up, a sign of a cloned authenticator
+        (WebAuthn's clone check; a counter that stays 0 is an authenticator
+        that keeps none, not a clone). One statement: two processes never
+        both take the same counter value."""
 
     def note(self, username: str, kind: str, now: float) -> None: ...
 
