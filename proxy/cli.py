@@ -261,6 +261,14 @@ def cmd_user_reset_second_factor(ctx: Context, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_user_reset_passkeys(ctx: Context, args: argparse.Namespace) -> int:
+    gone = ctx.admin().reset_passkeys(args.user)
+    name = Admin.username(args.user)
+    print(f"Removed {gone} passkeys of {name}; they sign in to the portal with their "
+          f"authenticator app." if gone else f"{name} had no passkeys.")
+    return EX_OK
+
+
 def _api_token_json(t: ApiToken) -> dict[str, Any]:
     return {
         "name": t.name, "scope": t.scope, "created_at": timestamp(t.created_at),
@@ -406,6 +414,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = command(us, "reset-second-factor", cmd_user_reset_second_factor,
                   "forget a user's authenticator app (a lost phone): they set one up again "
                   "at their next portal sign-in")
+    sub.add_argument("user", metavar="USER")
+    sub = command(us, "reset-passkeys", cmd_user_reset_passkeys,
+                  "remove every passkey of a user (a lost key or phone): they sign in to the "
+                  "portal with their authenticator app")
     sub.add_argument("user", metavar="USER")
     sub = with_json(command(us, "enroll", cmd_user_enroll,
                             "register a user for MFA and issue their first app password"))
