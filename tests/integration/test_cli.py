@@ -148,6 +148,8 @@ def test_networks_stopped_ones_unlock_and_reset(workdir, capsys):
     assert code == 0 and "erin" in out
     code, out, _ = run(workdir, "user", "reset-second-factor", "erin", capsys=capsys)
     assert code == 0 and "had no authenticator" in out
+    code, out, _ = run(workdir, "user", "reset-passkeys", "erin", capsys=capsys)
+    assert code == 0 and "erin had no passkeys." in out
     audit = [json.loads(line) for line in (workdir / "audit.log").read_text().splitlines()]
     assert {"lockout_lifted", "second_factor_reset"} <= {e["event"] for e in audit}
     sent = sqlite3.connect(workdir / "store.sqlite3").execute(
@@ -241,6 +243,7 @@ def test_the_config_comes_from_the_environment_when_not_given(workdir):
     [], ["app-password"], ["app-password", "create"], ["app-password", "list"],
     ["app-password", "delete"], ["app-password", "revoke-all"], ["user"], ["user", "show"],
     ["user", "set-mfa"], ["user", "enroll"], ["user", "unlock"], ["user", "reset-second-factor"],
+    ["user", "reset-passkeys"],
     ["migrate"], ["check-config"], ["serve"], ["demo"],
 ])
 def test_every_command_has_help(command, capsys):
