@@ -104,6 +104,8 @@ def register(b: Browser, name: str) -> None:
     b.press("Set up a passkey")
     assert b.path == "/passkeys/new", b.text()
     b.fill("name", name)
+    if name == "Blue key":
+        b.screenshot("passkey-new")
     b.press("Set up the passkey")
     assert b.path == "/", b.text()
     assert f"Your passkey “{name}” is set up" in b.text()
@@ -157,6 +159,7 @@ def test_passkeys_registered_removed_signed_in_with_fresh_check_and_reset(
     assert b.path == "/confirm-it-is-you", b.text()
     b.press("Use a passkey instead")
     assert b.path == "/confirm-it-is-you/passkey", b.text()
+    b.screenshot("confirm-it-is-you-passkey")
     b.press("Use a passkey")
     assert b.path == "/" and "Confirmed" in b.text(), b.text()
     b.fill("name", "Outlook")
