@@ -3,6 +3,7 @@ the reload's diff of old and new, and the drain at stop."""
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.parse
 from typing import Any
@@ -130,6 +131,10 @@ class Listeners:
             await maybeDeferred(part.disownServiceParent)
             self.open = [entry for entry in self.open if entry[0] != config]
             log.info("stopped listening: {label} (its sessions go on)", label=config.label)
+        # A worker's inherited socket no listener uses any more: closed, or
+        # the kernel would go on queueing connections no one takes.
+        for endpoint in [e for e in self._sockets if e not in {c.endpoint for c in new}]:
+            os.close(self._sockets.pop(endpoint)[0])
         for config in [c for c in new if c not in old]:
             try:
                 await self.listen(config)

@@ -534,9 +534,10 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
     base = {k: v for k, v in os.environ.items()
             if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID",
                          "NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    held = {endpoint: (s.fileno(), int(s.family)) for endpoint, s in sockets.items()}
 
     def spawn(index: int, protocol: Any) -> Any:
+        # The sockets held now: a reload may have closed some.
+        held = {endpoint: (s.fileno(), int(s.family)) for endpoint, s in sockets.items()}
         role = WorkerRole(index=index, supervisor=pid,
                           metrics=f"unix:{folder}/metrics-{index}.sock:lockfile=0",
                           portal=index == 0, sockets=held)

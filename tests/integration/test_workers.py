@@ -579,3 +579,31 @@ def test_a_worker_dying_in_a_loop_makes_the_supervisor_give_up_cleanly(slapd, tm
     log = daemon.log()
     assert "worker 1 keeps dying (signal 9): giving up, stopping every worker" in log
     assert not os.path.exists(f"/proc/{other}")
+
+
+def test_a_listener_removed_by_a_reload_closes_and_a_worker_started_after_serves_the_rest(
+        slapd, dovecot, tmp_path, unique):
+    backend = mail_backend(tmp_path, dovecot, "imap")
+    daemon = ProxyDaemon(tmp_path, slapd, {
+        "imap": dict(backend, tls="none", allow_plaintext_auth=True),
+        "gone": dict(backend, tls="none", allow_plaintext_auth=True)}, workers=2)
+    daemon.start()
+    try:
+        uid = unique("w")
+        slapd.add_user(uid, PRIMARY)
+        secret = daemon.create_app_password(uid, "phone")
+        text = daemon.config.read_text()
+        start = text.index("  - name: gone\n")
+        end = text.find("  - name:", start + 1)
+        daemon.config.write_text(text[:start] + (text[end:] if end != -1 else ""))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("every worker reloaded", 60)
+        with pytest.raises(OSError):  # closed in every worker and the supervisor
+            socket.create_connection(("127.0.0.1", daemon.ports["gone"]), timeout=5).close()
+        victim = daemon.worker_roles()[1][0]
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for("worker 1 started again, ready", 90)
+        for _ in range(6):
+            assert imap_login(daemon, uid, secret)
+    finally:
+        assert daemon.stop() == 0
