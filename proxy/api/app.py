@@ -334,6 +334,14 @@ class Api:
         await self._changed()
         return Answer(200, {"user": username, "had_one": had})
 
+    @operation("/users/<string:name>/reset-passkeys", "POST", "helpdesk")
+    async def reset_passkeys(self, request: Any, admin: Any, name: str) -> Answer:
+        username, _ = await self._account(name)
+        count = await self._on_store(admin.reset_passkeys, username)
+        self._end_portal_sessions(username)
+        await self._changed()
+        return Answer(200, {"user": username, "removed": count})
+
     # -- app passwords ------------------------------------------------------------------
 
     @operation("/app-passwords", "GET")
