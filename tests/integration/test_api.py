@@ -187,6 +187,8 @@ def test_a_users_mfa_state_changes_only_as_read(proxy, slapd, unique):
     assert curl(proxy, "POST", f"/users/{uid}/unlock", desk)[0] == 204
     status, _, body = curl(proxy, "POST", f"/users/{uid}/reset-second-factor", desk)
     assert (status, body) == (200, {"user": uid, "had_one": False})
+    status, _, body = curl(proxy, "POST", f"/users/{uid}/reset-passkeys", desk)
+    assert (status, body) == (200, {"user": uid, "removed": 0})
     assert curl(proxy, "GET", f"/users/{unique('nobody')}", desk)[0] == 404
 
 
