@@ -24,7 +24,7 @@ SECRET = "bench-app-registration-secret"
 def warm_oauth2(bench: Any, master: Any) -> None:
     """``master``: the bench's proxy, logging in to its Dovecot as a master user."""
     from bench.cpu import group_cpu_seconds, process_cpu_seconds
-    from bench.run import BENCH_LIMITS, load, summary
+    from bench.harness import BENCH_LIMITS, load, summary
     from tests.dovecot import Dovecot
     from tests.idp import Idp
     from tests.proxyd import ProxyDaemon

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import process_cpu_seconds
-from bench.run import PASSWORD, ROOT, Bench, result, start_load
+from bench.harness import PASSWORD, ROOT, result, start_load
+from bench.run import Bench
 
 # Samples of a thread waiting (the reactor in epoll_wait, the pools'
 # threads for work) are no CPU: left out.
