@@ -291,6 +291,8 @@ class _Connection:
         return d.addErrback(failed)
 
     async def client(self) -> LDAPClient:
+        if self.pool.stopping:
+            raise DirectoryUnavailable(f"{self.pool.name}: stopping")
         if self.current is None and self.pool.failing_since is not None:
             # Known to be down: answer now rather than wait out the backoff;
             # the service keeps retrying and notices the directory's return.
@@ -511,6 +513,9 @@ class _Pool:
         self.lender = Lender(reactor, name, self._all, config.timeout)
         self.failing_since: float | None = None
         self.last_error = ""
+        self.stopping = False  # stop asked: failures from now on are the stop's
+        self._stopped = False
+        self._stop_waiters: list[Deferred[None]] = []
 
     def timed(self, d: Deferred[Any]) -> Deferred[Any]:
         return d.addTimeout(self.timeout, self.reactor)
@@ -521,6 +526,8 @@ class _Pool:
         self.failing_since = None
 
     def down(self, connection: _Connection, error: str) -> None:
+        if self.stopping:
+            return  # closed by us, not unreachable
         if self.failing_since is None:
             self.failing_since = self.reactor.seconds()
             log.warn("{pool}: the directory is unreachable: {error}", pool=self.name, error=error)
@@ -530,8 +537,50 @@ class _Pool:
         for c in self._all:
             c.service.startService()
 
-    async def stop(self) -> None:
-        await defer.gatherResults([c.service.stopService() for c in self._all])
+    def stop(self) -> Deferred[None]:
+        """Stop every connection: once, however often asked, whatever is in
+        flight; each caller's Deferred fires when all are closed."""
+        waiter: Deferred[None] = Deferred()
+        if self._stopped:
+            waiter.callback(None)
+            return waiter
+        self._stop_waiters.append(waiter)
+        if not self.stopping:
+            self.stopping = True
+            # Asked from inside one of ClientService's own transitions (a
+            # caller it woke with a failure goes on to shut down, as a test's
+            # teardown does), stopService would run its state machine
+            # re-entrantly, which automat refuses ("attempting to reentrantly
+            # run _Client.stop"): stop on a turn of the reactor of our own.
+            self.reactor.callLater(0, self._stop_services)
+        return waiter
+
+    def _stop_services(self) -> None:
+        stopping = [defer.maybeDeferred(c.service.stopService) for c in self._all]
+        # A close waits for the directory (TLS for its close_notify): one that
+        # no longer answers would hold the stop for ever. Abort after the timeout.
+        aborting = self.reactor.callLater(self.timeout, self._abort)
+        done = defer.DeferredList(stopping, consumeErrors=True)
+
+        def finished(results: Any) -> None:
+            if aborting.active():
+                aborting.cancel()
+            for ok, failure in results:
+                if not ok:
+                    log.info("{pool}: a connection stopped uncleanly: {error}",
+                             pool=self.name, error=failure.getErrorMessage())
+            self._stopped = True
+            self._stop_waiters, waiters = [], self._stop_waiters
+            for waiter in waiters:
+                waiter.callback(None)
+
+        done.addCallback(finished)
+
+    def _abort(self) -> None:
+        for c in self._all:
+            client = c._latest
+            if client is not None and client.transport is not None:
+                client.transport.abortConnection()
 
     async def acquire(self) -> _Connection:
         connection: _Connection = await self.lender.acquire()
@@ -597,8 +646,8 @@ class Directory:
         self._bind.start()
 
     async def stop(self) -> None:
-        await self._search.stop()
-        await self._bind.stop()
+        """Close every connection; safe to ask again, and from anywhere."""
+        await defer.gatherResults([self._search.stop(), self._bind.stop()])
 
     def up(self) -> bool:
         """Whether the directory answered the last time it was asked."""
