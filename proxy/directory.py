@@ -579,7 +579,9 @@ class _Pool:
     def _abort(self) -> None:
         for c in self._all:
             client = c._latest
-            if client is not None and client.transport is not None:
+            # Only a connection still open: TLS refuses to abort one it has
+            # already torn down.
+            if client is not None and client.connected and client.transport is not None:
                 client.transport.abortConnection()
 
     async def acquire(self) -> _Connection:
