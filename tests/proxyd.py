@@ -187,7 +187,10 @@ class ProxyDaemon:
         read from /proc: the supervisor's children and their environments."""
         assert self.process is not None
         pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            return {}  # the supervisor is gone
         roles = {}
         for child in children:
             try:
