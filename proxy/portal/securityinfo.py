@@ -10,6 +10,7 @@ from typing import Any
 
 from proxy import apppasswords
 from proxy.admin import AdminError
+from proxy.audit import minute
 from proxy.directory import Account
 from proxy.portal.making import CannotCreate, Maker, Shown
 from proxy.portal.pages import TRY_LATER, Context, Forbidden, Pages, Unavailable, page, quote
@@ -73,6 +74,40 @@ class SecurityInfo(Pages):
         session, _ = await self._signed_in(request)
         return self._render(request, "refused.html", session=session,
                             refusals=await self._refusals(session.username, OWN_REFUSALS))
+
+    @page("/sessions/<string:id>/end", "GET")
+    async def end_session_page(self, request: Any, id: str) -> bytes:
+        session, _ = await self._signed_in(request)
+        other = self._other_session(session, id)
+        if other is None:
+            return self._redirect(request, "/")
+        where = f" from {other.address}" if other.address else ""
+        return self._render(request, "confirm.html", session=session,
+                            heading="Sign out that browser?",
+                            text=f"The browser{where}, last seen {minute(other.seen)}, is "
+                                 f"signed out of this page at once: whoever uses it must sign "
+                                 f"in again.",
+                            action=f"/sessions/{quote(id)}/end", button="Sign it out",
+                            cancel="/")
+
+    @page("/sessions/<string:id>/end", "POST")
+    async def end_session(self, request: Any, id: str) -> bytes:
+        session, _ = await self._signed_in(request, form=True)
+        if self._other_session(session, id) is None:
+            return self._redirect(request, "/")
+        ended = self.sessions.end_one(session.username, id)
+        if ended is not None:
+            self._record("portal_session_ended", user=session.username,
+                         client_address=self._address(request),
+                         ended_address=ended.address or None, actor=f"portal:{session.username}")
+            session.notice = "That browser is signed out."
+        return self._redirect(request, "/")
+
+    def _other_session(self, session: WebSession, id: str) -> WebSession | None:
+        """The user's live session ``id`` names, if it is not this one
+        (signing out here is the menu's sign-out)."""
+        return next((s for s in self.sessions.of_user(session.username)
+                     if s.id == id and s is not session), None)
 
     @page("/app-passwords", "POST")
     async def create(self, request: Any) -> bytes:

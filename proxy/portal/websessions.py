@@ -48,6 +48,9 @@ class WebSession:
     started: float
     seen: float
     csrf: str = attrs.field(factory=lambda: secrets.token_urlsafe(32), repr=False)
+    # What the user's list of their sessions names it by (to end it from
+    # another browser): random, neither its token nor what it is kept by.
+    id: str = attrs.field(factory=lambda: secrets.token_urlsafe(16))
     pending_key: str | None = attrs.field(default=None, repr=False)  # TOTP key being enrolled
     notice: str | None = None  # one message for the next page ("Deleted ...")
     admin: bool = False  # in directory.admin_group, as of the last request
@@ -158,6 +161,17 @@ class WebSessions:
         for key in keys:
             del self._sessions[key]
         return len(keys)
+
+    def end_one(self, username: str, id: str) -> WebSession | None:
+        """End the live session of ``username`` that ``id`` names ("sign
+        out that other browser"), at once; None if there is none (gone
+        already, or someone else's)."""
+        now = self._clock.seconds()
+        for key, session in self._sessions.items():
+            if session.username == username and same(session.id, id):
+                del self._sessions[key]
+                return None if self._expired(session, now) else session
+        return None
 
     def of_user(self, username: str) -> list[WebSession]:
         """The live sessions of ``username``, the latest seen first."""

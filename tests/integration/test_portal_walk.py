@@ -368,3 +368,33 @@ def test_users_see_their_sessions_and_times_in_their_own_zone(walk, slapd, uniqu
     assert times and all(t.text.endswith("(UTC+05:30)") and t.get_attribute("title").endswith(" UTC")
                          for t in times)
     first.screenshot("security-info-sessions")
+
+
+def test_a_user_signs_out_another_browser_of_theirs(walk, slapd, unique, browser):
+    """Finding: users saw their other portal sessions but could not end one
+    ("sign out that other browser"). Confirmed, the focus on Cancel; ended
+    at once; audited."""
+    user = unique("walk")
+    slapd.add_user(user, PRIMARY)
+    first = browser(walk)
+    totp = enrol(first, user)
+    second = browser(walk)
+    sign_in(second, user, code=totp.at(time.time() + 30))
+    assert second.path == "/", second.text()
+    assert "Sign that browser out" in second.text()  # for the first browser
+    first.open("/")
+    assert len(first.all("ul.sessions li")) == 2
+    first.press("Sign that browser out")
+    assert "Sign out that browser?" in first.text()
+    assert active_text(first) == "Cancel"
+    first.press("Sign it out")
+    wait_until(lambda: first.path == "/", 10)
+    assert "That browser is signed out." in first.text()
+    sessions = [li.text for li in first.all("ul.sessions li")]
+    assert len(sessions) == 1 and sessions[0].startswith("This browser")
+    assert "Sign that browser out" not in first.text()  # never this one
+    second.open("/")
+    assert second.path == "/sign-in"
+    ended = [e for e in audit(walk) if e["event"] == "portal_session_ended" and e.get("user") == user]
+    assert len(ended) == 1 and ended[0]["ended_address"] == "127.0.0.1"
+    assert ended[0]["actor"] == f"portal:{user}"
