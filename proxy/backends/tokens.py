@@ -13,7 +13,6 @@ is the request, over Twisted's HTTP client (never blocking the reactor).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
@@ -21,15 +20,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
-from proxy.tls import client_options
+from proxy import webclient
 from proxy.wire import oauth
 
 log = Logger(namespace="legacy_auth_proxy.backends.tokens")
@@ -183,27 +176,6 @@ class Grant:
     client_auth: str = "client_secret_basic"
 
 
-class _Body(Protocol):
-    """A response's body, up to MAX_BODY bytes."""
-
-    def __init__(self, done: Deferred[bytes]) -> None:
-        self.done = done
-        self.data = bytearray()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if len(self.data) > MAX_BODY and self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if len(self.data) > MAX_BODY:
-            self.done.errback(TokenUnavailable("the token endpoint's answer is too large"))
-        elif reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
-            self.done.errback(TokenUnavailable("the token endpoint's answer was cut short"))
-        else:
-            self.done.callback(bytes(self.data))
-
-
 def _form(fields: dict[str, str]) -> bytes:
     return urllib.parse.urlencode(fields).encode()
 
@@ -233,21 +205,18 @@ class ClientCredentials:
                     + urllib.parse.quote(grant.client_secret, safe=""))
             headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair.encode())]
         try:
-            d = self.agent.request(b"POST", grant.token_url.encode(), Headers(headers),
-                                   FileBodyProducer(io.BytesIO(_form(form))))
-            d.addTimeout(self.timeout, self.clock)
-            response = await d
-            done: Deferred[bytes] = Deferred()
-            response.deliverBody(_Body(done))
-            done.addTimeout(self.timeout, self.clock)
-            body = await done
-        except TokenUnavailable:
-            raise
+            code, body = await webclient.request(
+                self.agent, self.clock, b"POST", grant.token_url, timeout=self.timeout,
+                limit=MAX_BODY, headers=headers, body=_form(form))
+        except webclient.AnswerTooLarge:
+            raise TokenUnavailable("the token endpoint's answer is too large") from None
+        except webclient.AnswerCut:
+            raise TokenUnavailable("the token endpoint's answer was cut short") from None
         except Exception as e:
             # Refused, unreachable, TLS, timed out: the kind, never a URL
             # with credentials in it.
             raise TokenUnavailable(f"token endpoint unreachable: {type(e).__name__}") from None
-        return self._read(response.code, body)
+        return self._read(code, body)
 
     @staticmethod
     def _read(code: int, body: bytes) -> tuple[str, float]:
@@ -271,19 +240,6 @@ class ClientCredentials:
         if not isinstance(lifetime, (int, float)) or isinstance(lifetime, bool) or lifetime <= 0:
             raise TokenUnavailable("token endpoint answered without a lifetime")
         return token, float(lifetime)
-
-
-def agent(reactor: Any, ca_pem: bytes | None, timeout: float) -> Any:
-    """Twisted's HTTP client, trusting ``ca_pem`` (the system's store if None)."""
-    @implementer(IPolicyForHTTPS)
-    class Trust:
-        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-            return client_options(hostname.decode("idna"), ca_pem)
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 2
-    pool.retryAutomatically = False
-    return Agent(reactor, contextFactory=Trust(), connectTimeout=timeout, pool=pool)
 
 
 @attrs.define
@@ -325,20 +281,3 @@ def refusal(challenge: bytes) -> str:
 # The statuses that say the token itself was refused (RFC 7628's
 # invalid_token; XOAUTH2 servers say 401, as Gmail does).
 TOKEN_REFUSED = frozenset({"invalid_token", "401"})
-
-
-async def get_json(agent: Any, clock: Any, url: str, timeout: float) -> dict[str, Any]:
-    """GET a JSON object (a provider's JWKS); raises on anything else."""
-    d = agent.request(b"GET", url.encode(), Headers({b"Accept": [b"application/json"]}))
-    d.addTimeout(timeout, clock)
-    response = await d
-    done: Deferred[bytes] = Deferred()
-    response.deliverBody(_Body(done))
-    done.addTimeout(timeout, clock)
-    body = await done
-    if response.code != 200:
-        raise ValueError(f"{url} answered {response.code}")
-    document = json.loads(body)
-    if not isinstance(document, dict):
-        raise ValueError(f"{url} answered without a JSON object")
-    return document

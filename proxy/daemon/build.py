@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from proxy import apppasswords, config as configuration
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.bearer import BearerTokens
-from proxy.backends.tokens import agent as token_agent, get_json
+from proxy.webclient import agent as token_agent, get_json
 from proxy.backends.ldap import Upstream
 from proxy.bootstrap import StartupError, hash_parameters, read_directory_secrets
 from proxy.daemon.tree import Ordered

@@ -14,7 +14,8 @@ from twisted.logger import Logger
 
 from proxy import config as configuration, protocols
 from proxy.backends import backend_endpoint
-from proxy.backends.tokens import ClientCredentials, Grant, OAuthLogin, TokenCache, agent as token_agent
+from proxy.backends.tokens import ClientCredentials, Grant, OAuthLogin, TokenCache
+from proxy.webclient import agent as token_agent
 from proxy.bootstrap import StartupError, read_password
 from proxy.daemon.tree import Ordered, Part
 from proxy.frontends.base import PreLoginBudget

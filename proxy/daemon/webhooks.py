@@ -32,6 +32,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferredTimeout, succeed
 from twisted.logger import Logger
 
+from proxy import webclient
 from proxy.metrics import counter, gauge
 from proxy.store import OutboxEvent, OutboxStats, StoreError
 from proxy.store import outbox
@@ -381,76 +382,25 @@ MAX_ANSWER = 64 * 1024  # a receiver's answer is read (so its connection can be 
 
 def http_post(reactor: Any, ca: bytes | None) -> Callable[[str, dict[str, str], bytes, float],
                                                          Deferred[int]]:
-    """A ``post(url, headers, body, timeout)`` answering the status, on
-    twisted.web's Agent with persistent connections; HTTPS checked against
-    ``ca`` (PEM) or the system's trust store. Redirects are not followed."""
-    from twisted.internet import ssl
-    from twisted.internet.protocol import Protocol
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
-    from twisted.web.iweb import IBodyProducer
-    from zope.interface import implementer
+    """A ``post(url, headers, body, timeout)`` answering the status, with
+    persistent connections; HTTPS checked against ``ca`` (PEM) or the
+    system's trust store. Redirects are not followed, and of the answer no
+    more than MAX_ANSWER bytes are read."""
+    connections = webclient.pool(reactor, per_host=16)
+    agent = webclient.agent(reactor, ca, 30.0, connections)
 
-    @implementer(IBodyProducer)
-    class Body:
-        def __init__(self, data: bytes) -> None:
-            self._data = data
-            self.length = len(data)
-
-        def startProducing(self, consumer: Any) -> Deferred[None]:
-            consumer.write(self._data)
-            return succeed(None)
-
-        def pauseProducing(self) -> None:
-            pass
-
-        def resumeProducing(self) -> None:
-            pass
-
-        def stopProducing(self) -> None:
-            pass
-
-    class Discard(Protocol):
-        def __init__(self, done: Deferred[None]) -> None:
-            self._done = done
-            self._seen = 0
-
-        def dataReceived(self, data: bytes) -> None:
-            self._seen += len(data)
-            if self._seen > MAX_ANSWER and self.transport is not None:
-                self.transport.stopProducing()
-
-        def connectionLost(self, reason: Any = None) -> None:
-            if not self._done.called:
-                self._done.callback(None)
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 16
-    pool.retryAutomatically = False  # a retry is the deliverer's to decide
-    if ca is not None:
-        blocks = [b"-----BEGIN CERTIFICATE-----" + part for part in
-                  ca.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-        policy = BrowserLikePolicyForHTTPS(ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(block) for block in blocks]))
-    else:
-        policy = BrowserLikePolicyForHTTPS()
-    agent = Agent(reactor, contextFactory=policy, pool=pool)
-
-    async def post(url: str, headers: dict[str, str], body: bytes) -> int:
-        response = await agent.request(
-            b"POST", url.encode("ascii"),
-            Headers({k.encode(): [v.encode()] for k, v in headers.items()}), Body(body))
-        done: Deferred[None] = Deferred()
-        response.deliverBody(Discard(done))
-        await done
-        return int(response.code)
+    async def post(url: str, headers: dict[str, str], body: bytes, timeout: float) -> int:
+        code, _ = await webclient.request(
+            agent, reactor, b"POST", url, timeout=timeout, limit=MAX_ANSWER, cut_short=True,
+            headers={k.encode(): [v.encode()] for k, v in headers.items()}, body=body)
+        return code
 
     def call(url: str, headers: dict[str, str], body: bytes, timeout: float) -> Deferred[int]:
-        d = Deferred.fromCoroutine(post(url, headers, body))
+        d = Deferred.fromCoroutine(post(url, headers, body, timeout))
         d.addTimeout(timeout, reactor)
         return d
 
-    call.close = pool.closeCachedConnections  # type: ignore[attr-defined]
+    call.close = connections.closeCachedConnections  # type: ignore[attr-defined]
     return call
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import secrets
 import urllib.parse
@@ -37,12 +36,9 @@ from joserfc.errors import (
     BadSignatureError, ExpiredTokenError, InvalidClaimError, InvalidKeyIdError, InvalidTokenError,
     JoseError, MissingClaimError, MissingKeyError)
 from joserfc.jwk import KeySet
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer
-from twisted.web.http_headers import Headers
 
+from proxy import webclient
 from proxy.config import OidcConfig
 
 log = Logger(namespace="legacy_auth_proxy.portal.oidc")
@@ -233,28 +229,9 @@ def identity_of(claims: dict[str, Any], config: OidcConfig, now: float) -> Ident
                     acr=acr, amr=amr, multi_factor=multi_factor)
 
 
-class _Body(Protocol):
-    """A response's body, up to MAX_BODY bytes."""
-
-    def __init__(self, done: Deferred[bytes]) -> None:
-        self.done = done
-        self.data = bytearray()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if len(self.data) > MAX_BODY and self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if len(self.data) > MAX_BODY:
-            self.done.errback(ProviderError("an answer larger than any the provider should send"))
-        else:
-            self.done.callback(bytes(self.data))
-
-
 class OidcClient:
     """One provider, one client (the portal). ``agent`` is Twisted's
-    ``Agent`` (built by :func:`proxy.backends.tokens.agent`, trusting
+    ``Agent`` (built by :func:`proxy.webclient.agent`, trusting
     ``ca_file``); ``clock`` the reactor."""
 
     def __init__(self, clock: Any, config: OidcConfig, secret: str, agent: Any) -> None:
@@ -269,18 +246,13 @@ class OidcClient:
 
     async def _request(self, method: bytes, url: str, body: bytes | None = None,
                        headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, bytes]:
-        sent = Headers({b"Accept": [b"application/json"], **(headers or {})})
-        producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
-        d = self._agent.request(method, url.encode(), sent, producer)
-        d.addTimeout(self.config.timeout, self._clock)
         try:
-            response = await d
-            done: Deferred[bytes] = Deferred()
-            response.deliverBody(_Body(done))
-            done.addTimeout(self.config.timeout, self._clock)
-            return response.code, await done
-        except ProviderError:
-            raise
+            return await webclient.request(
+                self._agent, self._clock, method, url, timeout=self.config.timeout,
+                limit=MAX_BODY, headers={b"Accept": [b"application/json"], **(headers or {})},
+                body=body)
+        except webclient.AnswerTooLarge:
+            raise ProviderError("an answer larger than any the provider should send") from None
         except Exception as e:
             raise ProviderError(f"{url.split('?')[0]}: {type(e).__name__}") from None
 

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from proxy import secondfactor
 from proxy.admin import AdminError
 from proxy.auth import Attempt, Decision, Outcome, Reason
-from proxy.backends.tokens import agent
+from proxy.webclient import agent
 from proxy.config import ConfigError
 from proxy.directory import DirectoryUnavailable
 from proxy.portal.oidc import Identity, OidcClient, ProviderError, Refused

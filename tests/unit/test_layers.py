@@ -21,6 +21,7 @@ LAYERS = [
                   "proxy.pki", "proxy.metrics", "proxy.twistedcheck", "proxy.moves"]),
     ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor",
                                 "proxy.splice"]),
+    ("the HTTP client", ["proxy.webclient"]),
     ("store, directory and backends", ["proxy.store", "proxy.directory", "proxy.backends"]),
     ("the core", ["proxy.auth", "proxy.sessions", "proxy.admin"]),
     # Beside the portal, one step below it: the portal's app mounts it.

@@ -210,22 +210,30 @@ def test_a_body_is_read_whole_bounded_and_not_when_cut_short():
     from twisted.python.failure import Failure
     from twisted.web.client import ResponseDone, ResponseFailed
 
+    from proxy import webclient
+
     done = Deferred()
-    body = tokens._Body(done)
+    body = webclient._Bounded(done, tokens.MAX_BODY, cut_short=False)
     body.dataReceived(b'{"a":')
     body.dataReceived(b"1}")
     body.connectionLost(Failure(ResponseDone()))
     assert done.result == b'{"a":1}'
     cut = Deferred()
-    body = tokens._Body(cut)
+    body = webclient._Bounded(cut, tokens.MAX_BODY, cut_short=False)
     body.dataReceived(b'{"a":')
     body.connectionLost(Failure(ResponseFailed([])))
-    assert "cut short" in cut.result.value.reason
+    assert cut.result.check(webclient.AnswerCut)
     cut.addErrback(lambda f: None)
     large = Deferred()
-    body = tokens._Body(large)
+    body = webclient._Bounded(large, tokens.MAX_BODY, cut_short=False)
     body.transport = None
     body.dataReceived(b"x" * (tokens.MAX_BODY + 1))
     body.connectionLost(Failure(ResponseDone()))
-    assert "too large" in large.result.value.reason
+    assert large.result.check(webclient.AnswerTooLarge)
     large.addErrback(lambda f: None)
+    glanced = Deferred()
+    body = webclient._Bounded(glanced, 4, cut_short=True)
+    body.transport = None
+    body.dataReceived(b"x" * 10)
+    body.connectionLost(Failure(ResponseDone()))
+    assert glanced.result == b"xxxx"
