@@ -65,3 +65,20 @@ def test_a_proof_of_who_the_user_is_grows_stale_whatever_the_session_does():
     assert fresh(session, clock.seconds(), 300)
     _, enrolling = sessions.start("carol", "uid=carol", "enrolling", pending_key="k")
     assert enrolling.strong_at is None and not fresh(enrolling, clock.seconds(), 300)
+
+
+def test_a_user_ends_one_of_their_sessions_by_its_id_and_no_one_elses():
+    """"Sign out that other browser": the id in the list names one session;
+    it opens nothing, and it ends only its own user's session."""
+    clock = Clock()
+    sessions = WebSessions(clock, idle=60, lifetime=300)
+    here, _ = sessions.start("alice", "uid=alice", "signed_in")
+    there, other = sessions.start("alice", "uid=alice", "signed_in")
+    bobs, bob = sessions.start("bob", "uid=bob", "signed_in")
+    assert other.id not in (here, there) and sessions.get(other.id) is None
+    assert sessions.end_one("alice", bob.id) is None and sessions.get(bobs) is bob
+    assert sessions.end_one("alice", other.id) is other
+    assert sessions.get(there) is None and sessions.get(here) is not None
+    assert sessions.end_one("alice", other.id) is None  # gone already
+    clock.advance(61)
+    assert sessions.end_one("bob", bob.id) is None  # expired: nothing to end
