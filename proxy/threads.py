@@ -53,6 +53,14 @@ class Pool:
         d.addBoth(self._finished)
         return d
 
+    def start_soon(self, function: Callable[[], object]) -> None:
+        """``function`` on a thread of the pool with no answer to the reactor
+        (no waker-pipe write, no reactor turn for it), not counted in
+        :attr:`pending`: for a caller that bounds and tracks its own work
+        (the audit writer keeps one such call at a time). Its exceptions
+        are its own to catch."""
+        self._pool.callInThread(function)
+
     def _finished(self, result: T) -> T:
         self.pending -= 1
         return result

@@ -1,15 +1,17 @@
-"""The daemon's audit events: to the Twisted log at once, to the file in
-batches on the audit pool, one batch on its way at a time: the events of
-the reactor turns that pass while one is written go together in the next
-(one hand-off to the audit thread and one write for all of them)."""
+"""The daemon's audit events: to the Twisted log at once, to the file by
+the audit thread, the events of a reactor turn handed over together in
+one step that needs no answer (no waker-pipe write, no reactor turn for
+it, no thread wake-up while the writer is busy)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from proxy.audit import AuditLog
 from proxy.config import AuditConfig
@@ -18,16 +20,27 @@ from proxy.threads import Pool
 log = Logger(namespace="legacy_auth_proxy.service")
 
 
+class _Mark:
+    """A point in the order of the events: ``action`` done on the audit
+    thread when every event before it is written, then ``done`` fired on
+    the reactor thread (a stop's last write, a reopen)."""
+
+    def __init__(self, action: Callable[[], object] | None = None) -> None:
+        self.action = action
+        self.done: Deferred[None] = Deferred()
+
+
 class AuditBatches:
     """Records the daemon's audit events. ``log_authentications`` False:
     sign-ins go to the file only (the daemon's log has a line for each
     failure, for fail2ban, already).
 
-    An event recorded while no batch is on its way is handed over at the end
-    of its reactor turn; one recorded while a batch is being written goes with
-    the next, handed over as soon as that write is done. Each hand-off costs
-    the audit thread's wake-up and the reactor's turn for its answer: under
-    load they are paid once for many sign-ins, not once a reactor turn.
+    The events of a reactor turn are put at the end of the turn, in one step
+    under a lock, on a queue the audit thread writes from, each time all of
+    it in one ``write``. The thread is started on the audit pool when it is
+    idle, with no answer to the reactor; while it writes, the next turns'
+    events only join the queue: under load, one wake-up of the thread for
+    many sign-ins, and none of the reactor turns the answers took.
     At most :attr:`MAX_WAITING` events wait (a disk that does not answer must
     not take the daemon's memory); past that an event is dropped, counted in
     :attr:`dropped` and as a refusal of the audit pool (the
@@ -41,19 +54,20 @@ class AuditBatches:
         self.audit = audit
         self._pool = pool
         self.log_authentications = log_authentications
-        self._batch: list[Any] = []  # JSON lines, or events to make into lines
+        self._batch: list[Any] = []  # this turn's: JSON lines, events to make into lines
         self._scheduled = False  # a call at the end of this reactor turn hands it over
-        self._writing = False  # a batch is on the audit pool
+        self._lock = threading.Lock()  # for the two below, shared with the audit thread
+        self._queue: list[Any] = []  # lines, events and marks, for the audit thread
+        self._running = False  # the audit thread is writing from the queue
         self.dropped = 0
-        self._dropping = 0  # dropped since the last batch handed over, for its log line
+        self._dropping = 0  # dropped since the last hand-over, for its log line
         # Every event to the webhooks' outbox too, when there are webhooks
         # (proxy.daemon.webhooks.OutboxWriter.add).
         self.outbox: Callable[[dict[str, Any]], None] | None = None
 
     def record(self, event: str, **fields: Any) -> None:
-        """One audit event: to the Twisted log now, to the file on the audit
-        pool, with the other events of its reactor turn (or of the turns that
-        pass while the batch before is written) in one write."""
+        """One audit event: to the Twisted log now, to the file with the
+        other events of its reactor turn, handed over at the turn's end."""
         record = self.audit.event(event, **fields)
         if self.outbox is not None:
             self.outbox(record)
@@ -62,11 +76,11 @@ class AuditBatches:
             entry: Any = record
         else:
             entry = self.audit.log(record)
-        if len(self._batch) >= self.MAX_WAITING:
+        if len(self._batch) + len(self._queue) >= self.MAX_WAITING:
             self._drop()
             return
         self._batch.append(entry)
-        if not self._scheduled and not self._writing:
+        if not self._scheduled:
             self._scheduled = True
             self._reactor.callLater(0, self._turn_ended)
 
@@ -80,49 +94,79 @@ class AuditBatches:
 
     def _turn_ended(self) -> None:
         self._scheduled = False
-        if not self._writing:
-            self._hand_over()
+        self._hand_over()
 
-    def _hand_over(self) -> None:
-        if not self._batch:
-            return
-        self._writing = True
-        self._send().addBoth(self._written)
-
-    def _written(self, _: object) -> None:
-        self._writing = False
-        self._hand_over()  # what came while it was written: at once, not a turn later
-
-    def _send(self) -> Deferred[None]:
-        """The waiting events to the audit pool, behind whatever is queued there."""
+    def _hand_over(self, mark: _Mark | None = None) -> None:
+        """This turn's events (and ``mark`` after them) to the audit thread."""
         batch, self._batch = self._batch, []
+        if mark is not None:
+            batch.append(mark)
         if self._dropping:
             log.warn("{count} audit events were dropped from the file", count=self._dropping)
             self._dropping = 0
+        if not batch:
+            return
+        with self._lock:
+            self._queue.extend(batch)
+            if self._running:
+                return
+            self._running = True
+        self._pool.start_soon(self._drain)
+
+    def _drain(self) -> None:
+        """On the audit thread: write until the queue is empty."""
+        while True:
+            with self._lock:
+                items, self._queue = self._queue, []
+                if not items:
+                    self._running = False
+                    return
+            self._write(items)
+
+    def _write(self, items: list[Any]) -> None:
         line = self.audit.line
+        lines: list[str] = []
+        for item in items:
+            if not isinstance(item, _Mark):
+                try:
+                    lines.append(item if isinstance(item, str) else line(item))
+                except Exception:
+                    self._reactor.callFromThread(log.failure, "cannot make an audit line",
+                                                 Failure())
+                continue
+            self._append(lines)
+            lines = []
+            try:
+                if item.action is not None:
+                    item.action()
+            except Exception:
+                self._reactor.callFromThread(item.done.errback, Failure())
+            else:
+                self._reactor.callFromThread(item.done.callback, None)
+        self._append(lines)
 
-        def write() -> None:
-            self.audit.append_lines([r if isinstance(r, str) else line(r) for r in batch])
-
-        return self._pool.submit(write).addErrback(
-            lambda f: log.failure("cannot write the audit log", f)
-        )
+    def _append(self, lines: list[str]) -> None:
+        try:
+            self.audit.append_lines(lines)
+        except Exception:
+            self._reactor.callFromThread(log.failure, "cannot write the audit log", Failure())
 
     def write(self) -> Deferred[None]:
-        """Write what is waiting now, behind the batch on its way if there is
-        one (the daemon's stop calls it last); fires when it is written."""
-        return self._send()
+        """Write what is waiting (the daemon's stop calls it last); fires
+        when every event recorded so far is written."""
+        mark = _Mark()
+        self._hand_over(mark)
+        return mark.done
 
     def reopen(self, config: AuditConfig) -> Deferred[None]:
         """SIGHUP: let the file go (logrotate) and write to ``config.file``
-        from now on. Call it before any await of the reload: the audit pool
-        runs its calls in order, and the events waiting are sent ahead, so
-        what was recorded before goes to the file before, and every batch
-        sent from here on goes to the new one."""
+        from now on. Call it before any await of the reload: every event
+        recorded before goes to the file before, every one after to the new
+        one, in the order of the audit thread's queue."""
         self.log_authentications = config.log_authentications
-        if self._batch:
-            self._send()
-        return self._pool.submit(self.audit.reopen, config.file)
+        mark = _Mark(lambda: self.audit.reopen(config.file))
+        self._hand_over(mark)
+        return mark.done
 
 
 class FromThread:

@@ -1,15 +1,24 @@
-"""The daemon's audit batches: one hand-off to the audit thread for the
-events of many reactor turns, in order, bounded, nothing lost at stop."""
+"""The daemon's audit batches: the events of a reactor turn handed to the
+audit thread in one step with no answer, in order, bounded, nothing lost at
+stop, a reopen in its place among the events."""
 
 import json
 
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from proxy.audit import AuditLog
 from proxy.config import AuditConfig
 from proxy.daemon.auditing import AuditBatches
-from proxy.threads import Busy
+
+
+class Reactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.from_thread = 0
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.from_thread += 1
+        self.callLater(0, f, *args, **kwargs)
 
 
 class Pool:
@@ -19,23 +28,20 @@ class Pool:
         self.calls = []
         self.refused = 0
 
-    def submit(self, function, *args):
-        d = Deferred()
-        self.calls.append((function, args, d))
-        return d
+    def start_soon(self, function):
+        self.calls.append(function)
 
     def run(self):
-        function, args, d = self.calls.pop(0)
-        d.callback(function(*args))
+        self.calls.pop(0)()
 
 
 def batches(tmp_path, log_authentications=False):
-    clock = Clock()
-    clock.advance(1794787200)
+    reactor = Reactor()
+    reactor.advance(1794787200)
     pool = Pool()
-    audit = AuditBatches(clock, AuditLog(tmp_path / "audit.log", clock.seconds), pool,
+    audit = AuditBatches(reactor, AuditLog(tmp_path / "audit.log", reactor.seconds), pool,
                          log_authentications)
-    return clock, pool, audit
+    return reactor, pool, audit
 
 
 def users(path):
@@ -44,77 +50,81 @@ def users(path):
     return [json.loads(line)["user"] for line in path.read_text().splitlines()]
 
 
-def test_the_events_of_one_turn_are_one_hand_off(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+def test_the_events_of_one_turn_are_one_hand_off_with_no_answer(tmp_path):
+    reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a", result="ok")
     audit.record("app_password_created", user="b")
     assert pool.calls == []
-    clock.advance(0)
+    reactor.advance(0)
     assert len(pool.calls) == 1
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b"]
+    assert reactor.from_thread == 0
 
 
-def test_the_turns_that_pass_while_a_batch_is_written_go_in_the_next(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+def test_the_turns_that_pass_while_the_thread_writes_join_its_queue(tmp_path):
+    reactor, pool, audit = batches(tmp_path, log_authentications=True)
     audit.record("authentication", user="a")
-    clock.advance(0)
-    for name in "bcd":  # three turns while the first batch is on the audit thread
+    reactor.advance(0)
+    for name in "bcd":  # three turns while the audit thread has not run yet
         audit.record("authentication", user=name)
-        clock.advance(0)
-    assert len(pool.calls) == 1
-    pool.run()  # its answer hands the next batch over at once
+        reactor.advance(0)
     assert len(pool.calls) == 1
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b", "c", "d"]
-    clock.advance(0)
-    assert pool.calls == []
+    audit.record("authentication", user="e")  # the thread is idle again: started anew
+    reactor.advance(0)
+    assert len(pool.calls) == 1
+    pool.run()
+    assert users(tmp_path / "audit.log") == ["a", "b", "c", "d", "e"]
 
 
-def test_stop_writes_what_waits_behind_the_batch_on_its_way(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+def test_stop_writes_what_waits_and_fires_when_written(tmp_path):
+    reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a")
-    clock.advance(0)
+    reactor.advance(0)
     audit.record("authentication", user="b")
     written = audit.write()
-    assert len(pool.calls) == 2
+    assert len(pool.calls) == 1
     pool.run()
-    pool.run()
-    assert written.called
     assert users(tmp_path / "audit.log") == ["a", "b"]
-    clock.advance(0)
+    assert not written.called
+    reactor.advance(0)  # the answer, through the reactor
+    assert written.called
+    reactor.advance(0)
     assert pool.calls == []
 
 
 def test_what_came_before_a_reopen_goes_to_the_file_before(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+    reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a")
-    clock.advance(0)
+    reactor.advance(0)
     audit.record("authentication", user="b")
-    audit.reopen(AuditConfig(file=tmp_path / "new.log", log_authentications=False))
+    reopened = audit.reopen(AuditConfig(file=tmp_path / "new.log", log_authentications=False))
     audit.record("authentication", user="c")
-    while pool.calls:
-        pool.run()
-        clock.advance(0)
+    reactor.advance(0)
+    pool.run()
+    reactor.advance(0)
+    assert reopened.called
     assert users(tmp_path / "audit.log") == ["a", "b"]
     assert users(tmp_path / "new.log") == ["c"]
 
 
 def test_past_the_bound_events_are_dropped_and_counted(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+    reactor, pool, audit = batches(tmp_path)
     audit.MAX_WAITING = 3
     audit.record("authentication", user="a")
-    clock.advance(0)  # a slow disk: this batch does not come back
+    reactor.advance(0)  # a slow disk: the thread does not run
     for name in "bcdef":
         audit.record("authentication", user=name)
-    assert (audit.dropped, pool.refused) == (2, 2)
+    assert (audit.dropped, pool.refused) == (3, 3)
+    reactor.advance(0)
     pool.run()
-    pool.run()
-    assert users(tmp_path / "audit.log") == ["a", "b", "c", "d"]
+    assert users(tmp_path / "audit.log") == ["a", "b", "c"]
 
 
 def test_every_event_reaches_the_outbox_at_once(tmp_path):
-    clock, pool, audit = batches(tmp_path)
+    reactor, pool, audit = batches(tmp_path)
     seen = []
     audit.outbox = seen.append
     audit.record("authentication", user="a")
@@ -122,12 +132,15 @@ def test_every_event_reaches_the_outbox_at_once(tmp_path):
     assert [r["user"] for r in seen] == ["a", "b"]
 
 
-def test_a_refused_batch_does_not_stop_the_next(tmp_path):
-    clock, pool, audit = batches(tmp_path)
-    pool.submit = lambda function, *args: fail(Busy("audit: full"))
+def test_a_write_that_fails_does_not_stop_the_next(tmp_path):
+    reactor, pool, audit = batches(tmp_path)
+    audit.audit.path = tmp_path / "missing" / "audit.log"
     audit.record("authentication", user="a")
-    clock.advance(0)
-    pool.submit = lambda function, *args: succeed(function(*args))
+    reactor.advance(0)
+    pool.run()
+    reactor.advance(0)  # the failure logged on the reactor thread
+    audit.audit.path = tmp_path / "audit.log"
     audit.record("authentication", user="b")
-    clock.advance(0)
+    reactor.advance(0)
+    pool.run()
     assert users(tmp_path / "audit.log") == ["b"]
