@@ -157,6 +157,7 @@ class Authenticator:
         kind = ChangeKind(change.kind)
         if kind is ChangeKind.UNLOCKED:
             self.unlock(change.username)
+            log.info("lockouts of {user} lifted by the help desk", user=change.username)
         elif kind is ChangeKind.LOCKED:
             # Locked by failures counted in the store, perhaps by another process.
             if self._fleet is not None:

@@ -102,6 +102,7 @@ class Fleet:
             return  # unlocked while this was read
         if username in lockouts:
             self._lockouts.put(username, lockouts[username])
+            log.info("{user} is locked out by failures counted in the shared store", user=username)
 
     def impose(self, account: Account) -> None:
         """Lockouts decided elsewhere, imposed on the account's counters."""

@@ -230,7 +230,7 @@ def test_wrong_codes_lock_the_account_even_with_the_right_password(proxy, slapd,
     sign_in(b, uid, code=next_code(totp))
     assert b.path == "/sign-in" and SIGN_IN_FAILED in b.text("#error")  # locked
     assert proxy.cli("user", "unlock", uid).returncode == 0
-    time.sleep(1.5)  # the change feed reaches the daemon
+    proxy.wait_for(f"lockouts of {uid} lifted")  # the change feed reached the daemon
     sign_in(b, uid, code=next_code(totp))
     assert b.path == "/", b.text()
 
