@@ -168,13 +168,17 @@ class _Health(Resource):
         self._check = check
 
     def render_GET(self, request: Any) -> bytes:
-        problems = self._check()
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        if problems:
-            request.setResponseCode(503)
-            return ("not ready: " + "; ".join(problems) + "\n").encode()
-        return b"ok\n"
+        return ready_answer(request, self._check())
+
+
+def ready_answer(request: Any, problems: list[str]) -> bytes:
+    """/health/ready's answer: ``ok``, or 503 and the problems in a line."""
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    if problems:
+        request.setResponseCode(503)
+        return ("not ready: " + "; ".join(problems) + "\n").encode()
+    return b"ok\n"
 
 
 def site(metrics: Metrics, ready: Callable[[], list[str]]) -> Any:

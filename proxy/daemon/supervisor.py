@@ -636,7 +636,7 @@ async def _serve_metrics(reactor: Any, endpoint: str, supervisor: Supervisor,
     from twisted.web.server import NOT_DONE_YET, Request, Site
 
     from proxy.bootstrap import StartupError
-    from proxy.metrics import CONTENT_TYPE_LATEST, NoServerHeader, counter, gauge
+    from proxy.metrics import CONTENT_TYPE_LATEST, NoServerHeader, counter, gauge, ready_answer
 
     class _Endpoints:
         def endpointForURI(self, uri: Any) -> Any:
@@ -721,13 +721,7 @@ async def _serve_metrics(reactor: Any, endpoint: str, supervisor: Supervisor,
         return await gather()
 
     async def ready(request: Any) -> bytes:
-        problems = await readiness()
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        if problems:
-            request.setResponseCode(503)
-            return ("not ready: " + "; ".join(problems) + "\n").encode()
-        return b"ok\n"
+        return ready_answer(request, await readiness())
 
     async def live(request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
