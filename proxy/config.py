@@ -237,20 +237,32 @@ class Network:
             raise ctx.error(f"expected {self.doc}, got {text!r}") from None
 
 
-class LdapUrl:
-    doc = "an ldap:// or ldaps:// URL with a host and an optional port"
+class _Url:
+    """A URL setting: ``doc`` says what is expected."""
 
-    def __call__(self, ctx: _Context) -> str:
+    doc = "a URL"
+
+    def _parts(self, ctx: _Context) -> tuple[str, urllib.parse.SplitResult]:
+        """The text and its parts, a port that is not a number refused (the
+        text not repeated if it holds a password)."""
         text = Str()(ctx)
         parts = urllib.parse.urlsplit(text)
         try:
-            port = parts.port
+            parts.port
         except ValueError:
-            port = -1
+            shown = "a URL with a password in it" if parts.password else repr(text)
+            raise ctx.error(f"expected {self.doc}, got {shown}") from None
+        return text, parts
+
+
+class LdapUrl(_Url):
+    doc = "an ldap:// or ldaps:// URL with a host and an optional port"
+
+    def __call__(self, ctx: _Context) -> str:
+        text, parts = self._parts(ctx)
         if (
             parts.scheme not in ("ldap", "ldaps")
             or not parts.hostname
-            or port == -1
             or parts.path not in ("", "/")
             or parts.query
             or parts.username
@@ -259,17 +271,12 @@ class LdapUrl:
         return text
 
 
-class BackendUrl:
+class BackendUrl(_Url):
     doc = ", ".join(f"{scheme}://" for scheme in protocols.BACKEND_PORTS) + \
         " with a host and an optional port"
 
     def __call__(self, ctx: _Context) -> str:
-        text = Str()(ctx)
-        parts = urllib.parse.urlsplit(text)
-        try:
-            parts.port
-        except ValueError:
-            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        text, parts = self._parts(ctx)
         if parts.scheme not in protocols.BACKEND_PORTS or not parts.hostname or (
             parts.path not in ("", "/")
         ):
@@ -413,16 +420,11 @@ STATE_DIR = Path("/var/lib/legacy-auth-proxy")
 LOGS_DIR = Path("/var/log/legacy-auth-proxy")
 
 
-class HttpUrl:
+class HttpUrl(_Url):
     doc = "an https:// URL (http:// only to a loopback address)"
 
     def __call__(self, ctx: _Context) -> str:
-        text = Str()(ctx)
-        parts = urllib.parse.urlsplit(text)
-        try:
-            parts.port
-        except ValueError:
-            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        text, parts = self._parts(ctx)
         if parts.username or parts.password:
             raise ctx.error("a URL with credentials in it: put the secret in its own file")
         loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
@@ -812,16 +814,11 @@ class MetricsConfig:
     )
 
 
-class MailRelay:
+class MailRelay(_Url):
     doc = "smtp://host[:port] (no TLS: a relay on this host or a trusted network) or smtps://host[:port]"
 
     def __call__(self, ctx: _Context) -> str:
-        text = Str()(ctx)
-        parts = urllib.parse.urlsplit(text)
-        try:
-            parts.port
-        except ValueError:
-            raise ctx.error(f"expected {self.doc}, got {text!r}") from None
+        text, parts = self._parts(ctx)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname or parts.path not in ("", "/"):
             raise ctx.error(f"expected {self.doc}, got {text!r}")
         return text
@@ -1190,12 +1187,11 @@ class AuditConfig:
     )
 
 
-class WebhookUrl:
+class WebhookUrl(_Url):
     doc = "an http:// or https:// URL, with no user or password in it"
 
     def __call__(self, ctx: _Context) -> str:
-        text = Str()(ctx)
-        parts = urllib.parse.urlsplit(text)
+        text, parts = self._parts(ctx)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ctx.error(f"expected {self.doc}")
         if parts.username or parts.password:
