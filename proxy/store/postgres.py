@@ -404,6 +404,49 @@ class _Tokens:
                          " WHERE name = %s", (at, name))
 
 
+class _Passkeys:
+    """A user's passkeys (WebAuthn credentials) for the portal, each with
+    its signature counter, shared by every process: part of :class:`PostgresStore`."""
+
+    def add_passkey(self, passkey: Passkey) -> Passkey:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS})"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s)", attrs.astuple(passkey))
+        except errors.UniqueViolation:
+            raise PasskeyTaken(passkey.username, passkey.name) from None
+        return passkey
+
+    def list_passkeys(self, username: str) -> list[Passkey]:
+        with self._connection() as conn:
+            rows = conn.execute(f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = %s"
+                                " ORDER BY created_at", (username,)).fetchall()
+        return [passkey_from(r) for r in rows]
+
+    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        with self._write() as conn:
+            row = conn.execute(f"DELETE FROM passkeys WHERE username = %s AND credential_id = %s"
+                               f" RETURNING {PASSKEY_COLUMNS}",
+                               (username, credential_id)).fetchone()
+        return None if row is None else passkey_from(row)
+
+    def delete_passkeys(self, username: str, now: float) -> int:
+        with self._write() as conn:
+            gone = conn.execute("DELETE FROM passkeys WHERE username = %s", (username,)).rowcount
+            self._log_change(conn, now, username, "second_factor_reset", None)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
+        with self._write() as conn:
+            used = conn.execute(
+                "UPDATE passkeys SET sign_count = %s, last_used_at = %s"
+                " WHERE username = %s AND credential_id = %s"
+                " AND (sign_count < %s OR (sign_count = 0 AND %s = 0))",
+                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
+        return bool(used)
+
+
 class _Outbox:
     """Events waiting for webhooks, shared by the fleet: part of
     :class:`PostgresStore`. A lane (a webhook's events of one user) is
@@ -531,7 +574,7 @@ class _Outbox:
         return delivered, dropped
 
 
-class PostgresStore(_Counts, _Tokens, _Outbox):
+class PostgresStore(_Counts, _Tokens, _Passkeys, _Outbox):
     """A :class:`proxy.store.Store` on PostgreSQL; safe to call from several threads."""
 
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 4,
@@ -878,46 +921,6 @@ class PostgresStore(_Counts, _Tokens, _Outbox):
                                  (step, username, step)).rowcount
         return bool(taken)
 
-    # -- passkeys ------------------------------------------------------------------------
-
-    def add_passkey(self, passkey: Passkey) -> Passkey:
-        try:
-            with self._write() as conn:
-                conn.execute(
-                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS})"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s)", attrs.astuple(passkey))
-        except errors.UniqueViolation:
-            raise PasskeyTaken(passkey.username, passkey.name) from None
-        return passkey
-
-    def list_passkeys(self, username: str) -> list[Passkey]:
-        with self._connection() as conn:
-            rows = conn.execute(f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = %s"
-                                " ORDER BY created_at", (username,)).fetchall()
-        return [passkey_from(r) for r in rows]
-
-    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
-        with self._write() as conn:
-            row = conn.execute(f"DELETE FROM passkeys WHERE username = %s AND credential_id = %s"
-                               f" RETURNING {PASSKEY_COLUMNS}",
-                               (username, credential_id)).fetchone()
-        return None if row is None else passkey_from(row)
-
-    def delete_passkeys(self, username: str, now: float) -> int:
-        with self._write() as conn:
-            gone = conn.execute("DELETE FROM passkeys WHERE username = %s", (username,)).rowcount
-            self._log_change(conn, now, username, "second_factor_reset", None)
-        return gone
-
-    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
-        with self._write() as conn:
-            used = conn.execute(
-                "UPDATE passkeys SET sign_count = %s, last_used_at = %s"
-                " WHERE username = %s AND credential_id = %s"
-                " AND (sign_count < %s OR (sign_count = 0 AND %s = 0))",
-                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
-        return bool(used)
-
     # -- failed sign-ins, shared ---------------------------------------------------------
 
     def note(self, username: str, kind: str, now: float) -> None:
@@ -936,8 +939,6 @@ class PostgresStore(_Counts, _Tokens, _Outbox):
     def last_change(self) -> int:
         with self._connection() as conn:
             return conn.execute("SELECT coalesce(max(seq), 0) AS seq FROM changes").fetchone()["seq"]
-
-    # -- API tokens ----------------------------------------------------------------------
 
     def listen(self, notified: Callable[[], None], listening: Callable[[bool], None],
                stop: threading.Event) -> None:

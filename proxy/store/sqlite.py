@@ -330,6 +330,54 @@ class _Tokens:
                 " WHERE name = ?", (at, name))
 
 
+class _Passkeys:
+    """A user's passkeys (WebAuthn credentials) for the portal, each with
+    its signature counter: part of :class:`SQLiteStore`."""
+
+    def add_passkey(self, passkey: Passkey) -> Passkey:
+        with self._write():
+            try:
+                self._db.execute(
+                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    attrs.astuple(passkey))
+            except sqlite3.IntegrityError as e:
+                if "UNIQUE" in str(e):
+                    raise PasskeyTaken(passkey.username, passkey.name) from None
+                raise
+        return passkey
+
+    def list_passkeys(self, username: str) -> list[Passkey]:
+        rows = self._db.execute(
+            f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = ? ORDER BY created_at",
+            (username,))
+        return [passkey_from(r) for r in rows]
+
+    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        with self._write():
+            row = self._db.execute(
+                f"DELETE FROM passkeys WHERE username = ? AND credential_id = ?"
+                f" RETURNING {PASSKEY_COLUMNS}", (username, credential_id)).fetchone()
+        return None if row is None else passkey_from(row)
+
+    def delete_passkeys(self, username: str, now: float) -> int:
+        with self._write():
+            gone = self._db.execute("DELETE FROM passkeys WHERE username = ?",
+                                    (username,)).rowcount
+            self._log_change(now, username, "second_factor_reset", None)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
+        """A sign-in with the passkey: its counter and when, in one statement,
+        so two processes cannot both take the same counter value."""
+        with self._write():
+            used = self._db.execute(
+                "UPDATE passkeys SET sign_count = ?, last_used_at = ?"
+                " WHERE username = ? AND credential_id = ?"
+                " AND (sign_count < ? OR (sign_count = 0 AND ? = 0))",
+                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
+        return bool(used)
+
+
 class _Outbox:
     """Events waiting for webhooks, and where each stands: part of
     :class:`SQLiteStore`. One daemon delivers from a SQLite store. Each
@@ -449,7 +497,7 @@ class _Outbox:
         return delivered, dropped
 
 
-class SQLiteStore(_Counts, _Tokens, _Outbox):
+class SQLiteStore(_Counts, _Tokens, _Passkeys, _Outbox):
     """The default :class:`proxy.store.Store`. Not thread-safe: one thread at a time."""
 
     def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
@@ -799,51 +847,6 @@ class SQLiteStore(_Counts, _Tokens, _Outbox):
             ).rowcount
         return bool(taken)
 
-    # -- passkeys ------------------------------------------------------------
-
-    def add_passkey(self, passkey: Passkey) -> Passkey:
-        with self._write():
-            try:
-                self._db.execute(
-                    f"INSERT INTO passkeys ({PASSKEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    attrs.astuple(passkey))
-            except sqlite3.IntegrityError as e:
-                if "UNIQUE" in str(e):
-                    raise PasskeyTaken(passkey.username, passkey.name) from None
-                raise
-        return passkey
-
-    def list_passkeys(self, username: str) -> list[Passkey]:
-        rows = self._db.execute(
-            f"SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE username = ? ORDER BY created_at",
-            (username,))
-        return [passkey_from(r) for r in rows]
-
-    def delete_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
-        with self._write():
-            row = self._db.execute(
-                f"DELETE FROM passkeys WHERE username = ? AND credential_id = ?"
-                f" RETURNING {PASSKEY_COLUMNS}", (username, credential_id)).fetchone()
-        return None if row is None else passkey_from(row)
-
-    def delete_passkeys(self, username: str, now: float) -> int:
-        with self._write():
-            gone = self._db.execute("DELETE FROM passkeys WHERE username = ?",
-                                    (username,)).rowcount
-            self._log_change(now, username, "second_factor_reset", None)
-        return gone
-
-    def use_passkey(self, username: str, credential_id: bytes, sign_count: int, now: float) -> bool:
-        """A sign-in with the passkey: its counter and when, in one statement,
-        so two processes cannot both take the same counter value."""
-        with self._write():
-            used = self._db.execute(
-                "UPDATE passkeys SET sign_count = ?, last_used_at = ?"
-                " WHERE username = ? AND credential_id = ?"
-                " AND (sign_count < ? OR (sign_count = 0 AND ? = 0))",
-                (sign_count, now, username, credential_id, sign_count, sign_count)).rowcount
-        return bool(used)
-
     # -- failed sign-ins, shared -----------------------------------------------
 
     def note(self, username: str, kind: str, now: float) -> None:
@@ -865,8 +868,6 @@ class SQLiteStore(_Counts, _Tokens, _Outbox):
     def last_change(self) -> int:
         row = self._db.execute("SELECT max(seq) FROM changes").fetchone()
         return row[0] or 0
-
-    # -- API tokens -----------------------------------------------------------
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]
