@@ -16,8 +16,10 @@ The rules themselves are pure functions (:mod:`proxy.auth.rules`) that the
 slow path (:meth:`Authenticator.authenticate`) and the fast path
 (:meth:`Authenticator.decide_cached`) both call. The Authenticator gathers
 the facts and keeps the books: accounts (:mod:`proxy.auth.accounts`), app
-passwords (:mod:`proxy.auth.apps`), the throttle, revocations, the change
-feed, the fleet's shared counts, last uses, and every decision's audit event.
+passwords (:mod:`proxy.auth.apps`, decided by :mod:`proxy.auth.appsignin`),
+access tokens (:mod:`proxy.auth.bearersignin`), the throttle and its
+lockouts (:mod:`proxy.auth.lockouts`), revocations, the change feed, the
+fleet's shared counts, last uses, and every decision's audit event.
 
 Every refusal is answered no sooner than the source's failure delay after
 the attempt began, and one that no directory check decided no sooner than a
@@ -33,21 +35,23 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from proxy import apppasswords
 from proxy.auth import NOT_GUESSES, Attempt, Decision, Outcome, Reason, rules
 from proxy.auth.accounts import Accounts, DirectoryLike
-from proxy.auth.apps import BUSY, AppPasswords, Found
-from proxy.auth.bearer import BearerTokens, InvalidToken, KeysUnavailable
+from proxy.auth.apps import AppPasswords
+from proxy.auth.appsignin import AppPasswordSignIn
+from proxy.auth.bearer import BearerTokens
+from proxy.auth.bearersignin import BearerSignIn
 from proxy.auth.events import DecisionEvents
 from proxy.auth.feed import ChangeFeed
 from proxy.auth.fleet import Fleet
+from proxy.auth.lockouts import Lockouts
 from proxy.auth.primary import PrimaryPasswords
 from proxy.auth.revocations import Listener, Revocations
 from proxy.auth.throttle import Throttle
-from proxy.auth.timing import CheckTime
+from proxy.auth.timing import FailureDelay
 from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
@@ -106,15 +110,15 @@ class Authenticator:
             self._fleet = Fleet(clock, store, self.throttle, throttle, self.accounts.username_of)
         else:
             self.throttle = Throttle(throttle, clock.seconds)
+        self.lockouts = Lockouts(self.throttle, self.accounts, self._fleet)
         self.primary = PrimaryPasswords(clock, directory, self.throttle, cache, metrics)
         self.usage = UsageRecorder(clock, store, cache.last_used_interval)
-        self._check_time = CheckTime()
+        self._delay = FailureDelay(clock, self.throttle)
         self.revocations = Revocations(clock, store, record)
         self.revocations.on_revoked(self._forget)  # the core's own caches first
         self.feed = ChangeFeed(clock, store, self.apply)
-        # OAuth access tokens clients sign in with (the oauth section); set
-        # by the daemon's builder.
-        self.bearer: BearerTokens | None = None
+        self.app_sign_in = AppPasswordSignIn(clock, self.apps, self.revocations, self.usage)
+        self.bearer_sign_in = BearerSignIn(self.accounts, self.throttle)
 
     @property
     def metrics(self) -> Any:
@@ -159,9 +163,7 @@ class Authenticator:
             self.unlock(change.username)
             log.info("lockouts of {user} lifted by the help desk", user=change.username)
         elif kind is ChangeKind.LOCKED:
-            # Locked by failures counted in the store, perhaps by another process.
-            if self._fleet is not None:
-                self._fleet.locked_elsewhere(change.username)
+            self.lockouts.locked_elsewhere(change.username)
         elif kind in (ChangeKind.DELETED, ChangeKind.STOPPED) and change.app_password_id:
             self.revocations.revoked(change.username, change.app_password_id, ChangeKind.DELETED)
         else:
@@ -193,33 +195,16 @@ class Authenticator:
             self.apps.forget(username=username)
             self.primary.forget(username)
 
+    # The help desk's lockouts (proxy.auth.lockouts), asked of the core.
+
     def unlock(self, username: str) -> int:
-        """Lift every lockout of the account the store calls ``username``
-        (the help desk's "lift a lockout"); how many accounts were found."""
-        if self._fleet is not None:
-            self._fleet.unlocked(username)
-        keys = self.accounts.keys_of(username)
-        for key in keys + ["unknown:" + username]:
-            self.throttle.forget(key)
-        return len(keys)
+        return self.lockouts.unlock(username)
 
     def locked_out(self) -> list[tuple[str, float]]:
-        """The users locked out now and the seconds each stays locked,
-        longest first (the help desk's list): this process's lockouts and,
-        with a shared store, every process's."""
-        found: dict[str, float] = {}
-        for key, seconds in self.throttle.locked_accounts():
-            name = self.accounts.username_of(key) or key
-            found[name] = max(seconds, found.get(name, 0.0))
-        if self._fleet is not None:
-            for name, seconds in self._fleet.locked_now():
-                found[name] = max(seconds, found.get(name, 0.0))
-        return sorted(found.items(), key=lambda pair: -pair[1])
+        return self.lockouts.locked_out()
 
     def locked(self, account: Account, address: str | None = None) -> float:
-        """Seconds the account stays locked (from ``address``, or anywhere: the longest)."""
-        return self.throttle.locked_anywhere(account.key) if address is None \
-            else self.throttle.locked(account.key, address)
+        return self.lockouts.locked(account, address)
 
     async def find_names(self, text: str, limit: int = 20) -> list[str]:
         """User names that contain ``text`` (the help desk's search).
@@ -253,19 +238,7 @@ class Authenticator:
         self.throttle.failed(account.key, attempt.client_address, "code:" + code)
         refused = Decision(Reason.WRONG_CODE, account.username, account, checked=True)
         self.events.told(attempt, refused)
-        await self._hold(attempt, refused, started)
-
-    async def _hold(self, attempt: Attempt, decision: Decision, started: float) -> None:
-        """The one failure delay: a refusal is answered no sooner than the
-        source's delay after the attempt began, and one that no directory
-        check decided no sooner than a check would have ended."""
-        now = self._clock.seconds()
-        delay = self.throttle.failure_delay(attempt.client_address)
-        hold = self._check_time.hold(decision, now - started)
-        if hold > delay:
-            await self._check_time.wait(self._clock, started + hold - now)
-        elif started + delay > now:
-            await deferLater(self._clock, started + delay - now)
+        await self._delay.hold(attempt, refused, started)
 
     def backend_failed(self, attempt: Attempt, decision: Decision, *, listener: str,
                        reason: str, detail: str = "") -> None:
@@ -295,7 +268,7 @@ class Authenticator:
         if not pending:
             self.events.audit(attempt, decision)
         if decision.outcome is Outcome.REFUSED and decision.reason not in NOT_GUESSES:
-            await self._hold(attempt, decision, started)
+            await self._delay.hold(attempt, decision, started)
         if not pending:
             self.events.told(attempt, decision, self._clock.seconds() - started, audit=False)
         return decision
@@ -373,7 +346,7 @@ class Authenticator:
         if screened is not None:
             return screened
         if attempt.bearer:
-            return await self._bearer_token(attempt)
+            return await self.bearer_sign_in.decide(attempt)
         name = attempt.username.strip()
         typed = apppasswords.canonical_username(attempt.username)
         app_password_form = apppasswords.normalise(attempt.secret)
@@ -445,7 +418,8 @@ class Authenticator:
         key = account.key
         if rules.takes_app_passwords(attempt):
             if app_password_form is not None:
-                decided = await self._app_password(attempt, account, app_password_form)
+                decided = await self.app_sign_in.decide(attempt, account, app_password_form,
+                                                        self.policy)
                 if decided is not None:
                     if decided.accepted:
                         self.throttle.succeeded(key, attempt.client_address, since)
@@ -461,87 +435,18 @@ class Authenticator:
 
     # -- OAuth access tokens ----------------------------------------------------------
 
+    @property
+    def bearer(self) -> BearerTokens | None:
+        """The oauth section's token checker (set by the daemon's builder)."""
+        return self.bearer_sign_in.tokens
+
+    @bearer.setter
+    def bearer(self, tokens: BearerTokens | None) -> None:
+        self.bearer_sign_in.tokens = tokens
+
     def takes_bearer_tokens(self, realm: str) -> bool:
-        """Whether a listener of ``realm`` offers XOAUTH2 and OAUTHBEARER:
-        cloud listeners, where the oauth section is configured."""
-        return self.bearer is not None and realm == "cloud"
-
-    async def _bearer_token(self, attempt: Attempt) -> Decision:
-        """An access token: checked first (no directory look-up for a bad
-        one, so that it tells nothing of which names exist), then the user
-        it names against the account signing in, then the account as for
-        any sign-in. A bad token is not a guess at the account's secret: it
-        meets the source's failure delay, and never locks the account."""
-        typed = apppasswords.canonical_username(attempt.username)
-        if self.bearer is None or not self.takes_bearer_tokens(attempt.realm):
-            return Decision(Reason.INVALID_TOKEN, typed)
-        try:
-            claims = await self.bearer.verify(attempt.secret)
-        except KeysUnavailable:
-            return Decision(Reason.PROVIDER_UNAVAILABLE, typed)
-        except InvalidToken as e:
-            log.info("{address}: an access token for {user} refused: {why}",
-                     address=attempt.client_address, user=typed, why=e.reason)
-            return Decision(Reason.INVALID_TOKEN, typed)
-        names = self.bearer.names(claims)
-        if not typed:
-            # OAUTHBEARER without a=: the user is the one the token names.
-            if not names or rules.malformed_name(names[0]):
-                return Decision(Reason.MALFORMED, "")
-            typed = apppasswords.canonical_username(names[0])
-        try:
-            account = await self.accounts.account(attempt.username.strip() or typed)
-        except DirectoryUnavailable:
-            return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
-        if account is None:
-            return Decision(Reason.UNKNOWN_USER, typed)
-        named = {apppasswords.canonical_username(n) for n in names}
-        own = {typed, account.username} | ({apppasswords.canonical_username(account.mail)}
-                                           if account.mail else set())
-        if not named & own:
-            return Decision(Reason.TOKEN_FOR_ANOTHER_USER, account.username, account)
-        refused = rules.account_refusal(attempt, account)
-        if refused is not None:
-            return refused
-        if self.throttle.locked(account.key, attempt.client_address):
-            return Decision(Reason.LOCKED_OUT, account.username, account)
-        return Decision(Reason.BEARER_TOKEN, account.username, account)
-
-    # -- app passwords -------------------------------------------------------------
-
-    async def _app_password(self, attempt: Attempt, account: Account, secret: str) -> Decision | None:
-        """A decision if ``secret`` is one of the account's app passwords; None if not."""
-        revision = self.revocations.of(account.username)
-        found = await self.apps.find(account, secret)
-        if found is BUSY:
-            return Decision(Reason.BUSY, account.username, account)
-        if not isinstance(found, Found):
-            return None
-        record = found.record
-        now = self._clock.seconds()
-        stopped = record.stopped(now, self.policy.app_password_idle_expiry) is not None
-        decision = rules.app_password(attempt, account, record, now, self.policy)
-        if decision.reason in (Reason.EXPIRED, Reason.UNUSED, Reason.REVOKED_BY_PASSWORD_CHANGE):
-            self.apps.forget(id=record.id)
-            if not stopped and account.password_changed_at is not None \
-                    and self.policy.revoke_app_passwords_on_password_change:
-                # Older than the account's password: stopped now, with the rest.
-                await self.revocations.stop_older(account)
-        if not decision.accepted:
-            return decision
-        if found.verified_now and self.revocations.of(account.username) == revision:
-            # Only if nothing of the user's was revoked during the check.
-            self.apps.remember(account, secret, record)
-        self.usage.used(record.id, now, attempt.client_address, attempt.protocol)
-        return decision
+        return self.bearer_sign_in.offered(realm)
 
     async def password_changed(self, account: Account) -> None:
-        """The directory says the account's primary password changed (seen
-        by the session registry): its older app passwords stop working now,
-        and are deleted if the policy says so."""
-        if account.password_changed_at is None:
-            return
-        if self.policy.revoke_app_passwords_on_password_change:
-            await self.revocations.stop_older(account)
-        else:
-            self.apps.forget(username=account.username)
+        """The account's primary password changed: its older app passwords stop."""
+        await self.app_sign_in.password_changed(account, self.policy)

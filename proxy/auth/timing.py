@@ -18,7 +18,8 @@ from typing import Any
 
 from twisted.internet.task import deferLater
 
-from proxy.auth import Decision, Reason
+from proxy.auth import Attempt, Decision, Reason
+from proxy.auth.throttle import Throttle
 
 SAMPLES = 128
 
@@ -54,3 +55,25 @@ class CheckTime:
         await deferLater(clock, wait)
         late = clock.seconds() - due
         self.lateness += (min(late, 0.01) - self.lateness) / 16
+
+
+class FailureDelay:
+    """The one failure delay: a refusal is answered no sooner than the
+    source's delay (the throttle's) after the attempt began, and one that no
+    directory check decided no sooner than a check would have ended."""
+
+    def __init__(self, clock: Any, throttle: Throttle, check_time: CheckTime | None = None) -> None:
+        self._clock = clock
+        self._throttle = throttle
+        self._check_time = check_time or CheckTime()
+
+    async def hold(self, attempt: Attempt, decision: Decision, started: float) -> None:
+        """Wait until ``decision``, refused, may be answered (``started``:
+        when the attempt began)."""
+        now = self._clock.seconds()
+        delay = self._throttle.failure_delay(attempt.client_address)
+        hold = self._check_time.hold(decision, now - started)
+        if hold > delay:
+            await self._check_time.wait(self._clock, started + hold - now)
+        elif started + delay > now:
+            await deferLater(self._clock, started + delay - now)
