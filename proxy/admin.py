@@ -85,7 +85,100 @@ class Page:
     after: str | None
 
 
-class Admin:
+class _SecondFactors:
+    """A user's second factors for the portal: the authenticator app (TOTP)
+    and passkeys (WebAuthn), enrolled, used and reset, each change audited.
+    Enrolling one registers the user for MFA (:meth:`Admin.set_mfa`), as
+    Entra does once registration is done: part of :class:`Admin`."""
+
+    def has_second_factor(self, username: str) -> bool:
+        return self._store.get_totp(self.username(username)) is not None
+
+    def sealed_second_factor(self, username: str) -> bytes | None:
+        """The user's TOTP key as stored (sealed), or None if not enrolled."""
+        found = self._store.get_totp(self.username(username))
+        return None if found is None else found[0]
+
+    def take_second_factor_step(self, username: str, step: int) -> bool:
+        """Use up a TOTP time step: False if it (or a later one) was used."""
+        return self._store.use_totp_step(self.username(username), step)
+
+    def enrol_second_factor(self, username: str, sealed: bytes, step: int) -> User:
+        """Keep the user's confirmed TOTP key (sealed) and register them for
+        MFA: state ``enforced``, as Entra moves a user once registration is done."""
+        username = self.username(username)
+        if not self._store.add_totp(username, sealed, step, self._clock()):
+            raise AdminError(f"{username} has an authenticator app already; the help desk "
+                             f"can reset it")
+        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
+                           method="totp")
+        user = self.user(username)
+        if user.mfa_state is MfaState.ENFORCED:
+            return user
+        return self.set_mfa(username, MfaState.ENFORCED)
+
+    def reset_second_factor(self, username: str) -> bool:
+        """A lost phone: the user enrols again at their next sign-in."""
+        username = self.username(username)
+        gone = self._store.delete_totp(username, self._clock())
+        self._audit.record("second_factor_reset", user=username, actor=self._actor,
+                           had_one=gone)
+        return gone
+
+    # -- passkeys (the portal's WebAuthn second factor) ------------------------------
+
+    def passkeys(self, username: str) -> list[Passkey]:
+        return self._store.list_passkeys(self.username(username))
+
+    def add_passkey(self, username: str, credential_id: bytes, name: str, credential: bytes,
+                    sign_count: int) -> Passkey:
+        """Keep a passkey the user just registered (its attestation checked);
+        AdminError for a name they use already. Registers them for MFA, as
+        an authenticator app does."""
+        username = self.username(username)
+        name = name.strip()
+        if not 1 <= len(name) <= 64 or not name.isprintable():
+            raise AdminError("a passkey's name is 1 to 64 printable characters")
+        try:
+            passkey = self._store.add_passkey(Passkey(credential_id, username, name, credential,
+                                                      sign_count, self._clock()))
+        except PasskeyTaken:
+            raise AdminError(f"there is a passkey named {name} already") from None
+        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
+                           method="passkey", passkey=name)
+        if self.user(username).mfa_state is not MfaState.ENFORCED:
+            self.set_mfa(username, MfaState.ENFORCED)
+        return passkey
+
+    def remove_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
+        username = self.username(username)
+        gone = self._store.delete_passkey(username, credential_id)
+        if gone is not None:
+            self._audit.record("passkey_removed", user=username, actor=self._actor,
+                               passkey=gone.name)
+        return gone
+
+    def reset_passkeys(self, username: str) -> int:
+        """The help desk forgets all of the user's passkeys (lost, or a
+        colleague's registered): they sign in with their authenticator app."""
+        username = self.username(username)
+        gone = self._store.delete_passkeys(username, self._clock())
+        self._audit.record("second_factor_reset", user=username, actor=self._actor,
+                           method="passkey", had_one=gone > 0, count=gone)
+        return gone
+
+    def use_passkey(self, username: str, credential_id: bytes, sign_count: int) -> bool:
+        """A sign-in with the passkey, its counter moved on: False for a
+        counter that did not go up (a cloned authenticator), refused."""
+        return self._store.use_passkey(self.username(username), credential_id, sign_count,
+                                       self._clock())
+
+
+class Admin(_SecondFactors):
+    """The rules of every change to app passwords, users' MFA state, second
+    factors (:class:`_SecondFactors`) and API tokens, each audited with its
+    actor, whoever asks: the command line, the portal, the API."""
+
     def __init__(
         self,
         *,
@@ -223,88 +316,6 @@ class Admin:
         username = self.username(username)
         self._store.unlock(username, self._clock())
         self._audit.record("lockout_lifted", user=username, actor=self._actor)
-
-    def has_second_factor(self, username: str) -> bool:
-        return self._store.get_totp(self.username(username)) is not None
-
-    def sealed_second_factor(self, username: str) -> bytes | None:
-        """The user's TOTP key as stored (sealed), or None if not enrolled."""
-        found = self._store.get_totp(self.username(username))
-        return None if found is None else found[0]
-
-    def take_second_factor_step(self, username: str, step: int) -> bool:
-        """Use up a TOTP time step: False if it (or a later one) was used."""
-        return self._store.use_totp_step(self.username(username), step)
-
-    def enrol_second_factor(self, username: str, sealed: bytes, step: int) -> User:
-        """Keep the user's confirmed TOTP key (sealed) and register them for
-        MFA: state ``enforced``, as Entra moves a user once registration is done."""
-        username = self.username(username)
-        if not self._store.add_totp(username, sealed, step, self._clock()):
-            raise AdminError(f"{username} has an authenticator app already; the help desk "
-                             f"can reset it")
-        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
-                           method="totp")
-        user = self.user(username)
-        if user.mfa_state is MfaState.ENFORCED:
-            return user
-        return self.set_mfa(username, MfaState.ENFORCED)
-
-    def reset_second_factor(self, username: str) -> bool:
-        """A lost phone: the user enrols again at their next sign-in."""
-        username = self.username(username)
-        gone = self._store.delete_totp(username, self._clock())
-        self._audit.record("second_factor_reset", user=username, actor=self._actor,
-                           had_one=gone)
-        return gone
-
-    # -- passkeys (the portal's WebAuthn second factor) ------------------------------
-
-    def passkeys(self, username: str) -> list[Passkey]:
-        return self._store.list_passkeys(self.username(username))
-
-    def add_passkey(self, username: str, credential_id: bytes, name: str, credential: bytes,
-                    sign_count: int) -> Passkey:
-        """Keep a passkey the user just registered (its attestation checked);
-        AdminError for a name they use already. Registers them for MFA, as
-        an authenticator app does."""
-        username = self.username(username)
-        name = name.strip()
-        if not 1 <= len(name) <= 64 or not name.isprintable():
-            raise AdminError("a passkey's name is 1 to 64 printable characters")
-        try:
-            passkey = self._store.add_passkey(Passkey(credential_id, username, name, credential,
-                                                      sign_count, self._clock()))
-        except PasskeyTaken:
-            raise AdminError(f"there is a passkey named {name} already") from None
-        self._audit.record("second_factor_enrolled", user=username, actor=self._actor,
-                           method="passkey", passkey=name)
-        if self.user(username).mfa_state is not MfaState.ENFORCED:
-            self.set_mfa(username, MfaState.ENFORCED)
-        return passkey
-
-    def remove_passkey(self, username: str, credential_id: bytes) -> Passkey | None:
-        username = self.username(username)
-        gone = self._store.delete_passkey(username, credential_id)
-        if gone is not None:
-            self._audit.record("passkey_removed", user=username, actor=self._actor,
-                               passkey=gone.name)
-        return gone
-
-    def reset_passkeys(self, username: str) -> int:
-        """The help desk forgets all of the user's passkeys (lost, or a
-        colleague's registered): they sign in with their authenticator app."""
-        username = self.username(username)
-        gone = self._store.delete_passkeys(username, self._clock())
-        self._audit.record("second_factor_reset", user=username, actor=self._actor,
-                           method="passkey", had_one=gone > 0, count=gone)
-        return gone
-
-    def use_passkey(self, username: str, credential_id: bytes, sign_count: int) -> bool:
-        """A sign-in with the passkey, its counter moved on: False for a
-        counter that did not go up (a cloned authenticator), refused."""
-        return self._store.use_passkey(self.username(username), credential_id, sign_count,
-                                       self._clock())
 
     def delete(self, username: str, id_or_name: str) -> AppPassword:
         username = self.username(username)
