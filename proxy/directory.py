@@ -599,7 +599,95 @@ class _Pool:
 AD_STATE_ATTRIBUTES = ("userAccountControl", "lockoutTime", "accountExpires", "pwdLastSet")
 
 
-class Directory:
+class _ActiveDirectory:
+    """What Active Directory says of itself, read once (its names, lockout
+    policy, the configured groups' SIDs), and of a user's groups, nested
+    and primary included: part of :class:`Directory`."""
+
+    async def _domain_of(self, client: LDAPClient) -> Domain:
+        """The Active Directory domain's facts, read on the first look-up
+        (and again until that succeeds): its name and NetBIOS name, its
+        lockout duration and threshold, the configured groups' SIDs."""
+        if self._domain is not None:
+            return self._domain
+        root = await self._search_entries(
+            client, "", pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)",
+            ["defaultNamingContext", "configurationNamingContext"])
+        if len(root) != 1 or root[0] is None:
+            raise ldaperrors.LDAPOther("no root DSE")
+        domain_dn = self._value(root[0], "defaultNamingContext") or ""
+        configuration = self._value(root[0], "configurationNamingContext") or ""
+        found = await self._search_entries(
+            client, domain_dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=domain)",
+            ["lockoutDuration", "lockoutThreshold"])
+        if len(found) != 1 or found[0] is None:
+            raise ldaperrors.LDAPOther(f"cannot read the domain object {domain_dn}")
+        duration = int(self._value(found[0], "lockoutDuration") or 0)
+        threshold = int(self._value(found[0], "lockoutThreshold") or 0)
+        netbios = self.config.netbios_domain
+        if netbios is None:
+            crossref = await self._search_entries(
+                client, f"CN=Partitions,{configuration}", pureldap.LDAP_SCOPE_singleLevel,
+                f"(&(objectClass=crossRef)(nCName={escape_filter_value(domain_dn)}))",
+                ["nETBIOSName"])
+            if len(crossref) == 1 and crossref[0] is not None:
+                netbios = self._value(crossref[0], "nETBIOSName")
+            if netbios is None:
+                log.warn("the domain's NetBIOS name cannot be read: DOMAIN\\user names "
+                         "match nobody; set directory.netbios_domain")
+        group_sids = {}
+        for key in ("mfa", "modern", "admin"):
+            group = self._groups[key]
+            if group is None:
+                continue
+            entries = await self._search_entries(
+                client, group, pureldap.LDAP_SCOPE_baseObject, "(objectClass=group)", ["objectSid"])
+            sid = self._raw(entries[0], "objectSid") if len(entries) == 1 and entries[0] else None
+            if sid is None:
+                # Fail closed: a group whose members cannot be told would
+                # let its members sign in as if outside it.
+                log.error("the group {group} is not in the directory, or has no objectSid "
+                          "the service account may read", group=group)
+                raise ldaperrors.LDAPOther(f"group {group} not found")
+            group_sids[sid] = group
+        self._domain = Domain(
+            dn=domain_dn,
+            dns_name=".".join(v for k, v in (part.split("=", 1) for part in
+                              normalise_dn(domain_dn).split(",")) if k == "dc"),
+            netbios=netbios,
+            # lockoutDuration is negative ticks; 0 and the most negative
+            # value both mean until an administrator unlocks it.
+            lockout_duration=-duration / 10_000_000 if -(1 << 63) < duration < 0 else None,
+            lockout_threshold=threshold,
+            group_sids=group_sids,
+        )
+        log.info("Active Directory domain {dns} ({netbios}): accounts lock after {threshold} "
+                 "wrong passwords", dns=self._domain.dns_name, netbios=netbios,
+                 threshold=threshold)
+        return self._domain
+
+    async def _token_groups(self, client: LDAPClient, dn: str) -> set[bytes]:
+        """The SIDs of every group the user is in, nested groups and the
+        primary group included: AD's ``tokenGroups``, read on the entry
+        itself (AD constructs it only for a base search)."""
+        entries = await self._search_entries(
+            client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", ["tokenGroups"])
+        sids: set[bytes] = set()
+        if len(entries) == 1 and entries[0] is not None:
+            for name, values in entries[0].attributes:
+                if _text(name).lower() == "tokengroups":
+                    sids.update(v if isinstance(v, bytes) else str(v).encode("latin-1")
+                                for v in values)
+        if not sids:
+            # Every account is in its primary group at least: none at all
+            # means the service account may not read them. Refuse to guess.
+            log.error("cannot read tokenGroups of {dn}: the service account needs to "
+                      "(see docs/active-directory.md)", dn=dn)
+            raise ldaperrors.LDAPInsufficientAccessRights("tokenGroups not readable")
+        return sids
+
+
+class Directory(_ActiveDirectory):
     """Resolves accounts and checks primary passwords against the directory."""
 
     ATTRIBUTES_ALWAYS = ("objectClass",)
@@ -840,88 +928,6 @@ class Directory:
 
     def _user_filter(self, name: str) -> str:
         return self.config.user_filter.replace("{username}", escape_filter_value(name))
-
-    async def _domain_of(self, client: LDAPClient) -> Domain:
-        """The Active Directory domain's facts, read on the first look-up
-        (and again until that succeeds): its name and NetBIOS name, its
-        lockout duration and threshold, the configured groups' SIDs."""
-        if self._domain is not None:
-            return self._domain
-        root = await self._search_entries(
-            client, "", pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)",
-            ["defaultNamingContext", "configurationNamingContext"])
-        if len(root) != 1 or root[0] is None:
-            raise ldaperrors.LDAPOther("no root DSE")
-        domain_dn = self._value(root[0], "defaultNamingContext") or ""
-        configuration = self._value(root[0], "configurationNamingContext") or ""
-        found = await self._search_entries(
-            client, domain_dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=domain)",
-            ["lockoutDuration", "lockoutThreshold"])
-        if len(found) != 1 or found[0] is None:
-            raise ldaperrors.LDAPOther(f"cannot read the domain object {domain_dn}")
-        duration = int(self._value(found[0], "lockoutDuration") or 0)
-        threshold = int(self._value(found[0], "lockoutThreshold") or 0)
-        netbios = self.config.netbios_domain
-        if netbios is None:
-            crossref = await self._search_entries(
-                client, f"CN=Partitions,{configuration}", pureldap.LDAP_SCOPE_singleLevel,
-                f"(&(objectClass=crossRef)(nCName={escape_filter_value(domain_dn)}))",
-                ["nETBIOSName"])
-            if len(crossref) == 1 and crossref[0] is not None:
-                netbios = self._value(crossref[0], "nETBIOSName")
-            if netbios is None:
-                log.warn("the domain's NetBIOS name cannot be read: DOMAIN\\user names "
-                         "match nobody; set directory.netbios_domain")
-        group_sids = {}
-        for key in ("mfa", "modern", "admin"):
-            group = self._groups[key]
-            if group is None:
-                continue
-            entries = await self._search_entries(
-                client, group, pureldap.LDAP_SCOPE_baseObject, "(objectClass=group)", ["objectSid"])
-            sid = self._raw(entries[0], "objectSid") if len(entries) == 1 and entries[0] else None
-            if sid is None:
-                # Fail closed: a group whose members cannot be told would
-                # let its members sign in as if outside it.
-                log.error("the group {group} is not in the directory, or has no objectSid "
-                          "the service account may read", group=group)
-                raise ldaperrors.LDAPOther(f"group {group} not found")
-            group_sids[sid] = group
-        self._domain = Domain(
-            dn=domain_dn,
-            dns_name=".".join(v for k, v in (part.split("=", 1) for part in
-                              normalise_dn(domain_dn).split(",")) if k == "dc"),
-            netbios=netbios,
-            # lockoutDuration is negative ticks; 0 and the most negative
-            # value both mean until an administrator unlocks it.
-            lockout_duration=-duration / 10_000_000 if -(1 << 63) < duration < 0 else None,
-            lockout_threshold=threshold,
-            group_sids=group_sids,
-        )
-        log.info("Active Directory domain {dns} ({netbios}): accounts lock after {threshold} "
-                 "wrong passwords", dns=self._domain.dns_name, netbios=netbios,
-                 threshold=threshold)
-        return self._domain
-
-    async def _token_groups(self, client: LDAPClient, dn: str) -> set[bytes]:
-        """The SIDs of every group the user is in, nested groups and the
-        primary group included: AD's ``tokenGroups``, read on the entry
-        itself (AD constructs it only for a base search)."""
-        entries = await self._search_entries(
-            client, dn, pureldap.LDAP_SCOPE_baseObject, "(objectClass=*)", ["tokenGroups"])
-        sids: set[bytes] = set()
-        if len(entries) == 1 and entries[0] is not None:
-            for name, values in entries[0].attributes:
-                if _text(name).lower() == "tokengroups":
-                    sids.update(v if isinstance(v, bytes) else str(v).encode("latin-1")
-                                for v in values)
-        if not sids:
-            # Every account is in its primary group at least: none at all
-            # means the service account may not read them. Refuse to guess.
-            log.error("cannot read tokenGroups of {dn}: the service account needs to "
-                      "(see docs/active-directory.md)", dn=dn)
-            raise ldaperrors.LDAPInsufficientAccessRights("tokenGroups not readable")
-        return sids
 
     @staticmethod
     def _raw(entry: pureldap.LDAPSearchResultEntry, attribute: str) -> bytes | None:
