@@ -166,8 +166,8 @@ class HelpDesk(Pages):
             elif action == "reset-passkeys":
                 gone = await self._on_store(admin.reset_passkeys, user)
                 self.sessions.end_user(user)
-                await self._tell_passkey(subject.dn, self._address(request),
-                                         notify.PASSKEYS_RESET, by=session.username)
+                await self._tell(subject.dn, self._address(request), notify.notify_passkey,
+                                 kind=notify.PASSKEYS_RESET, by=session.username)
                 session.notice = f"Removed {gone} passkeys of {user}; they were told by mail."
             elif action == "unlock":
                 await self._on_store(admin.unlock, user)

@@ -32,19 +32,11 @@ log = Logger(namespace="legacy_auth_proxy.portal")
 
 def message(*, sender: str, to: str, username: str, device: str, at: float, address: str,
             actor: str, title: str) -> bytes:
-    msg = email.message.EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = f"A new app password was created for {username}"
-    msg["Date"] = email.utils.formatdate(at, usegmt=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
     by_help_desk = actor.startswith("portal:") and actor != f"portal:{username}"
     who = f"the help desk ({actor.partition(':')[2]})" if by_help_desk else \
         "you" if actor == f"portal:{username}" else actor
     if by_help_desk:
-        del msg["Subject"]
-        msg["Subject"] = f"The help desk created an app password for {username}"
+        msg = _envelope(sender, to, at, f"The help desk created an app password for {username}")
         msg.set_content(
             f"The help desk ({actor.partition(':')[2]}) created an app password named\n"
             f"\"{device}\" for your account {username} on {_when(at)},\n"
@@ -57,6 +49,7 @@ def message(*, sender: str, to: str, username: str, device: str, at: float, addr
             f"and tell your security team.\n"
         )
         return msg.as_bytes()
+    msg = _envelope(sender, to, at, f"A new app password was created for {username}")
     msg.set_content(
         f"An app password named \"{device}\" was created for your account {username}\n"
         f"on {_when(at)}, by {who},\n"
@@ -70,19 +63,25 @@ def message(*, sender: str, to: str, username: str, device: str, at: float, addr
     return msg.as_bytes()
 
 
+def _envelope(sender: str, to: str, at: float, subject: str) -> email.message.EmailMessage:
+    """A notice's headers: from the portal's sender, dated, marked automatic."""
+    msg = email.message.EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(at, usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    return msg
+
+
 def _when(at: float) -> str:
     return time.strftime('%Y-%m-%d at %H:%M UTC', time.gmtime(at))
 
 
 def second_factor_message(*, sender: str, to: str, username: str, at: float, address: str,
                           title: str) -> bytes:
-    msg = email.message.EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = f"An authenticator app was set up for {username}"
-    msg["Date"] = email.utils.formatdate(at, usegmt=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
+    msg = _envelope(sender, to, at, f"An authenticator app was set up for {username}")
     msg.set_content(
         f"An authenticator app was set up for your account {username} at {title}\n"
         f"on {_when(at)}, from the address {address}. From now on, signing in there\n"
@@ -104,14 +103,8 @@ def passkey_message(*, sender: str, to: str, username: str, at: float, address: 
                     title: str, kind: str, name: str = "", by: str = "") -> bytes:
     """A passkey set up by the user (``PASSKEY_ADDED``, named ``name``), or
     all of them removed by the help desk (``PASSKEYS_RESET``, by ``by``)."""
-    msg = email.message.EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Date"] = email.utils.formatdate(at, usegmt=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
     if kind == PASSKEY_ADDED:
-        msg["Subject"] = f"A passkey was set up for {username}"
+        msg = _envelope(sender, to, at, f"A passkey was set up for {username}")
         msg.set_content(
             f"A passkey named \"{name}\" was set up for your account {username} at\n"
             f"{title} on {_when(at)}, from the address {address}. It can now sign\n"
@@ -122,7 +115,7 @@ def passkey_message(*, sender: str, to: str, username: str, at: float, address: 
             f"If it was not, someone knows your password: change it now and tell your\n"
             f"help desk, who can remove the passkey.\n")
     else:
-        msg["Subject"] = f"The help desk removed the passkeys of {username}"
+        msg = _envelope(sender, to, at, f"The help desk removed the passkeys of {username}")
         msg.set_content(
             f"The help desk ({by}) removed every passkey of your account {username}\n"
             f"at {title} on {_when(at)}. Sign in there with your authenticator app;\n"

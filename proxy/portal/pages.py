@@ -23,7 +23,6 @@ from proxy.admin import AdminError
 from proxy.audit import recent_events
 from proxy.config import Config
 from proxy.directory import Account, DirectoryUnavailable
-from proxy.portal import notify
 from proxy.portal.websessions import COOKIE, WebSession, WebSessions, fresh as fresh_enough, same
 from proxy.portal.words import Refusal, is_refusal_of, needle_of, refusal
 from proxy.store import STOPPED_REASONS, AppPassword, StoreError
@@ -362,10 +361,11 @@ class Pages:
             return []
         return [refusal(e) for e in events]
 
-    async def _tell_second_factor(self, dn: str, address: str) -> None:
-        """Mail the user that an authenticator was set up for them (where a
-        relay is set and the directory knows their address), in the
-        background: a set-up is never held up or undone by the mail."""
+    async def _tell(self, dn: str, address: str, notice: Any, **fields: Any) -> None:
+        """Mail the user a notice (``notify.notify_second_factor``,
+        ``notify.notify_passkey``) where a relay is set and the directory
+        knows their address, in the background: what it tells of is never
+        held up or undone by the mail."""
         portal = self.config.portal
         if portal.mail_relay is None:
             return
@@ -376,33 +376,11 @@ class Pages:
         if account is None or not account.mail:
             return
         try:
-            notify.notify_second_factor(
-                self._reactor, portal.mail_relay, portal.mail_from, account.mail,
-                username=account.username, at=self._reactor.seconds(), address=address,
-                title=portal.title)
+            notice(self._reactor, portal.mail_relay, portal.mail_from, account.mail,
+                   username=account.username, at=self._reactor.seconds(), address=address,
+                   title=portal.title, **fields)
         except Exception:
-            log.failure("cannot mail {user} of a new authenticator", user=account.username)
-
-    async def _tell_passkey(self, dn: str, address: str, kind: str, **fields: Any) -> None:
-        """Mail the user of a passkey set up for them, or of theirs reset
-        (:func:`notify.passkey_message`), in the background, as
-        :meth:`_tell_second_factor` does."""
-        portal = self.config.portal
-        if portal.mail_relay is None:
-            return
-        try:
-            account = await self._auth.account(dn)
-        except DirectoryUnavailable:
-            account = None
-        if account is None or not account.mail:
-            return
-        try:
-            notify.notify_passkey(
-                self._reactor, portal.mail_relay, portal.mail_from, account.mail,
-                username=account.username, at=self._reactor.seconds(), address=address,
-                title=portal.title, kind=kind, **fields)
-        except Exception:
-            log.failure("cannot mail {user} of their passkeys", user=account.username)
+            log.failure("cannot mail {user} a notice", user=account.username)
 
     async def _refresh(self) -> None:
         """Apply the store's change feed now: what a page did takes effect at

@@ -213,8 +213,8 @@ class Passkeys(Pages):
         except (StoreError, Busy):
             return await self._new_form(request, session, 503, TRY_LATER, name)
         await self._refresh()
-        await self._tell_passkey(session.dn, self._address(request), notify.PASSKEY_ADDED,
-                                 name=name)
+        await self._tell(session.dn, self._address(request), notify.notify_passkey,
+                         kind=notify.PASSKEY_ADDED, name=name)
         session.notice = f"Your passkey “{name}” is set up. You can sign in with it."
         return self._redirect(request, "/")
 

@@ -25,6 +25,7 @@ from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.webclient import agent
 from proxy.config import ConfigError
 from proxy.directory import DirectoryUnavailable
+from proxy.portal import notify
 from proxy.portal.oidc import Identity, OidcClient, ProviderError, Refused
 from proxy.portal.pages import (
     TRY_LATER, BadRequest, Context, Pages, SignInNeeded, local_path, page)
@@ -231,7 +232,7 @@ class SignIn(Pages):
         except (StoreError, Busy):
             return self._enrol_form(request, session, 503, TRY_LATER)
         await self._refresh()
-        await self._tell_second_factor(session.dn, self._address(request))  # by mail
+        await self._tell(session.dn, self._address(request), notify.notify_second_factor)  # by mail
         self.sessions.end(token)
         self.sessions.end_user(session.username, stage="enrolling")
         token, fresh = self.sessions.start(session.username, session.dn, "signed_in",
