@@ -31,7 +31,6 @@ from proxy.backends.ldap import (
     UpstreamLDAP,
     Upstream,
     UpstreamRefused,
-    open_upstream,
 )
 from proxy.tls import faster_tls
 from proxy.transports import write_now

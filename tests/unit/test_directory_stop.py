@@ -7,7 +7,6 @@ reentrantly run _Client.stop".)"""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from ldaptor.protocols import pureldap
