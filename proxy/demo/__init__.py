@@ -64,6 +64,9 @@ portal:
   certificate: tls/server.pem
   private_key: tls/server.key
   title: legacy-auth-proxy demo
+  # passkeys for the portal, at https://localhost:{portal}/ (WebAuthn wants a
+  # host name, and a browser that trusts tls/ca.pem)
+  passkeys_origin: "https://localhost:{portal}"
 listeners:
   - name: ldap
     protocol: ldap
@@ -242,6 +245,8 @@ def _explain(folder: Path, config_path: Path, ports: dict[str, int], secret: str
         f"    sign in as {DEMO_USER} with {PRIMARY_PASSWORD} (first time: set up an authenticator",
         f"    app from the QR code); the help desk is {HELPDESK_USER} with {HELPDESK_PASSWORD}.",
         f"    The certificate is the demo's own: trust {ca} or accept the browser's warning.",
+        f"    Passkeys: with {ca} trusted, open https://localhost:{ports['portal']}/ and add one",
+        "    under Security info; it then signs you in after the password.",
         "",
         f"List {DEMO_USER}'s app passwords through the REST API (docs/api.md), with the",
         f"demo's read-only token ({tool} api-token create makes others):",
