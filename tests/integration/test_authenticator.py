@@ -144,7 +144,10 @@ class Env:
         async def stop():
             await auth.stop()
             await directory.stop()
-            store.close()
+            # On the store's own thread, after whatever is queued there (a
+            # last use being recorded), as the daemon closes it: sqlite3
+            # closed under a call in flight on another thread crashes.
+            await store_pool.submit(store.close)
 
         self.teardown.append(stop)
         return auth
