@@ -49,6 +49,17 @@ def workdir(tmp_path):
     return tmp_path
 
 
+def ended(client) -> bool:
+    """Whether the server has closed an imaplib session (a NOOP no longer goes through)."""
+    import imaplib
+
+    try:
+        client.noop()
+    except (imaplib.IMAP4.abort, OSError):
+        return True
+    return False
+
+
 def wait_until(predicate, timeout: float) -> bool:
     """Poll ``predicate`` every 0.1 s until it holds (True) or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout

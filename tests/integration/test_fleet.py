@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxy.daemon.health import STORE_SILENCE
-from tests.conftest import require_tool, wait_until
+from tests.conftest import ended, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, free_port, mail_backend
 
@@ -133,14 +133,6 @@ def login(port: int, user: str, secret: str) -> IMAP | None:
     return client
 
 
-def _ended(client: IMAP) -> bool:
-    try:
-        client.noop()
-    except (imaplib.IMAP4.abort, OSError):
-        return True
-    return False
-
-
 def audit(node: ProxyDaemon) -> list[dict]:
     return [json.loads(line) for line in (node.folder / "audit.log").read_text().splitlines()]
 
@@ -205,15 +197,15 @@ def test_a_deletion_on_one_node_ends_a_session_on_the_other_within_a_second(flee
     # From the deletion, committed when the command returns (the command's
     # own start, a Python process on a busy machine, is not the fleet's time).
     started = time.monotonic()
-    ended = None
+    after = None
     while time.monotonic() - started < 3:
         try:
             client.noop()
         except (imaplib.IMAP4.abort, OSError):
-            ended = time.monotonic() - started
+            after = time.monotonic() - started
             break
         time.sleep(0.02)
-    assert ended is not None and ended < 1.0, ended
+    assert after is not None and after < 1.0, after
     assert login(port, uid, secret) is None
 
 
@@ -320,7 +312,7 @@ def test_the_fleet_rides_out_a_database_restart(fleet, postgres, slapd, unique):
     holder = served_by(nodes, uid)[-1]
     other = "b" if holder == "a" else "a"
     assert nodes[other].cli("app-password", "delete", uid, "cached").returncode == 0
-    assert wait_until(lambda: _ended(client), timeout=2)
+    assert wait_until(lambda: ended(client), timeout=2)
 
 
 def test_two_processes_serve_one_port_and_share_the_lockouts(slapd, dovecot, unique, tmp_path):

@@ -23,7 +23,7 @@ import ldap3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import require_tool, wait_until
+from tests.conftest import ended, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import Output, ProxyDaemon, free_port, mail_backend
 
@@ -189,13 +189,6 @@ def test_a_revoked_app_password_closes_its_sessions_on_every_worker(proxy, slapd
     kept.login(uid, other)
     assert proxy.cli("app-password", "delete", uid, "phone").returncode == 0
 
-    def ended(client) -> bool:
-        try:
-            client.noop()
-        except (imaplib.IMAP4.abort, OSError):
-            return True
-        return False
-
     assert wait_until(lambda: all(ended(c) for c in sessions), 30)
     assert kept.noop()[0] == "OK"  # another app password's session goes on
     kept.logout()
@@ -271,13 +264,6 @@ def test_a_worker_killed_under_load_is_started_again_and_only_its_connections_fa
     assert len(failures) <= len(threads), failures
     assert all(began < killed_at for began, _, _ in failures), failures
     assert sum(1 for r in results if r[2] is None and r[0] > killed_at) >= 20
-
-    def ended(client) -> bool:
-        try:
-            client.noop()
-        except (imaplib.IMAP4.abort, OSError):
-            return True
-        return False
 
     gone = [ended(c) for c in held]
     assert sum(gone) == held_by_victim, (gone, held_by_victim)
@@ -512,13 +498,6 @@ def test_workers_on_postgresql_share_a_lockout_and_a_revocation(slapd, dovecot, 
         else:
             raise AssertionError("the sessions did not reach both workers")
         assert daemon.cli("app-password", "delete", uid, "phone").returncode == 0
-
-        def ended(client) -> bool:
-            try:
-                client.noop()
-            except (imaplib.IMAP4.abort, OSError):
-                return True
-            return False
 
         assert wait_until(lambda: all(ended(c) for c in sessions), 30)
         other = unique("w")
