@@ -68,3 +68,28 @@ def wait_until(predicate, timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def at_once(target, *args, processes: int = 2) -> list:
+    """What ``target(*args)`` returned (or the text of what it raised) in
+    each of ``processes`` processes started together, as the workers of one
+    daemon, or a command beside the daemon, start."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, answers = context.Barrier(processes), context.Queue()
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            answers.put(target(*args))
+        except Exception as e:  # the answer: what it raised, in words
+            answers.put(f"{type(e).__name__}: {e}")
+
+    started = [context.Process(target=run) for _ in range(processes)]
+    for process in started:
+        process.start()
+    got = [answers.get(timeout=60) for _ in started]
+    for process in started:
+        process.join()
+    return got

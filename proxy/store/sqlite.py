@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,10 @@ FAILURES_KEPT = 86400.0
 # How long the change feed keeps an entry: daemons poll it every second or
 # so; a day covers any daemon that is not hopelessly stuck.
 CHANGE_RETENTION = 86400.0
+
+# How long a statement waits for another process's write (busy_timeout), and
+# an opening for another process opening the store at the same time.
+OPEN_TIMEOUT = 10.0
 
 
 class _Counts:
@@ -509,10 +514,10 @@ class SQLiteStore(_Counts, _Tokens, _Passkeys, _Outbox):
             self._create_private(self.path)
         try:
             self._db = sqlite3.connect(
-                str(path), isolation_level=None, check_same_thread=False, timeout=10.0
+                str(path), isolation_level=None, check_same_thread=False, timeout=OPEN_TIMEOUT
             )
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal()
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA trusted_schema = OFF")
@@ -528,6 +533,20 @@ class SQLiteStore(_Counts, _Tokens, _Passkeys, _Outbox):
             )
         if version != len(MIGRATIONS):
             self._migrate()
+
+    def _use_wal(self) -> None:
+        """Switch to WAL mode, waiting for another process that opens the
+        store at the same time: SQLite answers "locked" to a change of
+        journal mode at once, without the busy timeout that other statements wait."""
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     @staticmethod
     def _create_private(path: Path) -> None:

@@ -16,6 +16,7 @@ from proxy.store import (
     User,
 )
 from proxy.store.sqlite import MIGRATIONS, SQLiteStore
+from tests.conftest import at_once
 
 HASH = "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaA"
 
@@ -145,6 +146,20 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(SchemaTooNew):
         SQLiteStore(path)
+
+
+def _opened(path) -> str:
+    SQLiteStore(path).close()
+    return "opened"
+
+
+def test_two_processes_opening_a_new_store_at_once_both_open_it(tmp_path):
+    # The workers of one daemon on their first start: SQLite answers "locked"
+    # at once to the second one switching the new file to WAL.
+    for round in range(8):
+        path = tmp_path / f"store-{round}.sqlite3"
+        assert at_once(_opened, path) == ["opened", "opened"]
+        assert SQLiteStore(path, migrate=False).schema_version == len(MIGRATIONS)
 
 
 def test_reopening_keeps_everything(tmp_path):
