@@ -279,6 +279,32 @@ class PepperError(Exception):
     """The pepper file is missing, unreadable, malformed or too widely readable."""
 
 
+def _create_key(path: Path, what: str) -> None:
+    """Write a new key under a name of its own, then link it into place: a
+    process reading ``path`` meanwhile finds no file or the whole key, never
+    a part, and of two processes creating it at once one key wins."""
+    path = Path(path)
+    draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    try:
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise PepperError(f"{path}: cannot create the {what} file: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(PEPPER_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        adopt_parent_owner(draft)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process's key is the one
+        except OSError as e:
+            raise PepperError(f"{path}: cannot create the {what} file: {e.strerror}") from None
+    finally:
+        draft.unlink(missing_ok=True)
+
+
 def load_pepper(path: Path, *, create: bool, what: str = "pepper") -> bytes:
     """Read the pepper (or another 32-byte key, named ``what`` in messages),
     creating it (mode 0600) if asked and it does not exist.
@@ -286,19 +312,8 @@ def load_pepper(path: Path, *, create: bool, what: str = "pepper") -> bytes:
     Refuses a pepper that anyone but its owner may read or write: whoever
     holds it and a copy of the database can test guesses at HMAC speed.
     """
-    if create:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise PepperError(f"{path}: cannot create the {what} file: {e.strerror}") from None
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(PEPPER_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-            adopt_parent_owner(path)
+    if create and not os.path.lexists(path):
+        _create_key(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:

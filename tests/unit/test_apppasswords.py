@@ -1,3 +1,4 @@
+import functools
 import os
 import string
 
@@ -15,6 +16,8 @@ from proxy.apppasswords import (
     lookup_key,
     normalise,
 )
+
+from tests.conftest import at_once
 
 FAST = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
 
@@ -123,6 +126,14 @@ def test_pepper_is_created_private_and_read_back(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert load_pepper(path, create=True) == first
     assert load_pepper(path, create=False) == first
+
+
+def test_processes_creating_the_pepper_at_once_all_read_the_same_whole_one(tmp_path):
+    for round in range(8):
+        path = tmp_path / f"pepper-{round}"
+        got = at_once(functools.partial(load_pepper, path, create=True), processes=3)
+        assert got == [path.read_bytes()] * 3 and len(got[0]) == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"pepper-{r}" for r in range(8)]
 
 
 def test_a_pepper_others_can_read_is_refused(tmp_path):
