@@ -609,6 +609,10 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
     signal.signal(signal.SIGHUP, on_hup)
     log.info("legacy-auth-proxy supervisor: starting {count} workers", count=count)
     try:
+        # What a first start creates (a new store, brought to the schema; a
+        # new pepper), created here once: N workers starting together would
+        # each try, and all but one meet a store locked while it is made.
+        await deferToThread(_prepare_state, config)
         # Metrics and health first: /health/ready says which worker is not
         # ready yet while they start.
         if config.metrics.endpoint is not None:
@@ -624,6 +628,13 @@ async def supervise(reactor: Any, config_path: Any, config: configuration.Config
         raise
     finally:
         cleanup()
+
+
+def _prepare_state(config: configuration.Config) -> None:
+    """Open the store and the pepper as a worker would, then close them; blocking."""
+    from proxy.bootstrap import open_state
+
+    open_state(config).store.close()
 
 
 async def _serve_metrics(reactor: Any, endpoint: str, supervisor: Supervisor,
