@@ -334,7 +334,10 @@ http {{
         log = open(self.log_path, "ab")
         self._logs.append(log)
         self._processes.append(subprocess.Popen(
-            [FASTCGI, "--foreground", "-n", "2", "-s", str(self.folder / "llng.sock"),
+            # One FastCGI process: each reads the configuration on its own
+            # clock, so with two a request could meet the one that has not
+            # taken the newest yet, after wait_for_config saw the other take it.
+            [FASTCGI, "--foreground", "-n", "1", "-s", str(self.folder / "llng.sock"),
              "-p", str(self.folder / "llng.pid"), *as_user],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
             start_new_session=True))
