@@ -93,11 +93,18 @@ def hang_up(transport: Any, clock: Any, grace: float = CLOSE_GRACE) -> _Deadline
     except RuntimeError:
         pass  # none registered (in-memory test transports say so loudly)
     # Reading may have been paused; TLS must read the peer's close alert.
-    transport.resumeProducing()
+    # (Plain TCP stops reading as it closes: resuming would only register
+    # the socket in epoll to take it out again.)
+    if not _plain_tcp(transport):
+        transport.resumeProducing()
     transport.loseConnection()
     if not getattr(transport, "connected", True):
         return None
     return _Deadline(transport, clock, grace)
+
+
+def _plain_tcp(transport: Any) -> bool:
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
 
 
 def idle_tcp(connection: Any, tls_below: bool = False) -> bool:
