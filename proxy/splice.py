@@ -99,15 +99,20 @@ PIPES = Pipes()
 
 
 class _Stopped(Exception):
-    pass
+    def __init__(self, backend_ended: bool = False) -> None:
+        super().__init__()
+        self.backend_ended = backend_ended
 
 
 class Owner(Protocol):
-    """What the relay tells: bytes moved, and the session handed back."""
+    """What the relay tells: bytes moved, and the session handed back, or
+    ended by the backend."""
 
     def relayed(self, index: int, count: int) -> None: ...
 
     def handed_back(self, backend_tail: bytes | None) -> None: ...
+
+    def backend_ended(self, backend_tail: bytes | None) -> None: ...
 
 
 @implementer(IReadWriteDescriptor)
@@ -180,7 +185,7 @@ class _End:
             return
         if n == 0:
             self._release()
-            raise _Stopped("end of stream")
+            raise _Stopped(backend_ended=self.index == 1)
         self.relay.owner.relayed(self.index, n)
         if n <= SMALL:
             data = os.read(pipe[0], n)
@@ -277,16 +282,18 @@ class KernelRelay:
             return
         try:
             step()
-        except _Stopped:
-            self.stop()
+        except _Stopped as e:
+            self.stop(backend_ended=e.backend_ended)
         except OSError as e:
             if e.errno not in _GONE:
                 log.warn("kernel relay stopped: {error}", error=os.strerror(e.errno or 0))
             self.stop()
 
-    def stop(self) -> None:
+    def stop(self, backend_ended: bool = False) -> None:
         """Hand both sockets back to Twisted, with whatever still waits
-        written through their transports, in order."""
+        written through their transports, in order; or, when the backend
+        ended the session (its end of stream, read here), tell the owner so,
+        which ends it without reading either socket again."""
         if self.stopped:
             return
         for end in (self.client, self.backend):
@@ -300,4 +307,7 @@ class KernelRelay:
                 rest = b""
             if rest:
                 end.peer.transport.write(rest)
-        self.owner.handed_back(self.backend.tail)
+        if backend_ended:
+            self.owner.backend_ended(self.backend.tail)
+        else:
+            self.owner.handed_back(self.backend.tail)

@@ -15,9 +15,11 @@ from typing import Any, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy import splice
@@ -891,6 +893,16 @@ class RelayingServer(ListenerConnection, Protocol):
         self.kernel = None
         self._move("handed_back")
         self._relay_in_python()
+
+    def backend_ended(self, backend_tail: bytes | None) -> None:
+        """The backend closed the session while the kernel relayed it: its
+        connection is lost now, as when Twisted reads that end, without
+        handing both sockets back to Twisted first only for that read."""
+        self._backend_tail = backend_tail
+        self.kernel = None
+        self._move("handed_back")
+        if self.backend is not None:
+            self.backend.transport.connectionLost(Failure(ConnectionDone()))
 
     def _relay_in_python(self) -> None:
         """Relay through Twisted: from login, or when the kernel's relay
