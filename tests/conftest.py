@@ -93,3 +93,17 @@ def at_once(target, *args, processes: int = 2) -> list:
     for process in started:
         process.join()
     return got
+
+
+def audit_text(path: Path, quiet: float = 0.1, timeout: float = 10.0) -> str:
+    """The audit file's text once nothing has been added to it for ``quiet``
+    seconds: the daemon writes it from a thread, and under load gathers the
+    events of a moment before (proxy.daemon.auditing.GATHER)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if text == last or time.monotonic() > deadline:
+            return text
+        last = text
+        time.sleep(quiet)

@@ -20,7 +20,7 @@ import time
 import ldap3
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import audit_text, require_tool
 from tests.integration.test_ldap_frontend import connection
 from tests.proxyd import ProxyDaemon
 from tests.samba import DOMAIN_DN
@@ -181,7 +181,7 @@ def refusals_of(proxy, sam, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
         events = [json.loads(line) for line in
-                  (proxy.folder / "audit.log").read_text().splitlines()
+                  audit_text(proxy.folder / "audit.log").splitlines()
                   if '"session_refusal"' in line]
         reasons = [e["reason"] for e in events if e["user"] == sam]
         if reasons or time.monotonic() > deadline:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import audit_text, wait_until
 from tests.proxyd import Output
 
 
@@ -79,7 +79,7 @@ def test_serve_notifies_reloads_and_stops(workdir, notify_socket):
     finally:
         code = daemon.stop()
     assert code == 0
-    events = [json.loads(line)["event"] for line in (workdir / "audit.log").read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in audit_text(workdir / "audit.log").splitlines()]
     assert events == ["daemon_started", "config_reloaded"]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxy.daemon.health import STORE_SILENCE
-from tests.conftest import ended, require_tool, wait_until
+from tests.conftest import audit_text, ended, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, free_port, mail_backend
 
@@ -134,7 +134,7 @@ def login(port: int, user: str, secret: str) -> IMAP | None:
 
 
 def audit(node: ProxyDaemon) -> list[dict]:
-    return [json.loads(line) for line in (node.folder / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in audit_text(node.folder / "audit.log").splitlines()]
 
 
 def feed_position(node: ProxyDaemon) -> int:

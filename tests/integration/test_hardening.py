@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool, wait_until
+from tests.conftest import audit_text, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, mail_backend
 
@@ -407,7 +407,7 @@ def test_one_user_from_one_address_holds_a_bounded_number_of_sessions(slapd, dov
             extra.login(uid, secret)
         held.pop().logout()
         assert wait_until(lambda: _logs_in(daemon, uid, secret), 10)
-        assert "too_many_sessions" in (tmp_path / "audit.log").read_text()
+        assert "too_many_sessions" in audit_text(tmp_path / "audit.log")
 
 
 def _logs_in(daemon, uid, secret):

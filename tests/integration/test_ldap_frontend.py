@@ -15,7 +15,7 @@ import ldap3
 import pytest
 from ldaptor.protocols import pureber, pureldap
 
-from tests.conftest import require_tool
+from tests.conftest import audit_text, require_tool
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon
 
@@ -206,7 +206,7 @@ def test_writes_after_an_app_password_bind_are_refused(proxy, slapd, user):
     conn.unbind()
     assert slapd.search(dn)  # still there
     # Each refusal is the core's rule, and audited.
-    refusals = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()
+    refusals = [json.loads(line) for line in audit_text(proxy.folder / "audit.log").splitlines()
                 if '"session_refusal"' in line]
     mine = [(e["user"], e["reason"], e["protocol"]) for e in refusals if e["user"] == uid]
     assert mine == [(uid, "write", "ldap")] * 4
@@ -350,7 +350,7 @@ def test_sasl_binds_are_not_supported(proxy):
 
 def test_a_bind_pipelined_after_starttls_is_never_executed(proxy, user):
     uid, _, secret = user
-    audit_before = (proxy.folder / "audit.log").read_text().count('"authentication"')
+    audit_before = audit_text(proxy.folder / "audit.log").count('"authentication"')
     s = raw(proxy, "cloud")
     starttls = pureldap.LDAPMessage(pureldap.LDAPStartTLSRequest(), id=1).toWire()
     bind = pureldap.LDAPMessage(pureldap.LDAPBindRequest(dn=uid.encode(), auth=secret.encode()),
@@ -369,7 +369,7 @@ def test_a_bind_pipelined_after_starttls_is_never_executed(proxy, user):
     assert message.id == 3 and message.value.response in (None, b"")  # still anonymous
     tls.close()
     time.sleep(0.2)
-    assert (proxy.folder / "audit.log").read_text().count('"authentication"') == audit_before
+    assert audit_text(proxy.folder / "audit.log").count('"authentication"') == audit_before
 
 
 def test_connections_per_source_are_limited(proxy):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool, wait_until
+from tests.conftest import audit_text, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon
 
@@ -51,7 +51,7 @@ def binds_of(slapd, dn, since: int) -> list[str]:
 
 def audited(daemon, user: str) -> list[str]:
     """The reasons of the user's sign-ins, in the order they were decided."""
-    lines = (daemon.folder / "audit.log").read_text().splitlines()
+    lines = audit_text(daemon.folder / "audit.log").splitlines()
     events = [json.loads(line) for line in lines]
     return [e["reason"] for e in events if e.get("event") == "authentication"
             and e.get("user") == user]

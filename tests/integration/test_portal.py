@@ -22,7 +22,7 @@ import pytest
 from selenium.webdriver.support.select import Select
 
 from tests.browser import Browser, screenshots_folder
-from tests.conftest import require_tool, wait_until
+from tests.conftest import audit_text, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, free_port, mail_backend
 
@@ -183,7 +183,7 @@ def test_a_user_enrols_creates_an_app_password_uses_it_and_deletes_it(proxy, dov
     # A code is never taken twice; the next one is.
     b.click(b.find("header button"))
     assert b.path == "/sign-in"
-    audit = (proxy.folder / "audit.log").read_text()
+    audit = audit_text(proxy.folder / "audit.log")
     assert "second_factor_enrolled" in audit and secret.replace(" ", "") not in audit
 
 
@@ -202,7 +202,7 @@ def test_codes_are_single_use_and_wrong_codes_look_like_wrong_passwords(proxy, s
     sign_in(b, uid, code=next_code(totp))
     assert b.path == "/", b.text()
     b.click(b.find("header button"))
-    audit = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+    audit = [json.loads(line) for line in audit_text(proxy.folder / "audit.log").splitlines()]
     mine = [(e["outcome"], e["reason"]) for e in audit
             if e["event"] == "authentication" and e.get("user") == uid]
     # A right password with a replayed code is audited as the code's refusal
@@ -319,7 +319,7 @@ def test_the_help_desk(proxy, slapd, unique, browser):
     sign_in(b, other)
     assert b.path == "/enrol"
 
-    audit = [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+    audit = [json.loads(line) for line in audit_text(proxy.folder / "audit.log").splitlines()]
     actions = {(e["event"], e.get("actor")) for e in audit if e.get("user") == target}
     assert ("lockout_lifted", f"portal:{helper}") in actions
     assert ("app_passwords_revoked", f"portal:{helper}") in actions

@@ -16,7 +16,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import Browser, screenshots_folder
-from tests.conftest import wait_until
+from tests.conftest import audit_text, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, imap, imap_login, portal_daemon
 
@@ -103,7 +103,7 @@ def back_at_portal(b: Browser, path: str = "/") -> None:
 
 
 def audit(proxy) -> list[dict]:
-    return [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in audit_text(proxy.folder / "audit.log").splitlines()]
 
 
 def test_sign_in_at_the_provider_the_fresh_check_and_an_app_password_over_imap(
@@ -155,7 +155,7 @@ def test_sign_in_at_the_provider_the_fresh_check_and_an_app_password_over_imap(
     checks = [(e["outcome"], e["method"]) for e in events if e["event"] == "portal_fresh_check"]
     assert checks == [("accepted", "oidc")]
     assert any(e["event"] == "app_password_created" for e in events)
-    assert secret.replace(" ", "") not in (proxy.folder / "audit.log").read_text()
+    assert secret.replace(" ", "") not in audit_text(proxy.folder / "audit.log")
 
 
 def test_a_disabled_directory_account_is_refused_after_a_good_provider_sign_in(

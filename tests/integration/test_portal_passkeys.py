@@ -22,7 +22,7 @@ from selenium.webdriver.common.virtual_authenticator import (
     Credential, VirtualAuthenticatorOptions)
 
 from tests.browser import Browser, screenshots_folder
-from tests.conftest import require_tool
+from tests.conftest import audit_text, require_tool
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, sign_in
 from tests.proxyd import ProxyDaemon, free_port, mail_backend
@@ -89,7 +89,7 @@ def authenticator(b: Browser) -> None:
 
 
 def audit(proxy) -> list[dict]:
-    return [json.loads(line) for line in (proxy.folder / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in audit_text(proxy.folder / "audit.log").splitlines()]
 
 
 def raw(text: str | bytes) -> bytes:

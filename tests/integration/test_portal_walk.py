@@ -15,7 +15,7 @@ import pytest
 from selenium.webdriver.support.select import Select
 
 from tests.browser import PHONE, Browser, screenshots_folder
-from tests.conftest import require_tool, wait_until
+from tests.conftest import audit_text, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.integration.test_portal import enrol, imap_login, portal_daemon, sign_in
 
@@ -69,7 +69,7 @@ def browser(tmp_path):
 
 
 def audit(daemon) -> list[dict]:
-    return [json.loads(line) for line in (daemon.folder / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in audit_text(daemon.folder / "audit.log").splitlines()]
 
 
 def mails_to(dovecot, user: str, subject: str, since: int) -> list[str]:

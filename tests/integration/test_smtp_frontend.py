@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import audit_text, require_tool
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import ProxyDaemon, mail_backend
 
@@ -182,7 +182,7 @@ def test_mail_before_auth_and_auth_before_tls(proxy):
 
 def test_an_auth_pipelined_after_starttls_is_never_executed(proxy, user):
     uid, _, secret = user
-    before = (proxy.folder / "audit.log").read_text().count('"authentication"')
+    before = audit_text(proxy.folder / "audit.log").count('"authentication"')
     s = raw(proxy, "submission")
     s.sendall(b"EHLO x\r\n")
     s.recv(4096)
@@ -196,7 +196,7 @@ def test_an_auth_pipelined_after_starttls_is_never_executed(proxy, user):
     assert tls.recv(4096) == b"503 5.5.1 Error: send EHLO first\r\n"  # the EHLO was forgotten
     tls.close()
     time.sleep(0.3)
-    assert (proxy.folder / "audit.log").read_text().count('"authentication"') == before
+    assert audit_text(proxy.folder / "audit.log").count('"authentication"') == before
 
 
 def test_pipelined_mail_after_auth_reaches_the_backend(proxy, dovecot, user):

@@ -23,7 +23,7 @@ import ldap3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ended, require_tool, wait_until
+from tests.conftest import audit_text, ended, require_tool, wait_until
 from tests.integration.conftest import PRIMARY
 from tests.proxyd import Output, ProxyDaemon, free_port, mail_backend
 
@@ -273,7 +273,7 @@ def test_a_worker_killed_under_load_is_started_again_and_only_its_connections_fa
     # Two processes appended to one audit file, one of them killed: whole lines.
     import json
 
-    for line in (proxy.folder / "audit.log").read_text().splitlines():
+    for line in audit_text(proxy.folder / "audit.log").splitlines():
         json.loads(line)
 
 

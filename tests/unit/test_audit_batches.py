@@ -1,4 +1,4 @@
-"""The daemon's audit batches: the events of a reactor turn handed to the
+"""The daemon's audit batches: the events of a few milliseconds handed to the
 audit thread in one step with no answer, in order, bounded, nothing lost at
 stop, a reopen in its place among the events."""
 
@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from proxy.audit import AuditLog
 from proxy.config import AuditConfig
-from proxy.daemon.auditing import AuditBatches
+from proxy.daemon.auditing import GATHER, AuditBatches
 
 
 class Reactor(Clock):
@@ -54,7 +54,6 @@ def test_the_events_of_one_turn_are_one_hand_off_with_no_answer(tmp_path):
     reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a", result="ok")
     audit.record("app_password_created", user="b")
-    assert pool.calls == []
     reactor.advance(0)
     assert len(pool.calls) == 1
     pool.run()
@@ -62,18 +61,33 @@ def test_the_events_of_one_turn_are_one_hand_off_with_no_answer(tmp_path):
     assert reactor.from_thread == 0
 
 
-def test_the_turns_that_pass_while_the_thread_writes_join_its_queue(tmp_path):
+def test_under_load_the_events_are_handed_over_once_a_while(tmp_path):
+    reactor, pool, audit = batches(tmp_path)
+    audit.record("authentication", user="a")
+    reactor.advance(0)  # after a quiet moment: at the end of its turn
+    pool.run()
+    for name in "bcd":  # the next turns, soon after: gathered
+        audit.record("authentication", user=name)
+        reactor.advance(GATHER / 4)
+    assert pool.calls == []
+    reactor.advance(GATHER / 4)
+    assert len(pool.calls) == 1
+    pool.run()
+    assert users(tmp_path / "audit.log") == ["a", "b", "c", "d"]
+
+
+def test_the_events_gathered_while_the_thread_writes_join_its_queue(tmp_path):
     reactor, pool, audit = batches(tmp_path, log_authentications=True)
     audit.record("authentication", user="a")
-    reactor.advance(0)
-    for name in "bcd":  # three turns while the audit thread has not run yet
+    reactor.advance(GATHER)
+    for name in "bcd":  # three hand-overs while the audit thread has not run yet
         audit.record("authentication", user=name)
-        reactor.advance(0)
+        reactor.advance(GATHER)
     assert len(pool.calls) == 1
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b", "c", "d"]
     audit.record("authentication", user="e")  # the thread is idle again: started anew
-    reactor.advance(0)
+    reactor.advance(GATHER)
     assert len(pool.calls) == 1
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b", "c", "d", "e"]
@@ -82,29 +96,29 @@ def test_the_turns_that_pass_while_the_thread_writes_join_its_queue(tmp_path):
 def test_stop_writes_what_waits_and_fires_when_written(tmp_path):
     reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a")
-    reactor.advance(0)
+    reactor.advance(GATHER)
     audit.record("authentication", user="b")
     written = audit.write()
     assert len(pool.calls) == 1
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b"]
     assert not written.called
-    reactor.advance(0)  # the answer, through the reactor
+    reactor.advance(GATHER)  # the answer, through the reactor
     assert written.called
-    reactor.advance(0)
+    reactor.advance(GATHER)
     assert pool.calls == []
 
 
 def test_what_came_before_a_reopen_goes_to_the_file_before(tmp_path):
     reactor, pool, audit = batches(tmp_path)
     audit.record("authentication", user="a")
-    reactor.advance(0)
+    reactor.advance(GATHER)
     audit.record("authentication", user="b")
     reopened = audit.reopen(AuditConfig(file=tmp_path / "new.log", log_authentications=False))
     audit.record("authentication", user="c")
-    reactor.advance(0)
+    reactor.advance(GATHER)
     pool.run()
-    reactor.advance(0)
+    reactor.advance(GATHER)
     assert reopened.called
     assert users(tmp_path / "audit.log") == ["a", "b"]
     assert users(tmp_path / "new.log") == ["c"]
@@ -114,11 +128,11 @@ def test_past_the_bound_events_are_dropped_and_counted(tmp_path):
     reactor, pool, audit = batches(tmp_path)
     audit.MAX_WAITING = 3
     audit.record("authentication", user="a")
-    reactor.advance(0)  # a slow disk: the thread does not run
+    reactor.advance(GATHER)  # a slow disk: the thread does not run
     for name in "bcdef":
         audit.record("authentication", user=name)
     assert (audit.dropped, pool.refused) == (3, 3)
-    reactor.advance(0)
+    reactor.advance(GATHER)
     pool.run()
     assert users(tmp_path / "audit.log") == ["a", "b", "c"]
 
@@ -136,11 +150,11 @@ def test_a_write_that_fails_does_not_stop_the_next(tmp_path):
     reactor, pool, audit = batches(tmp_path)
     audit.audit.path = tmp_path / "missing" / "audit.log"
     audit.record("authentication", user="a")
-    reactor.advance(0)
+    reactor.advance(GATHER)
     pool.run()
-    reactor.advance(0)  # the failure logged on the reactor thread
+    reactor.advance(GATHER)  # the failure logged on the reactor thread
     audit.audit.path = tmp_path / "audit.log"
     audit.record("authentication", user="b")
-    reactor.advance(0)
+    reactor.advance(GATHER)
     pool.run()
     assert users(tmp_path / "audit.log") == ["b"]
