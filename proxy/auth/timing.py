@@ -22,6 +22,10 @@ from proxy.auth import Attempt, Decision, Reason
 from proxy.auth.throttle import Throttle
 
 SAMPLES = 128
+# The event loop's timers fire in whole milliseconds, rounded up (epoll's
+# timeout): a held answer waits by timer until this long before it is due,
+# then turn by turn, other work going on meanwhile, until it is.
+TIMER_GRAIN = 0.001
 
 
 class CheckTime:
@@ -30,10 +34,6 @@ class CheckTime:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._times: deque[float] = deque(maxlen=SAMPLES)
         self._random = rng or random.Random()
-        # How late the reactor's timers fire, on average: the event loop
-        # waits in whole milliseconds, rounded up, which alone would make a
-        # held answer a little later than a checked one.
-        self.lateness = 0.0
 
     def hold(self, decision: Decision, elapsed: float) -> float:
         """How long after it began a refusal is answered, at the soonest
@@ -47,14 +47,20 @@ class CheckTime:
         return self._random.choice(self._times)
 
     async def wait(self, clock: Any, seconds: float) -> None:
-        """Wait ``seconds``, as closely as the event loop allows."""
-        wait = seconds - self.lateness
-        if wait <= 0:
-            return
-        due = clock.seconds() + wait
-        await deferLater(clock, wait)
-        late = clock.seconds() - due
-        self.lateness += (min(late, 0.01) - self.lateness) / 16
+        """Wait ``seconds``, to within a turn of the event loop. A timer
+        alone would fire up to a millisecond late, by where its wait fell
+        between two whole milliseconds: held answers' times would then be
+        spread wider than checked ones' and told apart from them by a rank
+        test (a millisecond's spin costs a held refusal about that much CPU,
+        paid only where no failure delay of the source's is longer)."""
+        due = clock.seconds() + seconds
+        if seconds > TIMER_GRAIN:
+            await deferLater(clock, seconds - TIMER_GRAIN)
+        last = None
+        while (now := clock.seconds()) < due:
+            # A clock that did not move in a turn (a test's) waits the rest by timer.
+            await deferLater(clock, 0 if now != last else due - now)
+            last = now
 
 
 class FailureDelay:
