@@ -109,6 +109,22 @@ def value(text: str, sample: str, **labels: str) -> float:
 SIGN_INS = "legacy_auth_proxy_sign_ins_total"
 
 
+def both_workers_serve(proxy, uid: str, secret: str, port_name: str = "imap") -> bool:
+    """IMAP logins on ``port_name``, one after another, until each of the
+    two workers has accepted one (at most 100)."""
+    served = set()
+    for _ in range(100):
+        client = imap(proxy, port_name)
+        client.login(uid, secret)
+        client.logout()
+        for index, text in worker_metrics(proxy).items():
+            if value(text, SIGN_INS, protocol="imap", outcome="accepted"):
+                served.add(index)
+        if served == {0, 1}:
+            return True
+    return False
+
+
 def test_both_workers_serve_imap_logins_and_ldap_binds(proxy, slapd, unique):
     uid = unique("w")
     slapd.add_user(uid, PRIMARY)
@@ -373,17 +389,7 @@ def test_a_listener_added_by_a_reload_is_served_by_every_worker(slapd, dovecot, 
         daemon.wait_for("every worker reloaded", 60)
         assert daemon.log().count("listening: added") == 2  # each worker, SO_REUSEPORT
         daemon.ports["added"] = port
-        served = set()
-        for _ in range(100):
-            client = imap(daemon, "added")
-            client.login(uid, secret)
-            client.logout()
-            for index, text in worker_metrics(daemon).items():
-                if value(text, SIGN_INS, protocol="imap", outcome="accepted"):
-                    served.add(index)
-            if served == {0, 1}:
-                break
-        assert served == {0, 1}
+        assert both_workers_serve(daemon, uid, secret, "added")
     finally:
         assert daemon.stop() == 0
 
@@ -414,17 +420,7 @@ def test_socket_activation_hands_systemds_socket_to_every_worker(slapd, dovecot,
         daemon.wait_for("workers ready", 60)
         assert first.recv(100).startswith(b"* OK")
         first.close()
-        served = set()
-        for _ in range(100):
-            client = imap(daemon)
-            client.login(uid, secret)
-            client.logout()
-            for index, text in worker_metrics(daemon).items():
-                if value(text, SIGN_INS, protocol="imap", outcome="accepted"):
-                    served.add(index)
-            if served == {0, 1}:
-                break
-        assert served == {0, 1}
+        assert both_workers_serve(daemon, uid, secret)
     finally:
         assert daemon.stop() == 0, daemon.log()[-3000:]
 
