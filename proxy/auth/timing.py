@@ -51,8 +51,8 @@ class CheckTime:
         alone would fire up to a millisecond late, by where its wait fell
         between two whole milliseconds: held answers' times would then be
         spread wider than checked ones' and told apart from them by a rank
-        test (a millisecond's spin costs a held refusal about that much CPU,
-        paid only where no failure delay of the source's is longer)."""
+        test. The last millisecond's turns cost a held refusal about 0.3 ms
+        of CPU, paid only where no failure delay of the source's is longer."""
         due = clock.seconds() + seconds
         if seconds > TIMER_GRAIN:
             await deferLater(clock, seconds - TIMER_GRAIN)

@@ -44,11 +44,12 @@ class AuditBatches:
     failure, for fail2ban, already).
 
     The events of a reactor turn, or under load of up to :data:`GATHER`
-    seconds, are put together, in one step under a lock, on a queue the audit
-    thread writes from, each time all of it in one ``write``. The thread is started on the audit pool when it is
-    idle, with no answer to the reactor; while it writes, the events
-    gathered next only join the queue: under load, one wake-up of the thread for
-    many sign-ins, and none of the reactor turns the answers took.
+    seconds, are put together, in one step under a lock, on a queue the
+    audit thread writes from, each time all of it in one ``write``. The
+    thread is started on the audit pool when it is idle, with no answer to
+    the reactor; while it writes, the events gathered next only join the
+    queue: under load, one wake-up of the thread for many sign-ins, and none
+    of the reactor turns the answers took.
     At most :attr:`MAX_WAITING` events wait (a disk that does not answer must
     not take the daemon's memory); past that an event is dropped, counted in
     :attr:`dropped` and as a refusal of the audit pool (the
