@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from proxy.config import DirectoryConfig
 from proxy.directory import Directory
+from tests.unit.test_directory_pool import outcome
 
 TIMEOUT = 5.0
 
@@ -98,15 +99,6 @@ def answer_bind(protocol):
     (message_id,) = protocol._wrappedProtocol.onwire  # through the endpoint's wrapper
     protocol.dataReceived(
         pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=message_id).toWire())
-
-
-def outcome(d: Deferred) -> str:
-    if not d.called:
-        return "unanswered"
-    box = []
-    d.addBoth(box.append)
-    result = box[0]
-    return type(result.value).__name__ if isinstance(result, Failure) else "ok"
 
 
 def run(coroutine) -> Deferred:
