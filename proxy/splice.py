@@ -16,12 +16,13 @@ Small chunks (an IMAP response line, a goodbye) are read into Python and
 sent from there, so that the last words of the backend are known when it
 closes (to tell a goodbye from a crash, as the relay in Python does).
 
-Anything out of the ordinary hands the session back to Twisted
-(:meth:`KernelRelay.stop`): end of stream or an error on either side, the
+The end of stream on either side ends the session from here, as Twisted
+would on reading it. Anything else out of the ordinary hands the session
+back to Twisted (:meth:`KernelRelay.stop`): an error on either side, the
 proxy itself having something to say (idle timeout, revocation, shutdown),
 or a pipe that cannot be had. What waits in a pipe is then read out and
-written through the transports, in order; Twisted then sees the end of
-stream or the error itself and ends the session as before.
+written through the transports, in order; Twisted then sees the error
+itself and ends the session as before.
 """
 
 from __future__ import annotations
@@ -99,20 +100,22 @@ PIPES = Pipes()
 
 
 class _Stopped(Exception):
-    def __init__(self, backend_ended: bool = False) -> None:
+    def __init__(self, ended: int | None = None) -> None:
         super().__init__()
-        self.backend_ended = backend_ended
+        self.ended = ended  # the end whose stream ended (0: the client, 1: the backend)
 
 
 class Owner(Protocol):
     """What the relay tells: bytes moved, and the session handed back, or
-    ended by the backend."""
+    ended by one side."""
 
     def relayed(self, index: int, count: int) -> None: ...
 
     def handed_back(self, backend_tail: bytes | None) -> None: ...
 
     def backend_ended(self, backend_tail: bytes | None) -> None: ...
+
+    def client_ended(self, backend_tail: bytes | None) -> None: ...
 
 
 @implementer(IReadWriteDescriptor)
@@ -185,7 +188,7 @@ class _End:
             return
         if n == 0:
             self._release()
-            raise _Stopped(backend_ended=self.index == 1)
+            raise _Stopped(ended=self.index)
         self.relay.owner.relayed(self.index, n)
         if n <= SMALL:
             data = os.read(pipe[0], n)
@@ -283,17 +286,18 @@ class KernelRelay:
         try:
             step()
         except _Stopped as e:
-            self.stop(backend_ended=e.backend_ended)
+            self.stop(ended=e.ended)
         except OSError as e:
             if e.errno not in _GONE:
                 log.warn("kernel relay stopped: {error}", error=os.strerror(e.errno or 0))
             self.stop()
 
-    def stop(self, backend_ended: bool = False) -> None:
+    def stop(self, ended: int | None = None) -> None:
         """Hand both sockets back to Twisted, with whatever still waits
-        written through their transports, in order; or, when the backend
-        ended the session (its end of stream, read here), tell the owner so,
-        which ends it without reading either socket again."""
+        written through their transports, in order; or, when one side ended
+        the session (its end of stream, read here: ``ended`` 0 for the
+        client, 1 for the backend), tell the owner so, which ends it without
+        giving either socket back to Twisted only to read that end again."""
         if self.stopped:
             return
         for end in (self.client, self.backend):
@@ -307,7 +311,9 @@ class KernelRelay:
                 rest = b""
             if rest:
                 end.peer.transport.write(rest)
-        if backend_ended:
+        if ended == 1:
             self.owner.backend_ended(self.backend.tail)
+        elif ended == 0:
+            self.owner.client_ended(self.backend.tail)
         else:
             self.owner.handed_back(self.backend.tail)

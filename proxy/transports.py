@@ -25,6 +25,8 @@ import ipaddress
 from typing import Any
 
 from twisted.internet import endpoints, tcp
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from proxy.wire import addresses
 
@@ -85,22 +87,42 @@ def hang_up(transport: Any, clock: Any, grace: float = CLOSE_GRACE) -> _Deadline
     """End the connection on ``transport``: what was written is still sent,
     then TLS's close alert, then the socket closes. Returns the deadline,
     which the caller cancels when the connection is lost (or None if the
-    connection is already gone)."""
+    connection is already gone, or is plain TCP with nothing left to send:
+    that closes at the end of the reactor's turn, needing none)."""
     if transport is None or not getattr(transport, "connected", True):
         return None
     try:
         transport.unregisterProducer()
     except RuntimeError:
         pass  # none registered (in-memory test transports say so loudly)
-    # Reading may have been paused; TLS must read the peer's close alert.
-    # (Plain TCP stops reading as it closes: resuming would only register
-    # the socket in epoll to take it out again.)
-    if not _plain_tcp(transport):
+    if _plain_tcp(transport):
+        if idle_tcp(transport):
+            # Nothing left to send: closed at the end of this reactor turn,
+            # not after a trip through epoll for the socket to be writable
+            # (and a zero-byte send) only to learn that nothing waits.
+            transport.stopReading()
+            clock.callLater(0, _close_idle, transport, clock, grace)
+            return None
+        # (Plain TCP stops reading as it closes: resuming would only
+        # register the socket in epoll to take it out again.)
+    else:
+        # Reading may have been paused; TLS must read the peer's close alert.
         transport.resumeProducing()
     transport.loseConnection()
     if not getattr(transport, "connected", True):
         return None
     return _Deadline(transport, clock, grace)
+
+
+def _close_idle(transport: Any, clock: Any, grace: float) -> None:
+    if not transport.connected:
+        return
+    if idle_tcp(transport):
+        # What Twisted does once the socket is writable and nothing waits:
+        # shutdown and close, then the protocol is told.
+        transport.connectionLost(Failure(ConnectionDone()))
+    else:
+        hang_up(transport, clock, grace)  # written to since: the usual way
 
 
 def _plain_tcp(transport: Any) -> bool:

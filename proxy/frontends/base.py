@@ -904,6 +904,14 @@ class RelayingServer(ListenerConnection, Protocol):
         if self.backend is not None:
             self.backend.transport.connectionLost(Failure(ConnectionDone()))
 
+    def client_ended(self, backend_tail: bytes | None) -> None:
+        """The client closed the session while the kernel relayed it: its
+        connection is lost now, as when Twisted reads that end."""
+        self._backend_tail = backend_tail
+        self.kernel = None
+        self._move("handed_back")
+        self.transport.connectionLost(Failure(ConnectionDone()))
+
     def _relay_in_python(self) -> None:
         """Relay through Twisted: from login, or when the kernel's relay
         hands the session back."""
