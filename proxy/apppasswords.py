@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -102,11 +103,44 @@ def check_name(name: str) -> str | None:
     return None
 
 
+class KeyedHash:
+    """HMAC-SHA256 under one key (RFC 2104), the key's two padded hash
+    states computed once: a message then costs two copies of a SHA-256
+    state and two short hashes. ``hmac.digest`` makes OpenSSL 3 look up
+    its HMAC implementation on every call, which in the daemon (its other
+    threads, its large heap) cost 10 µs a sign-in where this costs under 1."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\x00")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed(pepper: bytes) -> KeyedHash:
+    return KeyedHash(pepper)
+
+
 def lookup_key(pepper: bytes, username: str, secret: str) -> bytes:
     """``HMAC-SHA256(pepper, user || 0x00 || secret)`` for a canonical user and
     a normalised secret. User names never contain NUL, so the split is unique."""
-    message = username.encode("utf-8") + b"\x00" + secret.encode("ascii")
-    return hmac.digest(pepper, message, hashlib.sha256)
+    return _keyed(pepper).digest(username.encode("utf-8") + b"\x00" + secret.encode("ascii"))
 
 
 @attrs.frozen

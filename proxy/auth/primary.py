@@ -10,11 +10,10 @@ directory refused is not sent to it again while it is among the last few
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 from typing import Any
 
+from proxy.apppasswords import KeyedHash
 from proxy.auth import Attempt, Decision, Reason
 from proxy.auth.accounts import DirectoryLike
 from proxy.auth.cache import SuccessCache
@@ -31,7 +30,7 @@ class PrimaryPasswords:
         self.metrics = metrics
         self._successes: SuccessCache[float] = SuccessCache(
             clock.seconds, cache.primary_password_ttl, cache.max_entries)
-        self._key = secrets.token_bytes(32)
+        self._keyed = KeyedHash(secrets.token_bytes(32))
 
     def forget(self, username: str | None = None) -> None:
         if username is None:
@@ -44,9 +43,8 @@ class PrimaryPasswords:
         password; failures and successes counted by the throttle (``since``:
         when the check began, in the throttle's order)."""
         key, address, secret = account.key, attempt.client_address, attempt.secret
-        cache_key = hmac.digest(
-            self._key, account.dn.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"),
-            hashlib.sha256)
+        cache_key = self._keyed.digest(
+            account.dn.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"))
         hit = self._successes.get(cache_key) == (account.password_changed_at or 0.0)
         if self.metrics is not None:
             self.metrics.cache("primary", hit)

@@ -23,8 +23,6 @@ that lockouts do not tell which accounts exist.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import itertools
 import secrets
@@ -34,6 +32,7 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from proxy import store
+from proxy.apppasswords import KeyedHash
 from proxy.auth.cache import LRU
 from proxy.config import ThrottleConfig
 from proxy.wire import addresses
@@ -113,7 +112,7 @@ class Throttle:
         # Keys the digests of wrong secrets. Random (never leaves memory)
         # unless failures are counted in a shared store: then every process
         # must digest a secret alike (see docs/deployment.md).
-        self._key = digest_key or secrets.token_bytes(32)
+        self._keyed = KeyedHash(digest_key or secrets.token_bytes(32))
         # Told of each new failure counted (account, familiar place?, digest,
         # when): the daemon counts it in the shared store too.
         self.on_failure: Callable[[str, bool, bytes, float], None] | None = None
@@ -175,9 +174,7 @@ class Throttle:
         return self._unknown if account.startswith("unknown:") else self._known
 
     def digest(self, account: str, secret: str) -> bytes:
-        return hmac.digest(
-            self._key, account.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"), hashlib.sha256
-        )
+        return self._keyed.digest(account.encode() + b"\x00" + secret.encode("utf-8", "surrogateescape"))
 
     def locked(self, account: str, address: str) -> float:
         """Seconds the account stays locked for this source; 0 if it is not."""

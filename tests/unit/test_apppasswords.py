@@ -1,4 +1,6 @@
 import functools
+import hashlib
+import hmac
 import os
 import string
 
@@ -8,6 +10,7 @@ from hypothesis import given, strategies as st
 from proxy import apppasswords
 from proxy.apppasswords import (
     HashParameters,
+    KeyedHash,
     Hasher,
     PepperError,
     display,
@@ -76,6 +79,18 @@ def test_lookup_key_depends_on_pepper_user_and_secret():
     assert base != lookup_key(p2, "alice", "abcdefghijklmnop")
     assert base != lookup_key(p1, "bob", "abcdefghijklmnop")
     assert base != lookup_key(p1, "alice", "abcdefghijklmnoq")
+
+
+@given(st.binary(max_size=200), st.binary(max_size=300))
+def test_the_keyed_hash_is_hmac_sha256(key, message):
+    # Keys shorter than, as long as and longer than SHA-256's block.
+    assert KeyedHash(key).digest(message) == hmac.digest(key, message, hashlib.sha256)
+
+
+def test_lookup_key_is_hmac_sha256_of_user_nul_secret():
+    pepper = os.urandom(32)
+    assert lookup_key(pepper, "alice", "abcdefghijklmnop") == hmac.digest(
+        pepper, b"alice\x00abcdefghijklmnop", hashlib.sha256)
 
 
 def test_usernames_are_kept_in_one_form():
