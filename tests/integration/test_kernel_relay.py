@@ -185,6 +185,24 @@ def test_a_session_the_backend_ends_is_closed_for_the_client(proxy, dovecot, use
     s.close()
 
 
+def test_a_client_that_closes_while_the_kernel_relays_ends_both_connections(proxy, user):
+    uid, _, secret = user
+    login(proxy, uid, secret).close()  # the pool is filled for the logins below
+    time.sleep(0.3)
+    baseline = open_fds(proxy)
+    for _ in range(3):
+        s = login(proxy, uid, secret)
+        s.sendall(b"b NOOP\r\n")
+        assert b"b OK" in until(s, b"b ")
+        s.close()  # its end of stream, read by the kernel's relay
+    deadline = time.monotonic() + 10
+    while open_fds(proxy) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(proxy) <= baseline
+    code, text = curl(proxy, "/metrics")
+    assert value(text, "legacy_auth_proxy_sessions", listener="imap") == 0
+
+
 def test_a_client_that_vanishes_mid_message_leaves_nothing_behind(proxy, dovecot, user):
     uid, _, secret = user
     dovecot.deliver(uid, message("vanish", 8_000_000))

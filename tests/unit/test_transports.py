@@ -1,6 +1,13 @@
-"""hang_up: producers unregistered before the close, and a deadline that
-waits for a slow reader but not for a silent one."""
+"""hang_up: producers unregistered before the close, a deadline that
+waits for a slow reader but not for a silent one, and an idle plain TCP
+connection closed at the end of the reactor's turn."""
 
+import socket
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -118,3 +125,52 @@ def test_the_relays_tls_layer_delivers_large_and_small_writes_in_order(tmp_path)
 
     faster_tls(Upgraded)
     assert type(Upgraded.protocol) is RelayTLS
+
+
+class _Told(Protocol):
+    def __init__(self, made):
+        self.made = made
+        self.lost = Deferred()
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def connectionLost(self, reason=None):
+        self.lost.callback(None)
+
+
+async def _connected_pair():
+    """A real loopback TCP connection: the server's protocol, and the client socket."""
+    made = Deferred()
+    factory = Factory()
+    factory.buildProtocol = lambda addr: _Told(made)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    server = await made
+    await port.stopListening()
+    return server, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_plain_tcp_connection_closes_by_the_end_of_the_turn():
+    server, client = await _connected_pair()
+    assert hang_up(server.transport, reactor) is None  # no deadline needed
+    assert server.transport.connected  # not yet: callers may still act on it
+    await server.lost
+    client.settimeout(5)
+    assert client.recv(10) == b""  # an orderly close (FIN), not a reset
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_written_after_an_idle_hang_up_is_still_sent():
+    server, client = await _connected_pair()
+    hang_up(server.transport, reactor)
+    server.transport.write(b"last words")
+    await server.lost
+    client.settimeout(5)
+    received = b""
+    while chunk := client.recv(100):
+        received += chunk
+    assert received == b"last words"
+    client.close()
