@@ -12,6 +12,7 @@ an ``ID`` is passed on.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 
@@ -23,6 +24,17 @@ from proxy.transports import write_now
 from proxy.wire.imap import quote
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+
+# A login's session id for the backend's logs: this process's random
+# prefix and a count, unique without a system call (getrandom) a login.
+# Workers are processes of their own (spawned, not forked), each with its
+# own prefix.
+_PROCESS = secrets.token_hex(4)
+_LOGINS = itertools.count(1)
+
+
+def session_id() -> bytes:
+    return f"{_PROCESS}{next(_LOGINS):x}".encode()
 
 
 def send(connection: BackendConnection, tag: bytes, line: bytes) -> None:
@@ -102,7 +114,7 @@ class IMAPBackend(MasterLogin):
             fields = [
                 (b"x-originating-ip", address.encode()),
                 (b"x-originating-port", str(port).encode()),
-                (b"x-session-ext-id", secrets.token_hex(8).encode()),
+                (b"x-session-ext-id", session_id()),
             ]
             pairs = b" ".join(quote(k) + b" " + quote(v) for k, v in fields)
             queue(b"lap1", b"ID (" + pairs + b")")
