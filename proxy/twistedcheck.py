@@ -5,8 +5,9 @@ queued for a hang-up's deadline (:func:`proxy.transports.pending_output`),
 a write that skips Twisted's queue when it is empty
 (:func:`proxy.transports.write_now`), TLS records written in one go
 (:class:`proxy.tls.RelayTLS`, put in place by changing the class of the
-layer Twisted made), and the endpoint's wrapper taken out of a backend
-connection (:func:`proxy.backends.connect`). A Twisted release that renames
+layer Twisted made), the endpoint's wrapper taken out of a backend
+connection (:func:`proxy.backends.connect`), and the side a connected
+socket's startTLS speaks (:class:`proxy.transports.AddressEndpoint`). A Twisted release that renames
 one of them would otherwise go unnoticed there, or fail on the first
 connection that takes that path: :func:`check_twisted` finds it at start,
 with a message that names what is missing. pyproject.toml caps Twisted at
@@ -67,6 +68,9 @@ def _missing_tcp() -> list[str]:
             missing.append(f"FileDescriptor.{name}")
     if not hasattr(tcp.Connection, "_aborting"):
         missing.append("tcp.Connection._aborting")
+    # Which side startTLS speaks (proxy.transports.AddressEndpoint's transport).
+    if getattr(tcp.Client, "_tlsClientDefault", None) is not True:
+        missing.append("tcp.Client._tlsClientDefault")
     wrapping: Any = getattr(endpoints, "_WrappingProtocol", None)
     if wrapping is None:
         missing.append("twisted.internet.endpoints._WrappingProtocol")

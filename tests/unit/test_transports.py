@@ -1,17 +1,22 @@
 """hang_up: producers unregistered before the close, a deadline that
 waits for a slow reader but not for a silent one, and an idle plain TCP
-connection closed at the end of the reactor's turn."""
+connection closed at the end of the reactor's turn; the endpoint that
+connects to an address."""
 
+import os
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from proxy.transports import CLOSE_GRACE, hang_up, pending_output
+from proxy.transports import CLOSE_GRACE, AddressEndpoint, hang_up, pending_output, tcp_endpoint
 
 
 class Draining(StringTransport):
@@ -174,3 +179,84 @@ async def test_what_is_written_after_an_idle_hang_up_is_still_sent():
         received += chunk
     assert received == b"last words"
     client.close()
+
+
+class _Echo(Protocol):
+    def __init__(self):
+        self.made = Deferred()
+        self.received = b""
+
+    def connectionMade(self):
+        self.made.callback(self.transport)
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+async def _recv(sock):
+    """What arrives next on a non-blocking socket, the reactor turning meanwhile."""
+    for _ in range(500):
+        try:
+            return sock.recv(100)
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+    raise TimeoutError("nothing arrived")
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_address_endpoint_connects_and_hands_a_tcp_transport_on():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    endpoint = tcp_endpoint(reactor, "127.0.0.1", port, 5)
+    assert isinstance(endpoint, AddressEndpoint)
+    client = _Echo()
+    factory = Factory()
+    factory.buildProtocol = lambda addr: client
+    assert await endpoint.connect(factory) is client
+    transport = client.transport
+    assert transport.connected and transport.getPeer().port == port
+    assert transport.getHost().host == "127.0.0.1"
+    accepted, _ = server.accept()
+    accepted.setblocking(False)
+    transport.write(b"hello")
+    assert await _recv(accepted) == b"hello"
+    accepted.sendall(b"back")
+    while client.received != b"back":
+        await deferLater(reactor, 0.01)
+    transport.loseConnection()
+    assert await _recv(accepted) == b""
+    accepted.close()
+    server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_address_endpoint_fails_as_twisteds_endpoints_do():
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    before = _open_fds()
+    with pytest.raises(ConnectionRefusedError):
+        await tcp_endpoint(reactor, "127.0.0.1", port, 5).connect(Factory.forProtocol(Protocol))
+    assert _open_fds() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_connection_attempt_closes_its_socket():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    before = _open_fds()
+    d = tcp_endpoint(reactor, "127.0.0.1", server.getsockname()[1], 5).connect(
+        Factory.forProtocol(Protocol))
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    assert _open_fds() == before
+    server.close()
