@@ -16,6 +16,8 @@ Written by hand rather than with ldaptor's decoder for two reasons:
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 # Operation tags (RFC 4511), [APPLICATION n], constructed unless noted.
@@ -463,13 +465,20 @@ def result(
     id: int, tag: int, code: int, text: str = "", matched: str = "", extra: bytes = b""
 ) -> bytes:
     """An LDAPResult-shaped response: bind, search done, modify, ..., extended."""
+    return message(id, _result_op(tag, code, text, matched, extra))
+
+
+@functools.lru_cache(maxsize=256)
+def _result_op(tag: int, code: int, text: str, matched: str, extra: bytes) -> bytes:
+    # The same few answers again and again (a bind's success, above all):
+    # encoded once each; only the message id differs.
     body = (
         _int(ENUMERATED, code)
         + tlv(OCTET_STRING, matched.encode())
         + tlv(OCTET_STRING, text.encode())
         + extra
     )
-    return message(id, tlv(tag, body))
+    return tlv(tag, body)
 
 
 def extended_response(
