@@ -16,13 +16,21 @@ Small chunks (an IMAP response line, a goodbye) are read into Python and
 sent from there, so that the last words of the backend are known when it
 closes (to tell a goodbye from a crash, as the relay in Python does).
 
-The end of stream on either side ends the session from here, as Twisted
-would on reading it. Anything else out of the ordinary hands the session
-back to Twisted (:meth:`KernelRelay.stop`): an error on either side, the
-proxy itself having something to say (idle timeout, revocation, shutdown),
-or a pipe that cannot be had. What waits in a pipe is then read out and
-written through the transports, in order; Twisted then sees the error
-itself and ends the session as before.
+The sockets stay where Twisted put them in epoll: while the kernel relays,
+each transport's ``doRead`` and ``doWrite`` are the relay's (instance
+attributes, as Twisted's own connector swaps them while it connects), and
+reading and writing are switched with the transport's own calls. Taking
+both sockets out of epoll at the start and putting them back at the end
+cost four epoll changes a session.
+
+The end of stream on either side ends the relay, and the transport reports
+it to Twisted as its own ``doRead`` would: Twisted then loses the connection
+as usual. An error Twisted sees on a socket loses that connection at once,
+and its protocol stops the relay first. Anything else out of the ordinary
+hands the session back to Twisted (:meth:`KernelRelay.stop`): a splice that
+fails, the proxy itself having something to say (idle timeout, revocation,
+shutdown), or a pipe that cannot be had. What waits in a pipe is then read
+out and written through the transports, in order.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ import os
 import sys
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IReadWriteDescriptor, ISSLTransport
+from twisted.internet import main
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from proxy.transports import idle_tcp
 
@@ -118,10 +126,9 @@ class Owner(Protocol):
     def client_ended(self, backend_tail: bytes | None) -> None: ...
 
 
-@implementer(IReadWriteDescriptor)
 class _End:
-    """One socket as the reactor sees it while the kernel relays, and the
-    bytes read from it that wait to be sent to the other end (its peer)."""
+    """One side's transport while the kernel relays, and the bytes read
+    from it that wait to be sent to the other end (its peer)."""
 
     __slots__ = ("relay", "transport", "socket", "fd", "peer", "index", "pipe", "in_pipe",
                  "held", "tail", "reading", "writing")
@@ -142,34 +149,41 @@ class _End:
         self.reading = False
         self.writing = False
 
-    # -- the reactor's side --------------------------------------------------------
+    # -- the reactor's side: the transport's doRead and doWrite while relaying -------
 
-    def fileno(self) -> int:
-        return self.fd
+    def take(self) -> None:
+        """Take the transport's reading and writing over, reading."""
+        self.transport.doRead = self.doRead
+        self.transport.doWrite = self.doWrite
+        self.reading = True
+        self.transport.startReading()  # nothing if it already reads
 
-    def logPrefix(self) -> str:
-        return "kernel relay"
+    def give_back(self) -> None:
+        """Twisted's own doRead and doWrite again; still reading, not writing."""
+        del self.transport.doRead
+        del self.transport.doWrite
+        if self.writing:
+            self.writing = False
+            self.transport.stopWriting()
 
-    def doRead(self) -> None:
+    def doRead(self) -> Any:
         self.relay.run(self.readable)
+        if self.relay.ended == self.index:
+            return main.CONNECTION_DONE  # Twisted loses the connection, as on its own read
+        return None
 
     def doWrite(self) -> None:
         self.relay.run(self.peer.flush)
 
-    def connectionLost(self, reason: Any) -> None:
-        # The reactor saw the socket fail and no longer watches it.
-        self.reading = self.writing = False
-        self.relay.stop()
-
     def want_read(self, on: bool) -> None:
         if on != self.reading and not self.relay.stopped:
             self.reading = on
-            (self.relay.reactor.addReader if on else self.relay.reactor.removeReader)(self)
+            (self.transport.startReading if on else self.transport.stopReading)()
 
     def want_write(self, on: bool) -> None:
         if on != self.writing and not self.relay.stopped:
             self.writing = on
-            (self.relay.reactor.addWriter if on else self.relay.reactor.removeWriter)(self)
+            (self.transport.startWriting if on else self.transport.stopWriting)()
 
     # -- bytes from this end to its peer ---------------------------------------------
 
@@ -253,10 +267,12 @@ class _End:
 class KernelRelay:
     """Relays between a client's and a backend's plain TCP transports until
     :meth:`stop`, then tells ``owner.handed_back`` (the owner relays in
-    Python from there on). ``owner.relayed(index, n)`` is told of every
+    Python from there on), or ``owner.client_ended`` or
+    ``owner.backend_ended`` when that side's stream ended (Twisted then
+    loses that connection). ``owner.relayed(index, n)`` is told of every
     chunk: index 0 from the client, 1 from the backend."""
 
-    __slots__ = ("reactor", "pipes", "owner", "stopped", "client", "backend")
+    __slots__ = ("reactor", "pipes", "owner", "stopped", "ended", "client", "backend")
 
     def __init__(self, reactor: Any, client: Any, backend: Any, owner: Owner,
                  pipes: Pipes = PIPES) -> None:
@@ -264,17 +280,18 @@ class KernelRelay:
         self.pipes = pipes
         self.owner = owner
         self.stopped = False
+        self.ended: int | None = None  # the side whose stream ended, once one has
         self.client = _End(self, client, 0)
         self.backend = _End(self, backend, 1)
         self.client.peer = self.backend
         self.backend.peer = self.client
 
     def start(self, to_client: bytes = b"", to_backend: bytes = b"") -> None:
-        """Take both sockets from Twisted, first sending ``to_client`` and
-        ``to_backend`` (the login's answer, bytes the client pipelined)."""
+        """Take both transports' reading and writing over, first sending
+        ``to_client`` and ``to_backend`` (the login's answer, bytes the
+        client pipelined)."""
         for end in (self.client, self.backend):
-            end.transport.stopReading()
-            end.transport.stopWriting()
+            end.take()
         self.backend.held = to_client
         self.client.held = to_backend
         self.run(self.backend.flush)
@@ -293,17 +310,16 @@ class KernelRelay:
             self.stop()
 
     def stop(self, ended: int | None = None) -> None:
-        """Hand both sockets back to Twisted, with whatever still waits
-        written through their transports, in order; or, when one side ended
-        the session (its end of stream, read here: ``ended`` 0 for the
-        client, 1 for the backend), tell the owner so, which ends it without
-        giving either socket back to Twisted only to read that end again."""
+        """Give both transports back to Twisted, with whatever still waits
+        written through them, in order, and tell the owner: handed back, or
+        (``ended`` 0 for the client, 1 for the backend) that side's stream
+        ended, which Twisted is about to see or has seen."""
         if self.stopped:
             return
-        for end in (self.client, self.backend):
-            end.want_read(False)
-            end.want_write(False)
         self.stopped = True
+        self.ended = ended
+        for end in (self.client, self.backend):
+            end.give_back()
         for end in (self.client, self.backend):
             try:
                 rest = end.take_rest()

@@ -15,11 +15,9 @@ from typing import Any, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy import splice
@@ -718,6 +716,8 @@ class RelayingServer(ListenerConnection, Protocol):
         self._timer = self.listener.reactor.callLater(self.config.login_timeout, self._idle)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.kernel is not None:
+            self.kernel.stop(ended=0)
         self._leave()
         self.listener.sessions.remove(self)  # if it signed in; nothing if not
         if self.backend is not None:
@@ -895,22 +895,18 @@ class RelayingServer(ListenerConnection, Protocol):
         self._relay_in_python()
 
     def backend_ended(self, backend_tail: bytes | None) -> None:
-        """The backend closed the session while the kernel relayed it: its
-        connection is lost now, as when Twisted reads that end, without
-        handing both sockets back to Twisted first only for that read."""
+        """The backend's stream ended while the kernel relayed the session
+        (Twisted loses its connection next, or has: :meth:`backend_lost`)."""
         self._backend_tail = backend_tail
         self.kernel = None
         self._move("handed_back")
-        if self.backend is not None:
-            self.backend.transport.connectionLost(Failure(ConnectionDone()))
 
     def client_ended(self, backend_tail: bytes | None) -> None:
-        """The client closed the session while the kernel relayed it: its
-        connection is lost now, as when Twisted reads that end."""
+        """The client's stream ended while the kernel relayed the session
+        (Twisted loses its connection next, or has: :meth:`connectionLost`)."""
         self._backend_tail = backend_tail
         self.kernel = None
         self._move("handed_back")
-        self.transport.connectionLost(Failure(ConnectionDone()))
 
     def _relay_in_python(self) -> None:
         """Relay through Twisted: from login, or when the kernel's relay
@@ -978,6 +974,8 @@ class RelayingServer(ListenerConnection, Protocol):
     def backend_lost(self) -> None:
         """The backend closed the session: after its own goodbye (the
         client's logout), close; if it died without one, tell the client."""
+        if self.kernel is not None:
+            self.kernel.stop(ended=1)
         if self._closing:
             return
         # None: the kernel relayed the end unseen; say nothing rather than
