@@ -66,6 +66,17 @@ def login(proxy, uid, secret, listener="imap", rcvbuf=None):
     return s
 
 
+def nothing_left_behind(proxy, baseline: int) -> None:
+    """Within 10 s, the daemon holds no more descriptors than ``baseline``
+    and no IMAP session."""
+    deadline = time.monotonic() + 10
+    while open_fds(proxy) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(proxy) <= baseline
+    code, text = curl(proxy, "/metrics")
+    assert value(text, "legacy_auth_proxy_sessions", listener="imap") == 0
+
+
 def to_the_end(s) -> bytes:
     """Everything until the proxy closes the connection."""
     data = b""
@@ -195,12 +206,7 @@ def test_a_client_that_closes_while_the_kernel_relays_ends_both_connections(prox
         s.sendall(b"b NOOP\r\n")
         assert b"b OK" in until(s, b"b ")
         s.close()  # its end of stream, read by the kernel's relay
-    deadline = time.monotonic() + 10
-    while open_fds(proxy) > baseline and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert open_fds(proxy) <= baseline
-    code, text = curl(proxy, "/metrics")
-    assert value(text, "legacy_auth_proxy_sessions", listener="imap") == 0
+    nothing_left_behind(proxy, baseline)
 
 
 def test_a_client_that_vanishes_mid_message_leaves_nothing_behind(proxy, dovecot, user):
@@ -217,12 +223,7 @@ def test_a_client_that_vanishes_mid_message_leaves_nothing_behind(proxy, dovecot
         time.sleep(0.3)
         if round == 0:
             baseline = open_fds(proxy)
-    deadline = time.monotonic() + 10
-    while open_fds(proxy) > baseline and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert open_fds(proxy) <= baseline
-    code, text = curl(proxy, "/metrics")
-    assert value(text, "legacy_auth_proxy_sessions", listener="imap") == 0
+    nothing_left_behind(proxy, baseline)
 
 
 def test_tls_on_the_client_side_relays_in_python(proxy, dovecot, user):
