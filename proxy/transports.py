@@ -217,6 +217,8 @@ class AddressEndpoint:
 
     def connect(self, factory: Any) -> Deferred[Any]:
         protocol = factory.buildProtocol(self.peer)
+        if protocol is None:  # as Twisted's endpoints say it
+            return fail(error.NoProtocol())
         try:
             sock = socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
@@ -311,7 +313,15 @@ class _Connecting:
         self._end()
         transport = _Outgoing(sock, protocol, self.reactor, self.endpoint.peer)
         transport.startReading()
-        protocol.makeConnection(transport)
+        try:
+            protocol.makeConnection(transport)
+        except Exception:
+            # The protocol failed as it started (a TLS layer's set-up, say):
+            # the connection is lost, and the caller told why.
+            failed = Failure()
+            transport.connectionLost(failed)
+            self.result.errback(failed)
+            return
         self.result.callback(protocol)
 
     def _failed(self, code: int) -> None:

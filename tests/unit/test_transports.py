@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, NoProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -260,3 +260,31 @@ async def test_a_cancelled_connection_attempt_closes_its_socket():
         await d
     assert _open_fds() == before
     server.close()
+
+
+class _Broken(Protocol):
+    def connectionMade(self):
+        raise ValueError("set-up failed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_protocol_failing_as_it_starts_fails_the_connection_and_closes_it():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    before = _open_fds()
+    with pytest.raises(ValueError):
+        await tcp_endpoint(reactor, "127.0.0.1", server.getsockname()[1], 5).connect(
+            Factory.forProtocol(_Broken))
+    assert _open_fds() == before
+    server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_factory_with_no_protocol_fails_as_twisteds_endpoints_do():
+    factory = Factory()
+    factory.buildProtocol = lambda addr: None
+    before = _open_fds()
+    with pytest.raises(NoProtocol):
+        await tcp_endpoint(reactor, "127.0.0.1", 9, 5).connect(factory)
+    assert _open_fds() == before
