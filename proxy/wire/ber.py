@@ -465,13 +465,19 @@ def result(
     id: int, tag: int, code: int, text: str = "", matched: str = "", extra: bytes = b""
 ) -> bytes:
     """An LDAPResult-shaped response: bind, search done, modify, ..., extended."""
+    if not (text or matched or extra):
+        # The same few answers again and again (a bind's success, above
+        # all): encoded once each; only the message id differs.
+        return message(id, _bare_result_op(tag, code))
     return message(id, _result_op(tag, code, text, matched, extra))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
+def _bare_result_op(tag: int, code: int) -> bytes:
+    return _result_op(tag, code, "", "", b"")
+
+
 def _result_op(tag: int, code: int, text: str, matched: str, extra: bytes) -> bytes:
-    # The same few answers again and again (a bind's success, above all):
-    # encoded once each; only the message id differs.
     body = (
         _int(ENUMERATED, code)
         + tlv(OCTET_STRING, matched.encode())
