@@ -203,15 +203,21 @@ async def _recv(sock):
     raise TimeoutError("nothing arrived")
 
 
+def _listening():
+    """A socket listening on a free loopback port (accepting only if asked)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    return server
+
+
 def _open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_address_endpoint_connects_and_hands_a_tcp_transport_on():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = _listening()
     port = server.getsockname()[1]
     endpoint = tcp_endpoint(reactor, "127.0.0.1", port, 5)
     assert isinstance(endpoint, AddressEndpoint)
@@ -249,9 +255,7 @@ async def test_the_address_endpoint_fails_as_twisteds_endpoints_do():
 
 @pytest_twisted.ensureDeferred
 async def test_a_cancelled_connection_attempt_closes_its_socket():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = _listening()
     before = _open_fds()
     d = tcp_endpoint(reactor, "127.0.0.1", server.getsockname()[1], 5).connect(
         Factory.forProtocol(Protocol))
@@ -269,9 +273,7 @@ class _Broken(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_a_protocol_failing_as_it_starts_fails_the_connection_and_closes_it():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = _listening()
     before = _open_fds()
     with pytest.raises(ValueError):
         await tcp_endpoint(reactor, "127.0.0.1", server.getsockname()[1], 5).connect(
