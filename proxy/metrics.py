@@ -1,11 +1,14 @@
 """The Prometheus families, and the health answers for load balancers.
 
 Events (sign-ins and their latency, cache lookups, backend logins, directory
-round trips) are counted as they happen, on the reactor thread, with
-``prometheus_client``'s counters and histograms in a registry of the
-daemon's own. State (connections, sessions, pools, lockouts, health, bytes
-relayed) is read when Prometheus scrapes, from the objects that hold it, so
-that the relay's hot path only adds to an integer.
+round trips) are counted as they happen, on the reactor thread, in plain
+numbers (:class:`Counts`, :class:`Timings`) that become Prometheus families
+when it scrapes: a count is one dictionary update, with no lock and no walk
+over a histogram's buckets in Python (``prometheus_client``'s ``inc`` and
+``observe`` cost a sign-in several times that). State (connections,
+sessions, pools, lockouts, health, bytes relayed) is read when Prometheus
+scrapes too, from the objects that hold it, so that the relay's hot path
+only adds to an integer. Everything is in a registry of the daemon's own.
 
 Served by twisted.web on a listener of its own (``metrics.endpoint``, off by
 default): ``/metrics``, ``/health/live`` and ``/health/ready``.
@@ -13,11 +16,14 @@ default): ``/metrics``, ``/health/live`` and ``/health/ready``.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 
 PREFIX = "legacy_auth_proxy"
@@ -28,69 +34,134 @@ DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 ROUND_TRIP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+class _Family:
+    """A family counted on the reactor thread, one entry for each set of
+    label values, read when Prometheus scrapes; ``NAME_created`` says when
+    each set was first seen, as ``prometheus_client``'s own families do."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name = f"{PREFIX}_{name}"
+        self.documentation = documentation
+        self.labels = labels
+        self.created: dict[tuple[str, ...], float] = {}
+
+    def _made(self, family: Any) -> Any:
+        for labels, created in self.created.items():
+            family.add_sample(f"{self.name}_created", dict(zip(self.labels, labels)), created)
+        return family
+
+    def describe(self) -> Iterable[Any]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Any]:
+        raise NotImplementedError
+
+
+class Counts(_Family):
+    """A counter family (``NAME_total``)."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        super().__init__(name, documentation, labels)
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, labels: tuple[str, ...]) -> None:
+        counts = self.counts
+        if labels in counts:
+            counts[labels] += 1
+        else:
+            counts[labels] = 1
+            self.created[labels] = time.time()
+
+    def collect(self) -> Iterable[Any]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, count in self.counts.items():
+            family.add_metric(list(labels), count, created=self.created[labels])
+        yield family
+
+
+class Timings(_Family):
+    """A histogram family: for each set of label values, how many
+    observations fell in each bucket (made cumulative when Prometheus
+    scrapes), and their sum."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str],
+                 buckets: tuple[float, ...]) -> None:
+        super().__init__(name, documentation, labels)
+        self.bounds = buckets
+        self._names = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        self.observed: dict[tuple[str, ...], list[float]] = {}  # a count a bucket, +Inf's, the sum
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        counts = self.observed.get(labels)
+        if counts is None:
+            counts = self.observed[labels] = [0] * (len(self.bounds) + 2)
+            self.created[labels] = time.time()
+        counts[bisect_left(self.bounds, seconds)] += 1  # the first bound at or over it
+        counts[-1] += seconds
+
+    def collect(self) -> Iterable[Any]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, counts in self.observed.items():
+            total = 0.0
+            buckets = []
+            for name, count in zip(self._names, counts):
+                total += count
+                buckets.append((name, total))
+            family.add_metric(list(labels), buckets, counts[-1])
+        yield self._made(family)
+
+
 class Metrics:
     """Every family the daemon exports. Parts of the daemon take one of
     these (or None, in tests) and call its methods; none imports Prometheus."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        r = self.registry
-        self._sign_ins = Counter(f"{PREFIX}_sign_ins", "Sign-ins decided, by outcome and reason",
-                                 ["protocol", "realm", "outcome", "reason"], registry=r)
-        self._decision = Histogram(f"{PREFIX}_decision_seconds",
-                                   "Time from a sign-in's start to its answer (failure delays included)",
-                                   ["protocol", "outcome"], buckets=DECISION_BUCKETS, registry=r)
-        self._cache = Counter(f"{PREFIX}_cache_lookups", "Success-cache lookups",
-                              ["cache", "result"], registry=r)
-        self._backend_logins = Counter(f"{PREFIX}_backend_logins",
-                                       "Logins to a backend as the user, by result",
-                                       ["listener", "result"], registry=r)
-        self._backend_seconds = Histogram(f"{PREFIX}_backend_login_seconds",
-                                          "Time to log in to a backend as the user",
-                                          ["listener"], buckets=ROUND_TRIP_BUCKETS, registry=r)
-        self._token_failures = Counter(f"{PREFIX}_token_failures",
-                                       "Access tokens the identity provider did not give "
-                                       "(backend_login: oauth2), by why",
-                                       ["reason"], registry=r)
-        self._directory_seconds = Histogram(f"{PREFIX}_directory_seconds",
-                                            "Round trips to the upstream directory",
-                                            ["pool"], buckets=ROUND_TRIP_BUCKETS, registry=r)
+        self._sign_ins = Counts("sign_ins", "Sign-ins decided, by outcome and reason",
+                                ["protocol", "realm", "outcome", "reason"])
+        self._decision = Timings("decision_seconds",
+                                 "Time from a sign-in's start to its answer (failure delays included)",
+                                 ["protocol", "outcome"], DECISION_BUCKETS)
+        self._cache = Counts("cache_lookups", "Success-cache lookups", ["cache", "result"])
+        self._backend_logins = Counts("backend_logins", "Logins to a backend as the user, by result",
+                                      ["listener", "result"])
+        self._backend_seconds = Timings("backend_login_seconds",
+                                        "Time to log in to a backend as the user",
+                                        ["listener"], ROUND_TRIP_BUCKETS)
+        self._token_failures = Counts("token_failures",
+                                      "Access tokens the identity provider did not give "
+                                      "(backend_login: oauth2), by why", ["reason"])
+        self._directory_seconds = Timings("directory_seconds", "Round trips to the upstream directory",
+                                          ["pool"], ROUND_TRIP_BUCKETS)
+        for family in (self._sign_ins, self._decision, self._cache, self._backend_logins,
+                       self._backend_seconds, self._token_failures, self._directory_seconds):
+            self.registry.register(family)
         self._state = _State()
-        r.register(self._state)
+        self.registry.register(self._state)
         self.backend_up: dict[str, bool] = {}  # by listener: the last login's result
 
     # -- events ----------------------------------------------------------------------
 
-    def _child(self, family: Any, *labels: str) -> Any:
-        """``family.labels(*labels)``, kept: finding a child by its labels
-        costs more than counting, and a sign-in counts three."""
-        key = (id(family), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*labels)
-        return child
-
     def sign_in(self, protocol: str, realm: str, outcome: str, reason: str, seconds: float) -> None:
-        self._child(self._sign_ins, protocol, realm, outcome, reason).inc()
-        self._child(self._decision, protocol, outcome).observe(seconds)
+        self._sign_ins.inc((protocol, realm, outcome, reason))
+        self._decision.observe((protocol, outcome), seconds)
 
     def cache(self, cache: str, hit: bool) -> None:
-        self._child(self._cache, cache, "hit" if hit else "miss").inc()
+        self._cache.inc((cache, "hit" if hit else "miss"))
 
     def backend_login(self, listener: str, ok: bool, seconds: float) -> None:
-        self._backend_logins.labels(listener, "ok" if ok else "failed").inc()
+        self._backend_logins.inc((listener, "ok" if ok else "failed"))
         self.backend_up[listener] = ok
         if ok:
-            self._backend_seconds.labels(listener).observe(seconds)
+            self._backend_seconds.observe((listener,), seconds)
 
     def token_failure(self, reason: str) -> None:
         """The token endpoint was unreachable or refused (``reason``: a few
         words, never a secret; the kind of refusal, not its text)."""
-        self._token_failures.labels(reason).inc()
+        self._token_failures.inc((reason,))
 
     def directory_round_trip(self, pool: str, seconds: float) -> None:
-        self._directory_seconds.labels(pool).observe(seconds)
+        self._directory_seconds.observe((pool,), seconds)
 
     # -- state, read at scrape time -----------------------------------------------------------
 
