@@ -12,6 +12,16 @@ from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
 
 
+class Phases(enum.Enum):
+    """An enum whose members hash as the objects they are (each is one
+    object, equal only to itself), in C: ``enum.Enum`` hashes a member by
+    its name in Python, and a phase is looked up in a table or a set on
+    every event of a session (a move, whether it has ended), as is a
+    decision's reason. Their values stay what they were."""
+
+    __hash__ = object.__hash__
+
+
 class IllegalMove(RuntimeError):
     """A machine was told of an event its phase does not take: a bug in
     the code that drives it, never something a client or backend can cause."""

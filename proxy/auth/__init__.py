@@ -8,23 +8,22 @@ back. They decide nothing themselves. A client only ever learns "accepted",
 
 from __future__ import annotations
 
-import enum
-
 import attrs
 
 from proxy.directory import Account
+from proxy.moves import Phases
 from proxy.store import AppPassword
 
 REALMS = ("cloud", "on-premises")
 
 
-class Outcome(enum.Enum):
+class Outcome(Phases):
     ACCEPTED = "accepted"
     REFUSED = "refused"
     TEMPORARY_FAILURE = "temporary_failure"
 
 
-class Reason(enum.Enum):
+class Reason(Phases):
     # accepted
     APP_PASSWORD = "app_password"
     PRIMARY = "primary"

@@ -10,7 +10,6 @@ boundaries, such as a notice of disconnection.
 
 from __future__ import annotations
 
-import enum
 import re
 
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from twisted.logger import Logger
 
 from proxy.backends import connect
 from proxy.config import DirectoryConfig
-from proxy.moves import Moves
+from proxy.moves import Moves, Phases
 from proxy.wire import ber
 from proxy.transports import hang_up, write_now
 from proxy.wire.dn import normalise_dn
@@ -145,7 +144,7 @@ async def open_upstream(
 Refuse = Callable[[int, str, bool], None]
 
 
-class Binding(enum.Enum):
+class Binding(Phases):
     """Who binds a session's directory connection, and whether a bind is
     under way (:data:`BINDINGS` says how it gets on)."""
 

@@ -10,7 +10,6 @@ revoked.
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Protocol as TypingProtocol
 
 import attrs
@@ -25,7 +24,7 @@ from proxy.backends import LOGIN_FAILURES, BackendRefused
 from proxy.backends.tokens import TokenUnavailable
 from proxy.auth import Attempt, Decision, Outcome, Reason
 from proxy.config import LimitsConfig, ListenerConfig
-from proxy.moves import IllegalMove, Moves  # noqa: F401 (the front ends take them from here)
+from proxy.moves import IllegalMove, Moves, Phases  # noqa: F401 (the front ends take them from here)
 from proxy.tls import faster_tls
 from proxy.transports import AFTER_GOODBYE, hang_up, write_now
 from proxy.wire import sasl
@@ -41,7 +40,7 @@ log = Logger(namespace="legacy_auth_proxy.frontends")
 RELAY_READ_SIZE = 120 * 1024
 
 
-class Connection(enum.Enum):
+class Connection(Phases):
     """A client connection's phase on its listener, where the dialogue keeps
     its own (LDAP: :class:`proxy.frontends.ldap.LDAPSession`)."""
 
@@ -614,7 +613,7 @@ def backend_failure(e: BaseException) -> dict[str, str]:
     return {"reason": "backend_unreachable", "detail": str(e)[:200] or type(e).__name__}
 
 
-class Phase(enum.Enum):
+class Phase(Phases):
     """Where a relaying server's client connection is (:data:`PHASES` says
     how it gets on)."""
 

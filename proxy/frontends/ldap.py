@@ -13,7 +13,6 @@ session is read-only because the Decision says so.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from typing import Any
 
@@ -39,6 +38,7 @@ from proxy.frontends.base import (
     Listener,
     ListenerConnection,
     Moves,
+    Phases,
     ReadControl,
     control_reading,
     stop_controlling_reading,
@@ -130,7 +130,7 @@ class Identity:
         return self.policy.read_only
 
 
-class Bind(enum.Enum):
+class Bind(Phases):
     """Where an LDAP session is with its binds (:data:`BINDS` says how it
     gets on)."""
 

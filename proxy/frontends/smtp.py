@@ -10,7 +10,6 @@ code (RFC 4954 section 6).
 
 from __future__ import annotations
 
-import enum
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from proxy.frontends.base import (
     Listener,
     Login,
     Moves,
+    Phases,
     RelayingServer,
     Send,
     StartTLS,
@@ -191,7 +191,7 @@ _BDAT = re.compile(rb"BDAT ([0-9]{1,18})( LAST)?", re.IGNORECASE)
 _EHLO_KEPT = frozenset(PASSED_EXTENSIONS) | {b"ENHANCEDSTATUSCODES"}
 
 
-class Reading(enum.Enum):
+class Reading(Phases):
     """What the client's next bytes are, after AUTH (:data:`READING` says
     how it changes)."""
 
