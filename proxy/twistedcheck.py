@@ -6,8 +6,9 @@ a write that skips Twisted's queue when it is empty
 (:func:`proxy.transports.write_now`), TLS records written in one go
 (:class:`proxy.tls.RelayTLS`, put in place by changing the class of the
 layer Twisted made), the endpoint's wrapper taken out of a backend
-connection (:func:`proxy.backends.connect`), and the side a connected
-socket's startTLS speaks (:class:`proxy.transports.AddressEndpoint`). A Twisted release that renames
+connection (:func:`proxy.backends.connect`), the side a connected
+socket's startTLS speaks (:class:`proxy.transports.AddressEndpoint`), and
+the epoll reactor's loop (:class:`proxy.reactor.Reactor`). A Twisted release that renames
 one of them would otherwise go unnoticed there, or fail on the first
 connection that takes that path: :func:`check_twisted` finds it at start,
 with a message that names what is missing. pyproject.toml caps Twisted at
@@ -95,12 +96,33 @@ def _missing_starttls() -> list[str]:
     return []
 
 
+def _missing_reactor() -> list[str]:
+    # proxy.reactor.Reactor's loop: the poller, the sockets by descriptor,
+    # and the dispatch of one event.
+    from twisted.internet.epollreactor import EPollReactor
+
+    missing = []
+    if not hasattr(EPollReactor, "_doReadOrWrite"):
+        missing.append("EPollReactor._doReadOrWrite")
+    reactor = EPollReactor()
+    try:
+        if not isinstance(getattr(reactor, "_selectables", None), dict):
+            missing.append("EPollReactor._selectables as a dict")
+        if not hasattr(getattr(reactor, "_poller", None), "poll"):
+            missing.append("EPollReactor._poller")
+    finally:  # its waker's pipe and its epoll descriptor given back
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
+        reactor._poller.close()
+    return missing
+
+
 def check_twisted() -> None:
     """Raise :class:`TwistedMismatch` naming every private Twisted name the
     proxy relies on that the installed Twisted lacks."""
     import twisted
 
-    missing = _missing_tls() + _missing_tcp() + _missing_starttls()
+    missing = _missing_tls() + _missing_tcp() + _missing_starttls() + _missing_reactor()
     if missing:
         raise TwistedMismatch(
             f"Twisted {twisted.__version__} lacks what this proxy relies on: {', '.join(missing)}; "
