@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 LAYERS = [
     ("codecs and the protocol registry", ["proxy", "proxy.wire", "proxy.protocols"]),
     ("plumbing", ["proxy.transports", "proxy.threads", "proxy.apppasswords", "proxy.config",
-                  "proxy.pki", "proxy.metrics", "proxy.twistedcheck", "proxy.moves"]),
+                  "proxy.pki", "proxy.metrics", "proxy.twistedcheck", "proxy.moves",
+                  "proxy.reactor"]),
     ("plumbing over plumbing", ["proxy.tls", "proxy.audit", "proxy.secondfactor",
                                 "proxy.splice"]),
     ("the HTTP client", ["proxy.webclient"]),
