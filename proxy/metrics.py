@@ -45,11 +45,6 @@ class _Family:
         self.labels = labels
         self.created: dict[tuple[str, ...], float] = {}
 
-    def _made(self, family: Any) -> Any:
-        for labels, created in self.created.items():
-            family.add_sample(f"{self.name}_created", dict(zip(self.labels, labels)), created)
-        return family
-
     def describe(self) -> Iterable[Any]:
         return self.collect()
 
@@ -108,7 +103,9 @@ class Timings(_Family):
                 total += count
                 buckets.append((name, total))
             family.add_metric(list(labels), buckets, counts[-1])
-        yield self._made(family)
+            family.add_sample(f"{self.name}_created", dict(zip(self.labels, labels)),
+                              self.created[labels])  # beside its set, as OpenMetrics wants
+        yield family
 
 
 class Metrics:

@@ -5,12 +5,16 @@ Twisted's own loop wraps every event in ``log.callWithLogger``: it asks the
 transport for its ``logPrefix()`` and sets and restores a log context around
 the call (1.4 µs an event measured alone; a warm IMAP login is a dozen
 events, an LDAP bind one), only to name the connection in lines of the
-legacy ``twisted.python.log``. The proxy's lines come from
-``twisted.logger``, each with a namespace of its own, and do not use that
-context. What the wrapper also does is kept: an exception out of a
-transport is logged, never raised out of the loop. Installed by
-:func:`proxy.runner.run_daemon`; :mod:`proxy.twistedcheck` checks the
-names of Twisted's it uses.
+legacy ``twisted.python.log``. The proxy's own lines come from
+``twisted.logger``, each with a namespace and the client's address, and do
+not use that context. What is given up: the traceback Twisted logs when a
+protocol raises (a bug) is tagged ``[-]`` instead of the connection's
+prefix (its frames still name the protocol). What is kept: such an
+exception is logged, never raised out of the loop, as Twisted's wrapper
+does. Put in place by :mod:`proxy.__main__` before ldaptor takes the global
+reactor; :func:`proxy.runner.run_daemon` says so in the log when the
+daemon was started some other way and runs on Twisted's own.
+:mod:`proxy.twistedcheck` checks the names of Twisted's it uses.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ class Reactor(EPollReactor):
                 continue  # removed by an earlier event of this poll
             try:
                 dispatch(selectable, fd, event)
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # as log.callWithLogger: SystemExit from a protocol too
                 log.failure("an event on a connection failed")
 
     doIteration = doPoll

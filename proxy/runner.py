@@ -19,6 +19,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     PredicateResult,
     formatEvent,
+    Logger,
     formatEventAsClassicLogText,
     globalLogBeginner,
     textFileLogObserver,
@@ -27,11 +28,14 @@ from twisted.logger import (
 from proxy import config as configuration
 from proxy.bootstrap import StartupError, StoreUnreachable
 from proxy.daemon.supervisor import WorkerRole, supervise, worker_count
+from proxy.reactor import Reactor
 from proxy.service import serve
 from proxy.twistedcheck import TwistedMismatch, check_twisted
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+
+log = Logger(namespace="legacy_auth_proxy.service")
 
 
 # Twisted's own lines for every port opened and closed ("IMAPListener starting
@@ -135,6 +139,10 @@ def run_daemon(config_path: Path, config: configuration.Config) -> NoReturn:
                                      redirectStandardIO=False)
 
     async def main(reactor: Any) -> None:
+        if not isinstance(reactor, Reactor):
+            log.info("running on Twisted's {kind} (started other than by legacy-auth-proxy or "
+                     "python -m proxy): each connection's event costs a little more",
+                     kind=type(reactor).__name__)
         try:
             if role is None and worker_count(config) > 1:
                 code = await supervise(reactor, config_path, config)
