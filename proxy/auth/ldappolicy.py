@@ -17,6 +17,7 @@ controls that read more than entries do. Anonymous sessions write nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import attrs
@@ -150,7 +151,14 @@ def for_decision(decision: Decision) -> SessionPolicy:
         return PRIMARY
     if decision.account is None:
         return ANONYMOUS
-    return SessionPolicy(read_only=True, reads_as_user=True, acting_for=decision.acting_for)
+    return _reading_as_user(decision.acting_for)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reading_as_user(acting_for: str | None) -> SessionPolicy:
+    # One policy a user, kept (it is frozen): an app password's client
+    # binds again and again, and a policy costs more to make than to find.
+    return SessionPolicy(read_only=True, reads_as_user=True, acting_for=acting_for)
 
 
 OUTSIDE = "outside the directory's naming contexts"

@@ -222,7 +222,7 @@ class LDAPSession:
                 self._queued.append(frame)
                 continue
             actions += self._frame(frame)
-            if any(isinstance(a, BeginTLS) for a in actions):
+            if actions and isinstance(actions[-1], BeginTLS):  # it comes last (_start_tls)
                 break  # the rest was sent in the clear: dropped unread
         return actions
 
