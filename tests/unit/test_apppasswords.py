@@ -235,3 +235,25 @@ def test_verify_holds_its_buffers_while_argon2_runs():
     for t in threads[:2]:
         t.join()
     assert results == [True] * 300
+
+
+# Between letters: nothing or a separator of either kind (ASCII or not),
+# and sometimes what is none (an accented letter, a Kelvin sign that lowers
+# to k, a digit, anything).
+SEPARATED = st.just("") | st.sampled_from(list(" \t-\u00a0\u2009\u202f"))
+OTHER = st.sampled_from(list("\u00e9\u0131\u212a1_")) | st.characters()
+
+
+def typed_secrets(between, sizes):
+    return st.lists(st.tuples(st.sampled_from("abcxyzABCXYZ"), between), min_size=sizes[0],
+                    max_size=sizes[1]).map(lambda parts: "".join(c + b for c, b in parts))
+
+
+@given(typed_secrets(SEPARATED, (16, 16)) | typed_secrets(SEPARATED | OTHER, (15, 17)))
+def test_normalising_drops_the_same_separators_on_either_path(typed):
+    """ASCII input goes a faster way (a replace for each separator); it
+    gives what translating every separator away gives."""
+    folded = typed.translate(apppasswords._DROP_SEPARATORS).lower()
+    expected = (folded if len(typed) <= 64 and len(folded) == 16 and folded.isascii()
+                and folded.isalpha() else None)
+    assert normalise(typed) == expected
