@@ -34,7 +34,8 @@ def printable(text: str) -> str:
 
 
 def malformed_name(name: str) -> bool:
-    return not name.strip() or len(name) > MAX_NAME or any(c in name for c in "\x00\r\n")
+    return (not name.strip() or len(name) > MAX_NAME
+            or "\x00" in name or "\r" in name or "\n" in name)
 
 
 def screen(attempt: Attempt, policy: PolicyConfig) -> Decision | None:
