@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import shutil
 import signal
@@ -36,6 +37,20 @@ from bench.run import Bench
 # threads for work) are no CPU: left out.
 IDLE = ("Condition.wait", "EPollReactor.doPoll", "Event.wait")
 
+
+def _poll_line() -> str:
+    """Where the daemon's reactor (proxy.reactor) waits in epoll, as py-spy
+    names the frame: a sample there waits. The rest of that function is the
+    dispatch of events, CPU like any other."""
+    from proxy.reactor import Reactor
+
+    lines, first = inspect.getsourcelines(Reactor.doPoll)
+    waits = next(i for i, line in enumerate(lines) if "_poller.poll(" in line)
+    return f"Reactor.doPoll (proxy/reactor.py:{first + waits})"
+
+
+POLL = _poll_line()
+
 # The system calls, by the Python function that makes them (py-spy shows no
 # C frames): tried on a sample's innermost frame first.
 CALLS: list[tuple[str, Any]] = [
@@ -44,7 +59,8 @@ CALLS: list[tuple[str, Any]] = [
     ("recv (system call)", lambda f, p: f in ("Connection.doRead", "_End.readable", "_End.doRead")),
     ("connect, socket, accept", lambda f, p: f in ("BaseClient.doConnect", "socket.__init__",
                                                    "BaseClient.createInternetSocket",
-                                                   "Port.doRead", "socket.accept")),
+                                                   "Port.doRead", "socket.accept",
+                                                   "_Connecting.start")),
     ("close", lambda f, p: f in ("_SocketCloser._closeSocket", "socket._real_close",
                                  "socket.close", "socket.shutdown")),
     ("epoll registration", lambda f, p: f in ("EPollReactor._add", "EPollReactor._remove")),
@@ -80,7 +96,7 @@ def _frame(text: str) -> tuple[str, str]:
 
 def _part(frames: list[str]) -> str | None:
     leaf = _frame(frames[-1])
-    if leaf[0] in IDLE:
+    if leaf[0] in IDLE or frames[-1] == POLL:
         return None
     for name, test in CALLS:
         if test(*leaf):
