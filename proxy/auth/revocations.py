@@ -1,7 +1,10 @@
 """Revocations: what ends what a decision vouched for.
 
 Every revocation is counted; a decision carries the count it was made at,
-and is not trusted once its user (or everyone) was revoked after it. The
+and is not trusted once its user (or everyone) was revoked after it, or,
+for a revocation of one app password (deleted, stopped), once that app
+password was: a sign-in under way with the phone's app password goes on
+when the laptop's is deleted, as the phone's open sessions do. The
 listeners hear each one: the core's own caches first, then the session
 registry, which ends the sessions it opened.
 """
@@ -31,7 +34,9 @@ class Revocations:
         self._store = store
         self._record = record
         self.revision = 0
-        self._user_revision: LRU[str, int] = LRU(MAX_USERS)
+        self._user_revision: LRU[str, int] = LRU(MAX_USERS)  # anything of the user's
+        self._whole_user_revision: LRU[str, int] = LRU(MAX_USERS)  # all of the user's
+        self._app_password_revision: LRU[str, int] = LRU(MAX_USERS)  # one app password
         self._everyone_revision = 0
         self._listeners: list[Listener] = []
 
@@ -44,12 +49,18 @@ class Revocations:
         self._listeners.append(listener)
 
     def of(self, username: str) -> int:
-        """The count at the user's latest revocation."""
+        """The count at the user's latest revocation, of whatever kind."""
         return self._user_revision.peek(username) or 0
 
     def revoked(self, username: str, id: str | None, kind: ChangeKind) -> None:
+        """``id``: one app password stops (the rest of the user's stands);
+        None: everything of the user's."""
         self.revision += 1
         self._user_revision.put(username, self.revision)
+        if id is None:
+            self._whole_user_revision.put(username, self.revision)
+        else:
+            self._app_password_revision.put(id, self.revision)
         for listener in self._listeners:
             try:
                 listener(username, id, kind)
@@ -61,10 +72,15 @@ class Revocations:
         self._everyone_revision = self.revision
 
     def since(self, decision: Decision) -> bool:
-        """Whether something of the decision's user (or everyone's) was
-        revoked after it was made."""
-        return self.of(decision.username) > decision.revision \
-            or self._everyone_revision > decision.revision
+        """Whether what the decision rests on was revoked after it was made:
+        everyone's, its user's, or the app password it was made with."""
+        revision = decision.revision
+        if self._everyone_revision > revision \
+                or (self._whole_user_revision.peek(decision.username) or 0) > revision:
+            return True
+        app_password = decision.app_password
+        return app_password is not None \
+            and (self._app_password_revision.peek(app_password.id) or 0) > revision
 
     async def stop_older(self, account: Account) -> None:
         """The account's app passwords made before its password last changed

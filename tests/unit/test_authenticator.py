@@ -145,6 +145,28 @@ def test_the_success_cache_spares_argon2_until_a_revocation(core):
     assert decide(core, "alice", created.secret).reason is Reason.WRONG_SECRET
 
 
+def test_deleting_one_app_password_leaves_sign_ins_with_the_others_standing(core):
+    """A sign-in under way with the phone's app password (its backend login
+    not yet done) goes on when the laptop's is deleted, as the phone's open
+    sessions do; deleting the phone's, or revoking the whole user, stops it."""
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    phone = core.admin.create("alice", "phone").secret
+    core.admin.create("alice", "laptop")
+    decision = decide(core, "alice", phone)
+    assert decision.accepted
+    core.admin.delete("alice", "laptop")
+    ensureDeferred(core.auth.poll_changes())
+    assert not core.auth.revoked_since(decision)
+    core.admin.delete("alice", "phone")
+    ensureDeferred(core.auth.poll_changes())
+    assert core.auth.revoked_since(decision)
+    again = core.admin.create("alice", "phone 2").secret
+    decision = decide(core, "alice", again)
+    core.auth.apply(attrs.evolve(_change(), username="alice", kind="account_inactive"))
+    assert core.auth.revoked_since(decision)
+
+
 def test_a_revocation_during_a_check_is_not_let_through(core):
     core.build()
     core.directory.add("alice", PRIMARY)
