@@ -51,7 +51,7 @@ from proxy.auth.lockouts import Lockouts
 from proxy.auth.primary import PrimaryPasswords
 from proxy.auth.revocations import Listener, Revocations
 from proxy.auth.throttle import Throttle
-from proxy.auth.timing import FailureDelay
+from proxy.auth.timing import CheckTime, FailureDelay
 from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
@@ -111,9 +111,11 @@ class Authenticator:
         else:
             self.throttle = Throttle(throttle, clock.seconds)
         self.lockouts = Lockouts(self.throttle, self.accounts, self._fleet)
-        self.primary = PrimaryPasswords(clock, directory, self.throttle, cache, metrics)
+        check_time = CheckTime()
+        self.primary = PrimaryPasswords(clock, directory, self.throttle, cache, check_time,
+                                        metrics)
         self.usage = UsageRecorder(clock, store, cache.last_used_interval)
-        self._delay = FailureDelay(clock, self.throttle)
+        self._delay = FailureDelay(clock, self.throttle, check_time)
         self.revocations = Revocations(clock, store, record)
         self.revocations.on_revoked(self._forget)  # the core's own caches first
         self.feed = ChangeFeed(clock, store, self.apply)

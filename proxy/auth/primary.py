@@ -18,14 +18,17 @@ from proxy.auth import Attempt, Decision, Reason
 from proxy.auth.accounts import DirectoryLike
 from proxy.auth.cache import SuccessCache
 from proxy.auth.throttle import Throttle
+from proxy.auth.timing import CheckTime
 from proxy.config import CacheConfig
 from proxy.directory import Account, DirectoryUnavailable
 
 
 class PrimaryPasswords:
     def __init__(self, clock: Any, directory: DirectoryLike, throttle: Throttle,
-                 cache: CacheConfig, metrics: Any = None) -> None:
+                 cache: CacheConfig, check_time: CheckTime, metrics: Any = None) -> None:
+        self._clock = clock
         self._directory = directory
+        self._check_time = check_time
         self._throttle = throttle
         self.metrics = metrics
         self._successes: SuccessCache[float] = SuccessCache(
@@ -60,11 +63,13 @@ class PrimaryPasswords:
         if not account.dn:  # a name with no account: nothing to check
             self._throttle.failed(key, address, secret, upstream=True)
             return Decision(Reason.WRONG_SECRET, account.username, account)
+        began = self._clock.seconds()
         try:
             accepted = await self._directory.check_password(account.dn, secret)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, account.username, account)
         if not accepted:
+            self._check_time.refused(self._clock.seconds() - began)
             self._throttle.failed(key, address, secret, upstream=True)
             return Decision(Reason.WRONG_SECRET, account.username, account, checked=True)
         self._successes.put(cache_key, account.password_changed_at or 0.0, user=account.username)

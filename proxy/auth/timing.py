@@ -5,9 +5,22 @@ that matches no account, or a refusal decided before any check (a primary
 password where an app password is needed, a repeat of a recent wrong
 secret), has nothing to check and would be answered sooner: from a source
 with no failure delay (``throttle.trusted_networks``), a way to tell which
-names are accounts. Such a refusal is held until a check would have ended:
-for as long as a refusal after a real check took, drawn from the latest
-ones, so that both kinds of answer come from one distribution of times.
+names are accounts. Such a refusal is held until a check would have ended,
+so that both kinds of answer come from one distribution of times:
+
+- one stopped at the directory's door, after the very steps a wrong
+  password takes up to there (a primary password where an app password is
+  needed, a repeat of a recent wrong secret), waits what the directory's
+  check itself takes, drawn from the latest ones: its own steps were
+  measured by going them;
+- any other (a name with no account, whose look-ups are not an account's)
+  is answered no sooner than a whole refusal after a real check took,
+  drawn from the latest ones.
+
+Holding the first kind as long as a whole check would make it later than
+the checks it is timed beside: its own steps, nearly a check's length, and
+the drawn time, each as likely the longer (the later of two, on average
+later than either).
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ from proxy.auth import Attempt, Decision, Reason
 from proxy.auth.throttle import Throttle
 
 SAMPLES = 128
+# Refusals decided where a wrong password meets the directory, having gone
+# every step a real account's wrong password goes up to there.
+AT_THE_DIRECTORY = frozenset({Reason.MFA_REQUIRED, Reason.WRONG_SECRET})
 # The event loop's timers fire in whole milliseconds, rounded up (epoll's
 # timeout): a held answer waits by timer until this long before it is due,
 # then turn by turn, other work going on meanwhile, until it is.
@@ -29,11 +45,17 @@ TIMER_GRAIN = 0.001
 
 
 class CheckTime:
-    """The times of the latest refusals that a directory check decided."""
+    """The times of the latest refusals that a directory check decided,
+    whole and of the check alone."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._times: deque[float] = deque(maxlen=SAMPLES)
+        self._checks: deque[float] = deque(maxlen=SAMPLES)
         self._random = rng or random.Random()
+
+    def refused(self, seconds: float) -> None:
+        """The directory refused a password, its check taking ``seconds``."""
+        self._checks.append(seconds)
 
     def hold(self, decision: Decision, elapsed: float) -> float:
         """How long after it began a refusal is answered, at the soonest
@@ -44,6 +66,8 @@ class CheckTime:
             return 0.0
         if decision.reason is Reason.LOCKED_OUT or not self._times:
             return 0.0  # a lockout is answered at once for every name alike
+        if decision.reason in AT_THE_DIRECTORY and self._checks:
+            return elapsed + self._random.choice(self._checks)
         return self._random.choice(self._times)
 
     async def wait(self, clock: Any, seconds: float) -> None:
@@ -68,10 +92,10 @@ class FailureDelay:
     source's delay (the throttle's) after the attempt began, and one that no
     directory check decided no sooner than a check would have ended."""
 
-    def __init__(self, clock: Any, throttle: Throttle, check_time: CheckTime | None = None) -> None:
+    def __init__(self, clock: Any, throttle: Throttle, check_time: CheckTime) -> None:
         self._clock = clock
         self._throttle = throttle
-        self._check_time = check_time or CheckTime()
+        self._check_time = check_time
 
     async def hold(self, attempt: Attempt, decision: Decision, started: float) -> None:
         """Wait until ``decision``, refused, may be answered (``started``:

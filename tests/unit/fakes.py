@@ -45,7 +45,8 @@ class Inline:
 
 class FakeDirectory:
     """Accounts and passwords in a dict. ``down`` makes every call fail as an
-    unreachable directory does; ``gate`` holds password checks until fired."""
+    unreachable directory does; ``gate`` holds password checks until fired,
+    ``lookup_gate`` look-ups of accounts."""
 
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
@@ -53,6 +54,7 @@ class FakeDirectory:
         self.down = False
         self.busy = False  # with down: calls fail, but the directory itself answers
         self.gate: Deferred[None] | None = None
+        self.lookup_gate: Deferred[None] | None = None
         self.checks = 0
         self.resolves = 0
 
@@ -74,6 +76,8 @@ class FakeDirectory:
         self.resolves += 1
         if self.down:
             raise DirectoryUnavailable("the directory is down")
+        if self.lookup_gate is not None:
+            await self.lookup_gate
         name = username.lower()
         for account in self.accounts.values():
             if name in (account.username, f"{account.username}@example.test", account.dn.lower()):

@@ -59,3 +59,49 @@ def test_a_wait_ends_by_timer_then_turn_by_turn_when_due():
         assert not d.called
     clock.advance(TIMER_GRAIN)
     assert d.called
+
+
+def test_a_refusal_at_the_directorys_door_waits_what_the_check_itself_takes():
+    """A refusal decided where a wrong password meets the directory, after
+    the same steps, waits its own steps plus a check's time, not a whole
+    checked refusal's: the later of those two would be later than either."""
+    timing = CheckTime(random.Random(1))
+    timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), 0.010)
+    mfa, repeat = Decision(Reason.MFA_REQUIRED, "eve"), Decision(Reason.WRONG_SECRET, "alice")
+    assert timing.hold(mfa, 0.008) == 0.010  # no check's own time measured yet
+    timing.refused(0.003)
+    assert timing.hold(mfa, 0.008) == 0.011
+    assert timing.hold(repeat, 0.007) == 0.010
+    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.010
+
+
+def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tmp_path):
+    """On a clock: a wrong password's look-up takes 1 s and the directory's
+    check 2 s; the refusal of an MFA user's primary password, at the same
+    door after a 3 s look-up, then waits the check's 2 s: 5 s in all, not
+    the 3 s a whole checked refusal took."""
+    core = Core(tmp_path)
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    core.directory.add("eve", PRIMARY, mfa_enforced=True)
+
+    def attempt(name, secret):
+        return Attempt(protocol="imap", realm="cloud", username=name, secret=secret,
+                       client_address="192.0.2.1", tls=True)
+
+    def gated(name, secret, lookup, check=0.0):
+        core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
+        decided = ensureDeferred(core.auth.authenticate(attempt(name, secret)))
+        core.clock.advance(lookup)
+        core.directory.lookup_gate.callback(None)
+        core.clock.advance(check)
+        core.directory.gate.callback(None)
+        core.directory.lookup_gate = core.directory.gate = None
+        return decided
+
+    assert gated("alice", "wrong", 1, 2).result.reason is Reason.WRONG_SECRET
+    refused = gated("eve", PRIMARY, 3)
+    core.clock.advance(1.9)
+    assert not refused.called
+    core.clock.advance(0.2)
+    assert refused.result.reason is Reason.MFA_REQUIRED
