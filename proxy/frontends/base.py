@@ -184,6 +184,9 @@ class ListenerConnection:
     MOVES: Moves[Any] = CONNECTION_MOVES
     ENDED: frozenset[Any] = frozenset({Connection.CLOSING, Connection.GONE})
     phase: Any = Connection.NEW
+    # Hung up, or gone: nothing more is read or answered. Kept by _move
+    # beside the phase, as it is asked several times for every request.
+    _closing = False
     _timer: Any = None
     _deadline: Any = None
     reading: ReadControl | None = None
@@ -201,6 +204,7 @@ class ListenerConnection:
         self.port = 0
         self._counted = False
         self.phase = self.phase  # the class's first phase, in this instance's dict
+        self._closing = self.phase in self.ENDED
         self._timer = None
         self.reading = None
         self.username = ""
@@ -215,12 +219,8 @@ class ListenerConnection:
     def _move(self, event: str) -> None:
         """Tell the connection's phase of ``event`` (IllegalMove if its
         table has no such move)."""
-        self.phase = self.MOVES.after(self.phase, event)
-
-    @property
-    def _closing(self) -> bool:
-        """Hung up, or gone: nothing more is read or answered."""
-        return self.phase in self.ENDED
+        phase = self.phase = self.MOVES.after(self.phase, event)
+        self._closing = phase in self.ENDED
 
     def _enter(self, refusal: bytes) -> bool:
         """Count this connection; False (and the client told ``refusal``) past
