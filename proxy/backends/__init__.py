@@ -137,6 +137,13 @@ class BackendConnection(Protocol):
             client.backend_lost()
 
     async def line(self) -> bytes:
+        end = self._buffer.find(b"\r\n")
+        if end >= 0:
+            # Come with the one before it (a server answers ID and LOGIN in
+            # one write): no Deferred, no trip through its callbacks.
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 2]
+            return line
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
         self._deliver()
@@ -174,14 +181,13 @@ class BackendConnection(Protocol):
 
 
 class _Pooled:
-    """A prepared connection waiting in the pool, and its end."""
+    """A prepared connection waiting in the pool, since when."""
 
-    __slots__ = ("born", "connection", "timer")
+    __slots__ = ("born", "connection")
 
     def __init__(self, born: float, connection: BackendConnection) -> None:
         self.born = born
         self.connection = connection
-        self.timer: Any = None
 
 
 @attrs.define
@@ -215,7 +221,11 @@ class MasterLogin:
     # backend_login: oauth2: the user's login is SASL XOAUTH2 or OAUTHBEARER
     # with a token of the proxy's app registration, not the master user.
     oauth: OAuthLogin | None = None
+    # Oldest first: each is appended as it is made ready.
     _idle: list[_Pooled] = attrs.field(factory=list, init=False)
+    # One timer for the whole pool, at when its oldest connection ages: not
+    # one set and cancelled for every connection, that is, every login.
+    _sweep: Any = attrs.field(default=None, init=False)
     _filling: int = attrs.field(default=0, init=False)
     _last_login: float = attrs.field(default=0.0, init=False)
     _retry_at: float = attrs.field(default=0.0, init=False)
@@ -227,15 +237,17 @@ class MasterLogin:
     def stop(self) -> None:
         """The listener is gone: let the pooled connections go."""
         self._stopped = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         while self._idle:
-            entry = self._idle.pop()
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
-            self._let_go(entry.connection)
+            self._let_go(self._idle.pop().connection)
 
-    async def login(self, username: str, address: str, port: int) -> BackendConnection:
-        d = Deferred.fromCoroutine(self._session(username, address, port))
-        return await d.addTimeout(self.timeout, self.reactor)
+    def login(self, username: str, address: str, port: int) -> Deferred[BackendConnection]:
+        """A connection logged in as ``username``, or the failure, within
+        ``timeout`` seconds."""
+        return Deferred.fromCoroutine(self._session(username, address, port)).addTimeout(
+            self.timeout, self.reactor)
 
     async def _session(self, username: str, address: str, port: int) -> BackendConnection:
         if self.oauth is None:
@@ -304,8 +316,6 @@ class MasterLogin:
         taken = None
         while self._idle and taken is None:
             entry = self._idle.pop()  # the newest first
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
             if now - entry.born < self.pool_max_age and entry.connection.quiet:
                 taken = entry.connection
                 taken.on_lost = None
@@ -320,18 +330,17 @@ class MasterLogin:
             return
         while len(self._idle) + self._filling < self.pool_size:
             self._filling += 1
-            Deferred.fromCoroutine(self._one())
+            Deferred.fromCoroutine(self._prepared()).addTimeout(
+                self.timeout, self.reactor).addCallbacks(self._one, self._none)
 
-    async def _one(self) -> None:
-        try:
-            connection = await Deferred.fromCoroutine(self._prepared()).addTimeout(
-                self.timeout, self.reactor)
-        except Exception:
-            # Down or refusing: logins connect on their own (and say why)
-            # until a while has passed.
-            self._filling -= 1
-            self._retry_at = self.reactor.seconds() + 5.0
-            return
+    def _none(self, failure: Any) -> None:
+        # Down or refusing: logins connect on their own (and say why)
+        # until a while has passed.
+        self._filling -= 1
+        self._retry_at = self.reactor.seconds() + 5.0
+
+    def _one(self, connection: BackendConnection) -> None:
+        """A connection made ready for the pool."""
         self._filling -= 1
         if self._stopped:
             self._let_go(connection)
@@ -342,19 +351,28 @@ class MasterLogin:
         def lost() -> None:
             if entry in self._idle:
                 self._idle.remove(entry)
-                if entry.timer is not None and entry.timer.active():
-                    entry.timer.cancel()
 
         connection.on_lost = lost
-        entry.timer = self.reactor.callLater(self.pool_max_age, self._aged, entry)
+        self._arm()
 
-    def _aged(self, entry: _Pooled) -> None:
-        if entry not in self._idle:
-            return
-        self._idle.remove(entry)
-        self._let_go(entry.connection)
-        if self.reactor.seconds() - self._last_login < self.pool_max_age:
+    def _arm(self) -> None:
+        """The sweep, when the oldest waiting connection ages (if not set)."""
+        if self._sweep is None and self._idle and not self._stopped:
+            wait = self._idle[0].born + self.pool_max_age - self.reactor.seconds()
+            self._sweep = self.reactor.callLater(max(wait, 0.0), self._swept)
+
+    def _swept(self) -> None:
+        """Let go of the connections that have aged, replaced only while
+        logins keep coming; then the sweep for the next oldest."""
+        self._sweep = None
+        now = self.reactor.seconds()
+        aged = 0
+        while self._idle and now - self._idle[0].born >= self.pool_max_age:
+            self._let_go(self._idle.pop(0).connection)
+            aged += 1
+        if aged and now - self._last_login < self.pool_max_age:
             self._fill()
+        self._arm()
 
     def _let_go(self, connection: BackendConnection) -> None:
         connection.on_lost = None
