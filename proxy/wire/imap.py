@@ -209,6 +209,6 @@ def tag_of(line: bytes) -> bytes:
 def quote(value: str | bytes) -> bytes:
     """An IMAP quoted string (for values the proxy sends: no CR, LF or NUL)."""
     raw = value.encode() if isinstance(value, str) else value
-    if any(c in raw for c in b"\r\n\x00"):
+    if b"\r" in raw or b"\n" in raw or b"\x00" in raw:
         raise ValueError("cannot quote CR, LF or NUL")
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
