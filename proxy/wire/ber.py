@@ -92,7 +92,8 @@ class TooLarge(BERError):
     """A message longer than the limit in force."""
 
 
-def _header(data: bytes | memoryview, offset: int, end: int) -> tuple[int, int, int] | None:
+def _header(data: bytes | bytearray | memoryview, offset: int,
+            end: int) -> tuple[int, int, int] | None:
     """(tag, length, offset of the value) of the element at ``offset``, or
     None if ``data[:end]`` does not hold the whole header yet."""
     if offset >= end:
