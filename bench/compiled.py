@@ -20,23 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import best
+
 SOURCE = Path(__file__).resolve().parent.parent / "proxy" / "wire" / "ber.py"
 NAME = "lapber"
-
-
-def best(function: Any, rounds: int) -> float:
-    """µs a call: the best of five runs of ``rounds`` calls."""
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(rounds):
-            function()
-        times.append(time.perf_counter() - started)
-    return min(times) / rounds * 1e6
 
 
 def timings(ber: Any, rounds: int) -> dict[str, float]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 
+from bench.harness import best
 from proxy.audit import AuditLog
 from proxy.auth.authenticator import Authenticator
 from proxy.metrics import Metrics
@@ -31,17 +31,6 @@ from tests.unit.fakes import Core
 from tests.unit.test_authenticator import attempt
 
 SECRET = "Passw0rd-primary"
-
-
-def best(function: Any, rounds: int) -> float:
-    """µs a call: the best of five runs of ``rounds`` calls."""
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(rounds):
-            function()
-        times.append((time.perf_counter() - started) / rounds * 1e6)
-    return min(times)
 
 
 def main() -> None:
