@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from proxy.auth.cache import LRU
+from proxy.auth.timing import LookupTime
 from proxy.config import DirectoryConfig
 from proxy.directory import Account
 
@@ -42,6 +43,7 @@ class Accounts:
         # on every change to the user
         self._users: LRU[str, tuple[Any, float]] = LRU(MAX_ACCOUNTS)
         self._user_changes = 0  # a read that overlapped a change is not kept
+        self.lookup_time = LookupTime(clock)
 
     async def account(self, name: str) -> Account | None:
         """The account ``name`` signs in as (None: no such account). Raises
@@ -55,11 +57,16 @@ class Accounts:
             if known is not None:
                 return known[0]
         account = await self._directory.resolve(name)
+        spent = self._clock.seconds() - now
         if account is None:
+            # Found sooner than a real entry with its groups is read: held as
+            # long as one, so that the time does not tell (proxy.auth.timing).
+            await self.lookup_time.missed(spent)
             if named is not None and named[0] is not None:
                 self._known.pop(named[0])  # deleted: gone under every name
             self._names.put(name, (None, now))
             return None
+        self.lookup_time.found(spent)
         self._names.put(name, (account.key, now))
         self._known.put(account.key, (account, now))
         return account

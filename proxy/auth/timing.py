@@ -5,22 +5,25 @@ that matches no account, or a refusal decided before any check (a primary
 password where an app password is needed, a repeat of a recent wrong
 secret), has nothing to check and would be answered sooner: from a source
 with no failure delay (``throttle.trusted_networks``), a way to tell which
-names are accounts. Such a refusal is held until a check would have ended,
-so that both kinds of answer come from one distribution of times:
+names are accounts. So each step that a real account's wrong password takes
+and such a refusal does not is made to take as long, drawn from the latest
+real ones:
 
-- one stopped at the directory's door, after the very steps a wrong
-  password takes up to there (a primary password where an app password is
-  needed, a repeat of a recent wrong secret), waits what the directory's
-  check itself takes, drawn from the latest ones: its own steps were
-  measured by going them;
-- any other (a name with no account, whose look-ups are not an account's)
-  is answered no sooner than a whole refusal after a real check took,
-  drawn from the latest ones.
+- a look-up that finds no account takes as long as one that found one
+  (:class:`LookupTime`): the directory reads a real entry and its groups,
+  and finds nothing sooner;
+- a refusal stopped where a wrong password meets the directory, after the
+  same steps up to there (a name with no account, which goes them with a
+  stand-in; a primary password where an app password is needed; a repeat of
+  a recent wrong secret) waits what the directory's check itself takes;
+- any other refusal (an account the directory says is not active, say) is
+  answered no sooner than a whole refusal after a real check took.
 
-Holding the first kind as long as a whole check would make it later than
-the checks it is timed beside: its own steps, nearly a check's length, and
-the drawn time, each as likely the longer (the later of two, on average
-later than either).
+Each step is timed as it was gone, so a directory or a host that grows
+slower or faster moves both kinds alike. Holding the second kind as long as
+a whole check, as the third is, made it later than the checks it is timed
+beside: its own steps, nearly a check's length, and the drawn time, each as
+likely the longer (the later of two, on average later than either).
 """
 
 from __future__ import annotations
@@ -36,12 +39,51 @@ from proxy.auth.throttle import Throttle
 
 SAMPLES = 128
 # Refusals decided where a wrong password meets the directory, having gone
-# every step a real account's wrong password goes up to there.
-AT_THE_DIRECTORY = frozenset({Reason.MFA_REQUIRED, Reason.WRONG_SECRET})
+# every step a real account's wrong password goes up to there (a name with
+# no account with a stand-in for it: Authenticator._decide).
+AT_THE_DIRECTORY = frozenset({Reason.MFA_REQUIRED, Reason.WRONG_SECRET, Reason.UNKNOWN_USER})
 # The event loop's timers fire in whole milliseconds, rounded up (epoll's
 # timeout): a held answer waits by timer until this long before it is due,
 # then turn by turn, other work going on meanwhile, until it is.
 TIMER_GRAIN = 0.001
+
+
+async def wait(clock: Any, seconds: float) -> None:
+    """Wait ``seconds``, to within a turn of the event loop. A timer alone
+    would fire up to a millisecond late, by where its wait fell between two
+    whole milliseconds: held answers' times would then be spread wider than
+    checked ones' and told apart from them by a rank test. The last
+    millisecond's turns cost a held refusal about 0.3 ms of CPU, paid only
+    where no failure delay of the source's is longer."""
+    due = clock.seconds() + seconds
+    if seconds > TIMER_GRAIN:
+        await deferLater(clock, seconds - TIMER_GRAIN)
+    last = None
+    while (now := clock.seconds()) < due:
+        # A clock that did not move in a turn (a test's) waits the rest by timer.
+        await deferLater(clock, 0 if now != last else due - now)
+        last = now
+
+
+class LookupTime:
+    """How long the directory took to find an account, of the latest look-ups
+    that found one: one that finds none is made to take as long."""
+
+    def __init__(self, clock: Any, rng: random.Random | None = None) -> None:
+        self._clock = clock
+        self._times: deque[float] = deque(maxlen=SAMPLES)
+        self._random = rng or random.Random()
+
+    def found(self, seconds: float) -> None:
+        self._times.append(seconds)
+
+    async def missed(self, seconds: float) -> None:
+        """A look-up found no account in ``seconds``: wait out the rest of
+        one that found one."""
+        if self._times:
+            rest = self._random.choice(self._times) - seconds
+            if rest > 0:
+                await wait(self._clock, rest)
 
 
 class CheckTime:
@@ -70,23 +112,6 @@ class CheckTime:
             return elapsed + self._random.choice(self._checks)
         return self._random.choice(self._times)
 
-    async def wait(self, clock: Any, seconds: float) -> None:
-        """Wait ``seconds``, to within a turn of the event loop. A timer
-        alone would fire up to a millisecond late, by where its wait fell
-        between two whole milliseconds: held answers' times would then be
-        spread wider than checked ones' and told apart from them by a rank
-        test. The last millisecond's turns cost a held refusal about 0.3 ms
-        of CPU, paid only where no failure delay of the source's is longer."""
-        due = clock.seconds() + seconds
-        if seconds > TIMER_GRAIN:
-            await deferLater(clock, seconds - TIMER_GRAIN)
-        last = None
-        while (now := clock.seconds()) < due:
-            # A clock that did not move in a turn (a test's) waits the rest by timer.
-            await deferLater(clock, 0 if now != last else due - now)
-            last = now
-
-
 class FailureDelay:
     """The one failure delay: a refusal is answered no sooner than the
     source's delay (the throttle's) after the attempt began, and one that no
@@ -104,6 +129,6 @@ class FailureDelay:
         delay = self._throttle.failure_delay(attempt.client_address)
         hold = self._check_time.hold(decision, now - started)
         if hold > delay:
-            await self._check_time.wait(self._clock, started + hold - now)
+            await wait(self._clock, started + hold - now)
         elif started + delay > now:
             await deferLater(self._clock, started + delay - now)

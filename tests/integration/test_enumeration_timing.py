@@ -156,3 +156,39 @@ def test_unknown_names_take_as_long_as_wrong_passwords(daemon, slapd, unique):
         # by little more. What must not remain is a gap that tells names
         # apart, as the millisecond before the fix did.
         assert p > 1e-3 or abs(medians["unknown"] - medians[kind]) < GAP_MS, (kind, p, medians)
+
+
+def test_a_names_first_look_up_tells_nothing_with_the_account_cache_on(slapd, unique,
+                                                                       tmp_path_factory):
+    """With ``directory.account_cache`` on (the default), each name's first
+    look-up asks the directory, which reads a real entry and its groups but
+    finds nothing sooner: before the look-up's hold, a real name's first
+    wrong password took 5.6 ms and an unknown name's 1.9 (p = 2e-13). Real
+    names and unknown ones, each tried once, interleaved, after a phone's
+    stale password (a cached account) has filled the pools."""
+    daemon = ProxyDaemon(tmp_path_factory.mktemp("proxy-timing-cached"), slapd, {
+        "ldap": {"protocol": "ldap", "realm": "cloud", "tls": "none",
+                 "allow_plaintext_auth": True},
+    }, throttle="  trusted_networks: [127.0.0.0/8]", account_cache="30s")
+    daemon.start()
+    try:
+        phone = slapd.add_user(unique(), PRIMARY)
+        real = [slapd.add_user(unique(), PRIMARY) for _ in range(ROUNDS)]
+        binder = Binder(daemon.ports["ldap"])
+        try:
+            for i in range(SAMPLES):
+                assert binder.bind(phone, f"Stale-{i}")[0] == 49
+            times: dict[str, list[float]] = {"real": [], "unknown": []}
+            for i, name in enumerate(real):
+                for kind, probed in (("real", name),
+                                     ("unknown", f"uid=nobody-first{i},{slapd.people_dn}")):
+                    code, seconds = binder.bind(probed, f"Probe-{i}")
+                    assert code == 49, (kind, code)
+                    times[kind].append(seconds)
+        finally:
+            binder.close()
+    finally:
+        assert daemon.stop() == 0
+    medians = {kind: sorted(values)[len(values) // 2] * 1000 for kind, values in times.items()}
+    p = mann_whitney_p(times["unknown"], times["real"])
+    assert p > 1e-3 or abs(medians["unknown"] - medians["real"]) < GAP_MS, (p, medians)

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from proxy.auth import Attempt, Decision, Reason
-from proxy.auth.timing import TIMER_GRAIN, CheckTime
+from proxy.auth.timing import TIMER_GRAIN, CheckTime, wait
 from tests.unit.fakes import Core
 
 PRIMARY = "Primary-Passw0rd"
@@ -43,15 +43,16 @@ def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
     core.directory.gate = None
     assert known.result.reason is Reason.WRONG_SECRET
     unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
-    core.clock.advance(4.9)
+    core.clock.advance(3)  # the look-up's hold ends (a clock's jump would end it late)
+    core.clock.advance(1.9)
     assert not unknown.called
     core.clock.advance(0.2)
     assert unknown.result.reason is Reason.UNKNOWN_USER
 
 
 def test_a_wait_ends_by_timer_then_turn_by_turn_when_due():
-    clock, timing = Clock(), CheckTime()
-    d = ensureDeferred(timing.wait(clock, 0.010))
+    clock = Clock()
+    d = ensureDeferred(wait(clock, 0.010))
     clock.advance(0.010 - TIMER_GRAIN)  # the timer: a millisecond early at most
     assert not d.called
     for _ in range(3):
@@ -63,8 +64,9 @@ def test_a_wait_ends_by_timer_then_turn_by_turn_when_due():
 
 def test_a_refusal_at_the_directorys_door_waits_what_the_check_itself_takes():
     """A refusal decided where a wrong password meets the directory, after
-    the same steps, waits its own steps plus a check's time, not a whole
-    checked refusal's: the later of those two would be later than either."""
+    the same steps (a name with no account with a stand-in), waits its own
+    steps plus a check's time, not a whole checked refusal's: the later of
+    those two would be later than either. Any other waits a whole one's."""
     timing = CheckTime(random.Random(1))
     timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), 0.010)
     mfa, repeat = Decision(Reason.MFA_REQUIRED, "eve"), Decision(Reason.WRONG_SECRET, "alice")
@@ -72,7 +74,8 @@ def test_a_refusal_at_the_directorys_door_waits_what_the_check_itself_takes():
     timing.refused(0.003)
     assert timing.hold(mfa, 0.008) == 0.011
     assert timing.hold(repeat, 0.007) == 0.010
-    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.010
+    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.004
+    assert timing.hold(Decision(Reason.ACCOUNT_INACTIVE, "gone"), 0.001) == 0.010
 
 
 def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tmp_path):
@@ -105,3 +108,31 @@ def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tm
     assert not refused.called
     core.clock.advance(0.2)
     assert refused.result.reason is Reason.MFA_REQUIRED
+
+
+def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp_path):
+    """On a clock: the directory reads alice's entry in 3 s and checks her
+    wrong password in 2 s; it finds no "nobody" at once, whose look-up is
+    then held the 3 s, and the refusal the check's 2 s after it."""
+    core = Core(tmp_path)
+    core.build()
+    core.directory.add("alice", PRIMARY)
+
+    def attempt(name):
+        return Attempt(protocol="ldap", realm="on-premises", username=name, secret="wrong",
+                       client_address="192.0.2.1", tls=True)
+
+    core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
+    known = ensureDeferred(core.auth.authenticate(attempt("alice")))
+    core.clock.advance(3)
+    core.directory.lookup_gate.callback(None)
+    core.clock.advance(2)
+    core.directory.gate.callback(None)
+    core.directory.lookup_gate = core.directory.gate = None
+    assert known.result.reason is Reason.WRONG_SECRET
+    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
+    core.clock.advance(3)  # the look-up's hold ends (a clock's jump would end it late)
+    core.clock.advance(1.9)
+    assert not unknown.called
+    core.clock.advance(0.2)
+    assert unknown.result.reason is Reason.UNKNOWN_USER
