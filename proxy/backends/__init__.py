@@ -325,10 +325,11 @@ class MasterLogin:
         return taken
 
     def _fill(self) -> None:
-        now = self.reactor.seconds()
-        if self._stopped or now < self._retry_at:
-            return
-        while len(self._idle) + self._filling < self.pool_size:
+        # Asked again each time round: a connection that fails at once (no
+        # file descriptor left, no route) sets the retry time before the
+        # loop goes on, and must end it.
+        while (not self._stopped and self.reactor.seconds() >= self._retry_at
+               and len(self._idle) + self._filling < self.pool_size):
             self._filling += 1
             Deferred.fromCoroutine(self._prepared()).addTimeout(
                 self.timeout, self.reactor).addCallbacks(self._one, self._none)

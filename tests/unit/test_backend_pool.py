@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectBindError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -105,3 +106,27 @@ def test_a_connection_the_backend_drops_leaves_the_pool_and_stop_lets_go_of_the_
     backend.stop()
     assert waiting(backend) == [] and sweeps(clock) == 0
     assert let_go(endpoint) == 1
+
+
+class Failing(Endpoint):
+    """Fails at once, as connecting with no file descriptor left does; past
+    a few tries, never answers (so that a fill that would try for ever ends)."""
+
+    def connect(self, factory: Any) -> Any:
+        self.transports.append(StringTransport())
+        if len(self.transports) > 10:
+            return Deferred()
+        return fail(ConnectBindError(24, "Too many open files"))
+
+
+def test_a_connection_that_fails_at_once_stops_the_fill_until_a_while_has_passed():
+    backend, clock, _ = pool()
+    backend.endpoint = endpoint = Failing()
+    assert backend._take() is None
+    assert len(endpoint.transports) == 1  # tried once, not again and again in one turn
+    clock.advance(1)
+    backend._take()
+    assert len(endpoint.transports) == 1  # within the retry's wait
+    clock.advance(5)
+    backend._take()
+    assert len(endpoint.transports) == 2
