@@ -84,7 +84,7 @@ def test_a_login_fills_the_pool_and_a_quiet_proxy_lets_it_go(proxy, backend, use
         client.logout()
     # No login for longer than the pool's age: none is kept.
     assert settle(proxy, backend.imap_port, 0, timeout=4 * MAX_AGE) == 0
-    assert "Disconnected" in backend.log_text()
+    backend.wait_for_log("Disconnected")
 
 
 def test_a_backend_restart_under_a_full_pool_costs_no_login(proxy, backend, user):
