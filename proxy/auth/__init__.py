@@ -113,6 +113,9 @@ class Decision:
     # The directory checked a password for it (an answer that took a real
     # check's time); not part of what is decided.
     checked: bool = attrs.field(default=False, eq=False, repr=False)
+    # How much sooner than a real account's its look-up found there is none:
+    # a refusal of a name with no account waits that long too (timing).
+    owed: float = attrs.field(default=0.0, eq=False, repr=False)
 
     @property
     def outcome(self) -> Outcome:

@@ -43,33 +43,37 @@ class Accounts:
         # on every change to the user
         self._users: LRU[str, tuple[Any, float]] = LRU(MAX_ACCOUNTS)
         self._user_changes = 0  # a read that overlapped a change is not kept
-        self.lookup_time = LookupTime(clock)
+        self.lookup_time = LookupTime()
 
     async def account(self, name: str) -> Account | None:
         """The account ``name`` signs in as (None: no such account). Raises
         :class:`proxy.directory.DirectoryUnavailable`."""
+        return (await self.look_up(name))[0]
+
+    async def look_up(self, name: str) -> tuple[Account | None, float]:
+        """The account ``name`` signs in as, and how much sooner than a
+        look-up that found one the directory said there is none (0 when it
+        found one, or the answer was kept): a sign-in's refusal then waits
+        that long too, so that the time does not tell (:mod:`proxy.auth.timing`)."""
         now = self._clock.seconds()
         named = self._names.get(name)
         if named is not None and now - named[1] < self._config.account_cache:
             if named[0] is None:
-                return None
+                return None, 0.0
             known = self._known.get(named[0])
             if known is not None:
-                return known[0]
+                return known[0], 0.0
         account = await self._directory.resolve(name)
         spent = self._clock.seconds() - now
         if account is None:
-            # Found sooner than a real entry with its groups is read: held as
-            # long as one, so that the time does not tell (proxy.auth.timing).
-            await self.lookup_time.missed(spent)
             if named is not None and named[0] is not None:
                 self._known.pop(named[0])  # deleted: gone under every name
             self._names.put(name, (None, now))
-            return None
+            return None, self.lookup_time.owed(spent)
         self.lookup_time.found(spent)
         self._names.put(name, (account.key, now))
         self._known.put(account.key, (account, now))
-        return account
+        return account, 0.0
 
     def cached(self, name: str) -> Account | None:
         """The account ``name`` was found as within ``directory.account_cache``,

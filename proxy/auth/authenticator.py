@@ -111,11 +111,11 @@ class Authenticator:
         else:
             self.throttle = Throttle(throttle, clock.seconds)
         self.lockouts = Lockouts(self.throttle, self.accounts, self._fleet)
-        check_time = CheckTime()
-        self.primary = PrimaryPasswords(clock, directory, self.throttle, cache, check_time,
-                                        metrics)
+        self._check_time = CheckTime()
+        self.primary = PrimaryPasswords(clock, directory, self.throttle, cache,
+                                        self._check_time, metrics)
         self.usage = UsageRecorder(clock, store, cache.last_used_interval)
-        self._delay = FailureDelay(clock, self.throttle, check_time)
+        self._delay = FailureDelay(clock, self.throttle, self._check_time)
         self.revocations = Revocations(clock, store, record)
         self.revocations.on_revoked(self._forget)  # the core's own caches first
         self.feed = ChangeFeed(clock, store, self.apply)
@@ -354,7 +354,7 @@ class Authenticator:
         app_password_form = apppasswords.normalise(attempt.secret)
         stale = False
         try:
-            account = await self.accounts.account(name)
+            account, owed = await self.accounts.look_up(name)
         except DirectoryUnavailable:
             # The outage grace is for a directory out of reach, never for one
             # that answers while only the proxy's connections are busy: an
@@ -372,7 +372,7 @@ class Authenticator:
             # lockout tells which names exist.
             decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
             if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
-                return Decision(Reason.UNKNOWN_USER, typed)
+                return Decision(Reason.UNKNOWN_USER, typed, owed=owed)
             return attrs.evolve(decided, account=None)
         refused = rules.account_refusal(attempt, account)
         if refused is not None:
@@ -401,9 +401,13 @@ class Authenticator:
                 # Counted in the shared store too: guesses spread over every
                 # process sharing it meet one budget.
                 shared = (account.username, reservation.familiar, reservation.key[1])
+                began = self._clock.seconds()
                 if not await self._fleet.reserve(*shared):
                     shared = None
                     return Decision(Reason.LOCKED_OUT, account.username, account)
+                # A store's round trip that a name with no account (no DN)
+                # does not make: its refusal waits one as well (timing).
+                self._check_time.reserved(self._clock.seconds() - began)
             decision = await self._check(attempt, account, app_password_form, stale,
                                          reservation.order)
             return decision

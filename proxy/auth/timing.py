@@ -9,13 +9,15 @@ names are accounts. So each step that a real account's wrong password takes
 and such a refusal does not is made to take as long, drawn from the latest
 real ones:
 
-- a look-up that finds no account takes as long as one that found one
-  (:class:`LookupTime`): the directory reads a real entry and its groups,
-  and finds nothing sooner;
+- a look-up that finds no account owes the time one that found one took
+  (:class:`LookupTime`, ``Decision.owed``): the directory reads a real entry
+  and its groups, and finds nothing sooner;
 - a refusal stopped where a wrong password meets the directory, after the
   same steps up to there (a name with no account, which goes them with a
   stand-in; a primary password where an app password is needed; a repeat of
-  a recent wrong secret) waits what the directory's check itself takes;
+  a recent wrong secret) waits what it owes and what the directory's check
+  itself takes, at its end: one wait, as each ends up to a turn of the
+  event loop late;
 - any other refusal (an account the directory says is not active, say) is
   answered no sooner than a whole refusal after a real check took.
 
@@ -67,23 +69,21 @@ async def wait(clock: Any, seconds: float) -> None:
 
 class LookupTime:
     """How long the directory took to find an account, of the latest look-ups
-    that found one: one that finds none is made to take as long."""
+    that found one: a refusal after one that found none waits the rest."""
 
-    def __init__(self, clock: Any, rng: random.Random | None = None) -> None:
-        self._clock = clock
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._times: deque[float] = deque(maxlen=SAMPLES)
         self._random = rng or random.Random()
 
     def found(self, seconds: float) -> None:
         self._times.append(seconds)
 
-    async def missed(self, seconds: float) -> None:
-        """A look-up found no account in ``seconds``: wait out the rest of
-        one that found one."""
-        if self._times:
-            rest = self._random.choice(self._times) - seconds
-            if rest > 0:
-                await wait(self._clock, rest)
+    def owed(self, seconds: float) -> float:
+        """A look-up found no account in ``seconds``: how much longer one
+        that found one would have taken, drawn from the latest."""
+        if not self._times:
+            return 0.0
+        return max(self._random.choice(self._times) - seconds, 0.0)
 
 
 class CheckTime:
@@ -93,11 +93,18 @@ class CheckTime:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._times: deque[float] = deque(maxlen=SAMPLES)
         self._checks: deque[float] = deque(maxlen=SAMPLES)
+        self._reserves: deque[float] = deque(maxlen=SAMPLES)
         self._random = rng or random.Random()
 
     def refused(self, seconds: float) -> None:
         """The directory refused a password, its check taking ``seconds``."""
         self._checks.append(seconds)
+
+    def reserved(self, seconds: float) -> None:
+        """A real account's guess was counted in the shared store (the
+        fleet's), a round trip of ``seconds`` that a name with no account,
+        having no DN to count it under, does not make."""
+        self._reserves.append(seconds)
 
     def hold(self, decision: Decision, elapsed: float) -> float:
         """How long after it began a refusal is answered, at the soonest
@@ -109,8 +116,12 @@ class CheckTime:
         if decision.reason is Reason.LOCKED_OUT or not self._times:
             return 0.0  # a lockout is answered at once for every name alike
         if decision.reason in AT_THE_DIRECTORY and self._checks:
-            return elapsed + self._random.choice(self._checks)
+            rest = self._random.choice(self._checks)
+            if decision.reason is Reason.UNKNOWN_USER and self._reserves:
+                rest += self._random.choice(self._reserves)
+            return elapsed + rest + decision.owed
         return self._random.choice(self._times)
+
 
 class FailureDelay:
     """The one failure delay: a refusal is answered no sooner than the

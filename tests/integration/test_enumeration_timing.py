@@ -123,12 +123,42 @@ def test_the_rank_test_tells_a_millisecond_apart():
     assert mann_whitney_p(fast, same) > 1e-3
 
 
+def told_apart(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> list[str]:
+    """The pairs of kinds whose times tell them apart: a rank test's verdict
+    (p < 0.001) and medians at least GAP_MS apart. Held answers take the
+    times of checks made a little before: a directory that drifts by a
+    tenth of a millisecond meanwhile can be told apart on a quiet host, where
+    the times vary by little more; what must not remain is a gap that tells
+    names apart, as the milliseconds before the fixes did."""
+    medians = {kind: sorted(values)[len(values) // 2] * 1000 for kind, values in times.items()}
+    found = []
+    for a, b in pairs:
+        p = mann_whitney_p(times[a], times[b])
+        if p < 1e-3 and abs(medians[a] - medians[b]) >= GAP_MS:
+            found.append(f"{a} against {b}: p = {p:.2g}, medians {medians[a]:.2f} and "
+                         f"{medians[b]:.2f} ms")
+    return found
+
+
+def in_two_runs(measure, pairs: list[tuple[str, str]]) -> None:
+    """Fail only on a difference that shows in two runs in a row: a leak
+    shows in every run (each one before the fixes did, p < 1e-12), while a
+    shared host's hiccup in one run (a rank test at p < 0.001 over a few
+    seconds of its noise) does now and then."""
+    first = told_apart(measure(), pairs)
+    if first:
+        second = told_apart(measure(), pairs)
+        assert not second, (first, second)
+
+
 def test_unknown_names_take_as_long_as_wrong_passwords(daemon, slapd, unique):
     known = slapd.add_user(unique(), PRIMARY)
     enforced = slapd.add_user(unique(), PRIMARY, groups=("mfa",))
     binder = Binder(daemon.ports["ldap"])
-    times: dict[str, list[float]] = {"unknown": [], "known": [], "mfa": []}
-    try:
+    rounds = iter(range(10**6))
+
+    def measure() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {"unknown": [], "known": [], "mfa": []}
         # A held refusal takes as long as one of the latest SAMPLES checked
         # ones. A new daemon's checks grow faster over its first hundred or
         # so (connections, caches, the allocator): held answers drawn from
@@ -136,26 +166,22 @@ def test_unknown_names_take_as_long_as_wrong_passwords(daemon, slapd, unique):
         # WARM rounds first, the three kinds in turn as when timed (each
         # check's time shaped by the ones between), the last SAMPLES of
         # them filling the pool with a warm daemon's checks.
-        for i in range(WARM + ROUNDS):
+        for n in range(WARM + ROUNDS):
+            i = next(rounds)
             for kind, name, password in (
                     ("unknown", f"uid=nobody{i},{slapd.people_dn}", f"Guess-{i}"),
                     ("known", known, f"Guess-{i}"),
                     ("mfa", enforced, PRIMARY)):
                 code, seconds = binder.bind(name, password)
                 assert code == 49, (kind, code)
-                if i >= WARM:
+                if n >= WARM:
                     times[kind].append(seconds)
+        return times
+
+    try:
+        in_two_runs(measure, [("unknown", "known"), ("unknown", "mfa")])
     finally:
         binder.close()
-    medians = {kind: sorted(values)[len(values) // 2] * 1000 for kind, values in times.items()}
-    for kind in ("known", "mfa"):
-        p = mann_whitney_p(times["unknown"], times[kind])
-        # Held answers take the time of checks made up to SAMPLES checks
-        # before: a directory that drifts by a tenth of a millisecond
-        # meanwhile can be told apart on a quiet host, where the times vary
-        # by little more. What must not remain is a gap that tells names
-        # apart, as the millisecond before the fix did.
-        assert p > 1e-3 or abs(medians["unknown"] - medians[kind]) < GAP_MS, (kind, p, medians)
 
 
 def test_a_names_first_look_up_tells_nothing_with_the_account_cache_on(slapd, unique,
@@ -171,24 +197,26 @@ def test_a_names_first_look_up_tells_nothing_with_the_account_cache_on(slapd, un
                  "allow_plaintext_auth": True},
     }, throttle="  trusted_networks: [127.0.0.0/8]", account_cache="30s")
     daemon.start()
-    try:
-        phone = slapd.add_user(unique(), PRIMARY)
+    phone = slapd.add_user(unique(), PRIMARY)
+    binder = Binder(daemon.ports["ldap"])
+    runs = iter(range(10**6))
+
+    def measure() -> dict[str, list[float]]:
+        run = next(runs)
         real = [slapd.add_user(unique(), PRIMARY) for _ in range(ROUNDS)]
-        binder = Binder(daemon.ports["ldap"])
-        try:
-            for i in range(SAMPLES):
-                assert binder.bind(phone, f"Stale-{i}")[0] == 49
-            times: dict[str, list[float]] = {"real": [], "unknown": []}
-            for i, name in enumerate(real):
-                for kind, probed in (("real", name),
-                                     ("unknown", f"uid=nobody-first{i},{slapd.people_dn}")):
-                    code, seconds = binder.bind(probed, f"Probe-{i}")
-                    assert code == 49, (kind, code)
-                    times[kind].append(seconds)
-        finally:
-            binder.close()
+        for i in range(SAMPLES):
+            assert binder.bind(phone, f"Stale-{run}-{i}")[0] == 49
+        times: dict[str, list[float]] = {"real": [], "unknown": []}
+        for i, name in enumerate(real):
+            for kind, probed in (("real", name),
+                                 ("unknown", f"uid=nobody-first{run}-{i},{slapd.people_dn}")):
+                code, seconds = binder.bind(probed, f"Probe-{run}-{i}")
+                assert code == 49, (kind, code)
+                times[kind].append(seconds)
+        return times
+
+    try:
+        in_two_runs(measure, [("unknown", "real")])
     finally:
+        binder.close()
         assert daemon.stop() == 0
-    medians = {kind: sorted(values)[len(values) // 2] * 1000 for kind, values in times.items()}
-    p = mann_whitney_p(times["unknown"], times["real"])
-    assert p > 1e-3 or abs(medians["unknown"] - medians["real"]) < GAP_MS, (p, medians)

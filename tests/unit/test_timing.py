@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from proxy.auth import Attempt, Decision, Reason
+from proxy.config import ThrottleConfig
 from proxy.auth.timing import TIMER_GRAIN, CheckTime, wait
 from tests.unit.fakes import Core
 
@@ -43,8 +44,7 @@ def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
     core.directory.gate = None
     assert known.result.reason is Reason.WRONG_SECRET
     unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
-    core.clock.advance(3)  # the look-up's hold ends (a clock's jump would end it late)
-    core.clock.advance(1.9)
+    core.clock.advance(4.9)
     assert not unknown.called
     core.clock.advance(0.2)
     assert unknown.result.reason is Reason.UNKNOWN_USER
@@ -112,8 +112,8 @@ def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tm
 
 def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp_path):
     """On a clock: the directory reads alice's entry in 3 s and checks her
-    wrong password in 2 s; it finds no "nobody" at once, whose look-up is
-    then held the 3 s, and the refusal the check's 2 s after it."""
+    wrong password in 2 s; it finds no "nobody" at once, whose refusal then
+    waits the look-up's 3 s it did not take and the check's 2 s."""
     core = Core(tmp_path)
     core.build()
     core.directory.add("alice", PRIMARY)
@@ -131,8 +131,75 @@ def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp
     core.directory.lookup_gate = core.directory.gate = None
     assert known.result.reason is Reason.WRONG_SECRET
     unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
-    core.clock.advance(3)  # the look-up's hold ends (a clock's jump would end it late)
-    core.clock.advance(1.9)
+    core.clock.advance(4.9)
     assert not unknown.called
     core.clock.advance(0.2)
     assert unknown.result.reason is Reason.UNKNOWN_USER
+
+
+def test_a_name_with_no_account_also_waits_the_shared_stores_count_it_never_made():
+    """With failures counted in a shared store, a real account's guess costs
+    a round trip there before its check; a name with no account has no DN to
+    count it under, and waits one drawn from the latest instead."""
+    timing = CheckTime(random.Random(1))
+    timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), 0.010)
+    timing.refused(0.003)
+    timing.reserved(0.002)
+    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.006
+    assert timing.hold(Decision(Reason.MFA_REQUIRED, "eve"), 0.008) == 0.011  # it made the trip
+
+
+def test_a_source_with_a_longer_failure_delay_waits_it_alone(tmp_path):
+    """A failure delay longer than a check covers both kinds alike: "nobody",
+    whose look-up found nothing at once where alice's took 3 s, is answered
+    when the 5 s delay ends, as alice's wrong password was."""
+    core = Core(tmp_path)
+    core.build(throttle=ThrottleConfig(source_delay=5, source_delay_max=5))
+    core.directory.add("alice", PRIMARY)
+
+    def attempt(name, address):
+        return Attempt(protocol="ldap", realm="on-premises", username=name, secret="wrong",
+                       client_address=address, tls=True)
+
+    core.directory.lookup_gate = Deferred()
+    known = ensureDeferred(core.auth.authenticate(attempt("alice", "192.0.2.1")))
+    core.clock.advance(3)
+    core.directory.lookup_gate.callback(None)
+    core.directory.lookup_gate = None
+    core.clock.advance(1.9)
+    assert not known.called
+    core.clock.advance(0.2)
+    assert known.result.reason is Reason.WRONG_SECRET
+    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody", "192.0.2.2")))
+    core.clock.advance(4.9)
+    assert not unknown.called
+    core.clock.advance(0.2)
+    assert unknown.result.reason is Reason.UNKNOWN_USER
+
+
+def test_with_the_account_cache_answers_from_memory_are_neither_held_nor_drawn_from(tmp_path):
+    """A name's look-up answered from the account cache asked nothing: a
+    cached "no account" is not held, and cached accounts' look-ups (no time
+    at all) are not among those a missing one is held to."""
+    core = Core(tmp_path)
+    core.build(account_cache=60.0)
+    core.directory.add("alice", PRIMARY)
+
+    def attempt(name, secret):
+        return Attempt(protocol="ldap", realm="on-premises", username=name, secret=secret,
+                       client_address="192.0.2.1", tls=True)
+
+    core.directory.lookup_gate = Deferred()
+    ensureDeferred(core.auth.authenticate(attempt("alice", "wrong-0")))
+    core.clock.advance(3)
+    core.directory.lookup_gate.callback(None)
+    core.directory.lookup_gate = None
+    for i in range(1, 20):  # alice from the cache: no look-up timed
+        assert ensureDeferred(core.auth.authenticate(attempt("alice", f"wrong-{i}"))).called
+    first = ensureDeferred(core.auth.authenticate(attempt("nobody", "wrong")))
+    core.clock.advance(2.9)
+    assert not first.called  # owes alice's one timed look-up: 3 s (her check took none)
+    core.clock.advance(0.2)
+    assert first.called
+    again = ensureDeferred(core.auth.authenticate(attempt("nobody", "wrong-again")))
+    assert again.called  # "no account", from the cache: nothing to hold
