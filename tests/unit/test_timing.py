@@ -15,6 +15,16 @@ from tests.unit.fakes import Core
 PRIMARY = "Primary-Passw0rd"
 
 
+def answered_at(core, attempt, seconds):
+    """The decision on ``attempt``, answered when ``seconds`` of the clock
+    have passed and not before."""
+    decided = ensureDeferred(core.auth.authenticate(attempt))
+    core.clock.advance(seconds - 0.1)
+    assert not decided.called
+    core.clock.advance(0.2)
+    return decided.result
+
+
 def test_held_for_a_time_drawn_from_checked_refusals():
     timing = CheckTime(random.Random(1))
     unknown = Decision(Reason.UNKNOWN_USER, "nobody")
@@ -43,11 +53,7 @@ def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
     gate.callback(None)
     core.directory.gate = None
     assert known.result.reason is Reason.WRONG_SECRET
-    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
-    core.clock.advance(4.9)
-    assert not unknown.called
-    core.clock.advance(0.2)
-    assert unknown.result.reason is Reason.UNKNOWN_USER
+    assert answered_at(core, attempt("nobody"), 5).reason is Reason.UNKNOWN_USER
 
 
 def test_a_wait_ends_by_timer_then_turn_by_turn_when_due():
@@ -130,11 +136,7 @@ def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp
     core.directory.gate.callback(None)
     core.directory.lookup_gate = core.directory.gate = None
     assert known.result.reason is Reason.WRONG_SECRET
-    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody")))
-    core.clock.advance(4.9)
-    assert not unknown.called
-    core.clock.advance(0.2)
-    assert unknown.result.reason is Reason.UNKNOWN_USER
+    assert answered_at(core, attempt("nobody"), 5).reason is Reason.UNKNOWN_USER
 
 
 def test_a_name_with_no_account_also_waits_the_shared_stores_count_it_never_made():
@@ -170,11 +172,7 @@ def test_a_source_with_a_longer_failure_delay_waits_it_alone(tmp_path):
     assert not known.called
     core.clock.advance(0.2)
     assert known.result.reason is Reason.WRONG_SECRET
-    unknown = ensureDeferred(core.auth.authenticate(attempt("nobody", "192.0.2.2")))
-    core.clock.advance(4.9)
-    assert not unknown.called
-    core.clock.advance(0.2)
-    assert unknown.result.reason is Reason.UNKNOWN_USER
+    assert answered_at(core, attempt("nobody", "192.0.2.2"), 5).reason is Reason.UNKNOWN_USER
 
 
 def test_with_the_account_cache_answers_from_memory_are_neither_held_nor_drawn_from(tmp_path):
