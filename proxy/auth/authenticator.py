@@ -371,9 +371,13 @@ class Authenticator:
             # (authenticate): neither the answer, nor its time, nor the
             # lockout tells which names exist.
             decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
+            if self._fleet is not None and self.throttle.source(attempt.client_address):
+                # A real account's guess from such a source is counted in the
+                # shared store first, a round trip this name has no DN for.
+                owed += self._check_time.reservation()
             if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
                 return Decision(Reason.UNKNOWN_USER, typed, owed=owed)
-            return attrs.evolve(decided, account=None)
+            return attrs.evolve(decided, account=None, owed=owed)
         refused = rules.account_refusal(attempt, account)
         if refused is not None:
             if refused.reason is Reason.ACCOUNT_INACTIVE:

@@ -56,11 +56,11 @@ class BearerSignIn:
                 return Decision(Reason.MALFORMED, "")
             typed = apppasswords.canonical_username(names[0])
         try:
-            account = await self._accounts.account(attempt.username.strip() or typed)
+            account, owed = await self._accounts.look_up(attempt.username.strip() or typed)
         except DirectoryUnavailable:
             return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
         if account is None:
-            return Decision(Reason.UNKNOWN_USER, typed)
+            return Decision(Reason.UNKNOWN_USER, typed, owed=owed)
         named = {apppasswords.canonical_username(n) for n in names}
         own = {typed, account.username} | ({apppasswords.canonical_username(account.mail)}
                                            if account.mail else set())

@@ -106,6 +106,10 @@ class CheckTime:
         having no DN to count it under, does not make."""
         self._reserves.append(seconds)
 
+    def reservation(self) -> float:
+        """The time of one of the latest such round trips (0: none made)."""
+        return self._random.choice(self._reserves) if self._reserves else 0.0
+
     def hold(self, decision: Decision, elapsed: float) -> float:
         """How long after it began a refusal is answered, at the soonest
         (``elapsed``: how long deciding it took)."""
@@ -113,13 +117,15 @@ class CheckTime:
             if decision.reason is Reason.WRONG_SECRET:
                 self._times.append(elapsed)
             return 0.0
-        if decision.reason is Reason.LOCKED_OUT or not self._times:
-            return 0.0  # a lockout is answered at once for every name alike
-        if decision.reason in AT_THE_DIRECTORY and self._checks:
-            rest = self._random.choice(self._checks)
-            if decision.reason is Reason.UNKNOWN_USER and self._reserves:
-                rest += self._random.choice(self._reserves)
-            return elapsed + rest + decision.owed
+        if decision.reason is Reason.LOCKED_OUT:
+            # Answered at once for every name alike, but for what a name with
+            # no account owes for its look-up.
+            return elapsed + decision.owed if decision.owed else 0.0
+        if decision.reason in AT_THE_DIRECTORY:
+            check = self._random.choice(self._checks) if self._checks else 0.0
+            return elapsed + check + decision.owed
+        if not self._times:
+            return 0.0
         return self._random.choice(self._times)
 
 

@@ -26,14 +26,19 @@ def answered_at(core, attempt, seconds):
 
 
 def test_held_for_a_time_drawn_from_checked_refusals():
+    """A refusal no check decided, not at the directory's door (an inactive
+    account), waits as long as a whole checked refusal took, drawn from the
+    latest; a lockout is answered at once."""
     timing = CheckTime(random.Random(1))
-    unknown = Decision(Reason.UNKNOWN_USER, "nobody")
-    assert timing.hold(unknown, 0.001) == 0.0  # nothing measured yet
+    inactive = Decision(Reason.ACCOUNT_INACTIVE, "gone")
+    assert timing.hold(inactive, 0.001) == 0.0  # nothing measured yet
     for elapsed in (0.010, 0.012, 0.014):
+        timing.refused(elapsed - 0.005)
         assert timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), elapsed) == 0
-    assert {timing.hold(unknown, 0.001) for _ in range(50)} == {0.010, 0.012, 0.014}
-    assert timing.hold(Decision(Reason.MFA_REQUIRED, "eve"), 0.001) in {0.010, 0.012, 0.014}
+    assert {timing.hold(inactive, 0.001) for _ in range(50)} == {0.010, 0.012, 0.014}
     assert timing.hold(Decision(Reason.LOCKED_OUT, "nobody"), 0.001) == 0.0
+    # A stand-in's lockout still waits what its look-up owes.
+    assert timing.hold(Decision(Reason.LOCKED_OUT, "nobody", owed=0.003), 0.001) == 0.004
 
 
 def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
@@ -76,7 +81,7 @@ def test_a_refusal_at_the_directorys_door_waits_what_the_check_itself_takes():
     timing = CheckTime(random.Random(1))
     timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), 0.010)
     mfa, repeat = Decision(Reason.MFA_REQUIRED, "eve"), Decision(Reason.WRONG_SECRET, "alice")
-    assert timing.hold(mfa, 0.008) == 0.010  # no check's own time measured yet
+    assert timing.hold(mfa, 0.008) == 0.008  # no check's own time measured yet
     timing.refused(0.003)
     assert timing.hold(mfa, 0.008) == 0.011
     assert timing.hold(repeat, 0.007) == 0.010
@@ -142,12 +147,16 @@ def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp
 def test_a_name_with_no_account_also_waits_the_shared_stores_count_it_never_made():
     """With failures counted in a shared store, a real account's guess costs
     a round trip there before its check; a name with no account has no DN to
-    count it under, and waits one drawn from the latest instead."""
+    count it under, and owes one drawn from the latest (the decision adds it
+    for a source whose guesses are counted: Authenticator._decide)."""
     timing = CheckTime(random.Random(1))
+    assert timing.reservation() == 0.0
     timing.hold(Decision(Reason.WRONG_SECRET, "alice", checked=True), 0.010)
     timing.refused(0.003)
     timing.reserved(0.002)
-    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.006
+    owed = timing.reservation()
+    assert owed == 0.002
+    assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody", owed=owed), 0.001) == 0.006
     assert timing.hold(Decision(Reason.MFA_REQUIRED, "eve"), 0.008) == 0.011  # it made the trip
 
 
