@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 
 from proxy.auth import Attempt, Outcome, Reason
 from proxy.auth.bearer import BearerTokens
@@ -142,3 +142,25 @@ def test_oauthbearer_without_a_user_is_the_user_the_token_names(core):
     assert decide(core, "", token(sub=None)).reason is Reason.MALFORMED
     # Only tokens may leave the name out.
     assert decide(core, "", "Primary-Passw0rd", bearer=False).reason is Reason.MALFORMED
+
+
+def test_a_token_for_a_name_with_no_account_waits_a_look_up_that_finds_one(core):
+    """The directory found alice in 3 s, and finds no "nobody" at once: a
+    good token naming nobody is refused when a look-up finding one would
+    have ended, so that the time does not tell who has an account."""
+    def attempt(username):
+        return Attempt(protocol="imap", realm="cloud", username=username,
+                       secret=token(sub=username), client_address="192.0.2.10", tls=True,
+                       bearer=True)
+
+    core.directory.lookup_gate = Deferred()
+    alice = ensureDeferred(core.auth.authenticate(attempt("alice")))
+    core.clock.advance(3)
+    core.directory.lookup_gate.callback(None)
+    core.directory.lookup_gate = None
+    assert alice.result.accepted
+    nobody = ensureDeferred(core.auth.authenticate(attempt("nobody")))
+    core.clock.advance(2.9)
+    assert not nobody.called
+    core.clock.advance(0.2)
+    assert nobody.result.reason is Reason.UNKNOWN_USER
