@@ -193,8 +193,10 @@ class Worker:
 class _Exits(ProcessProtocol):
     def __init__(self, ended: Callable[[int | None, int | None], None]) -> None:
         self._ended = ended
+        self.ended = False
 
     def processEnded(self, reason: Any) -> None:
+        self.ended = True
         self._ended(getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None))
 
 
@@ -243,12 +245,17 @@ class Supervisor:
         worker.pending = None
         worker.ready = False
         worker.starting = True
+        exits = _Exits(lambda code, sig: self._exited(worker, code, sig))
         try:
-            worker.process = self._spawn(worker.index, _Exits(
-                lambda code, sig: self._exited(worker, code, sig)))
+            process = self._spawn(worker.index, exits)
         except Exception:  # out of processes or descriptors: as if it died at once
             log.failure("worker {index}: cannot start a process", index=worker.index)
             self._exited(worker, None, None)
+            return
+        # Twisted reaps a child already gone within spawnProcess, before it
+        # returns: its end has been handled, and it must not count as running.
+        if not exits.ended:
+            worker.process = process
 
     async def _all_ready(self) -> None:
         waits = []

@@ -286,3 +286,32 @@ def test_a_worker_that_cannot_be_spawned_is_tried_again_like_one_that_died():
     assert len(h.spawned) == 2
     h.clock.advance(1.0)  # the next, a second later, starts it
     assert len(h.spawned) == 3 and h.current(1).index == 1
+
+
+def test_a_worker_that_ends_before_its_spawn_returns_is_started_again_not_taken_as_running():
+    """Twisted reaps a child that is already gone within spawnProcess, and
+    tells its protocol before the call returns."""
+    h = Harness(count=2, backoff=Backoff(first=0.5, most=30.0, window=120.0, limit=3))
+    h.started()
+    real = h.spawn
+    early = [True]
+
+    def gone_at_once(index, protocol):
+        process = real(index, protocol)
+        if early:
+            early.pop()
+            process.end(signal=9)
+        return process
+
+    h.supervisor._spawn = gone_at_once
+    h.current(1).end(signal=9)
+    h.clock.advance(0.5)  # started again, and gone before the call returned
+    assert h.current(1).ended and h.supervisor.workers[1].process is None
+    h.clock.advance(1.0)  # so it is started once more, after the doubled delay
+    assert len(h.spawned) == 4 and not h.current(1).ended
+    h.ready(1)
+    assert h.supervisor.workers[1].process is h.current(1)
+    Deferred.fromCoroutine(h.supervisor.stop("SIGTERM received"))
+    h.current(0).end(code=0)
+    h.current(1).end(code=0)
+    assert result(h.supervisor.done) == 0  # nothing left counted as running
