@@ -365,27 +365,34 @@ class Authenticator:
                 return Decision(Reason.DIRECTORY_UNAVAILABLE, typed)
             account, stale = remembered, True
         if account is None:
-            # A name that matches no account goes the way a real account's
-            # wrong secret goes, step by step (the same look-ups, the same
-            # counting), and its answer waits as long as a check would
-            # (authenticate): neither the answer, nor its time, nor the
-            # lockout tells which names exist.
-            decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
-            if self._fleet is not None and self.throttle.source(attempt.client_address):
-                # A real account's guess from such a source is counted in the
-                # shared store first, a round trip this name has no DN for.
-                owed += self._check_time.reservation()
-            if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
-                return Decision(Reason.UNKNOWN_USER, typed, owed=owed)
-            return attrs.evolve(decided, account=None, owed=owed)
+            return await self._stood_in(attempt, Decision(Reason.UNKNOWN_USER, typed),
+                                        app_password_form, owed)
         refused = rules.account_refusal(attempt, account)
         if refused is not None:
             if refused.reason is Reason.ACCOUNT_INACTIVE:
                 self.revocations.revoked(account.username, None, ChangeKind.ACCOUNT_INACTIVE)
-            return refused
+            return await self._stood_in(attempt, refused, app_password_form, owed)
         if self._fleet is not None:
             self._fleet.impose(account)
         return await self._checked(attempt, account, app_password_form, stale)
+
+    async def _stood_in(self, attempt: Attempt, refusal: Decision,
+                        app_password_form: str | None, owed: float) -> Decision:
+        """``refusal``, whatever the secret (no account; one not active, or
+        allowed modern authentication only), after the steps a wrong secret
+        goes, with a stand-in counted under the name as typed, and answered
+        when a check would have ended (:mod:`proxy.auth.timing`): neither the
+        answer, its time nor the lockout tells which names exist."""
+        typed = apppasswords.canonical_username(attempt.username)
+        decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
+        if self._fleet is not None and self.throttle.source(attempt.client_address):
+            # A real account's guess from such a source is counted in the
+            # shared store first, a round trip the stand-in has no DN for.
+            owed += self._check_time.reservation()
+        if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
+            return attrs.evolve(refusal, owed=owed)
+        return attrs.evolve(decided, username=refusal.username, account=refusal.account,
+                            owed=owed)
 
     async def _checked(self, attempt: Attempt, account: Account, app_password_form: str | None,
                        stale: bool) -> Decision:

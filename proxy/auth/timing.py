@@ -13,12 +13,12 @@ real ones:
   (:class:`LookupTime`, ``Decision.owed``): the directory reads a real entry
   and its groups, and finds nothing sooner;
 - a refusal stopped where a wrong password meets the directory, after the
-  same steps up to there (a name with no account, which goes them with a
-  stand-in; a primary password where an app password is needed; a repeat of
-  a recent wrong secret) waits what it owes and what the directory's check
-  itself takes, at its end: one wait, as each ends up to a turn of the
-  event loop late;
-- any other refusal (an account the directory says is not active, say) is
+  same steps up to there (a name with no account, or an account refused
+  whatever the secret, which go them with a stand-in; a primary password
+  where an app password is needed; a repeat of a recent wrong secret) waits
+  what it owes and what the directory's check itself takes, at its end: one
+  wait, as each ends up to a turn of the event loop late;
+- any other refusal (an app password used outside its scope, say) is
   answered no sooner than a whole refusal after a real check took.
 
 Each step is timed as it was gone, so a directory or a host that grows
@@ -41,9 +41,15 @@ from proxy.auth.throttle import Throttle
 
 SAMPLES = 128
 # Refusals decided where a wrong password meets the directory, having gone
-# every step a real account's wrong password goes up to there (a name with
-# no account with a stand-in for it: Authenticator._decide).
-AT_THE_DIRECTORY = frozenset({Reason.MFA_REQUIRED, Reason.WRONG_SECRET, Reason.UNKNOWN_USER})
+# every step a real account's wrong password goes up to there: a name with
+# no account, and an account refused whatever the secret (not active, or
+# allowed modern authentication only), go them with a stand-in
+# (Authenticator._stood_in). A sign-in with an access token checks nothing:
+# its refusals of a name (none, another's, refused anyway) all come right
+# after the look-up.
+AT_THE_DIRECTORY = frozenset({
+    Reason.MFA_REQUIRED, Reason.WRONG_SECRET, Reason.UNKNOWN_USER, Reason.ACCOUNT_INACTIVE,
+    Reason.LEGACY_BLOCKED, Reason.TOKEN_FOR_ANOTHER_USER})
 # The event loop's timers fire in whole milliseconds, rounded up (epoll's
 # timeout): a held answer waits by timer until this long before it is due,
 # then turn by turn, other work going on meanwhile, until it is.

@@ -427,6 +427,21 @@ def test_an_inactive_accounts_refusal_says_why_in_the_audit(core):
     assert event["account_state"] == "password_must_change"
 
 
+def test_an_app_password_tried_while_its_account_is_inactive_works_once_it_is_active_again(core):
+    """A refused account goes a stand-in's steps under its name as typed:
+    the stand-in's store look-up must not leave its real app password
+    remembered as missing."""
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    app = core.admin.create("alice", "phone").secret
+    core.directory.change("alice", active=False)
+    refused = ensureDeferred(core.auth.authenticate(attempt("alice", app)))
+    core.clock.advance(1)  # well within the time a missing key is remembered
+    assert refused.result.reason is Reason.ACCOUNT_INACTIVE
+    core.directory.change("alice", active=True)
+    assert decide(core, "alice", app).reason is Reason.APP_PASSWORD
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""

@@ -26,11 +26,11 @@ def answered_at(core, attempt, seconds):
 
 
 def test_held_for_a_time_drawn_from_checked_refusals():
-    """A refusal no check decided, not at the directory's door (an inactive
-    account), waits as long as a whole checked refusal took, drawn from the
-    latest; a lockout is answered at once."""
+    """A refusal no check decided, not at the directory's door (an app
+    password used outside its scope), waits as long as a whole checked
+    refusal took, drawn from the latest; a lockout is answered at once."""
     timing = CheckTime(random.Random(1))
-    inactive = Decision(Reason.ACCOUNT_INACTIVE, "gone")
+    inactive = Decision(Reason.OUT_OF_SCOPE, "alice")
     assert timing.hold(inactive, 0.001) == 0.0  # nothing measured yet
     for elapsed in (0.010, 0.012, 0.014):
         timing.refused(elapsed - 0.005)
@@ -86,7 +86,13 @@ def test_a_refusal_at_the_directorys_door_waits_what_the_check_itself_takes():
     assert timing.hold(mfa, 0.008) == 0.011
     assert timing.hold(repeat, 0.007) == 0.010
     assert timing.hold(Decision(Reason.UNKNOWN_USER, "nobody"), 0.001) == 0.004
-    assert timing.hold(Decision(Reason.ACCOUNT_INACTIVE, "gone"), 0.001) == 0.010
+    # Refused whatever the secret, after the same steps with a stand-in; and
+    # a token naming another's account, decided right after the look-up as
+    # a token naming no account is.
+    for reason in (Reason.ACCOUNT_INACTIVE, Reason.LEGACY_BLOCKED,
+                   Reason.TOKEN_FOR_ANOTHER_USER):
+        assert timing.hold(Decision(reason, "bob"), 0.001) == 0.004
+    assert timing.hold(Decision(Reason.OUT_OF_SCOPE, "alice"), 0.001) == 0.010
 
 
 def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tmp_path):
@@ -119,6 +125,52 @@ def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tm
     assert not refused.called
     core.clock.advance(0.2)
     assert refused.result.reason is Reason.MFA_REQUIRED
+
+
+def test_an_account_refused_whatever_the_secret_is_answered_and_locked_as_an_unknown_name(
+        tmp_path):
+    """On a clock, with the account cache on: the directory reads an entry
+    in 3 s and checks a wrong password in 2 s; alice's account is cached, so
+    her wrong password takes 2 s in all. An account the directory says is
+    not active, and one allowed modern authentication only, looked up for
+    the first time, are refused right after their 3 s look-up: they then
+    wait the check's 2 s as a name with no account does, not as long as a
+    whole checked refusal of a cached account (answered at once, 3 s in).
+    They go its steps, counted under the name as typed: locked out after as
+    many guesses as an unknown name is."""
+    core = Core(tmp_path)
+    core.build(throttle=ThrottleConfig(account_failures=3, source_delay=0, source_delay_max=0),
+               account_cache=30.0)
+    core.directory.add("alice", PRIMARY)
+    assert ensureDeferred(core.auth.account("alice")).result is not None
+    core.directory.add("gone", PRIMARY)
+    core.directory.change("gone", active=False)
+    core.directory.add("old", PRIMARY, modern_auth_only=True)
+
+    def gated(name, secret, lookup=3.0, check=0.0):
+        core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
+        decided = ensureDeferred(core.auth.authenticate(Attempt(
+            protocol="imap", realm="cloud", username=name, secret=secret,
+            client_address="192.0.2.1", tls=True)))
+        core.clock.advance(lookup)
+        core.directory.lookup_gate.callback(None)
+        core.clock.advance(check)
+        core.directory.gate.callback(None)
+        core.directory.lookup_gate = core.directory.gate = None
+        return decided
+
+    assert gated("alice", "wrong", lookup=0, check=2).result.reason is Reason.WRONG_SECRET
+    for name, reason in (("gone", Reason.ACCOUNT_INACTIVE), ("old", Reason.LEGACY_BLOCKED)):
+        refused = gated(name, PRIMARY)
+        core.clock.advance(1.9)
+        assert not refused.called
+        core.clock.advance(0.2)
+        assert refused.result.reason is reason
+    for i in range(2):
+        guess = gated("gone", f"Guess-{i}")
+        core.clock.advance(3)
+        assert guess.result.reason is Reason.ACCOUNT_INACTIVE
+    assert gated("gone", PRIMARY).result.reason is Reason.LOCKED_OUT
 
 
 def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp_path):
