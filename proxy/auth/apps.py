@@ -70,10 +70,7 @@ class AppPasswords:
         """The account's app password that ``secret`` is (:class:`Found`),
         None if none, or :data:`BUSY`. A name with no account (no DN) is
         looked up all the same, and never found."""
-        # A stand-in (no DN) is looked up under a key no app password has: the
-        # same query, never found, and its miss never taken for the key of a
-        # real account by that name (one refused anyway: not active, say).
-        key = self.key(account.username if account.dn else "\0" + account.username, secret)
+        key = self.key(account.username, secret)
         record = self.successes.get(key) if account.dn else None
         if self.metrics is not None:
             self.metrics.cache("app_password", record is not None)

@@ -64,9 +64,13 @@ __all__ = ["Authenticator", "DirectoryLike"]
 
 
 def _phantom(typed: str) -> Account:
-    """The stand-in for a name that matches no account: no DN (so nothing is
-    ever checked for it, and nothing accepted), counted under its own key."""
-    return Account(dn="", username=typed, active=True, key="unknown:" + typed)
+    """The stand-in for a name that matches no account, or an account refused
+    whatever the secret: no DN (so nothing is ever checked for it, and nothing
+    accepted), counted under its own key, and a store name no account has (a
+    canonical name never begins with a space): its look-ups and what they
+    remember (a missing app password, the user's state) are its own, never a
+    real account's by that name."""
+    return Account(dn="", username=" " + typed, active=True, key="unknown:" + typed)
 
 
 class Authenticator:
@@ -378,18 +382,19 @@ class Authenticator:
 
     async def _stood_in(self, attempt: Attempt, refusal: Decision,
                         app_password_form: str | None, owed: float) -> Decision:
-        """``refusal``, whatever the secret (no account; one not active, or
-        allowed modern authentication only), after the steps a wrong secret
-        goes, with a stand-in counted under the name as typed, and answered
-        when a check would have ended (:mod:`proxy.auth.timing`): neither the
-        answer, its time nor the lockout tells which names exist."""
+        """``refusal`` (no account; one refused whatever the secret) after the
+        steps a wrong secret goes, with a stand-in: neither the answer, its time
+        (:mod:`proxy.auth.timing`) nor the lockout tells which names exist."""
         typed = apppasswords.canonical_username(attempt.username)
         decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
-        if self._fleet is not None and self.throttle.source(attempt.client_address):
-            # A real account's guess from such a source is counted in the
-            # shared store first, a round trip the stand-in has no DN for.
+        if decided.accepted:
+            raise AssertionError("a stand-in was accepted")  # authenticate: busy, logged
+        locked = decided.reason is Reason.LOCKED_OUT
+        if self._fleet is not None and not locked and self.throttle.source(
+                attempt.client_address):
+            # A real account's guess is counted in the shared store first.
             owed += self._check_time.reservation()
-        if decided.outcome is Outcome.REFUSED and decided.reason is not Reason.LOCKED_OUT:
+        if decided.outcome is Outcome.REFUSED and not locked:
             return attrs.evolve(refusal, owed=owed)
         return attrs.evolve(decided, username=refusal.username, account=refusal.account,
                             owed=owed)

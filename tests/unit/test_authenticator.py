@@ -442,6 +442,31 @@ def test_an_app_password_tried_while_its_account_is_inactive_works_once_it_is_ac
     assert decide(core, "alice", app).reason is Reason.APP_PASSWORD
 
 
+def test_a_refused_accounts_stand_in_reads_the_store_as_an_unknown_names_does(core):
+    """With the account cache on, each name's user state is read from the
+    store once: an inactive account's refusal drops its own (it stops the
+    user's sessions), and its stand-in's must not go with it, or each of its
+    tries would make a store read that an unknown name's do not."""
+    core.build(account_cache=30.0)
+    core.directory.add("alice", PRIMARY)
+    core.directory.add("gone", PRIMARY)
+    core.directory.change("gone", active=False)
+    reads: list[str] = []
+    get_user = core.store.get_user
+
+    def counted(username):
+        reads.append(username.strip())
+        return get_user(username)
+
+    core.store.get_user = counted
+    for name in ("alice", "nobody", "gone"):
+        for i in range(3):
+            d = ensureDeferred(core.auth.authenticate(attempt(name, f"Guess-{i}")))
+            core.clock.advance(1)  # within the account cache's time
+            assert not d.result.accepted
+    assert sorted(reads) == ["alice", "gone", "nobody"]
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
