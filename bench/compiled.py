@@ -1,14 +1,28 @@
-"""What compiling the BER codec with mypyc would save a bind, measured:
-``proxy/wire/ber.py`` as it is, built by mypyc into a temporary folder (no
-change to the tree, no extension installed), and the same calls timed on
-both, in memory, best of five.
+"""What compiling the proxy with mypyc would save a bind, measured: the
+modules as they are, built by mypyc into a temporary folder (no change to
+the tree, no extension installed).
 
     .venv/bin/python -m bench.compiled [--rounds 100000]
+    .venv/bin/python -m bench.compiled --core [--turns 3] [--seconds 6]
 
 Needs mypy (its mypyc) and a C compiler: ``.venv/bin/pip install -e
-'.[bench]'`` and Debian's ``gcc``. The calls are a warm LDAP bind's: the
-framer cutting a simple bind out of the stream (with its nesting check), the
-message and the bind read, and the BindResponse made.
+'.[bench]'`` and Debian's ``gcc``.
+
+Without ``--core``: ``proxy/wire/ber.py`` alone, and a warm LDAP bind's
+calls timed on both, in memory, best of five: the framer cutting a simple
+bind out of the stream (with its nesting check), the message and the bind
+read, and the BindResponse made.
+
+With ``--core``: every module of a cached bind's path that mypyc can build
+(:data:`CORE`: the codec, the decision, the throttle, the audit), in a copy
+of the package; then, in turns, interpreted and compiled, ``bench.decision``
+(the decision in memory) and ``bench.profile ldap`` (the daemon's CPU a
+bind under load). attrs classes stay Python classes in the copy (mypyc
+checks a class attribute's value against its type, and ``attrs.field()``
+is a marker until the class is made). The front ends are left out: mypyc
+2.4.1 refuses a compiled class under Twisted's, stops with an internal
+error on a closure in a class left to Python, and with both, writes C
+that does not build.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +41,16 @@ from typing import Any
 
 from bench.harness import best
 
-SOURCE = Path(__file__).resolve().parent.parent / "proxy" / "wire" / "ber.py"
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "proxy" / "wire" / "ber.py"
 NAME = "lapber"
+# A cached bind's modules that mypyc builds (see the module's note).
+CORE = ("proxy/wire/ber.py", "proxy/auth/authenticator.py", "proxy/auth/events.py",
+        "proxy/auth/throttle.py", "proxy/auth/rules.py", "proxy/auth/accounts.py",
+        "proxy/auth/usage.py", "proxy/auth/apps.py", "proxy/apppasswords.py", "proxy/audit.py",
+        "proxy/daemon/auditing.py", "proxy/transports.py")
+_ATTRS_CLASS = re.compile(r"^(\s*)@(attrs|attr)\.(frozen|define|mutable|s)\b", re.M)
+_ATTRS_FIELD = re.compile(r"^(\s+\w+): [^=\n]+? = ((?:attrs|attr)\.(?:field|ib|Factory)\()", re.M)
 
 
 def timings(ber: Any, rounds: int) -> dict[str, float]:
@@ -54,10 +78,7 @@ def build(folder: Path) -> Any:
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(SOURCE, package / "ber.py")
-    mypyc = shutil.which("mypyc", path=str(Path(sys.executable).parent)) or shutil.which("mypyc")
-    if mypyc is None:
-        sys.exit("mypyc not found: .venv/bin/pip install -e '.[bench]'")
-    done = subprocess.run([mypyc, f"{NAME}/ber.py"], cwd=folder, capture_output=True, text=True)
+    done = subprocess.run([_mypyc(), f"{NAME}/ber.py"], cwd=folder, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"mypyc failed:\n{done.stdout}{done.stderr}")
     sys.path.insert(0, str(folder))
@@ -68,10 +89,105 @@ def build(folder: Path) -> Any:
     return module
 
 
+def _mypyc() -> str:
+    mypyc = shutil.which("mypyc", path=str(Path(sys.executable).parent)) or shutil.which("mypyc")
+    if mypyc is None:
+        sys.exit("mypyc not found: .venv/bin/pip install -e '.[bench]'")
+    return mypyc
+
+
+def _python_classes(source: str) -> str:
+    """``source`` with its attrs classes left to Python, their fields typed Any."""
+    if not _ATTRS_CLASS.search(source):
+        return source
+    source = _ATTRS_CLASS.sub(lambda m: f"{m[1]}@_mypyc_attr(native_class=False)\n{m[0]}",
+                              source)
+    source = _ATTRS_FIELD.sub(lambda m: f"{m[1]}: _Any = {m[2]}", source)
+    return source.replace("from __future__ import annotations\n",
+                          "from __future__ import annotations\n\nfrom typing import Any as _Any\n\n"
+                          "from mypy_extensions import mypyc_attr as _mypyc_attr\n", 1)
+
+
+def build_core(folder: Path) -> None:
+    """A copy of the package in ``folder`` with :data:`CORE` built by mypyc,
+    and the benchmarks and tests it needs beside it."""
+    shutil.copytree(ROOT / "proxy", folder / "proxy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("bench", "tests"):
+        (folder / name).symlink_to(ROOT / name)
+    for module in CORE:
+        path = folder / module
+        path.write_text(_python_classes(path.read_text()))
+    done = subprocess.run([_mypyc(), "--follow-imports=silent", "--ignore-missing-imports",
+                           *CORE], cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"mypyc failed:\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+    missing = [m for m in CORE if not list((folder / m).parent.glob(Path(m).stem + ".*.so"))]
+    assert not missing, f"not built: {missing}"
+
+
+def _run(folder: Path, *args: str) -> str:
+    """``python -m <args>`` with ``folder``'s package first on the path
+    (the daemon bench.profile starts inherits it)."""
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    done = subprocess.run([sys.executable, "-m", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed in {folder}:\n"
+                 f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _decision_rows(text: str) -> dict[str, float]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[1].endswith(" µs"):
+            rows[cells[0].strip()] = float(cells[1][:-3])
+    return rows
+
+
+def core(turns: int, seconds: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="lap-mypyc-core-") as name:
+        folder = Path(name)
+        (folder / "interpreted").mkdir()
+        for part in ("proxy", "bench", "tests"):
+            (folder / "interpreted" / part).symlink_to(ROOT / part)
+        build_core(folder / "compiled")
+        sides = {"interpreted": folder / "interpreted", "compiled": folder / "compiled"}
+        decision: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+        cpu: dict[str, list[float]] = {side: [] for side in sides}
+        for turn in range(turns):
+            for side, path in sides.items():
+                decision[side].append(_decision_rows(_run(path, "bench.decision")))
+                out = _run(path, "bench.profile", "ldap", "--seconds", str(seconds))
+                report = json.loads(out[:out.index("\n}\n") + 2])
+                cpu[side].append(report["proxy_cpu_ms"] * 1000)
+                print(f"turn {turn + 1}, {side}: {cpu[side][-1]:.0f} µs CPU a bind", flush=True)
+        print(f"\n| measured | {' | '.join(sides)} |\n| --- | --- | --- |")
+        for row in decision["interpreted"][0]:
+            if "without the fast path" in row:
+                # bench.decision turns the fast path off by replacing the
+                # class's method, which a compiled caller does not look up.
+                continue
+            cells = [", ".join(f"{t[row]:.1f}" for t in decision[side]) + " µs" for side in sides]
+            print(f"| {row} (bench.decision) | {' | '.join(cells)} |")
+        print("| the daemon's CPU a bind (bench.profile ldap) | " + " | ".join(
+            ", ".join(f"{v:.0f}" for v in cpu[side]) + " µs" for side in sides) + " |")
+        print(json.dumps({"decision": decision, "cpu_us": cpu}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=100_000)
+    parser.add_argument("--core", action="store_true",
+                        help="the bind's modules in a copy of the package, in the daemon")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
+    if args.core:
+        core(args.turns, args.seconds)
+        return
     from proxy.wire import ber
 
     with tempfile.TemporaryDirectory(prefix="lap-mypyc-") as folder:

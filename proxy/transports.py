@@ -213,7 +213,7 @@ class AddressEndpoint:
                                   socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)[0]
         self.family, self.address = info[0], info[4]
         self.peer = (IPv6Address if self.family == socket.AF_INET6 else IPv4Address)(
-            "TCP", self.address[0], port)
+            "TCP", str(self.address[0]), port)
 
     def connect(self, factory: Any) -> Deferred[Any]:
         protocol = factory.buildProtocol(self.peer)

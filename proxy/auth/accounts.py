@@ -27,6 +27,8 @@ class DirectoryLike(Protocol):
 
     def answering(self) -> bool: ...
 
+    async def find(self, text: str, limit: int) -> list[str]: ...
+
 
 class Accounts:
     def __init__(self, clock: Any, directory: DirectoryLike, store: Any,
