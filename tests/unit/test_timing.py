@@ -41,6 +41,21 @@ def test_held_for_a_time_drawn_from_checked_refusals():
     assert timing.hold(Decision(Reason.LOCKED_OUT, "nobody", owed=0.003), 0.001) == 0.004
 
 
+def gated(core, name, secret, lookup, check=0.0):
+    """An IMAP sign-in on a cloud listener whose look-up takes ``lookup``
+    seconds of the clock and whose directory check then takes ``check``."""
+    core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
+    decided = ensureDeferred(core.auth.authenticate(Attempt(
+        protocol="imap", realm="cloud", username=name, secret=secret,
+        client_address="192.0.2.1", tls=True)))
+    core.clock.advance(lookup)
+    core.directory.lookup_gate.callback(None)
+    core.clock.advance(check)
+    core.directory.gate.callback(None)
+    core.directory.lookup_gate = core.directory.gate = None
+    return decided
+
+
 def test_an_unknown_name_is_answered_when_a_check_would_have_ended(tmp_path):
     """On a clock: a wrong password checked by the directory in 5 s of the
     clock; an unknown name then waits as long."""
@@ -105,22 +120,8 @@ def test_a_primary_password_where_an_app_password_is_needed_waits_for_a_check(tm
     core.directory.add("alice", PRIMARY)
     core.directory.add("eve", PRIMARY, mfa_enforced=True)
 
-    def attempt(name, secret):
-        return Attempt(protocol="imap", realm="cloud", username=name, secret=secret,
-                       client_address="192.0.2.1", tls=True)
-
-    def gated(name, secret, lookup, check=0.0):
-        core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
-        decided = ensureDeferred(core.auth.authenticate(attempt(name, secret)))
-        core.clock.advance(lookup)
-        core.directory.lookup_gate.callback(None)
-        core.clock.advance(check)
-        core.directory.gate.callback(None)
-        core.directory.lookup_gate = core.directory.gate = None
-        return decided
-
-    assert gated("alice", "wrong", 1, 2).result.reason is Reason.WRONG_SECRET
-    refused = gated("eve", PRIMARY, 3)
+    assert gated(core, "alice", "wrong", 1, 2).result.reason is Reason.WRONG_SECRET
+    refused = gated(core, "eve", PRIMARY, 3)
     core.clock.advance(1.9)
     assert not refused.called
     core.clock.advance(0.2)
@@ -147,30 +148,18 @@ def test_an_account_refused_whatever_the_secret_is_answered_and_locked_as_an_unk
     core.directory.change("gone", active=False)
     core.directory.add("old", PRIMARY, modern_auth_only=True)
 
-    def gated(name, secret, lookup=3.0, check=0.0):
-        core.directory.lookup_gate, core.directory.gate = Deferred(), Deferred()
-        decided = ensureDeferred(core.auth.authenticate(Attempt(
-            protocol="imap", realm="cloud", username=name, secret=secret,
-            client_address="192.0.2.1", tls=True)))
-        core.clock.advance(lookup)
-        core.directory.lookup_gate.callback(None)
-        core.clock.advance(check)
-        core.directory.gate.callback(None)
-        core.directory.lookup_gate = core.directory.gate = None
-        return decided
-
-    assert gated("alice", "wrong", lookup=0, check=2).result.reason is Reason.WRONG_SECRET
+    assert gated(core, "alice", "wrong", 0, 2).result.reason is Reason.WRONG_SECRET
     for name, reason in (("gone", Reason.ACCOUNT_INACTIVE), ("old", Reason.LEGACY_BLOCKED)):
-        refused = gated(name, PRIMARY)
+        refused = gated(core, name, PRIMARY, 3)
         core.clock.advance(1.9)
         assert not refused.called
         core.clock.advance(0.2)
         assert refused.result.reason is reason
     for i in range(2):
-        guess = gated("gone", f"Guess-{i}")
+        guess = gated(core, "gone", f"Guess-{i}", 3)
         core.clock.advance(3)
         assert guess.result.reason is Reason.ACCOUNT_INACTIVE
-    assert gated("gone", PRIMARY).result.reason is Reason.LOCKED_OUT
+    assert gated(core, "gone", PRIMARY, 3).result.reason is Reason.LOCKED_OUT
 
 
 def test_a_look_up_that_finds_no_account_takes_as_long_as_one_that_found_one(tmp_path):
