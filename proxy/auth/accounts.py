@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from proxy.auth.cache import LRU
-from proxy.auth.timing import LookupTime
+from proxy.auth.timing import LookupTime, name_form
 from proxy.config import DirectoryConfig
 from proxy.directory import Account
 
@@ -71,8 +71,8 @@ class Accounts:
             if named is not None and named[0] is not None:
                 self._known.pop(named[0])  # deleted: gone under every name
             self._names.put(name, (None, now))
-            return None, self.lookup_time.owed(spent)
-        self.lookup_time.found(spent)
+            return None, self.lookup_time.owed(spent, name_form(name))
+        self.lookup_time.found(spent, name_form(name))
         self._names.put(name, (account.key, now))
         self._known.put(account.key, (account, now))
         return account, 0.0

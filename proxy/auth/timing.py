@@ -9,9 +9,9 @@ names are accounts. So each step that a real account's wrong password takes
 and such a refusal does not is made to take as long, drawn from the latest
 real ones:
 
-- a look-up that finds no account owes the time one that found one took
-  (:class:`LookupTime`, ``Decision.owed``): the directory reads a real entry
-  and its groups, and finds nothing sooner;
+- a look-up that finds no account owes the time one that found one took,
+  of a name of the same form (:class:`LookupTime`, ``Decision.owed``): the
+  directory reads a real entry and its groups, and finds nothing sooner;
 - a refusal stopped where a wrong password meets the directory, after the
   same steps up to there (a name with no account, or an account refused
   whatever the secret, which go them with a stand-in; a primary password
@@ -73,23 +73,37 @@ async def wait(clock: Any, seconds: float) -> None:
         last = now
 
 
+def name_form(name: str) -> str:
+    """Which of the directory's look-ups a name as typed takes: a DN (``=``
+    in it) is read as that entry and then found again by its user name, two
+    searches where a user name or mail address takes one. A name of another
+    form in one of them is so for a real account and a missing one alike."""
+    return "dn" if "=" in name else "name"
+
+
 class LookupTime:
     """How long the directory took to find an account, of the latest look-ups
-    that found one: a refusal after one that found none waits the rest."""
+    that found one, by the form of the name (:func:`name_form`): a refusal
+    after one that found none waits the rest of one of the same form."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._times: deque[float] = deque(maxlen=SAMPLES)
+        self._times: dict[str, deque[float]] = {}
         self._random = rng or random.Random()
 
-    def found(self, seconds: float) -> None:
-        self._times.append(seconds)
+    def found(self, seconds: float, form: str = "name") -> None:
+        times = self._times.get(form)
+        if times is None:
+            times = self._times[form] = deque(maxlen=SAMPLES)
+        times.append(seconds)
 
-    def owed(self, seconds: float) -> float:
+    def owed(self, seconds: float, form: str = "name") -> float:
         """A look-up found no account in ``seconds``: how much longer one
-        that found one would have taken, drawn from the latest."""
-        if not self._times:
+        that found one would have taken, drawn from the latest of the same
+        form (of any, while there is none of it yet)."""
+        times = self._times.get(form) or next((t for t in self._times.values() if t), None)
+        if not times:
             return 0.0
-        return max(self._random.choice(self._times) - seconds, 0.0)
+        return max(self._random.choice(times) - seconds, 0.0)
 
 
 class CheckTime:

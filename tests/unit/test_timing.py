@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 
 from proxy.auth import Attempt, Decision, Reason
 from proxy.config import ThrottleConfig
-from proxy.auth.timing import TIMER_GRAIN, CheckTime, wait
-from tests.unit.fakes import Core
+from proxy.auth.timing import TIMER_GRAIN, CheckTime, LookupTime, name_form, wait
+from tests.unit.fakes import PEOPLE, Core
 
 PRIMARY = "Primary-Passw0rd"
 
@@ -251,3 +251,37 @@ def test_with_the_account_cache_answers_from_memory_are_neither_held_nor_drawn_f
     assert first.called
     again = ensureDeferred(core.auth.authenticate(attempt("nobody", "wrong-again")))
     assert again.called  # "no account", from the cache: nothing to hold
+
+
+def test_a_missing_name_owes_a_look_up_of_a_name_of_its_own_form(tmp_path):
+    """On a clock: the directory finds alice by user name in 1 s, and by DN
+    (her entry, then found again by her name) in 3 s. A DN that matches no
+    account then owes the 3 s, a user name the 1 s, however many of the
+    other form were looked up meanwhile."""
+    core = Core(tmp_path)
+    core.build()
+    core.directory.add("alice", PRIMARY)
+    for i in range(5):
+        gated(core, "alice", f"wrong-{i}", 1)
+    gated(core, f"uid=alice,{PEOPLE}", "wrong", 3)
+    for i in range(3):
+        missing = gated(core, f"uid=nobody{i},{PEOPLE}", "wrong", 0)
+        core.clock.advance(2.9)
+        assert not missing.called
+        core.clock.advance(0.2)
+        assert missing.result.reason is Reason.UNKNOWN_USER
+    missing = gated(core, "nobody", "wrong", 0)
+    core.clock.advance(1.1)
+    assert missing.result.reason is Reason.UNKNOWN_USER
+
+
+def test_look_up_times_are_drawn_by_the_form_of_the_name():
+    times = LookupTime(random.Random(1))
+    assert times.owed(0.001, "dn") == 0.0  # nothing measured yet
+    times.found(0.004, "name")
+    assert times.owed(0.001, "dn") == 0.003  # none of its own form yet: any
+    times.found(0.009, "dn")
+    assert {times.owed(0.001, "dn") for _ in range(20)} == {0.008}
+    assert {times.owed(0.001, "name") for _ in range(20)} == {0.003}
+    assert [name_form(n) for n in ("alice", "alice@example.test", "uid=alice,ou=people")] \
+        == ["name", "name", "dn"]
