@@ -227,6 +227,8 @@ class Supervisor:
     async def start(self) -> None:
         """Every worker started and ready; :class:`Failed` if one exits first."""
         for worker in self.workers:
+            if self.stopping:  # one ended as it was spawned: the rest are not
+                break
             self._start(worker)
         await self._all_ready()
         if self.stopping:  # one could not start: the others are stopping
@@ -250,7 +252,8 @@ class Supervisor:
             process = self._spawn(worker.index, exits)
         except Exception:  # out of processes or descriptors: as if it died at once
             log.failure("worker {index}: cannot start a process", index=worker.index)
-            self._exited(worker, None, None)
+            if not exits.ended:  # (or its end was heard before the failure)
+                self._exited(worker, None, None)
             return
         # Twisted reaps a child already gone within spawnProcess, before it
         # returns: its end has been handled, and it must not count as running.

@@ -315,3 +315,26 @@ def test_a_worker_that_ends_before_its_spawn_returns_is_started_again_not_taken_
     h.current(0).end(code=0)
     h.current(1).end(code=0)
     assert result(h.supervisor.done) == 0  # nothing left counted as running
+
+
+def test_a_worker_that_ends_as_the_first_start_spawns_it_stops_the_start_there():
+    """Its end heard within the spawn (exit code 78: the config is wrong):
+    the supervisor stops, and spawns none of the others after it."""
+    h = Harness(count=3)
+
+    def gone_at_once(index, protocol):
+        process = FakeProcess(index, protocol)
+        h.spawned.append(process)
+        process.end(code=78)
+        return process
+
+    h.supervisor._spawn = gone_at_once
+    d = Deferred.fromCoroutine(h.supervisor.start())
+    assert len(h.spawned) == 1
+    try:
+        result(d)
+    except Failed as e:
+        assert e.code == 78
+    else:
+        raise AssertionError("start did not fail")
+    assert result(h.supervisor.done) == 78
