@@ -6,7 +6,8 @@ the tree, no extension installed).
     .venv/bin/python -m bench.compiled --core [--turns 3] [--seconds 6]
 
 Needs mypy (its mypyc) and a C compiler: ``.venv/bin/pip install -e
-'.[bench]'`` and Debian's ``gcc``.
+'.[bench]'`` and Debian's ``gcc``; ``--core`` also what ``bench.profile``
+needs (slapd and Dovecot, as ``./tests/run`` installs them, and py-spy).
 
 Without ``--core``: ``proxy/wire/ber.py`` alone, and a warm LDAP bind's
 calls timed on both, in memory, best of five: the framer cutting a simple
