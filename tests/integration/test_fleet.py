@@ -347,7 +347,9 @@ def test_two_processes_serve_one_port_and_share_the_lockouts(slapd, dovecot, uni
             assert plain_login(secret)
         assert plain_login("wrong-0") is False
         served = [d.log().count(f"user={uid} ") for d in processes]
-        for n in range(1, 8):
+        # The kernel picks a process for each connection by a hash of its
+        # addresses: eight in a row went to one of two, 1 time in 128.
+        for n in range(1, 40):
             assert plain_login(f"wrong-{n}") is False
             served = [d.log().count(f"user={uid} ") for d in processes]
             if all(served) and sum(served) >= 4:
