@@ -78,6 +78,15 @@ def result(d: Deferred):
     return out[0]
 
 
+def start_failure(d: Deferred) -> int:
+    """The exit code ``start()`` failed with."""
+    try:
+        result(d)
+    except Failed as e:
+        return e.code
+    raise AssertionError("start did not fail")
+
+
 def test_ready_when_every_worker_is():
     h = Harness(count=3)
     d = Deferred.fromCoroutine(h.supervisor.start())
@@ -98,12 +107,7 @@ def test_a_worker_that_cannot_start_stops_the_others_and_its_exit_code_is_the_su
     assert h.current(1).signals == ["TERM"]
     assert not d.called  # the other stops as it would alone
     h.current(1).end(code=0)
-    try:
-        result(d)
-    except Failed as e:
-        assert e.code == 78
-    else:
-        raise AssertionError("start did not fail")
+    assert start_failure(d) == 78
     assert len(h.spawned) == 2  # nothing started again
     assert result(h.supervisor.done) == 78
 
@@ -331,10 +335,5 @@ def test_a_worker_that_ends_as_the_first_start_spawns_it_stops_the_start_there()
     h.supervisor._spawn = gone_at_once
     d = Deferred.fromCoroutine(h.supervisor.start())
     assert len(h.spawned) == 1
-    try:
-        result(d)
-    except Failed as e:
-        assert e.code == 78
-    else:
-        raise AssertionError("start did not fail")
+    assert start_failure(d) == 78
     assert result(h.supervisor.done) == 78
