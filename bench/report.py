@@ -43,6 +43,27 @@ def _fmt(figure: dict[str, float], unit: str = "", digits: int = 0) -> str:
             f"({figure['min']:.{digits}f}–{figure['max']:.{digits}f})")
 
 
+def floors(results: dict[str, Any], kind: str, nginx: dict[str, Any] | None) -> str:
+    """CPU a login, run by run: the proxy, plain Twisted driven as the
+    proxy drives it, a bare epoll loop, and nginx when it ran."""
+    said = []
+    for name, key in (("proxy", "proxy"), ("Twisted floor", "floor_twisted"),
+                      ("raw Python floor", "floor_raw")):
+        runs = results[f"warm_{kind}_{key}"]["runs"]
+        said.append(f"{name} {_span([r['server_cpu_ms'] for r in runs])} ms")
+    if nginx is not None:
+        said.append(f"nginx {_span([r['server_cpu_ms'] for r in nginx['runs']])} ms")
+    return "; ".join(said)
+
+
+def floor_verdict(floor: dict[str, Any], target: float) -> str:
+    """Whether a CPU target (ms a login) is within reach of a server built
+    on Twisted: not when Twisted's floor alone is above it in every run."""
+    if floor["server_cpu_ms_per_login"]["min"] > target:
+        return "out of reach on Twisted: its floor alone is above the target in every run"
+    return "Twisted's floor is within it in some run"
+
+
 def table(results: dict[str, Any]) -> str:
     rows = ["| scenario | measured (median, min–max) | target | result |", "| --- | --- | --- | --- |"]
 
@@ -87,6 +108,10 @@ def table(results: dict[str, Any]) -> str:
             row(f"3. warm {kind.upper()} logins: proxy CPU a login",
                 f"{_span([r['server_cpu_ms'] for r in proxy['runs']])} ms", "≤ 0.6 ms in every run",
                 cpu["max"] <= 0.6)
+            if f"warm_{kind}_floor_twisted" in results:
+                row(f"3. warm {kind.upper()} logins: CPU a login beside Python's floors "
+                    "(bench/floor.py)", floors(results, kind, nginx), "≤ 0.6 ms in every run",
+                    floor_verdict(results[f"warm_{kind}_floor_twisted"], 0.6))
     if "ldap_binds_proxy" in results:
         proxy = results["ldap_binds_proxy"]
         row("3b. warm LDAP binds, persistent connections",
@@ -96,7 +121,11 @@ def table(results: dict[str, Any]) -> str:
             + ("; CPU a bind: proxy " + _fmt(proxy["server_cpu_us_per_bind"], " µs")
                + ", slapd " + _fmt(results["ldap_binds_slapd"]["server_cpu_us_per_bind"], " µs")
                + ", ldaptor " + _fmt(results["ldap_binds_ldaptor"]["server_cpu_us_per_bind"], " µs")
-               if "server_cpu_us_per_bind" in proxy else ""),
+               if "server_cpu_us_per_bind" in proxy else "")
+            + ("; raw Python floor (bench/floor.py) "
+               + _fmt(results["ldap_binds_floor"]["rate"], "/s") + ", "
+               + _fmt(results["ldap_binds_floor"]["server_cpu_us_per_bind"], " µs") + " a bind"
+               if "ldap_binds_floor" in results else ""),
             "≥ 1.0 of slapd", proxy["ratio_to_slapd"] >= 1.0)
     if "fairness_under_flood" in results:
         flooded, quiet = results["fairness_under_flood"], results["fairness_quiet"]

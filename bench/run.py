@@ -172,12 +172,25 @@ class Bench:
         """3. Warm logins over IMAP and SMTP: directly to Dovecot, through the
         proxy and through nginx's mail proxy, one after the other in every
         repeat, with the CPU each server spent a login (/proc/PID/stat)."""
+        from bench import floor
         from bench.cpu import group_cpu_seconds, process_cpu_seconds
 
         nginx = self.peer()
         direct = [(uid, PASSWORD) for uid in self.users]
         proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
         dovecot = self.dovecot._process.pid
+        floors = {name: floor.start(f"imap-{name}", self.dovecot.imap_port)
+                  for name in ("raw", "twisted")}
+        try:
+            self._warm(daemon, nginx, direct, proxied, dovecot, floors)
+        finally:
+            for process, _ in floors.values():
+                floor.stop(process)
+
+    def _warm(self, daemon: Any, nginx: Any, direct: list[tuple[str, str]],
+              proxied: list[tuple[str, str]], dovecot: int, floors: dict[str, Any]) -> None:
+        from bench.cpu import group_cpu_seconds, process_cpu_seconds
+
         for kind, backend_port in (("imap", self.dovecot.imap_port),
                                    ("smtp", self.dovecot.submission_port)):
             paths = {"direct": (backend_port, direct, None),
@@ -186,6 +199,10 @@ class Bench:
             if nginx is not None:
                 port = nginx.port if kind == "imap" else nginx.smtp_port
                 paths["nginx"] = (port, direct, lambda: group_cpu_seconds(nginx.process.pid))
+            if kind == "imap":  # what CPython costs a login at least (bench/floor.py)
+                for name, (process, port) in floors.items():
+                    paths[f"floor_{name}"] = (port, direct,
+                                              lambda pid=process.pid: process_cpu_seconds(pid))
             for port, credentials, _ in paths.values():  # fill caches, start processes
                 load(kind, port, credentials, connections=8, seconds=1)
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
@@ -218,17 +235,22 @@ class Bench:
         each server's CPU a bind."""
         from bench.cpu import process_cpu_seconds
 
+        from bench import floor
+
         accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
                                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        bare, bare_port = floor.start("ldap-raw")
         try:
             port = int(accept_all.stdout.readline())
             direct = [(self.slapd.user_dn(uid), PASSWORD) for uid in self.users]
             proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
             load("ldap", daemon.ports["ldap"], proxied, connections=8, seconds=1)
-            runs: dict[str, list[dict[str, Any]]] = {"slapd": [], "proxy": [], "ldaptor": []}
+            runs: dict[str, list[dict[str, Any]]] = {"slapd": [], "proxy": [], "ldaptor": [],
+                                                     "floor": []}
             servers = {"slapd": (self.slapd.port, direct, self.slapd._process.pid),
                        "proxy": (daemon.ports["ldap"], proxied, daemon.process.pid),
-                       "ldaptor": (port, direct, accept_all.pid)}
+                       "ldaptor": (port, direct, accept_all.pid),
+                       "floor": (bare_port, direct, bare.pid)}
             for _ in range(self.repeat):
                 for name, (server_port, credentials, pid) in servers.items():
                     before = process_cpu_seconds(pid)
@@ -240,6 +262,7 @@ class Bench:
         finally:
             accept_all.terminate()
             accept_all.wait()
+            floor.stop(bare)
         for name, values in runs.items():
             figure = self.measure(f"ldap_binds_{name}", values)
             figure["server_cpu_us_per_bind"] = summary([r["server_cpu_us"] for r in values])
