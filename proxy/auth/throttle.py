@@ -39,6 +39,8 @@ from proxy.wire import addresses
 
 FAMILIAR_SOURCES = 16
 MAX_TRACKED = 200_000
+# Entries of the list of locked accounts before its expired ones go unread.
+PRUNE_LOCKED = 1024
 # App passwords one person may make in a minute: each costs an argon2 hash.
 CREATIONS_PER_MINUTE = 10
 MAX_CREATORS = 10_000
@@ -122,9 +124,11 @@ class Throttle:
         self._unknown: LRU[str, _Account] = LRU(MAX_TRACKED, _Account)
         self._sources: LRU[str, _Source] = LRU(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
-        self._lockouts: dict[int, float] = {}  # id of a locked bucket → until when
-        # Accounts with a lockout, → until when (the help desk's list of them).
+        # Accounts with a lockout, → until when (the help desk's list of them,
+        # and the lockouts gauge). Its expired entries go when it is read,
+        # or when it has doubled since they last went.
         self._locked: dict[str, float] = {}
+        self._prune_at = PRUNE_LOCKED
         self._order = itertools.count(1)
         self._alone: set[str] = set()  # accounts with a check that must run alone
         # Recent creations of app passwords, by who made them (an actor).
@@ -198,7 +202,6 @@ class Throttle:
         if until > bucket.locked_until:
             bucket.locked_until = until
             bucket.failures.clear()
-            self._lockouts[id(bucket)] = until
             self._note_locked(account, until)
 
     def forget(self, account: str) -> None:
@@ -206,8 +209,6 @@ class Throttle:
         state = self._table(account).peek(account)
         if state is None:
             return
-        for bucket in state.buckets.values():
-            self._lockouts.pop(id(bucket), None)
         state.buckets = {True: _Bucket(), False: _Bucket()}
         self._locked.pop(account, None)
 
@@ -315,24 +316,30 @@ class Throttle:
         bucket.failures[digest] = _Failure(now, next(self._order), source)
         if self.on_failure is not None and share:
             self.on_failure(account, familiar, digest, now)
-        if not self._lock_if_full(bucket, now):
-            return False
-        self._note_locked(account, bucket.locked_until)
-        return True
+        return self._lock_if_full(account, bucket, now)
 
     def _note_locked(self, account: str, until: float) -> None:
-        # Names that match no account are not listed: spraying them cannot
-        # grow the list.
-        if not account.startswith("unknown:"):
-            self._locked[account] = max(until, self._locked.get(account, 0.0))
+        # Names that match no account (and the stand-ins of accounts refused
+        # whatever the secret) are not listed: spraying them cannot grow the
+        # list, nor show in the gauge as accounts locked.
+        if account.startswith("unknown:"):
+            return
+        self._locked[account] = max(until, self._locked.get(account, 0.0))
+        if len(self._locked) >= self._prune_at:
+            self._prune(self._clock())
+            self._prune_at = max(PRUNE_LOCKED, 2 * len(self._locked))
 
-    def _lock_if_full(self, bucket: _Bucket, now: float) -> bool:
+    def _prune(self, now: float) -> None:
+        for account in [a for a, until in self._locked.items() if until <= now]:
+            del self._locked[account]
+
+    def _lock_if_full(self, account: str, bucket: _Bucket, now: float) -> bool:
         if len(bucket.failures) < self.config.account_failures:
             return False
         bucket.locked_until = now + lockout_length(self.config, bucket.lockouts)
         bucket.lockouts += 1
-        self._lockouts[id(bucket)] = bucket.locked_until
         bucket.failures.clear()
+        self._note_locked(account, bucket.locked_until)
         return True
 
     @contextlib.contextmanager
@@ -351,11 +358,10 @@ class Throttle:
             self._alone.discard(account)
 
     def lockouts_in_force(self) -> int:
-        """Accounts (or their familiar or other places) locked now."""
-        now = self._clock()
-        for key in [k for k, until in self._lockouts.items() if until <= now]:
-            del self._lockouts[key]
-        return len(self._lockouts)
+        """Accounts locked now, at their familiar places or elsewhere (as
+        the help desk lists them)."""
+        self._prune(self._clock())
+        return len(self._locked)
 
     # -- making app passwords ---------------------------------------------------------
 
@@ -379,8 +385,7 @@ class Throttle:
         """The accounts locked now (somewhere: their familiar places or the
         rest) and the seconds each stays locked, longest first."""
         now = self._clock()
-        for account in [a for a, until in self._locked.items() if until <= now]:
-            del self._locked[account]
+        self._prune(now)
         return sorted(((a, until - now) for a, until in self._locked.items()),
                       key=lambda pair: -pair[1])
 
@@ -409,7 +414,6 @@ class Throttle:
             if not home.failures and not home.lockouts and not home.recent:
                 return  # nothing to forgive (a device signing in, again and again)
             kept = {d: f for d, f in home.failures.items() if f.order > since}
-            self._lockouts.pop(id(home), None)
             state.buckets[True] = _Bucket(
                 failures=kept,
                 recent=deque(d for d in home.recent if d in kept),
@@ -424,4 +428,4 @@ class Throttle:
                 if failure.source == source and failure.order > since:
                     home.failures.setdefault(digest, failure)
             if home.locked_until <= now:
-                self._lock_if_full(home, now)
+                self._lock_if_full(account, home, now)

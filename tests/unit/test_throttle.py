@@ -212,3 +212,33 @@ def test_app_password_creations_are_paced_per_actor(throttle, clock):
     assert not throttle.may_create("portal:alice")  # a refusal is not counted, nor lets one through
     clock.advance(1)
     assert throttle.may_create("portal:alice")
+
+
+def test_the_lockouts_gauge_counts_accounts_locked_as_the_help_desk_lists_them(throttle, clock):
+    throttle.succeeded("alice", HOME)
+    fail_distinct(throttle, 10, account="alice")  # elsewhere...
+    fail_distinct(throttle, 10, source=HOME, account="alice")  # ...and at home: one account
+    fail_distinct(throttle, 10, account="unknown:mallory")  # no account: not one of them
+    throttle.impose("unknown:trudy", False, clock.seconds() + 30)
+    assert throttle.lockouts_in_force() == 1
+    clock.advance(60)
+    assert throttle.lockouts_in_force() == 0
+
+
+def test_guesses_that_fill_a_new_familiar_place_lock_it_and_list_the_account(throttle):
+    throttle.succeeded("alice", HOME)
+    fail_distinct(throttle, 5, source=HOME, prefix="home")
+    since = throttle.reserve("alice", ATTACKER, "right").order
+    fail_distinct(throttle, 5, source=ATTACKER)  # guesses beside the sign-in...
+    throttle.succeeded("alice", ATTACKER, since)  # ...go with the place it makes familiar
+    assert throttle.locked("alice", ATTACKER) == 60
+    assert throttle.locked_accounts() == [("alice", 60)]
+    assert throttle.lockouts_in_force() == 1
+
+
+def test_expired_lockouts_go_even_when_nobody_reads_the_list(throttle, clock):
+    for i in range(5000):
+        fail_distinct(throttle, 10, account=f"user{i}")
+        clock.advance(1)  # each lockout over a minute later
+    assert len(throttle._locked) < 2 * 1024  # noqa: SLF001 (what is kept, not what is said)
+    assert throttle.lockouts_in_force() == 59  # those of the last minute
