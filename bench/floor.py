@@ -4,6 +4,7 @@ to set the proxy's CPU beside what CPython itself costs on this host.
     .venv/bin/python -m bench.floor imap-raw BACKEND_PORT
     .venv/bin/python -m bench.floor imap-twisted BACKEND_PORT
     .venv/bin/python -m bench.floor ldap-raw
+    .venv/bin/python -m bench.floor ldap-twisted
 
 Each prints its port, then serves until terminated. None decides anything,
 audits, counts, times out or speaks TLS; none is a server to run.
@@ -26,7 +27,8 @@ the proxy's own work (its decision, audit, limits, timers and sessions).
 
 ``ldap-raw`` answers every simple bind with success from ``select.epoll``
 and slicing of the BER frame: ldaptor's bare server (bench/ldaptor_server.py)
-without its codec and its protocol classes.
+without its codec and its protocol classes. ``ldap-twisted`` does the same
+in a plain Twisted protocol, driven as the proxy drives Twisted.
 """
 
 from __future__ import annotations
@@ -331,6 +333,33 @@ def stop(process: subprocess.Popen[str]) -> None:
     process.wait()
 
 
+def ldap_twisted() -> None:
+    from proxy.reactor import install
+
+    reactor = install()
+    from twisted.internet.protocol import Factory, Protocol
+
+    from proxy.transports import hang_up, write_now
+
+    class Binds(Protocol):
+        def __init__(self) -> None:
+            self.buffer = bytearray()
+
+        def dataReceived(self, data: bytes) -> None:
+            self.buffer += data
+            answers = [_bind_answer(frame) for frame in _frames(self.buffer)]
+            if None in answers:
+                hang_up(self.transport, reactor)
+            elif answers:
+                write_now(self.transport, b"".join(answers))  # type: ignore[arg-type]
+
+    factory = Factory.forProtocol(Binds)
+    factory.noisy = False
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
 def main() -> None:
     kind = sys.argv[1]
     if kind == "imap-raw":
@@ -339,8 +368,11 @@ def main() -> None:
         imap_twisted(int(sys.argv[2]))
     elif kind == "ldap-raw":
         ldap_raw()
+    elif kind == "ldap-twisted":
+        ldap_twisted()
     else:
-        sys.exit(f"usage: python -m bench.floor imap-raw|imap-twisted PORT | ldap-raw; not {kind}")
+        sys.exit("usage: python -m bench.floor imap-raw|imap-twisted PORT | ldap-raw|ldap-twisted;"
+                 f" not {kind}")
 
 
 if __name__ == "__main__":

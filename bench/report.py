@@ -122,10 +122,11 @@ def table(results: dict[str, Any]) -> str:
                + ", slapd " + _fmt(results["ldap_binds_slapd"]["server_cpu_us_per_bind"], " µs")
                + ", ldaptor " + _fmt(results["ldap_binds_ldaptor"]["server_cpu_us_per_bind"], " µs")
                if "server_cpu_us_per_bind" in proxy else "")
-            + ("; raw Python floor (bench/floor.py) "
-               + _fmt(results["ldap_binds_floor"]["rate"], "/s") + ", "
-               + _fmt(results["ldap_binds_floor"]["server_cpu_us_per_bind"], " µs") + " a bind"
-               if "ldap_binds_floor" in results else ""),
+            + "".join(f"; {label} (bench/floor.py) {_fmt(results[key]['rate'], '/s')}, "
+                      f"{_fmt(results[key]['server_cpu_us_per_bind'], ' µs')} a bind"
+                      for label, key in (("Twisted floor", "ldap_binds_floor_twisted"),
+                                         ("raw Python floor", "ldap_binds_floor_raw"))
+                      if key in results),
             "≥ 1.0 of slapd", proxy["ratio_to_slapd"] >= 1.0)
     if "fairness_under_flood" in results:
         flooded, quiet = results["fairness_under_flood"], results["fairness_quiet"]

@@ -239,18 +239,18 @@ class Bench:
 
         accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
                                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        bare, bare_port = floor.start("ldap-raw")
+        floors = {name: floor.start(f"ldap-{name}") for name in ("raw", "twisted")}
         try:
             port = int(accept_all.stdout.readline())
             direct = [(self.slapd.user_dn(uid), PASSWORD) for uid in self.users]
             proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
             load("ldap", daemon.ports["ldap"], proxied, connections=8, seconds=1)
-            runs: dict[str, list[dict[str, Any]]] = {"slapd": [], "proxy": [], "ldaptor": [],
-                                                     "floor": []}
             servers = {"slapd": (self.slapd.port, direct, self.slapd._process.pid),
                        "proxy": (daemon.ports["ldap"], proxied, daemon.process.pid),
                        "ldaptor": (port, direct, accept_all.pid),
-                       "floor": (bare_port, direct, bare.pid)}
+                       **{f"floor_{name}": (floor_port, direct, process.pid)
+                          for name, (process, floor_port) in floors.items()}}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
             for _ in range(self.repeat):
                 for name, (server_port, credentials, pid) in servers.items():
                     before = process_cpu_seconds(pid)
@@ -262,7 +262,8 @@ class Bench:
         finally:
             accept_all.terminate()
             accept_all.wait()
-            floor.stop(bare)
+            for process, _ in floors.values():
+                floor.stop(process)
         for name, values in runs.items():
             figure = self.measure(f"ldap_binds_{name}", values)
             figure["server_cpu_us_per_bind"] = summary([r["server_cpu_us"] for r in values])
