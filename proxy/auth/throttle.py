@@ -124,9 +124,9 @@ class Throttle:
         self._unknown: LRU[str, _Account] = LRU(MAX_TRACKED, _Account)
         self._sources: LRU[str, _Source] = LRU(MAX_TRACKED, _Source)
         self._sources_of: dict[str, str | None] = {}  # address → source, parsed once
-        # Accounts with a lockout, → until when (the help desk's list of them,
-        # and the lockouts gauge). Its expired entries go when it is read,
-        # or when it has doubled since they last went.
+        # Accounts with a lockout, → until when (the help desk's list of
+        # them). Expired entries go when it is read, and as it grows: when it
+        # has twice the entries left after they last went (PRUNE_LOCKED at least).
         self._locked: dict[str, float] = {}
         self._prune_at = PRUNE_LOCKED
         self._order = itertools.count(1)
@@ -206,11 +206,10 @@ class Throttle:
 
     def forget(self, account: str) -> None:
         """Lift the account's lockouts and forget its failures (the help desk)."""
+        self._locked.pop(account, None)  # listed even if its counts were let go since
         state = self._table(account).peek(account)
-        if state is None:
-            return
-        state.buckets = {True: _Bucket(), False: _Bucket()}
-        self._locked.pop(account, None)
+        if state is not None:
+            state.buckets = {True: _Bucket(), False: _Bucket()}
 
     def recently_failed(self, account: str, address: str, secret: str) -> bool:
         """Whether ``secret`` is one of the account's last wrong ones from this
@@ -336,7 +335,10 @@ class Throttle:
     def _lock_if_full(self, account: str, bucket: _Bucket, now: float) -> bool:
         if len(bucket.failures) < self.config.account_failures:
             return False
-        bucket.locked_until = now + lockout_length(self.config, bucket.lockouts)
+        # Never shorter than a lockout already in force (one another process
+        # imposed, while checks begun before it refilled the count).
+        bucket.locked_until = max(bucket.locked_until,
+                                  now + lockout_length(self.config, bucket.lockouts))
         bucket.lockouts += 1
         bucket.failures.clear()
         self._note_locked(account, bucket.locked_until)
@@ -356,12 +358,6 @@ class Throttle:
             yield True
         finally:
             self._alone.discard(account)
-
-    def lockouts_in_force(self) -> int:
-        """Accounts locked now, at their familiar places or elsewhere (as
-        the help desk lists them)."""
-        self._prune(self._clock())
-        return len(self._locked)
 
     # -- making app passwords ---------------------------------------------------------
 

@@ -99,8 +99,8 @@ class StateMetrics:
         if parts is not None:
             yield gauge("directory_up", "1 if the directory answered when last asked", [],
                         [([], 1 if parts.directory.up() else 0)])
-            yield gauge("lockouts", "Account lockouts in force", [],
-                        [([], parts.authenticator.throttle.lockouts_in_force())])
+            yield gauge("lockouts", "Users locked out now, as the help desk lists them", [],
+                        [([], len(parts.authenticator.lockouts.locked_out()))])
             yield gauge("change_feed_position",
                         "The last change of the store's feed this node has applied", [],
                         [([], parts.authenticator.feed.position)])

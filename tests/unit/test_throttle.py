@@ -214,15 +214,15 @@ def test_app_password_creations_are_paced_per_actor(throttle, clock):
     assert throttle.may_create("portal:alice")
 
 
-def test_the_lockouts_gauge_counts_accounts_locked_as_the_help_desk_lists_them(throttle, clock):
+def test_the_help_desk_lists_accounts_not_places_nor_names_with_no_account(throttle, clock):
     throttle.succeeded("alice", HOME)
     fail_distinct(throttle, 10, account="alice")  # elsewhere...
     fail_distinct(throttle, 10, source=HOME, account="alice")  # ...and at home: one account
     fail_distinct(throttle, 10, account="unknown:mallory")  # no account: not one of them
     throttle.impose("unknown:trudy", False, clock.seconds() + 30)
-    assert throttle.lockouts_in_force() == 1
+    assert throttle.locked_accounts() == [("alice", 60)]
     clock.advance(60)
-    assert throttle.lockouts_in_force() == 0
+    assert throttle.locked_accounts() == []
 
 
 def test_guesses_that_fill_a_new_familiar_place_lock_it_and_list_the_account(throttle):
@@ -233,7 +233,6 @@ def test_guesses_that_fill_a_new_familiar_place_lock_it_and_list_the_account(thr
     throttle.succeeded("alice", ATTACKER, since)  # ...go with the place it makes familiar
     assert throttle.locked("alice", ATTACKER) == 60
     assert throttle.locked_accounts() == [("alice", 60)]
-    assert throttle.lockouts_in_force() == 1
 
 
 def test_expired_lockouts_go_even_when_nobody_reads_the_list(throttle, clock):
@@ -241,4 +240,33 @@ def test_expired_lockouts_go_even_when_nobody_reads_the_list(throttle, clock):
         fail_distinct(throttle, 10, account=f"user{i}")
         clock.advance(1)  # each lockout over a minute later
     assert len(throttle._locked) < 2 * 1024  # noqa: SLF001 (what is kept, not what is said)
-    assert throttle.lockouts_in_force() == 59  # those of the last minute
+    assert len(throttle.locked_accounts()) == 59  # those of the last minute
+
+
+def test_the_list_is_pruned_less_often_as_more_accounts_stay_locked(throttle, monkeypatch):
+    prunes = []
+    prune = throttle._prune  # noqa: SLF001
+    monkeypatch.setattr(throttle, "_prune", lambda now: (prunes.append(now), prune(now)))
+    for i in range(5000):  # all locked at once: nothing to prune
+        fail_distinct(throttle, 10, account=f"user{i}")
+    assert len(prunes) == 3  # at 1,024, 2,048 and 4,096 entries, not at every lockout after
+    assert len(throttle.locked_accounts()) == 5000
+
+
+def test_a_lockout_lifted_after_its_counts_were_let_go_leaves_the_list(clock, monkeypatch):
+    monkeypatch.setattr("proxy.auth.throttle.MAX_TRACKED", 2)
+    throttle = Throttle(ThrottleConfig(), clock.seconds)
+    fail_distinct(throttle, 10, account="alice")
+    fail_distinct(throttle, 1, account="bob")
+    fail_distinct(throttle, 1, account="carol")  # alice's counts are let go (the least recent)
+    throttle.forget("alice")  # the help desk lifts her lockout
+    assert throttle.locked_accounts() == []
+
+
+def test_a_lockout_imposed_by_another_process_is_not_shortened_here(throttle, clock):
+    reservations = [throttle.reserve("alice", ATTACKER, f"guess{i}") for i in range(10)]
+    throttle.impose("alice", False, clock.seconds() + 900)  # 15 minutes, from the store
+    for i, reservation in enumerate(reservations):  # checks begun before it end now
+        throttle.failed("alice", ATTACKER, f"guess{i}")
+        reservation.release()
+    assert throttle.locked("alice", ATTACKER) == 900
