@@ -11,7 +11,8 @@ no coroutine below), the same without the fast path (the full coroutine
 chain: the proxy before #29), ``decide_cached`` with no metrics and no audit,
 and the parts a cached sign-in adds: the HMAC lookup key, the metrics, the
 audit event (its JSON line and the file write, as the audit thread makes
-them).
+them); then a whole warm re-bind through the LDAP front end, bytes in and
+answer out, on an in-memory transport.
 """
 
 from __future__ import annotations
@@ -85,8 +86,53 @@ def main() -> None:
                         client_address="192.0.2.10", tls=True)
     figures["  audit line (JSON) and its write, on the audit thread"] = best(
         lambda: audit.append_lines([audit.line(event)]), args.rounds // 10)
+    figures["a warm re-bind through the LDAP front end (bytes in, answer out)"] = ldap_rebind(
+        args.rounds)
     for name, us in figures.items():
         print(f"| {name} | {us:.1f} µs |")
+
+
+def ldap_rebind(rounds: int) -> float:
+    """µs a bind: the LDAP front end of tests/unit/test_frontends.py (an
+    in-memory transport) taking an app password's bind again and again on
+    one connection, with the daemon's metrics and audit events made as the
+    daemon makes them (their JSON line and write excepted: the audit
+    thread's). All a cached bind costs the proxy but Twisted's and the
+    system's part (bench/floor.py measures those)."""
+    from proxy.sessions import Sessions
+    from tests.unit import test_frontends as frontends
+
+    folder = Path(tempfile.mkdtemp(prefix="lap-decision-ldap-"))
+    core = Core(folder)
+    core.build(account_cache=3600.0)
+    core.directory.add("alice", SECRET)
+    core.sessions = Sessions(core.clock, core.directory, 1.0, core.auth)
+    core.auth.sessions = core.sessions.registry
+    core.auth.on_revoked(core.sessions.revoked)
+    core.auth.metrics = Metrics()
+    audit = AuditLog(folder / "audit.log", core.clock.seconds)
+
+    def record(event: str, **fields: Any) -> None:
+        core.events.append(audit.event(event, **fields))
+        if len(core.events) > 1000:
+            del core.events[:]
+
+    core.auth.events._record = record
+    app = core.admin.create("alice", "printer").secret
+    server, client, _ = frontends.connect(core, "ldap")
+    frame = frontends.bind(1, "alice", app)
+    server.dataReceived(frame)
+    frontends.settle(core)
+    answer = client.take()
+
+    def bind() -> None:
+        server.dataReceived(frame)
+        client.clear()
+
+    bind()
+    server.dataReceived(frame)
+    assert client.take() == answer  # accepted, from memory
+    return best(bind, rounds)
 
 
 if __name__ == "__main__":
