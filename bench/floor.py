@@ -50,6 +50,43 @@ IN, OUT, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLER
 PREAUTH, CONNECTING, GREETED, AUTHENTICATING, RELAYING = range(5)
 
 
+def _login_line(buffer: bytes) -> tuple[bytes, bytes, bytes]:
+    """What a floor makes of a client's bytes before its login: (what stays
+    buffered, the login line to pass on, the answer to send instead); the
+    last two empty while the line is not whole."""
+    end = buffer.find(b"\r\n")
+    if end < 0:
+        return buffer, b"", b""
+    line = buffer[:end + 2]
+    tag, _, command = line.partition(b" ")
+    if command.upper().startswith(b"AUTHENTICATE PLAIN "):
+        return b"", line, b""
+    return b"", b"", tag + b" BAD the floor takes AUTHENTICATE PLAIN only\r\n"
+
+
+def _tagged(buffer: bytes, tag: bytes) -> int:
+    """Where the backend's answer tagged ``tag`` starts in ``buffer``; -1
+    until it has come."""
+    start = 0
+    while (end := buffer.find(b"\r\n", start)) >= 0:
+        if buffer.startswith(tag, start):
+            return start
+        start = end + 2
+    return -1
+
+
+def _accepted(listener: socket.socket) -> list[socket.socket]:
+    """The connections waiting on ``listener``, made non-blocking."""
+    clients = []
+    while True:
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return clients
+        client.setblocking(False)
+        clients.append(client)
+
+
 def _listener() -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,16 +130,12 @@ def imap_raw(backend_port: int) -> None:
             return
         if session.state != PREAUTH:
             return  # the floor's client waits for its answer
-        session.buffer += data
-        end = session.buffer.find(b"\r\n")
-        if end < 0:
+        session.buffer, line, refusal = _login_line(session.buffer + data)
+        if refusal:
+            session.client.send(refusal)
+        if not line:
             return
-        line, session.buffer = session.buffer[:end + 2], b""
-        tag, _, command = line.partition(b" ")
-        if not command.upper().startswith(b"AUTHENTICATE PLAIN "):
-            session.client.send(tag + b" BAD the floor takes AUTHENTICATE PLAIN only\r\n")
-            return
-        session.line, session.tag, session.state = line, tag + b" ", CONNECTING
+        session.line, session.tag, session.state = line, line.partition(b" ")[0] + b" ", CONNECTING
         backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         session.backend = backend
         code = backend.connect_ex(address)
@@ -123,23 +156,15 @@ def imap_raw(backend_port: int) -> None:
                 session.state = AUTHENTICATING
                 session.backend.send(session.line)  # type: ignore[union-attr]
             return
-        start = 0
-        while (end := session.buffer.find(b"\r\n", start)) >= 0:
-            if session.buffer.startswith(session.tag, start):
-                session.client.send(session.buffer[start:])
-                session.buffer, session.state = b"", RELAYING
-                return
-            start = end + 2
+        start = _tagged(session.buffer, session.tag)
+        if start >= 0:
+            session.client.send(session.buffer[start:])
+            session.buffer, session.state = b"", RELAYING
 
     while True:
         for fd, event in poller.poll():
             if fd == listener.fileno():
-                while True:
-                    try:
-                        client, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    client.setblocking(False)
+                for client in _accepted(listener):
                     client.send(GREETING)
                     owners[client.fileno()] = (_Session(client), True)
                     poller.register(client, IN)
@@ -198,14 +223,11 @@ def imap_twisted(backend_port: int) -> None:
                     self.greeted, self.buffer = True, b""
                     write_now(self.transport, self.front.line)
                 return
-            start = 0
-            while (end := self.buffer.find(b"\r\n", start)) >= 0:
-                if self.buffer.startswith(self.front.tag, start):
-                    write_now(self.front.transport, self.buffer[start:])
-                    self.buffer, self.relaying = b"", True
-                    self.front.backend = self
-                    return
-                start = end + 2
+            start = _tagged(self.buffer, self.front.tag)
+            if start >= 0:
+                write_now(self.front.transport, self.buffer[start:])
+                self.buffer, self.relaying = b"", True
+                self.front.backend = self
 
         def connectionLost(self, reason: Any = None) -> None:
             hang_up(self.front.transport, reactor)
@@ -231,16 +253,12 @@ def imap_twisted(backend_port: int) -> None:
                 return
             if self.line:
                 return  # waiting for the backend
-            self.buffer += data
-            end = self.buffer.find(b"\r\n")
-            if end < 0:
+            self.buffer, line, refusal = _login_line(self.buffer + data)
+            if refusal:
+                write_now(self.transport, refusal)
+            if not line:
                 return
-            line, self.buffer = self.buffer[:end + 2], b""
-            tag, _, command = line.partition(b" ")
-            if not command.upper().startswith(b"AUTHENTICATE PLAIN "):
-                write_now(self.transport, tag + b" BAD the floor takes AUTHENTICATE PLAIN only\r\n")
-                return
-            self.line, self.tag = line, tag + b" "
+            self.line, self.tag = line, line.partition(b" ")[0] + b" "
             backend.connect(BackendFactory(self)).addErrback(
                 lambda _: self.transport.loseConnection())
 
@@ -293,12 +311,7 @@ def ldap_raw() -> None:
     while True:
         for fd, _ in poller.poll():
             if fd == listener.fileno():
-                while True:
-                    try:
-                        client, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    client.setblocking(False)
+                for client in _accepted(listener):
                     connections[client.fileno()] = (client, bytearray())
                     poller.register(client, IN)
                 continue
