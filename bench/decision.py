@@ -96,9 +96,10 @@ def ldap_rebind(rounds: int) -> float:
     """µs a bind: the LDAP front end of tests/unit/test_frontends.py (an
     in-memory transport) taking an app password's bind again and again on
     one connection, with the daemon's metrics and audit events made as the
-    daemon makes them (their JSON line and write excepted: the audit
-    thread's). All a cached bind costs the proxy but Twisted's and the
-    system's part (bench/floor.py measures those)."""
+    daemon makes them. What a cached bind costs the proxy on its reactor
+    thread, less Twisted's and the system's part (bench/floor.py measures
+    those); the audit line and its write are the audit thread's, timed
+    above."""
     from proxy.sessions import Sessions
     from tests.unit import test_frontends as frontends
 

@@ -14,16 +14,18 @@ and non-blocking sockets: it greets, reads the client's ``AUTHENTICATE
 PLAIN`` line, connects to the backend, sends it the same line after the
 backend's greeting, hands the backend's tagged answer to the client, then
 copies bytes both ways (the client's LOGOUT) until either side hangs up.
-The same system calls as nginx's mail proxy or the proxy make for a login,
-less the decision, and the Python around them at its least.
+The login that bench/load.py times, with fewer system calls than nginx's
+mail proxy or the proxy make for it (no decision, no ``auth_http`` request,
+no prepared pool) and the Python around them at its least.
 
 ``imap-twisted`` does the same with plain Twisted protocols, driven as
 cheaply as the proxy drives Twisted: its reactor (``proxy.reactor``), its
 connect (``AddressEndpoint``: fewer system calls than ``connectTCP``) and
 its writes (``write_now``: sent at once, not through Twisted's write
 queue) and its close (``hang_up``: at the end of the turn, without waiting
-for the socket to be writable). What Twisted's transports and events cost a login, before any of
-the proxy's own work (its decision, audit, limits, timers and sessions).
+for the socket to be writable). What Twisted's transports and events cost
+a login, before any of the proxy's own work (its decision, audit, limits,
+timers and sessions).
 
 ``ldap-raw`` answers every simple bind with success from ``select.epoll``
 and slicing of the BER frame: ldaptor's bare server (bench/ldaptor_server.py)
@@ -33,11 +35,13 @@ in a plain Twisted protocol, driven as the proxy drives Twisted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,15 +128,23 @@ def imap_raw(backend_port: int) -> None:
                     poller.unregister(sock)
                 sock.close()
 
+    def send(session: _Session, sock: socket.socket | None, data: bytes) -> None:
+        """All of ``data`` (a line or a few, which the kernel takes at
+        once): a peer gone, or one not taking them, ends the session."""
+        try:
+            sock.sendall(data)  # type: ignore[union-attr]
+        except OSError:
+            close(session)
+
     def from_client(session: _Session, data: bytes) -> None:
         if session.state == RELAYING:
-            session.backend.send(data)  # type: ignore[union-attr]
+            send(session, session.backend, data)
             return
         if session.state != PREAUTH:
             return  # the floor's client waits for its answer
         session.buffer, line, refusal = _login_line(session.buffer + data)
         if refusal:
-            session.client.send(refusal)
+            send(session, session.client, refusal)
         if not line:
             return
         session.line, session.tag, session.state = line, line.partition(b" ")[0] + b" ", CONNECTING
@@ -147,27 +159,28 @@ def imap_raw(backend_port: int) -> None:
 
     def from_backend(session: _Session, data: bytes) -> None:
         if session.state == RELAYING:
-            session.client.send(data)
+            send(session, session.client, data)
             return
         session.buffer += data
         if session.state == GREETED:
             if b"\r\n" in session.buffer:
                 session.buffer = b""
                 session.state = AUTHENTICATING
-                session.backend.send(session.line)  # type: ignore[union-attr]
+                send(session, session.backend, session.line)
             return
         start = _tagged(session.buffer, session.tag)
         if start >= 0:
-            session.client.send(session.buffer[start:])
+            send(session, session.client, session.buffer[start:])
             session.buffer, session.state = b"", RELAYING
 
     while True:
         for fd, event in poller.poll():
             if fd == listener.fileno():
                 for client in _accepted(listener):
-                    client.send(GREETING)
-                    owners[client.fileno()] = (_Session(client), True)
+                    session = _Session(client)
+                    owners[client.fileno()] = (session, True)
                     poller.register(client, IN)
+                    send(session, client, GREETING)
                 continue
             owner = owners.get(fd)
             if owner is None:
@@ -237,10 +250,12 @@ def imap_twisted(backend_port: int) -> None:
             self.front = front
 
         def buildProtocol(self, addr: Any) -> Backend:
-            return Backend(self.front)
+            self.front.connecting = Backend(self.front)
+            return self.front.connecting
 
     class Front(Protocol):
-        backend: Backend | None = None
+        backend: Backend | None = None  # once relaying
+        connecting: Backend | None = None
         line = tag = b""
         buffer = b""
 
@@ -263,8 +278,9 @@ def imap_twisted(backend_port: int) -> None:
                 lambda _: self.transport.loseConnection())
 
         def connectionLost(self, reason: Any = None) -> None:
-            if self.backend is not None:
-                hang_up(self.backend.transport, reactor)
+            other = self.backend or self.connecting
+            if other is not None:
+                hang_up(other.transport, reactor)
 
     factory = Factory.forProtocol(Front)
     factory.noisy = False
@@ -326,24 +342,30 @@ def ldap_raw() -> None:
                 data = b""
             buffer += data
             answers = [_bind_answer(frame) for frame in _frames(buffer)] if data else [None]
-            if None in answers:
-                del connections[fd]
-                poller.unregister(fd)
-                client.close()
-            else:
-                client.send(b"".join(answers))  # type: ignore[arg-type]
+            if None not in answers:
+                try:
+                    if answers:
+                        client.sendall(b"".join(answers))  # type: ignore[arg-type]
+                    continue
+                except OSError:
+                    pass  # gone: closed below
+            del connections[fd]
+            poller.unregister(fd)
+            client.close()
 
 
-def start(kind: str, *arguments: object) -> tuple[subprocess.Popen[str], int]:
-    """A floor in a process of its own, and the port it listens on."""
+@contextlib.contextmanager
+def running(kind: str, *arguments: object) -> Iterator[tuple[int, int]]:
+    """A floor in a process of its own, while the block runs: its process
+    ID and the port it listens on. Ended however the block ends, or if it
+    never said its port."""
     process = subprocess.Popen([sys.executable, "-m", "bench.floor", kind, *map(str, arguments)],
                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    return process, int(process.stdout.readline())  # type: ignore[union-attr]
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    process.wait()
+    try:
+        yield process.pid, int(process.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def ldap_twisted() -> None:

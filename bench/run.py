@@ -14,6 +14,7 @@ every comparison is a ratio of figures measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -170,22 +171,20 @@ class Bench:
 
     def warm(self, daemon: Any) -> None:
         """3. Warm logins over IMAP and SMTP: directly to Dovecot, through the
-        proxy and through nginx's mail proxy, one after the other in every
-        repeat, with the CPU each server spent a login (/proc/PID/stat)."""
+        proxy, through nginx's mail proxy and (IMAP) through Python's floors
+        (bench/floor.py), one after the other in every repeat, with the CPU
+        each server spent a login (/proc/PID/stat)."""
         from bench import floor
-        from bench.cpu import group_cpu_seconds, process_cpu_seconds
 
         nginx = self.peer()
         direct = [(uid, PASSWORD) for uid in self.users]
         proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
         dovecot = self.dovecot._process.pid
-        floors = {name: floor.start(f"imap-{name}", self.dovecot.imap_port)
-                  for name in ("raw", "twisted")}
-        try:
+        with contextlib.ExitStack() as stack:
+            floors = {name: stack.enter_context(floor.running(f"imap-{name}",
+                                                              self.dovecot.imap_port))
+                      for name in ("raw", "twisted")}
             self._warm(daemon, nginx, direct, proxied, dovecot, floors)
-        finally:
-            for process, _ in floors.values():
-                floor.stop(process)
 
     def _warm(self, daemon: Any, nginx: Any, direct: list[tuple[str, str]],
               proxied: list[tuple[str, str]], dovecot: int, floors: dict[str, Any]) -> None:
@@ -200,9 +199,9 @@ class Bench:
                 port = nginx.port if kind == "imap" else nginx.smtp_port
                 paths["nginx"] = (port, direct, lambda: group_cpu_seconds(nginx.process.pid))
             if kind == "imap":  # what CPython costs a login at least (bench/floor.py)
-                for name, (process, port) in floors.items():
+                for name, (pid, port) in floors.items():
                     paths[f"floor_{name}"] = (port, direct,
-                                              lambda pid=process.pid: process_cpu_seconds(pid))
+                                              lambda pid=pid: process_cpu_seconds(pid))
             for port, credentials, _ in paths.values():  # fill caches, start processes
                 load(kind, port, credentials, connections=8, seconds=1)
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
@@ -231,16 +230,18 @@ class Bench:
                                             zip(runs["proxy"], runs["nginx"])]
 
     def ldap_binds(self, daemon: Any) -> None:
-        """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor;
-        each server's CPU a bind."""
+        """3b. Warm LDAP binds on persistent connections: slapd, the proxy, ldaptor
+        and Python's floors (bench/floor.py); each server's CPU a bind."""
+        from bench import floor
         from bench.cpu import process_cpu_seconds
 
-        from bench import floor
-
-        accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
-                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        floors = {name: floor.start(f"ldap-{name}") for name in ("raw", "twisted")}
-        try:
+        with contextlib.ExitStack() as stack:
+            floors = {name: stack.enter_context(floor.running(f"ldap-{name}"))
+                      for name in ("raw", "twisted")}
+            accept_all = subprocess.Popen([sys.executable, "-m", "bench.ldaptor_server"],
+                                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            stack.callback(accept_all.wait)
+            stack.callback(accept_all.terminate)
             port = int(accept_all.stdout.readline())
             direct = [(self.slapd.user_dn(uid), PASSWORD) for uid in self.users]
             proxied = [(uid, daemon.secrets[uid]) for uid in self.users]
@@ -248,8 +249,8 @@ class Bench:
             servers = {"slapd": (self.slapd.port, direct, self.slapd._process.pid),
                        "proxy": (daemon.ports["ldap"], proxied, daemon.process.pid),
                        "ldaptor": (port, direct, accept_all.pid),
-                       **{f"floor_{name}": (floor_port, direct, process.pid)
-                          for name, (process, floor_port) in floors.items()}}
+                       **{f"floor_{name}": (floor_port, direct, pid)
+                          for name, (pid, floor_port) in floors.items()}}
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
             for _ in range(self.repeat):
                 for name, (server_port, credentials, pid) in servers.items():
@@ -259,11 +260,6 @@ class Bench:
                     result["server_cpu_us"] = (process_cpu_seconds(pid) - before) * 1e6 / max(
                         1, result["operations"])
                     runs[name].append(result)
-        finally:
-            accept_all.terminate()
-            accept_all.wait()
-            for process, _ in floors.values():
-                floor.stop(process)
         for name, values in runs.items():
             figure = self.measure(f"ldap_binds_{name}", values)
             figure["server_cpu_us_per_bind"] = summary([r["server_cpu_us"] for r in values])
