@@ -55,7 +55,7 @@ from proxy.auth.timing import CheckTime, FailureDelay
 from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
-from proxy.store import Change, ChangeKind, MfaState, StoreError
+from proxy.store import Change, ChangeKind, MfaState, Reserved, StoreError
 from proxy.threads import Pool
 
 log = Logger(namespace="legacy_auth_proxy.auth")
@@ -418,8 +418,10 @@ class Authenticator:
                 # process sharing it meet one budget.
                 shared = (account.username, reservation.familiar, reservation.key[1])
                 began = self._clock.seconds()
-                if not await self._fleet.reserve(*shared):
-                    shared = None
+                reserved = await self._fleet.reserve(*shared)
+                if reserved is not Reserved.NEW:
+                    shared = None  # nothing of this check's own in the store to release
+                if not reserved:
                     return Decision(Reason.LOCKED_OUT, account.username, account)
                 # A store's round trip that a name with no account (no DN)
                 # does not make: its refusal waits one as well (timing).

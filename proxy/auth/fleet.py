@@ -22,7 +22,7 @@ from proxy.auth.cache import LRU
 from proxy.auth.throttle import Throttle
 from proxy.config import ThrottleConfig
 from proxy.directory import Account
-from proxy.store import StoreError
+from proxy.store import Reserved, StoreError
 from proxy.threads import Busy
 
 log = Logger(namespace="legacy_auth_proxy.auth")
@@ -70,19 +70,23 @@ class Fleet:
 
         d.addCallbacks(counted, failed)
 
-    async def reserve(self, username: str, familiar: bool, digest: bytes) -> bool:
-        """The store's part of a reservation: False if, counted with every
-        process's failures and checks, the check could pass the lockout. A
-        store that cannot answer leaves the budget to this process alone."""
+    async def reserve(self, username: str, familiar: bool, digest: bytes) -> Reserved:
+        """The store's part of a reservation: REFUSED if, counted with every
+        process's failures and checks, the check could pass the lockout;
+        NEW if it counted the secret now (:meth:`release` it unless the
+        secret was wrong). A store that cannot answer leaves the budget to
+        this process alone (COUNTED: nothing to release)."""
         try:
             return await self._store.reserve_failure(
                 username, familiar, digest[:2], self._clock.seconds(),
                 window=self._config.failure_window, limit=self._config.account_failures)
         except (StoreError, Busy):
-            return True
+            return Reserved.COUNTED
 
     def release(self, username: str, familiar: bool, digest: bytes) -> None:
-        """The reserved secret was not a wrong one: not a failure."""
+        """The secret a NEW reservation counted was not a wrong one: not a
+        failure. (One counted before, by a failure or another check of it,
+        is not this check's to take back.)"""
         self._store.release_failure(username, familiar, digest[:2]).addErrback(
             lambda f: log.warn("cannot release a check in the store: {error}",
                                error=f.getErrorMessage()))

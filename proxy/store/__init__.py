@@ -61,6 +61,18 @@ def address_in(address: str, networks: tuple[str, ...]) -> bool:
     return found is not None and any(found in _network(n) for n in networks)
 
 
+class Reserved(enum.Enum):
+    """What a check's reservation in the shared store came to
+    (:meth:`Store.reserve_failure`)."""
+
+    REFUSED = "refused"  # the check must not be made
+    NEW = "new"  # counted now: released unless the secret turns out wrong
+    COUNTED = "counted"  # the same guess was counted already: nothing of its own to release
+
+    def __bool__(self) -> bool:  # whether the check may be made
+        return self is not Reserved.REFUSED
+
+
 class MfaState(enum.Enum):
     """Entra's per-user MFA states.
 
@@ -422,7 +434,7 @@ class Store(Protocol):
                     lockout_max: float) -> float | None: ...
 
     def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                        window: float, limit: int) -> bool: ...
+                        window: float, limit: int) -> Reserved: ...
 
     def release_failure(self, account: str, familiar: bool, digest: bytes) -> None: ...
 

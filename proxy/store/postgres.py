@@ -48,6 +48,7 @@ from proxy.store import (
     MfaState,
     NameTaken,
     OUTBOX_COLUMNS,
+    Reserved,
     PASSKEY_COLUMNS,
     OutboxEvent,
     OutboxStats,
@@ -316,25 +317,25 @@ class _Counts:
         return until
 
     def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                        window: float, limit: int) -> bool:
+                        window: float, limit: int) -> Reserved:
         """See :meth:`proxy.store.sqlite.SQLiteStore.reserve_failure`."""
         with self._write() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
             if conn.execute("SELECT 1 FROM lockouts WHERE account = %s AND familiar = %s"
                             " AND until > %s", (account, familiar, now)).fetchone() is not None:
-                return False
+                return Reserved.REFUSED
             conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
                          (account, familiar, now - window))
             if conn.execute("SELECT 1 FROM failures WHERE account = %s AND familiar = %s"
                             " AND digest = %s", (account, familiar, digest)).fetchone() is not None:
-                return True
+                return Reserved.COUNTED
             count = conn.execute("SELECT count(*) AS n FROM failures WHERE account = %s"
                                  " AND familiar = %s", (account, familiar)).fetchone()["n"]
             if count >= limit:
-                return False
+                return Reserved.REFUSED
             conn.execute("INSERT INTO failures VALUES (%s, %s, %s, %s)",
                          (account, familiar, digest, now))
-        return True
+        return Reserved.NEW
 
     def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
         with self._write() as conn:

@@ -36,6 +36,7 @@ from proxy.store import (
     MfaState,
     NameTaken,
     OUTBOX_COLUMNS,
+    Reserved,
     OutboxEvent,
     OutboxStats,
     SchemaOutdated,
@@ -234,37 +235,40 @@ class _Counts:
         return until
 
     def reserve_failure(self, account: str, familiar: bool, digest: bytes, now: float, *,
-                        window: float, limit: int) -> bool:
+                        window: float, limit: int) -> Reserved:
         """Count a secret about to be checked as a failure before the check
-        is made, as every process sharing the store counts it: False if the
-        account is locked, or if, with the failures and the checks under way
-        in every process, it could take the account past ``limit`` (the
-        check must not be made). The row stays as the failure if the secret
-        was wrong (:meth:`add_failure` finds it), and goes with
-        :meth:`release_failure` otherwise; one left by a process that died
-        mid-check counts as a failure until ``window`` forgets it."""
+        is made, as every process sharing the store counts it: REFUSED if
+        the account is locked, or if, with the failures and the checks under
+        way in every process, it could take the account past ``limit`` (the
+        check must not be made). NEW: a row counts it now, which stays as the
+        failure if the secret was wrong (:meth:`add_failure` finds it), and
+        goes with :meth:`release_failure` otherwise; one left by a process
+        that died mid-check counts as a failure until ``window`` forgets it.
+        COUNTED: the same guess is counted already (a failure, or another
+        check of it): that row is not this check's to release."""
         with self._write():
             if self._db.execute(
                     "SELECT 1 FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
                     (account, familiar, now)).fetchone() is not None:
-                return False
+                return Reserved.REFUSED
             self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
                              (account, familiar, now - window))
             if self._db.execute(
                     "SELECT 1 FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
                     (account, familiar, digest)).fetchone() is not None:
-                return True  # counted already: not a new guess
+                return Reserved.COUNTED  # not a new guess
             count = self._db.execute(
                 "SELECT count(*) FROM failures WHERE account = ? AND familiar = ?",
                 (account, familiar)).fetchone()[0]
             if count >= limit:
-                return False
+                return Reserved.REFUSED
             self._db.execute("INSERT INTO failures VALUES (?, ?, ?, ?)",
                              (account, familiar, digest, now))
-        return True
+        return Reserved.NEW
 
     def release_failure(self, account: str, familiar: bool, digest: bytes) -> None:
-        """The reserved secret was not wrong (or not checked): not a failure."""
+        """The secret a NEW reservation counted was not wrong (or not
+        checked): not a failure."""
         with self._write():
             self._db.execute(
                 "DELETE FROM failures WHERE account = ? AND familiar = ? AND digest = ?",

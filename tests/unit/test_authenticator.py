@@ -467,6 +467,36 @@ def test_a_refused_accounts_stand_in_reads_the_store_as_an_unknown_names_does(co
     assert sorted(reads) == [" gone", " nobody", "alice"]  # a stand-in's: a name no one has
 
 
+def test_a_guess_answered_otherwise_elsewhere_stays_counted_in_the_store(core):
+    """A wrong guess counted in the store, tried again where the answer is
+    not a wrong secret (MFA required on a cloud listener, the directory
+    busy), is not taken back by that check: it was never that check's own.
+    Otherwise each process would give the guesser a budget of its own."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=5),
+               shared_failures=True)
+    core.directory.add("alice", PRIMARY, mfa_enforced=True)
+    checked = []
+    check = core.directory.check_password
+
+    async def counted(dn, password):
+        checked.append(password)
+        return await check(dn, password)
+
+    core.directory.check_password = counted
+    processes = [core.auth, core.sibling()]
+    reasons = []
+    for process in processes:
+        for i in range(8):
+            for realm, protocol in (("on-premises", "ldap"), ("cloud", "imap")):
+                d = ensureDeferred(process.authenticate(attempt(
+                    "alice", f"guess-{id(process)}-{i}", realm=realm, protocol=protocol,
+                    address="198.51.100.7")))
+                core.clock.advance(0.1)  # no failure delay: only the held refusal's moment
+                reasons.append(d.result.reason)
+    assert len(set(checked)) == 5  # the one budget of every process sharing the store
+    assert reasons.count(Reason.LOCKED_OUT) > 0
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""

@@ -9,6 +9,7 @@ from proxy.store import (
     LimitReached,
     MfaState,
     NameTaken,
+    Reserved,
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
@@ -260,13 +261,14 @@ def test_checks_under_way_are_counted_by_every_process_sharing_the_store(store):
     failures and checks of every process, a new one is not checked."""
     limits = dict(window=900.0, limit=3, lockout=60.0, lockout_max=900.0)
     reserve = dict(window=900.0, limit=3)
-    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve)
-    assert store.reserve_failure("uid=a", False, b"2" * 2, 1000.0, **reserve)
-    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve)  # the same guess
+    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve) is Reserved.NEW
+    assert store.reserve_failure("uid=a", False, b"2" * 2, 1000.0, **reserve) is Reserved.NEW
+    # The same guess: checked, but its row is the first check's (or its failure's).
+    assert store.reserve_failure("uid=a", False, b"1" * 2, 1000.0, **reserve) is Reserved.COUNTED
     assert store.reserve_failure("uid=a", True, b"3" * 2, 1000.0, **reserve)  # elsewhere
     assert store.add_failure("uid=a", True, b"3" * 2, 1001.0, **limits) is None
     assert store.reserve_failure("uid=a", False, b"4" * 2, 1002.0, **reserve)
-    assert not store.reserve_failure("uid=a", False, b"5" * 2, 1002.0, **reserve)
+    assert store.reserve_failure("uid=a", False, b"5" * 2, 1002.0, **reserve) is Reserved.REFUSED
     store.release_failure("uid=a", False, b"2" * 2)  # that one was right
     assert store.reserve_failure("uid=a", False, b"5" * 2, 1003.0, **reserve)
     # A reserved wrong one becomes a failure, and the third locks.
