@@ -145,9 +145,10 @@ class Authenticator:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self, poll_interval: float = 1.0) -> None:
-        if self._fleet is not None:
-            await self._fleet.start()
-        await self.feed.start(poll_interval)
+        # The lockouts in force are read after the feed's end: a help desk's
+        # unlock made between the two is in the feed, not lost.
+        await self.feed.start(poll_interval,
+                              self._fleet.start if self._fleet is not None else None)
         self.usage.start()
 
     async def stop(self) -> None:

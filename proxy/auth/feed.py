@@ -4,7 +4,7 @@ states, lockouts), applied in order, once each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.task import LoopingCall
@@ -32,8 +32,14 @@ class ChangeFeed:
         """The last change applied (the store numbers them in order)."""
         return self._seq
 
-    async def start(self, interval: float) -> None:
+    async def start(self, interval: float,
+                    then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Read the feed from its end now, every ``interval`` seconds;
+        ``then``: what to read of the store's state once that end is known
+        (a change made meanwhile is then read from the feed, not missed)."""
         self._seq = await self._store.last_change()
+        if then is not None:
+            await then()
         self.ok_at = self._clock.seconds()
         self._loop.start(interval, now=False)
 

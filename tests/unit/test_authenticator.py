@@ -497,6 +497,31 @@ def test_a_guess_answered_otherwise_elsewhere_stays_counted_in_the_store(core):
     assert reasons.count(Reason.LOCKED_OUT) > 0
 
 
+def test_an_unlock_while_a_process_starts_reaches_it(core):
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    core.directory.add("alice", PRIMARY)
+    ensureDeferred(core.auth.start(poll_interval=1.0))
+    for i in range(3):
+        decide(core, "alice", f"wrong{i}")
+    starting = core.sibling()
+    read = starting._store.lockouts  # noqa: SLF001 (the moment the test needs)
+
+    def then_unlocked(*args):
+        # The help desk lifts the lockout just after the starting process
+        # has read the lockouts in force.
+        return read(*args).addCallback(lambda found: (core.admin.unlock("alice"), found)[1])
+
+    starting._store.lockouts = then_unlocked
+    ensureDeferred(starting.start(poll_interval=1.0))
+    core.clock.advance(2)  # the feed is read
+    d = ensureDeferred(starting.authenticate(attempt("alice", PRIMARY)))
+    core.clock.advance(1)
+    assert d.result.accepted
+    for process in (core.auth, starting):
+        ensureDeferred(process.stop())
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
