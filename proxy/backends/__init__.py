@@ -74,12 +74,13 @@ class TokenRefused(BackendRefused):
 
 # What a backend login is expected to fail with: the backend refused it,
 # could not be reached or was lost (the OS's errors, Twisted's connection
-# errors, TLS), did not answer in time, or no access token could be had
-# for it. Anything else is a bug, and the front end says so with its
-# traceback.
+# errors, TLS), did not answer in time (a connection by host name still
+# under way when the login's time is up ends as ConnectingCancelledError,
+# not as the timeout), or no access token could be had for it. Anything
+# else is a bug, and the front end says so with its traceback.
 LOGIN_FAILURES: tuple[type[BaseException], ...] = (
     BackendRefused, OSError, error.ConnectError, error.ConnectionClosed, DeferredTimeout, SSL.Error,
-    TokenUnavailable,
+    TokenUnavailable, error.ConnectingCancelledError,
 )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from proxy.backends import BackendConnection, BackendRefused, MasterLogin, TokenRefused, connect
@@ -61,21 +62,29 @@ class SMTPBackend(MasterLogin):
         await self.probe()
 
     async def probe(self) -> None:
-        """Learn the backend's extensions, which the proxy's EHLO offers before AUTH."""
+        """Learn the backend's extensions, which the proxy's EHLO offers
+        before AUTH: the whole dialogue within ``timeout``, or the defaults
+        (a server that takes the connection and says nothing must not hold
+        the daemon's start or a reload)."""
         connection = BackendConnection(self.reactor)
         try:
-            await connect(self.endpoint, connection).addTimeout(self.timeout, self.reactor)
-            await expect(connection, None, 220)
-            lines = await self._ehlo(connection)
-            if self.starttls is not None:
-                lines = await self._starttls(connection)
-            connection.transport.write(b"QUIT\r\n")
+            lines = await Deferred.fromCoroutine(self._probe(connection)).addTimeout(
+                self.timeout, self.reactor)
             self.extensions = passed_extensions(lines)
         except Exception as e:
             log.warn("cannot read the submission server's extensions: {error}",
                      error=str(e) or type(e).__name__)
         finally:
             connection.close()
+
+    async def _probe(self, connection: BackendConnection) -> list[bytes]:
+        await connect(self.endpoint, connection)
+        await expect(connection, None, 220)
+        lines = await self._ehlo(connection)
+        if self.starttls is not None:
+            lines = await self._starttls(connection)
+        connection.transport.write(b"QUIT\r\n")
+        return lines
 
     async def _ehlo(self, connection: BackendConnection) -> list[bytes]:
         return await expect(connection, b"EHLO " + self.hostname.encode(), 250)

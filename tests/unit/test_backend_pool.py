@@ -130,3 +130,56 @@ def test_a_connection_that_fails_at_once_stops_the_fill_until_a_while_has_passed
     clock.advance(5)
     backend._take()
     assert len(endpoint.transports) == 2
+
+
+def test_a_submission_server_that_never_speaks_cannot_hold_the_start():
+    """The extensions are read within the backend's timeout, or the
+    defaults are offered: the daemon's start (and a reload) waits for it."""
+    from proxy.backends.smtp import SMTPBackend
+    from proxy.wire.smtp import DEFAULT_EXTENSIONS
+
+    clock, endpoint = Clock(), Endpoint()
+    backend = SMTPBackend(reactor=clock, endpoint=endpoint, starttls=None, master_user="proxy",
+                          master_password="secret", login_style="sasl",
+                          pass_client_address=False, timeout=10.0)
+    ready = Deferred.fromCoroutine(backend.ready())
+    clock.advance(10)
+    assert ready.called
+    assert backend.extensions == list(DEFAULT_EXTENSIONS)
+    assert endpoint.transports[0].disconnecting
+
+
+def test_a_login_out_of_time_while_connecting_by_host_name_is_a_login_failure():
+    """Twisted's HostnameEndpoint, cancelled by the login's timeout while it
+    connects, fails with ConnectingCancelledError: the backend could not be
+    reached in time, audited as such, not a bug."""
+    from twisted.internet import endpoints
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
+    from twisted.internet.testing import MemoryReactorClock
+    from zope.interface import implementer
+
+    from proxy.backends import LOGIN_FAILURES
+
+    @implementer(IHostnameResolver)
+    class Resolver:
+        def resolveHostName(self, receiver: Any, name: str, port: int = 0, *args: Any,
+                            **kwargs: Any) -> Any:
+            receiver.resolutionBegan(None)
+            receiver.addressResolved(IPv4Address("TCP", "192.0.2.1", port))
+            receiver.resolutionComplete()
+            return receiver
+
+    @implementer(IReactorPluggableNameResolver)
+    class Reactor(MemoryReactorClock):
+        nameResolver = Resolver()
+
+    reactor = Reactor()
+    backend = Ready(reactor=reactor, endpoint=endpoints.HostnameEndpoint(
+                        reactor, "imap.example", 143, timeout=30.0),
+                    starttls=None, master_user="proxy", master_password="secret",
+                    login_style="sasl", pass_client_address=False, timeout=10.0)
+    failures: list[Any] = []
+    backend.login("alice", "198.51.100.7", 5555).addErrback(failures.append)
+    reactor.advance(10)
+    assert failures and isinstance(failures[0].value, LOGIN_FAILURES)
