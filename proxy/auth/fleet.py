@@ -42,6 +42,7 @@ class Fleet:
         self._lockouts: LRU[str, dict[bool, float]] = LRU(MAX_USERS)
         self._unlocks: dict[str, int] = {}  # unlocks seen, by user: a late read loses to one
         throttle.on_failure = self.failed
+        throttle.on_forgiven = self.forgiven
 
     async def start(self) -> None:
         """Lockouts in force now: what the feed says from here on adds to them."""
@@ -69,6 +70,17 @@ class Fleet:
                          error=failure.getErrorMessage())
 
         d.addCallbacks(counted, failed)
+
+    def forgiven(self, key: str, before: float) -> None:
+        """A sign-in from a familiar place forgave the failures counted there
+        before ``before`` (the throttle's ``on_forgiven``): in the store too,
+        or they would still count toward a lockout in every process."""
+        username = self._username_of(key)
+        if username is None:
+            return
+        self._store.forgive_failures(username, True, before, self._clock.seconds()).addErrback(
+            lambda f: None if f.check(Busy) else log.warn(
+                "cannot forgive failures in the store: {error}", error=f.getErrorMessage()))
 
     async def reserve(self, username: str, familiar: bool, digest: bytes) -> Reserved:
         """The store's part of a reservation: REFUSED if, counted with every

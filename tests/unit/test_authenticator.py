@@ -522,6 +522,18 @@ def test_an_unlock_while_a_process_starts_reaches_it(core):
         ensureDeferred(process.stop())
 
 
+def test_a_sign_in_from_home_forgives_the_typos_before_it_in_the_shared_store_too(core):
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=5,
+                                       lockout=600), shared_failures=True)
+    core.directory.add("alice", PRIMARY)
+    assert decide(core, "alice", PRIMARY).accepted  # home becomes familiar
+    for i in range(4):
+        assert decide(core, "alice", f"typo{i}").reason is Reason.WRONG_SECRET
+    assert decide(core, "alice", PRIMARY).accepted  # forgives the four
+    assert decide(core, "alice", "typo4").reason is Reason.WRONG_SECRET
+    assert decide(core, "alice", PRIMARY).accepted  # one typo since, not five
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
