@@ -387,13 +387,16 @@ class Authenticator:
         steps a wrong secret goes, with a stand-in: neither the answer, its time
         (:mod:`proxy.auth.timing`) nor the lockout tells which names exist."""
         typed = apppasswords.canonical_username(attempt.username)
-        decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
+        phantom = _phantom(typed)
+        repeat = self.throttle.repeats(phantom.key, attempt.client_address, attempt.secret)
+        decided = await self._checked(attempt, phantom, app_password_form, False)
         if decided.accepted:
             raise AssertionError("a stand-in was accepted")  # authenticate: busy, logged
         locked = decided.reason is Reason.LOCKED_OUT
-        if self._fleet is not None and not locked and self.throttle.source(
+        if self._fleet is not None and not locked and not repeat and self.throttle.source(
                 attempt.client_address):
-            # A real account's guess is counted in the shared store first.
+            # A real account's guess (not a repeat) is counted in the shared
+            # store first.
             owed += self._check_time.reservation()
         if decided.outcome is Outcome.REFUSED and not locked:
             return attrs.evolve(refusal, owed=owed)
@@ -414,9 +417,12 @@ class Authenticator:
         shared: tuple[str, bool, bytes] | None = None
         decision: Decision | None = None
         try:
-            if self._fleet is not None and account.dn and reservation.account:
+            if self._fleet is not None and account.dn and reservation.account \
+                    and not reservation.repeat:
                 # Counted in the shared store too: guesses spread over every
-                # process sharing it meet one budget.
+                # process sharing it meet one budget. (A repeat of one of the
+                # last wrong secrets is not a guess: not counted here, nor
+                # there, where its row may be gone with the window.)
                 shared = (account.username, reservation.familiar, reservation.key[1])
                 began = self._clock.seconds()
                 reserved = await self._fleet.reserve(*shared)

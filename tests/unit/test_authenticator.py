@@ -534,6 +534,21 @@ def test_a_sign_in_from_home_forgives_the_typos_before_it_in_the_shared_store_to
     assert decide(core, "alice", PRIMARY).accepted  # one typo since, not five
 
 
+def test_a_stale_password_retried_after_the_window_fills_no_budget_in_the_store(core):
+    """A phone retrying its old password is one of the place's last wrong
+    secrets: not counted again here, nor in the shared store, whose row of
+    it the window has forgotten."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       failure_window=900), shared_failures=True)
+    core.directory.add("alice", PRIMARY)
+    assert decide(core, "alice", "old-password").reason is Reason.WRONG_SECRET
+    core.clock.advance(1000)  # past the window
+    for typo in ("typo1", "typo2"):
+        assert decide(core, "alice", typo).reason is Reason.WRONG_SECRET
+    assert decide(core, "alice", "old-password").reason is Reason.WRONG_SECRET
+    assert decide(core, "alice", PRIMARY).accepted
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
