@@ -124,7 +124,7 @@ class Authenticator:
         self.revocations.on_revoked(self._forget)  # the core's own caches first
         self.feed = ChangeFeed(clock, store, self.apply)
         self.app_sign_in = AppPasswordSignIn(clock, self.apps, self.revocations, self.usage)
-        self.bearer_sign_in = BearerSignIn(self.accounts, self.throttle)
+        self.bearer_sign_in = BearerSignIn(self.accounts, self.lockouts)
 
     @property
     def metrics(self) -> Any:

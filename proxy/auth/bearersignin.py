@@ -16,7 +16,7 @@ from proxy import apppasswords
 from proxy.auth import Attempt, Decision, Reason, rules
 from proxy.auth.accounts import Accounts
 from proxy.auth.bearer import BearerTokens, InvalidToken, KeysUnavailable
-from proxy.auth.throttle import Throttle
+from proxy.auth.lockouts import Lockouts
 from proxy.directory import DirectoryUnavailable
 
 log = Logger(namespace="legacy_auth_proxy.auth")
@@ -27,9 +27,9 @@ class BearerSignIn:
     section's token checker, None where it is not configured (set by the
     daemon's builder)."""
 
-    def __init__(self, accounts: Accounts, throttle: Throttle) -> None:
+    def __init__(self, accounts: Accounts, lockouts: Lockouts) -> None:
         self._accounts = accounts
-        self._throttle = throttle
+        self._lockouts = lockouts
         self.tokens: BearerTokens | None = None
 
     def offered(self, realm: str) -> bool:
@@ -69,6 +69,6 @@ class BearerSignIn:
         refused = rules.account_refusal(attempt, account)
         if refused is not None:
             return refused
-        if self._throttle.locked(account.key, attempt.client_address):
+        if self._lockouts.locked(account, attempt.client_address):
             return Decision(Reason.LOCKED_OUT, account.username, account)
         return Decision(Reason.BEARER_TOKEN, account.username, account)

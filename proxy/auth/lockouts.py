@@ -52,6 +52,10 @@ class Lockouts:
         return sorted(found.items(), key=lambda pair: -pair[1])
 
     def locked(self, account: Account, address: str | None = None) -> float:
-        """Seconds the account stays locked (from ``address``, or anywhere: the longest)."""
+        """Seconds the account stays locked (from ``address``, or anywhere:
+        the longest), with the lockouts another process decided through the
+        shared store imposed first, as a sign-in's check does."""
+        if self._fleet is not None:
+            self._fleet.impose(account)
         return self._throttle.locked_anywhere(account.key) if address is None \
             else self._throttle.locked(account.key, address)

@@ -549,6 +549,24 @@ def test_a_stale_password_retried_after_the_window_fills_no_budget_in_the_store(
     assert decide(core, "alice", PRIMARY).accepted
 
 
+def test_a_lockout_another_process_decided_is_seen_by_the_portals_checks_here(core):
+    """The portal (its sign-in, the help desk's page) and access tokens ask
+    the core whether an account is locked: the lockouts decided elsewhere
+    through the shared store count there as at a password's check."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    alice = core.directory.add("alice", PRIMARY)
+    here, there = core.auth, core.sibling()
+    for process in (here, there):
+        ensureDeferred(process.start(poll_interval=1.0))
+    for i in range(3):
+        decide(core, "alice", f"wrong{i}")
+    assert here.locked(alice) > 0
+    assert there.locked(alice) > 0
+    for process in (here, there):
+        ensureDeferred(process.stop())
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
