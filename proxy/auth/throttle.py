@@ -56,8 +56,10 @@ class _Failure:
 @attrs.define
 class _Bucket:
     failures: dict[bytes, _Failure] = attrs.Factory(dict)  # by the secret's digest
-    recent: deque[bytes] = attrs.Factory(deque)
-    refused_upstream: deque[bytes] = attrs.Factory(deque)  # wrong by the directory's word
+    # A few digests each (throttle.ignore_repeats): lists, not deques, whose
+    # empty block alone is some 600 bytes, for every name tried.
+    recent: list[bytes] = attrs.Factory(list)
+    refused_upstream: list[bytes] = attrs.Factory(list)  # wrong by the directory's word
     locked_until: float = 0.0
     lockouts: int = 0
     last_failure: float = 0.0
@@ -314,7 +316,7 @@ class Throttle:
             if digest not in bucket.refused_upstream:
                 bucket.refused_upstream.append(digest)
                 while len(bucket.refused_upstream) > max(self.config.ignore_repeats, 1):
-                    bucket.refused_upstream.popleft()
+                    del bucket.refused_upstream[0]
         now = self._clock()
         window = self.config.failure_window
         if now - bucket.last_failure > window + self.config.lockout_max:
@@ -327,7 +329,7 @@ class Throttle:
         if self.config.ignore_repeats:
             bucket.recent.append(digest)
             while len(bucket.recent) > self.config.ignore_repeats:
-                bucket.recent.popleft()
+                del bucket.recent[0]
         bucket.failures[digest] = _Failure(now, next(self._order), source)
         if self.on_failure is not None and share:
             self.on_failure(account, familiar, digest, now)
@@ -428,8 +430,8 @@ class Throttle:
             kept = {d: f for d, f in home.failures.items() if f.order > since}
             state.buckets[True] = _Bucket(
                 failures=kept,
-                recent=deque(d for d in home.recent if d in kept),
-                refused_upstream=deque(d for d in home.refused_upstream if d in kept),
+                recent=[d for d in home.recent if d in kept],
+                refused_upstream=[d for d in home.refused_upstream if d in kept],
                 last_failure=home.last_failure,
             )
             if self.on_forgiven is not None:

@@ -270,3 +270,21 @@ def test_a_lockout_imposed_by_another_process_is_not_shortened_here(throttle, cl
         throttle.failed("alice", ATTACKER, f"guess{i}")
         reservation.release()
     assert throttle.locked("alice", ATTACKER) == 900
+
+
+def test_a_name_tried_once_costs_little_memory(throttle):
+    """Each name tried is kept (up to 200,000 of those with no account):
+    what one costs bounds what a spray of names can take."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(2000):
+            throttle.reserve(f"unknown:n{i}", ATTACKER, "guess").release()
+            throttle.failed(f"unknown:n{i}", ATTACKER, "guess")
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown / 2000 < 2500  # bytes; 4,400 with a deque for each list of digests
