@@ -55,12 +55,15 @@ class Fleet:
         if username is None:
             return
         config = self._config
+        unlocks = self._unlocks.get(username, 0)
         d = self._store.add_failure(username, familiar, digest[:2], now,
                                     window=config.failure_window, limit=config.account_failures,
                                     lockout=config.lockout, lockout_max=config.lockout_max)
 
         def counted(until: float | None) -> None:
-            if until is not None:
+            if until is not None and self._unlocks.get(username, 0) == unlocks:
+                # (A lockout the help desk lifted while the store answered
+                # stays lifted: the feed's unlock came after it.)
                 self._lockouts.obtain_or(username, {})[familiar] = until
                 self._throttle.impose(key, familiar, until)
 

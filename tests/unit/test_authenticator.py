@@ -567,6 +567,29 @@ def test_a_lockout_another_process_decided_is_seen_by_the_portals_checks_here(co
         ensureDeferred(process.stop())
 
 
+def test_a_lockout_lifted_while_the_store_counted_its_last_failure_stays_lifted(core):
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    alice = core.directory.add("alice", PRIMARY)
+    fleet = core.auth._fleet  # noqa: SLF001 (the moment the test needs)
+    add = fleet._store.add_failure  # noqa: SLF001
+
+    def unlocked(until):
+        if until is not None:  # the help desk lifts it, and the feed says so, meanwhile
+            core.admin.unlock("alice")
+            core.auth.unlock("alice")
+        return until
+
+    def answered_after_an_unlock(*args, **kwargs):
+        return add(*args, **kwargs).addCallback(unlocked)
+
+    fleet._store.add_failure = answered_after_an_unlock  # noqa: SLF001
+    for i in range(3):
+        decide(core, "alice", f"wrong{i}")
+    assert core.auth.locked(alice) == 0
+    assert decide(core, "alice", PRIMARY).accepted
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""
