@@ -132,7 +132,11 @@ class BackendConnection(Protocol):
             on_lost()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
-            waiting.errback(ConnectionError("the backend closed the connection"))
+            # Why, when it was not a plain close: a certificate the proxy
+            # refused reads as such in the log and the audit's detail.
+            why = "" if reason is None or reason.check(error.ConnectionDone) \
+                else f": {reason.getErrorMessage()}"
+            waiting.errback(ConnectionError(f"the backend closed the connection{why}"))
         if self._client is not None:
             client, self._client = self._client, None
             client.backend_lost()

@@ -37,6 +37,22 @@ def test_a_line_waited_for_fails_when_the_backend_closes():
     assert failures[0].check(ConnectionError)
 
 
+def test_why_the_backend_was_lost_is_said_unless_it_simply_closed():
+    from OpenSSL import SSL
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    said = []
+    for reason in (Failure(ConnectionDone()),
+                   Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))):
+        backend = connection()
+        waiting = ensureDeferred(backend.line())
+        backend.connectionLost(reason)
+        waiting.addErrback(lambda f: said.append(str(f.value)))
+    assert said[0] == "the backend closed the connection"
+    assert "certificate verify failed" in said[1]
+
+
 def test_bytes_after_the_starttls_answer_are_refused_as_an_injection():
     backend = connection()
     backend.dataReceived(b"lap0 OK Begin TLS\r\n* OK injected\r\n")
