@@ -46,7 +46,7 @@ from proxy.auth.bearer import BearerTokens
 from proxy.auth.bearersignin import BearerSignIn
 from proxy.auth.events import DecisionEvents
 from proxy.auth.feed import ChangeFeed
-from proxy.auth.fleet import Fleet
+from proxy.auth.fleet import Fleet, SharedCheck
 from proxy.auth.lockouts import Lockouts
 from proxy.auth.primary import PrimaryPasswords
 from proxy.auth.revocations import Listener, Revocations
@@ -55,7 +55,7 @@ from proxy.auth.timing import CheckTime, FailureDelay
 from proxy.auth.usage import UsageRecorder
 from proxy.config import CacheConfig, DirectoryConfig, PolicyConfig, ThrottleConfig
 from proxy.directory import Account, DirectoryUnavailable
-from proxy.store import Change, ChangeKind, MfaState, Reserved, StoreError
+from proxy.store import Change, ChangeKind, MfaState, StoreError
 from proxy.threads import Pool
 
 log = Logger(namespace="legacy_auth_proxy.auth")
@@ -145,8 +145,7 @@ class Authenticator:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self, poll_interval: float = 1.0) -> None:
-        # The lockouts in force are read after the feed's end: a help desk's
-        # unlock made between the two is in the feed, not lost.
+        # Lockouts read after the feed's end: an unlock between them is in the feed.
         await self.feed.start(poll_interval,
                               self._fleet.start if self._fleet is not None else None)
         self.usage.start()
@@ -395,9 +394,7 @@ class Authenticator:
         locked = decided.reason is Reason.LOCKED_OUT
         if self._fleet is not None and not locked and not repeat and self.throttle.source(
                 attempt.client_address):
-            # A real account's guess (not a repeat) is counted in the shared
-            # store first.
-            owed += self._check_time.reservation()
+            owed += self._check_time.reservation()  # a real account's guess: the store's
         if decided.outcome is Outcome.REFUSED and not locked:
             return attrs.evolve(refusal, owed=owed)
         return attrs.evolve(decided, username=refusal.username, account=refusal.account,
@@ -414,21 +411,14 @@ class Authenticator:
         reservation = self.throttle.reserve(key, attempt.client_address, attempt.secret)
         if reservation is None:
             return Decision(Reason.LOCKED_OUT, account.username, account)
-        shared: tuple[str, bool, bytes] | None = None
+        shared: SharedCheck | None = None
         decision: Decision | None = None
         try:
             if self._fleet is not None and account.dn and reservation.account \
-                    and not reservation.repeat:
-                # Counted in the shared store too: guesses spread over every
-                # process sharing it meet one budget. (A repeat of one of the
-                # last wrong secrets is not a guess: not counted here, nor
-                # there, where its row may be gone with the window.)
-                shared = (account.username, reservation.familiar, reservation.key[1])
+                    and not reservation.repeat:  # (a repeat is no guess, there either)
                 began = self._clock.seconds()
-                reserved = await self._fleet.reserve(*shared)
-                if reserved is not Reserved.NEW:
-                    shared = None  # nothing of this check's own in the store to release
-                if not reserved:
+                shared = await self._fleet.checked(account.username, reservation)
+                if shared is None:
                     return Decision(Reason.LOCKED_OUT, account.username, account)
                 # A store's round trip that a name with no account (no DN)
                 # does not make: its refusal waits one as well (timing).
@@ -438,9 +428,8 @@ class Authenticator:
             return decision
         finally:
             reservation.release()
-            if shared is not None and self._fleet is not None and (
-                    decision is None or decision.reason is not Reason.WRONG_SECRET):
-                self._fleet.release(*shared)  # a wrong one stays, as the failure
+            if shared is not None:
+                shared.settle(decision)
 
     async def _check(self, attempt: Attempt, account: Account, app_password_form: str | None,
                      stale: bool, since: int) -> Decision:

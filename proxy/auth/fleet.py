@@ -18,8 +18,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from proxy.auth import Decision, Reason
 from proxy.auth.cache import LRU
-from proxy.auth.throttle import Throttle
+from proxy.auth.throttle import Reservation, Throttle
 from proxy.config import ThrottleConfig
 from proxy.directory import Account
 from proxy.store import Reserved, StoreError
@@ -28,6 +29,23 @@ from proxy.threads import Busy
 log = Logger(namespace="legacy_auth_proxy.auth")
 
 MAX_USERS = 100_000
+
+
+class SharedCheck:
+    """A check counted in the store too (:meth:`Fleet.checked`), until it
+    is settled."""
+
+    __slots__ = ("fleet", "counted", "own")
+
+    def __init__(self, fleet: Fleet, counted: tuple[str, bool, bytes], own: bool) -> None:
+        self.fleet = fleet
+        self.counted = counted
+        self.own = own  # its row is its own (NEW), not an earlier failure's
+
+    def settle(self, decision: Decision | None) -> None:
+        """The check is over: its own row stays only as a wrong secret's failure."""
+        if self.own and (decision is None or decision.reason is not Reason.WRONG_SECRET):
+            self.fleet.release(*self.counted)
 
 
 class Fleet:
@@ -84,6 +102,15 @@ class Fleet:
         self._store.forgive_failures(username, True, before, self._clock.seconds()).addErrback(
             lambda f: None if f.check(Busy) else log.warn(
                 "cannot forgive failures in the store: {error}", error=f.getErrorMessage()))
+
+    async def checked(self, username: str, reservation: Reservation) -> SharedCheck | None:
+        """Count the check of ``reservation`` in the store too, so that
+        guesses spread over every process sharing it meet one budget: None
+        if, counted with theirs, it could pass the lockout (it must not be
+        made)."""
+        counted = (username, reservation.familiar, reservation.key[1])
+        reserved = await self.reserve(*counted)
+        return SharedCheck(self, counted, reserved is Reserved.NEW) if reserved else None
 
     async def reserve(self, username: str, familiar: bool, digest: bytes) -> Reserved:
         """The store's part of a reservation: REFUSED if, counted with every
