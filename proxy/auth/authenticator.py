@@ -386,13 +386,11 @@ class Authenticator:
         steps a wrong secret goes, with a stand-in: neither the answer, its time
         (:mod:`proxy.auth.timing`) nor the lockout tells which names exist."""
         typed = apppasswords.canonical_username(attempt.username)
-        phantom = _phantom(typed)
-        repeat = self.throttle.repeats(phantom.key, attempt.client_address, attempt.secret)
-        decided = await self._checked(attempt, phantom, app_password_form, False)
+        decided = await self._checked(attempt, _phantom(typed), app_password_form, False)
         if decided.accepted:
             raise AssertionError("a stand-in was accepted")  # authenticate: busy, logged
         locked = decided.reason is Reason.LOCKED_OUT
-        if self._fleet is not None and not locked and not repeat and self.throttle.source(
+        if self._fleet is not None and not locked and self.throttle.source(
                 attempt.client_address):
             owed += self._check_time.reservation()  # a real account's guess: the store's
         if decided.outcome is Outcome.REFUSED and not locked:
@@ -414,8 +412,7 @@ class Authenticator:
         shared: SharedCheck | None = None
         decision: Decision | None = None
         try:
-            if self._fleet is not None and account.dn and reservation.account \
-                    and not reservation.repeat:  # (a repeat is no guess, there either)
+            if self._fleet is not None and account.dn and reservation.account:
                 began = self._clock.seconds()
                 shared = await self._fleet.checked(account.username, reservation)
                 if shared is None:

@@ -43,8 +43,12 @@ class SharedCheck:
         self.own = own  # its row is its own (NEW), not an earlier failure's
 
     def settle(self, decision: Decision | None) -> None:
-        """The check is over: its own row stays only as a wrong secret's failure."""
-        if self.own and (decision is None or decision.reason is not Reason.WRONG_SECRET):
+        """The check is over: its own row stays only as the failure of a
+        wrong secret checked. One answered from memory (one of the place's
+        last refused, a phone's stale password) is not counted again in
+        memory, nor here, where the window may have let its first go."""
+        if self.own and (decision is None or decision.reason is not Reason.WRONG_SECRET
+                         or not decision.checked):
             self.fleet.release(*self.counted)
 
 

@@ -90,9 +90,6 @@ class Reservation:
     key: tuple[str, bytes]
     order: int
     familiar: bool = False  # the place it was counted against, when it was made
-    # One of the place's last wrong secrets again (a phone with a stale
-    # password): never a new guess, never counted again.
-    repeat: bool = False
 
     def release(self) -> None:
         if self.account is None:
@@ -219,16 +216,6 @@ class Throttle:
         if state is not None:
             state.buckets = {True: _Bucket(), False: _Bucket()}
 
-    def repeats(self, account: str, address: str, secret: str) -> bool:
-        """Whether ``secret`` is one of the account's last wrong ones from
-        this kind of place: a check of it would be a repeat, never a new
-        guess (:attr:`Reservation.repeat`)."""
-        source = self.source(address)
-        state = self._table(account).peek(account)
-        if source is None or state is None:
-            return False
-        return self.digest(account, secret) in state.buckets[source in state.familiar].recent
-
     def recently_failed(self, account: str, address: str, secret: str) -> bool:
         """Whether ``secret`` is one of the account's last wrong ones from this
         kind of source: checking it again would only add a failure upstream
@@ -264,7 +251,7 @@ class Throttle:
             return None
         key = (source, digest)
         state.checking[key] = state.checking.get(key, 0) + 1
-        return Reservation(state, key, next(self._order), familiar, digest in bucket.recent)
+        return Reservation(state, key, next(self._order), familiar)
 
     def admits(self, account: str, address: str, secret: str) -> bool:
         """Whether a check of ``secret`` would be reserved now (a decision
