@@ -96,14 +96,16 @@ class Fleet:
 
         d.addCallbacks(counted, failed)
 
-    def forgiven(self, key: str, before: float) -> None:
-        """A sign-in from a familiar place forgave the failures counted there
-        before ``before`` (the throttle's ``on_forgiven``): in the store too,
-        or they would still count toward a lockout in every process."""
+    def forgiven(self, key: str, digests: list[bytes], before: float) -> None:
+        """A sign-in from a familiar place forgave the failures of
+        ``digests`` this process counted there before ``before`` (the
+        throttle's ``on_forgiven``): in the store too, or they would still
+        count toward a lockout in every process."""
         username = self._username_of(key)
         if username is None:
             return
-        self._store.forgive_failures(username, True, before, self._clock.seconds()).addErrback(
+        self._store.forgive_failures(username, True, [d[:2] for d in digests], before,
+                                     self._clock.seconds()).addErrback(
             lambda f: None if f.check(Busy) else log.warn(
                 "cannot forgive failures in the store: {error}", error=f.getErrorMessage()))
 

@@ -121,8 +121,8 @@ class Throttle:
         # when): the daemon counts it in the shared store too.
         self.on_failure: Callable[[str, bool, bytes, float], None] | None = None
         # Told when a sign-in from a familiar place forgives its failures
-        # (account, those counted before when): the shared store's too.
-        self.on_forgiven: Callable[[str, float], None] | None = None
+        # (account, their digests, counted before when): the shared store's too.
+        self.on_forgiven: Callable[[str, list[bytes], float], None] | None = None
         self._known: LRU[str, _Account] = LRU(MAX_TRACKED, _Account)
         # Names that match no account are counted apart: spraying them cannot
         # push the lockouts of real accounts out of memory.
@@ -422,8 +422,10 @@ class Throttle:
                 last_failure=home.last_failure,
             )
             if self.on_forgiven is not None:
-                # Those counted beside the sign-in stay there as they stay here.
-                self.on_forgiven(account, min((f.when for f in kept.values()), default=now))
+                # These, no others: those counted beside the sign-in, and
+                # other processes' (which this one never saw), stay there.
+                self.on_forgiven(account, [d for d in home.failures if d not in kept],
+                                 min((f.when for f in kept.values()), default=now))
         else:
             # A new familiar place: its guesses made beside this sign-in go
             # with it; a success from elsewhere leaves the familiar counter

@@ -438,10 +438,12 @@ class Store(Protocol):
 
     def release_failure(self, account: str, familiar: bool, digest: bytes) -> None: ...
 
-    def forgive_failures(self, account: str, familiar: bool, before: float, now: float) -> None:
-        """A sign-in worked from the place: its failures counted before
-        ``before`` go, and its lockouts' doubling starts over, unless a
-        lockout is in force there (locked by guesses beside the sign-in)."""
+    def forgive_failures(self, account: str, familiar: bool, digests: list[bytes], before: float,
+                         now: float) -> None:
+        """A sign-in worked from the place: the failures of ``digests``
+        counted there before ``before`` go (those the signing-in process
+        forgave; others' stay), and its lockouts' doubling starts over,
+        unless a lockout is in force there (locked by guesses beside it)."""
 
     def lockouts(self, now: float, account: str | None = None) -> dict[str, dict[bool, float]]: ...
 

@@ -343,15 +343,16 @@ class _Counts:
             conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s"
                          " AND digest = %s", (account, familiar, digest))
 
-    def forgive_failures(self, account: str, familiar: bool, before: float, now: float) -> None:
+    def forgive_failures(self, account: str, familiar: bool, digests: list[bytes], before: float,
+                         now: float) -> None:
         """See :meth:`proxy.store.Store.forgive_failures`."""
         with self._write() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (account,))
             if conn.execute("SELECT 1 FROM lockouts WHERE account = %s AND familiar = %s"
                             " AND until > %s", (account, familiar, now)).fetchone() is not None:
                 return
-            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s",
-                         (account, familiar, before))
+            conn.execute("DELETE FROM failures WHERE account = %s AND familiar = %s AND at < %s"
+                         " AND digest = ANY(%s)", (account, familiar, before, digests))
             conn.execute("DELETE FROM lockouts WHERE account = %s AND familiar = %s",
                          (account, familiar))
 

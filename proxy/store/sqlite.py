@@ -274,15 +274,17 @@ class _Counts:
                 "DELETE FROM failures WHERE account = ? AND familiar = ? AND digest = ?",
                 (account, familiar, digest))
 
-    def forgive_failures(self, account: str, familiar: bool, before: float, now: float) -> None:
+    def forgive_failures(self, account: str, familiar: bool, digests: list[bytes], before: float,
+                         now: float) -> None:
         """See :meth:`proxy.store.Store.forgive_failures`."""
         with self._write():
             if self._db.execute(
                     "SELECT 1 FROM lockouts WHERE account = ? AND familiar = ? AND until > ?",
                     (account, familiar, now)).fetchone() is not None:
                 return
-            self._db.execute("DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ?",
-                             (account, familiar, before))
+            self._db.executemany(
+                "DELETE FROM failures WHERE account = ? AND familiar = ? AND at < ? AND digest = ?",
+                [(account, familiar, before, digest) for digest in digests])
             self._db.execute("DELETE FROM lockouts WHERE account = ? AND familiar = ?",
                              (account, familiar))
 

@@ -592,6 +592,30 @@ def test_a_lockout_lifted_while_the_store_counted_its_last_failure_stays_lifted(
     assert decide(core, "alice", PRIMARY).accepted
 
 
+def test_a_sign_in_forgives_in_the_store_only_what_its_process_forgave(core):
+    """Failures another process counted at the same familiar place stay in
+    the shared store when this one's sign-in forgives its own."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=4,
+                                       lockout=600), shared_failures=True)
+    core.directory.add("alice", PRIMARY)
+    processes = here, there, third = core.auth, core.sibling(), core.sibling()
+
+    def tried(process, secret):
+        d = ensureDeferred(process.authenticate(attempt("alice", secret)))
+        core.clock.advance(0.1)
+        return d.result.reason
+
+    for process in processes:  # home is familiar to each
+        assert tried(process, PRIMARY) is Reason.PRIMARY
+    for i in range(2):
+        assert tried(there, f"there{i}") is Reason.WRONG_SECRET
+    assert tried(here, "here0") is Reason.WRONG_SECRET
+    assert tried(here, PRIMARY) is Reason.PRIMARY  # forgives here0, not there's two
+    for i in range(2):
+        assert tried(third, f"third{i}") is Reason.WRONG_SECRET  # the fourth in the store
+    assert tried(third, PRIMARY) is Reason.LOCKED_OUT
+
+
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
     """Lockouts are listed by user name, longest first, and those decided
     by another process reach this one's list through the change feed."""

@@ -285,19 +285,23 @@ def test_a_sign_in_from_a_familiar_place_forgives_its_failures_in_the_store(stor
     reserve = dict(window=900.0, limit=3)
     assert store.add_failure("uid=a", True, b"1" * 2, 1000.0, **limits) is None
     assert store.add_failure("uid=a", True, b"2" * 2, 1001.0, **limits) is None
-    assert store.add_failure("uid=a", False, b"3" * 2, 1001.0, **limits) is None  # elsewhere
-    assert store.add_failure("uid=a", True, b"4" * 2, 1003.0, **limits) == 1063.0  # locked
-    store.forgive_failures("uid=a", True, 1010.0, 1010.0)  # locked there: nothing forgiven
-    assert not store.reserve_failure("uid=a", True, b"5" * 2, 1010.0, **reserve)
+    assert store.add_failure("uid=a", True, b"3" * 2, 1003.0, **limits) == 1063.0  # locked
+    # Locked there: nothing forgiven.
+    store.forgive_failures("uid=a", True, [b"3" * 2], 1010.0, 1010.0)
+    assert not store.reserve_failure("uid=a", True, b"4" * 2, 1010.0, **reserve)
     assert store.add_failure("uid=a", True, b"5" * 2, 1070.0, **limits) is None
-    assert store.add_failure("uid=a", True, b"6" * 2, 1080.0, **limits) is None
-    store.forgive_failures("uid=a", True, 1075.0, 1090.0)  # the one before the sign-in goes
-    assert store.add_failure("uid=a", True, b"7" * 2, 1091.0, **limits) is None  # two, not three
+    assert store.add_failure("uid=a", True, b"6" * 2, 1071.0, **limits) is None
+    # The signing-in process forgives the one it counted before: another
+    # process's stays, and so does one counted after ``before``.
+    store.forgive_failures("uid=a", True, [b"5" * 2, b"6" * 2], 1071.0, 1090.0)
+    assert store.add_failure("uid=a", True, b"7" * 2, 1091.0, **limits) is None  # two
     # The doubling starts over: the next lockout there is the first again.
     assert store.add_failure("uid=a", True, b"8" * 2, 1092.0, **limits) == 1152.0
-    # Elsewhere is not forgiven: two more lock it.
+    # Elsewhere is not forgiven.
     assert store.add_failure("uid=a", False, b"9" * 2, 1093.0, **limits) is None
-    assert store.add_failure("uid=a", False, b"0" * 2, 1094.0, **limits) == 1154.0
+    store.forgive_failures("uid=a", True, [b"9" * 2], 1200.0, 1200.0)
+    assert store.add_failure("uid=a", False, b"0" * 2, 1201.0, **limits) is None
+    assert store.add_failure("uid=a", False, b"1" * 2, 1202.0, **limits) == 1262.0
 
 
 def test_failures_are_counted_by_every_process_sharing_the_store(store):
