@@ -164,3 +164,33 @@ def test_a_token_for_a_name_with_no_account_waits_a_look_up_that_finds_one(core)
     assert not nobody.called
     core.clock.advance(0.2)
     assert nobody.result.reason is Reason.UNKNOWN_USER
+
+
+def test_a_lockout_another_process_decided_refuses_a_good_token_here(core):
+    from proxy.config import ThrottleConfig
+
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    there = core.sibling()
+    here = core.sibling()
+    here.bearer = BearerTokens(clock=core.clock, fetch_keys=_keys, issuer=ISSUER,
+                               audiences=("mail",), username_claims=("sub", "email"))
+    core.directory.add("carol", "Primary-Passw0rd")
+    for process in (here, there):
+        ensureDeferred(process.start(poll_interval=1.0))
+    for i in range(3):  # locked by failures counted by the other process
+        ensureDeferred(there.authenticate(Attempt(
+            protocol="imap", realm="cloud", username="carol", secret=f"guess{i}",
+            client_address="192.0.2.10", tls=True)))
+        core.clock.advance(60)
+    d = ensureDeferred(here.authenticate(Attempt(
+        protocol="imap", realm="cloud", username="carol", secret=token(sub="carol"),
+        client_address="192.0.2.10", tls=True, bearer=True)))
+    core.clock.advance(60)
+    assert d.result.reason is Reason.LOCKED_OUT
+    for process in (here, there):
+        ensureDeferred(process.stop())
+
+
+async def _keys():
+    return KeySet([KEY]).as_dict(private=False)
