@@ -536,6 +536,35 @@ def test_a_sign_in_from_home_forgives_the_typos_before_it_in_the_shared_store_to
     assert decide(core, "alice", PRIMARY).accepted  # one typo since, not five
 
 
+def test_a_guess_refused_as_mfa_required_is_counted_in_the_store_when_it_is_checked(core):
+    """A guess first answered MFA-required on a cloud listener (counted in
+    memory only: often the user's right password), then tried where the
+    directory checks it, is a guess like any other for the shared store."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
+                                       lockout=600), shared_failures=True)
+    core.directory.add("alice", PRIMARY, mfa_enforced=True)
+    checked = []
+    check = core.directory.check_password
+
+    async def counted(dn, password):
+        checked.append(password)
+        return await check(dn, password)
+
+    core.directory.check_password = counted
+
+    def tried(process, secret, realm, protocol):
+        d = ensureDeferred(process.authenticate(attempt(
+            "alice", secret, realm=realm, protocol=protocol, address="198.51.100.7")))
+        core.clock.advance(0.1)
+        return d.result.reason
+
+    for p, process in enumerate([core.auth, core.sibling(), core.sibling()]):
+        for i in range(2):
+            tried(process, f"guess{p}-{i}", "cloud", "imap")
+            tried(process, f"guess{p}-{i}", "on-premises", "ldap")
+    assert len(set(checked)) == 3  # the one budget of every process sharing the store
+
+
 def test_a_stale_password_retried_after_the_window_fills_no_budget_in_the_store(core):
     """A phone retrying its old password is one of the place's last wrong
     secrets: not counted again here, nor in the shared store, whose row of

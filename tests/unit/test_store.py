@@ -291,15 +291,19 @@ def test_a_sign_in_from_a_familiar_place_forgives_its_failures_in_the_store(stor
     assert not store.reserve_failure("uid=a", True, b"4" * 2, 1010.0, **reserve)
     assert store.add_failure("uid=a", True, b"5" * 2, 1070.0, **limits) is None
     assert store.add_failure("uid=a", True, b"6" * 2, 1071.0, **limits) is None
-    # The signing-in process forgives the one it counted before: another
-    # process's stays, and so does one counted after ``before``.
+    store.forgive_failures("uid=a", True, [], 1080.0, 1080.0)  # nothing of its own: none go
+    assert not store.reserve_failure("uid=a", True, b"7" * 2, 1080.0, window=900.0, limit=2)
+    # The signing-in process forgives the ones it counted before it: 5 goes,
+    # 6 (counted as it began) stays, and so would one only another counted.
     store.forgive_failures("uid=a", True, [b"5" * 2, b"6" * 2], 1071.0, 1090.0)
     assert store.add_failure("uid=a", True, b"7" * 2, 1091.0, **limits) is None  # two
     # The doubling starts over: the next lockout there is the first again.
     assert store.add_failure("uid=a", True, b"8" * 2, 1092.0, **limits) == 1152.0
-    # Elsewhere is not forgiven.
+    # Another process's failure at that place, and those elsewhere, are not forgiven.
+    assert store.add_failure("uid=a", True, b"a" * 2, 1160.0, **limits) is None
     assert store.add_failure("uid=a", False, b"9" * 2, 1093.0, **limits) is None
     store.forgive_failures("uid=a", True, [b"9" * 2], 1200.0, 1200.0)
+    assert not store.reserve_failure("uid=a", True, b"b" * 2, 1200.0, window=900.0, limit=1)
     assert store.add_failure("uid=a", False, b"0" * 2, 1201.0, **limits) is None
     assert store.add_failure("uid=a", False, b"1" * 2, 1202.0, **limits) == 1262.0
 
