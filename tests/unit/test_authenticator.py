@@ -467,14 +467,8 @@ def test_a_refused_accounts_stand_in_reads_the_store_as_an_unknown_names_does(co
     assert sorted(reads) == [" gone", " nobody", "alice"]  # a stand-in's: a name no one has
 
 
-def test_a_guess_answered_otherwise_elsewhere_stays_counted_in_the_store(core):
-    """A wrong guess counted in the store by one process, tried again in
-    another where the answer is not a wrong secret (MFA required on a cloud
-    listener), is not taken back by that check: it was never that check's
-    own. Otherwise each process would give the guesser a budget of its own."""
-    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=5,
-                                       lockout=600), shared_failures=True)
-    core.directory.add("alice", PRIMARY, mfa_enforced=True)
+def directory_checks(core):
+    """The passwords the directory is asked to check, from now on."""
     checked = []
     check = core.directory.check_password
 
@@ -483,19 +477,33 @@ def test_a_guess_answered_otherwise_elsewhere_stays_counted_in_the_store(core):
         return await check(dn, password)
 
     core.directory.check_password = counted
+    return checked
+
+
+def tried(core, process, secret, realm, protocol):
+    """alice's ``secret`` from an address that is counted, on ``process``."""
+    d = ensureDeferred(process.authenticate(attempt(
+        "alice", secret, realm=realm, protocol=protocol, address="198.51.100.7")))
+    core.clock.advance(0.1)  # no failure delay: only the held refusal's moment
+    return d.result.reason
+
+
+def test_a_guess_answered_otherwise_elsewhere_stays_counted_in_the_store(core):
+    """A wrong guess counted in the store by one process, tried again in
+    another where the answer is not a wrong secret (MFA required on a cloud
+    listener), is not taken back by that check: it was never that check's
+    own. Otherwise each process would give the guesser a budget of its own."""
+    core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=5,
+                                       lockout=600), shared_failures=True)
+    core.directory.add("alice", PRIMARY, mfa_enforced=True)
+    checked = directory_checks(core)
     first, second, third = core.auth, core.sibling(), core.sibling()
 
-    def tried(process, secret, realm, protocol):
-        d = ensureDeferred(process.authenticate(attempt(
-            "alice", secret, realm=realm, protocol=protocol, address="198.51.100.7")))
-        core.clock.advance(0.1)  # no failure delay: only the held refusal's moment
-        return d.result.reason
-
     for i in range(4):  # each checked by the first, then tried on the second's cloud listener
-        assert tried(first, f"guess{i}", "on-premises", "ldap") is Reason.WRONG_SECRET
-        assert tried(second, f"guess{i}", "cloud", "imap") is Reason.MFA_REQUIRED
+        assert tried(core, first, f"guess{i}", "on-premises", "ldap") is Reason.WRONG_SECRET
+        assert tried(core, second, f"guess{i}", "cloud", "imap") is Reason.MFA_REQUIRED
     for i in range(8):
-        tried(third, f"more{i}", "on-premises", "ldap")
+        tried(core, third, f"more{i}", "on-premises", "ldap")
     assert len(set(checked)) == 5  # the one budget of every process sharing the store
 
 
@@ -543,25 +551,12 @@ def test_a_guess_refused_as_mfa_required_is_counted_in_the_store_when_it_is_chec
     core.build(throttle=ThrottleConfig(source_delay=0, source_delay_max=0, account_failures=3,
                                        lockout=600), shared_failures=True)
     core.directory.add("alice", PRIMARY, mfa_enforced=True)
-    checked = []
-    check = core.directory.check_password
-
-    async def counted(dn, password):
-        checked.append(password)
-        return await check(dn, password)
-
-    core.directory.check_password = counted
-
-    def tried(process, secret, realm, protocol):
-        d = ensureDeferred(process.authenticate(attempt(
-            "alice", secret, realm=realm, protocol=protocol, address="198.51.100.7")))
-        core.clock.advance(0.1)
-        return d.result.reason
+    checked = directory_checks(core)
 
     for p, process in enumerate([core.auth, core.sibling(), core.sibling()]):
         for i in range(2):
-            tried(process, f"guess{p}-{i}", "cloud", "imap")
-            tried(process, f"guess{p}-{i}", "on-premises", "ldap")
+            tried(core, process, f"guess{p}-{i}", "cloud", "imap")
+            tried(core, process, f"guess{p}-{i}", "on-premises", "ldap")
     assert len(set(checked)) == 3  # the one budget of every process sharing the store
 
 
@@ -629,20 +624,20 @@ def test_a_sign_in_forgives_in_the_store_only_what_its_process_forgave(core):
     core.directory.add("alice", PRIMARY)
     processes = here, there, third = core.auth, core.sibling(), core.sibling()
 
-    def tried(process, secret):
+    def from_home(process, secret):
         d = ensureDeferred(process.authenticate(attempt("alice", secret)))
         core.clock.advance(0.1)
         return d.result.reason
 
     for process in processes:  # home is familiar to each
-        assert tried(process, PRIMARY) is Reason.PRIMARY
+        assert from_home(process, PRIMARY) is Reason.PRIMARY
     for i in range(2):
-        assert tried(there, f"there{i}") is Reason.WRONG_SECRET
-    assert tried(here, "here0") is Reason.WRONG_SECRET
-    assert tried(here, PRIMARY) is Reason.PRIMARY  # forgives here0, not there's two
+        assert from_home(there, f"there{i}") is Reason.WRONG_SECRET
+    assert from_home(here, "here0") is Reason.WRONG_SECRET
+    assert from_home(here, PRIMARY) is Reason.PRIMARY  # forgives here0, not there's two
     for i in range(2):
-        assert tried(third, f"third{i}") is Reason.WRONG_SECRET  # the fourth in the store
-    assert tried(third, PRIMARY) is Reason.LOCKED_OUT
+        assert from_home(third, f"third{i}") is Reason.WRONG_SECRET  # the fourth in the store
+    assert from_home(third, PRIMARY) is Reason.LOCKED_OUT
 
 
 def test_the_help_desk_lists_who_is_locked_out_by_any_process_sharing_the_store(core):
